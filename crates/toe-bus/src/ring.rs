@@ -1,0 +1,493 @@
+//! Command and event rings: the only way the host driver and the NIC talk.
+//!
+//! Commands flow host -> NIC, events NIC -> host, each through a bounded crossbeam channel of
+//! `depth` entries. Neither side ever blocks on a ring: each end stages what does not fit in a
+//! local queue and retries on its next poll ([`HostEnd::flush`], [`NicEnd::flush`]). That
+//! removes the classic driver deadlock in which both rings are full and both sides wait, and it
+//! keeps memory bounded, because what either side can produce is itself bounded by the buffers
+//! it owns (the NIC raises a data event only with a host buffer in hand).
+//!
+//! Buffers cross the bus as [`HostBuf`] tokens inside commands and events, so ownership of the
+//! bytes moves with the message.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::net::SocketAddrV4;
+
+use crossbeam_channel::{bounded, Receiver, Sender, TryRecvError, TrySendError};
+
+use crate::mem::HostBuf;
+
+/// Identifies one offloaded TCP connection on one host. Active opens get ids chosen by the
+/// driver (top bit clear); connections accepted by the NIC get ids chosen by the NIC (top bit
+/// set), so the two never collide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ConnId(pub u32);
+
+impl ConnId {
+    /// The bit that marks ids allocated by the NIC for passive opens.
+    pub const PASSIVE_BIT: u32 = 1 << 31;
+}
+
+impl fmt::Display for ConnId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0 & Self::PASSIVE_BIT != 0 {
+            write!(f, "p{}", self.0 & !Self::PASSIVE_BIT)
+        } else {
+            write!(f, "a{}", self.0)
+        }
+    }
+}
+
+/// Receive policy of a connection: the patent's indicate window, or one of the prior-art
+/// behaviours kept for comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum RxPolicy {
+    /// Seed 004: at most W bytes indicated into anonymous buffers, then suspend until the
+    /// driver acknowledges or a named buffer is posted.
+    #[default]
+    IndicateWindow,
+    /// Chimney-style: indicate at most one MSS, then hold until the application accepts it.
+    MssHoldoff,
+    /// Traditional stack: the NIC never holds off; the driver copies everything into its own
+    /// socket buffer (bounded only by a large safety cap).
+    UnboundedCopy,
+}
+
+impl RxPolicy {
+    /// All policies, in the order reports list them.
+    pub const ALL: [RxPolicy; 3] = [
+        RxPolicy::IndicateWindow,
+        RxPolicy::MssHoldoff,
+        RxPolicy::UnboundedCopy,
+    ];
+
+    /// The policy's command-line / config name.
+    pub fn name(self) -> &'static str {
+        match self {
+            RxPolicy::IndicateWindow => "indicate-window",
+            RxPolicy::MssHoldoff => "mss-holdoff",
+            RxPolicy::UnboundedCopy => "unbounded-copy",
+        }
+    }
+}
+
+impl std::str::FromStr for RxPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        RxPolicy::ALL
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| {
+                format!("unknown receive policy {s:?} (expected indicate-window, mss-holdoff or unbounded-copy)")
+            })
+    }
+}
+
+impl fmt::Display for RxPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Per-connection offload parameters, fixed when the connection is offloaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OffloadParams {
+    /// indicateWindowSize W in bytes (> 0). Ignored by `UnboundedCopy`; replaced by the MSS
+    /// under `MssHoldoff`.
+    pub indicate_window: u32,
+    /// Receive policy.
+    pub policy: RxPolicy,
+}
+
+/// Why a named buffer came back from the NIC or the driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReturnReason {
+    /// Completely filled.
+    Full,
+    /// Push mode, and a segment with TCP PSH was placed into it.
+    Push,
+    /// Push mode, and the push timer expired with the buffer partly filled.
+    PushTimer,
+    /// The peer closed its direction (FIN) and all data before it was delivered.
+    Eof,
+    /// The application cancelled it, or closed / aborted the connection.
+    Cancelled,
+    /// The peer reset the connection.
+    Reset,
+    /// Bus-internal: the NIC refused the post because data it had already indicated was still
+    /// in flight to the driver; the driver fills the buffer from that data and posts it again.
+    /// Never reported to an application.
+    Stale,
+}
+
+/// Host -> NIC commands.
+#[derive(Debug)]
+pub enum Command {
+    /// Open a passive listener on `port`; accepted connections use `params`.
+    Listen {
+        /// TCP port.
+        port: u16,
+        /// Connections the NIC may hold in SYN-RECEIVED/ESTABLISHED before the host accepts.
+        backlog: u16,
+        /// Offload parameters of accepted connections.
+        params: OffloadParams,
+    },
+    /// Stop listening on `port`.
+    Unlisten {
+        /// TCP port.
+        port: u16,
+    },
+    /// Active open to `remote`, offloaded with `params`.
+    Connect {
+        /// Driver-chosen id (top bit clear).
+        conn: ConnId,
+        /// Peer address.
+        remote: SocketAddrV4,
+        /// Local port, 0 for an ephemeral one.
+        local_port: u16,
+        /// Offload parameters.
+        params: OffloadParams,
+    },
+    /// Give the NIC anonymous buffers for indications (shared by all connections).
+    PostAnonymous {
+        /// The buffers; ownership passes to the NIC.
+        bufs: Vec<HostBuf>,
+    },
+    /// Post a named buffer for direct placement.
+    PostNamed {
+        /// Connection.
+        conn: ConnId,
+        /// The buffer; ownership passes to the NIC.
+        buf: HostBuf,
+        /// Return the buffer early on TCP PSH.
+        push: bool,
+        /// Bytes at the start of the buffer the driver already filled from indicated data.
+        prefill: u32,
+        /// Stream offset of the first byte the driver has NOT received (indicated or placed).
+        /// The NIC places only if its own delivery position equals this and it holds no other
+        /// named buffer; if it holds named buffers, the new one is queued behind them.
+        stream_offset: u64,
+        /// Post epoch: bumped by the driver after every `Stale` return, so that posts sent
+        /// before the driver saw the bounce are bounced too (order is preserved).
+        epoch: u32,
+    },
+    /// Return the head named buffer now (push timer expiry or cancel).
+    ReturnNamed {
+        /// Connection.
+        conn: ConnId,
+        /// Reason reported back (`PushTimer` or `Cancelled`).
+        why: ReturnReason,
+        /// Return every held named buffer instead of only the head.
+        all: bool,
+    },
+    /// indicateAcknowledge: P -= bytes (never below 0).
+    IndicateAck {
+        /// Connection.
+        conn: ConnId,
+        /// AcknowledgedBytes.
+        bytes: u32,
+    },
+    /// Transmit `len` bytes from the start of `buf`; the NIC segments it.
+    Send {
+        /// Connection.
+        conn: ConnId,
+        /// The buffer; returned with `SendDone` once the peer acknowledged every byte.
+        buf: HostBuf,
+        /// Bytes to send (<= buf.len()).
+        len: u32,
+    },
+    /// Graceful close: FIN after all queued sends.
+    Close {
+        /// Connection.
+        conn: ConnId,
+    },
+    /// Abortive close: RST now; queued sends and named buffers come back.
+    Abort {
+        /// Connection.
+        conn: ConnId,
+    },
+}
+
+/// NIC -> host events.
+#[derive(Debug)]
+pub enum Event {
+    /// A `Listen` failed (port in use, no sockets).
+    ListenFailed {
+        /// TCP port.
+        port: u16,
+        /// Human-readable cause.
+        error: String,
+    },
+    /// A connection reached ESTABLISHED and is offloaded.
+    Established {
+        /// Connection.
+        conn: ConnId,
+        /// Local address.
+        local: SocketAddrV4,
+        /// Peer address.
+        remote: SocketAddrV4,
+        /// Listener port for passive opens, `None` for active opens.
+        listener: Option<u16>,
+        /// Effective indicate window of the connection in bytes (MSS under `MssHoldoff`).
+        indicate_window: u32,
+    },
+    /// An active open failed (refused, timed out, bad address).
+    ConnectFailed {
+        /// Connection.
+        conn: ConnId,
+        /// Human-readable cause.
+        error: String,
+    },
+    /// IndicateData: `len` bytes placed at the start of anonymous buffer `buf`.
+    IndicateData {
+        /// Connection.
+        conn: ConnId,
+        /// The anonymous buffer; ownership passes to the driver.
+        buf: HostBuf,
+        /// Valid bytes.
+        len: u32,
+        /// Stream offset of the first byte.
+        stream_offset: u64,
+        /// The last byte ended a TCP segment that carried PSH.
+        psh: bool,
+    },
+    /// First bytes were placed into a push-mode named buffer and no PSH came with them: the
+    /// driver starts its push timer.
+    NamedFilling {
+        /// Connection.
+        conn: ConnId,
+    },
+    /// A named buffer comes back.
+    NamedDone {
+        /// Connection.
+        conn: ConnId,
+        /// The buffer; ownership returns to the driver.
+        buf: HostBuf,
+        /// Valid bytes from the start of the buffer, prefill and in-flight gap included.
+        filled: u32,
+        /// Stream offset just past the last byte the NIC placed into it.
+        end_offset: u64,
+        /// Why it came back.
+        why: ReturnReason,
+        /// Epoch of the post this answers.
+        epoch: u32,
+    },
+    /// Every byte of a `Send` buffer was acknowledged by the peer (or, with `ok == false`, the
+    /// connection ended first).
+    SendDone {
+        /// Connection.
+        conn: ConnId,
+        /// The buffer; ownership returns to the driver.
+        buf: HostBuf,
+        /// All bytes acknowledged.
+        ok: bool,
+    },
+    /// The peer sent FIN and every byte before it has been delivered.
+    PeerClosed {
+        /// Connection.
+        conn: ConnId,
+    },
+    /// The peer reset the connection (all buffers already returned).
+    Reset {
+        /// Connection.
+        conn: ConnId,
+    },
+    /// The connection is fully closed and its NIC context released (all buffers returned).
+    Closed {
+        /// Connection.
+        conn: ConnId,
+    },
+    /// A command was refused (unknown connection, invalid state).
+    CommandError {
+        /// Connection, if the command named one.
+        conn: Option<ConnId>,
+        /// Human-readable cause.
+        error: String,
+    },
+    /// Buffers the NIC hands back without data (anonymous buffers of a released context).
+    BuffersReturned {
+        /// The buffers.
+        bufs: Vec<HostBuf>,
+    },
+}
+
+/// Create a bus with rings of `depth` entries each: the host's end and the NIC's end.
+pub fn bus(depth: usize) -> (HostEnd, NicEnd) {
+    let (cmd_tx, cmd_rx) = bounded(depth);
+    let (evt_tx, evt_rx) = bounded(depth);
+    (
+        HostEnd {
+            tx: Staged::new(cmd_tx),
+            rx: evt_rx,
+        },
+        NicEnd {
+            tx: Staged::new(evt_tx),
+            rx: cmd_rx,
+        },
+    )
+}
+
+/// A sender that never blocks: what the ring cannot take waits in a local queue.
+#[derive(Debug)]
+struct Staged<T> {
+    chan: Sender<T>,
+    staged: VecDeque<T>,
+    sent: u64,
+    disconnected: bool,
+}
+
+impl<T> Staged<T> {
+    fn new(chan: Sender<T>) -> Self {
+        Staged {
+            chan,
+            staged: VecDeque::new(),
+            sent: 0,
+            disconnected: false,
+        }
+    }
+
+    fn push(&mut self, item: T) {
+        if self.staged.is_empty() {
+            match self.chan.try_send(item) {
+                Ok(()) => self.sent += 1,
+                Err(TrySendError::Full(item)) => self.staged.push_back(item),
+                Err(TrySendError::Disconnected(_)) => self.disconnected = true,
+            }
+        } else {
+            self.staged.push_back(item);
+        }
+    }
+
+    fn flush(&mut self) -> bool {
+        let mut moved = false;
+        while let Some(item) = self.staged.pop_front() {
+            match self.chan.try_send(item) {
+                Ok(()) => {
+                    self.sent += 1;
+                    moved = true;
+                }
+                Err(TrySendError::Full(item)) => {
+                    self.staged.push_front(item);
+                    break;
+                }
+                Err(TrySendError::Disconnected(_)) => {
+                    self.disconnected = true;
+                    self.staged.clear();
+                    break;
+                }
+            }
+        }
+        moved
+    }
+}
+
+/// The host driver's end of the bus.
+#[derive(Debug)]
+pub struct HostEnd {
+    tx: Staged<Command>,
+    rx: Receiver<Event>,
+}
+
+impl HostEnd {
+    /// Queue a command (never blocks).
+    pub fn send(&mut self, cmd: Command) {
+        self.tx.push(cmd);
+    }
+    /// Move staged commands into the ring; true if any moved.
+    pub fn flush(&mut self) -> bool {
+        self.tx.flush()
+    }
+    /// Commands waiting for ring space.
+    pub fn staged(&self) -> usize {
+        self.tx.staged.len()
+    }
+    /// Commands that entered the ring so far.
+    pub fn commands_sent(&self) -> u64 {
+        self.tx.sent
+    }
+    /// Next event, if any. `Err(())` once the NIC end is gone.
+    #[allow(clippy::result_unit_err)]
+    pub fn try_recv(&self) -> Result<Option<Event>, ()> {
+        match self.rx.try_recv() {
+            Ok(e) => Ok(Some(e)),
+            Err(TryRecvError::Empty) => Ok(None),
+            Err(TryRecvError::Disconnected) => Err(()),
+        }
+    }
+    /// The raw event receiver, for runtimes that wait on it (e.g. with `crossbeam::Select`).
+    pub fn event_receiver(&self) -> &Receiver<Event> {
+        &self.rx
+    }
+}
+
+/// The NIC's end of the bus.
+#[derive(Debug)]
+pub struct NicEnd {
+    tx: Staged<Event>,
+    rx: Receiver<Command>,
+}
+
+impl NicEnd {
+    /// Queue an event (never blocks).
+    pub fn send(&mut self, evt: Event) {
+        self.tx.push(evt);
+    }
+    /// Move staged events into the ring; true if any moved.
+    pub fn flush(&mut self) -> bool {
+        self.tx.flush()
+    }
+    /// Events waiting for ring space.
+    pub fn staged(&self) -> usize {
+        self.tx.staged.len()
+    }
+    /// Events that entered the ring so far.
+    pub fn events_sent(&self) -> u64 {
+        self.tx.sent
+    }
+    /// Next command, if any.
+    pub fn try_recv(&self) -> Option<Command> {
+        self.rx.try_recv().ok()
+    }
+    /// The raw command receiver, for runtimes that wait on it.
+    pub fn command_receiver(&self) -> &Receiver<Command> {
+        &self.rx
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_ring_stages_instead_of_blocking() {
+        let (mut host, nic) = bus(2);
+        for port in 0..5 {
+            host.send(Command::Unlisten { port });
+        }
+        assert_eq!(host.staged(), 3);
+        let mut got = vec![];
+        while host.staged() > 0 || !got.is_empty() && got.len() < 5 {
+            while let Some(Command::Unlisten { port }) = nic.try_recv() {
+                got.push(port);
+            }
+            host.flush();
+            if got.len() == 5 {
+                break;
+            }
+        }
+        while let Some(Command::Unlisten { port }) = nic.try_recv() {
+            got.push(port);
+        }
+        assert_eq!(got, vec![0, 1, 2, 3, 4], "order preserved across staging");
+        assert_eq!(host.commands_sent(), 5);
+    }
+
+    #[test]
+    fn policy_names_round_trip() {
+        for p in RxPolicy::ALL {
+            assert_eq!(p.name().parse::<RxPolicy>().unwrap(), p);
+        }
+        assert!("fast".parse::<RxPolicy>().unwrap_err().contains("fast"));
+    }
+}

@@ -1,0 +1,342 @@
+//! Physical layer: frame ports, the in-memory wire, and the NIC's receive tap.
+//!
+//! A [`Phy`] moves whole Ethernet frames. [`wire`] makes two connected in-memory ports (bounded
+//! queues, lossless: a full queue refuses the send and smoltcp retries later). [`NicDevice`]
+//! adapts any `Phy` to smoltcp and, on the way in, validates every frame (lengths, IPv4 and TCP
+//! checksums: the NIC's checksum offload), drops and counts bad ones, and records per flow
+//! what smoltcp does not surface: the peer's initial sequence number, the end of every segment
+//! that carried PSH, and the window the peer advertises.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::Ipv4Addr;
+
+use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
+use smoltcp::phy::{self, Checksum, ChecksumCapabilities, DeviceCapabilities, Medium};
+use smoltcp::time::Instant;
+use smoltcp::wire::{
+    EthernetFrame, EthernetProtocol, IpAddress, IpProtocol, Ipv4Packet, TcpPacket,
+};
+
+/// One Ethernet frame.
+pub type Frame = Vec<u8>;
+
+/// A frame port.
+pub trait Phy {
+    /// Next received frame, if any.
+    fn recv(&mut self) -> Option<Frame>;
+    /// Send a frame; gives it back if the port cannot take it now.
+    fn send(&mut self, frame: Frame) -> Result<(), Frame>;
+    /// Whether a send would be accepted now.
+    fn can_send(&self) -> bool;
+}
+
+impl<P: Phy + ?Sized> Phy for Box<P> {
+    fn recv(&mut self) -> Option<Frame> {
+        (**self).recv()
+    }
+    fn send(&mut self, frame: Frame) -> Result<(), Frame> {
+        (**self).send(frame)
+    }
+    fn can_send(&self) -> bool {
+        (**self).can_send()
+    }
+}
+
+/// One end of an in-memory wire.
+#[derive(Debug, Clone)]
+pub struct WirePort {
+    tx: Sender<Frame>,
+    rx: Receiver<Frame>,
+}
+
+impl WirePort {
+    /// The receiver of this port, for runtimes that wait on it.
+    pub fn receiver(&self) -> &Receiver<Frame> {
+        &self.rx
+    }
+}
+
+/// Two connected ports; each direction queues at most `depth` frames.
+pub fn wire(depth: usize) -> (WirePort, WirePort) {
+    let (a_tx, b_rx) = bounded(depth);
+    let (b_tx, a_rx) = bounded(depth);
+    (
+        WirePort { tx: a_tx, rx: a_rx },
+        WirePort { tx: b_tx, rx: b_rx },
+    )
+}
+
+impl Phy for WirePort {
+    fn recv(&mut self) -> Option<Frame> {
+        self.rx.try_recv().ok()
+    }
+    fn send(&mut self, frame: Frame) -> Result<(), Frame> {
+        match self.tx.try_send(frame) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(f)) => Err(f),
+            // The far end is gone: the frame is lost, as on a cut cable.
+            Err(TrySendError::Disconnected(_)) => Ok(()),
+        }
+    }
+    fn can_send(&self) -> bool {
+        !self.tx.is_full()
+    }
+}
+
+/// Identifies a TCP flow as seen from this host: (peer address, peer port, local port).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FlowKey {
+    /// Peer IPv4 address.
+    pub remote_ip: Ipv4Addr,
+    /// Peer TCP port.
+    pub remote_port: u16,
+    /// Local TCP port.
+    pub local_port: u16,
+}
+
+/// What the receive tap learned about one flow.
+#[derive(Debug, Default, Clone)]
+pub struct FlowInfo {
+    /// The peer's initial sequence number (from its SYN).
+    pub isn: Option<u32>,
+    /// Sequence numbers just past segments that carried PSH, not yet taken by the NIC.
+    pub psh_ends: Vec<u32>,
+    /// Last window field the peer advertised (unscaled).
+    pub last_window: u16,
+    /// Segments from the peer that advertised a zero window.
+    pub zero_windows: u64,
+}
+
+/// Receive-tap and validation counters. Counts only grow.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PhyStats {
+    /// Frames received (valid or not).
+    pub rx_frames: u64,
+    /// Bytes received.
+    pub rx_bytes: u64,
+    /// Frames sent.
+    pub tx_frames: u64,
+    /// Bytes sent.
+    pub tx_bytes: u64,
+    /// Frames dropped as malformed (truncated, bad lengths, bad header fields).
+    pub rx_malformed: u64,
+    /// Frames dropped for a bad IPv4 or TCP checksum.
+    pub rx_bad_checksum: u64,
+    /// Sends refused because the port was full (smoltcp retries).
+    pub tx_busy: u64,
+    /// Flows not tracked because the flow table was full.
+    pub flows_untracked: u64,
+}
+
+/// Most flows the tap tracks at once (bounded memory under SYN floods).
+pub const MAX_FLOWS: usize = 65_536;
+
+/// A smoltcp device over a [`Phy`], with frame validation and the per-flow receive tap.
+#[derive(Debug)]
+pub struct NicDevice<P> {
+    phy: P,
+    mtu: usize,
+    local_ip: Ipv4Addr,
+    tap: bool,
+    flows: BTreeMap<FlowKey, FlowInfo>,
+    stats: PhyStats,
+    pending_rx: VecDeque<Frame>,
+}
+
+impl<P: Phy> NicDevice<P> {
+    /// Wrap `phy`; `mtu` is the IP MTU in bytes. With `tap` false the device is a plain
+    /// adapter (no validation, no flow table) and smoltcp verifies checksums itself: that is
+    /// the bare-smoltcp baseline.
+    pub fn new(phy: P, mtu: usize, local_ip: Ipv4Addr, tap: bool) -> Self {
+        NicDevice {
+            phy,
+            mtu,
+            local_ip,
+            tap,
+            flows: BTreeMap::new(),
+            stats: PhyStats::default(),
+            pending_rx: VecDeque::new(),
+        }
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> PhyStats {
+        self.stats
+    }
+    /// The wrapped port.
+    pub fn phy(&self) -> &P {
+        &self.phy
+    }
+    /// The wrapped port, mutably.
+    pub fn phy_mut(&mut self) -> &mut P {
+        &mut self.phy
+    }
+    /// What the tap knows about `key`.
+    pub fn flow(&self, key: &FlowKey) -> Option<&FlowInfo> {
+        self.flows.get(key)
+    }
+    /// Take the PSH marks recorded for `key` (and its ISN).
+    pub fn take_psh(&mut self, key: &FlowKey) -> Option<(u32, Vec<u32>)> {
+        let f = self.flows.get_mut(key)?;
+        let isn = f.isn?;
+        if f.psh_ends.is_empty() {
+            return None;
+        }
+        Some((isn, std::mem::take(&mut f.psh_ends)))
+    }
+    /// Forget a flow (its connection is released).
+    pub fn forget(&mut self, key: &FlowKey) {
+        self.flows.remove(key);
+    }
+
+    /// Validate `frame` and record what the tap needs. False means: drop it.
+    fn inspect(&mut self, frame: &[u8]) -> bool {
+        let Ok(eth) = EthernetFrame::new_checked(frame) else {
+            self.stats.rx_malformed += 1;
+            return false;
+        };
+        if eth.ethertype() != EthernetProtocol::Ipv4 {
+            return true; // ARP and others: smoltcp parses (and drops what it does not know)
+        }
+        let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) else {
+            self.stats.rx_malformed += 1;
+            return false;
+        };
+        if !ip.verify_checksum() {
+            self.stats.rx_bad_checksum += 1;
+            return false;
+        }
+        if ip.next_header() != IpProtocol::Tcp || ip.more_frags() || ip.frag_offset() != 0 {
+            return true;
+        }
+        let (src, dst) = (ip.src_addr(), ip.dst_addr());
+        let Ok(tcp) = TcpPacket::new_checked(ip.payload()) else {
+            self.stats.rx_malformed += 1;
+            return false;
+        };
+        if !tcp.verify_checksum(&IpAddress::Ipv4(src), &IpAddress::Ipv4(dst)) {
+            self.stats.rx_bad_checksum += 1;
+            return false;
+        }
+        if dst != self.local_ip {
+            return true;
+        }
+        let key = FlowKey {
+            remote_ip: src,
+            remote_port: tcp.src_port(),
+            local_port: tcp.dst_port(),
+        };
+        if !self.flows.contains_key(&key) {
+            if !tcp.syn() {
+                return true;
+            }
+            if self.flows.len() >= MAX_FLOWS {
+                self.stats.flows_untracked += 1;
+                return true;
+            }
+        }
+        let f = self.flows.entry(key).or_default();
+        if tcp.syn() {
+            f.isn = Some(tcp.seq_number().0 as u32);
+        }
+        f.last_window = tcp.window_len();
+        if tcp.window_len() == 0 && !tcp.syn() {
+            f.zero_windows += 1;
+        }
+        let payload_len = tcp.payload().len() as u32;
+        if tcp.psh() && payload_len > 0 && f.psh_ends.len() < 4096 {
+            let seq = (tcp.seq_number().0 as u32).wrapping_add(u32::from(tcp.syn()));
+            f.psh_ends.push(seq.wrapping_add(payload_len));
+        }
+        true
+    }
+}
+
+/// smoltcp receive token.
+pub struct RxTok(Frame);
+/// smoltcp transmit token.
+pub struct TxTok<'a, P: Phy> {
+    phy: &'a mut P,
+    stats: &'a mut PhyStats,
+}
+
+impl phy::RxToken for RxTok {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(&self.0)
+    }
+}
+
+impl<P: Phy> phy::TxToken for TxTok<'_, P> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        let mut frame = vec![0u8; len];
+        let r = f(&mut frame);
+        self.stats.tx_frames += 1;
+        self.stats.tx_bytes += len as u64;
+        if self.phy.send(frame).is_err() {
+            // `transmit` checked `can_send`; a port that still refuses loses the frame, as a
+            // full hardware queue would. TCP retransmits.
+            self.stats.tx_busy += 1;
+        }
+        r
+    }
+}
+
+impl<P: Phy> phy::Device for NicDevice<P> {
+    type RxToken<'a>
+        = RxTok
+    where
+        Self: 'a;
+    type TxToken<'a>
+        = TxTok<'a, P>
+    where
+        Self: 'a;
+
+    fn receive(&mut self, _ts: Instant) -> Option<(RxTok, TxTok<'_, P>)> {
+        if !self.phy.can_send() {
+            self.stats.tx_busy += 1;
+            return None;
+        }
+        let frame = loop {
+            let frame = self.pending_rx.pop_front().or_else(|| self.phy.recv())?;
+            self.stats.rx_frames += 1;
+            self.stats.rx_bytes += frame.len() as u64;
+            if !self.tap || self.inspect(&frame) {
+                break frame;
+            }
+        };
+        Some((
+            RxTok(frame),
+            TxTok {
+                phy: &mut self.phy,
+                stats: &mut self.stats,
+            },
+        ))
+    }
+
+    fn transmit(&mut self, _ts: Instant) -> Option<TxTok<'_, P>> {
+        if !self.phy.can_send() {
+            self.stats.tx_busy += 1;
+            return None;
+        }
+        Some(TxTok {
+            phy: &mut self.phy,
+            stats: &mut self.stats,
+        })
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ethernet;
+        caps.max_transmission_unit = self.mtu + 14;
+        caps.max_burst_size = None;
+        if self.tap {
+            // The tap verifies received checksums (and counts failures); smoltcp only computes
+            // them on transmit.
+            let mut c = ChecksumCapabilities::default();
+            c.ipv4 = Checksum::Tx;
+            c.tcp = Checksum::Tx;
+            caps.checksum = c;
+        }
+        caps
+    }
+}

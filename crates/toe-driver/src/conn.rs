@@ -612,10 +612,7 @@ impl ConnRx {
     }
 
     fn fill_driver_named(&mut self, mem: &HostMemory, now: Instant, out: &mut Outputs) {
-        loop {
-            let Some(head) = self.named.front_mut() else {
-                break;
-            };
+        while let Some(head) = self.named.front_mut() {
             if head.at != Where::Driver {
                 break;
             }

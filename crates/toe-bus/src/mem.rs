@@ -29,7 +29,9 @@ static NEXT_REGION_ID: AtomicU32 = AtomicU32::new(1);
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MemError {
     /// No free range of the requested size is left.
-    #[error("host memory exhausted: {requested} bytes requested, {free} free in {size}-byte region")]
+    #[error(
+        "host memory exhausted: {requested} bytes requested, {free} free in {size}-byte region"
+    )]
     Exhausted {
         /// Requested length in bytes.
         requested: usize,
@@ -346,9 +348,7 @@ impl HostMemory {
         // nor constructible elsewhere). The shared borrow of `buf` excludes a simultaneous
         // `slice_mut` of the same range for the returned lifetime, and the mapping lives as
         // long as `self`.
-        unsafe {
-            std::slice::from_raw_parts(self.map.as_ptr().add(buf.offset), buf.len)
-        }
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(buf.offset), buf.len) }
     }
 
     /// The bytes of `buf`, writable in place (no copy, nothing counted). Used by applications
@@ -361,9 +361,7 @@ impl HostMemory {
         self.check(buf);
         // SAFETY: as in `slice`; additionally the exclusive borrow of `buf` guarantees no other
         // reference to this range exists for the returned lifetime.
-        unsafe {
-            std::slice::from_raw_parts_mut(self.map.as_mut_ptr().add(buf.offset), buf.len)
-        }
+        unsafe { std::slice::from_raw_parts_mut(self.map.as_mut_ptr().add(buf.offset), buf.len) }
     }
 
     /// Driver copy between two host buffers (counted as a host copy): `len` bytes from
@@ -461,7 +459,10 @@ mod tests {
         let c = mem.alloc(1000).unwrap();
         assert!(matches!(
             mem.alloc(2000),
-            Err(MemError::Exhausted { requested: 2000, .. })
+            Err(MemError::Exhausted {
+                requested: 2000,
+                ..
+            })
         ));
         assert_eq!(mem.alloc(0), Err(MemError::ZeroLength));
         assert!(a.offset() + 1024 <= b.offset());

@@ -314,8 +314,10 @@ impl ConnRx {
             consumed: 0,
             psh,
         });
-        self.stats.queued_high_water_bytes =
-            self.stats.queued_high_water_bytes.max(self.queued_bytes as u64);
+        self.stats.queued_high_water_bytes = self
+            .stats
+            .queued_high_water_bytes
+            .max(self.queued_bytes as u64);
         self.drain(mem, now, out);
     }
 
@@ -466,7 +468,8 @@ impl ConnRx {
     /// Accept indicated data in place: `f` sees the queued bytes in order, one contiguous
     /// slice at a time, and returns how many of them it accepted (its return code); a short
     /// count stops the walk. Returns the bytes accepted. Data is offered only while no named
-    /// buffer of the driver is waiting for it.
+    /// buffer is posted and no completed one waits to be taken: otherwise the application
+    /// could see bytes out of stream order.
     pub fn accept_in_place(
         &mut self,
         mem: &HostMemory,
@@ -474,7 +477,7 @@ impl ConnRx {
         mut f: impl FnMut(&[u8]) -> usize,
         out: &mut Outputs,
     ) -> usize {
-        if self.named.front().is_some_and(|n| n.at == Where::Driver) {
+        if !self.named.is_empty() || !self.completions.is_empty() {
             return 0;
         }
         let mut total = 0;
@@ -528,7 +531,10 @@ impl ConnRx {
         self.stats.returned[reason_index(why)] += 1;
         self.completions.push_back(NamedCompletion {
             id: n.id,
-            buf: n.buf.take().expect("a completed named buffer is held by the driver"),
+            buf: n
+                .buf
+                .take()
+                .expect("a completed named buffer is held by the driver"),
             filled: n.filled,
             why,
             more_data: !self.chunks.is_empty(),
@@ -558,10 +564,7 @@ impl ConnRx {
         }
         self.fill_driver_named(mem, now, out);
         self.post_to_nic(out);
-        if !self.chunks.is_empty()
-            && !self.notified
-            && self.named.front().is_none_or(|n| n.at != Where::Driver)
-        {
+        if !self.chunks.is_empty() && !self.notified && self.named.is_empty() {
             self.notified = true;
             self.stats.notifications += 1;
             out.notes.push((self.conn, Note::DataAvailable));
@@ -619,7 +622,10 @@ impl ConnRx {
             let mut done = None;
             while let Some(c) = self.chunks.front_mut() {
                 let n = (c.len - c.consumed).min(head.len - head.filled);
-                let dst = head.buf.as_mut().expect("driver-held named buffer has its buffer");
+                let dst = head
+                    .buf
+                    .as_mut()
+                    .expect("driver-held named buffer has its buffer");
                 match &c.data {
                     ChunkData::Anon(src) => mem.copy(src, c.consumed, dst, head.filled, n),
                     ChunkData::Heap(v) => {
@@ -700,7 +706,10 @@ impl ConnRx {
             }
             out.commands.push(Command::PostNamed {
                 conn: self.conn,
-                buf: n.buf.take().expect("driver-held named buffer has its buffer"),
+                buf: n
+                    .buf
+                    .take()
+                    .expect("driver-held named buffer has its buffer"),
                 push: n.push,
                 prefill: n.filled as u32,
                 stream_offset: self.received_end,

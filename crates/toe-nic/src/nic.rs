@@ -18,8 +18,7 @@ use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, IpEndpoint};
 
 use toe_bus::{
-    Command, ConnId, Dma, Event, HostBuf, HostMemory, NicEnd, OffloadParams, ReturnReason,
-    RxPolicy,
+    Command, ConnId, Dma, Event, HostBuf, HostMemory, NicEnd, OffloadParams, ReturnReason, RxPolicy,
 };
 
 use crate::offload::{OffloadCtx, OffloadStats, Plan};
@@ -364,9 +363,10 @@ impl<P: Phy> Nic<P> {
                 stream_offset,
                 epoch,
             } => match self.conns.get_mut(&conn) {
-                Some(c) => c
-                    .ctx
-                    .on_post_named(buf, push, prefill, stream_offset, epoch, &mut self.out),
+                Some(c) => {
+                    c.ctx
+                        .on_post_named(buf, push, prefill, stream_offset, epoch, &mut self.out)
+                }
                 None => {
                     self.out.push_back(Event::NamedDone {
                         conn,
@@ -381,11 +381,17 @@ impl<P: Phy> Nic<P> {
             },
             Command::ReturnNamed { conn, why, all } => match self.conns.get_mut(&conn) {
                 Some(c) => c.ctx.on_return_named(why, all, &mut self.out),
-                None => self.refuse(Some(conn), format!("ReturnNamed: unknown connection {conn}")),
+                None => self.refuse(
+                    Some(conn),
+                    format!("ReturnNamed: unknown connection {conn}"),
+                ),
             },
             Command::IndicateAck { conn, bytes } => match self.conns.get_mut(&conn) {
                 Some(c) => c.ctx.on_ack(bytes),
-                None => self.refuse(Some(conn), format!("IndicateAck: unknown connection {conn}")),
+                None => self.refuse(
+                    Some(conn),
+                    format!("IndicateAck: unknown connection {conn}"),
+                ),
             },
             Command::Send { conn, buf, len } => match self.conns.get_mut(&conn) {
                 Some(c) if !c.close_requested && (len as usize) <= buf.len() && len > 0 => {
@@ -456,7 +462,13 @@ impl<P: Phy> Nic<P> {
         }
     }
 
-    fn connect(&mut self, conn: ConnId, remote: SocketAddrV4, local_port: u16, params: OffloadParams) {
+    fn connect(
+        &mut self,
+        conn: ConnId,
+        remote: SocketAddrV4,
+        local_port: u16,
+        params: OffloadParams,
+    ) {
         if self.conns.contains_key(&conn) || conn.0 & ConnId::PASSIVE_BIT != 0 {
             self.out.push_back(Event::ConnectFailed {
                 conn,
@@ -520,10 +532,7 @@ impl<P: Phy> Nic<P> {
                 match state {
                     tcp::State::Listen | tcp::State::SynReceived => {}
                     tcp::State::Closed | tcp::State::TimeWait => {
-                        self.sockets
-                            .get_mut::<tcp::Socket<'_>>(h)
-                            .listen(port)
-                            .ok();
+                        self.sockets.get_mut::<tcp::Socket<'_>>(h).listen(port).ok();
                     }
                     _ => {
                         moved = true;
@@ -594,7 +603,8 @@ impl<P: Phy> Nic<P> {
                     return (true, true);
                 }
                 _ => {
-                    let (Some(local), Some(remote)) = (sock.local_endpoint(), sock.remote_endpoint())
+                    let (Some(local), Some(remote)) =
+                        (sock.local_endpoint(), sock.remote_endpoint())
                     else {
                         return (false, false);
                     };
@@ -747,7 +757,13 @@ fn rx_finished(sock: &mut tcp::Socket<'_>) -> bool {
 }
 
 /// Move up to `max` bytes from the socket into `buf` at `at` with the DMA engine.
-fn recv_into(sock: &mut tcp::Socket<'_>, dma: &Dma, buf: &mut HostBuf, at: usize, max: usize) -> usize {
+fn recv_into(
+    sock: &mut tcp::Socket<'_>,
+    dma: &Dma,
+    buf: &mut HostBuf,
+    at: usize,
+    max: usize,
+) -> usize {
     let mut n = 0;
     while n < max {
         let k = sock

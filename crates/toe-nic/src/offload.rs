@@ -395,7 +395,13 @@ mod tests {
         c.on_post_named(mem.alloc(4000).unwrap(), false, 1000, 1000, 0, &mut out);
         assert!(out.is_empty());
         assert_eq!(c.pending(), 0);
-        assert_eq!(c.plan(10_000, 600), Plan::Named { at: 1000, max: 3000 });
+        assert_eq!(
+            c.plan(10_000, 600),
+            Plan::Named {
+                at: 1000,
+                max: 3000
+            }
+        );
         c.placed_named(3000, &mut out);
         match out.pop_front() {
             Some(Event::NamedDone {
@@ -462,7 +468,10 @@ mod tests {
                 why,
                 end_offset,
                 ..
-            }) => assert_eq!((filled, why, end_offset), (100, ReturnReason::PushTimer, 200)),
+            }) => assert_eq!(
+                (filled, why, end_offset),
+                (100, ReturnReason::PushTimer, 200)
+            ),
             other => panic!("{other:?}"),
         }
     }

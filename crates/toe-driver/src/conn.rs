@@ -406,6 +406,12 @@ impl ConnRx {
         }
         self.queued_bytes = 0;
         self.heap_bytes = 0;
+        self.release_named(why, out);
+    }
+
+    /// Return every named buffer held by the driver with `why` (those held by the NIC come
+    /// back through the NIC).
+    pub fn release_named(&mut self, why: ReturnReason, out: &mut Outputs) {
         let mut keep = VecDeque::new();
         while let Some(n) = self.named.pop_front() {
             if n.at == Where::Driver {

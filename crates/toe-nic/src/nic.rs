@@ -268,6 +268,10 @@ impl<P: Phy> Nic<P> {
             .get(&conn)
             .map(|c| self.sockets.get::<tcp::Socket<'_>>(c.handle).recv_queue())
     }
+    /// A clone of the command ring's receiver, for runtimes that sleep until there is work.
+    pub fn command_waitable(&self) -> crossbeam_channel::Receiver<Command> {
+        self.bus.command_receiver().clone()
+    }
     /// Offloaded connections.
     pub fn conn_count(&self) -> usize {
         self.conns.len()

@@ -7,7 +7,7 @@
 //! what smoltcp does not surface: the peer's initial sequence number, the end of every segment
 //! that carried PSH, and the window the peer advertises.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
@@ -28,6 +28,11 @@ pub trait Phy {
     fn send(&mut self, frame: Frame) -> Result<(), Frame>;
     /// Whether a send would be accepted now.
     fn can_send(&self) -> bool;
+    /// A channel that becomes ready when a frame arrives, for runtimes that sleep until
+    /// there is work; `None` if the port cannot offer one (the runtime then polls).
+    fn waitable(&self) -> Option<Receiver<Frame>> {
+        None
+    }
 }
 
 impl<P: Phy + ?Sized> Phy for Box<P> {
@@ -39,6 +44,9 @@ impl<P: Phy + ?Sized> Phy for Box<P> {
     }
     fn can_send(&self) -> bool {
         (**self).can_send()
+    }
+    fn waitable(&self) -> Option<Receiver<Frame>> {
+        (**self).waitable()
     }
 }
 
@@ -80,6 +88,9 @@ impl Phy for WirePort {
     }
     fn can_send(&self) -> bool {
         !self.tx.is_full()
+    }
+    fn waitable(&self) -> Option<Receiver<Frame>> {
+        Some(self.rx.clone())
     }
 }
 
@@ -140,7 +151,6 @@ pub struct NicDevice<P> {
     tap: bool,
     flows: BTreeMap<FlowKey, FlowInfo>,
     stats: PhyStats,
-    pending_rx: VecDeque<Frame>,
 }
 
 impl<P: Phy> NicDevice<P> {
@@ -155,7 +165,6 @@ impl<P: Phy> NicDevice<P> {
             tap,
             flows: BTreeMap::new(),
             stats: PhyStats::default(),
-            pending_rx: VecDeque::new(),
         }
     }
 
@@ -297,7 +306,7 @@ impl<P: Phy> phy::Device for NicDevice<P> {
             return None;
         }
         let frame = loop {
-            let frame = self.pending_rx.pop_front().or_else(|| self.phy.recv())?;
+            let frame = self.phy.recv()?;
             self.stats.rx_frames += 1;
             self.stats.rx_bytes += frame.len() as u64;
             if !self.tap || self.inspect(&frame) {

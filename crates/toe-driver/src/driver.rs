@@ -1,0 +1,803 @@
+//! The host TOE driver: one per emulated host. It owns the anonymous buffer pool, the
+//! per-connection receive machines ([`ConnRx`]), transmit bookkeeping and the host's end of
+//! the bus, and offers the application calls experiments need.
+//!
+//! # Contract
+//! The driver never reads a clock and never blocks: every call that can change timers takes
+//! `now`. [`Driver::poll`] takes events from the NIC, runs due push timers and sends what the
+//! connection machines produced; [`Driver::poll_at`] says when the next timer is due.
+//! Application calls (`post_named`, `accept_in_place`, `send`, ...) act at once and queue their
+//! commands; they reach the NIC on the next `poll` (or [`Driver::flush`]).
+//!
+//! Calls that hand the driver a buffer give it back inside the error if they are refused
+//! ([`Refused`]), so a refused call loses nothing.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddrV4;
+use std::sync::Arc;
+
+use toe_bus::time::Instant;
+use toe_bus::{
+    Command, ConnId, Event, HostBuf, HostEnd, HostMemory, MemError, OffloadParams, ReturnReason,
+};
+
+use crate::conn::{ConnRx, ConnRxStats, NamedCompletion, NamedId, Note, Outputs, RxConfig};
+
+/// Errors of driver calls.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DriverError {
+    /// No such connection (never existed, or released).
+    #[error("unknown connection {0}")]
+    UnknownConn(ConnId),
+    /// The connection is not in a state that allows the call.
+    #[error("connection {conn} is {state:?}: {what} not allowed")]
+    BadState {
+        /// Connection.
+        conn: ConnId,
+        /// Its state.
+        state: ConnState,
+        /// The refused call.
+        what: &'static str,
+    },
+    /// A configuration value is out of range.
+    #[error("invalid {setting}: {value} ({limit})")]
+    InvalidConfig {
+        /// Setting name.
+        setting: &'static str,
+        /// Offending value.
+        value: String,
+        /// The limit it broke.
+        limit: String,
+    },
+    /// Host memory is exhausted.
+    #[error(transparent)]
+    Memory(#[from] MemError),
+    /// The port already has a listener.
+    #[error("port {0} already has a listener")]
+    PortInUse(u16),
+}
+
+/// A refused call that carried a buffer: the buffer comes back with the reason.
+#[derive(Debug)]
+pub struct Refused {
+    /// Why.
+    pub error: DriverError,
+    /// The caller's buffer, untouched.
+    pub buf: HostBuf,
+}
+
+/// Life cycle of a connection as the driver sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnState {
+    /// Active open in progress.
+    Connecting,
+    /// Open in both directions.
+    Established,
+    /// The peer sent FIN; we may still send.
+    PeerClosed,
+    /// Closed; the NIC released its context.
+    Closed,
+    /// The peer reset the connection.
+    Reset,
+    /// The active open failed.
+    Failed(String),
+}
+
+/// Something the application should look at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AppEvent {
+    /// An active open completed.
+    Connected,
+    /// A passive open completed on `port`; take it with [`Driver::accept`].
+    Incoming {
+        /// Listener port.
+        port: u16,
+    },
+    /// An active open failed.
+    ConnectFailed(String),
+    /// Received data is available (raised once until the application accepts some).
+    DataAvailable,
+    /// A named buffer completed.
+    NamedComplete,
+    /// A send buffer came back.
+    SendDone,
+    /// The peer closed its direction.
+    PeerClosed,
+    /// The peer reset the connection.
+    Reset,
+    /// The connection is closed and its NIC context released.
+    Closed,
+    /// The NIC refused a command.
+    Error(String),
+}
+
+/// Driver configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DriverConfig {
+    /// Receive configuration of new connections (each may override it).
+    pub rx: RxConfig,
+    /// Size of one anonymous buffer, in bytes.
+    pub anon_buf_bytes: usize,
+    /// Total anonymous pool, in bytes (a whole number of buffers is allocated). Sized from W
+    /// and the connection limit by the caller.
+    pub anon_pool_bytes: usize,
+}
+
+/// Driver-wide counters.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DriverStats {
+    /// Anonymous buffers in the pool.
+    pub anon_buffers: usize,
+    /// Anonymous buffers currently held by the driver (indicated, not yet drained).
+    pub anon_in_driver: usize,
+    /// Most anonymous buffers the driver ever held at once.
+    pub anon_high_water: usize,
+    /// Events processed.
+    pub events: u64,
+    /// Commands the NIC refused.
+    pub nic_errors: u64,
+    /// Events for connections the driver no longer knows.
+    pub stray_events: u64,
+}
+
+#[derive(Debug)]
+struct DConn {
+    rx: ConnRx,
+    state: ConnState,
+    local: Option<SocketAddrV4>,
+    remote: Option<SocketAddrV4>,
+    send_done: VecDeque<(HostBuf, bool)>,
+    sends_outstanding: usize,
+    send_bytes_outstanding: usize,
+    close_sent: bool,
+    nic_gone: bool,
+}
+
+/// A snapshot of one connection for the application or a report.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// State.
+    pub state: ConnState,
+    /// Local address (once established).
+    pub local: Option<SocketAddrV4>,
+    /// Peer address.
+    pub remote: Option<SocketAddrV4>,
+    /// Receive configuration in force (W is the effective one).
+    pub rx_config: RxConfig,
+    /// I, in bytes.
+    pub indicated: u32,
+    /// Received bytes not yet accepted or copied.
+    pub queued_bytes: usize,
+    /// Receive counters.
+    pub rx: ConnRxStats,
+    /// Send buffers not yet acknowledged by the peer.
+    pub sends_outstanding: usize,
+    /// Bytes in those buffers.
+    pub send_bytes_outstanding: usize,
+}
+
+/// The host TOE driver.
+#[derive(Debug)]
+pub struct Driver {
+    mem: Arc<HostMemory>,
+    bus: HostEnd,
+    cfg: DriverConfig,
+    conns: BTreeMap<ConnId, DConn>,
+    listeners: BTreeMap<u16, (RxConfig, VecDeque<ConnId>)>,
+    next_conn: u32,
+    released: Vec<HostBuf>,
+    events: VecDeque<(ConnId, AppEvent)>,
+    stats: DriverStats,
+}
+
+impl Driver {
+    /// A driver for host memory `mem` on bus end `bus`. Allocates the anonymous pool and
+    /// hands it to the NIC.
+    pub fn new(mem: Arc<HostMemory>, bus: HostEnd, cfg: DriverConfig) -> Result<Self, DriverError> {
+        if cfg.anon_buf_bytes == 0 {
+            return Err(DriverError::InvalidConfig {
+                setting: "anon_buf_bytes",
+                value: "0".into(),
+                limit: "must be > 0".into(),
+            });
+        }
+        let count = cfg.anon_pool_bytes.div_ceil(cfg.anon_buf_bytes).max(1);
+        let mut d = Driver {
+            mem,
+            bus,
+            cfg,
+            conns: BTreeMap::new(),
+            listeners: BTreeMap::new(),
+            next_conn: 1,
+            released: Vec::new(),
+            events: VecDeque::new(),
+            stats: DriverStats {
+                anon_buffers: count,
+                ..DriverStats::default()
+            },
+        };
+        d.check_rx(&cfg.rx)?;
+        let mut batch = Vec::new();
+        for _ in 0..count {
+            batch.push(d.mem.alloc(cfg.anon_buf_bytes)?);
+            if batch.len() == 256 {
+                d.bus.send(Command::PostAnonymous {
+                    bufs: std::mem::take(&mut batch),
+                });
+            }
+        }
+        if !batch.is_empty() {
+            d.bus.send(Command::PostAnonymous { bufs: batch });
+        }
+        Ok(d)
+    }
+
+    fn check_rx(&self, rx: &RxConfig) -> Result<(), DriverError> {
+        let pool = self.stats.anon_buffers * self.cfg.anon_buf_bytes;
+        if rx.window == 0 || rx.window as usize > pool {
+            return Err(DriverError::InvalidConfig {
+                setting: "indicate_window_bytes",
+                value: rx.window.to_string(),
+                limit: format!("must be between 1 and {pool} (the anonymous pool)"),
+            });
+        }
+        Ok(())
+    }
+
+    /// The host memory this driver's buffers live in.
+    pub fn memory(&self) -> &Arc<HostMemory> {
+        &self.mem
+    }
+    /// Configuration.
+    pub fn config(&self) -> &DriverConfig {
+        &self.cfg
+    }
+    /// Counters.
+    pub fn stats(&self) -> DriverStats {
+        self.stats
+    }
+    /// Most bytes of anonymous buffers the driver ever held at once.
+    pub fn anon_high_water_bytes(&self) -> usize {
+        self.stats.anon_high_water * self.cfg.anon_buf_bytes
+    }
+    /// Allocate a host buffer (for named buffers or sends).
+    pub fn alloc(&self, len: usize) -> Result<HostBuf, DriverError> {
+        Ok(self.mem.alloc(len)?)
+    }
+    /// Free a host buffer.
+    pub fn free(&self, buf: HostBuf) {
+        self.mem.free(buf)
+    }
+
+    fn params(rx: &RxConfig) -> OffloadParams {
+        OffloadParams {
+            indicate_window: rx.window,
+            policy: rx.policy,
+        }
+    }
+
+    /// Active open to `remote` from `local_port` (0: ephemeral), with `rx` overriding the
+    /// default receive configuration.
+    pub fn connect(
+        &mut self,
+        remote: SocketAddrV4,
+        local_port: u16,
+        rx: Option<RxConfig>,
+    ) -> Result<ConnId, DriverError> {
+        let rx = rx.unwrap_or(self.cfg.rx);
+        self.check_rx(&rx)?;
+        let conn = ConnId(self.next_conn);
+        self.next_conn = (self.next_conn + 1) & !ConnId::PASSIVE_BIT;
+        self.conns
+            .insert(conn, Self::new_conn(conn, rx, ConnState::Connecting));
+        self.bus.send(Command::Connect {
+            conn,
+            remote,
+            local_port,
+            params: Self::params(&rx),
+        });
+        Ok(conn)
+    }
+
+    fn new_conn(conn: ConnId, rx: RxConfig, state: ConnState) -> DConn {
+        DConn {
+            rx: ConnRx::new(conn, rx),
+            state,
+            local: None,
+            remote: None,
+            send_done: VecDeque::new(),
+            sends_outstanding: 0,
+            send_bytes_outstanding: 0,
+            close_sent: false,
+            nic_gone: false,
+        }
+    }
+
+    /// Listen on `port`; up to `backlog` handshakes may complete before [`Driver::accept`].
+    pub fn listen(
+        &mut self,
+        port: u16,
+        backlog: u16,
+        rx: Option<RxConfig>,
+    ) -> Result<(), DriverError> {
+        let rx = rx.unwrap_or(self.cfg.rx);
+        self.check_rx(&rx)?;
+        if self.listeners.contains_key(&port) {
+            return Err(DriverError::PortInUse(port));
+        }
+        self.listeners.insert(port, (rx, VecDeque::new()));
+        self.bus.send(Command::Listen {
+            port,
+            backlog,
+            params: Self::params(&rx),
+        });
+        Ok(())
+    }
+
+    /// Take the next established passive connection on `port`.
+    pub fn accept(&mut self, port: u16) -> Option<ConnId> {
+        self.listeners.get_mut(&port)?.1.pop_front()
+    }
+
+    /// Next application event.
+    pub fn take_event(&mut self) -> Option<(ConnId, AppEvent)> {
+        self.events.pop_front()
+    }
+
+    fn conn(&self, conn: ConnId) -> Result<&DConn, DriverError> {
+        self.conns.get(&conn).ok_or(DriverError::UnknownConn(conn))
+    }
+    fn conn_mut(&mut self, conn: ConnId) -> Result<&mut DConn, DriverError> {
+        self.conns
+            .get_mut(&conn)
+            .ok_or(DriverError::UnknownConn(conn))
+    }
+
+    /// State and counters of a connection.
+    pub fn conn_info(&self, conn: ConnId) -> Result<ConnInfo, DriverError> {
+        let c = self.conn(conn)?;
+        Ok(ConnInfo {
+            state: c.state.clone(),
+            local: c.local,
+            remote: c.remote,
+            rx_config: *c.rx.config(),
+            indicated: c.rx.indicated(),
+            queued_bytes: c.rx.queued_bytes(),
+            rx: c.rx.stats(),
+            sends_outstanding: c.sends_outstanding,
+            send_bytes_outstanding: c.send_bytes_outstanding,
+        })
+    }
+
+    /// Connection state.
+    pub fn state(&self, conn: ConnId) -> Result<ConnState, DriverError> {
+        Ok(self.conn(conn)?.state.clone())
+    }
+
+    /// True when the peer's stream has ended (FIN or reset) and every byte was taken.
+    pub fn at_eof(&self, conn: ConnId) -> Result<bool, DriverError> {
+        Ok(self.conn(conn)?.rx.at_eof())
+    }
+
+    /// Bytes received and waiting (not accepted, not copied into a named buffer).
+    pub fn queued_bytes(&self, conn: ConnId) -> Result<usize, DriverError> {
+        Ok(self.conn(conn)?.rx.queued_bytes())
+    }
+
+    fn absorb(&mut self, out: Outputs) {
+        for c in out.commands {
+            self.bus.send(c);
+        }
+        self.stats.anon_in_driver -= out.released.len();
+        self.released.extend(out.released);
+        for (conn, note) in out.notes {
+            let e = match note {
+                Note::DataAvailable => AppEvent::DataAvailable,
+                Note::NamedComplete => AppEvent::NamedComplete,
+            };
+            self.events.push_back((conn, e));
+        }
+    }
+
+    fn rx_open(c: &DConn, conn: ConnId, what: &'static str) -> Result<(), DriverError> {
+        match c.state {
+            ConnState::Connecting | ConnState::Established | ConnState::PeerClosed => Ok(()),
+            ref s => Err(DriverError::BadState {
+                conn,
+                state: s.clone(),
+                what,
+            }),
+        }
+    }
+
+    /// Post a named buffer (the whole of `buf`), optionally in push mode.
+    pub fn post_named(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        buf: HostBuf,
+        push: bool,
+    ) -> Result<NamedId, Refused> {
+        let check = self
+            .conn(conn)
+            .and_then(|c| Self::rx_open(c, conn, "post_named"));
+        if let Err(error) = check {
+            return Err(Refused { error, buf });
+        }
+        let mut out = Outputs::default();
+        let c = self.conns.get_mut(&conn).expect("checked");
+        let id = c.rx.post_named(&self.mem, now, buf, push, &mut out);
+        self.absorb(out);
+        Ok(id)
+    }
+
+    /// Take the oldest completed named buffer of `conn`.
+    pub fn take_completion(
+        &mut self,
+        conn: ConnId,
+    ) -> Result<Option<NamedCompletion>, DriverError> {
+        Ok(self.conn_mut(conn)?.rx.take_completion())
+    }
+
+    /// Cancel every posted named buffer of `conn` (they complete with `Cancelled`).
+    pub fn cancel_named(&mut self, now: Instant, conn: ConnId) -> Result<(), DriverError> {
+        let mut out = Outputs::default();
+        let c = self
+            .conns
+            .get_mut(&conn)
+            .ok_or(DriverError::UnknownConn(conn))?;
+        c.rx.cancel_named(&self.mem, now, &mut out);
+        self.absorb(out);
+        Ok(())
+    }
+
+    /// Accept received data in place (see [`ConnRx::accept_in_place`]).
+    pub fn accept_in_place(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        f: impl FnMut(&[u8]) -> usize,
+    ) -> Result<usize, DriverError> {
+        let mut out = Outputs::default();
+        let c = self
+            .conns
+            .get_mut(&conn)
+            .ok_or(DriverError::UnknownConn(conn))?;
+        let n = c.rx.accept_in_place(&self.mem, now, f, &mut out);
+        self.absorb(out);
+        Ok(n)
+    }
+
+    /// Copy received data out to `dst` (one counted copy on top of the receive path).
+    pub fn read(
+        &mut self,
+        now: Instant,
+        conn: ConnId,
+        dst: &mut [u8],
+    ) -> Result<usize, DriverError> {
+        let mut at = 0;
+        let n = self.accept_in_place(now, conn, |src| {
+            let k = src.len().min(dst.len() - at);
+            dst[at..at + k].copy_from_slice(&src[..k]);
+            at += k;
+            k
+        })?;
+        self.mem.count_copy_out(n);
+        Ok(n)
+    }
+
+    /// Send the first `len` bytes of `buf`; it comes back through
+    /// [`Driver::take_send_done`] once the peer acknowledged them.
+    pub fn send(&mut self, conn: ConnId, buf: HostBuf, len: usize) -> Result<(), Refused> {
+        let check = self.conn(conn).and_then(|c| match c.state {
+            ConnState::Established | ConnState::PeerClosed if !c.close_sent => Ok(()),
+            ref s => Err(DriverError::BadState {
+                conn,
+                state: s.clone(),
+                what: "send",
+            }),
+        });
+        let check = check.and_then(|_| {
+            if len == 0 || len > buf.len() || len > u32::MAX as usize {
+                Err(DriverError::InvalidConfig {
+                    setting: "send length",
+                    value: len.to_string(),
+                    limit: format!("must be between 1 and the buffer length {}", buf.len()),
+                })
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(error) = check {
+            return Err(Refused { error, buf });
+        }
+        let c = self.conns.get_mut(&conn).expect("checked");
+        c.sends_outstanding += 1;
+        c.send_bytes_outstanding += len;
+        self.bus.send(Command::Send {
+            conn,
+            buf,
+            len: len as u32,
+        });
+        Ok(())
+    }
+
+    /// Take a send buffer back: `(buffer, every byte acknowledged)`.
+    pub fn take_send_done(&mut self, conn: ConnId) -> Result<Option<(HostBuf, bool)>, DriverError> {
+        Ok(self.conn_mut(conn)?.send_done.pop_front())
+    }
+
+    /// Graceful close (FIN after queued sends).
+    pub fn close(&mut self, conn: ConnId) -> Result<(), DriverError> {
+        let c = self.conn_mut(conn)?;
+        if c.close_sent
+            || matches!(
+                c.state,
+                ConnState::Closed | ConnState::Reset | ConnState::Failed(_)
+            )
+        {
+            return Ok(());
+        }
+        c.close_sent = true;
+        self.bus.send(Command::Close { conn });
+        Ok(())
+    }
+
+    /// Abortive close (RST now); posted buffers come back `Cancelled`.
+    pub fn abort(&mut self, conn: ConnId) -> Result<(), DriverError> {
+        let c = self.conn_mut(conn)?;
+        if matches!(
+            c.state,
+            ConnState::Closed | ConnState::Reset | ConnState::Failed(_)
+        ) {
+            return Ok(());
+        }
+        c.close_sent = true;
+        self.bus.send(Command::Abort { conn });
+        Ok(())
+    }
+
+    /// Forget a finished connection (after [`AppEvent::Closed`] or a failed connect), freeing
+    /// anything it still holds. Refused while the NIC still has its context.
+    pub fn release(&mut self, conn: ConnId) -> Result<(), DriverError> {
+        let c = self.conn(conn)?;
+        if !c.nic_gone {
+            return Err(DriverError::BadState {
+                conn,
+                state: c.state.clone(),
+                what: "release",
+            });
+        }
+        let mut c = self.conns.remove(&conn).expect("checked");
+        let mut out = Outputs::default();
+        c.rx.release_all(ReturnReason::Cancelled, &mut out);
+        while let Some(done) = c.rx.take_completion() {
+            self.mem.free(done.buf);
+        }
+        for (b, _) in c.send_done.drain(..) {
+            self.mem.free(b);
+        }
+        out.notes.clear();
+        self.absorb(out);
+        Ok(())
+    }
+
+    /// When [`Driver::poll`] must run next for timers, if ever.
+    pub fn poll_at(&self) -> Option<Instant> {
+        if self.bus.staged() > 0 || !self.released.is_empty() {
+            return Some(Instant::from_micros(0));
+        }
+        self.conns.values().filter_map(|c| c.rx.poll_at()).min()
+    }
+
+    /// Send queued commands to the NIC (anonymous buffers drained since the last call
+    /// included). Returns true if anything entered the ring.
+    pub fn flush(&mut self) -> bool {
+        if !self.released.is_empty() {
+            self.bus.send(Command::PostAnonymous {
+                bufs: std::mem::take(&mut self.released),
+            });
+        }
+        self.bus.flush()
+    }
+
+    /// Take and handle every event from the NIC, run due timers, flush commands. Returns
+    /// true if anything happened.
+    pub fn poll(&mut self, now: Instant) -> bool {
+        let mut progress = self.bus.flush();
+        while let Ok(Some(e)) = self.bus.try_recv() {
+            progress = true;
+            self.stats.events += 1;
+            self.event(now, e);
+        }
+        let due: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.rx.poll_at().is_some_and(|t| t <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            let mut out = Outputs::default();
+            if let Some(c) = self.conns.get_mut(&id) {
+                c.rx.on_timer(now, &mut out);
+            }
+            self.absorb(out);
+            progress = true;
+        }
+        progress |= self.flush();
+        progress
+    }
+
+    fn stray(&mut self, e: Event) {
+        self.stats.stray_events += 1;
+        match e {
+            Event::IndicateData { buf, .. } => {
+                self.stats.anon_in_driver += 1;
+                self.absorb(Outputs {
+                    released: vec![buf],
+                    ..Outputs::default()
+                });
+            }
+            Event::NamedDone { buf, .. } | Event::SendDone { buf, .. } => self.mem.free(buf),
+            _ => {}
+        }
+    }
+
+    fn event(&mut self, now: Instant, e: Event) {
+        let conn = match &e {
+            Event::Established { conn, .. }
+            | Event::ConnectFailed { conn, .. }
+            | Event::IndicateData { conn, .. }
+            | Event::NamedFilling { conn }
+            | Event::NamedDone { conn, .. }
+            | Event::SendDone { conn, .. }
+            | Event::PeerClosed { conn }
+            | Event::Reset { conn }
+            | Event::Closed { conn } => Some(*conn),
+            Event::CommandError { conn, .. } => *conn,
+            Event::ListenFailed { .. } | Event::BuffersReturned { .. } => None,
+        };
+        if let Event::Established {
+            conn,
+            local,
+            remote,
+            listener: Some(port),
+            indicate_window,
+        } = e
+        {
+            let Some((rx, queue)) = self.listeners.get_mut(&port) else {
+                self.bus.send(Command::Abort { conn });
+                return;
+            };
+            let mut rx = *rx;
+            rx.window = indicate_window;
+            queue.push_back(conn);
+            let mut c = Self::new_conn(conn, rx, ConnState::Established);
+            c.local = Some(local);
+            c.remote = Some(remote);
+            self.conns.insert(conn, c);
+            self.events.push_back((conn, AppEvent::Incoming { port }));
+            return;
+        }
+        if let Event::ListenFailed { port, error } = e {
+            self.listeners.remove(&port);
+            self.events.push_back((
+                ConnId(0),
+                AppEvent::Error(format!("listen on {port}: {error}")),
+            ));
+            return;
+        }
+        if let Event::BuffersReturned { bufs } = e {
+            self.released.extend(bufs);
+            return;
+        }
+        let Some(conn) = conn else {
+            if let Event::CommandError { error, .. } = e {
+                self.stats.nic_errors += 1;
+                self.events.push_back((ConnId(0), AppEvent::Error(error)));
+            }
+            return;
+        };
+        if !self.conns.contains_key(&conn) {
+            self.stray(e);
+            return;
+        }
+        let mut out = Outputs::default();
+        let mem = self.mem.clone();
+        let c = self.conns.get_mut(&conn).expect("checked");
+        let app = match e {
+            Event::Established {
+                local,
+                remote,
+                indicate_window,
+                ..
+            } => {
+                c.local = Some(local);
+                c.remote = Some(remote);
+                c.rx.set_window(indicate_window);
+                c.state = ConnState::Established;
+                Some(AppEvent::Connected)
+            }
+            Event::ConnectFailed { error, .. } => {
+                c.nic_gone = true;
+                c.state = ConnState::Failed(error.clone());
+                Some(AppEvent::ConnectFailed(error))
+            }
+            Event::IndicateData {
+                buf,
+                len,
+                stream_offset,
+                psh,
+                ..
+            } => {
+                self.stats.anon_in_driver += 1;
+                self.stats.anon_high_water =
+                    self.stats.anon_high_water.max(self.stats.anon_in_driver);
+                c.rx.on_indicate(&mem, now, buf, len as usize, stream_offset, psh, &mut out);
+                None
+            }
+            Event::NamedFilling { .. } => {
+                c.rx.on_named_filling(now);
+                None
+            }
+            Event::NamedDone {
+                buf,
+                filled,
+                end_offset,
+                why,
+                epoch,
+                ..
+            } => {
+                c.rx.on_named_done(
+                    &mem,
+                    now,
+                    buf,
+                    filled as usize,
+                    end_offset,
+                    why,
+                    epoch,
+                    &mut out,
+                );
+                None
+            }
+            Event::SendDone { buf, ok, .. } => {
+                c.sends_outstanding -= 1;
+                c.send_bytes_outstanding = c.send_bytes_outstanding.saturating_sub(buf.len());
+                c.send_done.push_back((buf, ok));
+                Some(AppEvent::SendDone)
+            }
+            Event::PeerClosed { .. } => {
+                c.rx.on_peer_closed(&mem, now, &mut out);
+                if c.state == ConnState::Established {
+                    c.state = ConnState::PeerClosed;
+                }
+                Some(AppEvent::PeerClosed)
+            }
+            Event::Reset { .. } => {
+                c.rx.on_reset(&mut out);
+                c.state = ConnState::Reset;
+                Some(AppEvent::Reset)
+            }
+            Event::Closed { .. } => {
+                c.nic_gone = true;
+                if !c.rx.was_reset() {
+                    // data still queued stays readable; buffers posted come back Cancelled
+                    c.rx.release_named(ReturnReason::Cancelled, &mut out);
+                }
+                if !matches!(c.state, ConnState::Reset | ConnState::Failed(_)) {
+                    c.state = ConnState::Closed;
+                }
+                Some(AppEvent::Closed)
+            }
+            Event::CommandError { error, .. } => {
+                self.stats.nic_errors += 1;
+                Some(AppEvent::Error(error))
+            }
+            Event::ListenFailed { .. } | Event::BuffersReturned { .. } => None,
+        };
+        self.absorb(out);
+        if let Some(a) = app {
+            self.events.push_back((conn, a));
+        }
+    }
+}

@@ -244,6 +244,12 @@ impl Driver {
         Ok(())
     }
 
+    /// A clone of the event ring's receiver, for runtimes that sleep until the NIC raises an
+    /// event (never take events from it: [`Driver::poll`] does).
+    pub fn event_waitable(&self) -> crossbeam_channel::Receiver<Event> {
+        self.bus.event_receiver().clone()
+    }
+
     /// The host memory this driver's buffers live in.
     pub fn memory(&self) -> &Arc<HostMemory> {
         &self.mem

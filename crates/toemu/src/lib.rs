@@ -1,4 +1,15 @@
 //! toemu: wires emulated TOE hosts together (NIC + bus + driver), on one thread with a
 //! virtual clock or threaded in real time, and hosts the `toemu` command line.
+//!
+//! - [`config`]: layered host settings (defaults, TOML file, environment, command line).
+//! - [`runtime`]: [`runtime::Host`], the single-threaded virtual-clock [`runtime::Sim`] and the
+//!   real-time [`runtime::Threaded`] runner.
+//! - [`bare`]: the bare-smoltcp baseline on the same wire.
+//! - [`demo`]: the `toemu demo` experiment (bulk transfers and request/response per policy).
+//! - [`datagen`]: deterministic payload and its SHA-256.
 
+pub mod bare;
 pub mod config;
+pub mod datagen;
+pub mod demo;
+pub mod runtime;

@@ -1,0 +1,648 @@
+//! `toemu demo`: two emulated TOE hosts on the in-memory wire, one bulk transfer with an
+//! end-to-end SHA-256 check and a 64-byte request/response phase per receive mode, plus the
+//! bare-smoltcp baseline on the same wire and MTU, all in one run on the virtual clock.
+//!
+//! Modes: `named-buffer` (indicate-window policy, the application keeps named buffers larger
+//! than W posted: direct placement), `indicate-window` (no named buffers: the application
+//! accepts indicated data in place), `mss-holdoff` and `unbounded-copy` (prior art), and
+//! `smoltcp-bare`.
+
+use std::io;
+use std::net::SocketAddrV4;
+use std::time::Instant as WallInstant;
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use toe_bus::{ConnId, HostBuf, RxPolicy};
+use toe_driver::Driver;
+use toe_nic::wire;
+
+use crate::bare::BarePair;
+use crate::config::Settings;
+use crate::datagen::DataGen;
+use crate::runtime::{Host, Sim};
+
+/// A receive mode of the demo.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Indicate window, application posts named buffers larger than W.
+    NamedBuffer,
+    /// Indicate window, application accepts indicated data in place.
+    IndicateWindow,
+    /// Chimney-style one-MSS hold-off.
+    MssHoldoff,
+    /// Traditional copy into the driver's socket buffer.
+    UnboundedCopy,
+    /// Bare smoltcp, no offload layers.
+    SmoltcpBare,
+}
+
+impl Mode {
+    /// Every mode, in report order.
+    pub const ALL: [Mode; 5] = [
+        Mode::NamedBuffer,
+        Mode::IndicateWindow,
+        Mode::MssHoldoff,
+        Mode::UnboundedCopy,
+        Mode::SmoltcpBare,
+    ];
+
+    /// The mode's name in reports and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::NamedBuffer => "named-buffer",
+            Mode::IndicateWindow => "indicate-window",
+            Mode::MssHoldoff => "mss-holdoff",
+            Mode::UnboundedCopy => "unbounded-copy",
+            Mode::SmoltcpBare => "smoltcp-bare",
+        }
+    }
+
+    fn policy(self) -> Option<RxPolicy> {
+        match self {
+            Mode::NamedBuffer | Mode::IndicateWindow => Some(RxPolicy::IndicateWindow),
+            Mode::MssHoldoff => Some(RxPolicy::MssHoldoff),
+            Mode::UnboundedCopy => Some(RxPolicy::UnboundedCopy),
+            Mode::SmoltcpBare => None,
+        }
+    }
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Mode::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| format!("unknown mode {s:?}"))
+    }
+}
+
+/// Demo parameters.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Bytes per bulk transfer.
+    pub bytes: u64,
+    /// Request/response exchanges per mode.
+    pub rr_iters: usize,
+    /// Request and response size, in bytes.
+    pub rr_bytes: usize,
+    /// Host settings (W, pools, MTU...); the policy is set per mode.
+    pub settings: Settings,
+    /// Seed of the payload and the stacks.
+    pub seed: u64,
+    /// Size of each named buffer the receiver keeps posted, in bytes (must exceed W for
+    /// direct placement).
+    pub named_buf_bytes: usize,
+    /// Named buffers kept posted.
+    pub named_bufs: usize,
+    /// Size of each send buffer, in bytes.
+    pub send_buf_bytes: usize,
+    /// Send buffers in flight.
+    pub send_bufs: usize,
+    /// Modes to run.
+    pub modes: Vec<Mode>,
+}
+
+impl Default for DemoOptions {
+    fn default() -> Self {
+        DemoOptions {
+            bytes: 1 << 30,
+            rr_iters: 10_000,
+            rr_bytes: 64,
+            settings: Settings::default(),
+            seed: 1,
+            named_buf_bytes: 1 << 20,
+            named_bufs: 4,
+            send_buf_bytes: 1 << 20,
+            send_bufs: 4,
+            modes: Mode::ALL.to_vec(),
+        }
+    }
+}
+
+/// Latency percentiles in microseconds.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Latency {
+    /// Median.
+    pub p50: f64,
+    /// 99th percentile.
+    pub p99: f64,
+}
+
+/// One mode's results.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    /// Mode name.
+    pub mode: &'static str,
+    /// Bytes transferred.
+    pub bytes: u64,
+    /// Wall-clock seconds of the transfer.
+    pub seconds: f64,
+    /// bytes / seconds.
+    pub throughput_bytes_per_s: f64,
+    /// Receiver's host copies per received byte (DMA writes + driver copies + copies out).
+    pub host_copies_per_byte: f64,
+    /// Times the receiving NIC suspended delivery at P == W.
+    pub indicate_stalls: u64,
+    /// IndicateAcknowledge commands the receiving driver sent.
+    pub indicate_acks: u64,
+    /// Most anonymous-buffer bytes the receiving driver held at once.
+    pub anon_pool_high_water_bytes: u64,
+    /// Most bytes the `unbounded-copy` driver socket buffer held.
+    pub copy_buffer_high_water_bytes: u64,
+    /// Bytes placed directly into named buffers by the NIC.
+    pub direct_placed_bytes: u64,
+    /// Request/response round trip, wall-clock microseconds.
+    pub rr_latency_us: Latency,
+    /// The receiver's SHA-256 matched the sender's stream.
+    pub integrity_ok: bool,
+}
+
+/// The JSON document `--json` writes.
+#[derive(Debug, Serialize)]
+pub struct DemoReport {
+    /// One entry per mode.
+    pub runs: Vec<RunReport>,
+    /// Settings and machine description.
+    pub setup: serde_json::Value,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn latency(mut v: Vec<f64>) -> Latency {
+    v.sort_by(|a, b| a.total_cmp(b));
+    Latency {
+        p50: percentile(&v, 0.50),
+        p99: percentile(&v, 0.99),
+    }
+}
+
+fn other(msg: impl Into<String>) -> io::Error {
+    io::Error::other(msg.into())
+}
+
+fn settings_for(mode: Mode, base: &Settings) -> Settings {
+    let mut s = base.clone();
+    if let Some(p) = mode.policy() {
+        s.policy = p;
+    }
+    s
+}
+
+/// Two hosts on a wire, host 1 listening on `port`, host 0 connected to it.
+/// Returns (sim, client conn on host 0, server conn on host 1).
+pub fn connected_pair(
+    settings: &Settings,
+    seed: u64,
+    port: u16,
+) -> io::Result<(Sim, ConnId, ConnId)> {
+    let (pa, pb) = wire(4096);
+    let now = toe_bus::time::Instant::from_micros(0);
+    let a = Host::new(
+        "a",
+        settings,
+        crate::runtime::test_nic(0, seed),
+        Box::new(pa),
+        now,
+    )
+    .map_err(|e| other(e.to_string()))?;
+    let b = Host::new(
+        "b",
+        settings,
+        crate::runtime::test_nic(1, seed),
+        Box::new(pb),
+        now,
+    )
+    .map_err(|e| other(e.to_string()))?;
+    let sim = Sim::new(vec![a, b]);
+    let (da, db) = (sim.driver(0), sim.driver(1));
+    db.lock()
+        .listen(port, 4, None)
+        .map_err(|e| other(e.to_string()))?;
+    let remote = SocketAddrV4::new(std::net::Ipv4Addr::new(10, 0, 0, 2), port);
+    let ca = da
+        .lock()
+        .connect(remote, 0, None)
+        .map_err(|e| other(e.to_string()))?;
+    let mut cb = None;
+    sim.run_until(1_000_000, || {
+        if cb.is_none() {
+            cb = db.lock().accept(port);
+        }
+        cb.is_some() && da.lock().state(ca).ok() == Some(toe_driver::ConnState::Established)
+    })?;
+    Ok((sim, ca, cb.expect("accepted")))
+}
+
+/// What a receiving application does with its connection.
+pub struct Receiver {
+    mode: Mode,
+    conn: ConnId,
+    push: bool,
+    hasher: Sha256,
+    /// Bytes received so far.
+    pub received: u64,
+    spare: Vec<HostBuf>,
+}
+
+impl Receiver {
+    /// A receiver for `conn`; in named-buffer mode it posts `bufs` buffers of `len` bytes.
+    pub fn new(
+        mode: Mode,
+        d: &mut Driver,
+        now: toe_bus::time::Instant,
+        conn: ConnId,
+        bufs: usize,
+        len: usize,
+        push: bool,
+    ) -> io::Result<Self> {
+        let r = Receiver {
+            mode,
+            conn,
+            push,
+            hasher: Sha256::new(),
+            received: 0,
+            spare: Vec::new(),
+        };
+        if mode == Mode::NamedBuffer {
+            for _ in 0..bufs {
+                let b = d.alloc(len).map_err(|e| other(e.to_string()))?;
+                d.post_named(now, conn, b, push)
+                    .map_err(|r| other(r.error.to_string()))?;
+            }
+        }
+        Ok(r)
+    }
+
+    /// Consume whatever arrived; returns true at end of stream.
+    pub fn service(&mut self, d: &mut Driver, now: toe_bus::time::Instant) -> io::Result<bool> {
+        if self.mode == Mode::NamedBuffer {
+            while let Some(c) = d
+                .take_completion(self.conn)
+                .map_err(|e| other(e.to_string()))?
+            {
+                let mem = d.memory().clone();
+                self.hasher.update(&mem.slice(&c.buf)[..c.filled]);
+                self.received += c.filled as u64;
+                if d.at_eof(self.conn).unwrap_or(true)
+                    || matches!(
+                        c.why,
+                        toe_bus::ReturnReason::Eof | toe_bus::ReturnReason::Reset
+                    )
+                {
+                    self.spare.push(c.buf);
+                } else if let Err(r) = d.post_named(now, self.conn, c.buf, self.push) {
+                    self.spare.push(r.buf);
+                }
+            }
+        } else {
+            let h = &mut self.hasher;
+            let n = d
+                .accept_in_place(now, self.conn, |data| {
+                    h.update(data);
+                    data.len()
+                })
+                .map_err(|e| other(e.to_string()))?;
+            self.received += n as u64;
+        }
+        let eof = d.at_eof(self.conn).map_err(|e| other(e.to_string()))?;
+        if eof {
+            for b in self.spare.drain(..) {
+                d.free(b);
+            }
+        }
+        Ok(eof)
+    }
+
+    /// SHA-256 of everything received.
+    pub fn digest(self) -> [u8; 32] {
+        self.hasher.finalize().into()
+    }
+}
+
+/// Sends a seeded stream with a fixed set of host buffers.
+pub struct Sender {
+    conn: ConnId,
+    gen: DataGen,
+    total: u64,
+    /// Bytes handed to the NIC so far.
+    pub queued: u64,
+    free: Vec<HostBuf>,
+    outstanding: usize,
+    closed: bool,
+}
+
+impl Sender {
+    /// A sender of `total` bytes on `conn` with `bufs` buffers of `len` bytes.
+    pub fn new(
+        d: &Driver,
+        conn: ConnId,
+        seed: u64,
+        total: u64,
+        bufs: usize,
+        len: usize,
+    ) -> io::Result<Self> {
+        let free = (0..bufs)
+            .map(|_| d.alloc(len).map_err(|e| other(e.to_string())))
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(Sender {
+            conn,
+            gen: DataGen::new(seed),
+            total,
+            queued: 0,
+            free,
+            outstanding: 0,
+            closed: false,
+        })
+    }
+
+    /// Refill and send freed buffers; close after the last byte. True once everything was
+    /// acknowledged.
+    pub fn service(&mut self, d: &mut Driver) -> io::Result<bool> {
+        while let Some((buf, ok)) = d
+            .take_send_done(self.conn)
+            .map_err(|e| other(e.to_string()))?
+        {
+            if !ok {
+                return Err(other("send failed: connection ended early"));
+            }
+            self.outstanding -= 1;
+            self.free.push(buf);
+        }
+        while self.queued < self.total {
+            let Some(mut buf) = self.free.pop() else {
+                break;
+            };
+            let n = (buf.len() as u64).min(self.total - self.queued) as usize;
+            let mem = d.memory().clone();
+            self.gen.fill(&mut mem.slice_mut(&mut buf)[..n]);
+            d.send(self.conn, buf, n)
+                .map_err(|r| other(r.error.to_string()))?;
+            self.outstanding += 1;
+            self.queued += n as u64;
+        }
+        if self.queued == self.total && !self.closed {
+            d.close(self.conn).map_err(|e| other(e.to_string()))?;
+            self.closed = true;
+        }
+        Ok(self.closed && self.outstanding == 0)
+    }
+
+    /// Free the buffers.
+    pub fn finish(self, d: &Driver) {
+        for b in self.free {
+            d.free(b);
+        }
+    }
+}
+
+/// Bulk-transfer outcome of one TOE mode.
+struct Bulk {
+    seconds: f64,
+    digest: [u8; 32],
+    copies: f64,
+    stalls: u64,
+    acks: u64,
+    anon_high: u64,
+    copy_high: u64,
+    placed: u64,
+}
+
+fn toe_bulk(mode: Mode, o: &DemoOptions) -> io::Result<Bulk> {
+    let settings = settings_for(mode, &o.settings);
+    let (sim, ca, cb) = connected_pair(&settings, o.seed, 5001)?;
+    let (da, db) = (sim.driver(0), sim.driver(1));
+    let mut tx = Sender::new(
+        &da.lock(),
+        ca,
+        o.seed,
+        o.bytes,
+        o.send_bufs,
+        o.send_buf_bytes,
+    )?;
+    let mut rx = Receiver::new(
+        mode,
+        &mut db.lock(),
+        sim.now(),
+        cb,
+        o.named_bufs,
+        o.named_buf_bytes,
+        false,
+    )?;
+    let mem_b = sim.with_host(1, |h| h.mem.clone());
+    let before = mem_b.stats().snapshot();
+    let t0 = WallInstant::now();
+    let mut idle = 0u64;
+    loop {
+        let moved = sim.step_or_idle()?;
+        tx.service(&mut da.lock())?;
+        if rx.service(&mut db.lock(), sim.now())? {
+            break;
+        }
+        idle = if moved { 0 } else { idle + 1 };
+        if idle > 100_000 {
+            return Err(other(format!(
+                "{} bulk transfer stalled at {} bytes",
+                mode.name(),
+                rx.received
+            )));
+        }
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    let received = rx.received;
+    let copies = mem_b
+        .stats()
+        .snapshot()
+        .since(&before)
+        .rx_copies_per_byte(received);
+    let (stalls, placed_nic) = sim.with_host(1, |h| {
+        h.nic
+            .offload_state(cb)
+            .map(|(_, _, s)| (s.stalls, s.placed_bytes))
+            .unwrap_or((0, 0))
+    });
+    let info = db.lock().conn_info(cb).map_err(|e| other(e.to_string()))?;
+    let anon_high = db.lock().anon_high_water_bytes() as u64;
+    // finish the exchange cleanly: both sides closed, every send acknowledged
+    db.lock().close(cb).map_err(|e| other(e.to_string()))?;
+    sim.run_until(1_000_000, || tx.service(&mut da.lock()).unwrap_or(true))?;
+    tx.finish(&da.lock());
+    if received != o.bytes {
+        return Err(other(format!(
+            "{}: received {received} of {} bytes",
+            mode.name(),
+            o.bytes
+        )));
+    }
+    Ok(Bulk {
+        seconds,
+        digest: rx.digest(),
+        copies,
+        stalls,
+        acks: info.rx.acks_sent,
+        anon_high,
+        copy_high: info.rx.copy_buffer_high_water_bytes,
+        placed: placed_nic.max(info.rx.placed_bytes),
+    })
+}
+
+fn toe_rr(mode: Mode, o: &DemoOptions) -> io::Result<Vec<f64>> {
+    let settings = settings_for(mode, &o.settings);
+    let (sim, ca, cb) = connected_pair(&settings, o.seed, 5002)?;
+    let (da, db) = (sim.driver(0), sim.driver(1));
+    // Named buffers for request/response: push mode, larger than W so the NIC places them.
+    let named_len = (settings.indicate_window_bytes as usize + 4096).max(o.named_buf_bytes / 4);
+    let mut srv = Receiver::new(mode, &mut db.lock(), sim.now(), cb, 1, named_len, true)?;
+    let mut cli = Receiver::new(mode, &mut da.lock(), sim.now(), ca, 1, named_len, true)?;
+    let size = o.rr_bytes;
+    let mut lat = Vec::with_capacity(o.rr_iters);
+    let send = |d: &mut Driver, conn: ConnId| -> io::Result<()> {
+        while let Some((b, _)) = d.take_send_done(conn).map_err(|e| other(e.to_string()))? {
+            d.free(b);
+        }
+        let mut b = d.alloc(size).map_err(|e| other(e.to_string()))?;
+        d.memory().clone().slice_mut(&mut b).fill(0x5A);
+        d.send(conn, b, size)
+            .map_err(|r| other(r.error.to_string()))
+    };
+    for i in 0..o.rr_iters {
+        let t = WallInstant::now();
+        send(&mut da.lock(), ca)?;
+        let want = (i as u64 + 1) * size as u64;
+        let mut answered = false;
+        for _ in 0..1_000_000 {
+            sim.step_or_idle()?;
+            let now = sim.now();
+            {
+                let mut d = db.lock();
+                let before = srv.received;
+                srv.service(&mut d, now)?;
+                if srv.received > before && srv.received >= want && !answered {
+                    send(&mut d, cb)?;
+                    answered = true;
+                }
+            }
+            cli.service(&mut da.lock(), now)?;
+            if cli.received >= want {
+                break;
+            }
+        }
+        if cli.received < want {
+            return Err(other(format!(
+                "{} request/response {i} stalled",
+                mode.name()
+            )));
+        }
+        lat.push(t.elapsed().as_secs_f64() * 1e6);
+        let _ = da.lock().take_event();
+        while db.lock().take_event().is_some() {}
+        while da.lock().take_event().is_some() {}
+    }
+    Ok(lat)
+}
+
+/// Run the demo; `progress` hears a line per finished phase.
+pub fn run_demo(o: &DemoOptions, mut progress: impl FnMut(&str)) -> io::Result<Vec<RunReport>> {
+    let expected = DataGen::digest(o.seed, o.bytes);
+    let mut runs = Vec::new();
+    for &mode in &o.modes {
+        let report = if mode == Mode::SmoltcpBare {
+            let mut pair = BarePair::new(&o.settings, o.seed);
+            let (elapsed, digest) = pair.bulk(o.bytes, o.seed)?;
+            let mut pair = BarePair::new(&o.settings, o.seed);
+            let lat = pair.request_response(o.rr_iters, o.rr_bytes)?;
+            let seconds = elapsed.as_secs_f64();
+            RunReport {
+                mode: mode.name(),
+                bytes: o.bytes,
+                seconds,
+                throughput_bytes_per_s: o.bytes as f64 / seconds,
+                host_copies_per_byte: 0.0,
+                indicate_stalls: 0,
+                indicate_acks: 0,
+                anon_pool_high_water_bytes: 0,
+                copy_buffer_high_water_bytes: 0,
+                direct_placed_bytes: 0,
+                rr_latency_us: latency(lat),
+                integrity_ok: digest == expected,
+            }
+        } else {
+            let b = toe_bulk(mode, o)?;
+            let lat = toe_rr(mode, o)?;
+            RunReport {
+                mode: mode.name(),
+                bytes: o.bytes,
+                seconds: b.seconds,
+                throughput_bytes_per_s: o.bytes as f64 / b.seconds,
+                host_copies_per_byte: b.copies,
+                indicate_stalls: b.stalls,
+                indicate_acks: b.acks,
+                anon_pool_high_water_bytes: b.anon_high,
+                copy_buffer_high_water_bytes: b.copy_high,
+                direct_placed_bytes: b.placed,
+                rr_latency_us: latency(lat),
+                integrity_ok: b.digest == expected,
+            }
+        };
+        progress(&format!(
+            "{:<16} {:>8.1} MB/s  copies/byte {:.2}  rr p50 {:.1} us  integrity {}",
+            report.mode,
+            report.throughput_bytes_per_s / 1e6,
+            report.host_copies_per_byte,
+            report.rr_latency_us.p50,
+            if report.integrity_ok { "ok" } else { "FAILED" }
+        ));
+        runs.push(report);
+    }
+    Ok(runs)
+}
+
+/// A readable table of `runs`, with throughput also as a ratio to the bare-smoltcp run.
+pub fn table(runs: &[RunReport]) -> String {
+    let bare = runs
+        .iter()
+        .find(|r| r.mode == Mode::SmoltcpBare.name())
+        .map(|r| r.throughput_bytes_per_s);
+    let mut s = format!(
+        "{:<16} {:>10} {:>9} {:>10} {:>8} {:>8} {:>12} {:>9} {:>9} {:>9}\n",
+        "mode",
+        "MB/s",
+        "vs bare",
+        "copies/B",
+        "stalls",
+        "acks",
+        "anon-hw KiB",
+        "rr p50us",
+        "rr p99us",
+        "integrity"
+    );
+    for r in runs {
+        let ratio = bare
+            .map(|b| format!("{:.2}x", r.throughput_bytes_per_s / b))
+            .unwrap_or_else(|| "-".into());
+        s.push_str(&format!(
+            "{:<16} {:>10.1} {:>9} {:>10.2} {:>8} {:>8} {:>12} {:>9.1} {:>9.1} {:>9}\n",
+            r.mode,
+            r.throughput_bytes_per_s / 1e6,
+            ratio,
+            r.host_copies_per_byte,
+            r.indicate_stalls,
+            r.indicate_acks,
+            r.anon_pool_high_water_bytes
+                .max(r.copy_buffer_high_water_bytes)
+                / 1024,
+            r.rr_latency_us.p50,
+            r.rr_latency_us.p99,
+            if r.integrity_ok { "ok" } else { "FAILED" }
+        ));
+    }
+    s
+}

@@ -1,0 +1,160 @@
+//! `cargo xtask`: project automation for toemu, with nothing but the standard library.
+//!
+//! - `cargo xtask ci`: every gate CI runs, in order, stopping at the first failure: rustfmt
+//!   check, clippy with warnings denied, rustdoc with warnings denied, release-mode tests.
+//! - `cargo xtask test`: only the test step (`cargo test --workspace --release`).
+//!
+//! Tests run in release mode because the integration tests move hundreds of MiB.
+
+use std::env;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+/// One gate: a cargo invocation with optional extra environment.
+struct Step {
+    /// Short name for progress and failure messages.
+    name: &'static str,
+    /// Arguments after `cargo`.
+    args: &'static [&'static str],
+    /// Extra environment variables.
+    env: &'static [(&'static str, &'static str)],
+}
+
+/// `cargo fmt --all -- --check`.
+const FMT: Step = Step {
+    name: "fmt",
+    args: &["fmt", "--all", "--", "--check"],
+    env: &[],
+};
+
+/// `cargo clippy --workspace --all-targets -- -D warnings`.
+const CLIPPY: Step = Step {
+    name: "clippy",
+    args: &[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ],
+    env: &[],
+};
+
+/// `cargo doc --workspace --no-deps` with rustdoc warnings denied.
+const DOC: Step = Step {
+    name: "doc",
+    args: &["doc", "--workspace", "--no-deps"],
+    env: &[("RUSTDOCFLAGS", "-D warnings")],
+};
+
+/// `cargo test --workspace --release`.
+const TEST: Step = Step {
+    name: "test",
+    args: &["test", "--workspace", "--release"],
+    env: &[],
+};
+
+/// The gates of `cargo xtask ci`, in order.
+const CI: &[&Step] = &[&FMT, &CLIPPY, &DOC, &TEST];
+
+const USAGE: &str = "\
+usage: cargo xtask <task>
+
+tasks:
+  ci     run every CI gate in order, stopping at the first failure:
+           cargo fmt --all -- --check
+           cargo clippy --workspace --all-targets -- -D warnings
+           RUSTDOCFLAGS=\"-D warnings\" cargo doc --workspace --no-deps
+           cargo test --workspace --release
+  test   run only the tests: cargo test --workspace --release
+  help   print this message";
+
+/// The workspace root: the parent of this crate's manifest directory.
+fn workspace_root() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().unwrap_or(manifest).to_path_buf()
+}
+
+/// The cargo that runs us (`$CARGO`), or `cargo` from `PATH`.
+fn cargo() -> OsString {
+    env::var_os("CARGO").unwrap_or_else(|| "cargo".into())
+}
+
+/// Runs `step` in the workspace root; `Err` carries a message naming the failed step.
+fn run(step: &Step, root: &Path) -> Result<(), String> {
+    let shown: Vec<String> = step
+        .env
+        .iter()
+        .map(|(k, v)| format!("{k}={v:?}"))
+        .chain(std::iter::once("cargo".to_string()))
+        .chain(step.args.iter().map(|a| a.to_string()))
+        .collect();
+    let shown = shown.join(" ");
+    eprintln!("xtask: [{}] {shown}", step.name);
+    let started = Instant::now();
+    let status = Command::new(cargo())
+        .args(step.args)
+        .envs(step.env.iter().copied())
+        .current_dir(root)
+        .status()
+        .map_err(|e| format!("step `{}` could not start ({shown}): {e}", step.name))?;
+    if status.success() {
+        eprintln!(
+            "xtask: [{}] ok ({:.1} s)",
+            step.name,
+            started.elapsed().as_secs_f64()
+        );
+        Ok(())
+    } else {
+        let how = status.code().map_or_else(
+            || "was killed by a signal".to_string(),
+            |c| format!("exited with status {c}"),
+        );
+        Err(format!("step `{}` FAILED: `{shown}` {how}", step.name))
+    }
+}
+
+/// Runs `steps` in order, stopping at the first failure.
+fn run_all(steps: &[&Step]) -> Result<(), String> {
+    let root = workspace_root();
+    let started = Instant::now();
+    for step in steps {
+        run(step, &root)?;
+    }
+    let names: Vec<&str> = steps.iter().map(|s| s.name).collect();
+    eprintln!(
+        "xtask: all steps passed ({}) in {:.1} s",
+        names.join(", "),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = env::args().skip(1).collect();
+    let result = match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        ["ci"] => run_all(CI),
+        ["test"] => run_all(&[&TEST]),
+        ["help"] | ["-h"] | ["--help"] => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        [] => Err(format!("no task given\n\n{USAGE}")),
+        other => Err(format!("unknown task `{}`\n\n{USAGE}", other.join(" "))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -83,6 +83,22 @@ impl Stream {
         Ok(s)
     }
 
+    /// Wait for the next connection accepted on listening `port` of `drv`.
+    pub fn accept(drv: SharedDriver, port: u16, waiter: Arc<dyn Waiter>) -> io::Result<Self> {
+        loop {
+            let deadline = {
+                let mut d = drv.lock();
+                d.poll(waiter.now());
+                if let Some(conn) = d.accept(port) {
+                    drop(d);
+                    return Ok(Stream::new(drv, conn, waiter));
+                }
+                d.poll_at()
+            };
+            waiter.wait(deadline)?;
+        }
+    }
+
     /// The connection id.
     pub fn conn(&self) -> ConnId {
         self.conn

@@ -111,6 +111,7 @@ struct NicConn {
     closed_local: bool,
     aborted: bool,
     eof_sent: bool,
+    fin_seen: bool,
 }
 
 #[derive(Debug)]
@@ -271,6 +272,10 @@ impl<P: Phy> Nic<P> {
     /// A clone of the command ring's receiver, for runtimes that sleep until there is work.
     pub fn command_waitable(&self) -> crossbeam_channel::Receiver<Command> {
         self.bus.command_receiver().clone()
+    }
+    /// Local TCP port of an established connection.
+    pub fn local_port(&self, conn: ConnId) -> Option<u16> {
+        self.conns.get(&conn)?.flow.map(|k| k.local_port)
     }
     /// Offloaded connections.
     pub fn conn_count(&self) -> usize {
@@ -463,6 +468,7 @@ impl<P: Phy> Nic<P> {
             closed_local: false,
             aborted: false,
             eof_sent: false,
+            fin_seen: false,
         }
     }
 
@@ -722,8 +728,20 @@ impl<P: Phy> Nic<P> {
             moved = true;
         }
 
-        // Teardown.
-        let finished = matches!(sock.state(), tcp::State::Closed | tcp::State::TimeWait);
+        // Teardown. A peer that sent FIN may still have data of ours in the stack (delivery
+        // suspended at W): the context lives until that data and the EOF are delivered. A
+        // socket that closed without FIN was reset (or aborted): its data is discarded, as
+        // TCP's RST semantics require.
+        let state = sock.state();
+        c.fin_seen |= matches!(
+            state,
+            tcp::State::CloseWait
+                | tcp::State::LastAck
+                | tcp::State::Closing
+                | tcp::State::TimeWait
+        );
+        let finished = matches!(state, tcp::State::Closed | tcp::State::TimeWait)
+            && (c.eof_sent || !c.fin_seen || c.aborted);
         if finished {
             let reset = !(c.aborted || (c.closed_local && c.eof_sent));
             let why = if reset {

@@ -405,18 +405,29 @@ impl Sender {
 }
 
 /// Bulk-transfer outcome of one TOE mode.
-struct Bulk {
-    seconds: f64,
-    digest: [u8; 32],
-    copies: f64,
-    stalls: u64,
-    acks: u64,
-    anon_high: u64,
-    copy_high: u64,
-    placed: u64,
+#[derive(Debug, Clone)]
+pub struct Bulk {
+    /// Wall-clock seconds from the first byte offered to the receiver's end of stream.
+    pub seconds: f64,
+    /// SHA-256 the receiver computed.
+    pub digest: [u8; 32],
+    /// Receiver's host copies per received byte.
+    pub copies: f64,
+    /// NIC suspensions at P == W.
+    pub stalls: u64,
+    /// IndicateAcknowledge commands sent by the receiving driver.
+    pub acks: u64,
+    /// Anonymous-buffer high water of the receiving driver, in bytes.
+    pub anon_high: u64,
+    /// `unbounded-copy` socket-buffer high water, in bytes.
+    pub copy_high: u64,
+    /// Bytes the NIC placed directly into named buffers.
+    pub placed: u64,
 }
 
-fn toe_bulk(mode: Mode, o: &DemoOptions) -> io::Result<Bulk> {
+/// One bulk transfer of `o.bytes` from host 0 to host 1 in `mode` (not `smoltcp-bare`), on
+/// the virtual clock. Errors if the transfer stalls or loses bytes.
+pub fn toe_bulk(mode: Mode, o: &DemoOptions) -> io::Result<Bulk> {
     let settings = settings_for(mode, &o.settings);
     let (sim, ca, cb) = connected_pair(&settings, o.seed, 5001)?;
     let (da, db) = (sim.driver(0), sim.driver(1));

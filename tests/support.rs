@@ -1,0 +1,117 @@
+//! Helpers shared by the integration tests: host pairs with custom phys, and phy middleware
+//! that rewrites, injects or corrupts frames.
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use smoltcp::wire::{
+    EthernetFrame, EthernetProtocol, IpAddress, IpProtocol, Ipv4Packet, TcpPacket,
+};
+use toe_bus::ConnId;
+use toe_nic::{Frame, Phy};
+use toemu::config::Settings;
+use toemu::runtime::{test_nic, BoxPhy, Host, Sim};
+
+/// Two hosts (10.0.0.1 and 10.0.0.2) on the given phys, host 1 listening on `port` and host 0
+/// connected to it: (sim, client conn on host 0, server conn on host 1).
+pub fn pair_on(
+    settings: &Settings,
+    seed: u64,
+    port: u16,
+    pa: BoxPhy,
+    pb: BoxPhy,
+) -> io::Result<(Sim, ConnId, ConnId)> {
+    let now = toe_bus::time::Instant::from_micros(0);
+    let a = Host::new("a", settings, test_nic(0, seed), pa, now).map_err(io::Error::other)?;
+    let b = Host::new("b", settings, test_nic(1, seed), pb, now).map_err(io::Error::other)?;
+    let sim = Sim::new(vec![a, b]);
+    let (da, db) = (sim.driver(0), sim.driver(1));
+    db.lock().listen(port, 4, None).map_err(io::Error::other)?;
+    let remote = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 2), port);
+    let ca = da
+        .lock()
+        .connect(remote, 0, None)
+        .map_err(io::Error::other)?;
+    let mut cb = None;
+    sim.run_until(100_000, || {
+        if cb.is_none() {
+            cb = db.lock().accept(port);
+        }
+        cb.is_some() && da.lock().state(ca).ok() == Some(toe_driver::ConnState::Established)
+    })?;
+    Ok((sim, ca, cb.expect("accepted")))
+}
+
+/// Apply `f` to the TCP header of an IPv4/TCP frame and fix the checksum.
+pub fn rewrite_tcp(frame: &mut [u8], f: impl FnOnce(&mut TcpPacket<&mut [u8]>)) -> bool {
+    let Ok(mut eth) = EthernetFrame::new_checked(&mut frame[..]) else {
+        return false;
+    };
+    if eth.ethertype() != EthernetProtocol::Ipv4 {
+        return false;
+    }
+    let Ok(mut ip) = Ipv4Packet::new_checked(eth.payload_mut()) else {
+        return false;
+    };
+    if ip.next_header() != IpProtocol::Tcp {
+        return false;
+    }
+    let (src, dst) = (ip.src_addr(), ip.dst_addr());
+    let Ok(mut tcp) = TcpPacket::new_checked(ip.payload_mut()) else {
+        return false;
+    };
+    f(&mut tcp);
+    tcp.fill_checksum(&IpAddress::Ipv4(src), &IpAddress::Ipv4(dst));
+    true
+}
+
+/// Phy middleware: frames are rewritten by `on_rx` on the way in; frames queued in `inject`
+/// are received before the port's own.
+pub struct Middle<P> {
+    /// The wrapped port.
+    pub inner: P,
+    /// Frames to receive next (shared with the test).
+    pub inject: Arc<Mutex<VecDeque<Frame>>>,
+    /// Received-frame rewriter: returns false to drop the frame.
+    pub on_rx: Box<dyn FnMut(&mut Frame) -> bool + Send>,
+}
+
+impl<P: Phy> Middle<P> {
+    /// Wrap `inner` with a receive rewriter.
+    pub fn new(inner: P, on_rx: impl FnMut(&mut Frame) -> bool + Send + 'static) -> Self {
+        Middle {
+            inner,
+            inject: Arc::new(Mutex::new(VecDeque::new())),
+            on_rx: Box::new(on_rx),
+        }
+    }
+}
+
+impl<P: Phy> Phy for Middle<P> {
+    fn recv(&mut self) -> Option<Frame> {
+        if let Some(f) = self.inject.lock().pop_front() {
+            return Some(f);
+        }
+        loop {
+            let mut f = self.inner.recv()?;
+            if (self.on_rx)(&mut f) {
+                return Some(f);
+            }
+        }
+    }
+    fn send(&mut self, frame: Frame) -> Result<(), Frame> {
+        self.inner.send(frame)
+    }
+    fn can_send(&self) -> bool {
+        self.inner.can_send()
+    }
+}
+
+/// Receive rewriter that clears TCP PSH on every segment (a sender that never pushes).
+pub fn strip_psh(frame: &mut Frame) -> bool {
+    rewrite_tcp(frame, |t| t.set_psh(false));
+    true
+}

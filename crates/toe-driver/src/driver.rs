@@ -616,12 +616,16 @@ impl Driver {
             self.stats.events += 1;
             self.event(now, e);
         }
-        let due: Vec<ConnId> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| c.rx.poll_at().is_some_and(|t| t <= now))
-            .map(|(id, _)| *id)
-            .collect();
+        let is_due = |c: &DConn| c.rx.poll_at().is_some_and(|t| t <= now);
+        let due: Vec<ConnId> = if self.conns.values().any(is_due) {
+            self.conns
+                .iter()
+                .filter(|(_, c)| is_due(c))
+                .map(|(id, _)| *id)
+                .collect()
+        } else {
+            Vec::new()
+        };
         for id in due {
             let mut out = Outputs::default();
             if let Some(c) = self.conns.get_mut(&id) {

@@ -136,6 +136,7 @@ pub struct Nic<P: Phy> {
     next_passive: u32,
     next_port: u16,
     stats: NicStats,
+    scratch_ids: Vec<ConnId>,
 }
 
 impl<P: Phy> std::fmt::Debug for Nic<P> {
@@ -230,6 +231,7 @@ impl<P: Phy> Nic<P> {
             out: VecDeque::new(),
             next_passive: 0,
             stats: NicStats::default(),
+            scratch_ids: Vec::new(),
         }
     }
 
@@ -533,6 +535,19 @@ impl<P: Phy> Nic<P> {
 
     /// Promote listener sockets that completed a handshake; returns true if any did.
     fn accept_listeners(&mut self) -> bool {
+        // Fast path (every poll): nothing left the Listen / SYN-RECEIVED states.
+        let sockets = &self.sockets;
+        let any = self.listeners.values().any(|l| {
+            l.sockets.iter().any(|&h| {
+                !matches!(
+                    sockets.get::<tcp::Socket<'_>>(h).state(),
+                    tcp::State::Listen | tcp::State::SynReceived
+                )
+            })
+        });
+        if !any {
+            return false;
+        }
         let mut moved = false;
         let ports: Vec<u16> = self.listeners.keys().copied().collect();
         for port in ports {
@@ -571,15 +586,18 @@ impl<P: Phy> Nic<P> {
     /// Move data for every connection; returns true if bytes moved or states changed.
     fn service(&mut self, _now: Instant) -> bool {
         let mut moved = self.accept_listeners();
-        let ids: Vec<ConnId> = self.conns.keys().copied().collect();
+        let mut ids = std::mem::take(&mut self.scratch_ids);
+        ids.clear();
+        ids.extend(self.conns.keys().copied());
         let mut gone = Vec::new();
-        for id in ids {
+        for &id in &ids {
             let (m, finished) = self.service_conn(id);
             moved |= m;
             if finished {
                 gone.push(id);
             }
         }
+        self.scratch_ids = ids;
         for id in gone {
             if let Some(c) = self.conns.remove(&id) {
                 self.sockets.remove(c.handle);

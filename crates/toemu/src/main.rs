@@ -48,6 +48,16 @@ enum Cmd {
         /// Write the results as JSON to this path.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Size of each named buffer the named-buffer receiver keeps posted (must exceed W
+        /// for direct placement).
+        #[arg(long, default_value = "512KiB")]
+        named_buf: String,
+        /// Named buffers kept posted.
+        #[arg(long, default_value_t = 4)]
+        named_bufs: usize,
+        /// Bulk runs per mode; modes alternate run by run and the median is reported.
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
     },
 }
 
@@ -74,7 +84,15 @@ fn run(cli: Cli) -> Result<(), String> {
             modes,
             seed,
             json,
+            named_buf,
+            named_bufs,
+            repeat,
         } => {
+            let named_buf_bytes =
+                parse_size(&named_buf).map_err(|e| format!("--named-buf: {e}"))? as usize;
+            if named_buf_bytes == 0 || named_bufs == 0 || repeat == 0 {
+                return Err("--named-buf, --named-bufs and --repeat must be at least 1".into());
+            }
             let bytes = parse_size(&bytes).map_err(|e| format!("--bytes: {e}"))?;
             if bytes == 0 {
                 return Err("--bytes: must be at least 1".into());
@@ -93,6 +111,9 @@ fn run(cli: Cli) -> Result<(), String> {
                 settings: settings.clone(),
                 seed,
                 modes,
+                named_buf_bytes,
+                named_bufs,
+                repeat,
                 ..DemoOptions::default()
             };
             eprintln!(
@@ -111,6 +132,9 @@ fn run(cli: Cli) -> Result<(), String> {
                         "socket_buf_bytes": settings.socket_buf_bytes,
                         "anon_buf_bytes": settings.anon_buf_bytes,
                         "rr_iters": rr_iters,
+                        "repeat": repeat,
+                        "named_buf_bytes": named_buf_bytes,
+                        "named_bufs": named_bufs,
                         "seed": seed,
                         "clock": "virtual (single thread); seconds and latencies are wall-clock",
                         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),

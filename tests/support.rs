@@ -7,6 +7,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
+use smoltcp::time::Instant;
 use smoltcp::wire::{
     EthernetFrame, EthernetProtocol, IpAddress, IpProtocol, Ipv4Packet, TcpPacket,
 };
@@ -91,19 +92,22 @@ impl<P: Phy> Middle<P> {
 }
 
 impl<P: Phy> Phy for Middle<P> {
-    fn recv(&mut self) -> Option<Frame> {
+    fn recv(&mut self, now: Instant) -> Option<Frame> {
         if let Some(f) = self.inject.lock().pop_front() {
             return Some(f);
         }
         loop {
-            let mut f = self.inner.recv()?;
+            let mut f = self.inner.recv(now)?;
             if (self.on_rx)(&mut f) {
                 return Some(f);
             }
         }
     }
-    fn send(&mut self, frame: Frame) -> Result<(), Frame> {
-        self.inner.send(frame)
+    fn send(&mut self, now: Instant, frame: Frame) -> Result<(), Frame> {
+        self.inner.send(now, frame)
+    }
+    fn poll_at(&self) -> Option<Instant> {
+        self.inner.poll_at()
     }
     fn can_send(&self) -> bool {
         self.inner.can_send()

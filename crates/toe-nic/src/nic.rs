@@ -290,7 +290,11 @@ impl<P: Phy> Nic<P> {
         if !self.out.is_empty() || self.bus.staged() > 0 {
             return Some(now);
         }
-        self.iface.poll_at(now, &self.sockets)
+        let phy = self.dev.phy().poll_at();
+        match (self.iface.poll_at(now, &self.sockets), phy) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Run the NIC once at `now`. Returns true if anything happened.

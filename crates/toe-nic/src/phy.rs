@@ -20,12 +20,13 @@ use smoltcp::wire::{
 /// One Ethernet frame.
 pub type Frame = Vec<u8>;
 
-/// A frame port.
+/// A frame port. Time comes in as an argument (virtual or real), so that middleware such as
+/// an impairment model can hold frames and release them later, reproducibly.
 pub trait Phy {
-    /// Next received frame, if any.
-    fn recv(&mut self) -> Option<Frame>;
-    /// Send a frame; gives it back if the port cannot take it now.
-    fn send(&mut self, frame: Frame) -> Result<(), Frame>;
+    /// Next received frame due at `now`, if any.
+    fn recv(&mut self, now: Instant) -> Option<Frame>;
+    /// Send a frame at `now`; gives it back if the port cannot take it now.
+    fn send(&mut self, now: Instant, frame: Frame) -> Result<(), Frame>;
     /// Whether a send would be accepted now.
     fn can_send(&self) -> bool;
     /// A channel that becomes ready when a frame arrives, for runtimes that sleep until
@@ -33,14 +34,22 @@ pub trait Phy {
     fn waitable(&self) -> Option<Receiver<Frame>> {
         None
     }
+    /// The earliest time a frame this port holds becomes deliverable (middleware that delays
+    /// frames); `None` if it holds none.
+    fn poll_at(&self) -> Option<Instant> {
+        None
+    }
 }
 
 impl<P: Phy + ?Sized> Phy for Box<P> {
-    fn recv(&mut self) -> Option<Frame> {
-        (**self).recv()
+    fn recv(&mut self, now: Instant) -> Option<Frame> {
+        (**self).recv(now)
     }
-    fn send(&mut self, frame: Frame) -> Result<(), Frame> {
-        (**self).send(frame)
+    fn send(&mut self, now: Instant, frame: Frame) -> Result<(), Frame> {
+        (**self).send(now, frame)
+    }
+    fn poll_at(&self) -> Option<Instant> {
+        (**self).poll_at()
     }
     fn can_send(&self) -> bool {
         (**self).can_send()
@@ -75,10 +84,10 @@ pub fn wire(depth: usize) -> (WirePort, WirePort) {
 }
 
 impl Phy for WirePort {
-    fn recv(&mut self) -> Option<Frame> {
+    fn recv(&mut self, _now: Instant) -> Option<Frame> {
         self.rx.try_recv().ok()
     }
-    fn send(&mut self, frame: Frame) -> Result<(), Frame> {
+    fn send(&mut self, _now: Instant, frame: Frame) -> Result<(), Frame> {
         match self.tx.try_send(frame) {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(f)) => Err(f),
@@ -267,6 +276,7 @@ pub struct RxTok(Frame);
 pub struct TxTok<'a, P: Phy> {
     phy: &'a mut P,
     stats: &'a mut PhyStats,
+    now: Instant,
 }
 
 impl phy::RxToken for RxTok {
@@ -281,7 +291,7 @@ impl<P: Phy> phy::TxToken for TxTok<'_, P> {
         let r = f(&mut frame);
         self.stats.tx_frames += 1;
         self.stats.tx_bytes += len as u64;
-        if self.phy.send(frame).is_err() {
+        if self.phy.send(self.now, frame).is_err() {
             // `transmit` checked `can_send`; a port that still refuses loses the frame, as a
             // full hardware queue would. TCP retransmits.
             self.stats.tx_busy += 1;
@@ -300,13 +310,13 @@ impl<P: Phy> phy::Device for NicDevice<P> {
     where
         Self: 'a;
 
-    fn receive(&mut self, _ts: Instant) -> Option<(RxTok, TxTok<'_, P>)> {
+    fn receive(&mut self, ts: Instant) -> Option<(RxTok, TxTok<'_, P>)> {
         if !self.phy.can_send() {
             self.stats.tx_busy += 1;
             return None;
         }
         let frame = loop {
-            let frame = self.phy.recv()?;
+            let frame = self.phy.recv(ts)?;
             self.stats.rx_frames += 1;
             self.stats.rx_bytes += frame.len() as u64;
             if !self.tap || self.inspect(&frame) {
@@ -318,11 +328,12 @@ impl<P: Phy> phy::Device for NicDevice<P> {
             TxTok {
                 phy: &mut self.phy,
                 stats: &mut self.stats,
+                now: ts,
             },
         ))
     }
 
-    fn transmit(&mut self, _ts: Instant) -> Option<TxTok<'_, P>> {
+    fn transmit(&mut self, ts: Instant) -> Option<TxTok<'_, P>> {
         if !self.phy.can_send() {
             self.stats.tx_busy += 1;
             return None;
@@ -330,6 +341,7 @@ impl<P: Phy> phy::Device for NicDevice<P> {
         Some(TxTok {
             phy: &mut self.phy,
             stats: &mut self.stats,
+            now: ts,
         })
     }
 

@@ -12,7 +12,7 @@ use smoltcp::socket::tcp;
 use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{IpAddress, IpEndpoint};
 use toe_nic::nic::{make_interface, make_socket};
-use toe_nic::{wire, NicConfig, NicDevice, WirePort};
+use toe_nic::{wire, NicConfig, NicDevice, Phy, WirePort};
 
 use crate::config::Settings;
 use crate::datagen::DataGen;
@@ -123,7 +123,13 @@ impl BarePair {
         let next = self
             .hosts
             .iter_mut()
-            .filter_map(|h| h.iface.poll_at(now, &h.sockets))
+            .filter_map(|h| {
+                let phy = h.dev.phy().poll_at();
+                match (h.iface.poll_at(now, &h.sockets), phy) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+            })
             .min();
         match next {
             Some(t) => {

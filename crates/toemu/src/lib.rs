@@ -7,9 +7,12 @@
 //! - [`bare`]: the bare-smoltcp baseline on the same wire.
 //! - [`demo`]: the `toemu demo` experiment (bulk transfers and request/response per policy).
 //! - [`datagen`]: deterministic payload and its SHA-256.
+//! - [`tap`]: the TAP backend; [`serve`]: running the example apps on a host.
 
 pub mod bare;
 pub mod config;
-pub mod datagen;
+pub use toemu_apps::datagen;
 pub mod demo;
 pub mod runtime;
+pub mod serve;
+pub mod tap;

@@ -27,8 +27,113 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// Where an emulated host lives on a TAP device.
+#[derive(clap::Args, Debug)]
+struct TapArgs {
+    /// TAP device to open or create (in the current network namespace).
+    #[arg(long)]
+    tap: String,
+    /// The emulated host's address and prefix, e.g. 10.99.0.2/24.
+    #[arg(long)]
+    ip: String,
+    /// Default gateway of the emulated host.
+    #[arg(long)]
+    gateway: Option<std::net::Ipv4Addr>,
+    /// Seed of the emulated stack (ISNs, ephemeral ports).
+    #[arg(long, default_value_t = 1)]
+    stack_seed: u64,
+    /// Stop after this many seconds (default: run until killed, or until a client is done).
+    #[arg(long)]
+    max_seconds: Option<f64>,
+}
+
+/// How the app receives.
+#[derive(clap::Args, Debug)]
+struct RxArgs {
+    /// Keep named buffers of this size posted (larger than W for direct placement); without
+    /// it the app accepts indicated data in place.
+    #[arg(long, value_name = "SIZE")]
+    named_buf: Option<String>,
+    /// Named buffers kept posted per connection.
+    #[arg(long, default_value_t = 2)]
+    named_bufs: usize,
+    /// Push mode for named buffers (returned early on TCP PSH or by the push timer).
+    #[arg(long)]
+    push: bool,
+}
+
+impl RxArgs {
+    fn mode(&self) -> Result<toemu_apps::RxMode, String> {
+        Ok(match &self.named_buf {
+            None => toemu_apps::RxMode::InPlace,
+            Some(s) => toemu_apps::RxMode::Named {
+                buf_bytes: parse_size(s).map_err(|e| format!("--named-buf: {e}"))? as usize,
+                bufs: self.named_bufs.max(1),
+                push: self.push,
+            },
+        })
+    }
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum AppKind {
+    Echo,
+    Http,
+    Sink,
+}
+
 #[derive(Subcommand, Debug)]
 enum Cmd {
+    /// Run a socket app (echo, http, sink) on an emulated TOE host bound to a TAP device.
+    Serve {
+        #[command(flatten)]
+        tap: TapArgs,
+        /// The app.
+        #[arg(long, value_enum)]
+        app: AppKind,
+        /// Listening port (default: echo 7, http 80, sink 9).
+        #[arg(long)]
+        port: Option<u16>,
+        /// http: serve files from this directory (besides /bytes/N).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// sink: consume at most this many bytes per second (a slow application).
+        #[arg(long, value_name = "SIZE")]
+        rate: Option<String>,
+        #[command(flatten)]
+        rx: RxArgs,
+    },
+    /// Send N bytes of the seeded stream from an emulated host on a TAP device to ADDR:PORT.
+    Send {
+        #[command(flatten)]
+        tap: TapArgs,
+        /// Destination.
+        #[arg(long)]
+        to: std::net::SocketAddrV4,
+        /// Bytes to send.
+        #[arg(long)]
+        bytes: String,
+        /// Seed of the stream.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// HTTP GET of http://IPv4[:port]/path from an emulated host on a TAP device.
+    Get {
+        #[command(flatten)]
+        tap: TapArgs,
+        /// The URL.
+        url: String,
+    },
+    /// Write N bytes of the seeded stream to stdout (what `/bytes/N` serves with seed 0, and
+    /// what `send` sends).
+    Gen {
+        /// Bytes.
+        #[arg(long)]
+        bytes: String,
+        /// Seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Two emulated hosts on the in-memory wire: bulk transfer with a SHA-256 check and
     /// 64-byte request/response per receive mode, plus the bare-smoltcp baseline.
     Demo {
@@ -75,9 +180,101 @@ fn settings(cli: &Cli) -> Result<Settings, String> {
     Settings::load(cli.config.as_deref(), std::env::vars(), &overrides).map_err(|e| e.to_string())
 }
 
+fn run_on_tap(
+    settings: &Settings,
+    tap: &TapArgs,
+    app: &mut dyn toemu_apps::App,
+) -> Result<(), String> {
+    let (ip, prefix) = toemu::serve::parse_cidr(&tap.ip)?;
+    let phy = toemu::tap::TapPhy::open(&tap.tap, 8192).map_err(|e| e.to_string())?;
+    let nic = toemu::serve::nic_for(ip, prefix, tap.gateway, tap.stack_seed);
+    let max = tap.max_seconds.map(std::time::Duration::from_secs_f64);
+    eprintln!(
+        "toemu: {} on {} at {}/{} (policy {}, W = {} bytes)",
+        app.name(),
+        tap.tap,
+        ip,
+        prefix,
+        settings.policy,
+        settings.indicate_window_bytes
+    );
+    toemu::serve::run_app_realtime(settings, nic, Box::new(phy), app, max)
+        .map_err(|e| e.to_string())
+}
+
 fn run(cli: Cli) -> Result<(), String> {
     let settings = settings(&cli)?;
     match cli.cmd {
+        Cmd::Serve {
+            tap,
+            app,
+            port,
+            dir,
+            rate,
+            rx,
+        } => {
+            let mode = rx.mode()?;
+            let rate = rate
+                .map(|r| parse_size(&r).map_err(|e| format!("--rate: {e}")))
+                .transpose()?;
+            let port = port.unwrap_or(match app {
+                AppKind::Echo => 7,
+                AppKind::Http => 80,
+                AppKind::Sink => 9,
+            });
+            let mut app: Box<dyn toemu_apps::App> = match app {
+                AppKind::Echo => Box::new(toemu_apps::echo::Echo::new(port, mode)),
+                AppKind::Http => Box::new(toemu_apps::http::Http::new(port, mode, dir)),
+                AppKind::Sink => Box::new(toemu_apps::sink::Sink::new(port, mode, rate)),
+            };
+            // The app listens through the host's driver: wrap it so the first poll listens.
+            let mut app = Listening {
+                port,
+                inner: app.as_mut(),
+                listening: false,
+            };
+            run_on_tap(&settings, &tap, &mut app)
+        }
+        Cmd::Send {
+            tap,
+            to,
+            bytes,
+            seed,
+        } => {
+            let bytes = parse_size(&bytes).map_err(|e| format!("--bytes: {e}"))?;
+            let mut app = toemu_apps::sink::SendClient::new(to, bytes, seed);
+            run_on_tap(&settings, &tap, &mut app)?;
+            match app.error {
+                Some(e) => Err(e),
+                None if toemu_apps::App::done(&app) => Ok(()),
+                None => Err("send did not finish in time".into()),
+            }
+        }
+        Cmd::Get { tap, url } => {
+            let (to, path) = toemu_apps::http::parse_url(&url)?;
+            let mut app = toemu_apps::http::Get::new(to, path);
+            run_on_tap(&settings, &tap, &mut app)?;
+            match app.error {
+                Some(e) => Err(e),
+                None if toemu_apps::App::done(&app) => Ok(()),
+                None => Err("get did not finish in time".into()),
+            }
+        }
+        Cmd::Gen { bytes, seed } => {
+            use std::io::Write;
+            let bytes = parse_size(&bytes).map_err(|e| format!("--bytes: {e}"))?;
+            let mut g = toemu::datagen::DataGen::new(seed);
+            let mut buf = vec![0u8; 1 << 20];
+            let mut out = std::io::stdout().lock();
+            let mut left = bytes;
+            while left > 0 {
+                let n = left.min(buf.len() as u64) as usize;
+                g.fill(&mut buf[..n]);
+                out.write_all(&buf[..n]).map_err(|e| e.to_string())?;
+                left -= n as u64;
+            }
+            Ok(())
+        }
         Cmd::Demo {
             bytes,
             rr_iters,
@@ -159,5 +356,36 @@ fn main() -> ExitCode {
             eprintln!("toemu: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Makes the host listen on the app's port before the app's first poll.
+struct Listening<'a> {
+    port: u16,
+    inner: &'a mut dyn toemu_apps::App,
+    listening: bool,
+}
+
+impl toemu_apps::App for Listening<'_> {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn poll(
+        &mut self,
+        d: &mut toe_driver::Driver,
+        now: toe_bus::time::Instant,
+    ) -> std::io::Result<bool> {
+        if !self.listening {
+            d.listen(self.port, 64, None)
+                .map_err(|e| std::io::Error::other(format!("listen on {}: {e}", self.port)))?;
+            self.listening = true;
+        }
+        self.inner.poll(d, now)
+    }
+    fn take_log(&mut self) -> Vec<String> {
+        self.inner.take_log()
+    }
+    fn done(&self) -> bool {
+        self.inner.done()
     }
 }

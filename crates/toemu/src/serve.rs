@@ -1,0 +1,135 @@
+//! Running poll-style apps ([`toemu_apps::App`]) on emulated hosts: in real time on any phy
+//! (TAP for `toemu serve`, `send`, `get`), or on the virtual clock against each other.
+
+use std::io;
+use std::io::Write as _;
+use std::net::Ipv4Addr;
+use std::time::Duration as StdDuration;
+
+use toe_nic::NicConfig;
+use toemu_apps::App;
+
+use crate::config::Settings;
+use crate::runtime::{BoxPhy, Host, Sim, Threaded};
+
+/// Parse `A.B.C.D/PREFIX`.
+pub fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8), String> {
+    let (ip, prefix) = s
+        .split_once('/')
+        .ok_or_else(|| format!("{s:?}: expected ADDR/PREFIX, e.g. 10.99.0.2/24"))?;
+    let ip: Ipv4Addr = ip.parse().map_err(|_| format!("{s:?}: bad IPv4 address"))?;
+    let prefix: u8 = prefix
+        .parse()
+        .ok()
+        .filter(|p| (1..=32).contains(p))
+        .ok_or_else(|| format!("{s:?}: prefix must be 1..=32"))?;
+    Ok((ip, prefix))
+}
+
+/// NIC identity for an emulated host at `ip/prefix`: a locally administered MAC derived from
+/// the address (02:54:xx:xx:xx:xx), so several hosts on one segment never collide.
+pub fn nic_for(ip: Ipv4Addr, prefix: u8, gateway: Option<Ipv4Addr>, seed: u64) -> NicConfig {
+    let o = ip.octets();
+    NicConfig {
+        mac: [0x02, 0x54, o[0], o[1], o[2], o[3]],
+        ip,
+        prefix_len: prefix,
+        gateway,
+        seed,
+        ..NicConfig::default()
+    }
+}
+
+/// Run `app` on one host over `phy` in real time until it is done, `max` passes, or an error.
+/// Every log line the app produces is printed to stdout at once (flushed), for scripts.
+pub fn run_app_realtime(
+    settings: &Settings,
+    nic: NicConfig,
+    phy: BoxPhy,
+    app: &mut dyn App,
+    max: Option<StdDuration>,
+) -> io::Result<()> {
+    let host = Host::new(
+        app.name(),
+        settings,
+        nic,
+        phy,
+        toe_bus::time::Instant::from_micros(0),
+    )
+    .map_err(|e| io::Error::other(e.to_string()))?;
+    let rt = Threaded::start(vec![host]);
+    let d = rt.driver(0);
+    let w = rt.waiter(0);
+    let started = std::time::Instant::now();
+    let mut out = io::stdout();
+    loop {
+        let deadline = {
+            let mut g = d.lock();
+            let now = w.now();
+            g.poll(now);
+            let busy = app.poll(&mut g, now)?;
+            g.flush();
+            for line in app.take_log() {
+                writeln!(out, "{line}")?;
+            }
+            out.flush()?;
+            if app.done() {
+                break;
+            }
+            if busy {
+                continue;
+            }
+            g.poll_at()
+        };
+        if max.is_some_and(|m| started.elapsed() >= m) {
+            break;
+        }
+        w.wait(deadline)?;
+    }
+    drop(rt);
+    Ok(())
+}
+
+/// Drive a client app on host 0 and a server app on host 1 of `sim` on the virtual clock
+/// until the client is done (at most `max_steps` steps).
+pub fn run_apps_sim(
+    sim: &Sim,
+    client: &mut dyn App,
+    server: &mut dyn App,
+    max_steps: u64,
+) -> io::Result<Vec<String>> {
+    let (da, db) = (sim.driver(0), sim.driver(1));
+    let mut log = Vec::new();
+    let mut idle = 0u32;
+    for _ in 0..max_steps {
+        let moved = sim.step_or_idle()?;
+        let now = sim.now();
+        let b = server.poll(&mut db.lock(), now)?;
+        let a = client.poll(&mut da.lock(), now)?;
+        log.extend(server.take_log());
+        log.extend(client.take_log());
+        if client.done() {
+            // let the server see the end of the connection too
+            for _ in 0..10_000 {
+                let moved = sim.step_or_idle()?;
+                let busy = server.poll(&mut db.lock(), sim.now())?;
+                log.extend(server.take_log());
+                if !moved && !busy {
+                    break;
+                }
+            }
+            return Ok(log);
+        }
+        idle = if moved || a || b { 0 } else { idle + 1 };
+        if idle > 10_000 {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("apps stalled at {}; log so far: {log:?}", sim.now()),
+            ));
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("client not done within {max_steps} steps; log: {log:?}"),
+    ))
+}

@@ -3,6 +3,7 @@
 //! - `cargo xtask ci`: every gate CI runs, in order, stopping at the first failure: rustfmt
 //!   check, clippy with warnings denied, rustdoc with warnings denied, release-mode tests.
 //! - `cargo xtask test`: only the test step (`cargo test --workspace --release`).
+//! - `cargo xtask tap-test`: (root) real Linux programs against an emulated host on TAP.
 //!
 //! Tests run in release mode because the integration tests move hundreds of MiB.
 
@@ -11,6 +12,8 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Instant;
+
+mod tap_test;
 
 /// One gate: a cargo invocation with optional extra environment.
 struct Step {
@@ -70,6 +73,9 @@ tasks:
            RUSTDOCFLAGS=\"-D warnings\" cargo doc --workspace --no-deps
            cargo test --workspace --release
   test   run only the tests: cargo test --workspace --release
+  tap-test
+         (root) the emulated host on a TAP device in a fresh network namespace, driven by
+         curl, socat, nc, ping and python3 -m http.server; the namespace is always deleted
   help   print this message";
 
 /// The workspace root: the parent of this crate's manifest directory.
@@ -143,6 +149,7 @@ fn main() -> ExitCode {
     {
         ["ci"] => run_all(CI),
         ["test"] => run_all(&[&TEST]),
+        ["tap-test"] => tap_test::run(&workspace_root()),
         ["help"] | ["-h"] | ["--help"] => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;

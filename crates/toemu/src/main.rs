@@ -198,7 +198,15 @@ fn run_on_tap(
         settings.policy,
         settings.indicate_window_bytes
     );
-    toemu::serve::run_app_realtime(settings, nic, Box::new(phy), app, max)
+    static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    // SIGINT/SIGTERM end the run cleanly (final counters printed); a second signal still
+    // kills the process.
+    let _ = ctrlc::set_handler(|| {
+        if STOP.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            std::process::exit(130);
+        }
+    });
+    toemu::serve::run_app_realtime(settings, nic, Box::new(phy), app, max, &STOP)
         .map_err(|e| e.to_string())
 }
 

@@ -40,14 +40,16 @@ pub fn nic_for(ip: Ipv4Addr, prefix: u8, gateway: Option<Ipv4Addr>, seed: u64) -
     }
 }
 
-/// Run `app` on one host over `phy` in real time until it is done, `max` passes, or an error.
-/// Every log line the app produces is printed to stdout at once (flushed), for scripts.
+/// Run `app` on one host over `phy` in real time until it is done, `max` passes, `stop` is
+/// set (e.g. by a SIGTERM handler), or an error. Every log line the app produces is printed to
+/// stdout at once (flushed), for scripts; a final `stats:` line reports the NIC's counters.
 pub fn run_app_realtime(
     settings: &Settings,
     nic: NicConfig,
     phy: BoxPhy,
     app: &mut dyn App,
     max: Option<StdDuration>,
+    stop: &std::sync::atomic::AtomicBool,
 ) -> io::Result<()> {
     let host = Host::new(
         app.name(),
@@ -81,12 +83,24 @@ pub fn run_app_realtime(
             }
             g.poll_at()
         };
-        if max.is_some_and(|m| started.elapsed() >= m) {
+        if max.is_some_and(|m| started.elapsed() >= m)
+            || stop.load(std::sync::atomic::Ordering::Relaxed)
+        {
             break;
         }
         w.wait(deadline)?;
     }
-    drop(rt);
+    let hosts = rt.stop();
+    for h in &hosts {
+        let p = h.nic.phy_stats();
+        let n = h.nic.stats();
+        writeln!(
+            out,
+            "stats: rx_frames {} rx_malformed {} rx_bad_checksum {} tx_frames {} established {} resets {} anon_starved {}",
+            p.rx_frames, p.rx_malformed, p.rx_bad_checksum, p.tx_frames, n.established, n.resets, n.anon_starved
+        )?;
+    }
+    out.flush()?;
     Ok(())
 }
 

@@ -76,6 +76,9 @@ tasks:
   tap-test
          (root) the emulated host on a TAP device in a fresh network namespace, driven by
          curl, socat, nc, ping and python3 -m http.server; the namespace is always deleted
+  tap-bench [BYTES] [ROUNDS]
+         (root) socat into the TOE sink and into a bare-smoltcp sink on the same TAP,
+         alternating rounds (default 1 GiB, 3 rounds); medians and ratios, target/tap-bench.json
   help   print this message";
 
 /// The workspace root: the parent of this crate's manifest directory.
@@ -150,6 +153,20 @@ fn main() -> ExitCode {
         ["ci"] => run_all(CI),
         ["test"] => run_all(&[&TEST]),
         ["tap-test"] => tap_test::run(&workspace_root()),
+        ["tap-bench", rest @ ..] => {
+            let bytes = rest.first().map_or(Ok(1u64 << 30), |s| {
+                s.parse::<u64>()
+                    .map_err(|_| format!("tap-bench: BYTES must be a number, got {s:?}"))
+            });
+            let rounds = rest.get(1).map_or(Ok(3usize), |s| {
+                s.parse::<usize>()
+                    .map_err(|_| format!("tap-bench: ROUNDS must be a number, got {s:?}"))
+            });
+            match (bytes, rounds) {
+                (Ok(b), Ok(r)) => tap_test::bench(&workspace_root(), b, r.max(1)),
+                (Err(e), _) | (_, Err(e)) => Err(e),
+            }
+        }
         ["help"] | ["-h"] | ["--help"] => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;

@@ -606,3 +606,122 @@ print(sent)
     );
     Ok(())
 }
+
+/// One sink variant of the TAP benchmark.
+struct Variant {
+    name: &'static str,
+    args: &'static [&'static str],
+}
+
+const VARIANTS: &[Variant] = &[
+    Variant {
+        name: "toe-sink",
+        args: &["serve", "--app", "sink"],
+    },
+    Variant {
+        name: "toe-sink-named",
+        args: &[
+            "serve",
+            "--app",
+            "sink",
+            "--named-buf",
+            "1MiB",
+            "--named-bufs",
+            "2",
+        ],
+    },
+    Variant {
+        name: "smoltcp-bare-sink",
+        args: &["bare-sink"],
+    },
+];
+
+/// `cargo xtask tap-bench [BYTES] [ROUNDS]`: a Linux sender (socat) into the TOE sink and into
+/// a bare-smoltcp sink on the same TAP, alternating, medians reported as ratios to bare.
+pub fn bench(root: &Path, bytes: u64, rounds: usize) -> Result<(), String> {
+    need_root()?;
+    ensure_tools()?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    status(
+        Command::new(cargo)
+            .current_dir(root)
+            .args(["build", "--release", "-p", "toemu"]),
+    )
+    .map_err(|e| format!("building toemu: {e}"))?;
+    let toemu = root.join("target/release/toemu");
+    let work = std::env::temp_dir().join(format!("toemu-tap-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work).map_err(|e| e.to_string())?;
+    let mut ns = Netns::create()?;
+    let ip = format!("{HOST_IP}/24");
+    let want = sha256_of_gen(&toemu, bytes, 9)?;
+    let mut results: Vec<Vec<f64>> = vec![Vec::new(); VARIANTS.len()];
+    for round in 0..rounds {
+        for (i, v) in VARIANTS.iter().enumerate() {
+            let log = work.join(format!("{}-{round}.log", v.name));
+            let mut args: Vec<&str> = v.args.to_vec();
+            args.extend(["--tap", "tap0", "--ip", &ip]);
+            let h = ns.toemu(&toemu, &args, &log)?;
+            ns.configure_tap("tap0", LINUX_IP)?;
+            std::thread::sleep(Duration::from_millis(100));
+            ns.sh(&format!(
+                "{} gen --bytes {bytes} --seed 9 | socat -u - TCP:{HOST_IP}:9",
+                toemu.display()
+            ))?;
+            let line = wait_line(&log, "sink: connection", Duration::from_secs(120))?;
+            ns.stop(h);
+            if field_after(&line, "sha256") != Some(want.clone()) {
+                return Err(format!("{}: integrity check failed: {line}", v.name));
+            }
+            let mbps: f64 = line
+                .rsplit('(')
+                .next()
+                .and_then(|s| s.split_whitespace().next())
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| format!("cannot read throughput from {line:?}"))?;
+            eprintln!(
+                "tap-bench: round {} {:<18} {mbps:>8.1} MB/s",
+                round + 1,
+                v.name
+            );
+            results[i].push(mbps);
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let medians: Vec<f64> = results.iter_mut().map(median).collect();
+    let bare = medians[VARIANTS.len() - 1];
+    let mut json = String::from("{\"bytes\": ");
+    json.push_str(&format!("{bytes}, \"rounds\": {rounds}, \"runs\": ["));
+    println!(
+        "{:<18} {:>10} {:>9} {:>10} {:>10}",
+        "sink", "MB/s", "vs bare", "min", "max"
+    );
+    for (i, v) in VARIANTS.iter().enumerate() {
+        let r = &results[i];
+        println!(
+            "{:<18} {:>10.1} {:>8.2}x {:>10.1} {:>10.1}",
+            v.name,
+            medians[i],
+            medians[i] / bare,
+            r[0],
+            r[r.len() - 1]
+        );
+        json.push_str(&format!(
+            "{}{{\"sink\": \"{}\", \"median_mb_per_s\": {:.1}, \"ratio_to_bare\": {:.3}, \"samples_mb_per_s\": {:?}}}",
+            if i > 0 { ", " } else { "" },
+            v.name,
+            medians[i],
+            medians[i] / bare,
+            r
+        ));
+    }
+    json.push_str("]}\n");
+    let out = root.join("target/tap-bench.json");
+    std::fs::write(&out, json).map_err(|e| e.to_string())?;
+    eprintln!("tap-bench: wrote {}", out.display());
+    drop(ns);
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}

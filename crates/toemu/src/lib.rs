@@ -10,6 +10,7 @@
 //! - [`tap`]: the TAP backend; [`serve`]: running the example apps on a host.
 
 pub mod bare;
+pub mod bare_tap;
 pub mod config;
 pub use toemu_apps::datagen;
 pub mod demo;

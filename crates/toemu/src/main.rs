@@ -124,6 +124,14 @@ enum Cmd {
         /// The URL.
         url: String,
     },
+    /// The benchmark baseline: a bare-smoltcp sink (no offload layers) on a TAP device.
+    BareSink {
+        #[command(flatten)]
+        tap: TapArgs,
+        /// Listening port.
+        #[arg(long, default_value_t = 9)]
+        port: u16,
+    },
     /// Write N bytes of the seeded stream to stdout (what `/bytes/N` serves with seed 0, and
     /// what `send` sends).
     Gen {
@@ -180,6 +188,18 @@ fn settings(cli: &Cli) -> Result<Settings, String> {
     Settings::load(cli.config.as_deref(), std::env::vars(), &overrides).map_err(|e| e.to_string())
 }
 
+/// A flag set by SIGINT/SIGTERM so real-time runs end cleanly (final counters printed); a
+/// second signal still kills the process.
+fn stop_flag() -> &'static std::sync::atomic::AtomicBool {
+    static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let _ = ctrlc::set_handler(|| {
+        if STOP.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            std::process::exit(130);
+        }
+    });
+    &STOP
+}
+
 fn run_on_tap(
     settings: &Settings,
     tap: &TapArgs,
@@ -198,15 +218,7 @@ fn run_on_tap(
         settings.policy,
         settings.indicate_window_bytes
     );
-    static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    // SIGINT/SIGTERM end the run cleanly (final counters printed); a second signal still
-    // kills the process.
-    let _ = ctrlc::set_handler(|| {
-        if STOP.swap(true, std::sync::atomic::Ordering::Relaxed) {
-            std::process::exit(130);
-        }
-    });
-    toemu::serve::run_app_realtime(settings, nic, Box::new(phy), app, max, &STOP)
+    toemu::serve::run_app_realtime(settings, nic, Box::new(phy), app, max, stop_flag())
         .map_err(|e| e.to_string())
 }
 
@@ -267,6 +279,18 @@ fn run(cli: Cli) -> Result<(), String> {
                 None if toemu_apps::App::done(&app) => Ok(()),
                 None => Err("get did not finish in time".into()),
             }
+        }
+        Cmd::BareSink { tap, port } => {
+            let (ip, prefix) = toemu::serve::parse_cidr(&tap.ip)?;
+            let phy = toemu::tap::TapPhy::open(&tap.tap, 8192).map_err(|e| e.to_string())?;
+            let nic = toemu::serve::nic_for(ip, prefix, tap.gateway, tap.stack_seed);
+            let max = tap.max_seconds.map(std::time::Duration::from_secs_f64);
+            eprintln!(
+                "toemu: bare-smoltcp sink on {} at {ip}/{prefix} port {port}",
+                tap.tap
+            );
+            toemu::bare_tap::run_bare_sink(&settings, &nic, Box::new(phy), port, max, stop_flag())
+                .map_err(|e| e.to_string())
         }
         Cmd::Gen { bytes, seed } => {
             use std::io::Write;

@@ -3,6 +3,7 @@
 //! - [`mem`]: host memory (one memmap2 region), buffer tokens ([`HostBuf`]) and the counted
 //!   DMA engine ([`Dma`]).
 //! - [`ring`]: the command (host -> NIC) and event (NIC -> host) rings and their messages.
+//! - [`trace`]: describing bus traffic to a trace sink.
 //! - [`time`]: the time types every toemu state machine takes as an argument. They are
 //!   smoltcp's, so the NIC's stack, the offload contexts and the driver share one clock.
 //!
@@ -11,6 +12,7 @@
 
 pub mod mem;
 pub mod ring;
+pub mod trace;
 
 /// Time as every toemu state machine sees it: microsecond `Instant`s from an arbitrary origin
 /// (virtual or real), supplied by the caller.

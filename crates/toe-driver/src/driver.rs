@@ -21,6 +21,8 @@ use toe_bus::{
     Command, ConnId, Event, HostBuf, HostEnd, HostMemory, MemError, OffloadParams, ReturnReason,
 };
 
+use toe_bus::trace::{describe_command, describe_event, Dir, TraceRecord, TraceSink};
+
 use crate::conn::{ConnRx, ConnRxStats, NamedCompletion, NamedId, Note, Outputs, RxConfig};
 
 /// Errors of driver calls.
@@ -177,7 +179,6 @@ pub struct ConnInfo {
 }
 
 /// The host TOE driver.
-#[derive(Debug)]
 pub struct Driver {
     mem: Arc<HostMemory>,
     bus: HostEnd,
@@ -188,6 +189,18 @@ pub struct Driver {
     released: Vec<HostBuf>,
     events: VecDeque<(ConnId, AppEvent)>,
     stats: DriverStats,
+    trace: Option<Box<dyn TraceSink>>,
+    last_now: Instant,
+    scratch: Vec<(&'static str, u64)>,
+}
+
+impl std::fmt::Debug for Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Driver")
+            .field("conns", &self.conns.len())
+            .field("stats", &self.stats)
+            .finish()
+    }
 }
 
 impl Driver {
@@ -215,19 +228,22 @@ impl Driver {
                 anon_buffers: count,
                 ..DriverStats::default()
             },
+            trace: None,
+            last_now: Instant::from_micros(0),
+            scratch: Vec::new(),
         };
         d.check_rx(&cfg.rx)?;
         let mut batch = Vec::new();
         for _ in 0..count {
             batch.push(d.mem.alloc(cfg.anon_buf_bytes)?);
             if batch.len() == 256 {
-                d.bus.send(Command::PostAnonymous {
+                d.send_cmd(Command::PostAnonymous {
                     bufs: std::mem::take(&mut batch),
                 });
             }
         }
         if !batch.is_empty() {
-            d.bus.send(Command::PostAnonymous { bufs: batch });
+            d.send_cmd(Command::PostAnonymous { bufs: batch });
         }
         Ok(d)
     }
@@ -296,7 +312,7 @@ impl Driver {
         self.next_conn = (self.next_conn + 1) & !ConnId::PASSIVE_BIT;
         self.conns
             .insert(conn, Self::new_conn(conn, rx, ConnState::Connecting));
-        self.bus.send(Command::Connect {
+        self.send_cmd(Command::Connect {
             conn,
             remote,
             local_port,
@@ -332,7 +348,7 @@ impl Driver {
             return Err(DriverError::PortInUse(port));
         }
         self.listeners.insert(port, (rx, VecDeque::new()));
-        self.bus.send(Command::Listen {
+        self.send_cmd(Command::Listen {
             port,
             backlog,
             params: Self::params(&rx),
@@ -390,9 +406,36 @@ impl Driver {
         Ok(self.conn(conn)?.rx.queued_bytes())
     }
 
+    /// Record bus traffic from now on: every command sent and every event received goes to
+    /// `sink`, stamped with the time of the driver's latest call.
+    pub fn set_trace(&mut self, sink: Box<dyn TraceSink>) {
+        self.trace = Some(sink);
+    }
+
+    /// Stop tracing and hand back the sink.
+    pub fn take_trace(&mut self) -> Option<Box<dyn TraceSink>> {
+        self.trace.take()
+    }
+
+    fn send_cmd(&mut self, c: Command) {
+        if let Some(t) = self.trace.as_mut() {
+            self.scratch.clear();
+            let (kind, conn, why) = describe_command(&c, &mut self.scratch);
+            t.record(&TraceRecord {
+                t_us: self.last_now.total_micros(),
+                dir: Dir::Command,
+                kind,
+                conn,
+                fields: &self.scratch,
+                why,
+            });
+        }
+        self.bus.send(c);
+    }
+
     fn absorb(&mut self, out: Outputs) {
         for c in out.commands {
-            self.bus.send(c);
+            self.send_cmd(c);
         }
         self.stats.anon_in_driver -= out.released.len();
         self.released.extend(out.released);
@@ -520,7 +563,7 @@ impl Driver {
         let c = self.conns.get_mut(&conn).expect("checked");
         c.sends_outstanding += 1;
         c.send_bytes_outstanding += len;
-        self.bus.send(Command::Send {
+        self.send_cmd(Command::Send {
             conn,
             buf,
             len: len as u32,
@@ -545,7 +588,7 @@ impl Driver {
             return Ok(());
         }
         c.close_sent = true;
-        self.bus.send(Command::Close { conn });
+        self.send_cmd(Command::Close { conn });
         Ok(())
     }
 
@@ -559,7 +602,7 @@ impl Driver {
             return Ok(());
         }
         c.close_sent = true;
-        self.bus.send(Command::Abort { conn });
+        self.send_cmd(Command::Abort { conn });
         Ok(())
     }
 
@@ -600,9 +643,8 @@ impl Driver {
     /// included). Returns true if anything entered the ring.
     pub fn flush(&mut self) -> bool {
         if !self.released.is_empty() {
-            self.bus.send(Command::PostAnonymous {
-                bufs: std::mem::take(&mut self.released),
-            });
+            let bufs = std::mem::take(&mut self.released);
+            self.send_cmd(Command::PostAnonymous { bufs });
         }
         self.bus.flush()
     }
@@ -610,10 +652,23 @@ impl Driver {
     /// Take and handle every event from the NIC, run due timers, flush commands. Returns
     /// true if anything happened.
     pub fn poll(&mut self, now: Instant) -> bool {
+        self.last_now = self.last_now.max(now);
         let mut progress = self.bus.flush();
         while let Ok(Some(e)) = self.bus.try_recv() {
             progress = true;
             self.stats.events += 1;
+            if let Some(t) = self.trace.as_mut() {
+                self.scratch.clear();
+                let (kind, conn, why) = describe_event(&e, &mut self.scratch);
+                t.record(&TraceRecord {
+                    t_us: now.total_micros(),
+                    dir: Dir::Event,
+                    kind,
+                    conn,
+                    fields: &self.scratch,
+                    why,
+                });
+            }
             self.event(now, e);
         }
         let is_due = |c: &DConn| c.rx.poll_at().is_some_and(|t| t <= now);
@@ -676,7 +731,7 @@ impl Driver {
         } = e
         {
             let Some((rx, queue)) = self.listeners.get_mut(&port) else {
-                self.bus.send(Command::Abort { conn });
+                self.send_cmd(Command::Abort { conn });
                 return;
             };
             let mut rx = *rx;

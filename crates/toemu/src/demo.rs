@@ -508,7 +508,9 @@ pub fn toe_bulk(mode: Mode, o: &DemoOptions) -> io::Result<Bulk> {
     })
 }
 
-fn toe_rr(mode: Mode, o: &DemoOptions) -> io::Result<Vec<f64>> {
+/// `o.rr_iters` request/response exchanges of `o.rr_bytes` in `mode` (not `smoltcp-bare`) on
+/// the virtual clock; returns each round trip in wall-clock microseconds.
+pub fn toe_rr(mode: Mode, o: &DemoOptions) -> io::Result<Vec<f64>> {
     let settings = settings_for(mode, &o.settings);
     let (sim, ca, cb) = connected_pair(&settings, o.seed, 5002)?;
     let (da, db) = (sim.driver(0), sim.driver(1));

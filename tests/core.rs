@@ -16,7 +16,7 @@ use toemu::config::Settings;
 use toemu::datagen::DataGen;
 use toemu::demo::{connected_pair, toe_bulk, DemoOptions, Mode};
 use toemu::runtime::{test_nic, Host, Sim, Threaded};
-use toemu_tests::{pair_on, strip_psh, Middle};
+use toemu_tests::{pair_on, pair_traced, strip_psh, Middle};
 
 const MIB: u64 = 1 << 20;
 
@@ -397,7 +397,9 @@ fn garbage_truncated_and_corrupt_frames_are_dropped_and_counted() {
     assert!(st.rx_bad_checksum > 0, "corrupted frames counted: {st:?}");
 }
 
-fn frame_log(seed: u64) -> (u64, Vec<u8>) {
+/// One 1 MiB transfer on the virtual clock: (frames seen by host 1, SHA-256 of those frames,
+/// the JSON-lines bus trace of both drivers).
+fn frame_log(seed: u64) -> (u64, Vec<u8>, Vec<u8>) {
     let s = settings(32 * 1024);
     let (pa, pb) = wire(1024);
     let log = Arc::new(Mutex::new(Sha256::new()));
@@ -409,8 +411,16 @@ fn frame_log(seed: u64) -> (u64, Vec<u8>) {
         *c2.lock() += 1;
         true
     };
-    let (sim, ca, cb) =
-        pair_on(&s, seed, 7009, Box::new(pa), Box::new(Middle::new(pb, rec))).unwrap();
+    let (trace, trace_bytes) = toemu::trace::memory_writer();
+    let (sim, ca, cb) = pair_traced(
+        &s,
+        seed,
+        7009,
+        Box::new(pa),
+        Box::new(Middle::new(pb, rec)),
+        Some(trace),
+    )
+    .unwrap();
     send_bytes(&sim, 0, ca, &pattern(MIB as usize, seed));
     let db = sim.driver(1);
     let mut got = 0;
@@ -422,14 +432,25 @@ fn frame_log(seed: u64) -> (u64, Vec<u8>) {
     .unwrap();
     let n = *count.lock();
     let digest = log.lock().clone().finalize().to_vec();
-    (n, digest)
+    let t = trace_bytes.lock().clone();
+    (n, digest, t)
 }
 
 #[test]
 fn virtual_clock_runs_are_reproducible() {
     let a = frame_log(21);
     let b = frame_log(21);
-    assert_eq!(a, b, "same seed, same frames in the same order");
+    assert!(a.2.len() > 10_000, "the trace recorded the transfer");
+    assert!(
+        String::from_utf8_lossy(&a.2).contains("\"kind\":\"IndicateData\""),
+        "trace has indications"
+    );
+    assert_eq!(
+        (a.0, &a.1),
+        (b.0, &b.1),
+        "same seed, same frames in the same order"
+    );
+    assert!(a.2 == b.2, "same seed, byte-identical bus trace");
     let c = frame_log(22);
     assert_ne!(a.1, c.1, "another seed changes the run");
 }

@@ -25,11 +25,29 @@ pub fn pair_on(
     pa: BoxPhy,
     pb: BoxPhy,
 ) -> io::Result<(Sim, ConnId, ConnId)> {
+    pair_traced(settings, seed, port, pa, pb, None)
+}
+
+/// [`pair_on`] with both drivers tracing bus traffic as JSON lines into `trace`.
+pub fn pair_traced(
+    settings: &Settings,
+    seed: u64,
+    port: u16,
+    pa: BoxPhy,
+    pb: BoxPhy,
+    trace: Option<toemu::trace::SharedWriter>,
+) -> io::Result<(Sim, ConnId, ConnId)> {
     let now = toe_bus::time::Instant::from_micros(0);
     let a = Host::new("a", settings, test_nic(0, seed), pa, now).map_err(io::Error::other)?;
     let b = Host::new("b", settings, test_nic(1, seed), pb, now).map_err(io::Error::other)?;
     let sim = Sim::new(vec![a, b]);
     let (da, db) = (sim.driver(0), sim.driver(1));
+    if let Some(w) = trace {
+        da.lock()
+            .set_trace(Box::new(toemu::trace::JsonlTrace::new("a", w.clone())));
+        db.lock()
+            .set_trace(Box::new(toemu::trace::JsonlTrace::new("b", w)));
+    }
     db.lock().listen(port, 4, None).map_err(io::Error::other)?;
     let remote = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 2), port);
     let ca = da

@@ -17,3 +17,4 @@ pub mod demo;
 pub mod runtime;
 pub mod serve;
 pub mod tap;
+pub mod trace;

@@ -76,6 +76,8 @@ tasks:
   tap-test
          (root) the emulated host on a TAP device in a fresh network namespace, driven by
          curl, socat, nc, ping and python3 -m http.server; the namespace is always deleted
+  bench [--quick] [--no-scale] [--json PATH]
+         toemu bench: every receive mode against bare smoltcp and kernel loopback TCP
   tap-bench [BYTES] [ROUNDS]
          (root) socat into the TOE sink and into a bare-smoltcp sink on the same TAP,
          alternating rounds (default 1 GiB, 3 rounds); medians and ratios, target/tap-bench.json
@@ -153,6 +155,18 @@ fn main() -> ExitCode {
         ["ci"] => run_all(CI),
         ["test"] => run_all(&[&TEST]),
         ["tap-test"] => tap_test::run(&workspace_root()),
+        ["bench", rest @ ..] => {
+            let root = workspace_root();
+            let mut c = Command::new(cargo());
+            c.current_dir(&root)
+                .args(["run", "--release", "-p", "toemu", "--", "bench"])
+                .args(rest);
+            match c.status() {
+                Ok(s) if s.success() => Ok(()),
+                Ok(s) => Err(format!("toemu bench failed: {s}")),
+                Err(e) => Err(format!("toemu bench: {e}")),
+            }
+        }
         ["tap-bench", rest @ ..] => {
             let bytes = rest.first().map_or(Ok(1u64 << 30), |s| {
                 s.parse::<u64>()

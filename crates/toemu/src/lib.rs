@@ -11,6 +11,7 @@
 
 pub mod bare;
 pub mod bare_tap;
+pub mod bench;
 pub mod config;
 pub use toemu_apps::datagen;
 pub mod demo;

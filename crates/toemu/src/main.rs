@@ -124,6 +124,19 @@ enum Cmd {
         /// The URL.
         url: String,
     },
+    /// Every scenario side by side with its baselines (bare smoltcp, kernel loopback TCP),
+    /// alternating runs, medians with min/max; a table, and JSON with --json.
+    Bench {
+        /// The short run (under 2 minutes).
+        #[arg(long)]
+        quick: bool,
+        /// Skip the scale scenario.
+        #[arg(long)]
+        no_scale: bool,
+        /// Write every figure and the machine description as JSON to this path.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// The benchmark baseline: a bare-smoltcp sink (no offload layers) on a TAP device.
     BareSink {
         #[command(flatten)]
@@ -279,6 +292,35 @@ fn run(cli: Cli) -> Result<(), String> {
                 None if toemu_apps::App::done(&app) => Ok(()),
                 None => Err("get did not finish in time".into()),
             }
+        }
+        Cmd::Bench {
+            quick,
+            no_scale,
+            json,
+        } => {
+            let mut o = if quick {
+                toemu::bench::BenchOptions::quick(settings)
+            } else {
+                toemu::bench::BenchOptions::full(settings)
+            };
+            if no_scale {
+                o.scale.clear();
+            }
+            let pb = indicatif::ProgressBar::new_spinner();
+            pb.enable_steady_tick(std::time::Duration::from_millis(200));
+            let t0 = std::time::Instant::now();
+            let report = toemu::bench::run_bench(&o, |line| {
+                pb.println(line);
+                pb.set_message(format!("{:.0} s", t0.elapsed().as_secs_f64()));
+            })
+            .map_err(|e| e.to_string())?;
+            pb.finish_and_clear();
+            print!("{}", toemu::bench::bench_table(&report));
+            if let Some(path) = json {
+                let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+                std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+            }
+            Ok(())
         }
         Cmd::BareSink { tap, port } => {
             let (ip, prefix) = toemu::serve::parse_cidr(&tap.ip)?;

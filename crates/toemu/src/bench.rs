@@ -1,0 +1,629 @@
+//! `toemu bench` / `cargo xtask bench`: every scenario side by side with its baselines in one
+//! run, alternating runs so drifting machine load hits all of them alike, reporting medians
+//! with min/max.
+//!
+//! - bulk throughput, one connection: every TOE mode, bare smoltcp on the same wire and MTU
+//!   (single thread, virtual clock, like the TOE hosts), and kernel loopback TCP through std
+//!   sockets (two threads: the kernel's own path);
+//! - request/response latency (64 bytes, and 64 KiB where one-MSS hold-off shows) p50, p99,
+//!   p99.9 for every mode and kernel loopback;
+//! - host copies per byte and anonymous-buffer high water per mode;
+//! - scale: 1, 100, 1,000, 10,000 concurrent offloaded connections: aggregate throughput,
+//!   memory per connection, cost of one poll step.
+//!
+//! All throughput figures include the receiver's SHA-256 of every byte (the same work in every
+//! mode), so ratios compare the transport paths, not the hash.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddrV4, TcpListener, TcpStream};
+use std::time::Instant as WallInstant;
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use toe_bus::ConnId;
+
+use crate::bare::BarePair;
+use crate::config::Settings;
+use crate::datagen::DataGen;
+use crate::demo::{toe_bulk, toe_rr, DemoOptions, Mode, Receiver, Sender};
+use crate::runtime::{test_nic, Host, Sim};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Bytes per bulk run.
+    pub bytes: u64,
+    /// Alternating rounds of bulk runs.
+    pub rounds: usize,
+    /// Request/response exchanges per mode and size.
+    pub rr_iters: usize,
+    /// Connection counts of the scale scenario.
+    pub scale: Vec<usize>,
+    /// Total bytes moved in each scale point.
+    pub scale_bytes: u64,
+    /// Host settings.
+    pub settings: Settings,
+    /// Seed.
+    pub seed: u64,
+}
+
+impl BenchOptions {
+    /// The full run (about 10 minutes on 2 cores).
+    pub fn full(settings: Settings) -> Self {
+        BenchOptions {
+            bytes: 1 << 30,
+            rounds: 5,
+            rr_iters: 20_000,
+            scale: vec![1, 100, 1_000, 10_000],
+            scale_bytes: 256 << 20,
+            settings,
+            seed: 1,
+        }
+    }
+    /// `--quick`: under 2 minutes.
+    pub fn quick(settings: Settings) -> Self {
+        BenchOptions {
+            bytes: 128 << 20,
+            rounds: 3,
+            rr_iters: 3_000,
+            scale: vec![1, 100, 1_000],
+            scale_bytes: 64 << 20,
+            settings,
+            seed: 1,
+        }
+    }
+}
+
+/// One bulk row.
+#[derive(Debug, Clone, Serialize)]
+pub struct BulkRow {
+    /// Mode (a demo mode or `kernel-loopback`).
+    pub mode: String,
+    /// Median throughput, bytes per second.
+    pub median_bytes_per_s: f64,
+    /// Slowest run.
+    pub min_bytes_per_s: f64,
+    /// Fastest run.
+    pub max_bytes_per_s: f64,
+    /// Median / kernel loopback median.
+    pub vs_kernel: f64,
+    /// Median / bare smoltcp median.
+    pub vs_bare: f64,
+    /// Receiver host copies per byte (TOE modes).
+    pub host_copies_per_byte: Option<f64>,
+    /// Anonymous-buffer high water of the receiving driver, bytes (TOE modes).
+    pub anon_high_water_bytes: Option<u64>,
+    /// `unbounded-copy` socket-buffer high water, bytes.
+    pub copy_buffer_high_water_bytes: Option<u64>,
+    /// Every run, bytes per second.
+    pub samples: Vec<f64>,
+}
+
+/// One request/response row.
+#[derive(Debug, Clone, Serialize)]
+pub struct RrRow {
+    /// Mode.
+    pub mode: String,
+    /// Request and response size, bytes.
+    pub size: usize,
+    /// Median round trip, microseconds.
+    pub p50_us: f64,
+    /// 99th percentile.
+    pub p99_us: f64,
+    /// 99.9th percentile.
+    pub p999_us: f64,
+}
+
+/// One scale point.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScaleRow {
+    /// Concurrent connections.
+    pub conns: usize,
+    /// Aggregate throughput, bytes per second (all connections, wall clock).
+    pub aggregate_bytes_per_s: f64,
+    /// Aggregate / the 1-connection point.
+    pub vs_one_connection: f64,
+    /// Resident memory added per connection (both endpoints), bytes.
+    pub rss_per_conn_bytes: f64,
+    /// Socket buffers configured per connection (both endpoints, rx + tx), bytes.
+    pub socket_buffers_per_conn_bytes: u64,
+    /// Wall-clock cost of one step of both hosts with every connection open and idle, µs.
+    pub idle_step_us: f64,
+}
+
+/// A goal of the issue, checked against this run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Goal {
+    /// What is measured.
+    pub name: String,
+    /// Measured value.
+    pub value: f64,
+    /// Target.
+    pub target: f64,
+    /// Met?
+    pub met: bool,
+}
+
+/// The whole report.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// Machine and run description.
+    pub machine: serde_json::Value,
+    /// Bulk rows.
+    pub bulk: Vec<BulkRow>,
+    /// Request/response rows.
+    pub rr: Vec<RrRow>,
+    /// Scale rows.
+    pub scale: Vec<ScaleRow>,
+    /// Goals.
+    pub goals: Vec<Goal>,
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    s.get(s.len() / 2).copied().unwrap_or(0.0)
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Kernel loopback TCP through std sockets: a sender thread writes `bytes` of the seeded
+/// stream, the receiver hashes what it reads. Returns (seconds, digest).
+pub fn kernel_bulk(bytes: u64, seed: u64) -> io::Result<(f64, [u8; 32])> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    let t0 = WallInstant::now();
+    let tx = std::thread::spawn(move || -> io::Result<()> {
+        let mut s = TcpStream::connect(addr)?;
+        let mut g = DataGen::new(seed);
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            g.fill(&mut buf[..n]);
+            s.write_all(&buf[..n])?;
+            left -= n as u64;
+        }
+        Ok(())
+    });
+    let (mut r, _) = l.accept()?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    tx.join()
+        .map_err(|_| io::Error::other("sender thread panicked"))??;
+    Ok((t0.elapsed().as_secs_f64(), h.finalize().into()))
+}
+
+/// Kernel loopback request/response with TCP_NODELAY; round trips in microseconds.
+pub fn kernel_rr(iters: usize, size: usize) -> io::Result<Vec<f64>> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    let srv = std::thread::spawn(move || -> io::Result<()> {
+        let (mut s, _) = l.accept()?;
+        s.set_nodelay(true)?;
+        let mut buf = vec![0u8; size];
+        for _ in 0..iters {
+            s.read_exact(&mut buf)?;
+            s.write_all(&buf)?;
+        }
+        Ok(())
+    });
+    let mut c = TcpStream::connect(addr)?;
+    c.set_nodelay(true)?;
+    let req = vec![0x5Au8; size];
+    let mut buf = vec![0u8; size];
+    let mut lat = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let t = WallInstant::now();
+        c.write_all(&req)?;
+        c.read_exact(&mut buf)?;
+        lat.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    srv.join()
+        .map_err(|_| io::Error::other("server thread panicked"))??;
+    Ok(lat)
+}
+
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024
+}
+
+/// `conns` concurrent connections from host 0 to host 1 moving `total` bytes in all.
+/// Returns the scale row (vs_one_connection left at 0 for the caller).
+pub fn scale_point(base: &Settings, conns: usize, total: u64, seed: u64) -> io::Result<ScaleRow> {
+    let mut s = base.clone();
+    let other = |e: String| io::Error::other(e);
+    s.apply_override("max_conns", &conns.max(1).to_string())
+        .map_err(|e| other(e.to_string()))?;
+    s.apply_override("indicate_window_bytes", "64KiB")
+        .map_err(|e| other(e.to_string()))?;
+    s.apply_override("socket_buf_bytes", "64KiB")
+        .map_err(|e| other(e.to_string()))?;
+    s.apply_override("mtu", "9000")
+        .map_err(|e| other(e.to_string()))?;
+    s.validate().map_err(|e| other(e.to_string()))?;
+    let rss0 = rss_bytes();
+    let (pa, pb) = toe_nic::wire(16_384);
+    let now = toe_bus::time::Instant::from_micros(0);
+    let a = Host::new("a", &s, test_nic(0, seed), Box::new(pa), now)
+        .map_err(|e| other(e.to_string()))?;
+    let b = Host::new("b", &s, test_nic(1, seed), Box::new(pb), now)
+        .map_err(|e| other(e.to_string()))?;
+    let sim = Sim::new(vec![a, b]);
+    let (da, db) = (sim.driver(0), sim.driver(1));
+    let port = 6000;
+    let batch = 256usize;
+    db.lock()
+        .listen(port, batch as u16, None)
+        .map_err(|e| other(e.to_string()))?;
+    let remote = SocketAddrV4::new(std::net::Ipv4Addr::new(10, 0, 0, 2), port);
+    let mut clients: Vec<ConnId> = Vec::with_capacity(conns);
+    let mut servers: Vec<ConnId> = Vec::with_capacity(conns);
+    while clients.len() < conns {
+        let n = batch.min(conns - clients.len());
+        let start = clients.len();
+        for _ in 0..n {
+            clients.push(
+                da.lock()
+                    .connect(remote, 0, None)
+                    .map_err(|e| other(e.to_string()))?,
+            );
+        }
+        sim.run_until(1_000_000, || {
+            while let Some(c) = db.lock().accept(port) {
+                servers.push(c);
+            }
+            let d = da.lock();
+            servers.len() == clients.len()
+                && clients[start..]
+                    .iter()
+                    .all(|c| d.state(*c).ok() == Some(toe_driver::ConnState::Established))
+        })?;
+    }
+    let rss1 = rss_bytes();
+    // cost of one step with every connection open and idle
+    let steps = if conns >= 1000 { 50 } else { 500 };
+    let t = WallInstant::now();
+    for _ in 0..steps {
+        sim.step_or_idle()?;
+    }
+    let idle_step_us = t.elapsed().as_secs_f64() * 1e6 / steps as f64;
+    // transfer
+    let per = (total / conns as u64).max(1);
+    let mut senders = Vec::with_capacity(conns);
+    let mut receivers = Vec::with_capacity(conns);
+    for (i, (&c, &sv)) in clients.iter().zip(servers.iter()).enumerate() {
+        senders.push(Sender::new(
+            &da.lock(),
+            c,
+            seed + i as u64,
+            per,
+            1,
+            (per as usize).min(256 * 1024),
+        )?);
+        receivers.push(Receiver::new(
+            Mode::IndicateWindow,
+            &mut db.lock(),
+            sim.now(),
+            sv,
+            0,
+            0,
+            false,
+        )?);
+    }
+    let t = WallInstant::now();
+    let mut done = vec![false; conns];
+    let mut left = conns;
+    let mut idle = 0u32;
+    while left > 0 {
+        let moved = sim.step_or_idle()?;
+        let now = sim.now();
+        {
+            let mut d = da.lock();
+            for s in senders.iter_mut() {
+                s.service(&mut d)?;
+            }
+        }
+        let mut d = db.lock();
+        let mut progress = false;
+        for (i, r) in receivers.iter_mut().enumerate() {
+            if !done[i] {
+                let before = r.received;
+                if r.service(&mut d, now)? {
+                    done[i] = true;
+                    left -= 1;
+                }
+                progress |= r.received != before;
+            }
+        }
+        idle = if moved || progress { 0 } else { idle + 1 };
+        if idle > 100_000 {
+            return Err(other(format!(
+                "scale {conns}: stalled with {left} connections unfinished"
+            )));
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    Ok(ScaleRow {
+        conns,
+        aggregate_bytes_per_s: (per * conns as u64) as f64 / secs,
+        vs_one_connection: 0.0,
+        rss_per_conn_bytes: rss1.saturating_sub(rss0) as f64 / conns as f64,
+        socket_buffers_per_conn_bytes: 4 * s.socket_buf_bytes as u64,
+        idle_step_us,
+    })
+}
+
+/// Run everything; `progress` hears a line per finished measurement.
+pub fn run_bench(o: &BenchOptions, mut progress: impl FnMut(&str)) -> io::Result<BenchReport> {
+    let demo = DemoOptions {
+        bytes: o.bytes,
+        rr_iters: o.rr_iters,
+        settings: o.settings.clone(),
+        seed: o.seed,
+        ..DemoOptions::default()
+    };
+    let expected = DataGen::digest(o.seed, o.bytes);
+    let toe_modes = [
+        Mode::NamedBuffer,
+        Mode::IndicateWindow,
+        Mode::MssHoldoff,
+        Mode::UnboundedCopy,
+    ];
+    let names: Vec<String> = toe_modes
+        .iter()
+        .map(|m| m.name().to_string())
+        .chain(["smoltcp-bare".into(), "kernel-loopback".into()])
+        .collect();
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+    let mut details: Vec<Option<crate::demo::Bulk>> = vec![None; names.len()];
+    for round in 0..o.rounds.max(1) {
+        for (i, name) in names.iter().enumerate() {
+            let (secs, digest) = if i < toe_modes.len() {
+                let b = toe_bulk(toe_modes[i], &demo)?;
+                let r = (b.seconds, b.digest);
+                details[i] = Some(b);
+                r
+            } else if name == "smoltcp-bare" {
+                let (d, digest) = BarePair::new(&o.settings, o.seed).bulk(o.bytes, o.seed)?;
+                (d.as_secs_f64(), digest)
+            } else {
+                kernel_bulk(o.bytes, o.seed)?
+            };
+            if digest != expected {
+                return Err(io::Error::other(format!("{name}: integrity check failed")));
+            }
+            let tput = o.bytes as f64 / secs;
+            progress(&format!(
+                "bulk round {}/{} {name:<16} {:>8.1} MB/s",
+                round + 1,
+                o.rounds,
+                tput / 1e6
+            ));
+            samples[i].push(tput);
+        }
+    }
+    let medians: Vec<f64> = samples.iter().map(|s| median(s)).collect();
+    let kernel = medians[names.len() - 1];
+    let bare = medians[names.len() - 2];
+    let bulk: Vec<BulkRow> = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let s = &samples[i];
+            BulkRow {
+                mode: name.clone(),
+                median_bytes_per_s: medians[i],
+                min_bytes_per_s: s.iter().copied().fold(f64::INFINITY, f64::min),
+                max_bytes_per_s: s.iter().copied().fold(0.0, f64::max),
+                vs_kernel: medians[i] / kernel,
+                vs_bare: medians[i] / bare,
+                host_copies_per_byte: details[i].as_ref().map(|b| b.copies),
+                anon_high_water_bytes: details[i].as_ref().map(|b| b.anon_high),
+                copy_buffer_high_water_bytes: details[i].as_ref().map(|b| b.copy_high),
+                samples: s.clone(),
+            }
+        })
+        .collect();
+
+    let mut rr = Vec::new();
+    for size in [64usize, 64 * 1024] {
+        let iters = if size > 64 {
+            (o.rr_iters / 10).max(100)
+        } else {
+            o.rr_iters
+        };
+        for name in &names {
+            let mut lat = if let Some(m) = toe_modes.iter().find(|m| m.name() == name) {
+                toe_rr(
+                    *m,
+                    &DemoOptions {
+                        rr_iters: iters,
+                        rr_bytes: size,
+                        ..demo.clone()
+                    },
+                )?
+            } else if name == "smoltcp-bare" {
+                BarePair::new(&o.settings, o.seed).request_response(iters, size)?
+            } else {
+                kernel_rr(iters, size)?
+            };
+            lat.sort_by(|a, b| a.total_cmp(b));
+            let row = RrRow {
+                mode: name.clone(),
+                size,
+                p50_us: pct(&lat, 0.5),
+                p99_us: pct(&lat, 0.99),
+                p999_us: pct(&lat, 0.999),
+            };
+            progress(&format!(
+                "rr {size:>6} B {name:<16} p50 {:.1} us p99 {:.1} us p99.9 {:.1} us",
+                row.p50_us, row.p99_us, row.p999_us
+            ));
+            rr.push(row);
+        }
+    }
+
+    let mut scale = Vec::new();
+    for &n in &o.scale {
+        let mut row = scale_point(&o.settings, n, o.scale_bytes, o.seed)?;
+        let one = scale.first().map(|r: &ScaleRow| r.aggregate_bytes_per_s);
+        row.vs_one_connection =
+            row.aggregate_bytes_per_s / one.unwrap_or(row.aggregate_bytes_per_s);
+        progress(&format!(
+            "scale {n:>6} conns {:>8.1} MB/s ({:.2}x one) rss/conn {:.1} KiB idle step {:.1} us",
+            row.aggregate_bytes_per_s / 1e6,
+            row.vs_one_connection,
+            row.rss_per_conn_bytes / 1024.0,
+            row.idle_step_us
+        ));
+        scale.push(row);
+    }
+
+    let get = |m: &str| bulk.iter().find(|r| r.mode == m);
+    let rr_p99 = |m: &str, size: usize| {
+        rr.iter()
+            .find(|r| r.mode == m && r.size == size)
+            .map(|r| r.p99_us)
+            .unwrap_or(0.0)
+    };
+    let mut goals = Vec::new();
+    if let Some(n) = get("named-buffer") {
+        goals.push(Goal {
+            name: "named-buffer bulk vs kernel loopback".into(),
+            value: n.vs_kernel,
+            target: 2.0,
+            met: n.vs_kernel >= 2.0,
+        });
+        goals.push(Goal {
+            name: "named-buffer bulk vs bare smoltcp".into(),
+            value: n.vs_bare,
+            target: 0.9,
+            met: n.vs_bare >= 0.9,
+        });
+    }
+    for size in [64usize, 64 * 1024] {
+        let v = rr_p99("indicate-window", size) / rr_p99("mss-holdoff", size).max(1e-9);
+        goals.push(Goal {
+            name: format!("indicate-window rr p99 / mss-holdoff rr p99 ({size} B)"),
+            value: v,
+            target: 0.5,
+            met: v <= 0.5,
+        });
+    }
+    if let Some(big) = scale.iter().find(|r| r.conns >= 10_000) {
+        goals.push(Goal {
+            name: "10,000 connections aggregate vs one connection".into(),
+            value: big.vs_one_connection,
+            target: 0.5,
+            met: big.vs_one_connection >= 0.5,
+        });
+    }
+    let machine = serde_json::json!({
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "cpu_model": std::fs::read_to_string("/proc/cpuinfo").ok()
+            .and_then(|s| s.lines().find(|l| l.starts_with("model name"))
+            .and_then(|l| l.split(':').nth(1)).map(|s| s.trim().to_string())),
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").ok().map(|s| s.trim().to_string()),
+        "bytes": o.bytes,
+        "rounds": o.rounds,
+        "rr_iters": o.rr_iters,
+        "indicate_window_bytes": o.settings.indicate_window_bytes,
+        "mtu": o.settings.mtu,
+        "note": "TOE and bare smoltcp: one thread, virtual clock; kernel loopback: two threads. Throughput includes the receiver's SHA-256.",
+    });
+    Ok(BenchReport {
+        machine,
+        bulk,
+        rr,
+        scale,
+        goals,
+    })
+}
+
+/// A readable rendering of `r`.
+pub fn bench_table(r: &BenchReport) -> String {
+    let mut s = String::from("bulk throughput (median of alternating runs)\n");
+    s.push_str(&format!(
+        "{:<16} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>12}\n",
+        "mode", "MB/s", "min", "max", "vs kern", "vs bare", "copies/B", "anon-hw KiB"
+    ));
+    for b in &r.bulk {
+        s.push_str(&format!(
+            "{:<16} {:>9.1} {:>9.1} {:>9.1} {:>7.2}x {:>7.2}x {:>9} {:>12}\n",
+            b.mode,
+            b.median_bytes_per_s / 1e6,
+            b.min_bytes_per_s / 1e6,
+            b.max_bytes_per_s / 1e6,
+            b.vs_kernel,
+            b.vs_bare,
+            b.host_copies_per_byte
+                .map_or("-".into(), |c| format!("{c:.2}")),
+            b.anon_high_water_bytes.map_or("-".into(), |a| (a
+                .max(b.copy_buffer_high_water_bytes.unwrap_or(0))
+                / 1024)
+                .to_string())
+        ));
+    }
+    s.push_str("\nrequest/response round trip (µs)\n");
+    s.push_str(&format!(
+        "{:<16} {:>7} {:>9} {:>9} {:>9}\n",
+        "mode", "size", "p50", "p99", "p99.9"
+    ));
+    for x in &r.rr {
+        s.push_str(&format!(
+            "{:<16} {:>7} {:>9.1} {:>9.1} {:>9.1}\n",
+            x.mode, x.size, x.p50_us, x.p99_us, x.p999_us
+        ));
+    }
+    if !r.scale.is_empty() {
+        s.push_str("\nscale (indicate-window, W 64 KiB, 64 KiB socket buffers)\n");
+        s.push_str(&format!(
+            "{:>7} {:>10} {:>8} {:>13} {:>14} {:>12}\n",
+            "conns", "MB/s", "vs one", "rss/conn KiB", "sockbuf KiB", "idle step us"
+        ));
+        for x in &r.scale {
+            s.push_str(&format!(
+                "{:>7} {:>10.1} {:>7.2}x {:>13.1} {:>14} {:>12.1}\n",
+                x.conns,
+                x.aggregate_bytes_per_s / 1e6,
+                x.vs_one_connection,
+                x.rss_per_conn_bytes / 1024.0,
+                x.socket_buffers_per_conn_bytes / 1024,
+                x.idle_step_us
+            ));
+        }
+    }
+    s.push_str("\ngoals\n");
+    for g in &r.goals {
+        s.push_str(&format!(
+            "{:<58} {:>7.2} (target {}{:.2}) {}\n",
+            g.name,
+            g.value,
+            if g.name.contains("p99") { "<= " } else { ">= " },
+            g.target,
+            if g.met { "met" } else { "MISSED" }
+        ));
+    }
+    s
+}

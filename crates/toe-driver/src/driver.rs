@@ -12,7 +12,7 @@
 //! Calls that hand the driver a buffer give it back inside the error if they are refused
 //! ([`Refused`]), so a refused call loses nothing.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddrV4;
 use std::sync::Arc;
 
@@ -153,6 +153,8 @@ struct DConn {
     send_bytes_outstanding: usize,
     close_sent: bool,
     nic_gone: bool,
+    /// The deadline this connection has in `Driver::timers`.
+    timer: Option<Instant>,
 }
 
 /// A snapshot of one connection for the application or a report.
@@ -190,6 +192,7 @@ pub struct Driver {
     events: VecDeque<(ConnId, AppEvent)>,
     stats: DriverStats,
     trace: Option<Box<dyn TraceSink>>,
+    timers: BTreeSet<(Instant, ConnId)>,
     last_now: Instant,
     scratch: Vec<(&'static str, u64)>,
 }
@@ -229,6 +232,7 @@ impl Driver {
                 ..DriverStats::default()
             },
             trace: None,
+            timers: BTreeSet::new(),
             last_now: Instant::from_micros(0),
             scratch: Vec::new(),
         };
@@ -332,6 +336,7 @@ impl Driver {
             send_bytes_outstanding: 0,
             close_sent: false,
             nic_gone: false,
+            timer: None,
         }
     }
 
@@ -417,6 +422,24 @@ impl Driver {
         self.trace.take()
     }
 
+    /// Keep `timers` in step with the connection's push-timer deadline (O(log n) per call,
+    /// so polling costs nothing per idle connection).
+    fn touch(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        let new = c.rx.poll_at();
+        if new != c.timer {
+            if let Some(t) = c.timer {
+                self.timers.remove(&(t, conn));
+            }
+            if let Some(t) = new {
+                self.timers.insert((t, conn));
+            }
+            c.timer = new;
+        }
+    }
+
     fn send_cmd(&mut self, c: Command) {
         if let Some(t) = self.trace.as_mut() {
             self.scratch.clear();
@@ -477,6 +500,7 @@ impl Driver {
         let c = self.conns.get_mut(&conn).expect("checked");
         let id = c.rx.post_named(&self.mem, now, buf, push, &mut out);
         self.absorb(out);
+        self.touch(conn);
         Ok(id)
     }
 
@@ -497,6 +521,7 @@ impl Driver {
             .ok_or(DriverError::UnknownConn(conn))?;
         c.rx.cancel_named(&self.mem, now, &mut out);
         self.absorb(out);
+        self.touch(conn);
         Ok(())
     }
 
@@ -514,6 +539,7 @@ impl Driver {
             .ok_or(DriverError::UnknownConn(conn))?;
         let n = c.rx.accept_in_place(&self.mem, now, f, &mut out);
         self.absorb(out);
+        self.touch(conn);
         Ok(n)
     }
 
@@ -618,6 +644,9 @@ impl Driver {
             });
         }
         let mut c = self.conns.remove(&conn).expect("checked");
+        if let Some(t) = c.timer {
+            self.timers.remove(&(t, conn));
+        }
         let mut out = Outputs::default();
         c.rx.release_all(ReturnReason::Cancelled, &mut out);
         while let Some(done) = c.rx.take_completion() {
@@ -636,7 +665,7 @@ impl Driver {
         if self.bus.staged() > 0 || !self.released.is_empty() {
             return Some(Instant::from_micros(0));
         }
-        self.conns.values().filter_map(|c| c.rx.poll_at()).min()
+        self.timers.first().map(|(t, _)| *t)
     }
 
     /// Send queued commands to the NIC (anonymous buffers drained since the last call
@@ -671,22 +700,18 @@ impl Driver {
             }
             self.event(now, e);
         }
-        let is_due = |c: &DConn| c.rx.poll_at().is_some_and(|t| t <= now);
-        let due: Vec<ConnId> = if self.conns.values().any(is_due) {
-            self.conns
-                .iter()
-                .filter(|(_, c)| is_due(c))
-                .map(|(id, _)| *id)
-                .collect()
-        } else {
-            Vec::new()
-        };
-        for id in due {
+        while let Some(&(t, id)) = self.timers.first() {
+            if t > now {
+                break;
+            }
+            self.timers.pop_first();
             let mut out = Outputs::default();
             if let Some(c) = self.conns.get_mut(&id) {
+                c.timer = None;
                 c.rx.on_timer(now, &mut out);
             }
             self.absorb(out);
+            self.touch(id);
             progress = true;
         }
         progress |= self.flush();
@@ -861,6 +886,7 @@ impl Driver {
             Event::ListenFailed { .. } | Event::BuffersReturned { .. } => None,
         };
         self.absorb(out);
+        self.touch(conn);
         if let Some(a) = app {
             self.events.push_back((conn, a));
         }

@@ -137,6 +137,8 @@ pub struct Nic<P: Phy> {
     next_port: u16,
     stats: NicStats,
     scratch_ids: Vec<ConnId>,
+    scratch_flows: Vec<FlowKey>,
+    by_flow: BTreeMap<FlowKey, ConnId>,
 }
 
 impl<P: Phy> std::fmt::Debug for Nic<P> {
@@ -232,6 +234,8 @@ impl<P: Phy> Nic<P> {
             next_passive: 0,
             stats: NicStats::default(),
             scratch_ids: Vec::new(),
+            scratch_flows: Vec::new(),
+            by_flow: BTreeMap::new(),
         }
     }
 
@@ -590,6 +594,18 @@ impl<P: Phy> Nic<P> {
     /// Move data for every connection; returns true if bytes moved or states changed.
     fn service(&mut self, _now: Instant) -> bool {
         let mut moved = self.accept_listeners();
+        // PSH marks from the tap, converted to stream offsets: only flows that got some.
+        let mut dirty = std::mem::take(&mut self.scratch_flows);
+        self.dev.take_psh_dirty(&mut dirty);
+        for key in dirty.drain(..) {
+            let Some(c) = self.by_flow.get(&key).and_then(|id| self.conns.get_mut(id)) else {
+                // Not offloaded yet: the marks wait in the tap and are taken when the
+                // connection is established (below, in `service_conn`).
+                continue;
+            };
+            apply_psh(&mut c.ctx, self.dev.take_psh(&key));
+        }
+        self.scratch_flows = dirty;
         let mut ids = std::mem::take(&mut self.scratch_ids);
         ids.clear();
         ids.extend(self.conns.keys().copied());
@@ -607,6 +623,7 @@ impl<P: Phy> Nic<P> {
                 self.sockets.remove(c.handle);
                 if let Some(k) = c.flow {
                     self.dev.forget(&k);
+                    self.by_flow.remove(&k);
                 }
             }
         }
@@ -643,11 +660,14 @@ impl<P: Phy> Nic<P> {
                     let (local, remote) = (v4(local), v4(remote));
                     c.phase = Phase::Open;
                     c.ctx = OffloadCtx::new(id, c.params.policy, win);
-                    c.flow = Some(FlowKey {
+                    let key = FlowKey {
                         remote_ip: *remote.ip(),
                         remote_port: remote.port(),
                         local_port: local.port(),
-                    });
+                    };
+                    c.flow = Some(key);
+                    self.by_flow.insert(key, id);
+                    apply_psh(&mut c.ctx, self.dev.take_psh(&key));
                     self.stats.established += 1;
                     self.out.push_back(Event::Established {
                         conn: id,
@@ -657,16 +677,6 @@ impl<P: Phy> Nic<P> {
                         indicate_window: win,
                     });
                     moved = true;
-                }
-            }
-        }
-
-        // PSH marks from the tap, converted to stream offsets.
-        if let Some(key) = c.flow {
-            if let Some((isn, ends)) = self.dev.take_psh(&key) {
-                for e in ends {
-                    let low = e.wrapping_sub(isn).wrapping_sub(1);
-                    c.ctx.add_psh_mark(extend_offset(c.ctx.position(), low));
                 }
             }
         }
@@ -793,6 +803,17 @@ impl<P: Phy> Nic<P> {
             self.out.push_back(Event::Closed { conn: id });
         }
         (moved || finished, finished)
+    }
+}
+
+/// Hand the tap's PSH marks (peer ISN, sequence numbers just past PSH segments) to `ctx` as
+/// stream offsets.
+fn apply_psh(ctx: &mut OffloadCtx, marks: Option<(u32, Vec<u32>)>) {
+    if let Some((isn, ends)) = marks {
+        for e in ends {
+            let low = e.wrapping_sub(isn).wrapping_sub(1);
+            ctx.add_psh_mark(extend_offset(ctx.position(), low));
+        }
     }
 }
 

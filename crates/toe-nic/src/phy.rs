@@ -159,6 +159,7 @@ pub struct NicDevice<P> {
     local_ip: Ipv4Addr,
     tap: bool,
     flows: BTreeMap<FlowKey, FlowInfo>,
+    psh_dirty: Vec<FlowKey>,
     stats: PhyStats,
 }
 
@@ -173,6 +174,7 @@ impl<P: Phy> NicDevice<P> {
             local_ip,
             tap,
             flows: BTreeMap::new(),
+            psh_dirty: Vec::new(),
             stats: PhyStats::default(),
         }
     }
@@ -202,6 +204,12 @@ impl<P: Phy> NicDevice<P> {
         }
         Some((isn, std::mem::take(&mut f.psh_ends)))
     }
+    /// Flows that received PSH marks since the last call (each at most once), so the NIC
+    /// visits only those instead of every connection.
+    pub fn take_psh_dirty(&mut self, into: &mut Vec<FlowKey>) {
+        into.append(&mut self.psh_dirty);
+    }
+
     /// Forget a flow (its connection is released).
     pub fn forget(&mut self, key: &FlowKey) {
         self.flows.remove(key);
@@ -264,6 +272,9 @@ impl<P: Phy> NicDevice<P> {
         let payload_len = tcp.payload().len() as u32;
         if tcp.psh() && payload_len > 0 && f.psh_ends.len() < 4096 {
             let seq = (tcp.seq_number().0 as u32).wrapping_add(u32::from(tcp.syn()));
+            if f.psh_ends.is_empty() {
+                self.psh_dirty.push(key);
+            }
             f.psh_ends.push(seq.wrapping_add(payload_len));
         }
         true

@@ -137,6 +137,38 @@ enum Cmd {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Latency, throughput and memory against W for each receive mode: a table, sweep.json
+    /// and SVG charts in --out.
+    Sweep {
+        /// W values: a power-of-two range `1KiB..4MiB` or a list `4KiB,64KiB`.
+        #[arg(long, default_value = "1KiB..4MiB")]
+        w: String,
+        /// Bytes of the bulk transfer at each point.
+        #[arg(long, default_value = "64MiB")]
+        bytes: String,
+        /// Request/response exchanges at each point.
+        #[arg(long, default_value_t = 2000)]
+        rr_iters: usize,
+        /// Modes (comma separated; default: the four TOE modes).
+        #[arg(long, value_delimiter = ',')]
+        modes: Vec<String>,
+        /// Output directory.
+        #[arg(long, default_value = "sweep-out")]
+        out: PathBuf,
+    },
+    /// An SVG timeline of P (NIC) and I (driver) for one indicate-window connection with a
+    /// slow receiver.
+    Timeline {
+        /// Bytes to transfer.
+        #[arg(long, default_value = "4MiB")]
+        bytes: String,
+        /// Seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Output SVG.
+        #[arg(long, default_value = "timeline.svg")]
+        out: PathBuf,
+    },
     /// The benchmark baseline: a bare-smoltcp sink (no offload layers) on a TAP device.
     BareSink {
         #[command(flatten)]
@@ -320,6 +352,42 @@ fn run(cli: Cli) -> Result<(), String> {
                 let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
                 std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
             }
+            Ok(())
+        }
+        Cmd::Sweep {
+            w,
+            bytes,
+            rr_iters,
+            modes,
+            out,
+        } => {
+            let mut o = toemu::sweep::SweepOptions {
+                w_values: toemu::sweep::parse_w_range(&w).map_err(|e| format!("--w: {e}"))?,
+                bytes: parse_size(&bytes).map_err(|e| format!("--bytes: {e}"))?,
+                rr_iters,
+                settings,
+                ..toemu::sweep::SweepOptions::default()
+            };
+            if !modes.is_empty() {
+                o.modes = modes
+                    .iter()
+                    .map(|m| m.parse::<Mode>())
+                    .collect::<Result<Vec<_>, _>>()?;
+            }
+            let points =
+                toemu::sweep::run_sweep(&o, |l| eprintln!("  {l}")).map_err(|e| e.to_string())?;
+            print!("{}", toemu::sweep::sweep_table(&points));
+            let files = toemu::sweep::write_sweep(&out, &points).map_err(|e| e.to_string())?;
+            for f in files {
+                eprintln!("wrote {}", f.display());
+            }
+            Ok(())
+        }
+        Cmd::Timeline { bytes, seed, out } => {
+            let bytes = parse_size(&bytes).map_err(|e| format!("--bytes: {e}"))?;
+            let n = toemu::plot::timeline_demo(&settings, bytes, seed, &out)
+                .map_err(|e| e.to_string())?;
+            eprintln!("wrote {} ({n} samples of P and I)", out.display());
             Ok(())
         }
         Cmd::BareSink { tap, port } => {

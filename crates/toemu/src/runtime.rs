@@ -185,6 +185,12 @@ impl Sim {
     /// next deadline. Returns whether anything moved. An error means nothing can ever move
     /// again (no work and no deadline) or the step limit was hit.
     pub fn step(&self) -> io::Result<bool> {
+        self.step_bounded(None)
+    }
+
+    /// [`Sim::step`] whose idle clock jump stops at `limit` (if given): the clock never passes
+    /// it, and an idle world with no deadline jumps to it instead of failing.
+    pub fn step_bounded(&self, limit: Option<Instant>) -> io::Result<bool> {
         let mut g = self.inner.lock();
         g.steps += 1;
         if g.steps > g.step_limit {
@@ -201,7 +207,10 @@ impl Sim {
         if progress {
             return Ok(true);
         }
-        let next = g.hosts.iter_mut().filter_map(|h| h.poll_at(now)).min();
+        let mut next = g.hosts.iter_mut().filter_map(|h| h.poll_at(now)).min();
+        if let Some(l) = limit.filter(|l| *l > now) {
+            next = Some(next.map_or(l, |t| t.min(l)));
+        }
         match next {
             None => Err(io::Error::new(
                 io::ErrorKind::WouldBlock,
@@ -256,22 +265,12 @@ impl Sim {
         ))
     }
 
-    /// Advance virtual time by `d`, stepping as needed (timers in between fire in order).
+    /// Advance virtual time by exactly `d`, stepping as needed (timers in between fire in
+    /// order; the clock never jumps past the end).
     pub fn advance(&self, d: Duration) -> io::Result<()> {
         let end = self.now() + d;
         while self.now() < end {
-            let moved = self.step();
-            match moved {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
-            }
-            if self.now() > end {
-                break;
-            }
-        }
-        if self.now() < end {
-            self.now_us.store(end.total_micros(), Ordering::Relaxed);
+            self.step_bounded(Some(end))?;
         }
         Ok(())
     }

@@ -4,11 +4,18 @@
 //! - [`nic`]: the NIC shell: smoltcp interface and sockets, DMA into host memory, bus I/O.
 //! - [`phy`]: frame ports (the in-memory [`phy::wire`]), and the receive tap that validates
 //!   frames and records PSH boundaries, ISNs and advertised windows per flow.
+//! - [`impair`]: phy middleware that impairs a port (delay, rate limit with a bounded queue,
+//!   loss, reordering, duplication, corruption), seeded and reproducible.
+//! - [`pcap`]: phy middleware that records a port's frames in a libpcap file.
 
+pub mod impair;
 pub mod nic;
 pub mod offload;
+pub mod pcap;
 pub mod phy;
 
+pub use impair::{ImpairConfig, ImpairError, ImpairMonitor, ImpairStats, Impaired};
 pub use nic::{Nic, NicConfig, NicStats};
 pub use offload::{OffloadCtx, OffloadStats, Plan};
+pub use pcap::{Pcap, PcapWriter, SharedPcap};
 pub use phy::{wire, Frame, NicDevice, Phy, PhyStats, WirePort};

@@ -1,7 +1,8 @@
 //! The bare-smoltcp baseline: two plain smoltcp interfaces on the same in-memory wire, MTU,
 //! socket buffers and TCP settings as the emulated TOE hosts, with the applications working
 //! directly on the sockets (the receiver hashes in place in the socket buffer: no copy at all).
-//! Same single-thread virtual-clock discipline as [`crate::runtime::Sim`].
+//! Same single-thread virtual-clock discipline as [`crate::runtime::Sim`], and the same wire
+//! options ([`BarePair::with_wire`]: impairment and capture).
 
 use std::io;
 use std::net::Ipv4Addr;
@@ -12,21 +13,22 @@ use smoltcp::socket::tcp;
 use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{IpAddress, IpEndpoint};
 use toe_nic::nic::{make_interface, make_socket};
-use toe_nic::{wire, NicConfig, NicDevice, Phy, WirePort};
+use toe_nic::{wire, NicConfig, NicDevice, Phy};
 
 use crate::config::Settings;
 use crate::datagen::DataGen;
-use crate::runtime::test_nic;
+use crate::runtime::{test_nic, BoxPhy};
+use crate::wire_opts::WireOptions;
 
 struct BareHost {
     iface: Interface,
     sockets: SocketSet<'static>,
-    dev: NicDevice<WirePort>,
+    dev: NicDevice<BoxPhy>,
     ip: Ipv4Addr,
 }
 
 impl BareHost {
-    fn new(cfg: &NicConfig, port: WirePort, mtu: usize) -> Self {
+    fn new(cfg: &NicConfig, port: BoxPhy, mtu: usize) -> Self {
         let mut dev = NicDevice::new(port, mtu, cfg.ip, false);
         let iface = make_interface(
             cfg.mac,
@@ -61,9 +63,22 @@ impl std::fmt::Debug for BarePair {
 }
 
 impl BarePair {
-    /// Hosts 10.0.0.1 and 10.0.0.2 with `settings`' MTU and socket buffers.
+    /// Hosts 10.0.0.1 and 10.0.0.2 with `settings`' MTU and socket buffers, on a perfect
+    /// wire.
     pub fn new(settings: &Settings, seed: u64) -> Self {
+        Self::build(settings, seed, &WireOptions::default())
+    }
+
+    /// Like [`BarePair::new`], on a wire built by `wire_opts` (host `i` is side `i`). Errors if
+    /// the wire options do not validate.
+    pub fn with_wire(settings: &Settings, seed: u64, wire_opts: &WireOptions) -> io::Result<Self> {
+        wire_opts.validate().map_err(io::Error::other)?;
+        Ok(Self::build(settings, seed, wire_opts))
+    }
+
+    fn build(settings: &Settings, seed: u64, wire_opts: &WireOptions) -> Self {
         let (pa, pb) = wire(4096);
+        let (pa, pb) = (wire_opts.wrap(pa, 0), wire_opts.wrap(pb, 1));
         let mtu = settings.mtu as usize;
         let (ca, cb) = (test_nic(0, seed), test_nic(1, seed));
         BarePair {

@@ -6,6 +6,11 @@
 //! than W posted: direct placement), `indicate-window` (no named buffers: the application
 //! accepts indicated data in place), `mss-holdoff` and `unbounded-copy` (prior art), and
 //! `smoltcp-bare`.
+//!
+//! Every wire is built through [`DemoOptions::wire`] ([`WireOptions`]): perfect by default, or
+//! impaired (delay, rate, loss, reordering, duplication, corruption) and captured to pcap. On
+//! the virtual clock a delayed wire costs no wall time: the simulation jumps to the instant
+//! the next held frame is due.
 
 use std::io;
 use std::net::SocketAddrV4;
@@ -15,12 +20,14 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use toe_bus::{ConnId, HostBuf, RxPolicy};
 use toe_driver::Driver;
+use toe_nic::impair::ImpairStats;
 use toe_nic::wire;
 
 use crate::bare::BarePair;
 use crate::config::Settings;
 use crate::datagen::DataGen;
 use crate::runtime::{Host, Sim};
+use crate::wire_opts::{wire_stats, WireMonitors, WireOptions};
 
 /// A receive mode of the demo.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -105,6 +112,8 @@ pub struct DemoOptions {
     pub modes: Vec<Mode>,
     /// Bulk runs per mode (alternating between modes); the median run is reported.
     pub repeat: usize,
+    /// The wire between the two hosts (impairment, capture); default: perfect, no capture.
+    pub wire: WireOptions,
 }
 
 impl Default for DemoOptions {
@@ -121,6 +130,7 @@ impl Default for DemoOptions {
             send_bufs: 4,
             modes: Mode::ALL.to_vec(),
             repeat: 3,
+            wire: WireOptions::default(),
         }
     }
 }
@@ -200,31 +210,33 @@ fn settings_for(mode: Mode, base: &Settings) -> Settings {
     s
 }
 
-/// Two hosts on a wire, host 1 listening on `port`, host 0 connected to it.
+/// Two hosts on a perfect wire, host 1 listening on `port`, host 0 connected to it.
 /// Returns (sim, client conn on host 0, server conn on host 1).
 pub fn connected_pair(
     settings: &Settings,
     seed: u64,
     port: u16,
 ) -> io::Result<(Sim, ConnId, ConnId)> {
+    connected_pair_on(settings, seed, port, &WireOptions::default()).map(|(s, a, b, _)| (s, a, b))
+}
+
+/// Like [`connected_pair`], on a wire built by `wire` (host `i` is side `i`). Also returns
+/// the impairment counters of the two directions.
+pub fn connected_pair_on(
+    settings: &Settings,
+    seed: u64,
+    port: u16,
+    wire_opts: &WireOptions,
+) -> io::Result<(Sim, ConnId, ConnId, WireMonitors)> {
+    wire_opts.validate().map_err(other)?;
     let (pa, pb) = wire(4096);
+    let (pa, ma) = wire_opts.wrap_observed(pa, 0);
+    let (pb, mb) = wire_opts.wrap_observed(pb, 1);
     let now = toe_bus::time::Instant::from_micros(0);
-    let a = Host::new(
-        "a",
-        settings,
-        crate::runtime::test_nic(0, seed),
-        Box::new(pa),
-        now,
-    )
-    .map_err(|e| other(e.to_string()))?;
-    let b = Host::new(
-        "b",
-        settings,
-        crate::runtime::test_nic(1, seed),
-        Box::new(pb),
-        now,
-    )
-    .map_err(|e| other(e.to_string()))?;
+    let a = Host::new("a", settings, crate::runtime::test_nic(0, seed), pa, now)
+        .map_err(|e| other(e.to_string()))?;
+    let b = Host::new("b", settings, crate::runtime::test_nic(1, seed), pb, now)
+        .map_err(|e| other(e.to_string()))?;
     let sim = Sim::new(vec![a, b]);
     let (da, db) = (sim.driver(0), sim.driver(1));
     db.lock()
@@ -242,7 +254,7 @@ pub fn connected_pair(
         }
         cb.is_some() && da.lock().state(ca).ok() == Some(toe_driver::ConnState::Established)
     })?;
-    Ok((sim, ca, cb.expect("accepted")))
+    Ok((sim, ca, cb.expect("accepted"), [ma, mb]))
 }
 
 /// What a receiving application does with its connection.
@@ -426,13 +438,16 @@ pub struct Bulk {
     pub copy_high: u64,
     /// Bytes the NIC placed directly into named buffers.
     pub placed: u64,
+    /// What the wire's impairment did, per direction, indexed by the receiving host (entry 1
+    /// is the data direction); zeros on a perfect wire.
+    pub wire: [ImpairStats; 2],
 }
 
 /// One bulk transfer of `o.bytes` from host 0 to host 1 in `mode` (not `smoltcp-bare`), on
 /// the virtual clock. Errors if the transfer stalls or loses bytes.
 pub fn toe_bulk(mode: Mode, o: &DemoOptions) -> io::Result<Bulk> {
     let settings = settings_for(mode, &o.settings);
-    let (sim, ca, cb) = connected_pair(&settings, o.seed, 5001)?;
+    let (sim, ca, cb, monitors) = connected_pair_on(&settings, o.seed, 5001, &o.wire)?;
     let (da, db) = (sim.driver(0), sim.driver(1));
     let mut tx = Sender::new(
         &da.lock(),
@@ -505,6 +520,7 @@ pub fn toe_bulk(mode: Mode, o: &DemoOptions) -> io::Result<Bulk> {
         anon_high,
         copy_high: info.rx.copy_buffer_high_water_bytes,
         placed: placed_nic.max(info.rx.placed_bytes),
+        wire: wire_stats(&monitors),
     })
 }
 
@@ -512,7 +528,7 @@ pub fn toe_bulk(mode: Mode, o: &DemoOptions) -> io::Result<Bulk> {
 /// the virtual clock; returns each round trip in wall-clock microseconds.
 pub fn toe_rr(mode: Mode, o: &DemoOptions) -> io::Result<Vec<f64>> {
     let settings = settings_for(mode, &o.settings);
-    let (sim, ca, cb) = connected_pair(&settings, o.seed, 5002)?;
+    let (sim, ca, cb, _) = connected_pair_on(&settings, o.seed, 5002, &o.wire)?;
     let (da, db) = (sim.driver(0), sim.driver(1));
     // Named buffers for request/response: push mode, larger than W so the NIC places them.
     let named_len = (settings.indicate_window_bytes as usize + 4096).max(o.named_buf_bytes / 4);
@@ -570,7 +586,7 @@ type BulkRun = (f64, [u8; 32], Option<Bulk>);
 
 fn bulk_any(mode: Mode, o: &DemoOptions) -> io::Result<BulkRun> {
     if mode == Mode::SmoltcpBare {
-        let mut pair = BarePair::new(&o.settings, o.seed);
+        let mut pair = BarePair::with_wire(&o.settings, o.seed, &o.wire)?;
         let (elapsed, digest) = pair.bulk(o.bytes, o.seed)?;
         Ok((elapsed.as_secs_f64(), digest, None))
     } else {
@@ -606,7 +622,8 @@ pub fn run_demo(o: &DemoOptions, mut progress: impl FnMut(&str)) -> io::Result<V
         all.sort_by(|a, b| a.0.total_cmp(&b.0));
         let (seconds, _, toe) = all.swap_remove(all.len() / 2);
         let lat = if mode == Mode::SmoltcpBare {
-            BarePair::new(&o.settings, o.seed).request_response(o.rr_iters, o.rr_bytes)?
+            BarePair::with_wire(&o.settings, o.seed, &o.wire)?
+                .request_response(o.rr_iters, o.rr_bytes)?
         } else {
             toe_rr(mode, o)?
         };
@@ -619,6 +636,7 @@ pub fn run_demo(o: &DemoOptions, mut progress: impl FnMut(&str)) -> io::Result<V
             anon_high: 0,
             copy_high: 0,
             placed: 0,
+            wire: [ImpairStats::default(); 2],
         });
         let report = RunReport {
             mode: mode.name(),

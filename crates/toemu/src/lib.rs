@@ -8,6 +8,7 @@
 //! - [`demo`]: the `toemu demo` experiment (bulk transfers and request/response per policy).
 //! - [`datagen`]: deterministic payload and its SHA-256.
 //! - [`tap`]: the TAP backend; [`serve`]: running the example apps on a host.
+//! - [`wire_opts`]: wire options (impairment, pcap capture) and how they wrap ports.
 
 pub mod bare;
 pub mod bare_tap;
@@ -21,3 +22,4 @@ pub mod serve;
 pub mod sweep;
 pub mod tap;
 pub mod trace;
+pub mod wire_opts;

@@ -4,6 +4,8 @@
 //!   check, clippy with warnings denied, rustdoc with warnings denied, release-mode tests.
 //! - `cargo xtask test`: only the test step (`cargo test --workspace --release`).
 //! - `cargo xtask tap-test`: (root) real Linux programs against an emulated host on TAP.
+//! - `cargo xtask soak`: the impaired-wire integrity matrix (`tests/impair.rs`) at 1 GiB per
+//!   cell, ignored cells included.
 //!
 //! Tests run in release mode because the integration tests move hundreds of MiB.
 
@@ -60,6 +62,24 @@ const TEST: Step = Step {
     env: &[],
 };
 
+/// `cargo xtask soak`: the integrity matrix over the impaired wire at 1 GiB per cell, with the
+/// cells ignored in CI (known smoltcp bug) and per-cell progress lines.
+const SOAK: Step = Step {
+    name: "soak",
+    args: &[
+        "test",
+        "--release",
+        "-p",
+        "toemu-tests",
+        "--test",
+        "impair",
+        "--",
+        "--include-ignored",
+        "--nocapture",
+    ],
+    env: &[("TOEMU_SOAK_BYTES", "1GiB")],
+};
+
 /// The gates of `cargo xtask ci`, in order.
 const CI: &[&Step] = &[&FMT, &CLIPPY, &DOC, &TEST];
 
@@ -81,6 +101,9 @@ tasks:
   tap-bench [BYTES] [ROUNDS]
          (root) socat into the TOE sink and into a bare-smoltcp sink on the same TAP,
          alternating rounds (default 1 GiB, 3 rounds); medians and ratios, target/tap-bench.json
+  soak   TOEMU_SOAK_BYTES=1GiB cargo test --release -p toemu-tests --test impair
+           -- --include-ignored --nocapture
+         the impaired-wire integrity matrix at 1 GiB per cell (24 cells)
   help   print this message";
 
 /// The workspace root: the parent of this crate's manifest directory.
@@ -154,6 +177,7 @@ fn main() -> ExitCode {
     {
         ["ci"] => run_all(CI),
         ["test"] => run_all(&[&TEST]),
+        ["soak"] => run_all(&[&SOAK]),
         ["tap-test"] => tap_test::run(&workspace_root()),
         ["bench", rest @ ..] => {
             let root = workspace_root();

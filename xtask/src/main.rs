@@ -5,7 +5,7 @@
 //! - `cargo xtask test`: only the test step (`cargo test --workspace --release`).
 //! - `cargo xtask tap-test`: (root) real Linux programs against an emulated host on TAP.
 //! - `cargo xtask soak`: the impaired-wire integrity matrix (`tests/impair.rs`) at 1 GiB per
-//!   cell, ignored cells included.
+//!   cell.
 //!
 //! Tests run in release mode because the integration tests move hundreds of MiB.
 
@@ -63,7 +63,7 @@ const TEST: Step = Step {
 };
 
 /// `cargo xtask soak`: the integrity matrix over the impaired wire at 1 GiB per cell, with the
-/// cells ignored in CI (known smoltcp bug) and per-cell progress lines.
+/// per-cell progress lines.
 const SOAK: Step = Step {
     name: "soak",
     args: &[

@@ -3,6 +3,7 @@
 //! determinism and the threaded real-time runtime.
 
 use std::io::{Read, Write};
+
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 
@@ -397,11 +398,42 @@ fn garbage_truncated_and_corrupt_frames_are_dropped_and_counted() {
     assert!(st.rx_bad_checksum > 0, "corrupted frames counted: {st:?}");
 }
 
-/// One 1 MiB transfer on the virtual clock: (frames seen by host 1, SHA-256 of those frames,
-/// the JSON-lines bus trace of both drivers).
-fn frame_log(seed: u64) -> (u64, Vec<u8>, Vec<u8>) {
+/// A `Write` into shared memory (pcap capture in tests).
+#[derive(Clone)]
+struct MemWriter(Arc<Mutex<Vec<u8>>>);
+
+impl Write for MemWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// One 1 MiB transfer on the virtual clock over a delayed, lossy, reordering wire: (frames
+/// seen by host 1, SHA-256 of those frames, the JSON-lines bus trace of both drivers, the
+/// pcap capture of host 0's port).
+fn frame_log(seed: u64) -> (u64, Vec<u8>, Vec<u8>, Vec<u8>) {
     let s = settings(32 * 1024);
     let (pa, pb) = wire(1024);
+    let impair = toemu::wire_opts::WireOptions {
+        impair: toe_nic::impair::ImpairConfig {
+            delay: Duration::from_millis(1),
+            loss: 0.01,
+            reorder: 0.01,
+            seed,
+            ..Default::default()
+        },
+        pcap: None,
+    };
+    let capture = MemWriter(Arc::new(Mutex::new(Vec::new())));
+    let sink = toe_nic::pcap::PcapWriter::new(capture.clone())
+        .unwrap()
+        .shared();
+    let pa = toe_nic::pcap::Pcap::new(impair.wrap(pa, 0), sink.clone());
+    let pb = impair.wrap(pb, 1);
     let log = Arc::new(Mutex::new(Sha256::new()));
     let count = Arc::new(Mutex::new(0u64));
     let (l2, c2) = (log.clone(), count.clone());
@@ -433,7 +465,9 @@ fn frame_log(seed: u64) -> (u64, Vec<u8>, Vec<u8>) {
     let n = *count.lock();
     let digest = log.lock().clone().finalize().to_vec();
     let t = trace_bytes.lock().clone();
-    (n, digest, t)
+    drop(sim);
+    let p = capture.0.lock().clone();
+    (n, digest, t, p)
 }
 
 #[test]
@@ -451,6 +485,8 @@ fn virtual_clock_runs_are_reproducible() {
         "same seed, same frames in the same order"
     );
     assert!(a.2 == b.2, "same seed, byte-identical bus trace");
+    assert!(a.3.len() > 1 << 20, "the capture holds the transfer");
+    assert!(a.3 == b.3, "same seed, byte-identical pcap");
     let c = frame_log(22);
     assert_ne!(a.1, c.1, "another seed changes the run");
 }

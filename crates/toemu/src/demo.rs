@@ -114,6 +114,8 @@ pub struct DemoOptions {
     pub repeat: usize,
     /// The wire between the two hosts (impairment, capture); default: perfect, no capture.
     pub wire: WireOptions,
+    /// Record both drivers' bus traffic as JSON lines here (host names `MODE/PHASE/a|b`).
+    pub trace: Option<crate::trace::SharedWriter>,
 }
 
 impl Default for DemoOptions {
@@ -131,6 +133,7 @@ impl Default for DemoOptions {
             modes: Mode::ALL.to_vec(),
             repeat: 3,
             wire: WireOptions::default(),
+            trace: None,
         }
     }
 }
@@ -228,6 +231,18 @@ pub fn connected_pair_on(
     port: u16,
     wire_opts: &WireOptions,
 ) -> io::Result<(Sim, ConnId, ConnId, WireMonitors)> {
+    connected_pair_traced(settings, seed, port, wire_opts, None)
+}
+
+/// Like [`connected_pair_on`], with both drivers tracing bus traffic from the start into
+/// `trace` (writer, host-name prefix).
+pub fn connected_pair_traced(
+    settings: &Settings,
+    seed: u64,
+    port: u16,
+    wire_opts: &WireOptions,
+    trace: Option<(&crate::trace::SharedWriter, &str)>,
+) -> io::Result<(Sim, ConnId, ConnId, WireMonitors)> {
     wire_opts.validate().map_err(other)?;
     let (pa, pb) = wire(4096);
     let (pa, ma) = wire_opts.wrap_observed(pa, 0);
@@ -239,6 +254,14 @@ pub fn connected_pair_on(
         .map_err(|e| other(e.to_string()))?;
     let sim = Sim::new(vec![a, b]);
     let (da, db) = (sim.driver(0), sim.driver(1));
+    if let Some((w, prefix)) = trace {
+        for (d, h) in [(&da, "a"), (&db, "b")] {
+            d.lock().set_trace(Box::new(crate::trace::JsonlTrace::new(
+                &format!("{prefix}/{h}"),
+                w.clone(),
+            )));
+        }
+    }
     db.lock()
         .listen(port, 4, None)
         .map_err(|e| other(e.to_string()))?;
@@ -441,13 +464,19 @@ pub struct Bulk {
     /// What the wire's impairment did, per direction, indexed by the receiving host (entry 1
     /// is the data direction); zeros on a perfect wire.
     pub wire: [ImpairStats; 2],
+    /// The receiving NIC's offload counters at end of stream (TOE modes).
+    pub nic_counters: Option<toe_nic::OffloadStats>,
+    /// The receiving driver's connection counters at end of stream (TOE modes).
+    pub driver_counters: Option<toe_driver::ConnRxStats>,
 }
 
 /// One bulk transfer of `o.bytes` from host 0 to host 1 in `mode` (not `smoltcp-bare`), on
 /// the virtual clock. Errors if the transfer stalls or loses bytes.
 pub fn toe_bulk(mode: Mode, o: &DemoOptions) -> io::Result<Bulk> {
     let settings = settings_for(mode, &o.settings);
-    let (sim, ca, cb, monitors) = connected_pair_on(&settings, o.seed, 5001, &o.wire)?;
+    let label = format!("{}/bulk", mode.name());
+    let trace = o.trace.as_ref().map(|w| (w, label.as_str()));
+    let (sim, ca, cb, monitors) = connected_pair_traced(&settings, o.seed, 5001, &o.wire, trace)?;
     let (da, db) = (sim.driver(0), sim.driver(1));
     let mut tx = Sender::new(
         &da.lock(),
@@ -492,12 +521,10 @@ pub fn toe_bulk(mode: Mode, o: &DemoOptions) -> io::Result<Bulk> {
         .snapshot()
         .since(&before)
         .rx_copies_per_byte(received);
-    let (stalls, placed_nic) = sim.with_host(1, |h| {
-        h.nic
-            .offload_state(cb)
-            .map(|(_, _, s)| (s.stalls, s.placed_bytes))
-            .unwrap_or((0, 0))
-    });
+    let nic_counters = sim.with_host(1, |h| h.nic.offload_state(cb).map(|(_, _, s)| s));
+    let (stalls, placed_nic) = nic_counters
+        .map(|s| (s.stalls, s.placed_bytes))
+        .unwrap_or((0, 0));
     let info = db.lock().conn_info(cb).map_err(|e| other(e.to_string()))?;
     let anon_high = db.lock().anon_high_water_bytes() as u64;
     // finish the exchange cleanly: both sides closed, every send acknowledged
@@ -521,6 +548,8 @@ pub fn toe_bulk(mode: Mode, o: &DemoOptions) -> io::Result<Bulk> {
         copy_high: info.rx.copy_buffer_high_water_bytes,
         placed: placed_nic.max(info.rx.placed_bytes),
         wire: wire_stats(&monitors),
+        nic_counters,
+        driver_counters: Some(info.rx),
     })
 }
 
@@ -528,7 +557,9 @@ pub fn toe_bulk(mode: Mode, o: &DemoOptions) -> io::Result<Bulk> {
 /// the virtual clock; returns each round trip in wall-clock microseconds.
 pub fn toe_rr(mode: Mode, o: &DemoOptions) -> io::Result<Vec<f64>> {
     let settings = settings_for(mode, &o.settings);
-    let (sim, ca, cb, _) = connected_pair_on(&settings, o.seed, 5002, &o.wire)?;
+    let label = format!("{}/rr", mode.name());
+    let trace = o.trace.as_ref().map(|w| (w, label.as_str()));
+    let (sim, ca, cb, _) = connected_pair_traced(&settings, o.seed, 5002, &o.wire, trace)?;
     let (da, db) = (sim.driver(0), sim.driver(1));
     // Named buffers for request/response: push mode, larger than W so the NIC places them.
     let named_len = (settings.indicate_window_bytes as usize + 4096).max(o.named_buf_bytes / 4);
@@ -637,6 +668,8 @@ pub fn run_demo(o: &DemoOptions, mut progress: impl FnMut(&str)) -> io::Result<V
             copy_high: 0,
             placed: 0,
             wire: [ImpairStats::default(); 2],
+            nic_counters: None,
+            driver_counters: None,
         });
         let report = RunReport {
             mode: mode.name(),
@@ -656,9 +689,39 @@ pub fn run_demo(o: &DemoOptions, mut progress: impl FnMut(&str)) -> io::Result<V
             "rr   {:<16} p50 {:.1} us  p99 {:.1} us",
             report.mode, report.rr_latency_us.p50, report.rr_latency_us.p99
         ));
+        if let Some(line) = counters_line(mode, &b) {
+            progress(&line);
+        }
         runs.push(report);
     }
     Ok(runs)
+}
+
+/// The receiving connection's counters of a bulk run, one line (TOE modes only).
+pub fn counters_line(mode: Mode, b: &Bulk) -> Option<String> {
+    let (n, d) = (b.nic_counters?, b.driver_counters?);
+    Some(format!(
+        "     {:<16} NIC: indicated {} B in {} indications, placed {} B, stalls {}, acks {}, \
+         max P {} B, named posted {} (stale {}); driver: copied {} B, accepted {} B, \
+         acks {} ({} B), notifications {}, returns full/push/timer/eof/cancel/reset {:?}, \
+         queued high water {} B",
+        mode.name(),
+        n.indicated_bytes,
+        n.indications,
+        n.placed_bytes,
+        n.stalls,
+        n.acks,
+        n.max_pending_bytes,
+        n.named_posted,
+        n.named_stale,
+        d.copied_bytes,
+        d.accepted_bytes,
+        d.acks_sent,
+        d.acked_bytes,
+        d.notifications,
+        d.returned,
+        d.queued_high_water_bytes
+    ))
 }
 
 /// A readable table of `runs`, with throughput also as a ratio to the bare-smoltcp run.

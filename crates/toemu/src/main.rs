@@ -216,6 +216,11 @@ enum Cmd {
         /// Bulk runs per mode; modes alternate run by run and the median is reported.
         #[arg(long, default_value_t = 3)]
         repeat: usize,
+        /// Record both drivers' bus commands and events as JSON lines (virtual timestamps).
+        #[arg(long)]
+        trace: Option<PathBuf>,
+        #[command(flatten)]
+        wire: toemu::wire_opts::WireArgs,
     },
 }
 
@@ -426,7 +431,17 @@ fn run(cli: Cli) -> Result<(), String> {
             named_buf,
             named_bufs,
             repeat,
+            trace,
+            wire,
         } => {
+            let wire = toemu::wire_opts::WireOptions::from_args(&wire)?;
+            let trace_writer = trace
+                .as_ref()
+                .map(|p| {
+                    toemu::trace::file_writer(p)
+                        .map_err(|e| format!("--trace {}: {e}", p.display()))
+                })
+                .transpose()?;
             let named_buf_bytes =
                 parse_size(&named_buf).map_err(|e| format!("--named-buf: {e}"))? as usize;
             if named_buf_bytes == 0 || named_bufs == 0 || repeat == 0 {
@@ -453,14 +468,26 @@ fn run(cli: Cli) -> Result<(), String> {
                 named_buf_bytes,
                 named_bufs,
                 repeat,
+                wire: wire.clone(),
+                trace: trace_writer.clone(),
                 ..DemoOptions::default()
             };
             eprintln!(
-                "toemu demo: {} bytes per transfer, W = {} bytes, MTU {}, {} request/response exchanges",
-                bytes, settings.indicate_window_bytes, settings.mtu, rr_iters
+                "toemu demo: {} bytes per transfer, W = {} bytes, MTU {}, {} request/response exchanges, wire: {}",
+                bytes,
+                settings.indicate_window_bytes,
+                settings.mtu,
+                rr_iters,
+                wire.describe()
             );
             let runs = run_demo(&opts, |line| eprintln!("  {line}")).map_err(|e| e.to_string())?;
             print!("{}", table(&runs));
+            if let Some(w) = &trace_writer {
+                w.lock().flush().map_err(|e| format!("--trace: {e}"))?;
+            }
+            if let Some(p) = &wire.pcap {
+                p.flush().map_err(|e| format!("--pcap: {e}"))?;
+            }
             let ok = runs.iter().all(|r| r.integrity_ok);
             if let Some(path) = json {
                 let report = DemoReport {
@@ -477,6 +504,7 @@ fn run(cli: Cli) -> Result<(), String> {
                         "seed": seed,
                         "clock": "virtual (single thread); seconds and latencies are wall-clock",
                         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+                        "wire": wire.describe(),
                     }),
                 };
                 let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;

@@ -9,8 +9,26 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use toe_bus::trace::{TraceRecord, TraceSink};
 
-/// A shared JSON-lines writer several hosts can trace into.
-pub type SharedWriter = Arc<Mutex<Box<dyn Write + Send>>>;
+/// A shared JSON-lines writer several hosts can trace into (cheap to clone).
+#[derive(Clone)]
+pub struct SharedWriter(Arc<Mutex<Box<dyn Write + Send>>>);
+
+impl std::fmt::Debug for SharedWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedWriter")
+    }
+}
+
+impl SharedWriter {
+    /// Wrap a writer.
+    pub fn new(w: Box<dyn Write + Send>) -> Self {
+        SharedWriter(Arc::new(Mutex::new(w)))
+    }
+    /// Exclusive access to the writer.
+    pub fn lock(&self) -> parking_lot::MutexGuard<'_, Box<dyn Write + Send>> {
+        self.0.lock()
+    }
+}
 
 /// Trace sink writing JSON lines for one host to a shared writer. Write errors are kept and
 /// reported by [`JsonlTrace::error`] (tracing never disturbs the run).
@@ -53,7 +71,13 @@ impl TraceSink for JsonlTrace {
             let _ = write!(self.line, ",\"conn\":\"{c}\"");
         }
         if let Some(w) = r.why {
-            let _ = write!(self.line, ",\"why\":\"{w}\"");
+            // Listen and Connect carry the receive policy; returns and errors their reason.
+            let key = if matches!(r.kind, "Listen" | "Connect") {
+                "policy"
+            } else {
+                "why"
+            };
+            let _ = write!(self.line, ",\"{key}\":\"{w}\"");
         }
         for (k, v) in r.fields {
             let _ = write!(self.line, ",\"{k}\":{v}");
@@ -71,7 +95,7 @@ impl TraceSink for JsonlTrace {
 /// A writer to a file (buffered).
 pub fn file_writer(path: &std::path::Path) -> io::Result<SharedWriter> {
     let f = std::fs::File::create(path)?;
-    Ok(Arc::new(Mutex::new(Box::new(io::BufWriter::new(f)))))
+    Ok(SharedWriter::new(Box::new(io::BufWriter::new(f))))
 }
 
 /// An in-memory writer and a handle to read what was written (tests, replays).
@@ -88,5 +112,5 @@ pub fn memory_writer() -> (SharedWriter, Arc<Mutex<Vec<u8>>>) {
         }
     }
     let buf = Arc::new(Mutex::new(Vec::new()));
-    (Arc::new(Mutex::new(Box::new(Mem(buf.clone())))), buf)
+    (SharedWriter::new(Box::new(Mem(buf.clone()))), buf)
 }

@@ -382,6 +382,52 @@ print(sent)
         &stats,
     )?;
 
+    // ---- the impairment model on the TAP port: a Linux client through loss and reordering
+    let pcap = work.join("impaired.pcap");
+    let pcap_s = pcap.to_str().ok_or("non-UTF-8 temp dir")?;
+    let h = ns.toemu(
+        toemu,
+        &[
+            "serve",
+            "--tap",
+            "tap0",
+            "--ip",
+            &ip,
+            "--app",
+            "http",
+            "--delay-ms",
+            "2",
+            "--loss",
+            "0.5%",
+            "--reorder",
+            "0.5%",
+            "--pcap",
+            pcap_s,
+        ],
+        &log("impaired"),
+    )?;
+    ns.configure_tap("tap0", LINUX_IP)?;
+    let bytes = 32u64 << 20;
+    let got = ns.sh(&format!(
+        "curl -sS --max-time 120 http://{HOST_IP}/bytes/{bytes} | sha256sum"
+    ))?;
+    let want = sha256_of_gen(toemu, bytes, 0)?;
+    check(
+        "curl through a TAP with 2 ms delay, 0.5% loss and 0.5% reordering: SHA-256 matches",
+        first_word(&got)? == want,
+        format!("got {got}, want {want}"),
+    )?;
+    ns.stop(h);
+    let size = std::fs::metadata(&pcap).map(|m| m.len()).unwrap_or(0);
+    check(
+        &format!(
+            "--pcap on the TAP port wrote a capture ({} MiB)",
+            size >> 20
+        ),
+        size > bytes,
+        size,
+    )?;
+
     // ---- echo: concurrent round trips through socat, and nc
     let h = ns.toemu(
         toemu,

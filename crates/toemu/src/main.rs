@@ -45,6 +45,19 @@ struct TapArgs {
     /// Stop after this many seconds (default: run until killed, or until a client is done).
     #[arg(long)]
     max_seconds: Option<f64>,
+    /// Impairment of both directions of the TAP port, and capture.
+    #[command(flatten)]
+    wire: toemu::wire_opts::WireArgs,
+}
+
+impl TapArgs {
+    /// Open the TAP device, wrapped in the requested impairment and capture.
+    fn open(&self) -> Result<(toemu::runtime::BoxPhy, toemu::wire_opts::WireOptions), String> {
+        let wire = toemu::wire_opts::WireOptions::from_args(&self.wire)?;
+        let phy = toemu::tap::TapPhy::open(&self.tap, 8192).map_err(|e| e.to_string())?;
+        let (phy, _monitors) = wire.wrap_single(phy);
+        Ok((phy, wire))
+    }
 }
 
 /// How the app receives.
@@ -256,20 +269,25 @@ fn run_on_tap(
     app: &mut dyn toemu_apps::App,
 ) -> Result<(), String> {
     let (ip, prefix) = toemu::serve::parse_cidr(&tap.ip)?;
-    let phy = toemu::tap::TapPhy::open(&tap.tap, 8192).map_err(|e| e.to_string())?;
+    let (phy, wire) = tap.open()?;
     let nic = toemu::serve::nic_for(ip, prefix, tap.gateway, tap.stack_seed);
     let max = tap.max_seconds.map(std::time::Duration::from_secs_f64);
     eprintln!(
-        "toemu: {} on {} at {}/{} (policy {}, W = {} bytes)",
+        "toemu: {} on {} at {}/{} (policy {}, W = {} bytes, {})",
         app.name(),
         tap.tap,
         ip,
         prefix,
         settings.policy,
-        settings.indicate_window_bytes
+        settings.indicate_window_bytes,
+        wire.describe()
     );
-    toemu::serve::run_app_realtime(settings, nic, Box::new(phy), app, max, stop_flag())
-        .map_err(|e| e.to_string())
+    let r = toemu::serve::run_app_realtime(settings, nic, phy, app, max, stop_flag())
+        .map_err(|e| e.to_string());
+    if let Some(p) = &wire.pcap {
+        p.flush().map_err(|e| format!("--pcap: {e}"))?;
+    }
+    r
 }
 
 fn run(cli: Cli) -> Result<(), String> {
@@ -397,15 +415,20 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Cmd::BareSink { tap, port } => {
             let (ip, prefix) = toemu::serve::parse_cidr(&tap.ip)?;
-            let phy = toemu::tap::TapPhy::open(&tap.tap, 8192).map_err(|e| e.to_string())?;
+            let (phy, wire) = tap.open()?;
             let nic = toemu::serve::nic_for(ip, prefix, tap.gateway, tap.stack_seed);
             let max = tap.max_seconds.map(std::time::Duration::from_secs_f64);
             eprintln!(
-                "toemu: bare-smoltcp sink on {} at {ip}/{prefix} port {port}",
-                tap.tap
+                "toemu: bare-smoltcp sink on {} at {ip}/{prefix} port {port} ({})",
+                tap.tap,
+                wire.describe()
             );
-            toemu::bare_tap::run_bare_sink(&settings, &nic, Box::new(phy), port, max, stop_flag())
-                .map_err(|e| e.to_string())
+            let r = toemu::bare_tap::run_bare_sink(&settings, &nic, phy, port, max, stop_flag())
+                .map_err(|e| e.to_string());
+            if let Some(p) = &wire.pcap {
+                p.flush().map_err(|e| format!("--pcap: {e}"))?;
+            }
+            r
         }
         Cmd::Gen { bytes, seed } => {
             use std::io::Write;

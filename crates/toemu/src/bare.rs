@@ -7,7 +7,6 @@
 use std::io;
 use std::net::Ipv4Addr;
 
-use sha2::{Digest, Sha256};
 use smoltcp::iface::{Interface, SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
 use smoltcp::time::{Duration, Instant};
@@ -16,7 +15,7 @@ use toe_nic::nic::{make_interface, make_socket};
 use toe_nic::{wire, NicConfig, NicDevice, Phy};
 
 use crate::config::Settings;
-use crate::datagen::DataGen;
+use crate::datagen::{Check, Checker, DataGen};
 use crate::runtime::{test_nic, BoxPhy};
 use crate::wire_opts::WireOptions;
 
@@ -164,11 +163,21 @@ impl BarePair {
     /// time from the established connection to the receiver's end of stream, and the SHA-256
     /// the receiver computed.
     pub fn bulk(&mut self, bytes: u64, seed: u64) -> io::Result<(std::time::Duration, [u8; 32])> {
+        self.bulk_checked(bytes, seed, Check::Sha256)
+    }
+
+    /// [`BarePair::bulk`] with integrity check `check`.
+    pub fn bulk_checked(
+        &mut self,
+        bytes: u64,
+        seed: u64,
+        check: Check,
+    ) -> io::Result<(std::time::Duration, [u8; 32])> {
         let (cli, srv) = self.connect(5001)?;
         let mut gen = DataGen::new(seed);
         let mut sent = 0u64;
         let mut closed = false;
-        let mut hasher = Sha256::new();
+        let mut hasher = Checker::new(check);
         let mut received = 0u64;
         let t0 = std::time::Instant::now();
         let mut idle = 0u32;
@@ -212,7 +221,7 @@ impl BarePair {
                 return Err(io::Error::new(io::ErrorKind::TimedOut, "bare bulk stalled"));
             }
         }
-        Ok((t0.elapsed(), hasher.finalize().into()))
+        Ok((t0.elapsed(), hasher.finish()))
     }
 
     /// `iters` 64-byte request/response exchanges; returns each round trip in microseconds

@@ -17,7 +17,6 @@ use std::net::SocketAddrV4;
 use std::time::Instant as WallInstant;
 
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use toe_bus::{ConnId, HostBuf, RxPolicy};
 use toe_driver::Driver;
 use toe_nic::impair::ImpairStats;
@@ -25,7 +24,7 @@ use toe_nic::wire;
 
 use crate::bare::BarePair;
 use crate::config::Settings;
-use crate::datagen::DataGen;
+use crate::datagen::{Check, Checker, DataGen};
 use crate::runtime::{Host, Sim};
 use crate::wire_opts::{wire_stats, WireMonitors, WireOptions};
 
@@ -116,6 +115,8 @@ pub struct DemoOptions {
     pub wire: WireOptions,
     /// Record both drivers' bus traffic as JSON lines here (host names `MODE/PHASE/a|b`).
     pub trace: Option<crate::trace::SharedWriter>,
+    /// End-to-end integrity check of bulk transfers (the demo reports SHA-256).
+    pub check: Check,
 }
 
 impl Default for DemoOptions {
@@ -134,6 +135,7 @@ impl Default for DemoOptions {
             repeat: 3,
             wire: WireOptions::default(),
             trace: None,
+            check: Check::Sha256,
         }
     }
 }
@@ -285,7 +287,7 @@ pub struct Receiver {
     mode: Mode,
     conn: ConnId,
     push: bool,
-    hasher: Sha256,
+    hasher: Checker,
     /// Bytes received so far.
     pub received: u64,
     spare: Vec<HostBuf>,
@@ -306,7 +308,7 @@ impl Receiver {
             mode,
             conn,
             push,
-            hasher: Sha256::new(),
+            hasher: Checker::new(Check::Sha256),
             received: 0,
             spare: Vec::new(),
         };
@@ -360,9 +362,15 @@ impl Receiver {
         Ok(eof)
     }
 
-    /// SHA-256 of everything received.
+    /// Use integrity check `c` instead of SHA-256 (before any data arrives).
+    pub fn with_check(mut self, c: Check) -> Self {
+        self.hasher = Checker::new(c);
+        self
+    }
+
+    /// The digest of everything received (SHA-256 unless [`Receiver::with_check`]).
     pub fn digest(self) -> [u8; 32] {
-        self.hasher.finalize().into()
+        self.hasher.finish()
     }
 }
 
@@ -494,7 +502,8 @@ pub fn toe_bulk(mode: Mode, o: &DemoOptions) -> io::Result<Bulk> {
         o.named_bufs,
         o.named_buf_bytes,
         false,
-    )?;
+    )?
+    .with_check(o.check);
     let mem_b = sim.with_host(1, |h| h.mem.clone());
     let before = mem_b.stats().snapshot();
     let t0 = WallInstant::now();
@@ -618,7 +627,7 @@ type BulkRun = (f64, [u8; 32], Option<Bulk>);
 fn bulk_any(mode: Mode, o: &DemoOptions) -> io::Result<BulkRun> {
     if mode == Mode::SmoltcpBare {
         let mut pair = BarePair::with_wire(&o.settings, o.seed, &o.wire)?;
-        let (elapsed, digest) = pair.bulk(o.bytes, o.seed)?;
+        let (elapsed, digest) = pair.bulk_checked(o.bytes, o.seed, o.check)?;
         Ok((elapsed.as_secs_f64(), digest, None))
     } else {
         let b = toe_bulk(mode, o)?;
@@ -630,7 +639,7 @@ fn bulk_any(mode: Mode, o: &DemoOptions) -> io::Result<BulkRun> {
 /// the modes `repeat` times (so drifting machine load hits every mode alike) and each mode
 /// reports its median run; the request/response phase follows, mode by mode.
 pub fn run_demo(o: &DemoOptions, mut progress: impl FnMut(&str)) -> io::Result<Vec<RunReport>> {
-    let expected = DataGen::digest(o.seed, o.bytes);
+    let expected = DataGen::digest_with(o.seed, o.bytes, o.check);
     let mut bulks: Vec<Vec<BulkRun>> = vec![Vec::new(); o.modes.len()];
     for round in 0..o.repeat.max(1) {
         for (i, &mode) in o.modes.iter().enumerate() {

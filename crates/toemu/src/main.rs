@@ -146,6 +146,9 @@ enum Cmd {
         /// Skip the scale scenario.
         #[arg(long)]
         no_scale: bool,
+        /// Integrity check of the bulk runs: crc32c (default) or sha256.
+        #[arg(long, default_value = "crc32c")]
+        check: String,
         /// Write every figure and the machine description as JSON to this path.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -351,8 +354,14 @@ fn run(cli: Cli) -> Result<(), String> {
         Cmd::Bench {
             quick,
             no_scale,
+            check,
             json,
         } => {
+            let check = match check.as_str() {
+                "crc32c" => toemu::datagen::Check::Crc32c,
+                "sha256" => toemu::datagen::Check::Sha256,
+                other => return Err(format!("--check: {other:?} is not crc32c or sha256")),
+            };
             let mut o = if quick {
                 toemu::bench::BenchOptions::quick(settings)
             } else {
@@ -361,6 +370,7 @@ fn run(cli: Cli) -> Result<(), String> {
             if no_scale {
                 o.scale.clear();
             }
+            o.check = check;
             let pb = indicatif::ProgressBar::new_spinner();
             pb.enable_steady_tick(std::time::Duration::from_millis(200));
             let t0 = std::time::Instant::now();

@@ -249,8 +249,8 @@ fn field_after(line: &str, key: &str) -> Option<String> {
     None
 }
 
-/// Run every scenario; the namespace is deleted on every exit path (Drop).
-pub fn run(root: &Path) -> Result<(), String> {
+/// Check root and tools, build toemu; the path of the binary.
+fn prepare(root: &Path) -> Result<PathBuf, String> {
     need_root()?;
     ensure_tools()?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -260,7 +260,12 @@ pub fn run(root: &Path) -> Result<(), String> {
             .args(["build", "--release", "-p", "toemu"]),
     )
     .map_err(|e| format!("building toemu: {e}"))?;
-    let toemu = root.join("target/release/toemu");
+    Ok(root.join("target/release/toemu"))
+}
+
+/// Run every scenario; the namespace is deleted on every exit path (Drop).
+pub fn run(root: &Path) -> Result<(), String> {
+    let toemu = prepare(root)?;
     let work = std::env::temp_dir().join(format!("toemu-tap-test-{}", std::process::id()));
     std::fs::create_dir_all(&work).map_err(|e| e.to_string())?;
     let result = scenarios(&toemu, &work);
@@ -685,16 +690,7 @@ const VARIANTS: &[Variant] = &[
 /// `cargo xtask tap-bench [BYTES] [ROUNDS]`: a Linux sender (socat) into the TOE sink and into
 /// a bare-smoltcp sink on the same TAP, alternating, medians reported as ratios to bare.
 pub fn bench(root: &Path, bytes: u64, rounds: usize) -> Result<(), String> {
-    need_root()?;
-    ensure_tools()?;
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    status(
-        Command::new(cargo)
-            .current_dir(root)
-            .args(["build", "--release", "-p", "toemu"]),
-    )
-    .map_err(|e| format!("building toemu: {e}"))?;
-    let toemu = root.join("target/release/toemu");
+    let toemu = prepare(root)?;
     let work = std::env::temp_dir().join(format!("toemu-tap-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work).map_err(|e| e.to_string())?;
     let mut ns = Netns::create()?;

@@ -53,17 +53,7 @@ impl DataGen {
 
     /// SHA-256 of the first `len` bytes of the stream for `seed`.
     pub fn digest(seed: u64, len: u64) -> [u8; 32] {
-        let mut g = DataGen::new(seed);
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut left = len;
-        while left > 0 {
-            let n = left.min(buf.len() as u64) as usize;
-            g.fill(&mut buf[..n]);
-            h.update(&buf[..n]);
-            left -= n as u64;
-        }
-        h.finalize().into()
+        DataGen::digest_with(seed, len, Check::Sha256)
     }
 }
 

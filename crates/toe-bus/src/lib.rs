@@ -22,5 +22,6 @@ pub mod time {
 
 pub use mem::{CopySnapshot, CopyStats, Dma, HostBuf, HostMemory, MemError};
 pub use ring::{
-    bus, Command, ConnId, Event, HostEnd, NicEnd, OffloadParams, ReturnReason, RxPolicy,
+    bus, bus_with_latency, Command, ConnId, Event, HostEnd, NicEnd, OffloadParams, ReturnReason,
+    RxPolicy,
 };

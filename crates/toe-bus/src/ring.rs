@@ -17,6 +17,7 @@ use std::net::SocketAddrV4;
 use crossbeam_channel::{bounded, Receiver, Sender, TryRecvError, TrySendError};
 
 use crate::mem::HostBuf;
+use crate::time::{Duration, Instant};
 
 /// Identifies one offloaded TCP connection on one host. Active opens get ids chosen by the
 /// driver (top bit clear); connections accepted by the NIC get ids chosen by the NIC (top bit
@@ -314,18 +315,74 @@ pub enum Event {
 
 /// Create a bus with rings of `depth` entries each: the host's end and the NIC's end.
 pub fn bus(depth: usize) -> (HostEnd, NicEnd) {
+    bus_with_latency(depth, Duration::ZERO)
+}
+
+/// A bus whose every transaction takes `latency` to cross (the cost model: a message taken
+/// from its ring at time t is delivered at t + latency, in order). With the virtual clock this
+/// makes bus round trips visible in latency figures without costing wall time.
+pub fn bus_with_latency(depth: usize, latency: Duration) -> (HostEnd, NicEnd) {
     let (cmd_tx, cmd_rx) = bounded(depth);
     let (evt_tx, evt_rx) = bounded(depth);
     (
         HostEnd {
             tx: Staged::new(cmd_tx),
-            rx: evt_rx,
+            rx: Delayed::new(evt_rx, latency),
         },
         NicEnd {
             tx: Staged::new(evt_tx),
-            rx: cmd_rx,
+            rx: Delayed::new(cmd_rx, latency),
         },
     )
+}
+
+/// A ring receiver that delivers each message `latency` after it was taken from the ring.
+#[derive(Debug)]
+struct Delayed<T> {
+    chan: Receiver<T>,
+    latency: Duration,
+    held: VecDeque<(Instant, T)>,
+}
+
+impl<T> Delayed<T> {
+    fn new(chan: Receiver<T>, latency: Duration) -> Self {
+        Delayed {
+            chan,
+            latency,
+            held: VecDeque::new(),
+        }
+    }
+
+    /// The next message due at `now`. `Err(())` once the sender is gone and nothing is held.
+    fn recv(&mut self, now: Instant) -> Result<Option<T>, ()> {
+        if self.latency == Duration::ZERO && self.held.is_empty() {
+            return match self.chan.try_recv() {
+                Ok(m) => Ok(Some(m)),
+                Err(TryRecvError::Empty) => Ok(None),
+                Err(TryRecvError::Disconnected) => Err(()),
+            };
+        }
+        let mut gone = false;
+        loop {
+            match self.chan.try_recv() {
+                Ok(m) => self.held.push_back((now + self.latency, m)),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    gone = true;
+                    break;
+                }
+            }
+        }
+        match self.held.front() {
+            Some((due, _)) if *due <= now => Ok(self.held.pop_front().map(|(_, m)| m)),
+            None if gone => Err(()),
+            _ => Ok(None),
+        }
+    }
+
+    fn next_due(&self) -> Option<Instant> {
+        self.held.front().map(|(t, _)| *t)
+    }
 }
 
 /// A sender that never blocks: what the ring cannot take waits in a local queue.
@@ -386,7 +443,7 @@ impl<T> Staged<T> {
 #[derive(Debug)]
 pub struct HostEnd {
     tx: Staged<Command>,
-    rx: Receiver<Event>,
+    rx: Delayed<Event>,
 }
 
 impl HostEnd {
@@ -406,18 +463,18 @@ impl HostEnd {
     pub fn commands_sent(&self) -> u64 {
         self.tx.sent
     }
-    /// Next event, if any. `Err(())` once the NIC end is gone.
+    /// Next event due at `now`, if any. `Err(())` once the NIC end is gone.
     #[allow(clippy::result_unit_err)]
-    pub fn try_recv(&self) -> Result<Option<Event>, ()> {
-        match self.rx.try_recv() {
-            Ok(e) => Ok(Some(e)),
-            Err(TryRecvError::Empty) => Ok(None),
-            Err(TryRecvError::Disconnected) => Err(()),
-        }
+    pub fn try_recv(&mut self, now: Instant) -> Result<Option<Event>, ()> {
+        self.rx.recv(now)
+    }
+    /// When the next event held by the latency model is due.
+    pub fn next_due(&self) -> Option<Instant> {
+        self.rx.next_due()
     }
     /// The raw event receiver, for runtimes that wait on it (e.g. with `crossbeam::Select`).
     pub fn event_receiver(&self) -> &Receiver<Event> {
-        &self.rx
+        &self.rx.chan
     }
 }
 
@@ -425,7 +482,7 @@ impl HostEnd {
 #[derive(Debug)]
 pub struct NicEnd {
     tx: Staged<Event>,
-    rx: Receiver<Command>,
+    rx: Delayed<Command>,
 }
 
 impl NicEnd {
@@ -445,13 +502,17 @@ impl NicEnd {
     pub fn events_sent(&self) -> u64 {
         self.tx.sent
     }
-    /// Next command, if any.
-    pub fn try_recv(&self) -> Option<Command> {
-        self.rx.try_recv().ok()
+    /// Next command due at `now`, if any.
+    pub fn try_recv(&mut self, now: Instant) -> Option<Command> {
+        self.rx.recv(now).ok().flatten()
+    }
+    /// When the next command held by the latency model is due.
+    pub fn next_due(&self) -> Option<Instant> {
+        self.rx.next_due()
     }
     /// The raw command receiver, for runtimes that wait on it.
     pub fn command_receiver(&self) -> &Receiver<Command> {
-        &self.rx
+        &self.rx.chan
     }
 }
 
@@ -461,14 +522,15 @@ mod tests {
 
     #[test]
     fn full_ring_stages_instead_of_blocking() {
-        let (mut host, nic) = bus(2);
+        let (mut host, mut nic) = bus(2);
+        let t = Instant::from_micros(0);
         for port in 0..5 {
             host.send(Command::Unlisten { port });
         }
         assert_eq!(host.staged(), 3);
         let mut got = vec![];
         while host.staged() > 0 || !got.is_empty() && got.len() < 5 {
-            while let Some(Command::Unlisten { port }) = nic.try_recv() {
+            while let Some(Command::Unlisten { port }) = nic.try_recv(t) {
                 got.push(port);
             }
             host.flush();
@@ -476,11 +538,35 @@ mod tests {
                 break;
             }
         }
-        while let Some(Command::Unlisten { port }) = nic.try_recv() {
+        while let Some(Command::Unlisten { port }) = nic.try_recv(t) {
             got.push(port);
         }
         assert_eq!(got, vec![0, 1, 2, 3, 4], "order preserved across staging");
         assert_eq!(host.commands_sent(), 5);
+    }
+
+    #[test]
+    fn latency_model_delays_in_order() {
+        let (mut host, mut nic) = bus_with_latency(8, Duration::from_micros(5));
+        let t0 = Instant::from_micros(100);
+        host.send(Command::Unlisten { port: 1 });
+        assert!(nic.try_recv(t0).is_none(), "taken from the ring, held 5 us");
+        assert_eq!(nic.next_due(), Some(Instant::from_micros(105)));
+        host.send(Command::Unlisten { port: 2 });
+        let t1 = Instant::from_micros(103);
+        assert!(nic.try_recv(t1).is_none());
+        let t2 = Instant::from_micros(105);
+        assert!(matches!(
+            nic.try_recv(t2),
+            Some(Command::Unlisten { port: 1 })
+        ));
+        assert!(nic.try_recv(t2).is_none(), "the second is due at 108");
+        let t3 = Instant::from_micros(108);
+        assert!(matches!(
+            nic.try_recv(t3),
+            Some(Command::Unlisten { port: 2 })
+        ));
+        assert_eq!(nic.next_due(), None);
     }
 
     #[test]

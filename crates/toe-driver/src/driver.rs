@@ -665,7 +665,10 @@ impl Driver {
         if self.bus.staged() > 0 || !self.released.is_empty() {
             return Some(Instant::from_micros(0));
         }
-        self.timers.first().map(|(t, _)| *t)
+        match (self.timers.first().map(|(t, _)| *t), self.bus.next_due()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Send queued commands to the NIC (anonymous buffers drained since the last call
@@ -683,7 +686,7 @@ impl Driver {
     pub fn poll(&mut self, now: Instant) -> bool {
         self.last_now = self.last_now.max(now);
         let mut progress = self.bus.flush();
-        while let Ok(Some(e)) = self.bus.try_recv() {
+        while let Ok(Some(e)) = self.bus.try_recv(now) {
             progress = true;
             self.stats.events += 1;
             if let Some(t) = self.trace.as_mut() {

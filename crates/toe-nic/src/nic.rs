@@ -294,17 +294,20 @@ impl<P: Phy> Nic<P> {
         if !self.out.is_empty() || self.bus.staged() > 0 {
             return Some(now);
         }
-        let phy = self.dev.phy().poll_at();
-        match (self.iface.poll_at(now, &self.sockets), phy) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [
+            self.iface.poll_at(now, &self.sockets),
+            self.dev.phy().poll_at(),
+            self.bus.next_due(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Run the NIC once at `now`. Returns true if anything happened.
     pub fn poll(&mut self, now: Instant) -> bool {
         let mut progress = self.bus.flush();
-        while let Some(cmd) = self.bus.try_recv() {
+        while let Some(cmd) = self.bus.try_recv(now) {
             progress = true;
             self.stats.commands += 1;
             self.command(cmd, now);

@@ -112,11 +112,13 @@ pub enum Setting {
     Mtu,
     /// [`Settings::socket_buf_bytes`].
     SocketBufBytes,
+    /// [`Settings::bus_latency_us`].
+    BusLatencyUs,
 }
 
 impl Setting {
     /// Every setting, in the order of the [`Settings`] fields.
-    pub const ALL: [Setting; 10] = [
+    pub const ALL: [Setting; 11] = [
         Setting::IndicateWindowBytes,
         Setting::Policy,
         Setting::Ack,
@@ -127,6 +129,7 @@ impl Setting {
         Setting::RingDepth,
         Setting::Mtu,
         Setting::SocketBufBytes,
+        Setting::BusLatencyUs,
     ];
 
     /// The field name: the TOML key and the override key.
@@ -142,6 +145,7 @@ impl Setting {
             Setting::RingDepth => "ring_depth",
             Setting::Mtu => "mtu",
             Setting::SocketBufBytes => "socket_buf_bytes",
+            Setting::BusLatencyUs => "bus_latency_us",
         }
     }
 
@@ -158,6 +162,7 @@ impl Setting {
             Setting::RingDepth => "TOEMU_RING_DEPTH",
             Setting::Mtu => "TOEMU_MTU",
             Setting::SocketBufBytes => "TOEMU_SOCKET_BUF",
+            Setting::BusLatencyUs => "TOEMU_BUS_LATENCY_US",
         }
     }
 
@@ -396,6 +401,10 @@ pub struct Settings {
     /// Send and receive buffer of the NIC's TCP sockets, in bytes each (>= 2 × mtu).
     /// Default 512 KiB.
     pub socket_buf_bytes: u32,
+    /// Cost model of the emulated PCI bus: every command and event takes this long to cross,
+    /// in microseconds (0 ..= 1 000 000). Default 0 (free). On the virtual clock it shows up in
+    /// latencies measured in virtual time, not in wall time.
+    pub bus_latency_us: u64,
     provenance: Provenance,
 }
 
@@ -414,6 +423,7 @@ impl Default for Settings {
             ring_depth: 1024,
             mtu: 9000,
             socket_buf_bytes: 512 * KIB as u32,
+            bus_latency_us: 0,
             provenance: Provenance::default(),
         }
     }
@@ -637,6 +647,7 @@ impl Settings {
             Setting::SocketBufBytes => {
                 self.socket_buf_bytes = raw.size().and_then(narrow).map_err(fail)?;
             }
+            Setting::BusLatencyUs => self.bus_latency_us = raw.count().map_err(fail)?,
         }
         self.provenance.origins[setting.index()] = origin;
         Ok(())
@@ -723,6 +734,13 @@ impl Settings {
                 S::SocketBufBytes,
                 self.socket_buf_bytes,
                 format!("at least {min_sock} (2 × mtu)"),
+            ));
+        }
+        if self.bus_latency_us > 1_000_000 {
+            return Err(self.invalid(
+                S::BusLatencyUs,
+                self.bus_latency_us,
+                "at most 1000000 (1 s)".into(),
             ));
         }
         Ok(())
@@ -881,6 +899,7 @@ mod tests {
             ("TOEMU_RING_DEPTH", "32"),
             ("TOEMU_MTU", "1500"),
             ("TOEMU_SOCKET_BUF", "64KiB"),
+            ("TOEMU_BUS_LATENCY_US", "3"),
         ]))
         .unwrap();
         assert_eq!(s.indicate_window_bytes, 1 << 20);
@@ -893,6 +912,7 @@ mod tests {
         assert_eq!(s.ring_depth, 32);
         assert_eq!(s.mtu, 1500);
         assert_eq!(s.socket_buf_bytes, 65536);
+        assert_eq!(s.bus_latency_us, 3);
         for setting in Setting::ALL {
             assert_eq!(s.origin(setting), &Origin::Env(setting.env_var()));
         }
@@ -1197,6 +1217,17 @@ mod tests {
         let mut s = Settings::default();
         s.apply_override("max_conns", "100000").unwrap();
         s.validate().unwrap();
+    }
+
+    #[test]
+    fn validation_bus_latency() {
+        let mut s = Settings::default();
+        s.apply_override("bus_latency_us", "1000001").unwrap();
+        let e = s.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("bus_latency_us") && e.contains("at most 1000000"),
+            "{e}"
+        );
     }
 
     #[test]

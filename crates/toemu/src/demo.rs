@@ -565,6 +565,13 @@ pub fn toe_bulk(mode: Mode, o: &DemoOptions) -> io::Result<Bulk> {
 /// `o.rr_iters` request/response exchanges of `o.rr_bytes` in `mode` (not `smoltcp-bare`) on
 /// the virtual clock; returns each round trip in wall-clock microseconds.
 pub fn toe_rr(mode: Mode, o: &DemoOptions) -> io::Result<Vec<f64>> {
+    toe_rr_timed(mode, o).map(|(wall, _)| wall)
+}
+
+/// [`toe_rr`], returning each round trip both in wall-clock microseconds and in virtual
+/// microseconds (what the round trip costs in the emulated system: bus latency, the stack's
+/// timers; 0 on a free bus and a perfect wire).
+pub fn toe_rr_timed(mode: Mode, o: &DemoOptions) -> io::Result<(Vec<f64>, Vec<f64>)> {
     let settings = settings_for(mode, &o.settings);
     let label = format!("{}/rr", mode.name());
     let trace = o.trace.as_ref().map(|w| (w, label.as_str()));
@@ -576,6 +583,7 @@ pub fn toe_rr(mode: Mode, o: &DemoOptions) -> io::Result<Vec<f64>> {
     let mut cli = Receiver::new(mode, &mut da.lock(), sim.now(), ca, 1, named_len, true)?;
     let size = o.rr_bytes;
     let mut lat = Vec::with_capacity(o.rr_iters);
+    let mut vlat = Vec::with_capacity(o.rr_iters);
     let send = |d: &mut Driver, conn: ConnId| -> io::Result<()> {
         while let Some((b, _)) = d.take_send_done(conn).map_err(|e| other(e.to_string()))? {
             d.free(b);
@@ -587,6 +595,7 @@ pub fn toe_rr(mode: Mode, o: &DemoOptions) -> io::Result<Vec<f64>> {
     };
     for i in 0..o.rr_iters {
         let t = WallInstant::now();
+        let vt = sim.now();
         send(&mut da.lock(), ca)?;
         let want = (i as u64 + 1) * size as u64;
         let mut answered = false;
@@ -614,11 +623,12 @@ pub fn toe_rr(mode: Mode, o: &DemoOptions) -> io::Result<Vec<f64>> {
             )));
         }
         lat.push(t.elapsed().as_secs_f64() * 1e6);
+        vlat.push((sim.now() - vt).total_micros() as f64);
         let _ = da.lock().take_event();
         while db.lock().take_event().is_some() {}
         while da.lock().take_event().is_some() {}
     }
-    Ok(lat)
+    Ok((lat, vlat))
 }
 
 /// One bulk run of any mode: wall seconds, digest, TOE details (none for bare smoltcp).

@@ -16,7 +16,7 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{Receiver, Select};
 use parking_lot::Mutex;
 use toe_bus::time::{Duration, Instant};
-use toe_bus::{bus, HostMemory};
+use toe_bus::{bus_with_latency, HostMemory};
 use toe_driver::{Driver, DriverConfig, SharedDriver, Stream, Waiter};
 use toe_nic::{Nic, NicConfig, Phy};
 
@@ -72,7 +72,10 @@ impl Host {
         nic.max_conns = settings.max_conns as usize * 2 + 16;
         let pool = settings.anon_pool_bytes() as usize;
         let mem = Arc::new(HostMemory::anonymous(pool + DEFAULT_APP_MEMORY_BYTES)?);
-        let (host_end, nic_end) = bus(settings.ring_depth as usize);
+        let (host_end, nic_end) = bus_with_latency(
+            settings.ring_depth as usize,
+            Duration::from_micros(settings.bus_latency_us),
+        );
         let driver = Driver::new(
             mem.clone(),
             host_end,

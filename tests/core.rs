@@ -571,15 +571,14 @@ fn unbounded_copy_stays_within_its_cap_under_a_slow_reader() {
 fn bus_cost_model_shows_the_one_mss_holdoff_in_virtual_latency() {
     let mut s = settings(256 * 1024);
     s.apply_override("bus_latency_us", "2").unwrap();
-    let o = |mode| DemoOptions {
+    let o = DemoOptions {
         rr_iters: 20,
         rr_bytes: 64 * 1024,
         settings: s.clone(),
         ..DemoOptions::default()
     };
-    let (_, iw) =
-        toemu::demo::toe_rr_timed(Mode::IndicateWindow, &o(Mode::IndicateWindow)).unwrap();
-    let (_, mh) = toemu::demo::toe_rr_timed(Mode::MssHoldoff, &o(Mode::MssHoldoff)).unwrap();
+    let (_, iw) = toemu::demo::toe_rr_timed(Mode::IndicateWindow, &o).unwrap();
+    let (_, mh) = toemu::demo::toe_rr_timed(Mode::MssHoldoff, &o).unwrap();
     let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
     // four bus crossings per exchange: request Send, IndicateData, response Send, IndicateData
     assert!(iw.iter().all(|&t| t >= 8.0), "{iw:?}");

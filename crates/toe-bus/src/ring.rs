@@ -281,6 +281,8 @@ pub enum Event {
         conn: ConnId,
         /// The buffer; ownership returns to the driver.
         buf: HostBuf,
+        /// Bytes the `Send` asked for.
+        len: u32,
         /// All bytes acknowledged.
         ok: bool,
     },

@@ -182,8 +182,8 @@ pub fn describe_event(
             ]);
             ("NamedDone", Some(*conn), Some(reason_name(*why)))
         }
-        Event::SendDone { conn, buf, ok } => {
-            f.extend([("len", buf.len() as u64), ("ok", *ok as u64)]);
+        Event::SendDone { conn, len, ok, .. } => {
+            f.extend([("len", *len as u64), ("ok", *ok as u64)]);
             ("SendDone", Some(*conn), None)
         }
         Event::PeerClosed { conn } => ("PeerClosed", Some(*conn), None),

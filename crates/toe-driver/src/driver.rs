@@ -853,9 +853,9 @@ impl Driver {
                 );
                 None
             }
-            Event::SendDone { buf, ok, .. } => {
-                c.sends_outstanding -= 1;
-                c.send_bytes_outstanding = c.send_bytes_outstanding.saturating_sub(buf.len());
+            Event::SendDone { buf, len, ok, .. } => {
+                c.sends_outstanding = c.sends_outstanding.saturating_sub(1);
+                c.send_bytes_outstanding = c.send_bytes_outstanding.saturating_sub(len as usize);
                 c.send_done.push_back((buf, ok));
                 Some(AppEvent::SendDone)
             }

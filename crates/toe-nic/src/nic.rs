@@ -106,7 +106,8 @@ struct NicConn {
     flow: Option<FlowKey>,
     tx_queue: VecDeque<TxBuf>,
     tx_enqueued: u64,
-    tx_wait: VecDeque<(u64, HostBuf)>,
+    /// Sends copied into the stack: (stream end offset, buffer, length).
+    tx_wait: VecDeque<(u64, HostBuf, usize)>,
     close_requested: bool,
     closed_local: bool,
     aborted: bool,
@@ -427,6 +428,7 @@ impl<P: Phy> Nic<P> {
                     self.out.push_back(Event::SendDone {
                         conn,
                         buf,
+                        len,
                         ok: false,
                     });
                     self.refuse(
@@ -744,15 +746,16 @@ impl<P: Phy> Nic<P> {
             c.tx_enqueued += n as u64;
             if front.sent == front.len {
                 let t = c.tx_queue.pop_front().expect("front exists");
-                c.tx_wait.push_back((c.tx_enqueued, t.buf));
+                c.tx_wait.push_back((c.tx_enqueued, t.buf, t.len));
             }
         }
         let acked = c.tx_enqueued - sock.send_queue() as u64;
-        while c.tx_wait.front().is_some_and(|(end, _)| *end <= acked) {
-            let (_, buf) = c.tx_wait.pop_front().expect("front exists");
+        while c.tx_wait.front().is_some_and(|(end, _, _)| *end <= acked) {
+            let (_, buf, len) = c.tx_wait.pop_front().expect("front exists");
             self.out.push_back(Event::SendDone {
                 conn: id,
                 buf,
+                len: len as u32,
                 ok: true,
             });
             moved = true;
@@ -789,13 +792,15 @@ impl<P: Phy> Nic<P> {
                 self.out.push_back(Event::SendDone {
                     conn: id,
                     buf: t.buf,
+                    len: t.len as u32,
                     ok: false,
                 });
             }
-            for (_, buf) in c.tx_wait.drain(..) {
+            for (_, buf, len) in c.tx_wait.drain(..) {
                 self.out.push_back(Event::SendDone {
                     conn: id,
                     buf,
+                    len: len as u32,
                     ok: false,
                 });
             }

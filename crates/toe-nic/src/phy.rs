@@ -322,10 +322,9 @@ impl<P: Phy> phy::Device for NicDevice<P> {
         Self: 'a;
 
     fn receive(&mut self, ts: Instant) -> Option<(RxTok, TxTok<'_, P>)> {
-        if !self.phy.can_send() {
-            self.stats.tx_busy += 1;
-            return None;
-        }
+        // Receive even when the port cannot send right now: a reply that does not fit is
+        // dropped and counted (TCP recovers), whereas refusing to receive could leave two
+        // hosts with both directions of a wire full, each waiting for the other.
         let frame = loop {
             let frame = self.phy.recv(ts)?;
             self.stats.rx_frames += 1;

@@ -621,12 +621,10 @@ impl ConnRx {
     }
 
     fn fill_driver_named(&mut self, mem: &HostMemory, now: Instant, out: &mut Outputs) {
-        while let Some(head) = self.named.front_mut() {
-            if head.at != Where::Driver {
-                break;
-            }
+        while self.named.front().is_some_and(|h| h.at == Where::Driver) {
             let mut done = None;
             while let Some(c) = self.chunks.front_mut() {
+                let head = &mut self.named[0];
                 let n = (c.len - c.consumed).min(head.len - head.filled);
                 let dst = head
                     .buf
@@ -642,24 +640,15 @@ impl ConnRx {
                 }
                 c.consumed += n;
                 head.filled += n;
+                let chunk_done = c.consumed == c.len;
                 self.queued_bytes -= n;
                 self.stats.copied_bytes += n as u64;
-                self.accepted_unacked = self.accepted_unacked.saturating_add(
-                    if self.cfg.policy == RxPolicy::UnboundedCopy {
-                        0
-                    } else {
-                        n as u32
-                    },
-                );
-                if c.consumed == c.len {
-                    let psh = c.psh;
-                    let c = self.chunks.pop_front().expect("front exists");
-                    match c.data {
-                        ChunkData::Anon(b) => out.released.push(b),
-                        ChunkData::Heap(_) => self.heap_bytes -= c.len,
-                    }
-                    head.psh_seen |= psh;
+                self.consumed_indicated(n);
+                if chunk_done {
+                    let psh = self.pop_chunk(out);
+                    self.named[0].psh_seen |= psh;
                 }
+                let head = &self.named[0];
                 if head.filled == head.len {
                     done = Some(ReturnReason::Full);
                     break;
@@ -675,6 +664,7 @@ impl ConnRx {
                     self.complete(n, why, out);
                 }
                 None => {
+                    let head = &self.named[0];
                     if head.push && head.filled > 0 && self.push_deadline.is_none() {
                         self.push_deadline = Some(now + self.cfg.push_timeout);
                     }

@@ -195,6 +195,15 @@ fn v4(ep: IpEndpoint) -> SocketAddrV4 {
     }
 }
 
+/// W of a connection on a link of `mtu`: the MSS under `MssHoldoff` (MTU minus IPv4 and TCP
+/// headers), the offload parameter otherwise.
+fn effective_window(mtu: usize, params: &OffloadParams) -> u32 {
+    match params.policy {
+        RxPolicy::MssHoldoff => (mtu - 40) as u32,
+        _ => params.indicate_window.max(1),
+    }
+}
+
 /// Extend a 32-bit stream offset to the 64-bit offset nearest `base`.
 fn extend_offset(base: u64, low: u32) -> u64 {
     let cand = (base & !0xFFFF_FFFF) | low as u64;
@@ -538,14 +547,6 @@ impl<P: Phy> Nic<P> {
         self.conns.insert(conn, c);
     }
 
-    fn effective_window(&self, params: &OffloadParams) -> u32 {
-        match params.policy {
-            // The MSS the stack uses on this link: MTU minus IPv4 and TCP headers.
-            RxPolicy::MssHoldoff => (self.cfg.mtu - 40) as u32,
-            _ => params.indicate_window.max(1),
-        }
-    }
-
     /// Promote listener sockets that completed a handshake; returns true if any did.
     fn accept_listeners(&mut self) -> bool {
         // Fast path (every poll): nothing left the Listen / SYN-RECEIVED states.
@@ -637,10 +638,6 @@ impl<P: Phy> Nic<P> {
 
     /// Returns (progress, connection finished and must be released).
     fn service_conn(&mut self, id: ConnId) -> (bool, bool) {
-        let win = {
-            let c = &self.conns[&id];
-            self.effective_window(&c.params)
-        };
         let c = self.conns.get_mut(&id).expect("id from keys");
         let sock = self.sockets.get_mut::<tcp::Socket<'static>>(c.handle);
         let mut moved = false;
@@ -664,6 +661,7 @@ impl<P: Phy> Nic<P> {
                     };
                     let (local, remote) = (v4(local), v4(remote));
                     c.phase = Phase::Open;
+                    let win = effective_window(self.cfg.mtu, &c.params);
                     c.ctx = OffloadCtx::new(id, c.params.policy, win);
                     let key = FlowKey {
                         remote_ip: *remote.ip(),

@@ -588,3 +588,29 @@ fn bus_cost_model_shows_the_one_mss_holdoff_in_virtual_latency() {
         "mss-holdoff {mh:?} vs indicate-window {iw:?}"
     );
 }
+
+#[test]
+fn application_events_nobody_takes_stay_bounded() {
+    let s = settings(64 * 1024);
+    let (sim, ca, cb) = connected_pair(&s, 14, 7011).unwrap();
+    let db = sim.driver(1);
+    let n = toe_driver::MAX_APP_EVENTS + 500;
+    let mut got = 0;
+    for i in 0..n {
+        send_bytes(&sim, 0, ca, &[i as u8; 64]);
+        sim.run_until(10_000, || {
+            let mut buf = [0u8; 64];
+            got += db.lock().read(sim.now(), cb, &mut buf).unwrap();
+            got == (i + 1) * 64
+        })
+        .unwrap();
+    }
+    // one DataAvailable per message was raised and never taken
+    let dropped = db.lock().stats().app_events_dropped;
+    assert!(dropped >= 500, "dropped {dropped}");
+    let mut left = 0;
+    while db.lock().take_event().is_some() {
+        left += 1;
+    }
+    assert_eq!(left, toe_driver::MAX_APP_EVENTS);
+}

@@ -140,7 +140,14 @@ pub struct DriverStats {
     pub nic_errors: u64,
     /// Events for connections the driver no longer knows.
     pub stray_events: u64,
+    /// Application events dropped (oldest first) because nobody took them and the queue held
+    /// [`MAX_APP_EVENTS`]. Events are hints: the state they announce stays queryable.
+    pub app_events_dropped: u64,
 }
+
+/// Most application events the driver keeps for [`Driver::take_event`]; an application that
+/// never takes them (it polls state instead) cannot make the queue grow.
+pub const MAX_APP_EVENTS: usize = 4096;
 
 #[derive(Debug)]
 struct DConn {
@@ -366,6 +373,14 @@ impl Driver {
         self.listeners.get_mut(&port)?.1.pop_front()
     }
 
+    fn note(&mut self, conn: ConnId, e: AppEvent) {
+        if self.events.len() >= MAX_APP_EVENTS {
+            self.events.pop_front();
+            self.stats.app_events_dropped += 1;
+        }
+        self.events.push_back((conn, e));
+    }
+
     /// Next application event.
     pub fn take_event(&mut self) -> Option<(ConnId, AppEvent)> {
         self.events.pop_front()
@@ -467,7 +482,7 @@ impl Driver {
                 Note::DataAvailable => AppEvent::DataAvailable,
                 Note::NamedComplete => AppEvent::NamedComplete,
             };
-            self.events.push_back((conn, e));
+            self.note(conn, e);
         }
     }
 
@@ -769,15 +784,15 @@ impl Driver {
             c.local = Some(local);
             c.remote = Some(remote);
             self.conns.insert(conn, c);
-            self.events.push_back((conn, AppEvent::Incoming { port }));
+            self.note(conn, AppEvent::Incoming { port });
             return;
         }
         if let Event::ListenFailed { port, error } = e {
             self.listeners.remove(&port);
-            self.events.push_back((
+            self.note(
                 ConnId(0),
                 AppEvent::Error(format!("listen on {port}: {error}")),
-            ));
+            );
             return;
         }
         if let Event::BuffersReturned { bufs } = e {
@@ -787,7 +802,7 @@ impl Driver {
         let Some(conn) = conn else {
             if let Event::CommandError { error, .. } = e {
                 self.stats.nic_errors += 1;
-                self.events.push_back((ConnId(0), AppEvent::Error(error)));
+                self.note(ConnId(0), AppEvent::Error(error));
             }
             return;
         };
@@ -891,7 +906,7 @@ impl Driver {
         self.absorb(out);
         self.touch(conn);
         if let Some(a) = app {
-            self.events.push_back((conn, a));
+            self.note(conn, a);
         }
     }
 }

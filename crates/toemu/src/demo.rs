@@ -27,6 +27,7 @@ use crate::config::Settings;
 use crate::datagen::{Check, Checker, DataGen};
 use crate::runtime::{Host, Sim};
 use crate::wire_opts::{wire_stats, WireMonitors, WireOptions};
+use toemu_apps::{ConnIo, RxMode};
 
 /// A receive mode of the demo.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -282,19 +283,18 @@ pub fn connected_pair_traced(
     Ok((sim, ca, cb.expect("accepted"), [ma, mb]))
 }
 
-/// What a receiving application does with its connection.
+/// What a receiving application does with its connection: the apps' [`ConnIo`] (named
+/// buffers kept posted, or in-place accepts) feeding an integrity check.
 pub struct Receiver {
-    mode: Mode,
-    conn: ConnId,
-    push: bool,
+    io: ConnIo,
     hasher: Checker,
     /// Bytes received so far.
     pub received: u64,
-    spare: Vec<HostBuf>,
 }
 
 impl Receiver {
-    /// A receiver for `conn`; in named-buffer mode it posts `bufs` buffers of `len` bytes.
+    /// A receiver for `conn`; in named-buffer mode it posts `bufs` buffers of `len` bytes at
+    /// once (before any data arrives, so the NIC can place it directly).
     pub fn new(
         mode: Mode,
         d: &mut Driver,
@@ -304,62 +304,36 @@ impl Receiver {
         len: usize,
         push: bool,
     ) -> io::Result<Self> {
-        let r = Receiver {
-            mode,
-            conn,
-            push,
+        let rx = if mode == Mode::NamedBuffer {
+            RxMode::Named {
+                buf_bytes: len,
+                bufs,
+                push,
+            }
+        } else {
+            RxMode::InPlace
+        };
+        let mut io = ConnIo::new(conn, rx);
+        if mode == Mode::NamedBuffer {
+            // the first `recv` posts the buffers; nothing has arrived yet to take
+            io.recv(d, now, |_| 0)?;
+        }
+        Ok(Receiver {
+            io,
             hasher: Checker::new(Check::Sha256),
             received: 0,
-            spare: Vec::new(),
-        };
-        if mode == Mode::NamedBuffer {
-            for _ in 0..bufs {
-                let b = d.alloc(len).map_err(|e| other(e.to_string()))?;
-                d.post_named(now, conn, b, push)
-                    .map_err(|r| other(r.error.to_string()))?;
-            }
-        }
-        Ok(r)
+        })
     }
 
     /// Consume whatever arrived; returns true at end of stream.
     pub fn service(&mut self, d: &mut Driver, now: toe_bus::time::Instant) -> io::Result<bool> {
-        if self.mode == Mode::NamedBuffer {
-            while let Some(c) = d
-                .take_completion(self.conn)
-                .map_err(|e| other(e.to_string()))?
-            {
-                let mem = d.memory().clone();
-                self.hasher.update(&mem.slice(&c.buf)[..c.filled]);
-                self.received += c.filled as u64;
-                if d.at_eof(self.conn).unwrap_or(true)
-                    || matches!(
-                        c.why,
-                        toe_bus::ReturnReason::Eof | toe_bus::ReturnReason::Reset
-                    )
-                {
-                    self.spare.push(c.buf);
-                } else if let Err(r) = d.post_named(now, self.conn, c.buf, self.push) {
-                    self.spare.push(r.buf);
-                }
-            }
-        } else {
-            let h = &mut self.hasher;
-            let n = d
-                .accept_in_place(now, self.conn, |data| {
-                    h.update(data);
-                    data.len()
-                })
-                .map_err(|e| other(e.to_string()))?;
-            self.received += n as u64;
-        }
-        let eof = d.at_eof(self.conn).map_err(|e| other(e.to_string()))?;
-        if eof {
-            for b in self.spare.drain(..) {
-                d.free(b);
-            }
-        }
-        Ok(eof)
+        let h = &mut self.hasher;
+        let n = self.io.recv(d, now, |data| {
+            h.update(data);
+            data.len()
+        })?;
+        self.received += n as u64;
+        Ok(self.io.eof(d))
     }
 
     /// Use integrity check `c` instead of SHA-256 (before any data arrives).
@@ -624,9 +598,6 @@ pub fn toe_rr_timed(mode: Mode, o: &DemoOptions) -> io::Result<(Vec<f64>, Vec<f6
         }
         lat.push(t.elapsed().as_secs_f64() * 1e6);
         vlat.push((sim.now() - vt).total_micros() as f64);
-        let _ = da.lock().take_event();
-        while db.lock().take_event().is_some() {}
-        while da.lock().take_event().is_some() {}
     }
     Ok((lat, vlat))
 }

@@ -130,10 +130,11 @@ impl ConnIo {
         why: ReturnReason,
         push: bool,
     ) {
+        // After the peer's end of stream a reposted buffer could only come back empty.
         let finished = matches!(
             why,
             ReturnReason::Eof | ReturnReason::Reset | ReturnReason::Cancelled
-        );
+        ) || d.at_eof(self.conn).unwrap_or(true);
         if finished {
             d.free(buf);
         } else if let Err(r) = d.post_named(now, self.conn, buf, push) {

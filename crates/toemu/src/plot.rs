@@ -8,20 +8,16 @@
 //!   [`timeline_demo`] runs a transfer with a slow receiver and does both.
 
 use std::io;
-use std::net::SocketAddrV4;
 use std::path::Path;
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
 
 use plotters::coord::ranged1d::{DefaultFormatting, KeyPointHint};
 use plotters::prelude::*;
 use toe_bus::time::Instant as SmolInstant;
 use toe_bus::ConnId;
-use toe_nic::Phy;
 
 use crate::config::Settings;
 use crate::demo::Sender;
-use crate::runtime::{test_nic, Host, Sim};
+use crate::runtime::Sim;
 
 /// How an axis maps values to positions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -551,66 +547,6 @@ pub fn sample_timeline(sim: &Sim, host: usize, conn: ConnId, samples: &mut Vec<T
 /// How often the slow receiver of [`timeline_demo`] wakes, in virtual microseconds.
 pub const TIMELINE_RECEIVER_TICK_US: u64 = 1000;
 
-/// No wake-up pending (see [`WakePhy`]).
-const NO_WAKE: i64 = i64::MAX;
-
-/// A wire port that also reports an application's next wake-up (virtual microseconds in
-/// `wake`, [`NO_WAKE`] for none) as a deadline, so that the simulation's idle clock jumps
-/// land exactly on it instead of on a later stack timer.
-struct WakePhy {
-    inner: toe_nic::WirePort,
-    wake: Arc<AtomicI64>,
-}
-
-impl Phy for WakePhy {
-    fn recv(&mut self, now: SmolInstant) -> Option<toe_nic::Frame> {
-        self.inner.recv(now)
-    }
-    fn send(&mut self, now: SmolInstant, frame: toe_nic::Frame) -> Result<(), toe_nic::Frame> {
-        self.inner.send(now, frame)
-    }
-    fn can_send(&self) -> bool {
-        self.inner.can_send()
-    }
-    fn poll_at(&self) -> Option<SmolInstant> {
-        match self.wake.load(Ordering::Relaxed) {
-            NO_WAKE => None,
-            us => Some(SmolInstant::from_micros(us)),
-        }
-    }
-}
-
-/// [`connected_pair`], with host 1's port also reporting the wake-ups stored in `wake`.
-fn pair_with_wakeups(
-    settings: &Settings,
-    seed: u64,
-    port: u16,
-    wake: Arc<AtomicI64>,
-) -> io::Result<(Sim, ConnId, ConnId)> {
-    let other = |e: &dyn std::fmt::Display| io::Error::other(e.to_string());
-    let (pa, pb) = toe_nic::wire(4096);
-    let now = SmolInstant::from_micros(0);
-    let a =
-        Host::new("a", settings, test_nic(0, seed), Box::new(pa), now).map_err(|e| other(&e))?;
-    let pb = WakePhy { inner: pb, wake };
-    let b =
-        Host::new("b", settings, test_nic(1, seed), Box::new(pb), now).map_err(|e| other(&e))?;
-    let sim = Sim::new(vec![a, b]);
-    let (da, db) = (sim.driver(0), sim.driver(1));
-    db.lock().listen(port, 4, None).map_err(|e| other(&e))?;
-    let remote = SocketAddrV4::new(std::net::Ipv4Addr::new(10, 0, 0, 2), port);
-    let ca = da.lock().connect(remote, 0, None).map_err(|e| other(&e))?;
-    let mut cb = None;
-    sim.run_until(1_000_000, || {
-        if cb.is_none() {
-            cb = db.lock().accept(port);
-        }
-        cb.is_some() && da.lock().state(ca).ok() == Some(toe_driver::ConnState::Established)
-    })?;
-    let cb = cb.ok_or_else(|| io::Error::other("connection not accepted"))?;
-    Ok((sim, ca, cb))
-}
-
 /// Run one `indicate-window` transfer of `bytes` (seeded with `seed`) from host 0 to host 1
 /// with `settings` (its W, ack policy...; the policy is forced to `indicate-window`) and a
 /// slow receiver that accepts at most W/2 bytes in place per wake-up, waking every
@@ -618,9 +554,8 @@ fn pair_with_wakeups(
 /// sampled after every step and drawn into the SVG file `path` ([`timeline_svg`]).
 /// Returns the number of samples drawn.
 ///
-/// The hosts are wired as [`crate::demo::connected_pair`] wires them, except that the
-/// receiver's wire port also reports its next wake-up as a deadline: an idle simulation then
-/// jumps its clock to the wake-up instead of past it to the next stack timer.
+/// The hosts are [`crate::demo::connected_pair`]'s; the receiver's wake-up bounds every step
+/// ([`Sim::step_bounded`]), so an idle clock jump lands on it, never past it.
 ///
 /// # Errors
 /// The hosts cannot be built, the transfer stalls or loses bytes, or the file cannot be
@@ -651,13 +586,11 @@ pub fn timeline_samples(
     let mut s = settings.clone();
     s.policy = toe_bus::RxPolicy::IndicateWindow;
     let per_wake = (s.indicate_window_bytes as usize / 2).max(1);
-    let wake = Arc::new(AtomicI64::new(NO_WAKE));
-    let (sim, ca, cb) = pair_with_wakeups(&s, seed, 5003, wake.clone())?;
+    let (sim, ca, cb) = crate::demo::connected_pair(&s, seed, 5003)?;
     let (da, db) = (sim.driver(0), sim.driver(1));
     let mut tx = Sender::new(&da.lock(), ca, seed, bytes, 4, 256 << 10)?;
     let tick = TIMELINE_RECEIVER_TICK_US as i64;
     let mut next_wake = sim.now().total_micros();
-    wake.store(next_wake, Ordering::Relaxed);
     let mut received = 0u64;
     let mut samples = Vec::new();
     sample_timeline(&sim, 1, cb, &mut samples);
@@ -677,7 +610,6 @@ pub fn timeline_samples(
                 .map_err(|e| io::Error::other(e.to_string()))?;
             received += n as u64;
             next_wake = now.total_micros() + tick;
-            wake.store(next_wake, Ordering::Relaxed);
             sample_timeline(&sim, 1, cb, &mut samples);
             if db.lock().at_eof(cb).unwrap_or(true) {
                 break;
@@ -689,12 +621,11 @@ pub fn timeline_samples(
                 )));
             }
         }
-        // The wake-up is a deadline of the world: an idle step jumps at most to it.
-        sim.step_or_idle()?;
+        // The wake-up bounds the step: an idle clock jump lands on it, not past it.
+        sim.step_bounded(Some(SmolInstant::from_micros(next_wake)))?;
         tx.service(&mut da.lock())?;
         sample_timeline(&sim, 1, cb, &mut samples);
     }
-    wake.store(NO_WAKE, Ordering::Relaxed);
     db.lock()
         .close(cb)
         .map_err(|e| io::Error::other(e.to_string()))?;

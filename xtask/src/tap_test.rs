@@ -55,7 +55,8 @@ impl Netns {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// Start `toemu ARGS` inside the namespace with stdout captured to `log`.
+    /// Start `toemu ARGS` (which opens TAP device `tap0`) inside the namespace with stdout
+    /// captured to `log`, then give the Linux side of `tap0` its address.
     fn toemu(&mut self, toemu: &Path, args: &[&str], log: &Path) -> Result<usize, String> {
         let f = std::fs::File::create(log).map_err(|e| e.to_string())?;
         let child = self
@@ -66,6 +67,7 @@ impl Netns {
             .spawn()
             .map_err(|e| format!("spawn toemu: {e}"))?;
         self.children.push(child);
+        self.configure_tap("tap0", LINUX_IP)?;
         Ok(self.children.len() - 1)
     }
 
@@ -296,7 +298,6 @@ fn scenarios(toemu: &Path, work: &Path) -> Result<(), String> {
         ],
         &log("http"),
     )?;
-    ns.configure_tap("tap0", LINUX_IP)?;
     let ping = ns.sh(&format!("ping -c 3 -i 0.2 -W 2 {HOST_IP}"));
     check(
         "ICMP echo (ping) answered",
@@ -411,7 +412,6 @@ print(sent)
         ],
         &log("impaired"),
     )?;
-    ns.configure_tap("tap0", LINUX_IP)?;
     let bytes = 32u64 << 20;
     let got = ns.sh(&format!(
         "curl -sS --max-time 120 http://{HOST_IP}/bytes/{bytes} | sha256sum"
@@ -439,7 +439,6 @@ print(sent)
         &["serve", "--tap", "tap0", "--ip", &ip, "--app", "echo"],
         &log("echo"),
     )?;
-    ns.configure_tap("tap0", LINUX_IP)?;
     let script = format!(
         "set -e; for i in 1 2 3 4 5 6 7 8; do head -c $((i*300000)) /dev/urandom > {w}/in$i; done; \
          for i in 1 2 3 4 5 6 7 8; do socat -t 10 - TCP:{HOST_IP}:7,shut-down < {w}/in$i > {w}/out$i & done; wait; \
@@ -462,7 +461,6 @@ print(sent)
         &["serve", "--tap", "tap0", "--ip", &ip, "--app", "sink"],
         &log("sink"),
     )?;
-    ns.configure_tap("tap0", LINUX_IP)?;
     let gib = 1u64 << 30;
     let t0 = Instant::now();
     ns.sh(&format!(
@@ -502,7 +500,6 @@ print(sent)
         ],
         &log("slow"),
     )?;
-    ns.configure_tap("tap0", LINUX_IP)?;
     let pid = ns.children[h].id();
     let bytes = 32u64 << 20;
     let t0 = Instant::now();
@@ -599,7 +596,6 @@ print(sent)
         ],
         &log("get"),
     )?;
-    ns.configure_tap("tap0", LINUX_IP)?;
     ns.wait_exit(g, Duration::from_secs(90))?;
     let line = wait_line(&log("get"), "get:", Duration::from_secs(1))?;
     let want = ns.sh(&format!("sha256sum {}", out_dir.join("blob").display()))?;
@@ -641,7 +637,6 @@ print(sent)
         ],
         &log("send"),
     )?;
-    ns.configure_tap("tap0", LINUX_IP)?;
     ns.wait_exit(s, Duration::from_secs(90))?;
     let _ = ns.children[r].wait();
     let got = std::fs::read_to_string(work.join("recv.sum")).map_err(|e| e.to_string())?;
@@ -703,7 +698,6 @@ pub fn bench(root: &Path, bytes: u64, rounds: usize) -> Result<(), String> {
             let mut args: Vec<&str> = v.args.to_vec();
             args.extend(["--tap", "tap0", "--ip", &ip]);
             let h = ns.toemu(&toemu, &args, &log)?;
-            ns.configure_tap("tap0", LINUX_IP)?;
             std::thread::sleep(Duration::from_millis(100));
             ns.sh(&format!(
                 "{} gen --bytes {bytes} --seed 9 | socat -u - TCP:{HOST_IP}:9",

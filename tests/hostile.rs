@@ -90,20 +90,16 @@ fn close_all(sim: &Sim, pairs: &[(ConnId, ConnId)]) {
         db.lock().close(b).unwrap();
     }
     sim.run_until(1_000_000, || {
-        pairs.iter().all(|&(a, b)| {
-            da.lock().release(a).is_ok_or_gone() && db.lock().release(b).is_ok_or_gone()
-        })
+        pairs
+            .iter()
+            .all(|&(a, b)| released(da.lock().release(a)) && released(db.lock().release(b)))
     })
     .unwrap();
 }
 
-trait OkOrGone {
-    fn is_ok_or_gone(self) -> bool;
-}
-impl OkOrGone for Result<(), toe_driver::DriverError> {
-    fn is_ok_or_gone(self) -> bool {
-        matches!(self, Ok(()) | Err(toe_driver::DriverError::UnknownConn(_)))
-    }
+/// A release that worked, or a connection already released.
+fn released(r: Result<(), toe_driver::DriverError>) -> bool {
+    matches!(r, Ok(()) | Err(toe_driver::DriverError::UnknownConn(_)))
 }
 
 /// Item 2: at `max_conns` the listener holds completed handshakes in its backlog and refuses

@@ -380,7 +380,7 @@ impl<P: Phy> Nic<P> {
     }
 
     /// Run smoltcp: every received frame, one at a time (after a connection request the
-    /// listeners are kept listening, see [`Nic::keep_listeners_listening`]), then egress.
+    /// listener is kept listening, see [`Nic::keep_listening`]), then egress.
     /// Returns true if a socket's state may have changed.
     fn stack(&mut self, now: Instant) -> bool {
         use smoltcp::iface::{PollIngressSingleResult, PollResult};
@@ -395,8 +395,8 @@ impl<P: Phy> Nic<P> {
                 PollIngressSingleResult::PacketProcessed => {}
                 PollIngressSingleResult::SocketStateChanged => changed = true,
             }
-            if self.dev.take_syn_seen() && !self.listeners.is_empty() {
-                self.keep_listeners_listening();
+            if let Some(port) = self.dev.take_syn_port() {
+                self.keep_listening(port);
             }
         }
         while self
@@ -554,12 +554,13 @@ impl<P: Phy> Nic<P> {
         s.set_keep_alive(self.cfg.keepalive);
     }
 
-    /// After a connection request (SYN) arrived: every listener that has no socket left in
-    /// LISTEN recycles its oldest half-open one, so the next SYN is not refused. A flood of
-    /// spoofed SYNs then only churns the backlog; a real client's handshake completes in one
-    /// round trip, long before the flood pushes it out.
-    fn keep_listeners_listening(&mut self) {
-        for (&port, l) in self.listeners.iter_mut() {
+    /// After a connection request (SYN) to `port` was processed: if its listener has no
+    /// socket left in LISTEN, it recycles its oldest half-open one, so the next SYN is not
+    /// refused. A flood of spoofed SYNs then only churns the backlog; a real client's
+    /// handshake completes in one round trip, long before the flood pushes it out (a burst of
+    /// real clients larger than the backlog is served as their SYNs are retransmitted).
+    fn keep_listening(&mut self, port: u16) {
+        if let Some(l) = self.listeners.get_mut(&port) {
             let mut oldest: Option<(usize, u64)> = None;
             let mut listening = false;
             for (i, &(h, seq)) in l.sockets.iter().enumerate() {
@@ -575,7 +576,7 @@ impl<P: Phy> Nic<P> {
                 }
             }
             let (false, Some((i, _))) = (listening, oldest) else {
-                continue;
+                return;
             };
             let h = l.sockets[i].0;
             let s = self.sockets.get_mut::<tcp::Socket<'_>>(h);

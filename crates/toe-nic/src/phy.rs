@@ -176,7 +176,7 @@ pub struct NicDevice<P> {
     embryonic: VecDeque<FlowKey>,
     embryonic_live: usize,
     psh_dirty: Vec<FlowKey>,
-    syn_seen: bool,
+    syn_port: Option<u16>,
     stats: PhyStats,
 }
 
@@ -194,7 +194,7 @@ impl<P: Phy> NicDevice<P> {
             embryonic: VecDeque::new(),
             embryonic_live: 0,
             psh_dirty: Vec::new(),
-            syn_seen: false,
+            syn_port: None,
             stats: PhyStats::default(),
         }
     }
@@ -240,9 +240,10 @@ impl<P: Phy> NicDevice<P> {
         self.embryonic_live
     }
 
-    /// True once if a SYN without ACK (a connection request) arrived since the last call.
-    pub fn take_syn_seen(&mut self) -> bool {
-        std::mem::take(&mut self.syn_seen)
+    /// The local port of the latest connection request (a SYN without ACK) received since
+    /// the last call, if any.
+    pub fn take_syn_port(&mut self) -> Option<u16> {
+        self.syn_port.take()
     }
 
     /// The NIC offloaded a connection on `key`: keep the flow until [`NicDevice::forget`].
@@ -323,7 +324,7 @@ impl<P: Phy> NicDevice<P> {
             local_port: tcp.dst_port(),
         };
         if tcp.syn() && !tcp.ack() {
-            self.syn_seen = true;
+            self.syn_port = Some(key.local_port);
         }
         if !self.flows.contains_key(&key) {
             if !tcp.syn() || tcp.rst() {

@@ -1012,7 +1012,20 @@ fn recv_into(
 
 #[cfg(test)]
 mod tests {
-    use super::extend_offset;
+    use super::{extend_offset, next_free_id};
+    use toe_bus::ConnId;
+
+    #[test]
+    fn passive_ids_wrap_without_reusing_live_ones() {
+        let live = [ConnId(ConnId::PASSIVE_BIT | 1), ConnId(ConnId::PASSIVE_BIT | 2)];
+        let mut next = ConnId::PASSIVE_BIT - 2;
+        let in_use = |id| live.contains(&id);
+        let (a, _) = next_free_id(&mut next, ConnId::PASSIVE_BIT, in_use);
+        assert_eq!(a, ConnId(ConnId::PASSIVE_BIT | (ConnId::PASSIVE_BIT - 1)));
+        // wraps: 0 is never an id, 1 and 2 are live
+        let (b, skipped) = next_free_id(&mut next, ConnId::PASSIVE_BIT, in_use);
+        assert_eq!((b, skipped), (ConnId(ConnId::PASSIVE_BIT | 3), 3));
+    }
 
     #[test]
     fn offsets_extend_across_wraps() {

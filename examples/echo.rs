@@ -8,14 +8,14 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use toe_driver::Stream;
+use toe_host::config::Settings;
+use toe_host::runtime::{test_nic, Host, Threaded};
 use toe_nic::wire;
-use toemu::config::Settings;
-use toemu::runtime::{test_nic, Host, Threaded};
 
 fn main() -> std::io::Result<()> {
     let bytes: usize = std::env::args()
         .nth(1)
-        .map(|s| toemu::config::parse_size(&s).expect("size") as usize)
+        .map(|s| toe_host::config::parse_size(&s).expect("size") as usize)
         .unwrap_or(16 << 20);
     let settings = Settings::default();
     let (pa, pb) = wire(1024);

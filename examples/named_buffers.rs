@@ -5,8 +5,8 @@
 //! `cargo run --release -p toemu-examples --example named_buffers`
 
 use toe_bus::ReturnReason;
-use toemu::config::Settings;
-use toemu::demo::connected_pair;
+use toe_host::config::Settings;
+use toe_host::pair::connected_pair;
 
 fn main() -> std::io::Result<()> {
     let settings = Settings::default();

@@ -4,14 +4,14 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use toe_bus::ConnId;
-use toemu::config::Settings;
-use toemu::datagen::DataGen;
-use toemu::runtime::{test_nic, Host, Sim};
-use toemu::serve::run_apps_sim;
+use toe_host::config::Settings;
+use toe_host::runtime::{test_nic, Host, Sim};
 use toemu_apps::echo::Echo;
 use toemu_apps::http::{Get, Http};
 use toemu_apps::sink::{SendClient, Sink};
 use toemu_apps::{App, RxMode};
+use toemu_lab::datagen::DataGen;
+use toemu_lab::serve::run_apps_sim;
 
 fn hosts(listen: u16) -> Sim {
     let s = Settings::default();

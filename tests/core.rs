@@ -12,11 +12,12 @@ use sha2::{Digest, Sha256};
 use toe_bus::time::Duration;
 use toe_bus::{ConnId, ReturnReason, RxPolicy};
 use toe_driver::{ConnState, DriverError, NamedCompletion};
+use toe_host::config::Settings;
+use toe_host::pair::connected_pair;
+use toe_host::runtime::{test_nic, Host, Sim, Threaded};
 use toe_nic::{wire, Frame};
-use toemu::config::Settings;
-use toemu::datagen::DataGen;
-use toemu::demo::{connected_pair, toe_bulk, DemoOptions, Mode};
-use toemu::runtime::{test_nic, Host, Sim, Threaded};
+use toemu_lab::datagen::DataGen;
+use toemu_lab::demo::{toe_bulk, DemoOptions, Mode};
 use toemu_tests::{pair_on, pair_traced, strip_psh, Middle};
 
 const MIB: u64 = 1 << 20;
@@ -418,7 +419,7 @@ impl Write for MemWriter {
 fn frame_log(seed: u64) -> (u64, Vec<u8>, Vec<u8>, Vec<u8>) {
     let s = settings(32 * 1024);
     let (pa, pb) = wire(1024);
-    let impair = toemu::wire_opts::WireOptions {
+    let impair = toe_host::wire_opts::WireOptions {
         impair: toe_nic::impair::ImpairConfig {
             delay: Duration::from_millis(1),
             loss: 0.01,
@@ -443,7 +444,7 @@ fn frame_log(seed: u64) -> (u64, Vec<u8>, Vec<u8>, Vec<u8>) {
         *c2.lock() += 1;
         true
     };
-    let (trace, trace_bytes) = toemu::trace::memory_writer();
+    let (trace, trace_bytes) = toe_host::trace::memory_writer();
     let (sim, ca, cb) = pair_traced(
         &s,
         seed,
@@ -577,8 +578,8 @@ fn bus_cost_model_shows_the_one_mss_holdoff_in_virtual_latency() {
         settings: s.clone(),
         ..DemoOptions::default()
     };
-    let (_, iw) = toemu::demo::toe_rr_timed(Mode::IndicateWindow, &o).unwrap();
-    let (_, mh) = toemu::demo::toe_rr_timed(Mode::MssHoldoff, &o).unwrap();
+    let (_, iw) = toemu_lab::demo::toe_rr_timed(Mode::IndicateWindow, &o).unwrap();
+    let (_, mh) = toemu_lab::demo::toe_rr_timed(Mode::MssHoldoff, &o).unwrap();
     let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
     // four bus crossings per exchange: request Send, IndicateData, response Send, IndicateData
     assert!(iw.iter().all(|&t| t >= 8.0), "{iw:?}");

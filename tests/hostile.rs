@@ -14,12 +14,12 @@ use smoltcp::wire::TcpControl;
 use toe_bus::time::Duration;
 use toe_bus::{ConnId, ReturnReason};
 use toe_driver::{AppEvent, ConnState, NamedCompletion};
+use toe_host::config::Settings;
+use toe_host::runtime::{BoxPhy, Sim};
+use toe_host::wire_opts::WireOptions;
 use toe_nic::impair::ImpairConfig;
 use toe_nic::phy::MAX_EMBRYONIC_FLOWS;
 use toe_nic::wire;
-use toemu::config::Settings;
-use toemu::runtime::{BoxPhy, Sim};
-use toemu::wire_opts::WireOptions;
 use toemu_tests::{host_mac, hosts_with, strip_psh, tcp_frame, Middle};
 
 const MIB: usize = 1 << 20;

@@ -4,7 +4,7 @@
 //!
 //! Matrix: loss {0, 1%, 5%} × reordering {off, 2%} × duplication {off, 2%} × corruption
 //! {0, 0.1%}, one-way delay 1 ms each direction: 24 cells, each a bulk transfer hash-checked
-//! end to end through `toemu::demo::toe_bulk`; the four TOE receive modes take turns across
+//! end to end through `toemu_lab::demo::toe_bulk`; the four TOE receive modes take turns across
 //! the cells. Each cell moves 64 MiB, or `TOEMU_SOAK_BYTES` (e.g. `1GiB`, what
 //! `cargo xtask soak` sets). Nothing may be lost, duplicated or reordered, ever; and every
 //! impairment a cell asks for must actually have happened (counted by the wire).
@@ -17,12 +17,12 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use toe_bus::time::Duration;
+use toe_host::config::parse_size;
+use toe_host::wire_opts::{PcapTarget, WireOptions};
 use toe_nic::impair::{ImpairConfig, ImpairStats};
-use toemu::bare::BarePair;
-use toemu::config::parse_size;
-use toemu::datagen::DataGen;
-use toemu::demo::{toe_bulk, Bulk, DemoOptions, Mode};
-use toemu::wire_opts::{PcapTarget, WireOptions};
+use toemu_lab::bare::BarePair;
+use toemu_lab::datagen::DataGen;
+use toemu_lab::demo::{toe_bulk, Bulk, DemoOptions, Mode};
 
 const MIB: u64 = 1 << 20;
 

@@ -12,9 +12,9 @@ use smoltcp::wire::{
     EthernetFrame, EthernetProtocol, IpAddress, IpProtocol, Ipv4Packet, TcpPacket,
 };
 use toe_bus::ConnId;
+use toe_host::config::Settings;
+use toe_host::runtime::{test_nic, BoxPhy, Host, Sim};
 use toe_nic::{Frame, Phy};
-use toemu::config::Settings;
-use toemu::runtime::{test_nic, BoxPhy, Host, Sim};
 
 /// Two hosts (10.0.0.1 and 10.0.0.2) on the given phys, host 1 listening on `port` and host 0
 /// connected to it: (sim, client conn on host 0, server conn on host 1).
@@ -35,7 +35,7 @@ pub fn pair_traced(
     port: u16,
     pa: BoxPhy,
     pb: BoxPhy,
-    trace: Option<toemu::trace::SharedWriter>,
+    trace: Option<toe_host::trace::SharedWriter>,
 ) -> io::Result<(Sim, ConnId, ConnId)> {
     let now = toe_bus::time::Instant::from_micros(0);
     let a = Host::new("a", settings, test_nic(0, seed), pa, now).map_err(io::Error::other)?;
@@ -44,9 +44,9 @@ pub fn pair_traced(
     let (da, db) = (sim.driver(0), sim.driver(1));
     if let Some(w) = trace {
         da.lock()
-            .set_trace(Box::new(toemu::trace::JsonlTrace::new("a", w.clone())));
+            .set_trace(Box::new(toe_host::trace::JsonlTrace::new("a", w.clone())));
         db.lock()
-            .set_trace(Box::new(toemu::trace::JsonlTrace::new("b", w)));
+            .set_trace(Box::new(toe_host::trace::JsonlTrace::new("b", w)));
     }
     db.lock().listen(port, 4, None).map_err(io::Error::other)?;
     let remote = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 2), port);

@@ -1,12 +1,12 @@
-//! `toemu::sweep` and `toemu::plot`: a small W sweep writes a well-formed table, JSON and SVG
+//! `toemu_lab::sweep` and `toemu_lab::plot`: a small W sweep writes a well-formed table, JSON and SVG
 //! charts; the P/I timeline of a slow receiver keeps P within W and is drawn.
 
 use std::path::{Path, PathBuf};
 
-use toemu::config::Settings;
-use toemu::demo::Mode;
-use toemu::plot::{sample_timeline, timeline_demo, timeline_samples};
-use toemu::sweep::{parse_w_range, run_sweep, sweep_table, write_sweep, SweepOptions};
+use toe_host::config::Settings;
+use toemu_lab::demo::Mode;
+use toemu_lab::plot::{sample_timeline, timeline_demo, timeline_samples};
+use toemu_lab::sweep::{parse_w_range, run_sweep, sweep_table, write_sweep, SweepOptions};
 
 /// A fresh scratch directory under the target directory's tmp (removed first).
 fn scratch(name: &str) -> PathBuf {
@@ -186,7 +186,7 @@ fn timeline_keeps_p_within_w() {
 #[test]
 fn sampler_records_only_changes() {
     let s = Settings::default();
-    let (sim, _ca, cb) = toemu::demo::connected_pair(&s, 1, 5010).unwrap();
+    let (sim, _ca, cb) = toe_host::pair::connected_pair(&s, 1, 5010).unwrap();
     let mut samples = Vec::new();
     for _ in 0..5 {
         sample_timeline(&sim, 1, cb, &mut samples);
@@ -204,7 +204,7 @@ fn bare_baseline_point_has_no_offload_counters() {
         rr_iters: 50,
         ..SweepOptions::default()
     };
-    let p = toemu::sweep::measure_point(&o, Mode::SmoltcpBare, 64 << 10).unwrap();
+    let p = toemu_lab::sweep::measure_point(&o, Mode::SmoltcpBare, 64 << 10).unwrap();
     assert_eq!(p.mode, "smoltcp-bare");
     assert!(p.throughput_bytes_per_s > 0.0 && p.rr_p50_us > 0.0, "{p:?}");
     assert_eq!(p.memory_high_water_bytes(), 0);

@@ -1017,7 +1017,10 @@ mod tests {
 
     #[test]
     fn passive_ids_wrap_without_reusing_live_ones() {
-        let live = [ConnId(ConnId::PASSIVE_BIT | 1), ConnId(ConnId::PASSIVE_BIT | 2)];
+        let live = [
+            ConnId(ConnId::PASSIVE_BIT | 1),
+            ConnId(ConnId::PASSIVE_BIT | 2),
+        ];
         let mut next = ConnId::PASSIVE_BIT - 2;
         let in_use = |id| live.contains(&id);
         let (a, _) = next_free_id(&mut next, ConnId::PASSIVE_BIT, in_use);

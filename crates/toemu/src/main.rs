@@ -1,11 +1,13 @@
-//! The `toemu` command line.
+//! The `toemu` command line: parses, builds hosts (toe-host), calls the lab (toemu-lab).
+
+mod wire_args;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use toemu::config::{parse_size, Settings};
-use toemu::demo::{run_demo, table, DemoOptions, DemoReport, Mode};
+use toe_host::config::{parse_size, Settings};
+use toemu_lab::demo::{run_demo, table, DemoOptions, DemoReport, Mode};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -47,14 +49,16 @@ struct TapArgs {
     max_seconds: Option<f64>,
     /// Impairment of both directions of the TAP port, and capture.
     #[command(flatten)]
-    wire: toemu::wire_opts::WireArgs,
+    wire: wire_args::WireArgs,
 }
 
 impl TapArgs {
     /// Open the TAP device, wrapped in the requested impairment and capture.
-    fn open(&self) -> Result<(toemu::runtime::BoxPhy, toemu::wire_opts::WireOptions), String> {
-        let wire = toemu::wire_opts::WireOptions::from_args(&self.wire)?;
-        let phy = toemu::tap::TapPhy::open(&self.tap, 8192).map_err(|e| e.to_string())?;
+    fn open(
+        &self,
+    ) -> Result<(toe_host::runtime::BoxPhy, toe_host::wire_opts::WireOptions), String> {
+        let wire = wire_args::wire_options(&self.wire)?;
+        let phy = toe_tap::TapPhy::open(&self.tap, 8192).map_err(|e| e.to_string())?;
         let (phy, _monitors) = wire.wrap_single(phy);
         Ok((phy, wire))
     }
@@ -130,7 +134,7 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
-    /// HTTP GET of http://IPv4[:port]/path from an emulated host on a TAP device.
+    /// HTTP GET of `http://IPv4[:port]/path` from an emulated host on a TAP device.
     Get {
         #[command(flatten)]
         tap: TapArgs,
@@ -236,7 +240,7 @@ enum Cmd {
         #[arg(long)]
         trace: Option<PathBuf>,
         #[command(flatten)]
-        wire: toemu::wire_opts::WireArgs,
+        wire: wire_args::WireArgs,
     },
 }
 
@@ -271,9 +275,9 @@ fn run_on_tap(
     tap: &TapArgs,
     app: &mut dyn toemu_apps::App,
 ) -> Result<(), String> {
-    let (ip, prefix) = toemu::serve::parse_cidr(&tap.ip)?;
+    let (ip, prefix) = toemu_lab::serve::parse_cidr(&tap.ip)?;
     let (phy, wire) = tap.open()?;
-    let nic = toemu::serve::nic_for(ip, prefix, tap.gateway, tap.stack_seed);
+    let nic = toemu_lab::serve::nic_for(ip, prefix, tap.gateway, tap.stack_seed);
     let max = tap.max_seconds.map(std::time::Duration::from_secs_f64);
     eprintln!(
         "toemu: {} on {} at {}/{} (policy {}, W = {} bytes, {})",
@@ -285,7 +289,7 @@ fn run_on_tap(
         settings.indicate_window_bytes,
         wire.describe()
     );
-    let r = toemu::serve::run_app_realtime(settings, nic, phy, app, max, stop_flag())
+    let r = toemu_lab::serve::run_app_realtime(settings, nic, phy, app, max, stop_flag())
         .map_err(|e| e.to_string());
     if let Some(p) = &wire.pcap {
         p.flush().map_err(|e| format!("--pcap: {e}"))?;
@@ -358,14 +362,14 @@ fn run(cli: Cli) -> Result<(), String> {
             json,
         } => {
             let check = match check.as_str() {
-                "crc32c" => toemu::datagen::Check::Crc32c,
-                "sha256" => toemu::datagen::Check::Sha256,
+                "crc32c" => toemu_lab::datagen::Check::Crc32c,
+                "sha256" => toemu_lab::datagen::Check::Sha256,
                 other => return Err(format!("--check: {other:?} is not crc32c or sha256")),
             };
             let mut o = if quick {
-                toemu::bench::BenchOptions::quick(settings)
+                toemu_lab::bench::BenchOptions::quick(settings)
             } else {
-                toemu::bench::BenchOptions::full(settings)
+                toemu_lab::bench::BenchOptions::full(settings)
             };
             if no_scale {
                 o.scale.clear();
@@ -374,13 +378,13 @@ fn run(cli: Cli) -> Result<(), String> {
             let pb = indicatif::ProgressBar::new_spinner();
             pb.enable_steady_tick(std::time::Duration::from_millis(200));
             let t0 = std::time::Instant::now();
-            let report = toemu::bench::run_bench(&o, |line| {
+            let report = toemu_lab::bench::run_bench(&o, |line| {
                 pb.println(line);
                 pb.set_message(format!("{:.0} s", t0.elapsed().as_secs_f64()));
             })
             .map_err(|e| e.to_string())?;
             pb.finish_and_clear();
-            print!("{}", toemu::bench::bench_table(&report));
+            print!("{}", toemu_lab::bench::bench_table(&report));
             if let Some(path) = json {
                 let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
                 std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -394,12 +398,12 @@ fn run(cli: Cli) -> Result<(), String> {
             modes,
             out,
         } => {
-            let mut o = toemu::sweep::SweepOptions {
-                w_values: toemu::sweep::parse_w_range(&w).map_err(|e| format!("--w: {e}"))?,
+            let mut o = toemu_lab::sweep::SweepOptions {
+                w_values: toemu_lab::sweep::parse_w_range(&w).map_err(|e| format!("--w: {e}"))?,
                 bytes: parse_size(&bytes).map_err(|e| format!("--bytes: {e}"))?,
                 rr_iters,
                 settings,
-                ..toemu::sweep::SweepOptions::default()
+                ..toemu_lab::sweep::SweepOptions::default()
             };
             if !modes.is_empty() {
                 o.modes = modes
@@ -407,10 +411,10 @@ fn run(cli: Cli) -> Result<(), String> {
                     .map(|m| m.parse::<Mode>())
                     .collect::<Result<Vec<_>, _>>()?;
             }
-            let points =
-                toemu::sweep::run_sweep(&o, |l| eprintln!("  {l}")).map_err(|e| e.to_string())?;
-            print!("{}", toemu::sweep::sweep_table(&points));
-            let files = toemu::sweep::write_sweep(&out, &points).map_err(|e| e.to_string())?;
+            let points = toemu_lab::sweep::run_sweep(&o, |l| eprintln!("  {l}"))
+                .map_err(|e| e.to_string())?;
+            print!("{}", toemu_lab::sweep::sweep_table(&points));
+            let files = toemu_lab::sweep::write_sweep(&out, &points).map_err(|e| e.to_string())?;
             for f in files {
                 eprintln!("wrote {}", f.display());
             }
@@ -418,23 +422,24 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Cmd::Timeline { bytes, seed, out } => {
             let bytes = parse_size(&bytes).map_err(|e| format!("--bytes: {e}"))?;
-            let n = toemu::plot::timeline_demo(&settings, bytes, seed, &out)
+            let n = toemu_lab::plot::timeline_demo(&settings, bytes, seed, &out)
                 .map_err(|e| e.to_string())?;
             eprintln!("wrote {} ({n} samples of P and I)", out.display());
             Ok(())
         }
         Cmd::BareSink { tap, port } => {
-            let (ip, prefix) = toemu::serve::parse_cidr(&tap.ip)?;
+            let (ip, prefix) = toemu_lab::serve::parse_cidr(&tap.ip)?;
             let (phy, wire) = tap.open()?;
-            let nic = toemu::serve::nic_for(ip, prefix, tap.gateway, tap.stack_seed);
+            let nic = toemu_lab::serve::nic_for(ip, prefix, tap.gateway, tap.stack_seed);
             let max = tap.max_seconds.map(std::time::Duration::from_secs_f64);
             eprintln!(
                 "toemu: bare-smoltcp sink on {} at {ip}/{prefix} port {port} ({})",
                 tap.tap,
                 wire.describe()
             );
-            let r = toemu::bare_tap::run_bare_sink(&settings, &nic, phy, port, max, stop_flag())
-                .map_err(|e| e.to_string());
+            let r =
+                toemu_lab::bare_tap::run_bare_sink(&settings, &nic, phy, port, max, stop_flag())
+                    .map_err(|e| e.to_string());
             if let Some(p) = &wire.pcap {
                 p.flush().map_err(|e| format!("--pcap: {e}"))?;
             }
@@ -443,7 +448,7 @@ fn run(cli: Cli) -> Result<(), String> {
         Cmd::Gen { bytes, seed } => {
             use std::io::Write;
             let bytes = parse_size(&bytes).map_err(|e| format!("--bytes: {e}"))?;
-            let mut g = toemu::datagen::DataGen::new(seed);
+            let mut g = toemu_lab::datagen::DataGen::new(seed);
             let mut buf = vec![0u8; 1 << 20];
             let mut out = std::io::stdout().lock();
             let mut left = bytes;
@@ -467,11 +472,11 @@ fn run(cli: Cli) -> Result<(), String> {
             trace,
             wire,
         } => {
-            let wire = toemu::wire_opts::WireOptions::from_args(&wire)?;
+            let wire = wire_args::wire_options(&wire)?;
             let trace_writer = trace
                 .as_ref()
                 .map(|p| {
-                    toemu::trace::file_writer(p)
+                    toe_host::trace::file_writer(p)
                         .map_err(|e| format!("--trace {}: {e}", p.display()))
                 })
                 .transpose()?;

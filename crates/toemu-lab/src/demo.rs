@@ -13,20 +13,18 @@
 //! the next held frame is due.
 
 use std::io;
-use std::net::SocketAddrV4;
 use std::time::Instant as WallInstant;
 
 use serde::Serialize;
 use toe_bus::{ConnId, HostBuf, RxPolicy};
 use toe_driver::Driver;
 use toe_nic::impair::ImpairStats;
-use toe_nic::wire;
 
 use crate::bare::BarePair;
-use crate::config::Settings;
 use crate::datagen::{Check, Checker, DataGen};
-use crate::runtime::{Host, Sim};
-use crate::wire_opts::{wire_stats, WireMonitors, WireOptions};
+use toe_host::config::Settings;
+use toe_host::pair::connected_pair_traced;
+use toe_host::wire_opts::{wire_stats, WireOptions};
 use toemu_apps::{ConnIo, RxMode};
 
 /// A receive mode of the demo.
@@ -115,7 +113,7 @@ pub struct DemoOptions {
     /// The wire between the two hosts (impairment, capture); default: perfect, no capture.
     pub wire: WireOptions,
     /// Record both drivers' bus traffic as JSON lines here (host names `MODE/PHASE/a|b`).
-    pub trace: Option<crate::trace::SharedWriter>,
+    pub trace: Option<toe_host::trace::SharedWriter>,
     /// End-to-end integrity check of bulk transfers (the demo reports SHA-256).
     pub check: Check,
 }
@@ -214,73 +212,6 @@ fn settings_for(mode: Mode, base: &Settings) -> Settings {
         s.policy = p;
     }
     s
-}
-
-/// Two hosts on a perfect wire, host 1 listening on `port`, host 0 connected to it.
-/// Returns (sim, client conn on host 0, server conn on host 1).
-pub fn connected_pair(
-    settings: &Settings,
-    seed: u64,
-    port: u16,
-) -> io::Result<(Sim, ConnId, ConnId)> {
-    connected_pair_on(settings, seed, port, &WireOptions::default()).map(|(s, a, b, _)| (s, a, b))
-}
-
-/// Like [`connected_pair`], on a wire built by `wire` (host `i` is side `i`). Also returns
-/// the impairment counters of the two directions.
-pub fn connected_pair_on(
-    settings: &Settings,
-    seed: u64,
-    port: u16,
-    wire_opts: &WireOptions,
-) -> io::Result<(Sim, ConnId, ConnId, WireMonitors)> {
-    connected_pair_traced(settings, seed, port, wire_opts, None)
-}
-
-/// Like [`connected_pair_on`], with both drivers tracing bus traffic from the start into
-/// `trace` (writer, host-name prefix).
-pub fn connected_pair_traced(
-    settings: &Settings,
-    seed: u64,
-    port: u16,
-    wire_opts: &WireOptions,
-    trace: Option<(&crate::trace::SharedWriter, &str)>,
-) -> io::Result<(Sim, ConnId, ConnId, WireMonitors)> {
-    wire_opts.validate().map_err(other)?;
-    let (pa, pb) = wire(4096);
-    let (pa, ma) = wire_opts.wrap_observed(pa, 0);
-    let (pb, mb) = wire_opts.wrap_observed(pb, 1);
-    let now = toe_bus::time::Instant::from_micros(0);
-    let a = Host::new("a", settings, crate::runtime::test_nic(0, seed), pa, now)
-        .map_err(|e| other(e.to_string()))?;
-    let b = Host::new("b", settings, crate::runtime::test_nic(1, seed), pb, now)
-        .map_err(|e| other(e.to_string()))?;
-    let sim = Sim::new(vec![a, b]);
-    let (da, db) = (sim.driver(0), sim.driver(1));
-    if let Some((w, prefix)) = trace {
-        for (d, h) in [(&da, "a"), (&db, "b")] {
-            d.lock().set_trace(Box::new(crate::trace::JsonlTrace::new(
-                &format!("{prefix}/{h}"),
-                w.clone(),
-            )));
-        }
-    }
-    db.lock()
-        .listen(port, 4, None)
-        .map_err(|e| other(e.to_string()))?;
-    let remote = SocketAddrV4::new(std::net::Ipv4Addr::new(10, 0, 0, 2), port);
-    let ca = da
-        .lock()
-        .connect(remote, 0, None)
-        .map_err(|e| other(e.to_string()))?;
-    let mut cb = None;
-    sim.run_until(1_000_000, || {
-        if cb.is_none() {
-            cb = db.lock().accept(port);
-        }
-        cb.is_some() && da.lock().state(ca).ok() == Some(toe_driver::ConnState::Established)
-    })?;
-    Ok((sim, ca, cb.expect("accepted"), [ma, mb]))
 }
 
 /// What a receiving application does with its connection: the apps' [`ConnIo`] (named

@@ -13,8 +13,8 @@ use smoltcp::time::Instant;
 use toe_nic::nic::{make_interface, make_socket};
 use toe_nic::{NicConfig, NicDevice, Phy};
 
-use crate::config::Settings;
-use crate::runtime::{BoxPhy, RealClock};
+use toe_host::config::Settings;
+use toe_host::runtime::{BoxPhy, RealClock};
 
 /// Serve a bare-smoltcp sink on `port` until `stop` is set or `max` passes; one connection
 /// at a time (the listening socket is re-armed after each).

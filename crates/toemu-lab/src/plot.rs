@@ -15,9 +15,9 @@ use plotters::prelude::*;
 use toe_bus::time::Instant as SmolInstant;
 use toe_bus::ConnId;
 
-use crate::config::Settings;
 use crate::demo::Sender;
-use crate::runtime::Sim;
+use toe_host::config::Settings;
+use toe_host::runtime::Sim;
 
 /// How an axis maps values to positions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -554,7 +554,7 @@ pub const TIMELINE_RECEIVER_TICK_US: u64 = 1000;
 /// sampled after every step and drawn into the SVG file `path` ([`timeline_svg`]).
 /// Returns the number of samples drawn.
 ///
-/// The hosts are [`crate::demo::connected_pair`]'s; the receiver's wake-up bounds every step
+/// The hosts are [`toe_host::pair::connected_pair`]'s; the receiver's wake-up bounds every step
 /// ([`Sim::step_bounded`]), so an idle clock jump lands on it, never past it.
 ///
 /// # Errors
@@ -586,7 +586,7 @@ pub fn timeline_samples(
     let mut s = settings.clone();
     s.policy = toe_bus::RxPolicy::IndicateWindow;
     let per_wake = (s.indicate_window_bytes as usize / 2).max(1);
-    let (sim, ca, cb) = crate::demo::connected_pair(&s, seed, 5003)?;
+    let (sim, ca, cb) = toe_host::pair::connected_pair(&s, seed, 5003)?;
     let (da, db) = (sim.driver(0), sim.driver(1));
     let mut tx = Sender::new(&da.lock(), ca, seed, bytes, 4, 256 << 10)?;
     let tick = TIMELINE_RECEIVER_TICK_US as i64;

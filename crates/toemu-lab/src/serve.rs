@@ -9,8 +9,8 @@ use std::time::Duration as StdDuration;
 use toe_nic::NicConfig;
 use toemu_apps::App;
 
-use crate::config::Settings;
-use crate::runtime::{BoxPhy, Host, Sim, Threaded};
+use toe_host::config::Settings;
+use toe_host::runtime::{BoxPhy, Host, Sim, Threaded};
 
 /// Parse `A.B.C.D/PREFIX`.
 pub fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8), String> {

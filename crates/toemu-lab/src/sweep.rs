@@ -16,9 +16,9 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::bare::BarePair;
-use crate::config::{parse_size, Settings};
 use crate::demo::{toe_bulk, toe_rr, DemoOptions, Mode};
 use crate::plot::{format_bytes, write_svg, Axis, Chart, Scale, Series, Ticks};
+use toe_host::config::{parse_size, Settings};
 
 /// Sweep parameters.
 #[derive(Debug, Clone)]
@@ -106,7 +106,7 @@ impl SweepPoint {
 pub fn parse_w_range(s: &str) -> Result<Vec<u32>, String> {
     let one = |t: &str| -> Result<u32, String> {
         let v = parse_size(t)?;
-        if v == 0 || v > crate::config::MAX_INDICATE_WINDOW_BYTES {
+        if v == 0 || v > toe_host::config::MAX_INDICATE_WINDOW_BYTES {
             return Err(format!("W = {} must be between 1 byte and 1 GiB", t.trim()));
         }
         u32::try_from(v).map_err(|_| format!("W = {} is too large", t.trim()))

@@ -23,10 +23,10 @@ use serde::Serialize;
 use toe_bus::ConnId;
 
 use crate::bare::BarePair;
-use crate::config::Settings;
 use crate::datagen::{Check, Checker, DataGen};
 use crate::demo::{toe_bulk, toe_rr_timed, DemoOptions, Mode, Receiver, Sender};
-use crate::runtime::{test_nic, Host, Sim};
+use toe_host::config::Settings;
+use toe_host::runtime::{test_nic, Host, Sim};
 
 /// What to run.
 #[derive(Debug, Clone)]

@@ -1,7 +1,7 @@
 //! The bare-smoltcp baseline: two plain smoltcp interfaces on the same in-memory wire, MTU,
 //! socket buffers and TCP settings as the emulated TOE hosts, with the applications working
 //! directly on the sockets (the receiver hashes in place in the socket buffer: no copy at all).
-//! Same single-thread virtual-clock discipline as [`crate::runtime::Sim`], and the same wire
+//! Same single-thread virtual-clock discipline as [`toe_host::runtime::Sim`], and the same wire
 //! options ([`BarePair::with_wire`]: impairment and capture).
 
 use std::io;
@@ -14,10 +14,10 @@ use smoltcp::wire::{IpAddress, IpEndpoint};
 use toe_nic::nic::{make_interface, make_socket};
 use toe_nic::{wire, NicConfig, NicDevice, Phy};
 
-use crate::config::Settings;
 use crate::datagen::{Check, Checker, DataGen};
-use crate::runtime::{test_nic, BoxPhy};
-use crate::wire_opts::WireOptions;
+use toe_host::config::Settings;
+use toe_host::runtime::{test_nic, BoxPhy};
+use toe_host::wire_opts::WireOptions;
 
 struct BareHost {
     iface: Interface,

@@ -1,0 +1,19 @@
+//! toemu-lab: the experiments and baselines of toemu, above the host library and the example
+//! apps.
+//!
+//! - [`demo`]: the `toemu demo` experiment (bulk transfers and request/response per policy).
+//! - [`mod@bench`]: `toemu bench` (every mode against bare smoltcp and kernel loopback TCP).
+//! - [`sweep`] and [`plot`]: metrics against W, SVG charts, the P/I timeline.
+//! - [`bare`], [`bare_tap`]: the bare-smoltcp baselines (in-memory wire, TAP).
+//! - [`serve`]: running the example apps on an emulated host (TAP in real time, or two hosts
+//!   on the virtual clock).
+//! - [`datagen`]: deterministic payload and its digests (the example apps' generator).
+
+pub mod bare;
+pub mod bare_tap;
+pub mod bench;
+pub mod demo;
+pub mod plot;
+pub mod serve;
+pub mod sweep;
+pub use toemu_apps::datagen;

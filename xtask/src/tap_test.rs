@@ -137,11 +137,7 @@ fn status(c: &mut Command) -> Result<(), String> {
 }
 
 fn need_root() -> Result<(), String> {
-    let out = Command::new("id")
-        .arg("-u")
-        .output()
-        .map_err(|e| format!("id -u: {e}"))?;
-    if String::from_utf8_lossy(&out.stdout).trim() != "0" {
+    if !crate::is_root() {
         return Err("tap-test needs root: it creates a network namespace and a TAP device".into());
     }
     if !Path::new("/dev/net/tun").exists() {
@@ -150,40 +146,15 @@ fn need_root() -> Result<(), String> {
     Ok(())
 }
 
-fn ensure_tools() -> Result<(), String> {
-    let wanted = [
-        ("curl", "curl"),
-        ("socat", "socat"),
-        ("nc", "netcat-openbsd"),
-        ("ping", "iputils-ping"),
-        ("python3", "python3"),
-        ("ip", "iproute2"),
-    ];
-    let missing: Vec<&str> = wanted
-        .iter()
-        .filter(|(bin, _)| {
-            !Command::new("sh")
-                .args(["-c", &format!("command -v {bin}")])
-                .stdout(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        })
-        .map(|(_, pkg)| *pkg)
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    eprintln!("tap-test: installing {}", missing.join(" "));
-    status(Command::new("apt-get").args(["update", "-qq"]))
-        .map_err(|e| format!("apt-get update: {e}"))?;
-    status(
-        Command::new("apt-get")
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["install", "-y", "-qq"])
-            .args(&missing),
-    )
-    .map_err(|e| format!("apt-get install {}: {e}", missing.join(" ")))
-}
+/// The client programs the scenarios run, as (command, Debian package).
+const TAP_TOOLS: &[(&str, &str)] = &[
+    ("curl", "curl"),
+    ("socat", "socat"),
+    ("nc", "netcat-openbsd"),
+    ("ping", "iputils-ping"),
+    ("python3", "python3"),
+    ("ip", "iproute2"),
+];
 
 fn sha256_of_gen(toemu: &Path, bytes: u64, seed: u64) -> Result<String, String> {
     let out = Command::new("sh")
@@ -254,7 +225,7 @@ fn field_after(line: &str, key: &str) -> Option<String> {
 /// Check root and tools, build toemu; the path of the binary.
 fn prepare(root: &Path) -> Result<PathBuf, String> {
     need_root()?;
-    ensure_tools()?;
+    crate::ensure_tools("tap-test", TAP_TOOLS)?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     status(
         Command::new(cargo)

@@ -3,7 +3,8 @@
 //! - `cargo xtask ci`: every gate CI runs, in order, stopping at the first failure: rustfmt
 //!   check, clippy with warnings denied, rustdoc with warnings denied, the tests.
 //! - `cargo xtask test`: only the test step (`cargo test --workspace --profile checked`).
-//! - `cargo xtask tap-test`: (root) real Linux programs against an emulated host on TAP.
+//! - `cargo xtask tap-test [basic|hostile]`: (root) real Linux programs against an emulated
+//!   host on TAP, and the hostile-peer suite.
 //! - `cargo xtask soak`: the impaired-wire integrity matrix (`tests/impair.rs`) at 1 GiB per
 //!   cell.
 //!
@@ -104,9 +105,12 @@ tasks:
          (release with overflow checks and debug assertions)
          ci and test first install what the tests run if missing: tshark
          (apt-get as root; otherwise they fail and name the command)
-  tap-test
+  tap-test [basic | hostile [burst|psh-flood|syn-flood|vanishing-peer|slowloris]...]
          (root) the emulated host on a TAP device in a fresh network namespace, driven by
-         curl, socat, nc, ping and python3 -m http.server; the namespace is always deleted
+         curl, socat, nc, ping and python3 -m http.server (basic), then the hostile-peer
+         suite: connection bursts, a 1-byte PSH flood, spoofed SYNs, a peer that vanishes,
+         slowloris, each with the host's memory bounded (hostile, or the scenarios named);
+         default both; the namespaces are always deleted
   bench [--quick] [--no-scale] [--json PATH]
          toemu bench: every receive mode against bare smoltcp and kernel loopback TCP
   tap-bench [BYTES] [ROUNDS]
@@ -262,7 +266,12 @@ fn main() -> ExitCode {
         ["ci"] => run_all(CI),
         ["test"] => run_all(&[&TEST]),
         ["soak"] => run_all(&[&SOAK]),
-        ["tap-test"] => tap_test::run(&workspace_root()),
+        ["tap-test"] => tap_test::run(&workspace_root(), tap_test::Suite::All, &[]),
+        ["tap-test", "basic"] => tap_test::run(&workspace_root(), tap_test::Suite::Basic, &[]),
+        ["tap-test", "hostile", only @ ..] => {
+            let only: Vec<String> = only.iter().map(|s| s.to_string()).collect();
+            tap_test::run(&workspace_root(), tap_test::Suite::Hostile, &only)
+        }
         ["bench", rest @ ..] => {
             let root = workspace_root();
             let mut c = Command::new(cargo());

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod hostile;
+
 const HOST_IP: &str = "10.99.0.2";
 const LINUX_IP: &str = "10.99.0.1";
 
@@ -20,7 +22,16 @@ struct Netns {
 
 impl Netns {
     fn create() -> Result<Netns, String> {
-        let name = format!("toemu-tap-{}", std::process::id());
+        Netns::create_named("")
+    }
+
+    /// A namespace `toemu-tap-<pid>` or, with a `suffix`, `toemu-tap-<pid>-<suffix>`.
+    fn create_named(suffix: &str) -> Result<Netns, String> {
+        let name = if suffix.is_empty() {
+            format!("toemu-tap-{}", std::process::id())
+        } else {
+            format!("toemu-tap-{}-{suffix}", std::process::id())
+        };
         status(Command::new("ip").args(["netns", "add", &name]))
             .map_err(|e| format!("cannot create network namespace {name}: {e} (root needed)"))?;
         let ns = Netns {
@@ -91,6 +102,15 @@ impl Netns {
         let c = &mut self.children[i];
         let _ = Command::new("kill").arg(c.id().to_string()).status();
         let _ = c.wait();
+    }
+
+    /// Stop every child from index `first` on that is still running.
+    fn stop_from(&mut self, first: usize) {
+        for i in first..self.children.len() {
+            if self.children[i].try_wait().ok().flatten().is_none() {
+                self.stop(i);
+            }
+        }
     }
 
     /// Wait up to `max` for child `i` to exit by itself.
@@ -236,14 +256,48 @@ fn prepare(root: &Path) -> Result<PathBuf, String> {
     Ok(root.join("target/release/toemu"))
 }
 
-/// Run every scenario; the namespace is deleted on every exit path (Drop).
-pub fn run(root: &Path) -> Result<(), String> {
+/// Which scenarios `cargo xtask tap-test` runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Suite {
+    /// Real programs against the apps: `tap-test basic`.
+    Basic,
+    /// The hostile-peer suite: `tap-test hostile`.
+    Hostile,
+    /// Both (the default).
+    All,
+}
+
+/// Run the scenarios of `suite`; the namespaces are deleted on every exit path (Drop). The
+/// hostile-peer suite runs even when a basic scenario failed; both failures are reported.
+/// `only` names hostile-peer scenarios to run (all if empty).
+pub fn run(root: &Path, suite: Suite, only: &[String]) -> Result<(), String> {
     let toemu = prepare(root)?;
     let work = std::env::temp_dir().join(format!("toemu-tap-test-{}", std::process::id()));
     std::fs::create_dir_all(&work).map_err(|e| e.to_string())?;
-    let result = scenarios(&toemu, &work);
+    let t0 = Instant::now();
+    let mut failed = Vec::new();
+    if suite != Suite::Hostile {
+        if let Err(e) = scenarios(&toemu, &work) {
+            eprintln!("tap-test: FAIL {e}");
+            failed.push(e);
+        }
+    }
+    if suite != Suite::Basic {
+        if let Err(e) = hostile::run(&toemu, &work, only) {
+            failed.push(e);
+        }
+    }
     let _ = std::fs::remove_dir_all(&work);
-    result
+    let secs = t0.elapsed().as_secs_f64();
+    if failed.is_empty() {
+        eprintln!("tap-test: all scenarios passed in {secs:.1} s");
+        Ok(())
+    } else {
+        Err(format!(
+            "tap-test FAILED after {secs:.1} s:\n{}",
+            failed.join("\n")
+        ))
+    }
 }
 
 fn scenarios(toemu: &Path, work: &Path) -> Result<(), String> {
@@ -618,7 +672,7 @@ print(sent)
         format!("{got} vs {want}"),
     )?;
     eprintln!(
-        "tap-test: all scenarios passed; namespace {} removed",
+        "tap-test: all basic scenarios passed; namespace {} removed",
         ns.name
     );
     Ok(())

@@ -118,7 +118,7 @@ tasks:
          alternating rounds (default 1 GiB, 3 rounds); medians and ratios, target/tap-bench.json
   soak   TOEMU_SOAK_BYTES=1GiB cargo test --profile checked -p toemu-tests --test impair
            -- --include-ignored --nocapture
-         the impaired-wire integrity matrix at 1 GiB per cell (24 cells x 4 modes)
+         the impaired-wire integrity matrix at 1 GiB per transfer (24 cells x 4 modes)
   help   print this message";
 
 /// The workspace root: the parent of this crate's manifest directory.

@@ -22,6 +22,6 @@ pub mod time {
 
 pub use mem::{CopySnapshot, CopyStats, Dma, HostBuf, HostMemory, MemError};
 pub use ring::{
-    bus, bus_with_latency, Command, ConnId, Event, HostEnd, NicEnd, OffloadParams, ReturnReason,
-    RxPolicy,
+    buffer_share, bus, bus_with_latency, Command, ConnId, Event, HostEnd, NicEnd, OffloadParams,
+    ReturnReason, RxPolicy,
 };

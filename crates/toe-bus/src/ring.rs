@@ -101,6 +101,18 @@ pub struct OffloadParams {
     pub policy: RxPolicy,
 }
 
+/// The most anonymous buffers one connection may hold at once: its window `window` (bytes)
+/// rounded up to whole buffers of `anon_len` bytes, at least 1. The NIC never indicates into
+/// more buffers than this for one connection until the driver acknowledges drained ones, so a
+/// peer that sends tiny segments cannot take more of the shared pool than a bulk sender (the
+/// pool holds `max_conns` shares). NIC and driver both compute it with this function.
+pub fn buffer_share(window: u32, anon_len: usize) -> u32 {
+    let anon = anon_len.max(1) as u64;
+    u32::try_from(u64::from(window).div_ceil(anon))
+        .unwrap_or(u32::MAX)
+        .max(1)
+}
+
 /// Why a named buffer came back from the NIC or the driver.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ReturnReason {
@@ -182,12 +194,16 @@ pub enum Command {
         /// Return every held named buffer instead of only the head.
         all: bool,
     },
-    /// indicateAcknowledge: P -= bytes (never below 0).
+    /// indicateAcknowledge: P -= bytes (never below 0), and the connection's charge of
+    /// anonymous buffers drops by `bufs` (never below 0; see [`buffer_share`]).
     IndicateAck {
         /// Connection.
         conn: ConnId,
         /// AcknowledgedBytes.
         bytes: u32,
+        /// Anonymous buffers of this connection the driver drained since its last
+        /// acknowledgement (or named-buffer post).
+        bufs: u32,
     },
     /// Transmit `len` bytes from the start of `buf`; the NIC segments it.
     Send {

@@ -120,8 +120,8 @@ pub fn describe_command(
             f.push(("all", *all as u64));
             ("ReturnNamed", Some(*conn), Some(reason_name(*why)))
         }
-        Command::IndicateAck { conn, bytes } => {
-            f.push(("bytes", *bytes as u64));
+        Command::IndicateAck { conn, bytes, bufs } => {
+            f.extend([("bytes", *bytes as u64), ("bufs", *bufs as u64)]);
             ("IndicateAck", Some(*conn), None)
         }
         Command::Send { conn, len, .. } => {

@@ -16,6 +16,10 @@
 //! 5. When I reaches W and all indicated data has been accepted or copied, I is reset to 0 and,
 //!    if no named buffer is held by the NIC, IndicateAcknowledge{W} reopens the window. With
 //!    [`AckPolicy::KeepOpen`] the driver also acknowledges while data is being accepted.
+//!    The same holds for the connection's buffer share ([`toe_bus::buffer_share`]): the driver
+//!    mirrors how many anonymous buffers the NIC has charged to the connection, and when the
+//!    charge reaches the share (tiny segments, each in its own buffer) it acknowledges once
+//!    every indicated byte is taken, carrying the drained buffers in `IndicateAck{bufs}`.
 //! 6. Push mode: a copied chunk that ended with PSH returns the buffer now; otherwise the push
 //!    timer starts (if not running) and returns the partly filled buffer when it fires.
 //!    Returning a buffer stops its timer. Without push mode PSH is ignored.
@@ -28,7 +32,7 @@
 use std::collections::VecDeque;
 
 use toe_bus::time::{Duration, Instant};
-use toe_bus::{Command, ConnId, HostBuf, HostMemory, ReturnReason, RxPolicy};
+use toe_bus::{buffer_share, Command, ConnId, HostBuf, HostMemory, ReturnReason, RxPolicy};
 
 /// When the driver acknowledges indicated data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,6 +184,8 @@ struct Named {
     at: Where,
     /// I at the time of the post (restored if the post bounces).
     i_saved: u32,
+    /// The buffer charge at the time of the post (restored if the post bounces).
+    charged_saved: u32,
 }
 
 /// Per-connection driver receive state.
@@ -189,6 +195,15 @@ pub struct ConnRx {
     cfg: RxConfig,
     indicated: u32,
     accepted_unacked: u32,
+    /// Size of one anonymous buffer, in bytes (for the buffer share).
+    anon_len: usize,
+    /// Anonymous buffers indicated and not yet acknowledged as drained: the NIC's charge.
+    charged: u32,
+    /// Of those, buffers already drained (released to the pool).
+    drained_unacked: u32,
+    /// The application declined the data it was offered (accepted 0 bytes): no new
+    /// notification until more data arrives.
+    declined: bool,
     chunks: VecDeque<Chunk>,
     queued_bytes: usize,
     heap_bytes: usize,
@@ -205,8 +220,8 @@ pub struct ConnRx {
 }
 
 impl ConnRx {
-    /// A fresh connection: I = 0, nothing queued.
-    pub fn new(conn: ConnId, mut cfg: RxConfig) -> Self {
+    /// A fresh connection: I = 0, nothing queued. Anonymous buffers are `anon_len` bytes.
+    pub fn new(conn: ConnId, mut cfg: RxConfig, anon_len: usize) -> Self {
         cfg.window = cfg.window.max(1);
         if cfg.policy == RxPolicy::MssHoldoff {
             cfg.ack = AckPolicy::WindowFull;
@@ -216,6 +231,10 @@ impl ConnRx {
             cfg,
             indicated: 0,
             accepted_unacked: 0,
+            anon_len: anon_len.max(1),
+            charged: 0,
+            drained_unacked: 0,
+            declined: false,
             chunks: VecDeque::new(),
             queued_bytes: 0,
             heap_bytes: 0,
@@ -239,6 +258,11 @@ impl ConnRx {
     /// I: bytes indicated since the window was last reset, in bytes.
     pub fn indicated(&self) -> u32 {
         self.indicated
+    }
+    /// Anonymous buffers the NIC has charged to this connection as the driver sees it: those
+    /// indicated and not yet acknowledged as drained.
+    pub fn charged(&self) -> u32 {
+        self.charged
     }
     /// Bytes received and not yet accepted or copied into a named buffer.
     pub fn queued_bytes(&self) -> usize {
@@ -301,11 +325,20 @@ impl ConnRx {
     ) {
         if offset != self.received_end || len == 0 || len > buf.len() {
             self.stats.protocol_errors += 1;
+            // The NIC charged the buffer to us: count it, drained at once.
+            self.charged += 1;
+            self.drained_unacked += 1;
             out.released.push(buf);
             return;
         }
         self.received_end += len as u64;
         self.indicated += len as u32;
+        self.charged += 1;
+        if self.declined {
+            // New data for an application that declined the old: tell it once more.
+            self.declined = false;
+            self.notified = false;
+        }
         self.stats.indicated_bytes += len as u64;
         self.queued_bytes += len;
         self.chunks.push_back(Chunk {
@@ -363,6 +396,9 @@ impl ConnRx {
             n.buf = Some(buf);
             self.indicated += n.i_saved;
             n.i_saved = 0;
+            self.charged += n.charged_saved;
+            self.drained_unacked += n.charged_saved;
+            n.charged_saved = 0;
             if idx == 0 {
                 self.push_deadline = None;
             }
@@ -444,6 +480,7 @@ impl ConnRx {
             psh_seen: false,
             at: Where::Driver,
             i_saved: 0,
+            charged_saved: 0,
         });
         self.drain(mem, now, out);
         id
@@ -500,7 +537,13 @@ impl ConnRx {
         self.queued_bytes -= total;
         self.stats.accepted_bytes += total as u64;
         self.consumed_indicated(total);
-        self.notified = false;
+        if total > 0 {
+            self.notified = false;
+        } else if self.notified {
+            // Rule 4: one notification until the application accepts data (or returns a
+            // code); a decline waits for more data instead of being notified again at once.
+            self.declined = true;
+        }
         self.drain(mem, now, out);
         total
     }
@@ -551,7 +594,10 @@ impl ConnRx {
     fn pop_chunk(&mut self, out: &mut Outputs) -> bool {
         let c = self.chunks.pop_front().expect("caller checked");
         match c.data {
-            ChunkData::Anon(b) => out.released.push(b),
+            ChunkData::Anon(b) => {
+                self.drained_unacked += 1;
+                out.released.push(b);
+            }
             ChunkData::Heap(_) => self.heap_bytes -= c.len,
         }
         c.psh
@@ -605,6 +651,7 @@ impl ConnRx {
             self.stats.copied_bytes += v.len() as u64;
             let old = std::mem::replace(&mut c.data, ChunkData::Heap(v));
             if let ChunkData::Anon(b) = old {
+                self.drained_unacked += 1;
                 out.released.push(b);
             }
             self.heap_bytes += c.len;
@@ -699,6 +746,11 @@ impl ConnRx {
                 n.i_saved = self.indicated;
                 self.indicated = 0;
                 self.accepted_unacked = 0;
+                // Every indicated buffer is drained (no chunk queued): the NIC clears its
+                // charge when it takes the post.
+                n.charged_saved = self.charged;
+                self.charged = 0;
+                self.drained_unacked = 0;
             }
             out.commands.push(Command::PostNamed {
                 conn: self.conn,
@@ -720,7 +772,8 @@ impl ConnRx {
             return;
         }
         let all_taken = self.chunks.is_empty();
-        if self.indicated >= self.cfg.window && all_taken {
+        let share_full = self.charged >= buffer_share(self.cfg.window, self.anon_len);
+        if all_taken && (self.indicated >= self.cfg.window || share_full) {
             let n = self.indicated;
             self.indicated = 0;
             self.accepted_unacked = 0;
@@ -729,7 +782,7 @@ impl ConnRx {
         }
         if let AckPolicy::KeepOpen { min_bytes } = self.cfg.ack {
             let n = self.accepted_unacked.min(self.indicated);
-            if n >= min_bytes.max(1) {
+            if n >= min_bytes.max(1) || (share_full && self.drained_unacked > 0) {
                 self.indicated -= n;
                 self.accepted_unacked -= n;
                 self.send_ack(n, out);
@@ -737,12 +790,17 @@ impl ConnRx {
         }
     }
 
+    /// IndicateAcknowledge of `bytes`, carrying every buffer drained since the last one.
     fn send_ack(&mut self, bytes: u32, out: &mut Outputs) {
+        let bufs = self.drained_unacked;
+        self.charged -= bufs;
+        self.drained_unacked = 0;
         self.stats.acks_sent += 1;
         self.stats.acked_bytes += bytes as u64;
         out.commands.push(Command::IndicateAck {
             conn: self.conn,
             bytes,
+            bufs,
         });
     }
 }

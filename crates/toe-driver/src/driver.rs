@@ -140,14 +140,48 @@ pub struct DriverStats {
     pub nic_errors: u64,
     /// Events for connections the driver no longer knows.
     pub stray_events: u64,
-    /// Application events dropped (oldest first) because nobody took them and the queue held
-    /// [`MAX_APP_EVENTS`]. Events are hints: the state they announce stays queryable.
-    pub app_events_dropped: u64,
+    /// Host-wide error messages (not tied to a connection) dropped, oldest first, because
+    /// nobody took them and [`MAX_HOST_ERRORS`] were waiting. Connection news is never
+    /// dropped: it is coalesced (see [`Driver::take_event`]).
+    pub errors_dropped: u64,
+    /// Connection ids skipped because the id was still in use (after a wrap).
+    pub ids_skipped: u64,
 }
 
-/// Most application events the driver keeps for [`Driver::take_event`]; an application that
-/// never takes them (it polls state instead) cannot make the queue grow.
-pub const MAX_APP_EVENTS: usize = 4096;
+/// Most host-wide error messages kept for [`Driver::take_event`].
+pub const MAX_HOST_ERRORS: usize = 64;
+
+/// News of one connection, coalesced: one bit per [`AppEvent`] kind, taken in bit order.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct News(u16);
+
+impl News {
+    const CONNECTED: u16 = 1 << 0;
+    const INCOMING: u16 = 1 << 1;
+    const CONNECT_FAILED: u16 = 1 << 2;
+    const DATA: u16 = 1 << 3;
+    const NAMED: u16 = 1 << 4;
+    const SEND_DONE: u16 = 1 << 5;
+    const PEER_CLOSED: u16 = 1 << 6;
+    const RESET: u16 = 1 << 7;
+    const ERROR: u16 = 1 << 8;
+    const CLOSED: u16 = 1 << 9;
+
+    fn bit(e: &AppEvent) -> u16 {
+        match e {
+            AppEvent::Connected => Self::CONNECTED,
+            AppEvent::Incoming { .. } => Self::INCOMING,
+            AppEvent::ConnectFailed(_) => Self::CONNECT_FAILED,
+            AppEvent::DataAvailable => Self::DATA,
+            AppEvent::NamedComplete => Self::NAMED,
+            AppEvent::SendDone => Self::SEND_DONE,
+            AppEvent::PeerClosed => Self::PEER_CLOSED,
+            AppEvent::Reset => Self::RESET,
+            AppEvent::Error(_) => Self::ERROR,
+            AppEvent::Closed => Self::CLOSED,
+        }
+    }
+}
 
 #[derive(Debug)]
 struct DConn {
@@ -162,6 +196,12 @@ struct DConn {
     nic_gone: bool,
     /// The deadline this connection has in `Driver::timers`.
     timer: Option<Instant>,
+    /// The listener port of a passive connection.
+    listener: Option<u16>,
+    /// Coalesced news not yet taken by the application.
+    news: News,
+    /// The latest refused command's message (for [`AppEvent::Error`]).
+    last_error: Option<String>,
 }
 
 /// A snapshot of one connection for the application or a report.
@@ -196,7 +236,11 @@ pub struct Driver {
     listeners: BTreeMap<u16, (RxConfig, VecDeque<ConnId>)>,
     next_conn: u32,
     released: Vec<HostBuf>,
-    events: VecDeque<(ConnId, AppEvent)>,
+    /// Connections with news, each at most once while its news is non-empty (a released
+    /// connection's entry is skipped when reached).
+    news_queue: VecDeque<ConnId>,
+    /// Host-wide errors, at most [`MAX_HOST_ERRORS`].
+    host_errors: VecDeque<String>,
     stats: DriverStats,
     trace: Option<Box<dyn TraceSink>>,
     timers: BTreeSet<(Instant, ConnId)>,
@@ -233,7 +277,8 @@ impl Driver {
             listeners: BTreeMap::new(),
             next_conn: 1,
             released: Vec::new(),
-            events: VecDeque::new(),
+            news_queue: VecDeque::new(),
+            host_errors: VecDeque::new(),
             stats: DriverStats {
                 anon_buffers: count,
                 ..DriverStats::default()
@@ -319,10 +364,9 @@ impl Driver {
     ) -> Result<ConnId, DriverError> {
         let rx = rx.unwrap_or(self.cfg.rx);
         self.check_rx(&rx)?;
-        let conn = ConnId(self.next_conn);
-        self.next_conn = (self.next_conn + 1) & !ConnId::PASSIVE_BIT;
-        self.conns
-            .insert(conn, Self::new_conn(conn, rx, ConnState::Connecting));
+        let conn = self.next_active_id();
+        let c = self.new_conn(conn, rx, ConnState::Connecting);
+        self.conns.insert(conn, c);
         self.send_cmd(Command::Connect {
             conn,
             remote,
@@ -332,9 +376,27 @@ impl Driver {
         Ok(conn)
     }
 
-    fn new_conn(conn: ConnId, rx: RxConfig, state: ConnState) -> DConn {
+    /// The next active-open id: top bit clear, never 0, never one still in use (ids wrap
+    /// after 2^31 opens; a live or unreleased connection keeps its id).
+    fn next_active_id(&mut self) -> ConnId {
+        loop {
+            let id = ConnId(self.next_conn);
+            self.next_conn = (self.next_conn.wrapping_add(1)) & !ConnId::PASSIVE_BIT;
+            if id.0 != 0 && !self.conns.contains_key(&id) {
+                return id;
+            }
+            self.stats.ids_skipped += 1;
+        }
+    }
+
+    /// Let the next active open try id `next` (tests of id wrap-around).
+    pub fn set_next_conn_id(&mut self, next: u32) {
+        self.next_conn = next & !ConnId::PASSIVE_BIT;
+    }
+
+    fn new_conn(&self, conn: ConnId, rx: RxConfig, state: ConnState) -> DConn {
         DConn {
-            rx: ConnRx::new(conn, rx),
+            rx: ConnRx::new(conn, rx, self.cfg.anon_buf_bytes),
             state,
             local: None,
             remote: None,
@@ -344,6 +406,9 @@ impl Driver {
             close_sent: false,
             nic_gone: false,
             timer: None,
+            listener: None,
+            news: News::default(),
+            last_error: None,
         }
     }
 
@@ -374,16 +439,72 @@ impl Driver {
     }
 
     fn note(&mut self, conn: ConnId, e: AppEvent) {
-        if self.events.len() >= MAX_APP_EVENTS {
-            self.events.pop_front();
-            self.stats.app_events_dropped += 1;
+        let Some(c) = self.conns.get_mut(&conn) else {
+            if let AppEvent::Error(msg) = e {
+                if self.host_errors.len() >= MAX_HOST_ERRORS {
+                    self.host_errors.pop_front();
+                    self.stats.errors_dropped += 1;
+                }
+                self.host_errors.push_back(msg);
+            }
+            return;
+        };
+        if let AppEvent::Error(msg) = e.clone() {
+            c.last_error = Some(msg);
         }
-        self.events.push_back((conn, e));
+        if c.news.0 == 0 {
+            self.news_queue.push_back(conn);
+        }
+        c.news.0 |= News::bit(&e);
     }
 
-    /// Next application event.
+    /// Next application event. Events are coalesced per connection: a connection has at most
+    /// one pending event of each kind, and connections with news queue once each, in the
+    /// order their news began. So nothing that should wake an application is ever dropped,
+    /// and the queue is bounded by the number of connections (plus [`MAX_HOST_ERRORS`]
+    /// host-wide errors, reported with connection id 0). Within one connection, kinds come
+    /// in this order: `Connected`, `Incoming`, `ConnectFailed`, `DataAvailable`,
+    /// `NamedComplete`, `SendDone`, `PeerClosed`, `Reset`, `Error` (the latest message),
+    /// `Closed`. An event is news, not a count: `SendDone` means "one or more sends came
+    /// back", `DataAvailable` means "look at this connection's data".
     pub fn take_event(&mut self) -> Option<(ConnId, AppEvent)> {
-        self.events.pop_front()
+        if let Some(msg) = self.host_errors.pop_front() {
+            return Some((ConnId(0), AppEvent::Error(msg)));
+        }
+        loop {
+            let conn = *self.news_queue.front()?;
+            let Some(c) = self.conns.get_mut(&conn) else {
+                self.news_queue.pop_front();
+                continue;
+            };
+            if c.news.0 == 0 {
+                self.news_queue.pop_front();
+                continue;
+            }
+            let bit = c.news.0 & c.news.0.wrapping_neg();
+            c.news.0 &= !bit;
+            if c.news.0 == 0 {
+                self.news_queue.pop_front();
+            }
+            let e = match bit {
+                News::CONNECTED => AppEvent::Connected,
+                News::INCOMING => AppEvent::Incoming {
+                    port: c.listener.unwrap_or(0),
+                },
+                News::CONNECT_FAILED => AppEvent::ConnectFailed(match &c.state {
+                    ConnState::Failed(why) => why.clone(),
+                    _ => String::new(),
+                }),
+                News::DATA => AppEvent::DataAvailable,
+                News::NAMED => AppEvent::NamedComplete,
+                News::SEND_DONE => AppEvent::SendDone,
+                News::PEER_CLOSED => AppEvent::PeerClosed,
+                News::RESET => AppEvent::Reset,
+                News::ERROR => AppEvent::Error(c.last_error.clone().unwrap_or_default()),
+                _ => AppEvent::Closed,
+            };
+            return Some((conn, e));
+        }
     }
 
     fn conn(&self, conn: ConnId) -> Result<&DConn, DriverError> {
@@ -773,17 +894,27 @@ impl Driver {
             indicate_window,
         } = e
         {
-            let Some((rx, queue)) = self.listeners.get_mut(&port) else {
+            let Some(rx) = self.listeners.get(&port).map(|(rx, _)| *rx) else {
                 self.send_cmd(Command::Abort { conn });
                 return;
             };
-            let mut rx = *rx;
+            if self.conns.contains_key(&conn) {
+                // The NIC reused an id this driver still holds (the application never
+                // released it): refuse the newcomer rather than overwrite the old one.
+                self.stats.stray_events += 1;
+                self.send_cmd(Command::Abort { conn });
+                return;
+            }
+            let mut rx = rx;
             rx.window = indicate_window;
-            queue.push_back(conn);
-            let mut c = Self::new_conn(conn, rx, ConnState::Established);
+            let mut c = self.new_conn(conn, rx, ConnState::Established);
             c.local = Some(local);
             c.remote = Some(remote);
+            c.listener = Some(port);
             self.conns.insert(conn, c);
+            if let Some((_, queue)) = self.listeners.get_mut(&port) {
+                queue.push_back(conn);
+            }
             self.note(conn, AppEvent::Incoming { port });
             return;
         }

@@ -4,9 +4,16 @@
 //! segment arrivals (sizes, PSH), application accepts, named-buffer posts (sizes, push mode),
 //! cancels and time advances.
 //!
+//! The connection starts in its handshake (posts are allowed, no data arrives) and is
+//! established at a random point, with W set then (`OffloadCtx::set_window`, as the NIC does
+//! once it knows the MSS): named buffers posted before, during and after the handshake must
+//! all work.
+//!
 //! Invariants (DESIGN.md): nothing lost, duplicated or reordered; P <= W at all times; P == I
-//! whenever both rings are empty; every anonymous buffer returns to the pool exactly once;
-//! every named buffer comes back exactly once; pool usage never exceeds its size.
+//! whenever both rings are empty; the connection never holds more anonymous buffers than its
+//! share (`buffer_share(W, anon_len)`), and the NIC's charge equals the driver's whenever the
+//! rings are empty; every anonymous buffer returns to the pool exactly once; every named
+//! buffer comes back exactly once; pool usage never exceeds its size.
 //!
 //! `TOEMU_PROPTEST_CASES` raises the case count (default 2,000).
 
@@ -15,7 +22,9 @@ use std::sync::Arc;
 
 use proptest::prelude::*;
 use toe_bus::time::{Duration, Instant};
-use toe_bus::{Command, ConnId, Dma, Event, HostBuf, HostMemory, ReturnReason, RxPolicy};
+use toe_bus::{
+    buffer_share, Command, ConnId, Dma, Event, HostBuf, HostMemory, ReturnReason, RxPolicy,
+};
 use toe_driver::{AckPolicy, ConnRx, Outputs, RxConfig};
 use toe_nic::{OffloadCtx, Plan};
 
@@ -37,6 +46,7 @@ enum Op {
     Accept(usize),
     Cancel,
     Advance(u64),
+    Establish,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -49,6 +59,7 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (1usize..30_000).prop_map(Op::Accept),
         1 => Just(Op::Cancel),
         1 => (0u64..700).prop_map(Op::Advance),
+        1 => Just(Op::Establish),
     ]
 }
 
@@ -69,10 +80,27 @@ struct Harness {
     posted: u64,
     completed: BTreeSet<u64>,
     named_live: usize,
+    /// W once established (the handshake runs with `handshake_window`).
+    established_window: u32,
+    established: bool,
 }
 
 impl Harness {
+    /// A connection in its handshake; [`Op::Establish`] sets W to `window`.
     fn new(policy: RxPolicy, window: u32, ack: AckPolicy) -> Self {
+        // During the handshake both sides know only the configured W; under the one-MSS
+        // hold-off the NIC learns the negotiated MSS at establishment (here: W itself).
+        let handshake_window = if policy == RxPolicy::MssHoldoff {
+            8960
+        } else {
+            window
+        };
+        let mut h = Self::connecting(policy, handshake_window, ack);
+        h.established_window = window;
+        h
+    }
+
+    fn connecting(policy: RxPolicy, window: u32, ack: AckPolicy) -> Self {
         let mem = Arc::new(HostMemory::anonymous(64 << 20).unwrap());
         let pool_size = (window as usize).div_ceil(ANON_LEN) + 2;
         let anon_at_nic = (0..pool_size)
@@ -85,6 +113,8 @@ impl Harness {
             policy,
             window,
             nic: OffloadCtx::new(conn, policy, window),
+            established_window: window,
+            established: false,
             anon_at_nic,
             pool_size,
             arrived_end: 0,
@@ -99,6 +129,7 @@ impl Harness {
                     push_timeout: Duration::from_millis(500),
                     copy_cap_bytes: 256 * 1024,
                 },
+                ANON_LEN,
             ),
             now: Instant::from_millis(0),
             received: 0,
@@ -174,6 +205,10 @@ impl Harness {
             if self.policy != RxPolicy::UnboundedCopy {
                 assert!(self.nic.pending() <= self.window, "P exceeded W");
             }
+            assert!(
+                self.nic.charged() <= buffer_share(self.window, ANON_LEN),
+                "the connection holds more than its buffer share"
+            );
         }
         self.evts.extend(out);
     }
@@ -186,7 +221,7 @@ impl Harness {
             };
             match c {
                 Command::PostAnonymous { bufs } => self.anon_at_nic.extend(bufs),
-                Command::IndicateAck { bytes, .. } => self.nic.on_ack(bytes),
+                Command::IndicateAck { bytes, bufs, .. } => self.nic.on_ack(bytes, bufs),
                 Command::PostNamed {
                     buf,
                     push,
@@ -271,6 +306,7 @@ impl Harness {
 
     fn apply(&mut self, op: &Op) {
         match *op {
+            Op::Arrive { .. } if !self.established => {}
             Op::Arrive { len, psh } => {
                 let room = SOCKET_CAP - (self.arrived_end - self.nic.position());
                 let len = (len as u64).min(room);
@@ -301,6 +337,13 @@ impl Harness {
                 self.drv.cancel_named(&self.mem, self.now, &mut out);
                 self.absorb(out);
             }
+            Op::Establish if !self.established => {
+                self.established = true;
+                self.window = self.established_window;
+                self.nic.set_window(self.window);
+                self.drv.set_window(self.window);
+            }
+            Op::Establish => {}
             Op::Advance(ms) => {
                 self.now += Duration::from_millis(ms);
                 let mut out = Outputs::default();
@@ -314,12 +357,18 @@ impl Harness {
                 self.drv.indicated(),
                 "P and I disagree with quiet rings"
             );
+            assert_eq!(
+                self.nic.charged(),
+                self.drv.charged(),
+                "buffer charges disagree with quiet rings"
+            );
         }
         assert_eq!(self.drv.stats().protocol_errors, 0);
     }
 
     /// Deliver everything and consume the whole stream, then return all named buffers.
     fn finish(&mut self) {
+        self.apply(&Op::Establish);
         for round in 0..10_000 {
             self.nic_poll();
             self.deliver_cmds(usize::MAX);
@@ -401,6 +450,7 @@ proptest! {
 #[test]
 fn large_named_buffer_is_zero_copy() {
     let mut h = Harness::new(RxPolicy::IndicateWindow, 8192, AckPolicy::WindowFull);
+    h.apply(&Op::Establish);
     h.apply(&Op::Post {
         len: 50_000,
         push: false,
@@ -423,6 +473,7 @@ fn large_named_buffer_is_zero_copy() {
 #[test]
 fn indicated_data_is_copied_first_then_direct_placement() {
     let mut h = Harness::new(RxPolicy::IndicateWindow, 8192, AckPolicy::WindowFull);
+    h.apply(&Op::Establish);
     h.apply(&Op::Arrive {
         len: 20_000,
         psh: false,
@@ -443,5 +494,64 @@ fn indicated_data_is_copied_first_then_direct_placement() {
     let s = h.mem.stats().snapshot();
     assert_eq!(s.host_copy_bytes, 8192);
     assert_eq!(s.dma_write_bytes, 20_000);
+    h.finish();
+}
+
+/// A peer sending 1-byte PSH segments to an application that does not read: every
+/// indication takes a whole anonymous buffer, and the connection stops at its share (here
+/// W = 16 KiB over 4 KiB buffers: 4), not at W bytes. Once the application reads, one
+/// acknowledgement hands the drained buffers back and delivery resumes.
+#[test]
+fn tiny_psh_segments_stop_at_the_buffer_share_and_resume_on_read() {
+    let mut h = Harness::new(RxPolicy::IndicateWindow, 16 * 1024, AckPolicy::WindowFull);
+    h.apply(&Op::Establish);
+    for _ in 0..100 {
+        h.apply(&Op::Arrive { len: 1, psh: true });
+        h.apply(&Op::NicPoll);
+    }
+    h.apply(&Op::Evts(usize::MAX));
+    assert_eq!(h.nic.charged(), 4);
+    assert_eq!(h.drv.charged(), 4);
+    assert!(h.nic.suspended());
+    assert_eq!(h.nic.pending(), 4, "4 bytes in 4 buffers");
+    h.apply(&Op::Accept(usize::MAX));
+    h.apply(&Op::Cmds(usize::MAX));
+    assert_eq!(
+        h.nic.charged(),
+        0,
+        "the acknowledgement carried the drained buffers"
+    );
+    assert_eq!(h.nic.pending(), 0);
+    h.apply(&Op::NicPoll);
+    assert_eq!(
+        h.nic.charged(),
+        4,
+        "delivery resumed, again up to the share"
+    );
+    h.finish();
+    assert_eq!(h.received, 100);
+}
+
+/// Named buffers posted during the handshake (before any data can arrive) survive the
+/// establishment and receive the data directly.
+#[test]
+fn named_buffer_posted_during_the_handshake_is_filled() {
+    let mut h = Harness::new(RxPolicy::IndicateWindow, 8192, AckPolicy::WindowFull);
+    h.apply(&Op::Post {
+        len: 30_000,
+        push: false,
+    });
+    h.apply(&Op::Cmds(10));
+    assert_eq!(h.nic.named_held(), 1);
+    h.apply(&Op::Establish);
+    assert_eq!(h.nic.named_held(), 1, "the post survives establishment");
+    h.apply(&Op::Arrive {
+        len: 30_000,
+        psh: false,
+    });
+    h.apply(&Op::NicPoll);
+    h.apply(&Op::Evts(10));
+    assert_eq!(h.received, 30_000);
+    assert_eq!(h.mem.stats().snapshot().host_copy_bytes, 0);
     h.finish();
 }

@@ -41,12 +41,25 @@ pub struct NicConfig {
     pub socket_rx_bytes: usize,
     /// Per-socket send buffer, in bytes.
     pub socket_tx_bytes: usize,
-    /// Most offloaded connections (listener backlogs included).
+    /// Most offloaded connections (connecting or open contexts; the anonymous pool holds one
+    /// buffer share per connection). Listener sockets (their backlogs) come on top. At the
+    /// limit an active open fails at once, and handshakes completed on a listener wait in its
+    /// backlog (SYNs beyond the backlog are refused with RST) until a connection is released.
     pub max_conns: usize,
     /// Seed for smoltcp's ISNs and the ephemeral port sequence.
     pub seed: u64,
     /// Delayed-ACK time of the stack; `None` acknowledges every segment at once.
     pub ack_delay: Option<Duration>,
+    /// Keep-alive interval of open connections: an idle connection sends a keep-alive probe
+    /// this often; `None`: no probes.
+    pub keepalive: Option<Duration>,
+    /// An open connection whose peer sends nothing for this long while an answer is due
+    /// (unacknowledged data, a keep-alive probe) is reset and its buffers come back; `None`:
+    /// wait forever. With keep-alive on, this bounds how long a vanished peer holds resources.
+    pub idle_timeout: Option<Duration>,
+    /// A handshake (SYN-RECEIVED on a listener, SYN-SENT of an active open) that does not
+    /// complete within this time is abandoned; `None`: never (not recommended).
+    pub syn_timeout: Option<Duration>,
 }
 
 impl Default for NicConfig {
@@ -62,6 +75,9 @@ impl Default for NicConfig {
             max_conns: 1024,
             seed: 1,
             ack_delay: Some(Duration::from_millis(10)),
+            keepalive: Some(Duration::from_secs(60)),
+            idle_timeout: Some(Duration::from_secs(180)),
+            syn_timeout: Some(Duration::from_secs(5)),
         }
     }
 }
@@ -79,8 +95,15 @@ pub struct NicStats {
     pub established: u64,
     /// Connections that ended with a reset.
     pub resets: u64,
-    /// Connections refused because `max_conns` was reached.
+    /// Active opens refused because `max_conns` was reached.
     pub conn_limit_hits: u64,
+    /// Half-open (SYN-RECEIVED) listener sockets recycled, oldest first, so that a new SYN
+    /// finds a listening socket (a SYN flood cannot lock clients out).
+    pub syn_evictions: u64,
+    /// PSH marks dropped because they lay outside the connection's receive window.
+    pub psh_out_of_window: u64,
+    /// Passive connection ids skipped because they were still in use (after a wrap).
+    pub ids_skipped: u64,
 }
 
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
@@ -118,7 +141,8 @@ struct NicConn {
 #[derive(Debug)]
 struct Listener {
     params: OffloadParams,
-    sockets: Vec<SocketHandle>,
+    /// The backlog: (socket, arming sequence number; lower = armed earlier).
+    sockets: Vec<(SocketHandle, u64)>,
 }
 
 /// The simulated NIC.
@@ -136,6 +160,8 @@ pub struct Nic<P: Phy> {
     out: VecDeque<Event>,
     next_passive: u32,
     next_port: u16,
+    /// Sequence number for arming listener sockets (age order for SYN eviction).
+    arm_seq: u64,
     stats: NicStats,
     scratch_ids: Vec<ConnId>,
     scratch_flows: Vec<FlowKey>,
@@ -195,12 +221,27 @@ fn v4(ep: IpEndpoint) -> SocketAddrV4 {
     }
 }
 
-/// W of a connection on a link of `mtu`: the MSS under `MssHoldoff` (MTU minus IPv4 and TCP
+/// W of a connection on a link of `mtu` whose peer announced `remote_mss`: under `MssHoldoff`
+/// one negotiated MSS (the smaller of the peer's MSS and ours, the MTU minus IPv4 and TCP
 /// headers), the offload parameter otherwise.
-fn effective_window(mtu: usize, params: &OffloadParams) -> u32 {
+fn effective_window(mtu: usize, remote_mss: usize, params: &OffloadParams) -> u32 {
     match params.policy {
-        RxPolicy::MssHoldoff => (mtu - 40) as u32,
+        RxPolicy::MssHoldoff => (mtu - 40).min(remote_mss).max(1) as u32,
         _ => params.indicate_window.max(1),
+    }
+}
+
+/// The next free id after `next` among ids with `mask` bits set, skipping 0 and every id in
+/// use. `next` is updated. ids wrap after 2^31; an id is never reused while it is live.
+fn next_free_id(next: &mut u32, mask: u32, in_use: impl Fn(ConnId) -> bool) -> (ConnId, u64) {
+    let mut skipped = 0;
+    loop {
+        *next = next.wrapping_add(1) & !ConnId::PASSIVE_BIT;
+        let id = ConnId(*next | mask);
+        if *next != 0 && !in_use(id) {
+            return (id, skipped);
+        }
+        skipped += 1;
     }
 }
 
@@ -242,6 +283,7 @@ impl<P: Phy> Nic<P> {
             anon_len: 0,
             out: VecDeque::new(),
             next_passive: 0,
+            arm_seq: 0,
             stats: NicStats::default(),
             scratch_ids: Vec::new(),
             scratch_flows: Vec::new(),
@@ -323,8 +365,7 @@ impl<P: Phy> Nic<P> {
             self.command(cmd, now);
         }
         for _ in 0..4 {
-            let changed = self.iface.poll(now, &mut self.dev, &mut self.sockets)
-                == smoltcp::iface::PollResult::SocketStateChanged;
+            let changed = self.stack(now);
             let moved = self.service(now);
             progress |= changed || moved;
             if !moved {
@@ -336,6 +377,36 @@ impl<P: Phy> Nic<P> {
         }
         progress |= self.bus.flush();
         progress
+    }
+
+    /// Run smoltcp: every received frame, one at a time (after a connection request the
+    /// listeners are kept listening, see [`Nic::keep_listeners_listening`]), then egress.
+    /// Returns true if a socket's state may have changed.
+    fn stack(&mut self, now: Instant) -> bool {
+        use smoltcp::iface::{PollIngressSingleResult, PollResult};
+        let mut changed = false;
+        self.iface.poll_maintenance(now);
+        loop {
+            match self
+                .iface
+                .poll_ingress_single(now, &mut self.dev, &mut self.sockets)
+            {
+                PollIngressSingleResult::None => break,
+                PollIngressSingleResult::PacketProcessed => {}
+                PollIngressSingleResult::SocketStateChanged => changed = true,
+            }
+            if self.dev.take_syn_seen() && !self.listeners.is_empty() {
+                self.keep_listeners_listening();
+            }
+        }
+        while self
+            .iface
+            .poll_egress(now, &mut self.dev, &mut self.sockets)
+            == PollResult::SocketStateChanged
+        {
+            changed = true;
+        }
+        changed
     }
 
     fn refuse(&mut self, conn: Option<ConnId>, error: String) {
@@ -369,14 +440,15 @@ impl<P: Phy> Nic<P> {
                 };
                 for _ in 0..backlog.max(1) {
                     if let Some(h) = self.listen_socket(port) {
-                        l.sockets.push(h);
+                        self.arm_seq += 1;
+                        l.sockets.push((h, self.arm_seq));
                     }
                 }
                 self.listeners.insert(port, l);
             }
             Command::Unlisten { port } => {
                 if let Some(l) = self.listeners.remove(&port) {
-                    for h in l.sockets {
+                    for (h, _) in l.sockets {
                         self.sockets.remove(h);
                     }
                 }
@@ -418,8 +490,8 @@ impl<P: Phy> Nic<P> {
                     format!("ReturnNamed: unknown connection {conn}"),
                 ),
             },
-            Command::IndicateAck { conn, bytes } => match self.conns.get_mut(&conn) {
-                Some(c) => c.ctx.on_ack(bytes),
+            Command::IndicateAck { conn, bytes, bufs } => match self.conns.get_mut(&conn) {
+                Some(c) => c.ctx.on_ack(bytes, bufs),
                 None => self.refuse(
                     Some(conn),
                     format!("IndicateAck: unknown connection {conn}"),
@@ -464,17 +536,62 @@ impl<P: Phy> Nic<P> {
     }
 
     fn listen_socket(&mut self, port: u16) -> Option<SocketHandle> {
-        if self.sockets.iter().count() >= self.cfg.max_conns {
-            self.stats.conn_limit_hits += 1;
-            return None;
-        }
         let mut s = make_socket(
             self.cfg.socket_rx_bytes,
             self.cfg.socket_tx_bytes,
             self.cfg.ack_delay,
         );
+        // The SYN-RECEIVED timeout: a half-open connection (a spoofed SYN) is abandoned.
+        s.set_timeout(self.cfg.syn_timeout);
         s.listen(port).ok()?;
         Some(self.sockets.add(s))
+    }
+
+    /// A socket that completed its handshake gets the timers of an open connection.
+    fn arm_open_socket(&mut self, h: SocketHandle) {
+        let s = self.sockets.get_mut::<tcp::Socket<'_>>(h);
+        s.set_timeout(self.cfg.idle_timeout);
+        s.set_keep_alive(self.cfg.keepalive);
+    }
+
+    /// After a connection request (SYN) arrived: every listener that has no socket left in
+    /// LISTEN recycles its oldest half-open one, so the next SYN is not refused. A flood of
+    /// spoofed SYNs then only churns the backlog; a real client's handshake completes in one
+    /// round trip, long before the flood pushes it out.
+    fn keep_listeners_listening(&mut self) {
+        for (&port, l) in self.listeners.iter_mut() {
+            let mut oldest: Option<(usize, u64)> = None;
+            let mut listening = false;
+            for (i, &(h, seq)) in l.sockets.iter().enumerate() {
+                match self.sockets.get::<tcp::Socket<'_>>(h).state() {
+                    tcp::State::Listen => {
+                        listening = true;
+                        break;
+                    }
+                    tcp::State::SynReceived if oldest.is_none_or(|(_, o)| seq < o) => {
+                        oldest = Some((i, seq));
+                    }
+                    _ => {}
+                }
+            }
+            let (false, Some((i, _))) = (listening, oldest) else {
+                continue;
+            };
+            let h = l.sockets[i].0;
+            let s = self.sockets.get_mut::<tcp::Socket<'_>>(h);
+            if let Some(remote) = s.remote_endpoint() {
+                self.dev.forget(&FlowKey {
+                    remote_ip: v4(remote).ip().to_owned(),
+                    remote_port: remote.port,
+                    local_port: port,
+                });
+            }
+            s.abort();
+            s.listen(port).ok();
+            self.arm_seq += 1;
+            l.sockets[i].1 = self.arm_seq;
+            self.stats.syn_evictions += 1;
+        }
     }
 
     fn new_conn(&self, handle: SocketHandle, conn: ConnId, params: OffloadParams) -> NicConn {
@@ -510,7 +627,7 @@ impl<P: Phy> Nic<P> {
             });
             return;
         }
-        if self.sockets.iter().count() >= self.cfg.max_conns {
+        if self.conns.len() >= self.cfg.max_conns {
             self.stats.conn_limit_hits += 1;
             self.out.push_back(Event::ConnectFailed {
                 conn,
@@ -533,6 +650,7 @@ impl<P: Phy> Nic<P> {
             self.cfg.socket_tx_bytes,
             self.cfg.ack_delay,
         );
+        s.set_timeout(self.cfg.syn_timeout);
         let cx = self.iface.context();
         let remote_ep = IpEndpoint::new(IpAddress::Ipv4(*remote.ip()), remote.port());
         if let Err(e) = s.connect(cx, remote_ep, port) {
@@ -547,12 +665,14 @@ impl<P: Phy> Nic<P> {
         self.conns.insert(conn, c);
     }
 
-    /// Promote listener sockets that completed a handshake; returns true if any did.
+    /// Promote listener sockets that completed a handshake; returns true if any did. At the
+    /// connection limit they wait in the backlog (their data stays in the socket, the peer is
+    /// throttled by TCP's window) and are promoted as soon as a connection is released.
     fn accept_listeners(&mut self) -> bool {
         // Fast path (every poll): nothing left the Listen / SYN-RECEIVED states.
         let sockets = &self.sockets;
         let any = self.listeners.values().any(|l| {
-            l.sockets.iter().any(|&h| {
+            l.sockets.iter().any(|&(h, _)| {
                 !matches!(
                     sockets.get::<tcp::Socket<'_>>(h).state(),
                     tcp::State::Listen | tcp::State::SynReceived
@@ -566,29 +686,44 @@ impl<P: Phy> Nic<P> {
         let ports: Vec<u16> = self.listeners.keys().copied().collect();
         for port in ports {
             let handles = self.listeners[&port].sockets.clone();
-            for h in handles {
+            for (h, _) in handles {
                 let state = self.sockets.get::<tcp::Socket<'_>>(h).state();
                 match state {
                     tcp::State::Listen | tcp::State::SynReceived => {}
                     tcp::State::Closed | tcp::State::TimeWait => {
-                        self.sockets.get_mut::<tcp::Socket<'_>>(h).listen(port).ok();
+                        // A handshake timed out or was reset: forget its flow, listen again.
+                        let s = self.sockets.get_mut::<tcp::Socket<'_>>(h);
+                        if let Some(remote) = s.remote_endpoint() {
+                            self.dev.forget(&FlowKey {
+                                remote_ip: *v4(remote).ip(),
+                                remote_port: remote.port,
+                                local_port: port,
+                            });
+                        }
+                        s.abort();
+                        s.listen(port).ok();
                     }
+                    // Held in the backlog until a connection is released.
+                    _ if self.conns.len() >= self.cfg.max_conns => {}
                     _ => {
                         moved = true;
-                        self.next_passive = (self.next_passive + 1) & !ConnId::PASSIVE_BIT;
-                        let conn = ConnId(self.next_passive | ConnId::PASSIVE_BIT);
+                        let (conn, skipped) =
+                            next_free_id(&mut self.next_passive, ConnId::PASSIVE_BIT, |id| {
+                                self.conns.contains_key(&id)
+                            });
+                        self.stats.ids_skipped += skipped;
                         let params = self.listeners[&port].params;
                         let mut c = self.new_conn(h, conn, params);
                         c.listener = Some(port);
                         self.conns.insert(conn, c);
+                        self.arm_open_socket(h);
+                        let nh = self.listen_socket(port);
+                        self.arm_seq += 1;
+                        let seq = self.arm_seq;
                         let l = self.listeners.get_mut(&port).expect("port from keys");
-                        l.sockets.retain(|x| *x != h);
-                        if let Some(nh) = self.listen_socket(port) {
-                            self.listeners
-                                .get_mut(&port)
-                                .expect("port from keys")
-                                .sockets
-                                .push(nh);
+                        l.sockets.retain(|x| x.0 != h);
+                        if let Some(nh) = nh {
+                            l.sockets.push((nh, seq));
                         }
                     }
                 }
@@ -609,7 +744,8 @@ impl<P: Phy> Nic<P> {
                 // connection is established (below, in `service_conn`).
                 continue;
             };
-            apply_psh(&mut c.ctx, self.dev.take_psh(&key));
+            let span = self.cfg.socket_rx_bytes as u64;
+            self.stats.psh_out_of_window += apply_psh(&mut c.ctx, self.dev.take_psh(&key), span);
         }
         self.scratch_flows = dirty;
         let mut ids = std::mem::take(&mut self.scratch_ids);
@@ -647,6 +783,8 @@ impl<P: Phy> Nic<P> {
             match state {
                 tcp::State::SynSent | tcp::State::SynReceived => return (false, false),
                 tcp::State::Closed => {
+                    // Named buffers posted during the handshake come back first.
+                    c.ctx.return_all(ReturnReason::Cancelled, &mut self.out);
                     self.out.push_back(Event::ConnectFailed {
                         conn: id,
                         error: "connection refused or timed out".into(),
@@ -661,8 +799,13 @@ impl<P: Phy> Nic<P> {
                     };
                     let (local, remote) = (v4(local), v4(remote));
                     c.phase = Phase::Open;
-                    let win = effective_window(self.cfg.mtu, &c.params);
-                    c.ctx = OffloadCtx::new(id, c.params.policy, win);
+                    let win = effective_window(self.cfg.mtu, sock.remote_mss(), &c.params);
+                    // Keep the context: named buffers posted during the handshake stay.
+                    c.ctx.set_window(win);
+                    if c.listener.is_none() {
+                        sock.set_timeout(self.cfg.idle_timeout);
+                        sock.set_keep_alive(self.cfg.keepalive);
+                    }
                     let key = FlowKey {
                         remote_ip: *remote.ip(),
                         remote_port: remote.port(),
@@ -670,7 +813,10 @@ impl<P: Phy> Nic<P> {
                     };
                     c.flow = Some(key);
                     self.by_flow.insert(key, id);
-                    apply_psh(&mut c.ctx, self.dev.take_psh(&key));
+                    self.dev.confirm(&key);
+                    let span = self.cfg.socket_rx_bytes as u64;
+                    self.stats.psh_out_of_window +=
+                        apply_psh(&mut c.ctx, self.dev.take_psh(&key), span);
                     self.stats.established += 1;
                     self.out.push_back(Event::Established {
                         conn: id,
@@ -813,14 +959,23 @@ impl<P: Phy> Nic<P> {
 }
 
 /// Hand the tap's PSH marks (peer ISN, sequence numbers just past PSH segments) to `ctx` as
-/// stream offsets.
-fn apply_psh(ctx: &mut OffloadCtx, marks: Option<(u32, Vec<u32>)>) {
+/// stream offsets. A mark can only lie within `span` bytes (the socket's receive buffer, which
+/// bounds the receive window) past the delivery position; others come from segments outside
+/// the window, which TCP dropped, and are ignored. Returns how many were ignored.
+fn apply_psh(ctx: &mut OffloadCtx, marks: Option<(u32, Vec<u32>)>, span: u64) -> u64 {
+    let mut ignored = 0;
     if let Some((isn, ends)) = marks {
         for e in ends {
             let low = e.wrapping_sub(isn).wrapping_sub(1);
-            ctx.add_psh_mark(extend_offset(ctx.position(), low));
+            let at = extend_offset(ctx.position(), low);
+            if at > ctx.position() + span {
+                ignored += 1;
+                continue;
+            }
+            ctx.add_psh_mark(at);
         }
     }
+    ignored
 }
 
 fn rx_finished(sock: &mut tcp::Socket<'_>) -> bool {

@@ -12,6 +12,12 @@
 //!   reset. A chunk is never larger than `W - P`; at `P == W` delivery is suspended and the
 //!   payload stays in the stack's receive buffer, so TCP's advertised window closes.
 //! - `IndicateAck{n}`: `P -= n`, never below 0. An accepted named-buffer post: `P = 0`.
+//! - Buffer share: every indication takes one anonymous buffer from the pool all connections
+//!   share, whatever its length. A connection holds at most
+//!   [`buffer_share`]`(W, anon_len)` of them (W rounded up to whole buffers) until the driver
+//!   acknowledges drained ones (`IndicateAck{bufs}`); at the share, delivery is suspended just
+//!   as at `P == W`. So a peer sending 1-byte PSH segments takes no more of the pool than a
+//!   bulk sender, and a pool of `max_conns` shares never runs dry.
 //! - With a named buffer held, payload goes straight into it (one copy in total); it comes
 //!   back when full, on PSH in push mode, at EOF, on reset, or when the driver asks.
 //! - A delivery never crosses a PSH boundary, so "this chunk ended with PSH" is exact.
@@ -26,7 +32,7 @@
 
 use std::collections::VecDeque;
 
-use toe_bus::{ConnId, Event, HostBuf, ReturnReason, RxPolicy};
+use toe_bus::{buffer_share, ConnId, Event, HostBuf, ReturnReason, RxPolicy};
 
 /// At most this many PSH boundaries are remembered per connection; older ones are dropped
 /// (PSH is a hint: losing one only delays a push-mode return to its timer).
@@ -73,6 +79,9 @@ pub struct OffloadStats {
     pub placed_bytes: u64,
     /// Times delivery was suspended because P reached W with data waiting.
     pub stalls: u64,
+    /// Times delivery waited, with P < W and data waiting, because the connection held its
+    /// whole buffer share (see [`buffer_share`]).
+    pub buffer_stalls: u64,
     /// IndicateAck commands received.
     pub acks: u64,
     /// Named buffers accepted for placement.
@@ -81,6 +90,8 @@ pub struct OffloadStats {
     pub named_stale: u64,
     /// Largest P seen, in bytes.
     pub max_pending_bytes: u32,
+    /// Most anonymous buffers charged to the connection at once.
+    pub max_charged_buffers: u32,
 }
 
 /// Per-connection TOE module state.
@@ -90,6 +101,7 @@ pub struct OffloadCtx {
     policy: RxPolicy,
     window: u32,
     pending: u32,
+    charged: u32,
     pos: u64,
     named: VecDeque<NicNamed>,
     min_epoch: u32,
@@ -106,6 +118,7 @@ impl OffloadCtx {
             policy,
             window: window.max(1),
             pending: 0,
+            charged: 0,
             pos: 0,
             named: VecDeque::new(),
             min_epoch: 0,
@@ -122,6 +135,16 @@ impl OffloadCtx {
     /// W in bytes.
     pub fn window(&self) -> u32 {
         self.window
+    }
+    /// Anonymous buffers indicated and not yet acknowledged as drained (at most
+    /// [`buffer_share`]`(W, anon_len)`).
+    pub fn charged(&self) -> u32 {
+        self.charged
+    }
+    /// Set W (bytes, > 0) once the connection is established and its MSS is known. Named
+    /// buffers posted during the handshake stay posted; nothing has been indicated yet.
+    pub fn set_window(&mut self, window: u32) {
+        self.window = window.max(1);
     }
     /// Stream offset of the next byte to deliver.
     pub fn position(&self) -> u64 {
@@ -188,10 +211,15 @@ impl OffloadCtx {
                 (self.window - self.pending) as usize
             }
         };
-        if room == 0 {
+        let share_full = self.charged >= buffer_share(self.window, anon_len);
+        if room == 0 || share_full {
             if !self.suspended {
                 self.suspended = true;
-                self.stats.stalls += 1;
+                if room == 0 {
+                    self.stats.stalls += 1;
+                } else {
+                    self.stats.buffer_stalls += 1;
+                }
             }
             return Plan::Hold;
         }
@@ -237,7 +265,9 @@ impl OffloadCtx {
         let stream_offset = self.pos;
         let psh = self.advance(n);
         self.pending += n as u32;
+        self.charged += 1;
         self.stats.max_pending_bytes = self.stats.max_pending_bytes.max(self.pending);
+        self.stats.max_charged_buffers = self.stats.max_charged_buffers.max(self.charged);
         self.stats.indicated_bytes += n as u64;
         self.stats.indications += 1;
         out.push_back(Event::IndicateData {
@@ -266,10 +296,11 @@ impl OffloadCtx {
         }
     }
 
-    /// IndicateAcknowledge: `P -= bytes`, never below 0.
-    pub fn on_ack(&mut self, bytes: u32) {
+    /// IndicateAcknowledge: `P -= bytes` and the buffer charge `-= bufs`, never below 0.
+    pub fn on_ack(&mut self, bytes: u32, bufs: u32) {
         self.stats.acks += 1;
         self.pending = self.pending.saturating_sub(bytes);
+        self.charged = self.charged.saturating_sub(bufs);
     }
 
     /// PostNamedBuffer (see the module docs for `prefill`, `stream_offset` and `epoch`).
@@ -325,7 +356,9 @@ impl OffloadCtx {
             return;
         }
         self.stats.named_posted += 1;
+        // The driver posts only once it drained every indicated buffer into the named one.
         self.pending = 0;
+        self.charged = 0;
         self.suspended = false;
         self.named.push_back(NicNamed {
             buf,
@@ -381,9 +414,9 @@ mod tests {
         assert_eq!(c.plan(4000, 600), Plan::Hold);
         assert_eq!(c.plan(4000, 600), Plan::Hold);
         assert_eq!(c.stats().stalls, 1, "one stall per suspension");
-        c.on_ack(300);
+        c.on_ack(300, 1);
         assert_eq!(c.plan(4000, 600), Plan::Anonymous { max: 300 });
-        c.on_ack(5000);
+        c.on_ack(5000, 5);
         assert_eq!(c.pending(), 0, "never below zero");
     }
 
@@ -484,7 +517,38 @@ mod tests {
         for _ in 0..10 {
             assert_eq!(c.plan(1 << 20, 1000), Plan::Anonymous { max: 1000 });
             c.indicated(mem.alloc(1000).unwrap(), 1000, &mut out);
+            // the unbounded-copy driver copies at once and hands the buffer back
+            c.on_ack(1000, 1);
         }
         assert_eq!(c.stats().stalls, 0);
+        // ... but even without a window, a connection that keeps its buffers is held at its
+        // share (here 1 buffer: W = 10 bytes)
+        c.indicated(mem.alloc(1000).unwrap(), 1000, &mut out);
+        assert_eq!(c.plan(1 << 20, 1000), Plan::Hold);
+    }
+
+    #[test]
+    fn tiny_psh_segments_never_take_more_than_the_buffer_share() {
+        // W = 64 KiB over 16 KiB buffers: a share of 4 buffers, whatever the segment sizes.
+        let (mut c, mem, mut out) = ctx(64 * 1024);
+        let mut indicated = 0;
+        for end in 1..=100u64 {
+            c.add_psh_mark(end);
+        }
+        while let Plan::Anonymous { max } = c.plan(100, 16 * 1024) {
+            assert_eq!(max, 1, "a chunk never crosses a PSH boundary");
+            c.indicated(mem.alloc(16 * 1024).unwrap(), max, &mut out);
+            indicated += 1;
+        }
+        assert_eq!(indicated, 4);
+        assert_eq!(c.charged(), 4);
+        assert!(c.suspended());
+        assert_eq!((c.stats().stalls, c.stats().buffer_stalls), (0, 1));
+        // the driver drained two of them: two more may be indicated
+        c.on_ack(0, 2);
+        assert_eq!(c.plan(96, 16 * 1024), Plan::Anonymous { max: 1 });
+        // a named post (everything drained first) clears the charge
+        c.on_post_named(mem.alloc(100).unwrap(), false, 0, 4, 0, &mut out);
+        assert_eq!(c.charged(), 0);
     }
 }

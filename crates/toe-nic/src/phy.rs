@@ -7,7 +7,7 @@
 //! what smoltcp does not surface: the peer's initial sequence number, the end of every segment
 //! that carried PSH, and the window the peer advertises.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::Ipv4Addr;
 
 use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
@@ -125,6 +125,9 @@ pub struct FlowInfo {
     pub last_window: u16,
     /// Segments from the peer that advertised a zero window.
     pub zero_windows: u64,
+    /// The NIC offloaded a connection on this flow ([`NicDevice::confirm`]); until then the
+    /// flow is embryonic (a SYN seen, nothing more) and may be evicted.
+    pub confirmed: bool,
 }
 
 /// Receive-tap and validation counters. Counts only grow.
@@ -144,12 +147,21 @@ pub struct PhyStats {
     pub rx_bad_checksum: u64,
     /// Sends refused because the port was full (smoltcp retries).
     pub tx_busy: u64,
-    /// Flows not tracked because the flow table was full.
-    pub flows_untracked: u64,
+    /// Embryonic flows (SYN seen, never offloaded) evicted, oldest first, to make room.
+    pub flows_evicted: u64,
+    /// PSH marks dropped because the flow already held [`MAX_PSH_PER_FLOW`] untaken marks.
+    pub psh_dropped: u64,
 }
 
-/// Most flows the tap tracks at once (bounded memory under SYN floods).
-pub const MAX_FLOWS: usize = 65_536;
+/// Most embryonic flows (a SYN seen, no offloaded connection yet) the tap tracks at once; a
+/// new SYN beyond it evicts the oldest. Confirmed flows are bounded by the NIC's connection
+/// limit and freed with their connection, so a SYN sweep cannot grow the table or push
+/// real connections out of it.
+pub const MAX_EMBRYONIC_FLOWS: usize = 4096;
+
+/// Most PSH marks a flow holds between two NIC polls (the NIC takes them every poll and
+/// checks each against the connection's receive window).
+pub const MAX_PSH_PER_FLOW: usize = 4096;
 
 /// A smoltcp device over a [`Phy`], with frame validation and the per-flow receive tap.
 #[derive(Debug)]
@@ -159,7 +171,12 @@ pub struct NicDevice<P> {
     local_ip: Ipv4Addr,
     tap: bool,
     flows: BTreeMap<FlowKey, FlowInfo>,
+    /// Embryonic flows in the order their SYN arrived (entries of flows since confirmed or
+    /// forgotten are skipped when reached).
+    embryonic: VecDeque<FlowKey>,
+    embryonic_live: usize,
     psh_dirty: Vec<FlowKey>,
+    syn_seen: bool,
     stats: PhyStats,
 }
 
@@ -174,7 +191,10 @@ impl<P: Phy> NicDevice<P> {
             local_ip,
             tap,
             flows: BTreeMap::new(),
+            embryonic: VecDeque::new(),
+            embryonic_live: 0,
             psh_dirty: Vec::new(),
+            syn_seen: false,
             stats: PhyStats::default(),
         }
     }
@@ -210,9 +230,59 @@ impl<P: Phy> NicDevice<P> {
         into.append(&mut self.psh_dirty);
     }
 
-    /// Forget a flow (its connection is released).
+    /// Flows tracked (confirmed and embryonic).
+    pub fn flow_count(&self) -> usize {
+        self.flows.len()
+    }
+
+    /// Embryonic flows tracked (at most [`MAX_EMBRYONIC_FLOWS`]).
+    pub fn embryonic_count(&self) -> usize {
+        self.embryonic_live
+    }
+
+    /// True once if a SYN without ACK (a connection request) arrived since the last call.
+    pub fn take_syn_seen(&mut self) -> bool {
+        std::mem::take(&mut self.syn_seen)
+    }
+
+    /// The NIC offloaded a connection on `key`: keep the flow until [`NicDevice::forget`].
+    pub fn confirm(&mut self, key: &FlowKey) {
+        if let Some(f) = self.flows.get_mut(key) {
+            if !f.confirmed {
+                f.confirmed = true;
+                self.embryonic_live -= 1;
+            }
+        }
+    }
+
+    /// Forget a flow (its connection is released, or its handshake abandoned).
     pub fn forget(&mut self, key: &FlowKey) {
-        self.flows.remove(key);
+        if let Some(f) = self.flows.remove(key) {
+            if !f.confirmed {
+                self.embryonic_live -= 1;
+            }
+        }
+    }
+
+    /// Make room for one more embryonic flow: evict the oldest while the table is full.
+    fn evict_embryonic(&mut self) {
+        while self.embryonic_live >= MAX_EMBRYONIC_FLOWS {
+            let Some(old) = self.embryonic.pop_front() else {
+                break;
+            };
+            if self.flows.get(&old).is_some_and(|f| !f.confirmed) {
+                self.flows.remove(&old);
+                self.embryonic_live -= 1;
+                self.stats.flows_evicted += 1;
+            }
+        }
+        // Drop queue entries of flows confirmed or forgotten since, so the queue stays
+        // within a small factor of the live embryonic count.
+        if self.embryonic.len() > 2 * MAX_EMBRYONIC_FLOWS {
+            let flows = &self.flows;
+            self.embryonic
+                .retain(|k| flows.get(k).is_some_and(|f| !f.confirmed));
+        }
     }
 
     /// Validate `frame` and record what the tap needs. False means: drop it.
@@ -252,17 +322,21 @@ impl<P: Phy> NicDevice<P> {
             remote_port: tcp.src_port(),
             local_port: tcp.dst_port(),
         };
+        if tcp.syn() && !tcp.ack() {
+            self.syn_seen = true;
+        }
         if !self.flows.contains_key(&key) {
-            if !tcp.syn() {
+            if !tcp.syn() || tcp.rst() {
                 return true;
             }
-            if self.flows.len() >= MAX_FLOWS {
-                self.stats.flows_untracked += 1;
-                return true;
-            }
+            self.evict_embryonic();
+            self.embryonic.push_back(key);
+            self.embryonic_live += 1;
         }
         let f = self.flows.entry(key).or_default();
-        if tcp.syn() {
+        if tcp.syn() && f.isn.is_none() {
+            // The first SYN of a flow fixes its ISN: a later (spoofed or stray) SYN on the
+            // same 4-tuple cannot shift every PSH mark of a live connection.
             f.isn = Some(tcp.seq_number().0 as u32);
         }
         f.last_window = tcp.window_len();
@@ -270,7 +344,11 @@ impl<P: Phy> NicDevice<P> {
             f.zero_windows += 1;
         }
         let payload_len = tcp.payload().len() as u32;
-        if tcp.psh() && payload_len > 0 && f.psh_ends.len() < 4096 {
+        if tcp.psh() && payload_len > 0 {
+            if f.psh_ends.len() >= MAX_PSH_PER_FLOW {
+                self.stats.psh_dropped += 1;
+                return true;
+            }
             let seq = (tcp.seq_number().0 as u32).wrapping_add(u32::from(tcp.syn()));
             if f.psh_ends.is_empty() {
                 self.psh_dirty.push(key);

@@ -114,11 +114,17 @@ pub enum Setting {
     SocketBufBytes,
     /// [`Settings::bus_latency_us`].
     BusLatencyUs,
+    /// [`Settings::keepalive_ms`].
+    KeepaliveMs,
+    /// [`Settings::idle_timeout_ms`].
+    IdleTimeoutMs,
+    /// [`Settings::syn_timeout_ms`].
+    SynTimeoutMs,
 }
 
 impl Setting {
     /// Every setting, in the order of the [`Settings`] fields.
-    pub const ALL: [Setting; 11] = [
+    pub const ALL: [Setting; 14] = [
         Setting::IndicateWindowBytes,
         Setting::Policy,
         Setting::Ack,
@@ -130,6 +136,9 @@ impl Setting {
         Setting::Mtu,
         Setting::SocketBufBytes,
         Setting::BusLatencyUs,
+        Setting::KeepaliveMs,
+        Setting::IdleTimeoutMs,
+        Setting::SynTimeoutMs,
     ];
 
     /// The field name: the TOML key and the override key.
@@ -146,6 +155,9 @@ impl Setting {
             Setting::Mtu => "mtu",
             Setting::SocketBufBytes => "socket_buf_bytes",
             Setting::BusLatencyUs => "bus_latency_us",
+            Setting::KeepaliveMs => "keepalive_ms",
+            Setting::IdleTimeoutMs => "idle_timeout_ms",
+            Setting::SynTimeoutMs => "syn_timeout_ms",
         }
     }
 
@@ -163,6 +175,9 @@ impl Setting {
             Setting::Mtu => "TOEMU_MTU",
             Setting::SocketBufBytes => "TOEMU_SOCKET_BUF",
             Setting::BusLatencyUs => "TOEMU_BUS_LATENCY_US",
+            Setting::KeepaliveMs => "TOEMU_KEEPALIVE_MS",
+            Setting::IdleTimeoutMs => "TOEMU_IDLE_TIMEOUT_MS",
+            Setting::SynTimeoutMs => "TOEMU_SYN_TIMEOUT_MS",
         }
     }
 
@@ -329,6 +344,15 @@ impl Raw<'_> {
         }
     }
 
+    /// A count, or `None` for the text `off`.
+    fn count_or_off(&self) -> Result<Option<u64>, String> {
+        match *self {
+            Raw::Text(s) if s.trim() == "off" => Ok(None),
+            Raw::Text(_) | Raw::Int(_) => self.count().map(Some).map_err(|e| format!("{e} or off")),
+            Raw::Other(ty, _) => Err(format!("expected an integer or \"off\", found {ty}")),
+        }
+    }
+
     fn text(&self) -> Result<&str, String> {
         match *self {
             Raw::Text(s) => Ok(s.trim()),
@@ -405,6 +429,18 @@ pub struct Settings {
     /// in microseconds (0 ..= 1 000 000). Default 0 (free). On the virtual clock it shows up in
     /// latencies measured in virtual time, not in wall time.
     pub bus_latency_us: u64,
+    /// Keep-alive interval of open connections, in milliseconds (>= 1), or `None` (config
+    /// form `off`): an idle connection probes its peer this often. Default 60 000.
+    pub keepalive_ms: Option<u64>,
+    /// Dead-peer timeout, in milliseconds (>= 1), or `None` (`off`): an open connection whose
+    /// peer sends nothing for this long while an answer is due (unacknowledged data or a
+    /// keep-alive probe) is reset and its buffers return to the pools. With keep-alive on, a
+    /// vanished peer is detected within `keepalive_ms + idle_timeout_ms`. Default 180 000.
+    pub idle_timeout_ms: Option<u64>,
+    /// Handshake timeout, in milliseconds (>= 1), or `None` (`off`): a half-open connection
+    /// (SYN-RECEIVED, e.g. from a spoofed SYN) or an active open without answer is abandoned
+    /// after this long. Default 5 000.
+    pub syn_timeout_ms: Option<u64>,
     provenance: Provenance,
 }
 
@@ -424,6 +460,9 @@ impl Default for Settings {
             mtu: 9000,
             socket_buf_bytes: 512 * KIB as u32,
             bus_latency_us: 0,
+            keepalive_ms: Some(60_000),
+            idle_timeout_ms: Some(180_000),
+            syn_timeout_ms: Some(5_000),
             provenance: Provenance::default(),
         }
     }
@@ -479,6 +518,16 @@ impl Settings {
         self.anon_pool_bytes()
             .checked_div(u64::from(self.anon_buf_bytes))
             .unwrap_or(0)
+    }
+
+    /// The connection timers of the NIC (keep-alive, dead-peer and handshake timeouts).
+    pub fn timers(&self) -> (Option<Duration>, Option<Duration>, Option<Duration>) {
+        let ms = |v: Option<u64>| v.map(Duration::from_millis);
+        (
+            ms(self.keepalive_ms),
+            ms(self.idle_timeout_ms),
+            ms(self.syn_timeout_ms),
+        )
     }
 
     /// The push timer period as a [`Duration`].
@@ -648,6 +697,9 @@ impl Settings {
                 self.socket_buf_bytes = raw.size().and_then(narrow).map_err(fail)?;
             }
             Setting::BusLatencyUs => self.bus_latency_us = raw.count().map_err(fail)?,
+            Setting::KeepaliveMs => self.keepalive_ms = raw.count_or_off().map_err(fail)?,
+            Setting::IdleTimeoutMs => self.idle_timeout_ms = raw.count_or_off().map_err(fail)?,
+            Setting::SynTimeoutMs => self.syn_timeout_ms = raw.count_or_off().map_err(fail)?,
         }
         self.provenance.origins[setting.index()] = origin;
         Ok(())
@@ -665,7 +717,7 @@ impl Settings {
     /// Checks every limit: `anon_buf_bytes` in 256 ..= 1 MiB; `max_conns` in 1 ..= 100 000;
     /// W in 1 ..= 1 GiB and at most [`Settings::anon_pool_bytes`]; a keep-open batch in
     /// 1 ..= W; `push_timeout_ms` >= 1; `copy_cap_bytes` >= 1; `ring_depth` >= 16; `mtu` in
-    /// 576 ..= 65 000; `socket_buf_bytes` >= 2 × `mtu`.
+    /// 576 ..= 65 000; `socket_buf_bytes` >= 2 × `mtu`; the connection timers >= 1 or off.
     ///
     /// # Errors
     /// The first broken limit, as [`ConfigError::Invalid`] naming the setting, its origin, the
@@ -742,6 +794,15 @@ impl Settings {
                 self.bus_latency_us,
                 "at most 1000000 (1 s)".into(),
             ));
+        }
+        for (setting, value) in [
+            (S::KeepaliveMs, self.keepalive_ms),
+            (S::IdleTimeoutMs, self.idle_timeout_ms),
+            (S::SynTimeoutMs, self.syn_timeout_ms),
+        ] {
+            if value == Some(0) {
+                return Err(self.invalid(setting, 0, "at least 1, or off".into()));
+            }
         }
         Ok(())
     }
@@ -900,8 +961,14 @@ mod tests {
             ("TOEMU_MTU", "1500"),
             ("TOEMU_SOCKET_BUF", "64KiB"),
             ("TOEMU_BUS_LATENCY_US", "3"),
+            ("TOEMU_KEEPALIVE_MS", "off"),
+            ("TOEMU_IDLE_TIMEOUT_MS", "9000"),
+            ("TOEMU_SYN_TIMEOUT_MS", "250"),
         ]))
         .unwrap();
+        assert_eq!(s.keepalive_ms, None);
+        assert_eq!(s.idle_timeout_ms, Some(9000));
+        assert_eq!(s.syn_timeout_ms, Some(250));
         assert_eq!(s.indicate_window_bytes, 1 << 20);
         assert_eq!(s.policy, RxPolicy::UnboundedCopy);
         assert_eq!(s.ack, AckPolicy::KeepOpen { min_bytes: 8192 });
@@ -1279,6 +1346,40 @@ mod tests {
             "push_timeout_ms",
             "0",
             "= 0 (from TOEMU_PUSH_TIMEOUT_MS): must be at least 1",
+        );
+    }
+
+    #[test]
+    fn connection_timers_take_off_or_milliseconds() {
+        let mut s = Settings::default();
+        assert_eq!(
+            s.timers(),
+            (
+                Some(Duration::from_secs(60)),
+                Some(Duration::from_secs(180)),
+                Some(Duration::from_secs(5))
+            )
+        );
+        s.apply_override("keepalive_ms", "off").unwrap();
+        s.apply_override("idle-timeout-ms", "2500").unwrap();
+        s.apply_toml_str("syn_timeout_ms = 700\n", "t.toml")
+            .unwrap();
+        s.validate().unwrap();
+        assert_eq!(
+            s.timers(),
+            (
+                None,
+                Some(Duration::from_millis(2500)),
+                Some(Duration::from_millis(700))
+            )
+        );
+        let e = err_text(s.apply_override("keepalive_ms", "soon"));
+        assert!(e.contains("or off"), "{e}");
+        refused(
+            "env",
+            "syn_timeout_ms",
+            "0",
+            "= 0 (from TOEMU_SYN_TIMEOUT_MS): must be at least 1, or off",
         );
     }
 

@@ -69,7 +69,9 @@ impl Host {
         nic.mtu = settings.mtu as usize;
         nic.socket_rx_bytes = settings.socket_buf_bytes as usize;
         nic.socket_tx_bytes = settings.socket_buf_bytes as usize;
-        nic.max_conns = settings.max_conns as usize * 2 + 16;
+        // Exactly the connections the anonymous pool has a buffer share for.
+        nic.max_conns = settings.max_conns as usize;
+        (nic.keepalive, nic.idle_timeout, nic.syn_timeout) = settings.timers();
         let pool = settings.anon_pool_bytes() as usize;
         let mem = Arc::new(HostMemory::anonymous(pool + DEFAULT_APP_MEMORY_BYTES)?);
         let (host_end, nic_end) = bus_with_latency(

@@ -883,6 +883,14 @@ impl<'a> Socket<'a> {
         self.listen_endpoint
     }
 
+    /// Return the maximum segment size the remote endpoint announced (its MSS option, or
+    /// the default of 536 bytes if it sent none), in bytes. Meaningful once the SYN (or
+    /// SYN-ACK) of the remote endpoint has been received.
+    #[inline]
+    pub fn remote_mss(&self) -> usize {
+        self.remote_mss
+    }
+
     /// Return the local endpoint, or None if not connected.
     #[inline]
     pub fn local_endpoint(&self) -> Option<IpEndpoint> {

@@ -30,24 +30,24 @@ const PROCESS_BASE: u64 = 64 * MIB;
 /// - the anonymous pool, `max_conns × ceil(W / anon_buf) × anon_buf` (16 MiB at 64);
 /// - the application memory region, 512 MiB (mapped lazily; counted whole);
 /// - per NIC socket its send and receive buffers, `2 × socket_buf_bytes` (1 MiB), for every
-///   socket the NIC may hold: `2 × max_conns + 16` (the runtime's NIC limit), 144 MiB at 64;
+///   socket the NIC may hold: `max_conns` (the NIC admits exactly that many, listener
+///   backlog included), 64 MiB at 64;
 /// - 64 MiB for the process itself.
 ///
-/// 736 MiB with the defaults. A host that buffers per segment or per connection attempt
+/// 656 MiB with the defaults. A host that buffers per segment or per connection attempt
 /// without limit breaks it.
 fn memory_bound_kib(max_conns: u64) -> u64 {
     let pool = max_conns * W.div_ceil(ANON_BUF) * ANON_BUF;
-    let sockets = 2 * max_conns + 16;
+    let sockets = max_conns;
     (pool + APP_REGION + sockets * 2 * SOCKET_BUF + PROCESS_BASE) / KIB
 }
 
 /// How the bound is made up, for messages.
 fn bound_text(max_conns: u64) -> String {
     format!(
-        "bound {} MiB = anon pool {} MiB ({max_conns} conns x ceil(W/anon_buf) x 16 KiB) + app region 512 MiB + {} NIC sockets x 2 x 512 KiB + 64 MiB process",
+        "bound {} MiB = anon pool {} KiB ({max_conns} conns x ceil(W/anon_buf) x 16 KiB) + app region 512 MiB + {max_conns} NIC sockets x 2 x 512 KiB + 64 MiB process",
         memory_bound_kib(max_conns) / 1024,
-        max_conns * W.div_ceil(ANON_BUF) * ANON_BUF / MIB,
-        2 * max_conns + 16
+        max_conns * W.div_ceil(ANON_BUF) * ANON_BUF / KIB,
     )
 }
 

@@ -137,3 +137,77 @@ pub fn strip_psh(frame: &mut Frame) -> bool {
     rewrite_tcp(frame, |t| t.set_psh(false));
     true
 }
+
+/// Two hosts (10.0.0.1 with `sa`, 10.0.0.2 with `sb`) on the given phys, nothing connected.
+pub fn hosts_with(
+    sa: &Settings,
+    sb: &Settings,
+    seed: u64,
+    pa: BoxPhy,
+    pb: BoxPhy,
+) -> io::Result<Sim> {
+    let now = toe_bus::time::Instant::from_micros(0);
+    let a = Host::new("a", sa, test_nic(0, seed), pa, now).map_err(io::Error::other)?;
+    let b = Host::new("b", sb, test_nic(1, seed), pb, now).map_err(io::Error::other)?;
+    Ok(Sim::new(vec![a, b]))
+}
+
+/// The Ethernet address of host `i` (0-based) of [`test_nic`].
+pub fn host_mac(i: u8) -> [u8; 6] {
+    [0x02, 0, 0, 0, 0, i + 1]
+}
+
+/// A TCP segment in an Ethernet frame with correct checksums, as a peer (or an attacker)
+/// would put it on the wire: from `src` to `dst` (address, port), Ethernet destination
+/// `dst_mac`.
+#[allow(clippy::too_many_arguments)]
+pub fn tcp_frame(
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    dst_mac: [u8; 6],
+    control: smoltcp::wire::TcpControl,
+    seq: u32,
+    ack: Option<u32>,
+    payload: &[u8],
+) -> Frame {
+    use smoltcp::phy::ChecksumCapabilities;
+    use smoltcp::wire::{
+        EthernetAddress, EthernetRepr, Ipv4Address, Ipv4Repr, TcpRepr, TcpSeqNumber,
+    };
+    let tcp = TcpRepr {
+        src_port: src.port(),
+        dst_port: dst.port(),
+        control,
+        seq_number: TcpSeqNumber(seq as i32),
+        ack_number: ack.map(|a| TcpSeqNumber(a as i32)),
+        window_len: 65535,
+        window_scale: None,
+        max_seg_size: (control == smoltcp::wire::TcpControl::Syn).then_some(1460),
+        sack_permitted: false,
+        sack_ranges: [None; 3],
+        timestamp: None,
+        payload,
+    };
+    let (s, d): (Ipv4Address, Ipv4Address) = (*src.ip(), *dst.ip());
+    let ip = Ipv4Repr {
+        src_addr: s,
+        dst_addr: d,
+        next_header: IpProtocol::Tcp,
+        payload_len: tcp.buffer_len(),
+        hop_limit: 64,
+    };
+    let eth = EthernetRepr {
+        src_addr: EthernetAddress([0x02, 0xee, 0, 0, 0, 1]),
+        dst_addr: EthernetAddress(dst_mac),
+        ethertype: EthernetProtocol::Ipv4,
+    };
+    let mut frame = vec![0u8; 14 + 20 + tcp.buffer_len()];
+    let caps = ChecksumCapabilities::default();
+    let mut e = EthernetFrame::new_unchecked(&mut frame[..]);
+    eth.emit(&mut e);
+    let mut p = Ipv4Packet::new_unchecked(e.payload_mut());
+    ip.emit(&mut p, &caps);
+    let mut t = TcpPacket::new_unchecked(p.payload_mut());
+    tcp.emit(&mut t, &IpAddress::Ipv4(s), &IpAddress::Ipv4(d), &caps);
+    frame
+}

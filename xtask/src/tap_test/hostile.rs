@@ -456,7 +456,9 @@ fn syn_flood(ns: &mut Netns, toemu: &Path, work: &Path) -> Result<(), String> {
 ///    (`curl --limit-rate`, data in flight) and an idle connection (nothing to send: only
 ///    keep-alive can notice). Then the veth is deleted. Both connections must end by timeout
 ///    within 10 s (the http app logs `http: connection N done` when it releases one), the
-///    host's memory stays bounded, and two concurrent curls from the lab namespace are served.
+///    host's memory stays bounded, two concurrent curls from the lab namespace are served,
+///    and the final `stats:` line shows no connection left and every anonymous buffer back
+///    at the NIC (`anon_in_driver 0`, `anon_at_nic` = `anon_pool`).
 fn vanishing_peer(ns: &mut Netns, toemu: &Path, work: &Path) -> Result<(), String> {
     const CLIENT_IP: &str = "10.99.2.2";
     let timers = ["--set", "keepalive_ms=500", "--set", "idle_timeout_ms=3000"];
@@ -583,22 +585,25 @@ fn vanishing_peer(ns: &mut Netns, toemu: &Path, work: &Path) -> Result<(), Strin
         ),
     )?;
     check_memory(ns, h, "vanishing-peer", 2)?;
+    // Let the follow-up connections finish closing, then the final counters: no connection
+    // left, every anonymous buffer back in the pool (posted to the NIC, none in the driver).
+    std::thread::sleep(Duration::from_millis(500));
     let stats = stop_with_stats(ns, h, &log, "vanishing-peer")?;
-    let timeouts: Vec<&str> = stats
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .windows(2)
-        .filter(|p| p[0].contains("timeout") || p[0].contains("keepalive"))
-        .map(|p| p[0])
-        .collect();
-    eprintln!(
-        "tap-test:      vanishing-peer: timeout counters in stats: {}",
-        if timeouts.is_empty() {
-            "none yet".to_string()
-        } else {
-            timeouts.join(" ")
-        }
-    );
+    let field = |k: &str| super::field_after(&stats, k);
+    check(
+        &format!(
+            "vanishing-peer: at the end no connection is left and every anonymous buffer is back (conns {}, anon_in_driver {}, anon_at_nic {} of anon_pool {})",
+            field("conns").unwrap_or_default(),
+            field("anon_in_driver").unwrap_or_default(),
+            field("anon_at_nic").unwrap_or_default(),
+            field("anon_pool").unwrap_or_default()
+        ),
+        field("conns").as_deref() == Some("0")
+            && field("anon_in_driver").as_deref() == Some("0")
+            && field("anon_at_nic").is_some()
+            && field("anon_at_nic") == field("anon_pool"),
+        format!("want conns 0, anon_in_driver 0 and anon_at_nic == anon_pool in the final `{stats}`"),
+    )?;
     drop(client);
     Ok(())
 }

@@ -4,10 +4,13 @@
 //!
 //! Matrix: loss {0, 1%, 5%} × reordering {off, 2%} × duplication {off, 2%} × corruption
 //! {0, 0.1%}, one-way delay 1 ms each direction: 24 cells, each a bulk transfer hash-checked
-//! end to end through `toemu_lab::demo::toe_bulk`; the four TOE receive modes take turns across
-//! the cells. Each cell moves 64 MiB, or `TOEMU_SOAK_BYTES` (e.g. `1GiB`, what
-//! `cargo xtask soak` sets). Nothing may be lost, duplicated or reordered, ever; and every
-//! impairment a cell asks for must actually have happened (counted by the wire).
+//! end to end through `toemu_lab::demo::toe_bulk`, once in each of the four TOE receive modes
+//! (96 transfers). Each transfer moves 16 MiB (so the default run moves 1.5 GiB in all), or
+//! `TOEMU_SOAK_BYTES` (e.g. `1GiB`, what `cargo xtask soak` sets). Nothing may be lost,
+//! duplicated or reordered, ever; and every impairment a cell asks for must actually have
+//! happened (counted by the wire): in each mode's transfer when that transfer expects at least
+//! 10 occurrences, and over the cell's four transfers together likewise (0.1% corruption
+//! expects about 3 per 16 MiB transfer, about 11 per cell).
 //!
 //! These cells found a smoltcp 0.14 bug (a lone FIN lost after three duplicate ACKs is never
 //! retransmitted); toemu builds a vendored smoltcp with the one-line fix, see
@@ -26,11 +29,11 @@ use toemu_lab::demo::{toe_bulk, Bulk, DemoOptions, Mode};
 
 const MIB: u64 = 1 << 20;
 
-/// Bytes per matrix cell: 64 MiB, or `TOEMU_SOAK_BYTES`.
+/// Bytes per transfer (one mode in one cell): 16 MiB, or `TOEMU_SOAK_BYTES`.
 fn cell_bytes() -> u64 {
     match std::env::var("TOEMU_SOAK_BYTES") {
         Ok(v) => parse_size(&v).unwrap_or_else(|e| panic!("TOEMU_SOAK_BYTES={v:?}: {e}")),
-        Err(_) => 64 * MIB,
+        Err(_) => 16 * MIB,
     }
 }
 
@@ -57,59 +60,80 @@ fn impaired(loss: f64, reorder: f64, dup: f64, corrupt: f64, seed: u64) -> WireO
 }
 
 /// Asserts that an impairment with probability `p` over `frames` frames happened, when at
-/// least 10 occurrences were expected (small `TOEMU_SOAK_BYTES` overrides may see none).
+/// least 10 occurrences were expected (small transfers may see none), and never happened when
+/// `p` is 0.
 fn happened(what: &str, count: u64, p: f64, frames: u64, cell: &str) {
     if p == 0.0 {
         assert_eq!(count, 0, "{cell}: {what} must not happen");
     } else if p * frames as f64 >= 10.0 {
-        assert!(count > 0, "{cell}: {what} was asked for but never happened");
+        assert!(
+            count > 0,
+            "{cell}: {what} was asked for (p = {p}, {frames} frames, {:.1} expected) but never \
+             happened",
+            p * frames as f64
+        );
     }
 }
 
-/// One cell of the matrix: `index` picks the receive mode and the seeds.
+/// One cell of the matrix: a transfer in every receive mode; `index` picks the seeds.
 fn cell(index: usize, loss: f64, reorder: f64, dup: f64, corrupt: f64) {
     let bytes = cell_bytes();
-    let mode = MODES[index % MODES.len()];
-    let seed = 100 + index as u64;
-    let name = format!(
-        "cell {index} ({}, loss {loss}, reorder {reorder}, dup {dup}, corrupt {corrupt}, {bytes} bytes)",
-        mode.name()
+    let cell_name = format!(
+        "cell {index} (loss {loss}, reorder {reorder}, dup {dup}, corrupt {corrupt}, {bytes} bytes per mode)"
     );
-    let o = DemoOptions {
-        bytes,
-        seed,
-        wire: impaired(loss, reorder, dup, corrupt, seed),
-        ..DemoOptions::default()
-    };
-    let t0 = std::time::Instant::now();
-    let b: Bulk = toe_bulk(mode, &o).unwrap_or_else(|e| panic!("{name}: {e}"));
-    let expected = DataGen::digest(seed, bytes);
-    assert_eq!(b.digest, expected, "{name}: SHA-256 mismatch");
-    // What the wire did, both directions together (the data flows 0 -> 1, ACKs 1 -> 0).
-    let w: ImpairStats = b.wire[0].merged(&b.wire[1]);
-    assert!(
-        b.wire[1].bytes_in >= bytes,
-        "{name}: the data direction carried {} bytes",
-        b.wire[1].bytes_in
-    );
-    assert_eq!(w.delayed, w.frames_in - w.dropped_loss, "{name}: delay");
-    happened("loss", w.dropped_loss, loss, w.frames_in, &name);
-    happened("reordering", w.reordered, reorder, w.frames_in, &name);
-    happened("duplication", w.duplicated, dup, w.frames_in, &name);
-    happened("corruption", w.corrupted, corrupt, w.frames_in, &name);
-    assert_eq!(w.dropped_queue, 0, "{name}: no rate limit, no queue drops");
-    eprintln!(
-        "{name}: ok in {:.2} s wall; wire: {} frames in, {} lost, {} reordered, {} duplicated, {} corrupted",
-        t0.elapsed().as_secs_f64(),
-        w.frames_in,
-        w.dropped_loss,
-        w.reordered,
-        w.duplicated,
-        w.corrupted
-    );
+    let mut all = ImpairStats::default();
+    for (m, mode) in MODES.iter().copied().enumerate() {
+        let seed = 100 + (index * MODES.len() + m) as u64;
+        let name = format!(
+            "cell {index} {} (loss {loss}, reorder {reorder}, dup {dup}, corrupt {corrupt}, {bytes} bytes, seed {seed})",
+            mode.name()
+        );
+        let o = DemoOptions {
+            bytes,
+            seed,
+            wire: impaired(loss, reorder, dup, corrupt, seed),
+            ..DemoOptions::default()
+        };
+        let t0 = std::time::Instant::now();
+        let b: Bulk = toe_bulk(mode, &o).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let expected = DataGen::digest(seed, bytes);
+        assert_eq!(b.digest, expected, "{name}: SHA-256 mismatch");
+        // What the wire did, both directions together (the data flows 0 -> 1, ACKs 1 -> 0).
+        let w: ImpairStats = b.wire[0].merged(&b.wire[1]);
+        assert!(
+            b.wire[1].bytes_in >= bytes,
+            "{name}: the data direction carried {} bytes",
+            b.wire[1].bytes_in
+        );
+        assert_eq!(w.delayed, w.frames_in - w.dropped_loss, "{name}: delay");
+        happened("loss", w.dropped_loss, loss, w.frames_in, &name);
+        happened("reordering", w.reordered, reorder, w.frames_in, &name);
+        happened("duplication", w.duplicated, dup, w.frames_in, &name);
+        happened("corruption", w.corrupted, corrupt, w.frames_in, &name);
+        assert_eq!(w.dropped_queue, 0, "{name}: no rate limit, no queue drops");
+        eprintln!(
+            "{name}: ok in {:.2} s wall; wire: {} frames in, {} lost, {} reordered, {} duplicated, {} corrupted",
+            t0.elapsed().as_secs_f64(),
+            w.frames_in,
+            w.dropped_loss,
+            w.reordered,
+            w.duplicated,
+            w.corrupted
+        );
+        all = all.merged(&w);
+    }
+    // The four transfers together: rarer impairments (0.1% corruption) must show up here.
+    for (what, count, p) in [
+        ("loss", all.dropped_loss, loss),
+        ("reordering", all.reordered, reorder),
+        ("duplication", all.duplicated, dup),
+        ("corruption", all.corrupted, corrupt),
+    ] {
+        happened(what, count, p, all.frames_in, &cell_name);
+    }
 }
 
-/// One test per cell, so the harness runs them on every core.
+/// One test per cell (each running the four modes), so the harness runs them on every core.
 macro_rules! matrix {
     ($($(#[$attr:meta])* $name:ident: $i:expr, $loss:expr, $reorder:expr, $dup:expr, $corrupt:expr;)*) => {
         $(
@@ -198,7 +222,7 @@ fn tshark(args: &[&str]) -> String {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
             "tshark is not installed, and this test needs it to check the pcap capture: \
              install it with `apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y \
-             tshark` (.ci/run does this in CI)"
+             tshark` (`cargo xtask test` and `cargo xtask ci` do this before the tests)"
         ),
         Err(e) => panic!("cannot run tshark: {e}"),
     };

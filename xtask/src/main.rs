@@ -1,13 +1,17 @@
 //! `cargo xtask`: project automation for toemu, with nothing but the standard library.
 //!
 //! - `cargo xtask ci`: every gate CI runs, in order, stopping at the first failure: rustfmt
-//!   check, clippy with warnings denied, rustdoc with warnings denied, release-mode tests.
-//! - `cargo xtask test`: only the test step (`cargo test --workspace --release`).
-//! - `cargo xtask tap-test`: (root) real Linux programs against an emulated host on TAP.
+//!   check, clippy with warnings denied, rustdoc with warnings denied, the tests.
+//! - `cargo xtask test`: only the test step (`cargo test --workspace --profile checked`).
+//! - `cargo xtask tap-test [basic|hostile]`: (root) real Linux programs against an emulated
+//!   host on TAP, and the hostile-peer suite.
 //! - `cargo xtask soak`: the impaired-wire integrity matrix (`tests/impair.rs`) at 1 GiB per
 //!   cell.
 //!
-//! Tests run in release mode because the integration tests move hundreds of MiB.
+//! Tests run in the `checked` profile (release with overflow checks and debug assertions)
+//! because the integration tests move hundreds of MiB. Before the tests, the system tools they
+//! need (`TEST_TOOLS`) are installed with apt-get if missing (root), or the task fails and
+//! names the command to run.
 
 use std::env;
 use std::ffi::OsString;
@@ -55,12 +59,16 @@ const DOC: Step = Step {
     env: &[("RUSTDOCFLAGS", "-D warnings")],
 };
 
-/// `cargo test --workspace --release`.
+/// `cargo test --workspace --profile checked`.
 const TEST: Step = Step {
     name: "test",
-    args: &["test", "--workspace", "--release"],
+    args: &["test", "--workspace", "--profile", "checked"],
     env: &[],
 };
+
+/// System tools the tests run, as (command, Debian package). `tests/impair.rs` reads its pcap
+/// capture with tshark.
+const TEST_TOOLS: &[(&str, &str)] = &[("tshark", "tshark")];
 
 /// `cargo xtask soak`: the integrity matrix over the impaired wire at 1 GiB per cell, with the
 /// per-cell progress lines.
@@ -68,7 +76,8 @@ const SOAK: Step = Step {
     name: "soak",
     args: &[
         "test",
-        "--release",
+        "--profile",
+        "checked",
         "-p",
         "toemu-tests",
         "--test",
@@ -91,19 +100,25 @@ tasks:
            cargo fmt --all -- --check
            cargo clippy --workspace --all-targets -- -D warnings
            RUSTDOCFLAGS=\"-D warnings\" cargo doc --workspace --no-deps
-           cargo test --workspace --release
-  test   run only the tests: cargo test --workspace --release
-  tap-test
+           cargo test --workspace --profile checked
+  test   run only the tests: cargo test --workspace --profile checked
+         (release with overflow checks and debug assertions)
+         ci and test first install what the tests run if missing: tshark
+         (apt-get as root; otherwise they fail and name the command)
+  tap-test [basic | hostile [burst|psh-flood|syn-flood|vanishing-peer|slowloris]...]
          (root) the emulated host on a TAP device in a fresh network namespace, driven by
-         curl, socat, nc, ping and python3 -m http.server; the namespace is always deleted
+         curl, socat, nc, ping and python3 -m http.server (basic), then the hostile-peer
+         suite: connection bursts, a 1-byte PSH flood, spoofed SYNs, a peer that vanishes,
+         slowloris, each with the host's memory bounded (hostile, or the scenarios named);
+         default both; the namespaces are always deleted
   bench [--quick] [--no-scale] [--json PATH]
          toemu bench: every receive mode against bare smoltcp and kernel loopback TCP
   tap-bench [BYTES] [ROUNDS]
          (root) socat into the TOE sink and into a bare-smoltcp sink on the same TAP,
          alternating rounds (default 1 GiB, 3 rounds); medians and ratios, target/tap-bench.json
-  soak   TOEMU_SOAK_BYTES=1GiB cargo test --release -p toemu-tests --test impair
+  soak   TOEMU_SOAK_BYTES=1GiB cargo test --profile checked -p toemu-tests --test impair
            -- --include-ignored --nocapture
-         the impaired-wire integrity matrix at 1 GiB per cell (24 cells)
+         the impaired-wire integrity matrix at 1 GiB per transfer (24 cells x 4 modes)
   help   print this message";
 
 /// The workspace root: the parent of this crate's manifest directory.
@@ -151,11 +166,84 @@ fn run(step: &Step, root: &Path) -> Result<(), String> {
     }
 }
 
+/// Whether `bin` is on `PATH` (`command -v`).
+fn have(bin: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {bin}")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Whether we run as root (`id -u` prints 0).
+pub(crate) fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// Installs the Debian packages of the `tools` (command, package) that are not on `PATH`:
+/// as root `apt-get update` once, then `apt-get install -y` (non-interactive, so tshark's
+/// question about non-root capture does not block); otherwise an error naming the one command
+/// to run. `who` prefixes progress and error messages.
+pub(crate) fn ensure_tools(who: &str, tools: &[(&str, &str)]) -> Result<(), String> {
+    let mut missing: Vec<&str> = tools
+        .iter()
+        .filter(|(bin, _)| !have(bin))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    missing.dedup();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let pkgs = missing.join(" ");
+    if !is_root() {
+        return Err(format!(
+            "{who}: missing system packages the tests need; install them with: \
+             sudo apt-get install -y {pkgs}"
+        ));
+    }
+    eprintln!("xtask: {who}: installing {pkgs} (apt-get)");
+    let apt = |args: &[&str]| -> Result<(), String> {
+        let shown = format!("apt-get {}", args.join(" "));
+        let s = Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(args)
+            .status()
+            .map_err(|e| format!("{who}: `{shown}` could not start: {e}"))?;
+        if s.success() {
+            Ok(())
+        } else {
+            Err(format!("{who}: `{shown}` failed ({s})"))
+        }
+    };
+    apt(&["update", "-qq"])?;
+    apt(&[&["install", "-y", "-qq"][..], &missing].concat())?;
+    let still: Vec<&str> = tools
+        .iter()
+        .filter(|(bin, _)| !have(bin))
+        .map(|(bin, _)| *bin)
+        .collect();
+    if still.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{who}: installed {pkgs} but still missing: {}",
+            still.join(" ")
+        ))
+    }
+}
+
 /// Runs `steps` in order, stopping at the first failure.
 fn run_all(steps: &[&Step]) -> Result<(), String> {
     let root = workspace_root();
     let started = Instant::now();
     for step in steps {
+        if std::ptr::eq(*step, &TEST) || std::ptr::eq(*step, &SOAK) {
+            ensure_tools(step.name, TEST_TOOLS)?;
+        }
         run(step, &root)?;
     }
     let names: Vec<&str> = steps.iter().map(|s| s.name).collect();
@@ -178,7 +266,12 @@ fn main() -> ExitCode {
         ["ci"] => run_all(CI),
         ["test"] => run_all(&[&TEST]),
         ["soak"] => run_all(&[&SOAK]),
-        ["tap-test"] => tap_test::run(&workspace_root()),
+        ["tap-test"] => tap_test::run(&workspace_root(), tap_test::Suite::All, &[]),
+        ["tap-test", "basic"] => tap_test::run(&workspace_root(), tap_test::Suite::Basic, &[]),
+        ["tap-test", "hostile", only @ ..] => {
+            let only: Vec<String> = only.iter().map(|s| s.to_string()).collect();
+            tap_test::run(&workspace_root(), tap_test::Suite::Hostile, &only)
+        }
         ["bench", rest @ ..] => {
             let root = workspace_root();
             let mut c = Command::new(cargo());

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod hostile;
+
 const HOST_IP: &str = "10.99.0.2";
 const LINUX_IP: &str = "10.99.0.1";
 
@@ -20,7 +22,16 @@ struct Netns {
 
 impl Netns {
     fn create() -> Result<Netns, String> {
-        let name = format!("toemu-tap-{}", std::process::id());
+        Netns::create_named("")
+    }
+
+    /// A namespace `toemu-tap-<pid>` or, with a `suffix`, `toemu-tap-<pid>-<suffix>`.
+    fn create_named(suffix: &str) -> Result<Netns, String> {
+        let name = if suffix.is_empty() {
+            format!("toemu-tap-{}", std::process::id())
+        } else {
+            format!("toemu-tap-{}-{suffix}", std::process::id())
+        };
         status(Command::new("ip").args(["netns", "add", &name]))
             .map_err(|e| format!("cannot create network namespace {name}: {e} (root needed)"))?;
         let ns = Netns {
@@ -93,6 +104,15 @@ impl Netns {
         let _ = c.wait();
     }
 
+    /// Stop every child from index `first` on that is still running.
+    fn stop_from(&mut self, first: usize) {
+        for i in first..self.children.len() {
+            if self.children[i].try_wait().ok().flatten().is_none() {
+                self.stop(i);
+            }
+        }
+    }
+
     /// Wait up to `max` for child `i` to exit by itself.
     fn wait_exit(&mut self, i: usize, max: Duration) -> Result<(), String> {
         let t0 = Instant::now();
@@ -137,11 +157,7 @@ fn status(c: &mut Command) -> Result<(), String> {
 }
 
 fn need_root() -> Result<(), String> {
-    let out = Command::new("id")
-        .arg("-u")
-        .output()
-        .map_err(|e| format!("id -u: {e}"))?;
-    if String::from_utf8_lossy(&out.stdout).trim() != "0" {
+    if !crate::is_root() {
         return Err("tap-test needs root: it creates a network namespace and a TAP device".into());
     }
     if !Path::new("/dev/net/tun").exists() {
@@ -150,40 +166,15 @@ fn need_root() -> Result<(), String> {
     Ok(())
 }
 
-fn ensure_tools() -> Result<(), String> {
-    let wanted = [
-        ("curl", "curl"),
-        ("socat", "socat"),
-        ("nc", "netcat-openbsd"),
-        ("ping", "iputils-ping"),
-        ("python3", "python3"),
-        ("ip", "iproute2"),
-    ];
-    let missing: Vec<&str> = wanted
-        .iter()
-        .filter(|(bin, _)| {
-            !Command::new("sh")
-                .args(["-c", &format!("command -v {bin}")])
-                .stdout(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        })
-        .map(|(_, pkg)| *pkg)
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    eprintln!("tap-test: installing {}", missing.join(" "));
-    status(Command::new("apt-get").args(["update", "-qq"]))
-        .map_err(|e| format!("apt-get update: {e}"))?;
-    status(
-        Command::new("apt-get")
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["install", "-y", "-qq"])
-            .args(&missing),
-    )
-    .map_err(|e| format!("apt-get install {}: {e}", missing.join(" ")))
-}
+/// The client programs the scenarios run, as (command, Debian package).
+const TAP_TOOLS: &[(&str, &str)] = &[
+    ("curl", "curl"),
+    ("socat", "socat"),
+    ("nc", "netcat-openbsd"),
+    ("ping", "iputils-ping"),
+    ("python3", "python3"),
+    ("ip", "iproute2"),
+];
 
 fn sha256_of_gen(toemu: &Path, bytes: u64, seed: u64) -> Result<String, String> {
     let out = Command::new("sh")
@@ -254,7 +245,7 @@ fn field_after(line: &str, key: &str) -> Option<String> {
 /// Check root and tools, build toemu; the path of the binary.
 fn prepare(root: &Path) -> Result<PathBuf, String> {
     need_root()?;
-    ensure_tools()?;
+    crate::ensure_tools("tap-test", TAP_TOOLS)?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     status(
         Command::new(cargo)
@@ -265,14 +256,48 @@ fn prepare(root: &Path) -> Result<PathBuf, String> {
     Ok(root.join("target/release/toemu"))
 }
 
-/// Run every scenario; the namespace is deleted on every exit path (Drop).
-pub fn run(root: &Path) -> Result<(), String> {
+/// Which scenarios `cargo xtask tap-test` runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Suite {
+    /// Real programs against the apps: `tap-test basic`.
+    Basic,
+    /// The hostile-peer suite: `tap-test hostile`.
+    Hostile,
+    /// Both (the default).
+    All,
+}
+
+/// Run the scenarios of `suite`; the namespaces are deleted on every exit path (Drop). The
+/// hostile-peer suite runs even when a basic scenario failed; both failures are reported.
+/// `only` names hostile-peer scenarios to run (all if empty).
+pub fn run(root: &Path, suite: Suite, only: &[String]) -> Result<(), String> {
     let toemu = prepare(root)?;
     let work = std::env::temp_dir().join(format!("toemu-tap-test-{}", std::process::id()));
     std::fs::create_dir_all(&work).map_err(|e| e.to_string())?;
-    let result = scenarios(&toemu, &work);
+    let t0 = Instant::now();
+    let mut failed = Vec::new();
+    if suite != Suite::Hostile {
+        if let Err(e) = scenarios(&toemu, &work) {
+            eprintln!("tap-test: FAIL {e}");
+            failed.push(e);
+        }
+    }
+    if suite != Suite::Basic {
+        if let Err(e) = hostile::run(&toemu, &work, only) {
+            failed.push(e);
+        }
+    }
     let _ = std::fs::remove_dir_all(&work);
-    result
+    let secs = t0.elapsed().as_secs_f64();
+    if failed.is_empty() {
+        eprintln!("tap-test: all scenarios passed in {secs:.1} s");
+        Ok(())
+    } else {
+        Err(format!(
+            "tap-test FAILED after {secs:.1} s:\n{}",
+            failed.join("\n")
+        ))
+    }
 }
 
 fn scenarios(toemu: &Path, work: &Path) -> Result<(), String> {
@@ -647,7 +672,7 @@ print(sent)
         format!("{got} vs {want}"),
     )?;
     eprintln!(
-        "tap-test: all scenarios passed; namespace {} removed",
+        "tap-test: all basic scenarios passed; namespace {} removed",
         ns.name
     );
     Ok(())

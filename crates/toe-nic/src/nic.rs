@@ -560,38 +560,52 @@ impl<P: Phy> Nic<P> {
     /// handshake completes in one round trip, long before the flood pushes it out (a burst of
     /// real clients larger than the backlog is served as their SYNs are retransmitted).
     fn keep_listening(&mut self, port: u16) {
+        let Some(l) = self.listeners.get(&port) else {
+            return;
+        };
+        let mut oldest: Option<(usize, u64)> = None;
+        for (i, &(h, seq)) in l.sockets.iter().enumerate() {
+            match self.sockets.get::<tcp::Socket<'_>>(h).state() {
+                tcp::State::Listen => return,
+                tcp::State::SynReceived if oldest.is_none_or(|(_, o)| seq < o) => {
+                    oldest = Some((i, seq));
+                }
+                _ => {}
+            }
+        }
+        if let Some((i, _)) = oldest {
+            self.rearm(port, i);
+            self.stats.syn_evictions += 1;
+        }
+    }
+
+    /// Replace backlog socket `i` of the listener on `port` (a half-open or finished
+    /// handshake) with a fresh listening socket, forgetting its flow. A fresh socket, not the
+    /// old one listening again: smoltcp keeps per-socket egress state (a neighbour it is
+    /// waiting to resolve holds the socket silent for a second), which must not delay the
+    /// next client's SYN-ACK.
+    fn rearm(&mut self, port: u16, i: usize) {
+        let Some(old) = self.listeners.get(&port).map(|l| l.sockets[i].0) else {
+            return;
+        };
+        if let Some(remote) = self.sockets.get::<tcp::Socket<'_>>(old).remote_endpoint() {
+            self.dev.forget(&FlowKey {
+                remote_ip: *v4(remote).ip(),
+                remote_port: remote.port,
+                local_port: port,
+            });
+        }
+        self.sockets.remove(old);
+        let fresh = self.listen_socket(port);
+        self.arm_seq += 1;
+        let seq = self.arm_seq;
         if let Some(l) = self.listeners.get_mut(&port) {
-            let mut oldest: Option<(usize, u64)> = None;
-            let mut listening = false;
-            for (i, &(h, seq)) in l.sockets.iter().enumerate() {
-                match self.sockets.get::<tcp::Socket<'_>>(h).state() {
-                    tcp::State::Listen => {
-                        listening = true;
-                        break;
-                    }
-                    tcp::State::SynReceived if oldest.is_none_or(|(_, o)| seq < o) => {
-                        oldest = Some((i, seq));
-                    }
-                    _ => {}
+            match fresh {
+                Some(h) => l.sockets[i] = (h, seq),
+                None => {
+                    l.sockets.remove(i);
                 }
             }
-            let (false, Some((i, _))) = (listening, oldest) else {
-                return;
-            };
-            let h = l.sockets[i].0;
-            let s = self.sockets.get_mut::<tcp::Socket<'_>>(h);
-            if let Some(remote) = s.remote_endpoint() {
-                self.dev.forget(&FlowKey {
-                    remote_ip: v4(remote).ip().to_owned(),
-                    remote_port: remote.port,
-                    local_port: port,
-                });
-            }
-            s.abort();
-            s.listen(port).ok();
-            self.arm_seq += 1;
-            l.sockets[i].1 = self.arm_seq;
-            self.stats.syn_evictions += 1;
         }
     }
 
@@ -693,16 +707,10 @@ impl<P: Phy> Nic<P> {
                     tcp::State::Listen | tcp::State::SynReceived => {}
                     tcp::State::Closed | tcp::State::TimeWait => {
                         // A handshake timed out or was reset: forget its flow, listen again.
-                        let s = self.sockets.get_mut::<tcp::Socket<'_>>(h);
-                        if let Some(remote) = s.remote_endpoint() {
-                            self.dev.forget(&FlowKey {
-                                remote_ip: *v4(remote).ip(),
-                                remote_port: remote.port,
-                                local_port: port,
-                            });
+                        if let Some(i) = self.listeners[&port].sockets.iter().position(|x| x.0 == h)
+                        {
+                            self.rearm(port, i);
                         }
-                        s.abort();
-                        s.listen(port).ok();
                     }
                     // Held in the backlog until a connection is released.
                     _ if self.conns.len() >= self.cfg.max_conns => {}

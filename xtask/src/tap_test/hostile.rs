@@ -21,6 +21,8 @@ const SOCKET_BUF: u64 = 512 * KIB;
 /// `runtime::DEFAULT_APP_MEMORY_BYTES`: the host-memory region for application buffers,
 /// mapped lazily (only touched pages count).
 const APP_REGION: u64 = 512 * MIB;
+/// The listen backlog of `toemu serve` (its sockets come on top of `max_conns`).
+const BACKLOG: u64 = 64;
 /// The process itself: code, heap, rings, smoltcp's state, the TAP thread.
 const PROCESS_BASE: u64 = 64 * MIB;
 
@@ -30,22 +32,22 @@ const PROCESS_BASE: u64 = 64 * MIB;
 /// - the anonymous pool, `max_conns × ceil(W / anon_buf) × anon_buf` (16 MiB at 64);
 /// - the application memory region, 512 MiB (mapped lazily; counted whole);
 /// - per NIC socket its send and receive buffers, `2 × socket_buf_bytes` (1 MiB), for every
-///   socket the NIC may hold: `max_conns` (the NIC admits exactly that many, listener
-///   backlog included), 64 MiB at 64;
+///   socket the NIC may hold: `max_conns` offloaded connections plus the listener's backlog
+///   of [`BACKLOG`] (`toemu serve` listens with 64), 128 MiB at 64;
 /// - 64 MiB for the process itself.
 ///
-/// 656 MiB with the defaults. A host that buffers per segment or per connection attempt
+/// 720 MiB with the defaults. A host that buffers per segment or per connection attempt
 /// without limit breaks it.
 fn memory_bound_kib(max_conns: u64) -> u64 {
     let pool = max_conns * W.div_ceil(ANON_BUF) * ANON_BUF;
-    let sockets = max_conns;
+    let sockets = max_conns + BACKLOG;
     (pool + APP_REGION + sockets * 2 * SOCKET_BUF + PROCESS_BASE) / KIB
 }
 
 /// How the bound is made up, for messages.
 fn bound_text(max_conns: u64) -> String {
     format!(
-        "bound {} MiB = anon pool {} KiB ({max_conns} conns x ceil(W/anon_buf) x 16 KiB) + app region 512 MiB + {max_conns} NIC sockets x 2 x 512 KiB + 64 MiB process",
+        "bound {} MiB = anon pool {} KiB ({max_conns} conns x ceil(W/anon_buf) x 16 KiB) + app region 512 MiB + ({max_conns} conns + {BACKLOG} backlog) NIC sockets x 2 x 512 KiB + 64 MiB process",
         memory_bound_kib(max_conns) / 1024,
         max_conns * W.div_ceil(ANON_BUF) * ANON_BUF / KIB,
     )

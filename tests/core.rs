@@ -18,7 +18,7 @@ use toe_host::runtime::{test_nic, Host, Sim, Threaded};
 use toe_nic::{wire, Frame};
 use toemu_lab::datagen::DataGen;
 use toemu_lab::demo::{toe_bulk, DemoOptions, Mode};
-use toemu_tests::{pair_on, pair_traced, strip_psh, Middle};
+use toemu_tests::{pair_on, pair_traced, send_bytes, strip_psh, Middle};
 
 const MIB: u64 = 1 << 20;
 
@@ -28,14 +28,6 @@ fn settings(w: u32) -> Settings {
         .unwrap();
     s.validate().unwrap();
     s
-}
-
-fn send_bytes(sim: &Sim, host: usize, conn: ConnId, data: &[u8]) {
-    let d = sim.driver(host);
-    let mut d = d.lock();
-    let mut b = d.alloc(data.len()).unwrap();
-    d.memory().clone().slice_mut(&mut b).copy_from_slice(data);
-    d.send(conn, b, data.len()).unwrap();
 }
 
 fn wait_completion(sim: &Sim, host: usize, conn: ConnId, max_steps: u64) -> NamedCompletion {

@@ -20,7 +20,7 @@ use toe_host::wire_opts::WireOptions;
 use toe_nic::impair::ImpairConfig;
 use toe_nic::phy::MAX_EMBRYONIC_FLOWS;
 use toe_nic::wire;
-use toemu_tests::{host_mac, hosts_with, strip_psh, tcp_frame, Middle};
+use toemu_tests::{host_mac, hosts_with, send_bytes, strip_psh, tcp_frame, Middle};
 
 const MIB: usize = 1 << 20;
 const SERVER: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
@@ -43,14 +43,6 @@ fn perfect() -> (BoxPhy, BoxPhy) {
 fn byte_at(flow: u64, off: u64) -> u8 {
     let x = (off ^ (flow << 40)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     (x >> 56) as u8
-}
-
-fn send(sim: &Sim, host: usize, conn: ConnId, data: &[u8]) {
-    let d = sim.driver(host);
-    let mut d = d.lock();
-    let mut b = d.alloc(data.len()).unwrap();
-    d.memory().clone().slice_mut(&mut b).copy_from_slice(data);
-    d.send(conn, b, data.len()).unwrap();
 }
 
 /// Connect host 0 to `port` on host 1 (listening with `backlog`); returns (client, server).
@@ -80,6 +72,17 @@ fn wait_completion(sim: &Sim, host: usize, conn: ConnId) -> NamedCompletion {
     })
     .expect("named buffer never came back");
     got.unwrap()
+}
+
+/// A push-mode named buffer on server connection `b` comes back on the PSH that ends the
+/// 1,000 bytes client connection `a` sends: the connection's PSH marks are intact.
+fn assert_push_returns_at_the_psh(sim: &Sim, a: ConnId, b: ConnId) {
+    let db = sim.driver(1);
+    let buf = db.lock().alloc(MIB).unwrap();
+    db.lock().post_named(sim.now(), b, buf, true).unwrap();
+    send_bytes(sim, 0, a, &[9u8; 1000]);
+    let done = wait_completion(sim, 1, b);
+    assert_eq!((done.why, done.filled), (ReturnReason::Push, 1000));
 }
 
 /// Close both ends of every pair and release them once the NICs let go.
@@ -169,7 +172,7 @@ fn listener_serves_again_after_a_burst_over_the_connection_limit() {
                 .iter()
                 .find(|&&a| da.lock().conn_info(a).unwrap().local == Some(remote))
                 .expect("client of an accepted connection");
-            send(&sim, 0, a, b"hello");
+            send_bytes(&sim, 0, a, b"hello");
             let mut got = 0;
             sim.run_until(100_000, || {
                 let mut buf = [0u8; 16];
@@ -192,7 +195,7 @@ fn listener_serves_again_after_a_burst_over_the_connection_limit() {
     }
     // and a new client is served afterwards
     let (a, b) = open(&sim, 80);
-    send(&sim, 0, a, b"again");
+    send_bytes(&sim, 0, a, b"again");
     let mut got = 0;
     sim.run_until(100_000, || {
         let mut buf = [0u8; 16];
@@ -226,7 +229,7 @@ fn named_buffer_posted_while_connecting_is_filled_or_returned() {
     .unwrap();
     let cb = cb.unwrap();
     let data: Vec<u8> = (0..MIB as u64).map(|i| byte_at(1, i)).collect();
-    send(&sim, 1, cb, &data);
+    send_bytes(&sim, 1, cb, &data);
     let done = wait_completion(&sim, 0, ca);
     assert_eq!((done.why, done.filled), (ReturnReason::Full, MIB));
     assert!(da.lock().memory().slice(&done.buf) == &data[..]);
@@ -381,7 +384,7 @@ fn vanished_peer_is_reset_by_keepalive_and_its_buffers_return() {
     let (ca, cb) = open(&sim, 7);
     let da = sim.driver(0);
     // host 0 holds indicated data its application has not read
-    send(&sim, 1, cb, &vec![5u8; 100_000]);
+    send_bytes(&sim, 1, cb, &vec![5u8; 100_000]);
     sim.run_until(100_000, || da.lock().queued_bytes(ca).unwrap() == 100_000)
         .unwrap();
     assert!(da.lock().stats().anon_in_driver > 0);
@@ -487,12 +490,7 @@ fn syn_sweep_does_not_cost_new_connections_their_psh() {
     assert!(flows <= MAX_EMBRYONIC_FLOWS, "{flows}");
     assert!(evicted >= 70_000 - MAX_EMBRYONIC_FLOWS as u64);
     let (a, b) = open(&sim, 80);
-    let db = sim.driver(1);
-    let buf = db.lock().alloc(MIB).unwrap();
-    db.lock().post_named(sim.now(), b, buf, true).unwrap();
-    send(&sim, 0, a, &[1u8; 1000]);
-    let done = wait_completion(&sim, 1, b);
-    assert_eq!((done.why, done.filled), (ReturnReason::Push, 1000));
+    assert_push_returns_at_the_psh(&sim, a, b);
 }
 
 /// Item 5: a PSH mark from a segment outside the receive window is ignored (TCP drops the
@@ -529,7 +527,7 @@ fn psh_outside_the_receive_window_is_ignored() {
     db.lock().post_named(sim.now(), b, buf, true).unwrap();
     sim.advance(Duration::from_millis(1)).unwrap();
     for _ in 0..32 {
-        send(&sim, 0, a, &vec![3u8; 64 * 1024]);
+        send_bytes(&sim, 0, a, &vec![3u8; 64 * 1024]);
     }
     da.lock().close(a).unwrap();
     let done = wait_completion(&sim, 1, b);
@@ -559,12 +557,7 @@ fn a_later_syn_does_not_move_a_live_connections_isn() {
         &[],
     ));
     sim.advance(Duration::from_millis(1)).unwrap();
-    let db = sim.driver(1);
-    let buf = db.lock().alloc(MIB).unwrap();
-    db.lock().post_named(sim.now(), b, buf, true).unwrap();
-    send(&sim, 0, a, &[9u8; 1000]);
-    let done = wait_completion(&sim, 1, b);
-    assert_eq!((done.why, done.filled), (ReturnReason::Push, 1000));
+    assert_push_returns_at_the_psh(&sim, a, b);
 }
 
 /// Item 5: connection ids wrap without ever reusing one that is still live.
@@ -596,7 +589,7 @@ fn declined_data_is_renotified_only_when_more_arrives() {
     let (a, b) = open(&sim, 80);
     let db = sim.driver(1);
     while db.lock().take_event().is_some() {}
-    send(&sim, 0, a, &[1u8; 100]);
+    send_bytes(&sim, 0, a, &[1u8; 100]);
     sim.run_until(100_000, || db.lock().queued_bytes(b).unwrap() == 100)
         .unwrap();
     assert_eq!(db.lock().take_event(), Some((b, AppEvent::DataAvailable)));
@@ -604,7 +597,7 @@ fn declined_data_is_renotified_only_when_more_arrives() {
     assert_eq!(n, 0);
     sim.advance(Duration::from_millis(5)).unwrap();
     assert_eq!(db.lock().take_event(), None, "a decline is not re-notified");
-    send(&sim, 0, a, &[2u8; 100]);
+    send_bytes(&sim, 0, a, &[2u8; 100]);
     sim.run_until(100_000, || db.lock().queued_bytes(b).unwrap() == 200)
         .unwrap();
     assert_eq!(db.lock().take_event(), Some((b, AppEvent::DataAvailable)));
@@ -628,7 +621,7 @@ fn mss_holdoff_holds_off_after_the_negotiated_mss() {
         sim.with_host(1, |h| h.nic.offload_state(b).unwrap().1),
         1460
     );
-    send(&sim, 0, a, &[4u8; 10_000]);
+    send_bytes(&sim, 0, a, &[4u8; 10_000]);
     sim.advance(Duration::from_millis(5)).unwrap();
     let queued = sim.driver(1).lock().queued_bytes(b).unwrap();
     assert_eq!(queued, 1460, "one MSS indicated, then held off");

@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::SocketAddrV4;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -13,7 +13,7 @@ use smoltcp::wire::{
 };
 use toe_bus::ConnId;
 use toe_host::config::Settings;
-use toe_host::runtime::{test_nic, BoxPhy, Host, Sim};
+use toe_host::runtime::{BoxPhy, Sim};
 use toe_nic::{Frame, Phy};
 
 /// Two hosts (10.0.0.1 and 10.0.0.2) on the given phys, host 1 listening on `port` and host 0
@@ -28,7 +28,8 @@ pub fn pair_on(
     pair_traced(settings, seed, port, pa, pb, None)
 }
 
-/// [`pair_on`] with both drivers tracing bus traffic as JSON lines into `trace`.
+/// [`pair_on`] with both drivers tracing bus traffic as JSON lines into `trace` (hosts
+/// named `a` and `b`).
 pub fn pair_traced(
     settings: &Settings,
     seed: u64,
@@ -37,31 +38,8 @@ pub fn pair_traced(
     pb: BoxPhy,
     trace: Option<toe_host::trace::SharedWriter>,
 ) -> io::Result<(Sim, ConnId, ConnId)> {
-    let now = toe_bus::time::Instant::from_micros(0);
-    let a = Host::new("a", settings, test_nic(0, seed), pa, now).map_err(io::Error::other)?;
-    let b = Host::new("b", settings, test_nic(1, seed), pb, now).map_err(io::Error::other)?;
-    let sim = Sim::new(vec![a, b]);
-    let (da, db) = (sim.driver(0), sim.driver(1));
-    if let Some(w) = trace {
-        da.lock()
-            .set_trace(Box::new(toe_host::trace::JsonlTrace::new("a", w.clone())));
-        db.lock()
-            .set_trace(Box::new(toe_host::trace::JsonlTrace::new("b", w)));
-    }
-    db.lock().listen(port, 4, None).map_err(io::Error::other)?;
-    let remote = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 2), port);
-    let ca = da
-        .lock()
-        .connect(remote, 0, None)
-        .map_err(io::Error::other)?;
-    let mut cb = None;
-    sim.run_until(100_000, || {
-        if cb.is_none() {
-            cb = db.lock().accept(port);
-        }
-        cb.is_some() && da.lock().state(ca).ok() == Some(toe_driver::ConnState::Established)
-    })?;
-    Ok((sim, ca, cb.expect("accepted")))
+    let trace = trace.as_ref().map(|w| (w, ""));
+    toe_host::pair::connected_pair_with(settings, settings, seed, port, pa, pb, trace)
 }
 
 /// Apply `f` to the TCP header of an IPv4/TCP frame and fix the checksum.
@@ -138,18 +116,15 @@ pub fn strip_psh(frame: &mut Frame) -> bool {
     true
 }
 
-/// Two hosts (10.0.0.1 with `sa`, 10.0.0.2 with `sb`) on the given phys, nothing connected.
-pub fn hosts_with(
-    sa: &Settings,
-    sb: &Settings,
-    seed: u64,
-    pa: BoxPhy,
-    pb: BoxPhy,
-) -> io::Result<Sim> {
-    let now = toe_bus::time::Instant::from_micros(0);
-    let a = Host::new("a", sa, test_nic(0, seed), pa, now).map_err(io::Error::other)?;
-    let b = Host::new("b", sb, test_nic(1, seed), pb, now).map_err(io::Error::other)?;
-    Ok(Sim::new(vec![a, b]))
+pub use toe_host::pair::hosts as hosts_with;
+
+/// Send `data` from connection `conn` of host `host` (one send buffer).
+pub fn send_bytes(sim: &Sim, host: usize, conn: ConnId, data: &[u8]) {
+    let d = sim.driver(host);
+    let mut d = d.lock();
+    let mut b = d.alloc(data.len()).unwrap();
+    d.memory().clone().slice_mut(&mut b).copy_from_slice(data);
+    d.send(conn, b, data.len()).unwrap();
 }
 
 /// The Ethernet address of host `i` (0-based) of [`test_nic`].

@@ -8,7 +8,7 @@ use toe_bus::ConnId;
 use toe_nic::wire;
 
 use crate::config::Settings;
-use crate::runtime::{Host, Sim};
+use crate::runtime::{BoxPhy, Host, Sim};
 use crate::wire_opts::{WireMonitors, WireOptions};
 
 fn other(e: impl ToString) -> io::Error {
@@ -49,29 +49,48 @@ pub fn connected_pair_traced(
     let (pa, pb) = wire(4096);
     let (pa, ma) = wire_opts.wrap_observed(pa, 0);
     let (pb, mb) = wire_opts.wrap_observed(pb, 1);
+    let (sim, ca, cb) = connected_pair_with(settings, settings, seed, port, pa, pb, trace)?;
+    Ok((sim, ca, cb, [ma, mb]))
+}
+
+/// Two hosts on the given ports: host 0 (10.0.0.1) with `sa`, host 1 (10.0.0.2) with `sb`,
+/// nothing connected yet.
+pub fn hosts(sa: &Settings, sb: &Settings, seed: u64, pa: BoxPhy, pb: BoxPhy) -> io::Result<Sim> {
     let now = toe_bus::time::Instant::from_micros(0);
-    let a = Host::new("a", settings, crate::runtime::test_nic(0, seed), pa, now)
-        .map_err(|e| other(e.to_string()))?;
-    let b = Host::new("b", settings, crate::runtime::test_nic(1, seed), pb, now)
-        .map_err(|e| other(e.to_string()))?;
-    let sim = Sim::new(vec![a, b]);
+    let a = Host::new("a", sa, crate::runtime::test_nic(0, seed), pa, now).map_err(other)?;
+    let b = Host::new("b", sb, crate::runtime::test_nic(1, seed), pb, now).map_err(other)?;
+    Ok(Sim::new(vec![a, b]))
+}
+
+/// [`hosts`], then host 1 listens on `port` and host 0 connects to it, both drivers tracing
+/// bus traffic from the start into `trace` if given (writer, host-name prefix: hosts are
+/// named `PREFIX/a` and `PREFIX/b`, or `a` and `b` with an empty prefix). Returns (sim,
+/// client conn on host 0, server conn on host 1).
+pub fn connected_pair_with(
+    sa: &Settings,
+    sb: &Settings,
+    seed: u64,
+    port: u16,
+    pa: BoxPhy,
+    pb: BoxPhy,
+    trace: Option<(&crate::trace::SharedWriter, &str)>,
+) -> io::Result<(Sim, ConnId, ConnId)> {
+    let sim = hosts(sa, sb, seed, pa, pb)?;
     let (da, db) = (sim.driver(0), sim.driver(1));
     if let Some((w, prefix)) = trace {
         for (d, h) in [(&da, "a"), (&db, "b")] {
-            d.lock().set_trace(Box::new(crate::trace::JsonlTrace::new(
-                &format!("{prefix}/{h}"),
-                w.clone(),
-            )));
+            let name = if prefix.is_empty() {
+                h.to_string()
+            } else {
+                format!("{prefix}/{h}")
+            };
+            d.lock()
+                .set_trace(Box::new(crate::trace::JsonlTrace::new(&name, w.clone())));
         }
     }
-    db.lock()
-        .listen(port, 4, None)
-        .map_err(|e| other(e.to_string()))?;
+    db.lock().listen(port, 4, None).map_err(other)?;
     let remote = SocketAddrV4::new(std::net::Ipv4Addr::new(10, 0, 0, 2), port);
-    let ca = da
-        .lock()
-        .connect(remote, 0, None)
-        .map_err(|e| other(e.to_string()))?;
+    let ca = da.lock().connect(remote, 0, None).map_err(other)?;
     let mut cb = None;
     sim.run_until(1_000_000, || {
         if cb.is_none() {
@@ -79,5 +98,5 @@ pub fn connected_pair_traced(
         }
         cb.is_some() && da.lock().state(ca).ok() == Some(toe_driver::ConnState::Established)
     })?;
-    Ok((sim, ca, cb.expect("accepted"), [ma, mb]))
+    Ok((sim, ca, cb.expect("accepted")))
 }

@@ -409,6 +409,28 @@ fn vanished_peer_is_reset_by_keepalive_and_its_buffers_return() {
     assert_eq!(sim.with_host(0, |h| h.nic.conn_count()), 0);
 }
 
+/// Item 5: an idle connection probes its peer once per keep-alive interval, the first time
+/// one interval after the handshake (not at once).
+#[test]
+fn idle_connections_probe_once_per_keepalive_interval() {
+    let s = settings(&[("keepalive_ms", "500")]);
+    let (pa, pb) = perfect();
+    let sim = hosts_with(&s, &s, 32, pa, pb).unwrap();
+    sim.driver(1).lock().listen(7, 4, None).unwrap();
+    let _pair = open(&sim, 7);
+    let frames = || {
+        sim.with_host(0, |h| h.nic.phy_stats().tx_frames)
+            + sim.with_host(1, |h| h.nic.phy_stats().tx_frames)
+    };
+    let settled = frames();
+    sim.advance(Duration::from_millis(400)).unwrap();
+    assert_eq!(frames(), settled, "no probe before the interval");
+    sim.advance(Duration::from_millis(1100)).unwrap();
+    let probes = frames() - settled;
+    // each side probes about twice in 1.1 s and each probe is answered
+    assert!((4..=12).contains(&probes), "{probes} frames");
+}
+
 fn spoofed(i: u32) -> SocketAddrV4 {
     SocketAddrV4::new(
         Ipv4Addr::new(10, 0, (i >> 16) as u8 | 0x80, (i >> 8) as u8),

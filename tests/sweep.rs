@@ -156,8 +156,12 @@ fn timeline_keeps_p_within_w() {
     assert!(samples.len() > 10, "{} samples", samples.len());
     assert!(samples.iter().all(|&(_, p, _)| p <= w), "P above W");
     assert!(samples.iter().all(|&(_, _, i)| i <= w), "I above W");
+    // The slow receiver lets the window fill: P reaches W, or comes within one anonymous
+    // buffer of it when the connection's buffer share (W / anon_buf_bytes buffers) is used up
+    // first because PSH boundaries cut some chunks short.
+    let anon = u64::from(s.anon_buf_bytes);
     assert!(
-        samples.iter().any(|&(_, p, _)| p == w),
+        samples.iter().any(|&(_, p, _)| p + anon > w),
         "the slow receiver never let P reach W"
     );
     assert!(

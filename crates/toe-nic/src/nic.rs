@@ -543,15 +543,18 @@ impl<P: Phy> Nic<P> {
         );
         // The SYN-RECEIVED timeout: a half-open connection (a spoofed SYN) is abandoned.
         s.set_timeout(self.cfg.syn_timeout);
+        // Keep-alive set before the handshake: smoltcp starts the interval when the handshake
+        // completes (set later, it would send a first probe at once).
+        s.set_keep_alive(self.cfg.keepalive);
         s.listen(port).ok()?;
         Some(self.sockets.add(s))
     }
 
-    /// A socket that completed its handshake gets the timers of an open connection.
+    /// A socket that completed its handshake gets the dead-peer timeout of an open
+    /// connection (its keep-alive interval was set at creation).
     fn arm_open_socket(&mut self, h: SocketHandle) {
         let s = self.sockets.get_mut::<tcp::Socket<'_>>(h);
         s.set_timeout(self.cfg.idle_timeout);
-        s.set_keep_alive(self.cfg.keepalive);
     }
 
     /// After a connection request (SYN) to `port` was processed: if its listener has no
@@ -666,6 +669,7 @@ impl<P: Phy> Nic<P> {
             self.cfg.ack_delay,
         );
         s.set_timeout(self.cfg.syn_timeout);
+        s.set_keep_alive(self.cfg.keepalive);
         let cx = self.iface.context();
         let remote_ep = IpEndpoint::new(IpAddress::Ipv4(*remote.ip()), remote.port());
         if let Err(e) = s.connect(cx, remote_ep, port) {
@@ -813,7 +817,6 @@ impl<P: Phy> Nic<P> {
                     c.ctx.set_window(win);
                     if c.listener.is_none() {
                         sock.set_timeout(self.cfg.idle_timeout);
-                        sock.set_keep_alive(self.cfg.keepalive);
                     }
                     let key = FlowKey {
                         remote_ip: *remote.ip(),

@@ -266,8 +266,12 @@ pub enum Event {
         len: u32,
         /// Stream offset of the first byte.
         stream_offset: u64,
-        /// The last byte ended a TCP segment that carried PSH.
-        psh: bool,
+        /// Where TCP segments that carried PSH ended, as byte counts from the start of the
+        /// chunk (ascending, each in `1..=len`). A chunk may span several PSH-bounded
+        /// segments: packing them into one buffer keeps a peer that sends tiny PSH segments
+        /// within its buffer share, and the driver still returns push-mode buffers exactly
+        /// at each boundary.
+        psh_ends: Vec<u32>,
     },
     /// First bytes were placed into a push-mode named buffer and no PSH came with them: the
     /// driver starts its push timer.

@@ -156,13 +156,13 @@ pub fn describe_event(
             conn,
             len,
             stream_offset,
-            psh,
+            psh_ends,
             ..
         } => {
             f.extend([
                 ("len", *len as u64),
                 ("offset", *stream_offset),
-                ("psh", *psh as u64),
+                ("psh", psh_ends.len() as u64),
             ]);
             ("IndicateData", Some(*conn), None)
         }

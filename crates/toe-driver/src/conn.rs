@@ -153,10 +153,20 @@ struct Chunk {
     data: ChunkData,
     len: usize,
     consumed: usize,
-    psh: bool,
+    /// Where PSH segments ended, as offsets from the chunk's start (ascending, 1..=len).
+    psh_ends: Vec<u32>,
 }
 
 impl Chunk {
+    /// The next PSH boundary after the consumed bytes, as a count of unconsumed bytes.
+    fn bytes_to_psh(&self) -> Option<usize> {
+        let at = self.consumed as u32;
+        self.psh_ends
+            .iter()
+            .find(|&&e| e > at)
+            .map(|&e| (e - at) as usize)
+    }
+
     fn bytes<'m>(&'m self, mem: &'m HostMemory) -> &'m [u8] {
         match &self.data {
             ChunkData::Anon(b) => &mem.slice(b)[self.consumed..self.len],
@@ -311,7 +321,7 @@ impl ConnRx {
     }
 
     /// IndicateData: `len` bytes at the start of anonymous buffer `buf`, first byte at stream
-    /// offset `offset`.
+    /// offset `offset`; PSH segments ended at `psh_ends` (offsets in the chunk, ascending).
     #[allow(clippy::too_many_arguments)]
     pub fn on_indicate(
         &mut self,
@@ -320,7 +330,7 @@ impl ConnRx {
         buf: HostBuf,
         len: usize,
         offset: u64,
-        psh: bool,
+        psh_ends: Vec<u32>,
         out: &mut Outputs,
     ) {
         if offset != self.received_end || len == 0 || len > buf.len() {
@@ -345,7 +355,7 @@ impl ConnRx {
             data: ChunkData::Anon(buf),
             len,
             consumed: 0,
-            psh,
+            psh_ends,
         });
         self.stats.queued_high_water_bytes = self
             .stats
@@ -591,7 +601,7 @@ impl ConnRx {
         out.notes.push((self.conn, Note::NamedComplete));
     }
 
-    fn pop_chunk(&mut self, out: &mut Outputs) -> bool {
+    fn pop_chunk(&mut self, out: &mut Outputs) {
         let c = self.chunks.pop_front().expect("caller checked");
         match c.data {
             ChunkData::Anon(b) => {
@@ -600,7 +610,6 @@ impl ConnRx {
             }
             ChunkData::Heap(_) => self.heap_bytes -= c.len,
         }
-        c.psh
     }
 
     /// Indicated bytes left the queue (accepted or copied into a named buffer).
@@ -672,7 +681,14 @@ impl ConnRx {
             let mut done = None;
             while let Some(c) = self.chunks.front_mut() {
                 let head = &mut self.named[0];
-                let n = (c.len - c.consumed).min(head.len - head.filled);
+                let mut n = (c.len - c.consumed).min(head.len - head.filled);
+                // A push-mode buffer takes bytes up to the next PSH boundary, then returns.
+                if head.push {
+                    if let Some(to) = c.bytes_to_psh().filter(|&to| to <= n) {
+                        n = to;
+                        head.psh_seen = true;
+                    }
+                }
                 let dst = head
                     .buf
                     .as_mut()
@@ -692,8 +708,7 @@ impl ConnRx {
                 self.stats.copied_bytes += n as u64;
                 self.consumed_indicated(n);
                 if chunk_done {
-                    let psh = self.pop_chunk(out);
-                    self.named[0].psh_seen |= psh;
+                    self.pop_chunk(out);
                 }
                 let head = &self.named[0];
                 if head.filled == head.len {

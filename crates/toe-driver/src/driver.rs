@@ -966,13 +966,21 @@ impl Driver {
                 buf,
                 len,
                 stream_offset,
-                psh,
+                psh_ends,
                 ..
             } => {
                 self.stats.anon_in_driver += 1;
                 self.stats.anon_high_water =
                     self.stats.anon_high_water.max(self.stats.anon_in_driver);
-                c.rx.on_indicate(&mem, now, buf, len as usize, stream_offset, psh, &mut out);
+                c.rx.on_indicate(
+                    &mem,
+                    now,
+                    buf,
+                    len as usize,
+                    stream_offset,
+                    psh_ends,
+                    &mut out,
+                );
                 None
             }
             Event::NamedFilling { .. } => {

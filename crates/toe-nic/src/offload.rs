@@ -20,7 +20,10 @@
 //!   bulk sender, and a pool of `max_conns` shares never runs dry.
 //! - With a named buffer held, payload goes straight into it (one copy in total); it comes
 //!   back when full, on PSH in push mode, at EOF, on reset, or when the driver asks.
-//! - A delivery never crosses a PSH boundary, so "this chunk ended with PSH" is exact.
+//! - A placement into a named buffer never crosses a PSH boundary, so a push-mode buffer
+//!   comes back exactly at it. An indication may span several PSH-bounded segments and
+//!   carries where each ended (`psh_ends`), so tiny PSH segments that queued up share one
+//!   anonymous buffer.
 //!
 //! # Posts that race with indications
 //! The driver posts a named buffer with the stream offset it has received up to. If the NIC
@@ -197,12 +200,11 @@ impl OffloadCtx {
         if avail == 0 {
             return Plan::Hold;
         }
-        let limit = avail.min(self.psh_limit());
         if let Some(head) = self.named.front() {
             let at = (self.pos - head.start) as usize;
             return Plan::Named {
                 at,
-                max: limit.min(head.buf.len() - at),
+                max: avail.min(self.psh_limit()).min(head.buf.len() - at),
             };
         }
         let room = match self.policy {
@@ -225,16 +227,25 @@ impl OffloadCtx {
         }
         self.suspended = false;
         Plan::Anonymous {
-            max: limit.min(room).min(anon_len),
+            max: avail.min(room).min(anon_len),
         }
     }
 
-    fn advance(&mut self, n: usize) -> bool {
+    /// Move the delivery position on by `n` bytes; PSH marks passed are dropped, and those
+    /// within the `n` bytes are appended to `ends` as offsets from the old position. Returns
+    /// whether the last byte ended a PSH segment.
+    fn advance(&mut self, n: usize, mut ends: Option<&mut Vec<u32>>) -> bool {
+        let start = self.pos;
         self.pos += n as u64;
         let mut psh = false;
         while let Some(&m) = self.psh_marks.front() {
             if m > self.pos {
                 break;
+            }
+            if m > start {
+                if let Some(e) = ends.as_deref_mut() {
+                    e.push((m - start) as u32);
+                }
             }
             psh |= m == self.pos;
             self.psh_marks.pop_front();
@@ -244,7 +255,7 @@ impl OffloadCtx {
 
     /// `n` bytes were placed into the head named buffer (as planned).
     pub fn placed_named(&mut self, n: usize, out: &mut VecDeque<Event>) {
-        let psh = self.advance(n);
+        let psh = self.advance(n, None);
         self.stats.placed_bytes += n as u64;
         let Some(head) = self.named.front_mut() else {
             return;
@@ -263,7 +274,8 @@ impl OffloadCtx {
     /// `n` bytes were written at the start of anonymous buffer `buf`: raise IndicateData.
     pub fn indicated(&mut self, buf: HostBuf, n: usize, out: &mut VecDeque<Event>) {
         let stream_offset = self.pos;
-        let psh = self.advance(n);
+        let mut psh_ends = Vec::new();
+        self.advance(n, Some(&mut psh_ends));
         self.pending += n as u32;
         self.charged += 1;
         self.stats.max_pending_bytes = self.stats.max_pending_bytes.max(self.pending);
@@ -275,7 +287,7 @@ impl OffloadCtx {
             buf,
             len: n as u32,
             stream_offset,
-            psh,
+            psh_ends,
         });
     }
 
@@ -535,8 +547,9 @@ mod tests {
         for end in 1..=100u64 {
             c.add_psh_mark(end);
         }
-        while let Plan::Anonymous { max } = c.plan(100, 16 * 1024) {
-            assert_eq!(max, 1, "a chunk never crosses a PSH boundary");
+        // one segment per poll: one buffer each, until the share is used up
+        while let Plan::Anonymous { max } = c.plan(1, 16 * 1024) {
+            assert_eq!(max, 1);
             c.indicated(mem.alloc(16 * 1024).unwrap(), max, &mut out);
             indicated += 1;
         }
@@ -544,11 +557,20 @@ mod tests {
         assert_eq!(c.charged(), 4);
         assert!(c.suspended());
         assert_eq!((c.stats().stalls, c.stats().buffer_stalls), (0, 1));
-        // the driver drained two of them: two more may be indicated
+        // the driver drained two of them: two more may be indicated, and segments that
+        // queued up meanwhile share one buffer, which says where each PSH segment ended
         c.on_ack(0, 2);
-        assert_eq!(c.plan(96, 16 * 1024), Plan::Anonymous { max: 1 });
+        assert_eq!(c.plan(96, 16 * 1024), Plan::Anonymous { max: 96 });
+        out.clear();
+        c.indicated(mem.alloc(16 * 1024).unwrap(), 96, &mut out);
+        match out.pop_front() {
+            Some(Event::IndicateData { psh_ends, .. }) => {
+                assert_eq!(psh_ends, (1..=96).collect::<Vec<u32>>())
+            }
+            other => panic!("{other:?}"),
+        }
         // a named post (everything drained first) clears the charge
-        c.on_post_named(mem.alloc(100).unwrap(), false, 0, 4, 0, &mut out);
+        c.on_post_named(mem.alloc(200).unwrap(), false, 0, 100, 0, &mut out);
         assert_eq!(c.charged(), 0);
     }
 }

@@ -600,6 +600,23 @@ fn connection_ids_skip_live_ones_across_a_wrap() {
     assert_eq!(da.lock().stats().ids_skipped, 2);
 }
 
+/// Item 6: an application that never takes its events, on a server whose connections come
+/// and go, keeps the event queue bounded by its live connections.
+#[test]
+fn untaken_news_of_released_connections_does_not_pile_up() {
+    let (pa, pb) = perfect();
+    let s = Settings::default();
+    let sim = hosts_with(&s, &s, 33, pa, pb).unwrap();
+    sim.driver(1).lock().listen(80, 4, None).unwrap();
+    for _ in 0..200 {
+        let pair = open(&sim, 80);
+        send_bytes(&sim, 0, pair.0, b"x");
+        close_all(&sim, &[pair]);
+    }
+    let queued = sim.driver(1).lock().events_queued();
+    assert!(queued <= 17, "{queued} entries for no live connection");
+}
+
 /// Item 7: an application that declines data (accepts 0 bytes) is not notified again at
 /// once, only when more data arrives.
 #[test]

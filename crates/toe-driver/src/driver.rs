@@ -237,7 +237,8 @@ pub struct Driver {
     next_conn: u32,
     released: Vec<HostBuf>,
     /// Connections with news, each at most once while its news is non-empty (a released
-    /// connection's entry is skipped when reached).
+    /// connection's entry is skipped when reached, or dropped when they pile up); at most
+    /// `2 × connections + 17` entries.
     news_queue: VecDeque<ConnId>,
     /// Host-wide errors, at most [`MAX_HOST_ERRORS`].
     host_errors: VecDeque<String>,
@@ -452,10 +453,25 @@ impl Driver {
         if let AppEvent::Error(msg) = e.clone() {
             c.last_error = Some(msg);
         }
-        if c.news.0 == 0 {
-            self.news_queue.push_back(conn);
-        }
+        let first = c.news.0 == 0;
         c.news.0 |= News::bit(&e);
+        if first {
+            self.news_queue.push_back(conn);
+            // Entries of released connections are skipped when reached; an application that
+            // never takes events must not make them pile up: drop them once they could
+            // outnumber the live connections.
+            if self.news_queue.len() > 2 * self.conns.len() + 16 {
+                let conns = &self.conns;
+                self.news_queue
+                    .retain(|id| conns.get(id).is_some_and(|c| c.news.0 != 0));
+            }
+        }
+    }
+
+    /// Entries waiting in the application event queue (connections with news, released ones
+    /// not yet skipped, host-wide errors): at most `2 × connections + 17 + MAX_HOST_ERRORS`.
+    pub fn events_queued(&self) -> usize {
+        self.news_queue.len() + self.host_errors.len()
     }
 
     /// Next application event. Events are coalesced per connection: a connection has at most

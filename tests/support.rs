@@ -127,7 +127,7 @@ pub fn send_bytes(sim: &Sim, host: usize, conn: ConnId, data: &[u8]) {
     d.send(conn, b, data.len()).unwrap();
 }
 
-/// The Ethernet address of host `i` (0-based) of [`test_nic`].
+/// The Ethernet address of host `i` (0-based) of [`toe_host::runtime::test_nic`].
 pub fn host_mac(i: u8) -> [u8; 6] {
     [0x02, 0, 0, 0, 0, i + 1]
 }

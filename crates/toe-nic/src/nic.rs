@@ -688,15 +688,18 @@ impl<P: Phy> Nic<P> {
     /// connection limit they wait in the backlog (their data stays in the socket, the peer is
     /// throttled by TCP's window) and are promoted as soon as a connection is released.
     fn accept_listeners(&mut self) -> bool {
-        // Fast path (every poll): nothing left the Listen / SYN-RECEIVED states.
+        // Fast path (every poll): no socket needs anything. Sockets held in the backlog at
+        // the connection limit need nothing until a connection is released.
         let sockets = &self.sockets;
+        let at_limit = self.conns.len() >= self.cfg.max_conns;
         let any = self.listeners.values().any(|l| {
-            l.sockets.iter().any(|&(h, _)| {
-                !matches!(
-                    sockets.get::<tcp::Socket<'_>>(h).state(),
-                    tcp::State::Listen | tcp::State::SynReceived
-                )
-            })
+            l.sockets
+                .iter()
+                .any(|&(h, _)| match sockets.get::<tcp::Socket<'_>>(h).state() {
+                    tcp::State::Listen | tcp::State::SynReceived => false,
+                    tcp::State::Closed | tcp::State::TimeWait => true,
+                    _ => !at_limit,
+                })
         });
         if !any {
             return false;

@@ -431,6 +431,38 @@ fn idle_connections_probe_once_per_keepalive_interval() {
     assert!((4..=12).contains(&probes), "{probes} frames");
 }
 
+/// Frames to put on host 1's wire, received before the wire's own.
+type Inject = Arc<parking_lot::Mutex<std::collections::VecDeque<toe_nic::Frame>>>;
+
+/// Two hosts with default settings, host 1 listening on port 80 with `backlog` behind a
+/// port whose received frames pass through `on_rx` and to which frames can be injected.
+fn server_with_injection(
+    seed: u64,
+    backlog: u16,
+    on_rx: impl FnMut(&mut toe_nic::Frame) -> bool + Send + 'static,
+) -> (Sim, Inject) {
+    let (pa, pb) = wire(4096);
+    let mb = Middle::new(pb, on_rx);
+    let inject = mb.inject.clone();
+    let s = Settings::default();
+    let sim = hosts_with(&s, &s, seed, Box::new(pa), Box::new(mb)).unwrap();
+    sim.driver(1).lock().listen(80, backlog, None).unwrap();
+    (sim, inject)
+}
+
+/// A SYN from `src` to `port` of host 1 with sequence number `seq`.
+fn syn_to_server(src: SocketAddrV4, port: u16, seq: u32) -> toe_nic::Frame {
+    tcp_frame(
+        src,
+        SocketAddrV4::new(SERVER, port),
+        host_mac(1),
+        TcpControl::Syn,
+        seq,
+        None,
+        &[],
+    )
+}
+
 fn spoofed(i: u32) -> SocketAddrV4 {
     SocketAddrV4::new(
         Ipv4Addr::new(10, 0, (i >> 16) as u8 | 0x80, (i >> 8) as u8),
@@ -443,22 +475,11 @@ fn spoofed(i: u32) -> SocketAddrV4 {
 /// SYN-RECEIVED timeout nothing of the flood is left.
 #[test]
 fn spoofed_syn_flood_does_not_lock_clients_out() {
-    let (pa, pb) = wire(4096);
-    let mb = Middle::new(pb, |_| true);
-    let inject = mb.inject.clone();
-    let s = Settings::default();
-    let sim = hosts_with(&s, &s, 25, Box::new(pa), Box::new(mb)).unwrap();
-    sim.driver(1).lock().listen(80, 8, None).unwrap();
+    let (sim, inject) = server_with_injection(25, 8, |_| true);
     for i in 0..3000 {
-        inject.lock().push_back(tcp_frame(
-            spoofed(i),
-            SocketAddrV4::new(SERVER, 80),
-            host_mac(1),
-            TcpControl::Syn,
-            i.wrapping_mul(2_654_435_761),
-            None,
-            &[],
-        ));
+        inject
+            .lock()
+            .push_back(syn_to_server(spoofed(i), 80, i.wrapping_mul(2_654_435_761)));
     }
     sim.advance(Duration::from_millis(1)).unwrap();
     assert!(inject.lock().is_empty());
@@ -488,22 +509,9 @@ fn spoofed_syn_flood_does_not_lock_clients_out() {
 /// connection made afterwards still has its PSH marks (a push-mode buffer comes back on PSH).
 #[test]
 fn syn_sweep_does_not_cost_new_connections_their_psh() {
-    let (pa, pb) = wire(4096);
-    let mb = Middle::new(pb, |_| true);
-    let inject = mb.inject.clone();
-    let s = Settings::default();
-    let sim = hosts_with(&s, &s, 26, Box::new(pa), Box::new(mb)).unwrap();
-    sim.driver(1).lock().listen(80, 4, None).unwrap();
+    let (sim, inject) = server_with_injection(26, 4, |_| true);
     for i in 0..70_000 {
-        inject.lock().push_back(tcp_frame(
-            spoofed(i),
-            SocketAddrV4::new(SERVER, 9),
-            host_mac(1),
-            TcpControl::Syn,
-            i,
-            None,
-            &[],
-        ));
+        inject.lock().push_back(syn_to_server(spoofed(i), 9, i));
     }
     sim.advance(Duration::from_millis(1)).unwrap();
     let (flows, evicted) = sim.with_host(1, |h| {
@@ -519,12 +527,7 @@ fn syn_sweep_does_not_cost_new_connections_their_psh() {
 /// segment; before, its mark returned a push-mode buffer in the middle of later data).
 #[test]
 fn psh_outside_the_receive_window_is_ignored() {
-    let (pa, pb) = wire(4096);
-    let mb = Middle::new(pb, strip_psh);
-    let inject = mb.inject.clone();
-    let s = Settings::default();
-    let sim = hosts_with(&s, &s, 27, Box::new(pa), Box::new(mb)).unwrap();
-    sim.driver(1).lock().listen(80, 4, None).unwrap();
+    let (sim, inject) = server_with_injection(27, 4, strip_psh);
     let (a, b) = open(&sim, 80);
     let (da, db) = (sim.driver(0), sim.driver(1));
     let client = da.lock().conn_info(a).unwrap().local.unwrap();
@@ -561,23 +564,12 @@ fn psh_outside_the_receive_window_is_ignored() {
 /// every PSH mark after it landed at the wrong stream offset).
 #[test]
 fn a_later_syn_does_not_move_a_live_connections_isn() {
-    let (pa, pb) = wire(4096);
-    let mb = Middle::new(pb, |_| true);
-    let inject = mb.inject.clone();
-    let s = Settings::default();
-    let sim = hosts_with(&s, &s, 28, Box::new(pa), Box::new(mb)).unwrap();
-    sim.driver(1).lock().listen(80, 4, None).unwrap();
+    let (sim, inject) = server_with_injection(28, 4, |_| true);
     let (a, b) = open(&sim, 80);
     let client = sim.driver(0).lock().conn_info(a).unwrap().local.unwrap();
-    inject.lock().push_back(tcp_frame(
-        client,
-        SocketAddrV4::new(SERVER, 80),
-        host_mac(1),
-        TcpControl::Syn,
-        0x1234_5678,
-        None,
-        &[],
-    ));
+    inject
+        .lock()
+        .push_back(syn_to_server(client, 80, 0x1234_5678));
     sim.advance(Duration::from_millis(1)).unwrap();
     assert_push_returns_at_the_psh(&sim, a, b);
 }

@@ -550,13 +550,6 @@ impl<P: Phy> Nic<P> {
         Some(self.sockets.add(s))
     }
 
-    /// A socket that completed its handshake gets the dead-peer timeout of an open
-    /// connection (its keep-alive interval was set at creation).
-    fn arm_open_socket(&mut self, h: SocketHandle) {
-        let s = self.sockets.get_mut::<tcp::Socket<'_>>(h);
-        s.set_timeout(self.cfg.idle_timeout);
-    }
-
     /// After a connection request (SYN) to `port` was processed: if its listener has no
     /// socket left in LISTEN, it recycles its oldest half-open one, so the next SYN is not
     /// refused. A flood of spoofed SYNs then only churns the backlog; a real client's
@@ -732,7 +725,6 @@ impl<P: Phy> Nic<P> {
                         let mut c = self.new_conn(h, conn, params);
                         c.listener = Some(port);
                         self.conns.insert(conn, c);
-                        self.arm_open_socket(h);
                         let nh = self.listen_socket(port);
                         self.arm_seq += 1;
                         let seq = self.arm_seq;
@@ -818,9 +810,9 @@ impl<P: Phy> Nic<P> {
                     let win = effective_window(self.cfg.mtu, sock.remote_mss(), &c.params);
                     // Keep the context: named buffers posted during the handshake stay.
                     c.ctx.set_window(win);
-                    if c.listener.is_none() {
-                        sock.set_timeout(self.cfg.idle_timeout);
-                    }
+                    // From the handshake timeout to the dead-peer timeout of an open connection
+                    // (the keep-alive interval was set when the socket was made).
+                    sock.set_timeout(self.cfg.idle_timeout);
                     let key = FlowKey {
                         remote_ip: *remote.ip(),
                         remote_port: remote.port(),

@@ -13,9 +13,10 @@ pub mod nic;
 pub mod offload;
 pub mod pcap;
 pub mod phy;
+mod sockets;
 
 pub use impair::{ImpairConfig, ImpairError, ImpairMonitor, ImpairStats, Impaired};
 pub use nic::{Nic, NicConfig, NicStats};
 pub use offload::{OffloadCtx, OffloadStats, Plan};
 pub use pcap::{Pcap, PcapWriter, SharedPcap};
-pub use phy::{wire, Frame, NicDevice, Phy, PhyStats, WirePort};
+pub use phy::{wire, Frame, Ingress, NicDevice, Phy, PhyStats, WirePort};

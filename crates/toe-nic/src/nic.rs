@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 
-use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::iface::{Config, Interface};
 use smoltcp::socket::tcp;
 use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, IpEndpoint};
@@ -22,7 +22,8 @@ use toe_bus::{
 };
 
 use crate::offload::{OffloadCtx, OffloadStats, Plan};
-use crate::phy::{FlowKey, NicDevice, Phy, PhyStats};
+use crate::phy::{FlowKey, Ingress, NicDevice, Phy, PhyStats};
+use crate::sockets::{Owner, SockId, Sockets};
 
 /// NIC configuration.
 #[derive(Debug, Clone)]
@@ -97,9 +98,12 @@ pub struct NicStats {
     pub resets: u64,
     /// Active opens refused because `max_conns` was reached.
     pub conn_limit_hits: u64,
-    /// Half-open (SYN-RECEIVED) listener sockets recycled, oldest first, so that a new SYN
-    /// finds a listening socket (a SYN flood cannot lock clients out).
+    /// Half-open (SYN-RECEIVED) listener sockets recycled, oldest first, because a new SYN
+    /// found no listening socket (a SYN flood cannot lock clients out).
     pub syn_evictions: u64,
+    /// ARP frames received: each one re-examines every socket, since a socket waiting for
+    /// that neighbour may go on before its deadline.
+    pub arp_rescans: u64,
     /// PSH marks dropped because they lay outside the connection's receive window.
     pub psh_out_of_window: u64,
     /// Passive connection ids skipped because they were still in use (after a wrap).
@@ -121,7 +125,7 @@ struct TxBuf {
 
 #[derive(Debug)]
 struct NicConn {
-    handle: SocketHandle,
+    handle: SockId,
     params: OffloadParams,
     listener: Option<u16>,
     phase: Phase,
@@ -136,20 +140,25 @@ struct NicConn {
     aborted: bool,
     eof_sent: bool,
     fin_seen: bool,
+    /// Waiting in [`Nic`]'s starved list for an anonymous buffer.
+    starved: bool,
 }
 
 #[derive(Debug)]
 struct Listener {
     params: OffloadParams,
-    /// The backlog: (socket, arming sequence number; lower = armed earlier).
-    sockets: Vec<(SocketHandle, u64)>,
+    /// The backlog: every socket of this listener (listening, half-open, or established
+    /// and held at the connection limit).
+    members: Vec<SockId>,
+    /// The members in LISTEN, ready for the next SYN.
+    idle: Vec<SockId>,
 }
 
 /// The simulated NIC.
 pub struct Nic<P: Phy> {
     cfg: NicConfig,
     iface: Interface,
-    sockets: SocketSet<'static>,
+    socks: Sockets,
     dev: NicDevice<P>,
     bus: NicEnd,
     dma: Dma,
@@ -160,12 +169,16 @@ pub struct Nic<P: Phy> {
     out: VecDeque<Event>,
     next_passive: u32,
     next_port: u16,
-    /// Sequence number for arming listener sockets (age order for SYN eviction).
-    arm_seq: u64,
     stats: NicStats,
-    scratch_ids: Vec<ConnId>,
+    /// Backlog sockets with a completed handshake, waiting for a connection slot (oldest
+    /// first).
+    held: VecDeque<SockId>,
+    /// Connections that found no anonymous buffer; serviced again when buffers come.
+    starved: Vec<ConnId>,
+    /// Connections finished in this round, released after its egress.
+    finished: Vec<ConnId>,
+    scratch_socks: Vec<SockId>,
     scratch_flows: Vec<FlowKey>,
-    by_flow: BTreeMap<FlowKey, ConnId>,
 }
 
 impl<P: Phy> std::fmt::Debug for Nic<P> {
@@ -273,7 +286,7 @@ impl<P: Phy> Nic<P> {
             next_port: 49152 + (cfg.seed % 8192) as u16,
             cfg,
             iface,
-            sockets: SocketSet::new(Vec::new()),
+            socks: Sockets::new(),
             dev,
             bus,
             dma: Dma::new(mem),
@@ -283,11 +296,12 @@ impl<P: Phy> Nic<P> {
             anon_len: 0,
             out: VecDeque::new(),
             next_passive: 0,
-            arm_seq: 0,
             stats: NicStats::default(),
-            scratch_ids: Vec::new(),
+            held: VecDeque::new(),
+            starved: Vec::new(),
+            finished: Vec::new(),
+            scratch_socks: Vec::new(),
             scratch_flows: Vec::new(),
-            by_flow: BTreeMap::new(),
         }
     }
 
@@ -325,7 +339,7 @@ impl<P: Phy> Nic<P> {
     pub fn socket_rx_queue(&self, conn: ConnId) -> Option<usize> {
         self.conns
             .get(&conn)
-            .map(|c| self.sockets.get::<tcp::Socket<'_>>(c.handle).recv_queue())
+            .map(|c| self.socks.get(c.handle).recv_queue())
     }
     /// A clone of the command ring's receiver, for runtimes that sleep until there is work.
     pub fn command_waitable(&self) -> crossbeam_channel::Receiver<Command> {
@@ -339,15 +353,19 @@ impl<P: Phy> Nic<P> {
     pub fn conn_count(&self) -> usize {
         self.conns.len()
     }
+    /// TCP sockets (offloaded connections and listener backlogs).
+    pub fn socket_count(&self) -> usize {
+        self.socks.len()
+    }
 
     /// The latest time `poll` must run again (smoltcp timers); `None` if only new input can
-    /// create work.
+    /// create work. O(1) amortized: the sockets' deadlines are kept in a heap.
     pub fn poll_at(&mut self, now: Instant) -> Option<Instant> {
-        if !self.out.is_empty() || self.bus.staged() > 0 {
+        if !self.out.is_empty() || self.bus.staged() > 0 || self.socks.any_dirty() {
             return Some(now);
         }
         [
-            self.iface.poll_at(now, &self.sockets),
+            self.socks.next_deadline(),
             self.dev.phy().poll_at(),
             self.bus.next_due(),
         ]
@@ -356,7 +374,9 @@ impl<P: Phy> Nic<P> {
         .min()
     }
 
-    /// Run the NIC once at `now`. Returns true if anything happened.
+    /// Run the NIC once at `now`. Returns true if anything happened. Work is proportional to
+    /// what arrived (commands, frames) and to the sockets it touched or whose timers are due,
+    /// not to the number of connections.
     pub fn poll(&mut self, now: Instant) -> bool {
         let mut progress = self.bus.flush();
         while let Some(cmd) = self.bus.try_recv(now) {
@@ -364,14 +384,39 @@ impl<P: Phy> Nic<P> {
             self.stats.commands += 1;
             self.command(cmd, now);
         }
+        self.iface.poll_maintenance(now);
+        progress |= self.ingress(now);
+        self.socks.mark_due(now);
+        let mut work = std::mem::take(&mut self.scratch_socks);
+        // Service (data to and from host memory, state changes), then egress, of the sockets
+        // touched; egress that changes a socket's state (a timeout) services it again.
         for _ in 0..4 {
-            let changed = self.stack(now);
-            let moved = self.service(now);
-            progress |= changed || moved;
-            if !moved {
+            self.take_psh_marks();
+            if !self.socks.any_dirty() {
                 break;
             }
+            self.socks.take_dirty(&mut work);
+            for &id in &work {
+                if self.socks.contains(id) {
+                    progress |= self.service_sock(id);
+                }
+            }
+            for &id in &work {
+                if !self.socks.contains(id) {
+                    continue;
+                }
+                let before = self.socks.get(id).state();
+                progress |= self.socks.egress(&mut self.iface, &mut self.dev, now, id);
+                if self.socks.get(id).state() != before {
+                    self.socks.mark(id);
+                }
+            }
+            // Finished connections go after their last egress (the ACK of the peer's FIN).
+            for conn in std::mem::take(&mut self.finished) {
+                self.release(conn);
+            }
         }
+        self.scratch_socks = work;
         while let Some(e) = self.out.pop_front() {
             self.bus.send(e);
         }
@@ -379,34 +424,97 @@ impl<P: Phy> Nic<P> {
         progress
     }
 
-    /// Run smoltcp: every received frame, one at a time (after a connection request the
-    /// listener is kept listening, see [`Nic::keep_listening`]), then egress.
-    /// Returns true if a socket's state may have changed.
-    fn stack(&mut self, now: Instant) -> bool {
-        use smoltcp::iface::{PollIngressSingleResult, PollResult};
-        let mut changed = false;
-        self.iface.poll_maintenance(now);
-        loop {
-            match self
-                .iface
-                .poll_ingress_single(now, &mut self.dev, &mut self.sockets)
-            {
-                PollIngressSingleResult::None => break,
-                PollIngressSingleResult::PacketProcessed => {}
-                PollIngressSingleResult::SocketStateChanged => changed = true,
-            }
-            if let Some(port) = self.dev.take_syn_port() {
-                self.keep_listening(port);
+    /// Every received frame, one at a time, each against the one socket it belongs to.
+    /// Returns true if any frame was processed.
+    fn ingress(&mut self, now: Instant) -> bool {
+        let mut any = false;
+        while let Some(what) = self.dev.stage(now) {
+            any = true;
+            let target = match what {
+                Ingress::Tcp { key, syn, ack } => self.route(key, syn && !ack),
+                Ingress::Arp => {
+                    self.stats.arp_rescans += 1;
+                    self.socks.mark_all();
+                    None
+                }
+                Ingress::Other => None,
+            };
+            self.socks
+                .ingress(&mut self.iface, &mut self.dev, now, target.map(|t| t.0));
+            if let Some((id, listening)) = target {
+                self.socks.mark(id);
+                if let (true, Ingress::Tcp { key, .. }) = (listening, what) {
+                    self.after_syn(id, key);
+                }
             }
         }
-        while self
-            .iface
-            .poll_egress(now, &mut self.dev, &mut self.sockets)
-            == PollResult::SocketStateChanged
-        {
-            changed = true;
+        any
+    }
+
+    /// The socket a segment of `key` goes to: the one bound to the flow; for a connection
+    /// request (`syn_only`) without one, a listening socket of its port (recycling the oldest
+    /// half-open one if none is left), flagged `true`; `None`: no socket (smoltcp answers RST).
+    fn route(&mut self, key: FlowKey, syn_only: bool) -> Option<(SockId, bool)> {
+        if let Some(id) = self.socks.by_flow(&key) {
+            return Some((id, false));
         }
-        changed
+        if !syn_only {
+            return None;
+        }
+        let port = key.local_port;
+        let l = self.listeners.get_mut(&port)?;
+        if let Some(id) = l.idle.pop() {
+            return Some((id, true));
+        }
+        let socks = &self.socks;
+        let oldest = l
+            .members
+            .iter()
+            .copied()
+            .filter(|&id| socks.get(id).state() == tcp::State::SynReceived)
+            .min_by_key(|&id| socks.seq(id))?;
+        self.stats.syn_evictions += 1;
+        self.rearm(port, oldest);
+        let id = self.listeners.get_mut(&port)?.idle.pop()?;
+        Some((id, true))
+    }
+
+    /// A listening socket of a listener processed a SYN of `key`: if it took it (now
+    /// half-open), its flow is routed to it; otherwise it is listening again.
+    fn after_syn(&mut self, id: SockId, key: FlowKey) {
+        if self.socks.get(id).state() == tcp::State::SynReceived {
+            self.socks.bind_flow(id, key);
+        } else if self.socks.get(id).state() == tcp::State::Listen {
+            if let Some(l) = self.listeners.get_mut(&key.local_port) {
+                l.idle.push(id);
+            }
+        }
+    }
+
+    /// PSH marks from the tap, converted to stream offsets: only flows that got some.
+    fn take_psh_marks(&mut self) {
+        let mut dirty = std::mem::take(&mut self.scratch_flows);
+        self.dev.take_psh_dirty(&mut dirty);
+        for key in dirty.drain(..) {
+            let Some(id) = self.socks.by_flow(&key) else {
+                continue;
+            };
+            let Owner::Conn(conn) = self.socks.owner(id) else {
+                // Not offloaded yet: the marks wait in the tap and are taken when the
+                // connection is established (in `service_conn`).
+                continue;
+            };
+            let Some(c) = self.conns.get_mut(&conn) else {
+                continue;
+            };
+            if c.phase == Phase::Connecting {
+                continue;
+            }
+            let span = self.cfg.socket_rx_bytes as u64;
+            self.stats.psh_out_of_window += apply_psh(&mut c.ctx, self.dev.take_psh(&key), span);
+            self.socks.mark(id);
+        }
+        self.scratch_flows = dirty;
     }
 
     fn refuse(&mut self, conn: Option<ConnId>, error: String) {
@@ -414,12 +522,41 @@ impl<P: Phy> Nic<P> {
         self.out.push_back(Event::CommandError { conn, error });
     }
 
+    /// Mark the socket of `conn` for service; false if the connection is unknown.
+    fn touch(&mut self, conn: ConnId) -> bool {
+        match self.conns.get(&conn) {
+            Some(c) => {
+                self.socks.mark(c.handle);
+                true
+            }
+            None => false,
+        }
+    }
+
     fn command(&mut self, cmd: Command, _now: Instant) {
+        let conn = match &cmd {
+            Command::PostNamed { conn, .. }
+            | Command::ReturnNamed { conn, .. }
+            | Command::IndicateAck { conn, .. }
+            | Command::Send { conn, .. }
+            | Command::Close { conn }
+            | Command::Abort { conn } => Some(*conn),
+            _ => None,
+        };
+        if let Some(conn) = conn {
+            self.touch(conn);
+        }
         match cmd {
             Command::PostAnonymous { bufs } => {
                 for b in bufs {
                     self.anon_len = self.anon_len.max(b.len());
                     self.anon.push(b);
+                }
+                for conn in std::mem::take(&mut self.starved) {
+                    if let Some(c) = self.conns.get_mut(&conn) {
+                        c.starved = false;
+                        self.socks.mark(c.handle);
+                    }
                 }
             }
             Command::Listen {
@@ -436,20 +573,21 @@ impl<P: Phy> Nic<P> {
                 }
                 let mut l = Listener {
                     params,
-                    sockets: Vec::new(),
+                    members: Vec::new(),
+                    idle: Vec::new(),
                 };
                 for _ in 0..backlog.max(1) {
-                    if let Some(h) = self.listen_socket(port) {
-                        self.arm_seq += 1;
-                        l.sockets.push((h, self.arm_seq));
+                    if let Some(id) = self.listen_socket(port) {
+                        l.members.push(id);
+                        l.idle.push(id);
                     }
                 }
                 self.listeners.insert(port, l);
             }
             Command::Unlisten { port } => {
                 if let Some(l) = self.listeners.remove(&port) {
-                    for (h, _) in l.sockets {
-                        self.sockets.remove(h);
+                    for id in l.members {
+                        self.drop_backlog_socket(id);
                     }
                 }
             }
@@ -524,7 +662,7 @@ impl<P: Phy> Nic<P> {
             },
             Command::Abort { conn } => match self.conns.get_mut(&conn) {
                 Some(c) => {
-                    self.sockets.get_mut::<tcp::Socket<'_>>(c.handle).abort();
+                    self.socks.get_mut(c.handle).abort();
                     c.close_requested = true;
                     c.closed_local = true;
                     c.aborted = true;
@@ -535,7 +673,8 @@ impl<P: Phy> Nic<P> {
         }
     }
 
-    fn listen_socket(&mut self, port: u16) -> Option<SocketHandle> {
+    /// A fresh listening socket on `port`, owned by its backlog.
+    fn listen_socket(&mut self, port: u16) -> Option<SockId> {
         let mut s = make_socket(
             self.cfg.socket_rx_bytes,
             self.cfg.socket_tx_bytes,
@@ -547,65 +686,37 @@ impl<P: Phy> Nic<P> {
         // completes (set later, it would send a first probe at once).
         s.set_keep_alive(self.cfg.keepalive);
         s.listen(port).ok()?;
-        Some(self.sockets.add(s))
+        Some(self.socks.add(s, Owner::Backlog(port)))
     }
 
-    /// After a connection request (SYN) to `port` was processed: if its listener has no
-    /// socket left in LISTEN, it recycles its oldest half-open one, so the next SYN is not
-    /// refused. A flood of spoofed SYNs then only churns the backlog; a real client's
-    /// handshake completes in one round trip, long before the flood pushes it out (a burst of
-    /// real clients larger than the backlog is served as their SYNs are retransmitted).
-    fn keep_listening(&mut self, port: u16) {
-        let Some(l) = self.listeners.get(&port) else {
-            return;
-        };
-        let mut oldest: Option<(usize, u64)> = None;
-        for (i, &(h, seq)) in l.sockets.iter().enumerate() {
-            match self.sockets.get::<tcp::Socket<'_>>(h).state() {
-                tcp::State::Listen => return,
-                tcp::State::SynReceived if oldest.is_none_or(|(_, o)| seq < o) => {
-                    oldest = Some((i, seq));
-                }
-                _ => {}
-            }
+    /// Remove a backlog socket, forgetting its flow in the tap.
+    fn drop_backlog_socket(&mut self, id: SockId) {
+        if let Some(k) = self.socks.flow(id) {
+            self.dev.forget(&k);
         }
-        if let Some((i, _)) = oldest {
-            self.rearm(port, i);
-            self.stats.syn_evictions += 1;
-        }
+        self.held.retain(|&h| h != id);
+        self.socks.remove(id);
     }
 
-    /// Replace backlog socket `i` of the listener on `port` (a half-open or finished
+    /// Replace backlog socket `old` of the listener on `port` (a half-open or finished
     /// handshake) with a fresh listening socket, forgetting its flow. A fresh socket, not the
     /// old one listening again: smoltcp keeps per-socket egress state (a neighbour it is
     /// waiting to resolve holds the socket silent for a second), which must not delay the
     /// next client's SYN-ACK.
-    fn rearm(&mut self, port: u16, i: usize) {
-        let Some(old) = self.listeners.get(&port).map(|l| l.sockets[i].0) else {
-            return;
-        };
-        if let Some(remote) = self.sockets.get::<tcp::Socket<'_>>(old).remote_endpoint() {
-            self.dev.forget(&FlowKey {
-                remote_ip: *v4(remote).ip(),
-                remote_port: remote.port,
-                local_port: port,
-            });
-        }
-        self.sockets.remove(old);
+    fn rearm(&mut self, port: u16, old: SockId) {
+        self.drop_backlog_socket(old);
         let fresh = self.listen_socket(port);
-        self.arm_seq += 1;
-        let seq = self.arm_seq;
         if let Some(l) = self.listeners.get_mut(&port) {
-            match fresh {
-                Some(h) => l.sockets[i] = (h, seq),
-                None => {
-                    l.sockets.remove(i);
-                }
+            l.members.retain(|&m| m != old);
+            l.idle.retain(|&m| m != old);
+            if let Some(id) = fresh {
+                l.members.push(id);
+                l.idle.push(id);
             }
         }
     }
 
-    fn new_conn(&self, handle: SocketHandle, conn: ConnId, params: OffloadParams) -> NicConn {
+    fn new_conn(&self, handle: SockId, conn: ConnId, params: OffloadParams) -> NicConn {
         NicConn {
             handle,
             params,
@@ -621,6 +732,7 @@ impl<P: Phy> Nic<P> {
             aborted: false,
             eof_sent: false,
             fin_seen: false,
+            starved: false,
         }
     }
 
@@ -646,16 +758,35 @@ impl<P: Phy> Nic<P> {
             });
             return;
         }
+        let key = |port| FlowKey {
+            remote_ip: *remote.ip(),
+            remote_port: remote.port(),
+            local_port: port,
+        };
         let port = if local_port != 0 {
             local_port
         } else {
-            self.next_port = if self.next_port == u16::MAX {
-                49152
-            } else {
-                self.next_port + 1
-            };
-            self.next_port
+            // The next ephemeral port whose flow to `remote` is free.
+            let mut tries = 0;
+            loop {
+                self.next_port = if self.next_port == u16::MAX {
+                    49152
+                } else {
+                    self.next_port + 1
+                };
+                tries += 1;
+                if self.socks.by_flow(&key(self.next_port)).is_none() || tries > 16_384 {
+                    break self.next_port;
+                }
+            }
         };
+        if self.socks.by_flow(&key(port)).is_some() {
+            self.out.push_back(Event::ConnectFailed {
+                conn,
+                error: format!("connect to {remote}: local port {port} is in use"),
+            });
+            return;
+        }
         let mut s = make_socket(
             self.cfg.socket_rx_bytes,
             self.cfg.socket_tx_bytes,
@@ -672,118 +803,99 @@ impl<P: Phy> Nic<P> {
             });
             return;
         }
-        let h = self.sockets.add(s);
+        let h = self.socks.add(s, Owner::Conn(conn));
+        self.socks.bind_flow(h, key(port));
         let c = self.new_conn(h, conn, params);
         self.conns.insert(conn, c);
     }
 
-    /// Promote listener sockets that completed a handshake; returns true if any did. At the
-    /// connection limit they wait in the backlog (their data stays in the socket, the peer is
-    /// throttled by TCP's window) and are promoted as soon as a connection is released.
-    fn accept_listeners(&mut self) -> bool {
-        // Fast path (every poll): no socket needs anything. Sockets held in the backlog at
-        // the connection limit need nothing until a connection is released.
-        let sockets = &self.sockets;
-        let at_limit = self.conns.len() >= self.cfg.max_conns;
-        let any = self.listeners.values().any(|l| {
-            l.sockets
-                .iter()
-                .any(|&(h, _)| match sockets.get::<tcp::Socket<'_>>(h).state() {
-                    tcp::State::Listen | tcp::State::SynReceived => false,
-                    tcp::State::Closed | tcp::State::TimeWait => true,
-                    _ => !at_limit,
-                })
-        });
-        if !any {
-            return false;
-        }
-        let mut moved = false;
-        let ports: Vec<u16> = self.listeners.keys().copied().collect();
-        for port in ports {
-            let handles = self.listeners[&port].sockets.clone();
-            for (h, _) in handles {
-                let state = self.sockets.get::<tcp::Socket<'_>>(h).state();
-                match state {
-                    tcp::State::Listen | tcp::State::SynReceived => {}
-                    tcp::State::Closed | tcp::State::TimeWait => {
-                        // A handshake timed out or was reset: forget its flow, listen again.
-                        if let Some(i) = self.listeners[&port].sockets.iter().position(|x| x.0 == h)
-                        {
-                            self.rearm(port, i);
-                        }
-                    }
-                    // Held in the backlog until a connection is released.
-                    _ if self.conns.len() >= self.cfg.max_conns => {}
-                    _ => {
-                        moved = true;
-                        let (conn, skipped) =
-                            next_free_id(&mut self.next_passive, ConnId::PASSIVE_BIT, |id| {
-                                self.conns.contains_key(&id)
-                            });
-                        self.stats.ids_skipped += skipped;
-                        let params = self.listeners[&port].params;
-                        let mut c = self.new_conn(h, conn, params);
-                        c.listener = Some(port);
-                        self.conns.insert(conn, c);
-                        let nh = self.listen_socket(port);
-                        self.arm_seq += 1;
-                        let seq = self.arm_seq;
-                        let l = self.listeners.get_mut(&port).expect("port from keys");
-                        l.sockets.retain(|x| x.0 != h);
-                        if let Some(nh) = nh {
-                            l.sockets.push((nh, seq));
-                        }
-                    }
+    /// Service socket `id` for its owner; returns true if anything moved.
+    fn service_sock(&mut self, id: SockId) -> bool {
+        match self.socks.owner(id) {
+            Owner::Conn(conn) => {
+                if !self.conns.contains_key(&conn) {
+                    return false;
                 }
+                let (moved, finished) = self.service_conn(conn);
+                if finished {
+                    self.finished.push(conn);
+                }
+                moved
             }
+            Owner::Backlog(port) => self.service_backlog(port, id),
         }
-        moved
     }
 
-    /// Move data for every connection; returns true if bytes moved or states changed.
-    fn service(&mut self, _now: Instant) -> bool {
-        let mut moved = self.accept_listeners();
-        // PSH marks from the tap, converted to stream offsets: only flows that got some.
-        let mut dirty = std::mem::take(&mut self.scratch_flows);
-        self.dev.take_psh_dirty(&mut dirty);
-        for key in dirty.drain(..) {
-            let Some(c) = self.by_flow.get(&key).and_then(|id| self.conns.get_mut(id)) else {
-                // Not offloaded yet: the marks wait in the tap and are taken when the
-                // connection is established (below, in `service_conn`).
-                continue;
-            };
-            let span = self.cfg.socket_rx_bytes as u64;
-            self.stats.psh_out_of_window += apply_psh(&mut c.ctx, self.dev.take_psh(&key), span);
-        }
-        self.scratch_flows = dirty;
-        let mut ids = std::mem::take(&mut self.scratch_ids);
-        ids.clear();
-        ids.extend(self.conns.keys().copied());
-        let mut gone = Vec::new();
-        for &id in &ids {
-            let (m, finished) = self.service_conn(id);
-            moved |= m;
-            if finished {
-                gone.push(id);
+    /// A backlog socket changed: a finished or failed handshake is promoted to a connection
+    /// (or held in the backlog at the connection limit: its data stays in the socket, the
+    /// peer is throttled by TCP's window, and it is promoted as soon as a connection is
+    /// released); a handshake that timed out or was reset is replaced by a fresh socket.
+    fn service_backlog(&mut self, port: u16, id: SockId) -> bool {
+        match self.socks.get(id).state() {
+            tcp::State::Listen | tcp::State::SynReceived => false,
+            tcp::State::Closed | tcp::State::TimeWait => {
+                self.rearm(port, id);
+                true
             }
-        }
-        self.scratch_ids = ids;
-        for id in gone {
-            if let Some(c) = self.conns.remove(&id) {
-                self.sockets.remove(c.handle);
-                if let Some(k) = c.flow {
-                    self.dev.forget(&k);
-                    self.by_flow.remove(&k);
+            _ if self.conns.len() >= self.cfg.max_conns => {
+                if !self.held.contains(&id) {
+                    self.held.push_back(id);
                 }
+                false
+            }
+            _ => {
+                let (conn, skipped) =
+                    next_free_id(&mut self.next_passive, ConnId::PASSIVE_BIT, |id| {
+                        self.conns.contains_key(&id)
+                    });
+                self.stats.ids_skipped += skipped;
+                let Some(params) = self.listeners.get(&port).map(|l| l.params) else {
+                    return false;
+                };
+                let mut c = self.new_conn(id, conn, params);
+                c.listener = Some(port);
+                self.conns.insert(conn, c);
+                self.socks.set_owner(id, Owner::Conn(conn));
+                self.held.retain(|&h| h != id);
+                let fresh = self.listen_socket(port);
+                if let Some(l) = self.listeners.get_mut(&port) {
+                    l.members.retain(|&m| m != id);
+                    if let Some(f) = fresh {
+                        l.members.push(f);
+                        l.idle.push(f);
+                    }
+                }
+                self.service_sock(id);
+                true
             }
         }
-        moved
+    }
+
+    /// Release a finished connection: its socket, its flow, its slot (a held backlog socket
+    /// may take it).
+    fn release(&mut self, conn: ConnId) {
+        let Some(c) = self.conns.remove(&conn) else {
+            return;
+        };
+        if let Some(k) = self.socks.flow(c.handle) {
+            self.dev.forget(&k);
+        }
+        self.socks.remove(c.handle);
+        while self.conns.len() < self.cfg.max_conns {
+            let Some(h) = self.held.pop_front() else {
+                break;
+            };
+            if self.socks.contains(h) && matches!(self.socks.owner(h), Owner::Backlog(_)) {
+                self.socks.mark(h);
+                break;
+            }
+        }
     }
 
     /// Returns (progress, connection finished and must be released).
     fn service_conn(&mut self, id: ConnId) -> (bool, bool) {
         let c = self.conns.get_mut(&id).expect("id from keys");
-        let sock = self.sockets.get_mut::<tcp::Socket<'static>>(c.handle);
+        let sock = self.socks.get_mut(c.handle);
         let mut moved = false;
         let state = sock.state();
 
@@ -818,8 +930,8 @@ impl<P: Phy> Nic<P> {
                         remote_port: remote.port(),
                         local_port: local.port(),
                     };
+                    // Segments of the flow already reach this socket (bound at the SYN).
                     c.flow = Some(key);
-                    self.by_flow.insert(key, id);
                     self.dev.confirm(&key);
                     let span = self.cfg.socket_rx_bytes as u64;
                     self.stats.psh_out_of_window +=
@@ -854,6 +966,10 @@ impl<P: Phy> Nic<P> {
                 Plan::Anonymous { max } => {
                     let Some(mut buf) = self.anon.pop() else {
                         self.stats.anon_starved += 1;
+                        if !c.starved {
+                            c.starved = true;
+                            self.starved.push(id);
+                        }
                         break;
                     };
                     let max = max.min(buf.len());

@@ -130,6 +130,24 @@ pub struct FlowInfo {
     pub confirmed: bool,
 }
 
+/// What the receive tap saw in a frame: how the NIC demultiplexes it to a socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ingress {
+    /// A TCP segment addressed to this host, with its flags.
+    Tcp {
+        /// The flow.
+        key: FlowKey,
+        /// SYN set.
+        syn: bool,
+        /// ACK set.
+        ack: bool,
+    },
+    /// ARP: it may resolve a neighbour that sockets are waiting for.
+    Arp,
+    /// Anything smoltcp handles without a TCP socket (ICMP, other protocols, other hosts).
+    Other,
+}
+
 /// Receive-tap and validation counters. Counts only grow.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct PhyStats {
@@ -176,7 +194,8 @@ pub struct NicDevice<P> {
     embryonic: VecDeque<FlowKey>,
     embryonic_live: usize,
     psh_dirty: Vec<FlowKey>,
-    syn_port: Option<u16>,
+    /// A frame taken from the port and inspected, waiting for smoltcp ([`NicDevice::stage`]).
+    staged: Option<(Frame, Ingress)>,
     stats: PhyStats,
 }
 
@@ -194,7 +213,7 @@ impl<P: Phy> NicDevice<P> {
             embryonic: VecDeque::new(),
             embryonic_live: 0,
             psh_dirty: Vec::new(),
-            syn_port: None,
+            staged: None,
             stats: PhyStats::default(),
         }
     }
@@ -240,10 +259,27 @@ impl<P: Phy> NicDevice<P> {
         self.embryonic_live
     }
 
-    /// The local port of the latest connection request (a SYN without ACK) received since
-    /// the last call, if any.
-    pub fn take_syn_port(&mut self) -> Option<u16> {
-        self.syn_port.take()
+    /// Take the next valid frame from the port (malformed ones are dropped and counted) and
+    /// hold it for smoltcp's next `receive`; returns what it is, so the caller can choose the
+    /// socket set it is processed against. A frame already held is reported again.
+    pub fn stage(&mut self, now: Instant) -> Option<Ingress> {
+        if let Some((_, what)) = &self.staged {
+            return Some(*what);
+        }
+        loop {
+            let frame = self.phy.recv(now)?;
+            self.stats.rx_frames += 1;
+            self.stats.rx_bytes += frame.len() as u64;
+            let what = if self.tap {
+                self.inspect(&frame)
+            } else {
+                Some(Ingress::Other)
+            };
+            if let Some(what) = what {
+                self.staged = Some((frame, what));
+                return Some(what);
+            }
+        }
     }
 
     /// The NIC offloaded a connection on `key`: keep the flow until [`NicDevice::forget`].
@@ -286,49 +322,54 @@ impl<P: Phy> NicDevice<P> {
         }
     }
 
-    /// Validate `frame` and record what the tap needs. False means: drop it.
-    fn inspect(&mut self, frame: &[u8]) -> bool {
+    /// Validate `frame` and record what the tap needs. `None` means: drop it.
+    fn inspect(&mut self, frame: &[u8]) -> Option<Ingress> {
         let Ok(eth) = EthernetFrame::new_checked(frame) else {
             self.stats.rx_malformed += 1;
-            return false;
+            return None;
         };
-        if eth.ethertype() != EthernetProtocol::Ipv4 {
-            return true; // ARP and others: smoltcp parses (and drops what it does not know)
+        match eth.ethertype() {
+            EthernetProtocol::Ipv4 => {}
+            // smoltcp parses these (and drops what it does not know).
+            EthernetProtocol::Arp => return Some(Ingress::Arp),
+            _ => return Some(Ingress::Other),
         }
         let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) else {
             self.stats.rx_malformed += 1;
-            return false;
+            return None;
         };
         if !ip.verify_checksum() {
             self.stats.rx_bad_checksum += 1;
-            return false;
+            return None;
         }
         if ip.next_header() != IpProtocol::Tcp || ip.more_frags() || ip.frag_offset() != 0 {
-            return true;
+            return Some(Ingress::Other);
         }
         let (src, dst) = (ip.src_addr(), ip.dst_addr());
         let Ok(tcp) = TcpPacket::new_checked(ip.payload()) else {
             self.stats.rx_malformed += 1;
-            return false;
+            return None;
         };
         if !tcp.verify_checksum(&IpAddress::Ipv4(src), &IpAddress::Ipv4(dst)) {
             self.stats.rx_bad_checksum += 1;
-            return false;
+            return None;
         }
         if dst != self.local_ip {
-            return true;
+            return Some(Ingress::Other);
         }
         let key = FlowKey {
             remote_ip: src,
             remote_port: tcp.src_port(),
             local_port: tcp.dst_port(),
         };
-        if tcp.syn() && !tcp.ack() {
-            self.syn_port = Some(key.local_port);
-        }
+        let what = Ingress::Tcp {
+            key,
+            syn: tcp.syn(),
+            ack: tcp.ack(),
+        };
         if !self.flows.contains_key(&key) {
             if !tcp.syn() || tcp.rst() {
-                return true;
+                return Some(what);
             }
             self.evict_embryonic();
             self.embryonic.push_back(key);
@@ -348,7 +389,7 @@ impl<P: Phy> NicDevice<P> {
         if tcp.psh() && payload_len > 0 {
             if f.psh_ends.len() >= MAX_PSH_PER_FLOW {
                 self.stats.psh_dropped += 1;
-                return true;
+                return Some(what);
             }
             let seq = (tcp.seq_number().0 as u32).wrapping_add(u32::from(tcp.syn()));
             if f.psh_ends.is_empty() {
@@ -356,7 +397,7 @@ impl<P: Phy> NicDevice<P> {
             }
             f.psh_ends.push(seq.wrapping_add(payload_len));
         }
-        true
+        Some(what)
     }
 }
 
@@ -404,14 +445,8 @@ impl<P: Phy> phy::Device for NicDevice<P> {
         // Receive even when the port cannot send right now: a reply that does not fit is
         // dropped and counted (TCP recovers), whereas refusing to receive could leave two
         // hosts with both directions of a wire full, each waiting for the other.
-        let frame = loop {
-            let frame = self.phy.recv(ts)?;
-            self.stats.rx_frames += 1;
-            self.stats.rx_bytes += frame.len() as u64;
-            if !self.tap || self.inspect(&frame) {
-                break frame;
-            }
-        };
+        self.stage(ts)?;
+        let (frame, _) = self.staged.take()?;
         Some((
             RxTok(frame),
             TxTok {

@@ -41,6 +41,10 @@ pub struct BenchOptions {
     pub scale: Vec<usize>,
     /// Total bytes moved in each scale point.
     pub scale_bytes: u64,
+    /// Run the bulk section.
+    pub bulk: bool,
+    /// Run the request/response section.
+    pub rr: bool,
     /// Host settings.
     pub settings: Settings,
     /// Seed.
@@ -63,6 +67,8 @@ impl BenchOptions {
             rr_iters: 20_000,
             scale: vec![1, 100, 1_000, 10_000],
             scale_bytes: 256 << 20,
+            bulk: true,
+            rr: true,
             settings,
             seed: 1,
             check: Check::Crc32c,
@@ -77,6 +83,8 @@ impl BenchOptions {
             rr_iters: 3_000,
             scale: vec![1, 100, 1_000],
             scale_bytes: 64 << 20,
+            bulk: true,
+            rr: true,
             settings,
             seed: 1,
             check: Check::Crc32c,
@@ -414,7 +422,8 @@ pub fn run_bench(o: &BenchOptions, mut progress: impl FnMut(&str)) -> io::Result
         .collect();
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     let mut details: Vec<Option<crate::demo::Bulk>> = vec![None; names.len()];
-    for round in 0..o.rounds.max(1) {
+    let rounds = if o.bulk { o.rounds.max(1) } else { 0 };
+    for round in 0..rounds {
         for (i, name) in names.iter().enumerate() {
             let (secs, digest) = if i < toe_modes.len() {
                 let b = toe_bulk(toe_modes[i], &demo)?;
@@ -446,6 +455,7 @@ pub fn run_bench(o: &BenchOptions, mut progress: impl FnMut(&str)) -> io::Result
     let bare = medians[names.len() - 2];
     let bulk: Vec<BulkRow> = names
         .iter()
+        .filter(|_| o.bulk)
         .enumerate()
         .map(|(i, name)| {
             let s = &samples[i];
@@ -465,7 +475,7 @@ pub fn run_bench(o: &BenchOptions, mut progress: impl FnMut(&str)) -> io::Result
         .collect();
 
     let mut rr = Vec::new();
-    for size in [64usize, 64 * 1024] {
+    for size in [64usize, 64 * 1024].into_iter().filter(|_| o.rr) {
         let iters = if size > 64 {
             (o.rr_iters / 10).max(100)
         } else {
@@ -550,7 +560,7 @@ pub fn run_bench(o: &BenchOptions, mut progress: impl FnMut(&str)) -> io::Result
             met: n.vs_bare >= 0.9,
         });
     }
-    for size in [64usize, 64 * 1024] {
+    for size in [64usize, 64 * 1024].into_iter().filter(|_| o.rr) {
         let v = rr_p99("indicate-window", size) / rr_p99("mss-holdoff", size).max(1e-9);
         goals.push(Goal {
             name: format!(

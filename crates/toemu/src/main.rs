@@ -150,6 +150,13 @@ enum Cmd {
         /// Skip the scale scenario.
         #[arg(long)]
         no_scale: bool,
+        /// Run only these sections (comma separated: bulk, rr, scale); default: all.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        /// Connection counts of the scale scenario (comma separated), instead of the
+        /// defaults (1,100,1000,10000; --quick: 1,100,1000).
+        #[arg(long, value_delimiter = ',')]
+        scale: Vec<usize>,
         /// Integrity check of the bulk runs: crc32c (default) or sha256.
         #[arg(long, default_value = "crc32c")]
         check: String,
@@ -358,6 +365,8 @@ fn run(cli: Cli) -> Result<(), String> {
         Cmd::Bench {
             quick,
             no_scale,
+            only,
+            scale,
             check,
             json,
         } => {
@@ -371,8 +380,23 @@ fn run(cli: Cli) -> Result<(), String> {
             } else {
                 toemu_lab::bench::BenchOptions::full(settings)
             };
+            if !scale.is_empty() {
+                o.scale = scale;
+            }
             if no_scale {
                 o.scale.clear();
+            }
+            if !only.is_empty() {
+                for s in &only {
+                    if !["bulk", "rr", "scale"].contains(&s.as_str()) {
+                        return Err(format!("--only: {s:?} is not bulk, rr or scale"));
+                    }
+                }
+                o.bulk = only.iter().any(|s| s == "bulk");
+                o.rr = only.iter().any(|s| s == "rr");
+                if !only.iter().any(|s| s == "scale") {
+                    o.scale.clear();
+                }
             }
             o.check = check;
             let pb = indicatif::ProgressBar::new_spinner();

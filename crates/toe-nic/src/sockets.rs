@@ -1,0 +1,374 @@
+//! The NIC's socket table: one smoltcp [`SocketSet`] per TCP socket, so that no stack call
+//! walks more than one socket.
+//!
+//! smoltcp's `Interface` takes the socket set as an argument of every call, and each call
+//! walks the whole set: ingress looks for the socket that accepts a segment by trying each in
+//! turn, egress visits every socket, `poll_at` asks every socket. With 10,000 offloaded
+//! connections that is 10,000 visits per frame and per poll. Here every socket lives in a set
+//! of its own ("shards of one"), and the NIC decides which set a call gets:
+//!
+//! - ingress: the receive tap has already parsed the frame, so its flow picks the socket
+//!   (a flow table kept here; a SYN without a flow goes to a listening socket of its port;
+//!   anything else goes to an empty set, where smoltcp answers as for no socket: RST);
+//! - egress and service: only sockets marked dirty (a frame, a command, a due timer);
+//! - deadlines: each socket's `poll_at` is recomputed when it was touched and kept in a heap
+//!   (entries go stale when a deadline moves and are skipped; the heap is rebuilt when stale
+//!   entries could outnumber the live ones, so it stays within a small factor of the socket
+//!   count).
+//!
+//! No smoltcp change is needed; every walk becomes a walk over one socket.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+
+use smoltcp::iface::{Interface, PollResult, SocketHandle, SocketSet};
+use smoltcp::socket::tcp;
+use smoltcp::time::Instant;
+use toe_bus::ConnId;
+
+use crate::phy::FlowKey;
+
+/// Index of a socket in the table (reused after removal).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct SockId(u32);
+
+/// Who a socket belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Owner {
+    /// An offloaded connection (connecting or open).
+    Conn(ConnId),
+    /// The backlog of the listener on this port (listening, half-open, or established and
+    /// waiting for a connection slot).
+    Backlog(u16),
+}
+
+struct Slot {
+    set: SocketSet<'static>,
+    handle: SocketHandle,
+    owner: Owner,
+    flow: Option<FlowKey>,
+    /// The deadline registered in the heap, if any.
+    deadline: Option<Instant>,
+    dirty: bool,
+    /// Arming order (lower: older), for evicting the oldest half-open backlog socket.
+    seq: u64,
+}
+
+/// The socket table. See the module documentation.
+pub(crate) struct Sockets {
+    slots: Vec<Option<Slot>>,
+    free: Vec<u32>,
+    live: usize,
+    dirty: Vec<SockId>,
+    heap: BinaryHeap<Reverse<(Instant, u32)>>,
+    by_flow: HashMap<FlowKey, SockId>,
+    /// The set that segments of no socket are processed against (smoltcp answers RST).
+    empty: SocketSet<'static>,
+    seq: u64,
+}
+
+impl Sockets {
+    pub(crate) fn new() -> Self {
+        Sockets {
+            slots: Vec::new(),
+            free: Vec::new(),
+            live: 0,
+            dirty: Vec::new(),
+            heap: BinaryHeap::new(),
+            by_flow: HashMap::new(),
+            empty: SocketSet::new(Vec::new()),
+            seq: 0,
+        }
+    }
+
+    /// Sockets in the table.
+    pub(crate) fn len(&self) -> usize {
+        self.live
+    }
+
+    /// Add `socket` for `owner`; it starts dirty (its first egress and deadline are due).
+    pub(crate) fn add(&mut self, socket: tcp::Socket<'static>, owner: Owner) -> SockId {
+        let mut set = SocketSet::new(Vec::with_capacity(1));
+        let handle = set.add(socket);
+        self.seq += 1;
+        let slot = Slot {
+            set,
+            handle,
+            owner,
+            flow: None,
+            deadline: None,
+            dirty: false,
+            seq: self.seq,
+        };
+        let id = match self.free.pop() {
+            Some(i) => {
+                self.slots[i as usize] = Some(slot);
+                SockId(i)
+            }
+            None => {
+                self.slots.push(Some(slot));
+                SockId(self.slots.len() as u32 - 1)
+            }
+        };
+        self.live += 1;
+        self.mark(id);
+        id
+    }
+
+    /// Remove a socket and its flow binding.
+    pub(crate) fn remove(&mut self, id: SockId) {
+        if let Some(slot) = self.slots.get_mut(id.0 as usize).and_then(Option::take) {
+            if let Some(k) = slot.flow {
+                if self.by_flow.get(&k) == Some(&id) {
+                    self.by_flow.remove(&k);
+                }
+            }
+            self.free.push(id.0);
+            self.live -= 1;
+        }
+    }
+
+    fn slot(&self, id: SockId) -> &Slot {
+        self.slots[id.0 as usize].as_ref().expect("live socket id")
+    }
+    fn slot_mut(&mut self, id: SockId) -> &mut Slot {
+        self.slots[id.0 as usize].as_mut().expect("live socket id")
+    }
+
+    /// Whether `id` names a live socket.
+    pub(crate) fn contains(&self, id: SockId) -> bool {
+        self.slots.get(id.0 as usize).is_some_and(Option::is_some)
+    }
+
+    /// The TCP socket `id`.
+    pub(crate) fn get(&self, id: SockId) -> &tcp::Socket<'static> {
+        let s = self.slot(id);
+        s.set.get::<tcp::Socket<'static>>(s.handle)
+    }
+    /// The TCP socket `id`, mutably.
+    pub(crate) fn get_mut(&mut self, id: SockId) -> &mut tcp::Socket<'static> {
+        let s = self.slot_mut(id);
+        s.set.get_mut::<tcp::Socket<'static>>(s.handle)
+    }
+
+    /// Owner of `id`.
+    pub(crate) fn owner(&self, id: SockId) -> Owner {
+        self.slot(id).owner
+    }
+    /// Change the owner of `id` (a backlog socket promoted to a connection).
+    pub(crate) fn set_owner(&mut self, id: SockId, owner: Owner) {
+        self.slot_mut(id).owner = owner;
+    }
+    /// Arming order of `id` (lower: older).
+    pub(crate) fn seq(&self, id: SockId) -> u64 {
+        self.slot(id).seq
+    }
+
+    /// Route segments of `key` to `id` from now on.
+    pub(crate) fn bind_flow(&mut self, id: SockId, key: FlowKey) {
+        self.slot_mut(id).flow = Some(key);
+        self.by_flow.insert(key, id);
+    }
+    /// The socket segments of `key` go to.
+    pub(crate) fn by_flow(&self, key: &FlowKey) -> Option<SockId> {
+        self.by_flow.get(key).copied()
+    }
+    /// The flow bound to `id`.
+    pub(crate) fn flow(&self, id: SockId) -> Option<FlowKey> {
+        self.slot(id).flow
+    }
+
+    /// `id` needs service and egress at the next round.
+    pub(crate) fn mark(&mut self, id: SockId) {
+        if let Some(s) = self.slots.get_mut(id.0 as usize).and_then(Option::as_mut) {
+            if !s.dirty {
+                s.dirty = true;
+                self.dirty.push(id);
+            }
+        }
+    }
+
+    /// Mark every socket dirty (after an ARP frame: sockets waiting for a neighbour may go on
+    /// earlier than their deadline says). O(sockets), and only on non-IP frames.
+    pub(crate) fn mark_all(&mut self) {
+        for i in 0..self.slots.len() as u32 {
+            self.mark(SockId(i));
+        }
+    }
+
+    /// Whether any socket is dirty.
+    pub(crate) fn any_dirty(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
+    /// Mark every socket whose deadline is due at `now`.
+    pub(crate) fn mark_due(&mut self, now: Instant) {
+        while let Some(&Reverse((t, i))) = self.heap.peek() {
+            if t > now {
+                break;
+            }
+            self.heap.pop();
+            let id = SockId(i);
+            if let Some(s) = self.slots.get_mut(i as usize).and_then(Option::as_mut) {
+                if s.deadline == Some(t) {
+                    s.deadline = None;
+                    self.mark(id);
+                }
+            }
+        }
+    }
+
+    /// Take the dirty list (in the order sockets were marked); their marks are cleared.
+    pub(crate) fn take_dirty(&mut self, into: &mut Vec<SockId>) {
+        into.clear();
+        std::mem::swap(into, &mut self.dirty);
+        for &id in into.iter() {
+            if let Some(s) = self.slots.get_mut(id.0 as usize).and_then(Option::as_mut) {
+                s.dirty = false;
+            }
+        }
+    }
+
+    /// The earliest live deadline (stale heap entries are dropped on the way).
+    pub(crate) fn next_deadline(&mut self) -> Option<Instant> {
+        while let Some(&Reverse((t, i))) = self.heap.peek() {
+            let live = self
+                .slots
+                .get(i as usize)
+                .and_then(Option::as_ref)
+                .is_some_and(|s| s.deadline == Some(t));
+            if live {
+                return Some(t);
+            }
+            self.heap.pop();
+        }
+        None
+    }
+
+    /// Process the frame the device holds against socket `target` (or against no socket).
+    pub(crate) fn ingress<D: smoltcp::phy::Device>(
+        &mut self,
+        iface: &mut Interface,
+        dev: &mut D,
+        now: Instant,
+        target: Option<SockId>,
+    ) {
+        let set = match target {
+            Some(id) => &mut self.slot_mut(id).set,
+            None => &mut self.empty,
+        };
+        iface.poll_ingress_single(now, dev, set);
+    }
+
+    /// Transmit what socket `id` has to send at `now`, then register its next deadline.
+    /// Returns true if a frame went out.
+    pub(crate) fn egress<D: smoltcp::phy::Device>(
+        &mut self,
+        iface: &mut Interface,
+        dev: &mut D,
+        now: Instant,
+        id: SockId,
+    ) -> bool {
+        let s = self.slot_mut(id);
+        let mut sent = false;
+        while iface.poll_egress(now, dev, &mut s.set) == PollResult::SocketStateChanged {
+            sent = true;
+        }
+        let at = iface.poll_at(now, &s.set);
+        if at != s.deadline {
+            s.deadline = at;
+            if let Some(t) = at {
+                self.heap.push(Reverse((t, id.0)));
+                if self.heap.len() > 2 * self.live + 64 {
+                    self.rebuild_heap();
+                }
+            }
+        }
+        sent
+    }
+
+    fn rebuild_heap(&mut self) {
+        let heap = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| Some(Reverse((s.as_ref()?.deadline?, i as u32))))
+            .collect();
+        self.heap = heap;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nic::make_socket;
+
+    fn sock() -> tcp::Socket<'static> {
+        make_socket(1024, 1024, None)
+    }
+
+    #[test]
+    fn ids_are_reused_and_flows_unbound_on_removal() {
+        let mut t = Sockets::new();
+        let a = t.add(sock(), Owner::Backlog(80));
+        let b = t.add(sock(), Owner::Backlog(80));
+        let key = FlowKey {
+            remote_ip: std::net::Ipv4Addr::new(10, 0, 0, 2),
+            remote_port: 1234,
+            local_port: 80,
+        };
+        t.bind_flow(a, key);
+        assert_eq!(t.by_flow(&key), Some(a));
+        t.remove(a);
+        assert_eq!(t.by_flow(&key), None);
+        assert!(!t.contains(a));
+        let c = t.add(sock(), Owner::Conn(ConnId(7)));
+        assert_eq!(c, a, "a freed slot is reused");
+        assert_eq!(t.len(), 2);
+        assert!(t.seq(c) > t.seq(b), "arming order follows creation");
+    }
+
+    #[test]
+    fn marks_are_deduplicated_and_cleared_when_taken() {
+        let mut t = Sockets::new();
+        let a = t.add(sock(), Owner::Backlog(80));
+        let b = t.add(sock(), Owner::Backlog(80));
+        t.mark(a);
+        t.mark(b);
+        t.mark(a);
+        let mut d = Vec::new();
+        t.take_dirty(&mut d);
+        assert_eq!(d, vec![a, b]);
+        assert!(!t.any_dirty());
+        t.mark(b);
+        t.take_dirty(&mut d);
+        assert_eq!(d, vec![b]);
+    }
+
+    #[test]
+    fn stale_deadlines_are_skipped_and_the_heap_stays_bounded() {
+        let mut t = Sockets::new();
+        let a = t.add(sock(), Owner::Backlog(80));
+        let mut d = Vec::new();
+        t.take_dirty(&mut d);
+        // Move a's deadline many times: only the latest counts, and stale entries are
+        // compacted away.
+        for k in 0..1000 {
+            let at = Instant::from_millis(10_000 - k);
+            let s = t.slot_mut(a);
+            s.deadline = Some(at);
+            t.heap.push(Reverse((at, a.0)));
+            if t.heap.len() > 2 * t.live + 64 {
+                t.rebuild_heap();
+            }
+        }
+        assert!(t.heap.len() <= 2 * t.live + 64);
+        assert_eq!(t.next_deadline(), Some(Instant::from_millis(9_001)));
+        t.mark_due(Instant::from_millis(9_000));
+        assert!(!t.any_dirty(), "not due yet");
+        t.mark_due(Instant::from_millis(9_001));
+        t.take_dirty(&mut d);
+        assert_eq!(d, vec![a]);
+        assert_eq!(t.next_deadline(), None, "a fired deadline is gone");
+    }
+}

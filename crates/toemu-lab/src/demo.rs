@@ -289,9 +289,23 @@ pub struct Sender {
     free: Vec<HostBuf>,
     outstanding: usize,
     closed: bool,
+    /// Close after the last byte (see [`Sender::hold_open`]).
+    close_at_end: bool,
 }
 
 impl Sender {
+    /// Do not close after the last byte: [`Sender::extend`] may add more.
+    pub fn hold_open(mut self) -> Self {
+        self.close_at_end = false;
+        self
+    }
+
+    /// Send `more` bytes of the stream after the current total, then close.
+    pub fn extend(&mut self, more: u64) {
+        self.total += more;
+        self.close_at_end = true;
+    }
+
     /// A sender of `total` bytes on `conn` with `bufs` buffers of `len` bytes.
     pub fn new(
         d: &Driver,
@@ -301,9 +315,15 @@ impl Sender {
         bufs: usize,
         len: usize,
     ) -> io::Result<Self> {
-        let free = (0..bufs)
+        let mut free = (0..bufs)
             .map(|_| d.alloc(len).map_err(|e| other(e.to_string())))
             .collect::<io::Result<Vec<_>>>()?;
+        // Touch the buffers now: their first-touch page faults belong to setting up, not
+        // to a timed transfer.
+        let mem = d.memory().clone();
+        for b in free.iter_mut() {
+            mem.slice_mut(b).fill(0);
+        }
         Ok(Sender {
             conn,
             gen: DataGen::new(seed),
@@ -312,6 +332,7 @@ impl Sender {
             free,
             outstanding: 0,
             closed: false,
+            close_at_end: true,
         })
     }
 
@@ -340,7 +361,7 @@ impl Sender {
             self.outstanding += 1;
             self.queued += n as u64;
         }
-        if self.queued == self.total && !self.closed {
+        if self.queued == self.total && !self.closed && self.close_at_end {
             d.close(self.conn).map_err(|e| other(e.to_string()))?;
             self.closed = true;
         }

@@ -399,6 +399,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 }
             }
             o.check = check;
+            o.heap_live = Some(heap_live);
             let pb = indicatif::ProgressBar::new_spinner();
             pb.enable_steady_tick(std::time::Duration::from_millis(200));
             let t0 = std::time::Instant::now();
@@ -620,4 +621,14 @@ impl toemu_apps::App for Listening<'_> {
     fn done(&self) -> bool {
         self.inner.done()
     }
+}
+
+/// Counts heap allocations so that `toemu bench` can report memory per connection.
+#[global_allocator]
+static ALLOC: &stats_alloc::StatsAlloc<std::alloc::System> = &stats_alloc::INSTRUMENTED_SYSTEM;
+
+/// Heap bytes currently allocated.
+fn heap_live() -> i64 {
+    let s = ALLOC.stats();
+    s.bytes_allocated as i64 - s.bytes_deallocated as i64 + s.bytes_reallocated as i64
 }

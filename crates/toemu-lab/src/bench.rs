@@ -71,7 +71,7 @@ impl BenchOptions {
             rounds: 5,
             rr_iters: 20_000,
             scale: vec![1, 100, 1_000, 10_000],
-            scale_bytes: 256 << 20,
+            scale_bytes: 1 << 30,
             bulk: true,
             rr: true,
             sparse: true,
@@ -147,6 +147,9 @@ pub struct RrRow {
     pub virtual_p99_us: Option<f64>,
 }
 
+/// Frames the in-memory wire of a scale point holds per direction.
+pub const SCALE_WIRE_FRAMES: usize = 1024;
+
 /// One scale point.
 #[derive(Debug, Clone, Serialize)]
 pub struct ScaleRow {
@@ -172,6 +175,9 @@ pub struct ScaleRow {
     pub socket_buffers_per_conn_bytes: u64,
     /// Wall-clock cost of one step of both hosts with every connection open and idle, µs.
     pub idle_step_us: f64,
+    /// Minor page faults per MiB delivered in the timed part (first touches of memory: on a
+    /// virtual machine each costs microseconds).
+    pub timed_faults_per_mib: f64,
 }
 
 /// A goal of the issue, checked against this run.
@@ -183,6 +189,8 @@ pub struct Goal {
     pub value: f64,
     /// Target.
     pub target: f64,
+    /// The value must be at most the target (otherwise at least).
+    pub at_most: bool,
     /// Met?
     pub met: bool,
 }
@@ -321,7 +329,11 @@ pub fn scale_point(
     let active = active.clamp(1, conns.max(1));
     let heap0 = o.heap_live.map(|f| f());
     let rss0 = rss_bytes();
-    let (pa, pb) = toe_nic::wire(16_384);
+    // A wire of 1,024 frames (a NIC transmit ring's worth): deeper queues hold every
+    // connection's window in flight at once, and the bytes go through memory instead of
+    // the caches (measured: 0.43x of one connection at 1,000 with 16,384 frames, 0.6x with
+    // 1,024).
+    let (pa, pb) = toe_nic::wire(SCALE_WIRE_FRAMES);
     let now = toe_bus::time::Instant::from_micros(0);
     let a = Host::new("a", &s, test_nic(0, seed), Box::new(pa), now)
         .map_err(|e| other(e.to_string()))?;
@@ -428,6 +440,7 @@ pub fn scale_point(
     // part: `per` more bytes each, to the last end of stream.
     let mut warming = active;
     let mut t0: Option<WallInstant> = None;
+    let mut faults0 = 0;
     let mut done = vec![false; active];
     let mut left = active;
     let mut idle = 0u32;
@@ -469,6 +482,7 @@ pub fn scale_point(
         drop(d);
         if warming == 0 && t0.is_none() {
             t0 = Some(WallInstant::now());
+            faults0 = minor_faults();
             let mut d = da.lock();
             for s in senders.iter_mut() {
                 s.extend(per);
@@ -483,6 +497,7 @@ pub fn scale_point(
         }
     }
     let secs = t0.map_or(0.0, |t| t.elapsed().as_secs_f64());
+    let faults = minor_faults().saturating_sub(faults0);
     // Marginal heap per connection: past the first batch, so that fixed costs (the
     // listener's backlog sockets, tables) are not spread over the connections.
     let heap = match (heap0, heap_first, heap1) {
@@ -499,7 +514,20 @@ pub fn scale_point(
         heap_per_conn_bytes: heap,
         socket_buffers_per_conn_bytes: 4 * u64::from(s.socket_buf_bytes),
         idle_step_us,
+        timed_faults_per_mib: faults as f64 / (timed_bytes as f64 / f64::from(1 << 20)).max(1e-9),
     })
+}
+
+/// Minor page faults of this process so far (0 where /proc is not available).
+fn minor_faults() -> u64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            // fields after the command name (which may contain spaces) end at ')'
+            let rest = s.rsplit_once(')')?.1;
+            rest.split_whitespace().nth(7)?.parse().ok()
+        })
+        .unwrap_or(0)
 }
 
 /// Run everything; `progress` hears a line per finished measurement.
@@ -641,11 +669,12 @@ pub fn run_bench(o: &BenchOptions, mut progress: impl FnMut(&str)) -> io::Result
         row.vs_one_connection =
             row.aggregate_bytes_per_s / one.unwrap_or(row.aggregate_bytes_per_s);
         progress(&format!(
-            "scale {n:>6} conns {act:>6} active {:>8.1} MB/s ({:.2}x one) heap/conn {} KiB idle step {:.1} us",
+            "scale {n:>6} conns {act:>6} active {:>8.1} MB/s ({:.2}x one) heap/conn {} KiB idle step {:.2} us, {:.1} page faults/MiB",
             row.aggregate_bytes_per_s / 1e6,
             row.vs_one_connection,
             row.heap_per_conn_bytes.map_or("-".into(), |h| format!("{:.1}", h / 1024.0)),
-            row.idle_step_us
+            row.idle_step_us,
+            row.timed_faults_per_mib
         ));
         scale.push(row);
     }
@@ -663,12 +692,14 @@ pub fn run_bench(o: &BenchOptions, mut progress: impl FnMut(&str)) -> io::Result
             name: "named-buffer bulk vs kernel loopback".into(),
             value: n.vs_kernel,
             target: 2.0,
+            at_most: false,
             met: n.vs_kernel >= 2.0,
         });
         goals.push(Goal {
             name: "named-buffer bulk vs bare smoltcp".into(),
             value: n.vs_bare,
             target: 0.9,
+            at_most: false,
             met: n.vs_bare >= 0.9,
         });
     }
@@ -681,6 +712,7 @@ pub fn run_bench(o: &BenchOptions, mut progress: impl FnMut(&str)) -> io::Result
             ),
             value: v,
             target: 0.5,
+            at_most: true,
             met: v <= 0.5,
         });
     }
@@ -690,6 +722,7 @@ pub fn run_bench(o: &BenchOptions, mut progress: impl FnMut(&str)) -> io::Result
                 name: name.into(),
                 value: r.vs_one_connection,
                 target,
+                at_most: false,
                 met: r.vs_one_connection >= target,
             });
         }
@@ -717,6 +750,7 @@ pub fn run_bench(o: &BenchOptions, mut progress: impl FnMut(&str)) -> io::Result
             name: "idle step at 10,000 idle connections, us".into(),
             value: r.idle_step_us,
             target: 5.0,
+            at_most: true,
             met: r.idle_step_us <= 5.0,
         });
     }
@@ -725,11 +759,13 @@ pub fn run_bench(o: &BenchOptions, mut progress: impl FnMut(&str)) -> io::Result
         .filter_map(|r| Some((r, r.heap_per_conn_bytes?)))
         .find(|(r, _)| r.conns == 10_000)
     {
-        let over = (h - r.socket_buffers_per_conn_bytes as f64) / 1024.0;
+        // Per offloaded connection on one host (the row counts both endpoints).
+        let over = (h - r.socket_buffers_per_conn_bytes as f64) / 2.0 / 1024.0;
         goals.push(Goal {
-            name: "heap per connection beyond socket buffers at 10,000, KiB".into(),
+            name: "heap per offloaded connection beyond its socket buffers, KiB".into(),
             value: over,
             target: 2.0,
+            at_most: true,
             met: over <= 2.0,
         });
     }
@@ -833,7 +869,7 @@ pub fn bench_table(r: &BenchReport) -> String {
             "{:<58} {:>7.2} (target {}{:.2}) {}\n",
             g.name,
             g.value,
-            if g.name.contains("p99") { "<= " } else { ">= " },
+            if g.at_most { "<= " } else { ">= " },
             g.target,
             if g.met { "met" } else { "MISSED" }
         ));

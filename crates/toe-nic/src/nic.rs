@@ -101,6 +101,9 @@ pub struct NicStats {
     /// Half-open (SYN-RECEIVED) listener sockets recycled, oldest first, because a new SYN
     /// found no listening socket (a SYN flood cannot lock clients out).
     pub syn_evictions: u64,
+    /// Socket services (a socket was touched by a frame, a command or a due timer, and its
+    /// owner ran). With every connection idle, polls add nothing here.
+    pub sockets_serviced: u64,
     /// ARP frames received: each one re-examines every socket, since a socket waiting for
     /// that neighbour may go on before its deadline.
     pub arp_rescans: u64,
@@ -811,6 +814,7 @@ impl<P: Phy> Nic<P> {
 
     /// Service socket `id` for its owner; returns true if anything moved.
     fn service_sock(&mut self, id: SockId) -> bool {
+        self.stats.sockets_serviced += 1;
         match self.socks.owner(id) {
             Owner::Conn(conn) => {
                 if !self.conns.contains_key(&conn) {

@@ -795,45 +795,50 @@ pub fn run_bench(o: &BenchOptions, mut progress: impl FnMut(&str)) -> io::Result
 
 /// A readable rendering of `r`.
 pub fn bench_table(r: &BenchReport) -> String {
-    let mut s = String::from("bulk throughput (median of alternating runs)\n");
-    s.push_str(&format!(
-        "{:<16} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>12}\n",
-        "mode", "MB/s", "min", "max", "vs kern", "vs bare", "copies/B", "anon-hw KiB"
-    ));
-    for b in &r.bulk {
+    let mut s = String::new();
+    if !r.bulk.is_empty() {
+        s.push_str("bulk throughput (median of alternating runs)\n");
         s.push_str(&format!(
-            "{:<16} {:>9.1} {:>9.1} {:>9.1} {:>7.2}x {:>7.2}x {:>9} {:>12}\n",
-            b.mode,
-            b.median_bytes_per_s / 1e6,
-            b.min_bytes_per_s / 1e6,
-            b.max_bytes_per_s / 1e6,
-            b.vs_kernel,
-            b.vs_bare,
-            b.host_copies_per_byte
-                .map_or("-".into(), |c| format!("{c:.2}")),
-            b.anon_high_water_bytes.map_or("-".into(), |a| (a
-                .max(b.copy_buffer_high_water_bytes.unwrap_or(0))
-                / 1024)
-                .to_string())
+            "{:<16} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>12}\n",
+            "mode", "MB/s", "min", "max", "vs kern", "vs bare", "copies/B", "anon-hw KiB"
         ));
+        for b in &r.bulk {
+            s.push_str(&format!(
+                "{:<16} {:>9.1} {:>9.1} {:>9.1} {:>7.2}x {:>7.2}x {:>9} {:>12}\n",
+                b.mode,
+                b.median_bytes_per_s / 1e6,
+                b.min_bytes_per_s / 1e6,
+                b.max_bytes_per_s / 1e6,
+                b.vs_kernel,
+                b.vs_bare,
+                b.host_copies_per_byte
+                    .map_or("-".into(), |c| format!("{c:.2}")),
+                b.anon_high_water_bytes.map_or("-".into(), |a| (a
+                    .max(b.copy_buffer_high_water_bytes.unwrap_or(0))
+                    / 1024)
+                    .to_string())
+            ));
+        }
     }
-    s.push_str("\nrequest/response round trip (µs; wall clock, and virtual time with the bus cost model)\n");
-    s.push_str(&format!(
-        "{:<16} {:>7} {:>9} {:>9} {:>9} {:>10} {:>10}\n",
-        "mode", "size", "p50", "p99", "p99.9", "virt p50", "virt p99"
-    ));
-    let opt = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.1}"));
-    for x in &r.rr {
+    if !r.rr.is_empty() {
+        s.push_str("\nrequest/response round trip (µs; wall clock, and virtual time with the bus cost model)\n");
         s.push_str(&format!(
-            "{:<16} {:>7} {:>9.1} {:>9.1} {:>9.1} {:>10} {:>10}\n",
-            x.mode,
-            x.size,
-            x.p50_us,
-            x.p99_us,
-            x.p999_us,
-            opt(x.virtual_p50_us),
-            opt(x.virtual_p99_us)
+            "{:<16} {:>7} {:>9} {:>9} {:>9} {:>10} {:>10}\n",
+            "mode", "size", "p50", "p99", "p99.9", "virt p50", "virt p99"
         ));
+        let opt = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.1}"));
+        for x in &r.rr {
+            s.push_str(&format!(
+                "{:<16} {:>7} {:>9.1} {:>9.1} {:>9.1} {:>10} {:>10}\n",
+                x.mode,
+                x.size,
+                x.p50_us,
+                x.p99_us,
+                x.p999_us,
+                opt(x.virtual_p50_us),
+                opt(x.virtual_p99_us)
+            ));
+        }
     }
     if !r.scale.is_empty() {
         s.push_str("\nscale (indicate-window, W 64 KiB, 64 KiB socket buffers; one thread, virtual clock)\n");

@@ -133,7 +133,6 @@ struct NicConn {
     listener: Option<u16>,
     phase: Phase,
     ctx: OffloadCtx,
-    flow: Option<FlowKey>,
     tx_queue: VecDeque<TxBuf>,
     tx_enqueued: u64,
     /// Sends copied into the stack: (stream end offset, buffer, length).
@@ -350,7 +349,11 @@ impl<P: Phy> Nic<P> {
     }
     /// Local TCP port of an established connection.
     pub fn local_port(&self, conn: ConnId) -> Option<u16> {
-        self.conns.get(&conn)?.flow.map(|k| k.local_port)
+        let c = self.conns.get(&conn)?;
+        if c.phase != Phase::Open {
+            return None;
+        }
+        self.socks.flow(c.handle).map(|k| k.local_port)
     }
     /// Offloaded connections.
     pub fn conn_count(&self) -> usize {
@@ -389,12 +392,12 @@ impl<P: Phy> Nic<P> {
         }
         self.iface.poll_maintenance(now);
         progress |= self.ingress(now);
+        self.take_psh_marks();
         self.socks.mark_due(now);
         let mut work = std::mem::take(&mut self.scratch_socks);
         // Service (data to and from host memory, state changes), then egress, of the sockets
         // touched; egress that changes a socket's state (a timeout) services it again.
         for _ in 0..4 {
-            self.take_psh_marks();
             if !self.socks.any_dirty() {
                 break;
             }
@@ -485,12 +488,14 @@ impl<P: Phy> Nic<P> {
     /// A listening socket of a listener processed a SYN of `key`: if it took it (now
     /// half-open), its flow is routed to it; otherwise it is listening again.
     fn after_syn(&mut self, id: SockId, key: FlowKey) {
-        if self.socks.get(id).state() == tcp::State::SynReceived {
-            self.socks.bind_flow(id, key);
-        } else if self.socks.get(id).state() == tcp::State::Listen {
-            if let Some(l) = self.listeners.get_mut(&key.local_port) {
-                l.idle.push(id);
+        match self.socks.get(id).state() {
+            tcp::State::SynReceived => self.socks.bind_flow(id, key),
+            tcp::State::Listen => {
+                if let Some(l) = self.listeners.get_mut(&key.local_port) {
+                    l.idle.push(id);
+                }
             }
+            _ => {}
         }
     }
 
@@ -708,6 +713,12 @@ impl<P: Phy> Nic<P> {
     /// next client's SYN-ACK.
     fn rearm(&mut self, port: u16, old: SockId) {
         self.drop_backlog_socket(old);
+        self.replace_member(port, old);
+    }
+
+    /// Take `old` out of the backlog of the listener on `port` (dropped, or promoted to a
+    /// connection) and put a fresh listening socket in its place.
+    fn replace_member(&mut self, port: u16, old: SockId) {
         let fresh = self.listen_socket(port);
         if let Some(l) = self.listeners.get_mut(&port) {
             l.members.retain(|&m| m != old);
@@ -726,7 +737,6 @@ impl<P: Phy> Nic<P> {
             listener: None,
             phase: Phase::Connecting,
             ctx: OffloadCtx::new(conn, params.policy, params.indicate_window),
-            flow: None,
             tx_queue: VecDeque::new(),
             tx_enqueued: 0,
             tx_wait: VecDeque::new(),
@@ -861,14 +871,7 @@ impl<P: Phy> Nic<P> {
                 self.conns.insert(conn, c);
                 self.socks.set_owner(id, Owner::Conn(conn));
                 self.held.retain(|&h| h != id);
-                let fresh = self.listen_socket(port);
-                if let Some(l) = self.listeners.get_mut(&port) {
-                    l.members.retain(|&m| m != id);
-                    if let Some(f) = fresh {
-                        l.members.push(f);
-                        l.idle.push(f);
-                    }
-                }
+                self.replace_member(port, id);
                 self.service_sock(id);
                 true
             }
@@ -934,8 +937,8 @@ impl<P: Phy> Nic<P> {
                         remote_port: remote.port(),
                         local_port: local.port(),
                     };
-                    // Segments of the flow already reach this socket (bound at the SYN).
-                    c.flow = Some(key);
+                    // Segments of the flow already reach this socket (bound at the SYN or
+                    // the connect).
                     self.dev.confirm(&key);
                     let span = self.cfg.socket_rx_bytes as u64;
                     self.stats.psh_out_of_window +=

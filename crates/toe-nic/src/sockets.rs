@@ -275,16 +275,25 @@ impl Sockets {
             sent = true;
         }
         let at = iface.poll_at(now, &s.set);
-        if at != s.deadline {
-            s.deadline = at;
-            if let Some(t) = at {
-                self.heap.push(Reverse((t, id.0)));
-                if self.heap.len() > 2 * self.live + 64 {
-                    self.rebuild_heap();
-                }
+        self.set_deadline(id, at);
+        sent
+    }
+
+    /// Register `at` as the deadline of `id` (replacing its previous one, whose heap entry
+    /// goes stale). The heap is rebuilt from the live deadlines when stale entries could
+    /// outnumber them.
+    fn set_deadline(&mut self, id: SockId, at: Option<Instant>) {
+        let s = self.slot_mut(id);
+        if at == s.deadline {
+            return;
+        }
+        s.deadline = at;
+        if let Some(t) = at {
+            self.heap.push(Reverse((t, id.0)));
+            if self.heap.len() > 2 * self.live + 64 {
+                self.rebuild_heap();
             }
         }
-        sent
     }
 
     fn rebuild_heap(&mut self) {
@@ -354,13 +363,7 @@ mod tests {
         // Move a's deadline many times: only the latest counts, and stale entries are
         // compacted away.
         for k in 0..1000 {
-            let at = Instant::from_millis(10_000 - k);
-            let s = t.slot_mut(a);
-            s.deadline = Some(at);
-            t.heap.push(Reverse((at, a.0)));
-            if t.heap.len() > 2 * t.live + 64 {
-                t.rebuild_heap();
-            }
+            t.set_deadline(a, Some(Instant::from_millis(10_000 - k)));
         }
         assert!(t.heap.len() <= 2 * t.live + 64);
         assert_eq!(t.next_deadline(), Some(Instant::from_millis(9_001)));

@@ -45,8 +45,6 @@ pub struct BenchOptions {
     pub bulk: bool,
     /// Run the request/response section.
     pub rr: bool,
-    /// Run the "10,000 connections, 1% active" point (when 10,000 is among `scale`).
-    pub sparse: bool,
     /// Heap bytes currently allocated, if the binary counts them (a counting global
     /// allocator); used for memory per connection.
     pub heap_live: Option<fn() -> i64>,
@@ -74,7 +72,6 @@ impl BenchOptions {
             scale_bytes: 1 << 30,
             bulk: true,
             rr: true,
-            sparse: true,
             heap_live: None,
             settings,
             seed: 1,
@@ -92,7 +89,6 @@ impl BenchOptions {
             scale_bytes: 64 << 20,
             bulk: true,
             rr: true,
-            sparse: true,
             heap_live: None,
             settings,
             seed: 1,
@@ -660,7 +656,8 @@ pub fn run_bench(o: &BenchOptions, mut progress: impl FnMut(&str)) -> io::Result
 
     let mut scale: Vec<ScaleRow> = Vec::new();
     let mut points: Vec<(usize, usize)> = o.scale.iter().map(|&n| (n, n)).collect();
-    if o.sparse && o.scale.contains(&10_000) {
+    // "10,000 connections, 1% active", whenever 10,000 is among the counts.
+    if o.scale.contains(&10_000) {
         points.push((10_000, 100));
     }
     for (n, act) in points {

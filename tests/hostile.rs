@@ -20,7 +20,7 @@ use toe_host::wire_opts::WireOptions;
 use toe_nic::impair::ImpairConfig;
 use toe_nic::phy::MAX_EMBRYONIC_FLOWS;
 use toe_nic::wire;
-use toemu_tests::{host_mac, hosts_with, send_bytes, strip_psh, tcp_frame, Middle};
+use toemu_tests::{host_mac, hosts_with, recv_exact, send_bytes, strip_psh, tcp_frame, Middle};
 
 const MIB: usize = 1 << 20;
 const SERVER: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
@@ -173,13 +173,7 @@ fn listener_serves_again_after_a_burst_over_the_connection_limit() {
                 .find(|&&a| da.lock().conn_info(a).unwrap().local == Some(remote))
                 .expect("client of an accepted connection");
             send_bytes(&sim, 0, a, b"hello");
-            let mut got = 0;
-            sim.run_until(100_000, || {
-                let mut buf = [0u8; 16];
-                got += db.lock().read(sim.now(), b, &mut buf).unwrap();
-                got == 5
-            })
-            .unwrap();
+            recv_exact(&sim, 1, b, 5, 100_000);
             pairs.push((a, b));
         }
         served += pairs.len();
@@ -196,13 +190,7 @@ fn listener_serves_again_after_a_burst_over_the_connection_limit() {
     // and a new client is served afterwards
     let (a, b) = open(&sim, 80);
     send_bytes(&sim, 0, a, b"again");
-    let mut got = 0;
-    sim.run_until(100_000, || {
-        let mut buf = [0u8; 16];
-        got += db.lock().read(sim.now(), b, &mut buf).unwrap();
-        got == 5
-    })
-    .unwrap();
+    recv_exact(&sim, 1, b, 5, 100_000);
 }
 
 /// Item 3: a named buffer posted while the connection is still connecting is kept through

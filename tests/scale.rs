@@ -10,7 +10,7 @@ use toe_host::config::Settings;
 use toe_host::pair::hosts;
 use toe_host::runtime::Sim;
 use toe_nic::wire;
-use toemu_tests::send_bytes;
+use toemu_tests::{recv_exact, send_bytes};
 
 const CONNS: usize = 600;
 
@@ -75,14 +75,7 @@ fn idle_connections_cost_nothing_per_poll_and_one_busy_connection_costs_itself()
     let (c, s) = (clients[CONNS / 2], servers[CONNS / 2]);
     let before = serviced(&sim);
     send_bytes(&sim, 0, c, &[7u8; 4000]);
-    let db = sim.driver(1);
-    let mut got = 0;
-    let mut buf = [0u8; 8192];
-    sim.run_until(100_000, || {
-        got += db.lock().read(sim.now(), s, &mut buf).unwrap();
-        got == 4000
-    })
-    .unwrap();
+    recv_exact(&sim, 1, s, 4000, 100_000);
     sim.advance(Duration::from_millis(100)).unwrap();
     let spent = serviced(&sim) - before;
     assert!(
@@ -92,14 +85,7 @@ fn idle_connections_cost_nothing_per_poll_and_one_busy_connection_costs_itself()
     // Every other connection is untouched and still works.
     let (c2, s2) = (clients[0], servers[0]);
     send_bytes(&sim, 0, c2, b"still here");
-    let mut buf = [0u8; 64];
-    let mut n = 0;
-    sim.run_until(100_000, || {
-        n += db.lock().read(sim.now(), s2, &mut buf[n..]).unwrap();
-        n == 10
-    })
-    .unwrap();
-    assert_eq!(&buf[..n], b"still here");
+    assert_eq!(recv_exact(&sim, 1, s2, 10, 100_000), b"still here");
 }
 
 #[test]

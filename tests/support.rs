@@ -127,6 +127,20 @@ pub fn send_bytes(sim: &Sim, host: usize, conn: ConnId, data: &[u8]) {
     d.send(conn, b, data.len()).unwrap();
 }
 
+/// Read exactly `n` bytes from connection `conn` of host `host`, stepping the world as
+/// needed (at most `max_steps` steps; panics if they do not come).
+pub fn recv_exact(sim: &Sim, host: usize, conn: ConnId, n: usize, max_steps: u64) -> Vec<u8> {
+    let d = sim.driver(host);
+    let mut out = vec![0u8; n];
+    let mut got = 0;
+    sim.run_until(max_steps, || {
+        got += d.lock().read(sim.now(), conn, &mut out[got..]).unwrap();
+        got == n
+    })
+    .unwrap();
+    out
+}
+
 /// The Ethernet address of host `i` (0-based) of [`toe_host::runtime::test_nic`].
 pub fn host_mac(i: u8) -> [u8; 6] {
     [0x02, 0, 0, 0, 0, i + 1]

@@ -135,6 +135,52 @@ fn start(
     }
 }
 
+/// `toemu serve --app APP` on tap0 at the host address, logging to `work/NAME.log`, started
+/// and answering on `port`. Returns (host, log path).
+fn serve(
+    ns: &mut Netns,
+    toemu: &Path,
+    work: &Path,
+    name: &str,
+    app: &str,
+    port: u16,
+) -> Result<(usize, PathBuf), String> {
+    let log = work.join(format!("{name}.log"));
+    let ip = format!("{HOST_IP}/24");
+    let h = start(
+        ns,
+        toemu,
+        &["serve", "--tap", "tap0", "--ip", &ip, "--app", app],
+        &log,
+        port,
+    )?;
+    Ok((h, log))
+}
+
+/// Run the Python `script` (written to `work/NAME.py`) with `args` in the lab namespace, its
+/// standard output in `work/NAME.out`. Returns (child index, output path).
+fn spawn_python(
+    ns: &mut Netns,
+    work: &Path,
+    name: &str,
+    script: &str,
+    args: &[&str],
+) -> Result<(usize, PathBuf), String> {
+    let path = work.join(format!("{name}.py"));
+    std::fs::write(&path, script).map_err(|e| e.to_string())?;
+    let out = work.join(format!("{name}.out"));
+    let f = std::fs::File::create(&out).map_err(|e| e.to_string())?;
+    let child = ns
+        .cmd("python3")
+        .arg(&path)
+        .args(args)
+        .stdout(Stdio::from(f))
+        .spawn()
+        .map_err(|e| format!("{name}: {e}"))?;
+    ns.children.push(child);
+    Ok((ns.children.len() - 1, out))
+}
+
 /// Stop host `h` and print its final `stats:` line.
 fn stop_with_stats(ns: &mut Netns, h: usize, log: &Path, what: &str) -> Result<String, String> {
     ns.stop(h);
@@ -234,15 +280,7 @@ fn curl_burst(
 ///    bursts of 300. Each curl either gets the whole body or is refused or reset cleanly (curl
 ///    exit 7, 52 or 56); nothing times out; the host serves afterwards.
 fn burst(ns: &mut Netns, toemu: &Path, work: &Path) -> Result<(), String> {
-    let log = work.join("burst.log");
-    let ip = format!("{HOST_IP}/24");
-    let h = start(
-        ns,
-        toemu,
-        &["serve", "--tap", "tap0", "--ip", &ip, "--app", "http"],
-        &log,
-        80,
-    )?;
+    let (h, log) = serve(ns, toemu, work, "burst", "http", 80)?;
     let (ok, refused, bad) = curl_burst(ns, &work.join("burst200"), 200, MIB, 60)?;
     check(
         &format!(
@@ -317,29 +355,15 @@ for s in socks:
 ///    well-behaved uploads too). Beside 4 flooders, 4 socat clients send 16 MiB each through
 ///    the same echo host and must get every byte back (SHA-256), within 60 s.
 fn psh_flood(ns: &mut Netns, toemu: &Path, work: &Path) -> Result<(), String> {
-    let log = work.join("psh-flood.log");
-    let ip = format!("{HOST_IP}/24");
-    let h = start(
-        ns,
-        toemu,
-        &["serve", "--tap", "tap0", "--ip", &ip, "--app", "echo"],
-        &log,
-        7,
-    )?;
-    let script = work.join("flooder.py");
-    std::fs::write(&script, FLOODER).map_err(|e| e.to_string())?;
-    let out = work.join("flooder.out");
-    let f = std::fs::File::create(&out).map_err(|e| e.to_string())?;
+    let (h, log) = serve(ns, toemu, work, "psh-flood", "echo", 7)?;
     let flood_s = 20;
-    let flooder = ns
-        .cmd("python3")
-        .arg(&script)
-        .args([HOST_IP, "7", "4", &flood_s.to_string()])
-        .stdout(Stdio::from(f))
-        .spawn()
-        .map_err(|e| format!("flooder: {e}"))?;
-    ns.children.push(flooder);
-    let fl = ns.children.len() - 1;
+    let (fl, out) = spawn_python(
+        ns,
+        work,
+        "flooder",
+        FLOODER,
+        &[HOST_IP, "7", "4", &flood_s.to_string()],
+    )?;
     std::thread::sleep(Duration::from_secs(2));
     let t0 = Instant::now();
     let same = ns.sh(&format!(
@@ -420,15 +444,7 @@ print(n)
 /// 3. 3,000 spoofed SYNs (raw socket, random sources in the subnet, random ports) at the http
 ///    port; then a curl must be served within one second.
 fn syn_flood(ns: &mut Netns, toemu: &Path, work: &Path) -> Result<(), String> {
-    let log = work.join("syn-flood.log");
-    let ip = format!("{HOST_IP}/24");
-    let h = start(
-        ns,
-        toemu,
-        &["serve", "--tap", "tap0", "--ip", &ip, "--app", "http"],
-        &log,
-        80,
-    )?;
+    let (h, log) = serve(ns, toemu, work, "syn-flood", "http", 80)?;
     let script = work.join("synflood.py");
     std::fs::write(&script, SYN_FLOOD).map_err(|e| e.to_string())?;
     let t0 = Instant::now();
@@ -634,28 +650,14 @@ print("closed_by_host", closed, flush=True)
 /// 5. Slowloris: 60 connections (max_conns 64) each sending one byte a second for 12 s;
 ///    meanwhile 5 curls, one after another, are each served within 3 s.
 fn slowloris(ns: &mut Netns, toemu: &Path, work: &Path) -> Result<(), String> {
-    let log = work.join("slowloris.log");
-    let ip = format!("{HOST_IP}/24");
-    let h = start(
+    let (h, log) = serve(ns, toemu, work, "slowloris", "http", 80)?;
+    let (l, out) = spawn_python(
         ns,
-        toemu,
-        &["serve", "--tap", "tap0", "--ip", &ip, "--app", "http"],
-        &log,
-        80,
+        work,
+        "slowloris",
+        SLOWLORIS,
+        &[HOST_IP, "80", "60", "12"],
     )?;
-    let script = work.join("slowloris.py");
-    std::fs::write(&script, SLOWLORIS).map_err(|e| e.to_string())?;
-    let out: PathBuf = work.join("slowloris.out");
-    let f = std::fs::File::create(&out).map_err(|e| e.to_string())?;
-    let lor = ns
-        .cmd("python3")
-        .arg(&script)
-        .args([HOST_IP, "80", "60", "12"])
-        .stdout(Stdio::from(f))
-        .spawn()
-        .map_err(|e| e.to_string())?;
-    ns.children.push(lor);
-    let l = ns.children.len() - 1;
     wait_line(&out, "connected", Duration::from_secs(15))
         .map_err(|e| format!("slowloris: the 60 connections did not open: {e}"))?;
     std::thread::sleep(Duration::from_secs(2));

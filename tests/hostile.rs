@@ -493,6 +493,38 @@ fn spoofed_syn_flood_does_not_lock_clients_out() {
     assert_eq!((flows, embryonic), (0, 0));
 }
 
+/// Half-open handshakes that the peer resets (smoltcp turns such a socket back to LISTEN)
+/// are replaced, so they cannot leak the backlog: after twice the backlog of SYN + RST pairs
+/// a real client is still served, and no SYN was refused.
+#[test]
+fn reset_handshakes_do_not_leak_the_backlog() {
+    let (sim, inject) = server_with_injection(27, 4, |_| true);
+    for i in 0..8u32 {
+        let seq = i.wrapping_mul(2_654_435_761);
+        let mut q = inject.lock();
+        q.push_back(syn_to_server(spoofed(i), 80, seq));
+        q.push_back(tcp_frame(
+            spoofed(i),
+            SocketAddrV4::new(SERVER, 80),
+            host_mac(1),
+            TcpControl::Rst,
+            seq.wrapping_add(1),
+            None,
+            &[],
+        ));
+    }
+    sim.advance(Duration::from_millis(1)).unwrap();
+    assert!(inject.lock().is_empty());
+    let (a, b) = open(&sim, 80);
+    let nic = sim.with_host(1, |h| h.nic.stats());
+    assert_eq!(nic.syn_refused, 0, "{nic:?}");
+    assert_eq!(
+        nic.syn_evictions, 0,
+        "no half-open socket was left to recycle: {nic:?}"
+    );
+    close_all(&sim, &[(a, b)]);
+}
+
 /// Item 5: a sweep of 70,000 SYNs to a closed port cannot fill the tap's flow table: a
 /// connection made afterwards still has its PSH marks (a push-mode buffer comes back on PSH).
 #[test]

@@ -104,6 +104,12 @@ pub struct NicStats {
     /// Socket services (a socket was touched by a frame, a command or a due timer, and its
     /// owner ran). With every connection idle, polls add nothing here.
     pub sockets_serviced: u64,
+    /// Connection requests (SYN) refused with RST because every socket of the listener's
+    /// backlog had a completed handshake (none listening, none half-open to recycle).
+    pub syn_refused: u64,
+    /// TCP segments of no known flow (and not a connection request), answered with RST: the
+    /// peer of a recycled half-open socket, or a stray segment.
+    pub segments_without_flow: u64,
     /// ARP frames received: each one re-examines every socket, since a socket waiting for
     /// that neighbour may go on before its deadline.
     pub arp_rescans: u64,
@@ -447,10 +453,10 @@ impl<P: Phy> Nic<P> {
             };
             self.socks
                 .ingress(&mut self.iface, &mut self.dev, now, target.map(|t| t.0));
-            if let Some((id, listening)) = target {
+            if let (Some((id, from_idle)), Ingress::Tcp { key, .. }) = (target, what) {
                 self.socks.mark(id);
-                if let (true, Ingress::Tcp { key, .. }) = (listening, what) {
-                    self.after_syn(id, key);
+                if let Owner::Backlog(port) = self.socks.owner(id) {
+                    self.after_backlog_frame(port, id, key, from_idle);
                 }
             }
         }
@@ -465,6 +471,7 @@ impl<P: Phy> Nic<P> {
             return Some((id, false));
         }
         if !syn_only {
+            self.stats.segments_without_flow += 1;
             return None;
         }
         let port = key.local_port;
@@ -473,28 +480,41 @@ impl<P: Phy> Nic<P> {
             return Some((id, true));
         }
         let socks = &self.socks;
-        let oldest = l
+        let Some(oldest) = l
             .members
             .iter()
             .copied()
             .filter(|&id| socks.get(id).state() == tcp::State::SynReceived)
-            .min_by_key(|&id| socks.seq(id))?;
+            .min_by_key(|&id| socks.seq(id))
+        else {
+            self.stats.syn_refused += 1;
+            return None;
+        };
         self.stats.syn_evictions += 1;
         self.rearm(port, oldest);
         let id = self.listeners.get_mut(&port)?.idle.pop()?;
         Some((id, true))
     }
 
-    /// A listening socket of a listener processed a SYN of `key`: if it took it (now
-    /// half-open), its flow is routed to it; otherwise it is listening again.
-    fn after_syn(&mut self, id: SockId, key: FlowKey) {
-        match self.socks.get(id).state() {
-            tcp::State::SynReceived => self.socks.bind_flow(id, key),
-            tcp::State::Listen => {
-                if let Some(l) = self.listeners.get_mut(&key.local_port) {
+    /// Backlog socket `id` of the listener on `port` processed a frame of `key`, at once (so
+    /// that the next frame of the same batch finds the backlog as it now is):
+    /// - taken from the idle ones for a SYN: if it took it (now half-open) the flow is routed
+    ///   to it, otherwise it is idle again;
+    /// - a half-open one the peer reset: smoltcp sends it back to LISTEN, still bound to the
+    ///   flow and not idle, so it is replaced by a fresh socket (or the backlog would leak).
+    fn after_backlog_frame(&mut self, port: u16, id: SockId, key: FlowKey, from_idle: bool) {
+        match (self.socks.get(id).state(), from_idle) {
+            (tcp::State::SynReceived, true) => {
+                // Half-open from now: the oldest of these is the first recycled.
+                self.socks.stamp(id);
+                self.socks.bind_flow(id, key);
+            }
+            (tcp::State::Listen, true) => {
+                if let Some(l) = self.listeners.get_mut(&port) {
                     l.idle.push(id);
                 }
             }
+            (tcp::State::Listen, false) => self.rearm(port, id),
             _ => {}
         }
     }
@@ -840,7 +860,7 @@ impl<P: Phy> Nic<P> {
         }
     }
 
-    /// A backlog socket changed: a finished or failed handshake is promoted to a connection
+    /// A backlog socket changed: a finished handshake is promoted to a connection
     /// (or held in the backlog at the connection limit: its data stays in the socket, the
     /// peer is throttled by TCP's window, and it is promoted as soon as a connection is
     /// released); a handshake that timed out or was reset is replaced by a fresh socket.

@@ -50,7 +50,9 @@ struct Slot {
     /// The deadline registered in the heap, if any.
     deadline: Option<Instant>,
     dirty: bool,
-    /// Arming order (lower: older), for evicting the oldest half-open backlog socket.
+    /// Stamp order (lower: older): set when the socket is made and again by
+    /// [`Sockets::stamp`]; the NIC stamps a backlog socket when it takes a SYN, so the
+    /// oldest half-open one is the one with the lowest stamp.
     seq: u64,
 }
 
@@ -159,9 +161,15 @@ impl Sockets {
     pub(crate) fn set_owner(&mut self, id: SockId, owner: Owner) {
         self.slot_mut(id).owner = owner;
     }
-    /// Arming order of `id` (lower: older).
+    /// Stamp of `id` (lower: older).
     pub(crate) fn seq(&self, id: SockId) -> u64 {
         self.slot(id).seq
+    }
+    /// Give `id` the newest stamp.
+    pub(crate) fn stamp(&mut self, id: SockId) {
+        self.seq += 1;
+        let seq = self.seq;
+        self.slot_mut(id).seq = seq;
     }
 
     /// Route segments of `key` to `id` from now on.
@@ -334,7 +342,9 @@ mod tests {
         let c = t.add(sock(), Owner::Conn(ConnId(7)));
         assert_eq!(c, a, "a freed slot is reused");
         assert_eq!(t.len(), 2);
-        assert!(t.seq(c) > t.seq(b), "arming order follows creation");
+        assert!(t.seq(c) > t.seq(b), "stamps follow creation");
+        t.stamp(b);
+        assert!(t.seq(b) > t.seq(c), "a new stamp is the newest");
     }
 
     #[test]

@@ -17,7 +17,7 @@ use toe_host::pair::connected_pair;
 use toe_host::runtime::{test_nic, Host, Sim, Threaded};
 use toe_nic::{wire, Frame};
 use toemu_lab::datagen::DataGen;
-use toemu_lab::demo::{toe_bulk, DemoOptions, Mode};
+use toemu_lab::demo::{toe_bulk, toe_bulk_threaded, DemoOptions, Mode};
 use toemu_tests::{pair_on, pair_traced, send_bytes, strip_psh, Middle};
 
 const MIB: u64 = 1 << 20;
@@ -482,6 +482,45 @@ fn virtual_clock_runs_are_reproducible() {
     assert!(a.3 == b.3, "same seed, byte-identical pcap");
     let c = frame_log(22);
     assert_ne!(a.1, c.1, "another seed changes the run");
+}
+
+#[test]
+fn threaded_bulk_per_policy_is_intact_in_real_time() {
+    // The bench's `MODE/threaded` rows: both NICs on the adapter thread, sender and receiver
+    // on their own threads, in real time.
+    let bytes = 32 * MIB;
+    let expected = DataGen::digest(4, bytes);
+    for mode in [
+        Mode::NamedBuffer,
+        Mode::IndicateWindow,
+        Mode::MssHoldoff,
+        Mode::UnboundedCopy,
+    ] {
+        let o = DemoOptions {
+            bytes,
+            seed: 4,
+            ..DemoOptions::default()
+        };
+        let b = toe_bulk_threaded(mode, &o).unwrap_or_else(|e| panic!("{}: {e}", mode.name()));
+        assert_eq!(b.digest, expected, "{}: SHA-256 mismatch", mode.name());
+        let rx = b.driver_counters.expect("driver counters");
+        match mode {
+            // In real time the NIC may run ahead of the reposting application, so some
+            // bytes arrive anonymous; most are placed.
+            Mode::NamedBuffer => assert!(b.placed > bytes / 2, "{}", b.placed),
+            Mode::IndicateWindow | Mode::MssHoldoff => {
+                assert!(b.acks > 0 && rx.indicated_bytes > 0, "{rx:?}")
+            }
+            Mode::UnboundedCopy => {
+                assert!(
+                    (b.copies - 2.0).abs() < 0.01,
+                    "DMA + driver copy: {}",
+                    b.copies
+                )
+            }
+            Mode::SmoltcpBare => unreachable!(),
+        }
+    }
 }
 
 #[test]

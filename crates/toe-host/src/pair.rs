@@ -4,11 +4,14 @@
 use std::io;
 use std::net::SocketAddrV4;
 
-use toe_bus::ConnId;
+use std::sync::Arc;
+
+use toe_bus::{ConnId, HostMemory};
+use toe_driver::Stream;
 use toe_nic::wire;
 
 use crate::config::Settings;
-use crate::runtime::{BoxPhy, Host, Sim};
+use crate::runtime::{BoxPhy, Host, Sim, Threaded};
 use crate::wire_opts::{WireMonitors, WireOptions};
 
 fn other(e: impl ToString) -> io::Error {
@@ -45,21 +48,83 @@ pub fn connected_pair_traced(
     wire_opts: &WireOptions,
     trace: Option<(&crate::trace::SharedWriter, &str)>,
 ) -> io::Result<(Sim, ConnId, ConnId, WireMonitors)> {
+    let ([pa, pb], monitors) = wire_ports(wire_opts)?;
+    let (sim, ca, cb) = connected_pair_with(settings, settings, seed, port, pa, pb, trace)?;
+    Ok((sim, ca, cb, monitors))
+}
+
+/// The two ports of an in-memory wire built by `wire_opts` (side `i` for host `i`), and the
+/// impairment counters of the two directions.
+fn wire_ports(wire_opts: &WireOptions) -> io::Result<([BoxPhy; 2], WireMonitors)> {
     wire_opts.validate().map_err(other)?;
     let (pa, pb) = wire(4096);
     let (pa, ma) = wire_opts.wrap_observed(pa, 0);
     let (pb, mb) = wire_opts.wrap_observed(pb, 1);
-    let (sim, ca, cb) = connected_pair_with(settings, settings, seed, port, pa, pb, trace)?;
-    Ok((sim, ca, cb, [ma, mb]))
+    Ok(([pa, pb], [ma, mb]))
 }
 
 /// Two hosts on the given ports: host 0 (10.0.0.1) with `sa`, host 1 (10.0.0.2) with `sb`,
 /// nothing connected yet.
 pub fn hosts(sa: &Settings, sb: &Settings, seed: u64, pa: BoxPhy, pb: BoxPhy) -> io::Result<Sim> {
+    host_pair(sa, sb, seed, pa, pb).map(|h| Sim::new(h.into()))
+}
+
+fn host_pair(
+    sa: &Settings,
+    sb: &Settings,
+    seed: u64,
+    pa: BoxPhy,
+    pb: BoxPhy,
+) -> io::Result<[Host; 2]> {
     let now = toe_bus::time::Instant::from_micros(0);
     let a = Host::new("a", sa, crate::runtime::test_nic(0, seed), pa, now).map_err(other)?;
     let b = Host::new("b", sb, crate::runtime::test_nic(1, seed), pb, now).map_err(other)?;
-    Ok(Sim::new(vec![a, b]))
+    Ok([a, b])
+}
+
+/// Two hosts as in [`connected_pair_on`], run in real time on the [`Threaded`] runtime (both
+/// NICs on its adapter thread): host 1 listens on `port`, host 0 connects to it. Returns the
+/// runtime, the established client stream of host 0 and the accepted server stream of host
+/// 1 (move either to its own thread), the host memories (for copy counters) and the wire's
+/// impairment counters.
+pub fn threaded_pair(
+    settings: &Settings,
+    seed: u64,
+    port: u16,
+    wire_opts: &WireOptions,
+) -> io::Result<ThreadedPair> {
+    let ([pa, pb], monitors) = wire_ports(wire_opts)?;
+    let hosts = host_pair(settings, settings, seed, pa, pb)?;
+    let mem = [hosts[0].mem.clone(), hosts[1].mem.clone()];
+    let rt = Threaded::start(hosts.into());
+    let (da, db) = (rt.driver(0), rt.driver(1));
+    db.lock().listen(port, 4, None).map_err(other)?;
+    let remote = SocketAddrV4::new(std::net::Ipv4Addr::new(10, 0, 0, 2), port);
+    let ca = da.lock().connect(remote, 0, None).map_err(other)?;
+    let client = Stream::connected(da, ca, rt.waiter(0))?;
+    let server = Stream::accept(db, port, rt.waiter(1))?;
+    Ok(ThreadedPair {
+        rt,
+        client,
+        server,
+        mem,
+        monitors,
+    })
+}
+
+/// What [`threaded_pair`] returns.
+#[derive(Debug)]
+pub struct ThreadedPair {
+    /// The runtime; [`Threaded::stop`] gives the hosts back.
+    pub rt: Threaded,
+    /// Host 0's connection.
+    pub client: Stream,
+    /// Host 1's connection.
+    pub server: Stream,
+    /// Host memories of hosts 0 and 1.
+    pub mem: [Arc<HostMemory>; 2],
+    /// Impairment counters of the wire's two directions.
+    pub monitors: WireMonitors,
 }
 
 /// [`hosts`], then host 1 listens on `port` and host 0 connects to it, both drivers tracing

@@ -24,7 +24,7 @@ use toe_bus::ConnId;
 
 use crate::bare::BarePair;
 use crate::datagen::{Check, Checker, DataGen};
-use crate::demo::{toe_bulk, toe_rr_timed, DemoOptions, Mode, Receiver, Sender};
+use crate::demo::{toe_bulk, toe_bulk_threaded, toe_rr_timed, DemoOptions, Mode, Receiver, Sender};
 use toe_host::config::Settings;
 use toe_host::runtime::{test_nic, Host, Sim};
 
@@ -98,11 +98,47 @@ impl BenchOptions {
     }
 }
 
+/// How a bulk row ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Runner {
+    /// A TOE mode, both hosts on one thread, virtual clock.
+    Toe(Mode),
+    /// Bare smoltcp, one thread, virtual clock.
+    Bare,
+    /// Kernel loopback TCP, sender and receiver threads.
+    Kernel,
+    /// A TOE mode on the threaded runtime in real time.
+    Threaded(Mode),
+}
+
+impl Runner {
+    fn name(&self) -> String {
+        match self {
+            Runner::Toe(m) => m.name().into(),
+            Runner::Bare => "smoltcp-bare".into(),
+            Runner::Kernel => "kernel-loopback".into(),
+            Runner::Threaded(m) => format!("{}/threaded", m.name()),
+        }
+    }
+    fn runtime(&self) -> &'static str {
+        match self {
+            Runner::Toe(_) | Runner::Bare => "one thread, virtual clock",
+            Runner::Kernel => "two threads (sender, receiver), real time",
+            Runner::Threaded(_) => {
+                "three threads (adapter with both NICs, sender, receiver), real time"
+            }
+        }
+    }
+}
+
 /// One bulk row.
 #[derive(Debug, Clone, Serialize)]
 pub struct BulkRow {
-    /// Mode (a demo mode or `kernel-loopback`).
+    /// Mode (a demo mode, `smoltcp-bare` or `kernel-loopback`; `MODE/threaded` for a TOE
+    /// mode on the threaded runtime).
     pub mode: String,
+    /// Threads and clock of the run.
+    pub runtime: String,
     /// Median throughput, bytes per second.
     pub median_bytes_per_s: f64,
     /// Slowest run.
@@ -547,34 +583,46 @@ pub fn run_bench(o: &BenchOptions, mut progress: impl FnMut(&str)) -> io::Result
         Mode::MssHoldoff,
         Mode::UnboundedCopy,
     ];
-    let names: Vec<String> = toe_modes
+    // Bulk runners, in report order: every TOE mode on one thread and virtual clock, bare
+    // smoltcp (the same), kernel loopback (two threads), then every TOE mode threaded in
+    // real time (the adapter thread plus one thread per application) so that the comparison
+    // with the kernel is also made on equal footing.
+    let runners: Vec<Runner> = toe_modes
         .iter()
-        .map(|m| m.name().to_string())
-        .chain(["smoltcp-bare".into(), "kernel-loopback".into()])
+        .map(|&m| Runner::Toe(m))
+        .chain([Runner::Bare, Runner::Kernel])
+        .chain(toe_modes.iter().map(|&m| Runner::Threaded(m)))
         .collect();
+    let names: Vec<String> = runners.iter().map(Runner::name).collect();
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     let mut details: Vec<Option<crate::demo::Bulk>> = vec![None; names.len()];
     let rounds = if o.bulk { o.rounds.max(1) } else { 0 };
     for round in 0..rounds {
-        for (i, name) in names.iter().enumerate() {
-            let (secs, digest) = if i < toe_modes.len() {
-                let b = toe_bulk(toe_modes[i], &demo)?;
-                let r = (b.seconds, b.digest);
-                details[i] = Some(b);
-                r
-            } else if name == "smoltcp-bare" {
-                let (d, digest) =
-                    BarePair::new(&o.settings, o.seed).bulk_checked(o.bytes, o.seed, o.check)?;
-                (d.as_secs_f64(), digest)
-            } else {
-                kernel_bulk(o.bytes, o.seed, o.check)?
+        for (i, (runner, name)) in runners.iter().zip(&names).enumerate() {
+            let (secs, digest) = match *runner {
+                Runner::Toe(m) | Runner::Threaded(m) => {
+                    let b = if matches!(runner, Runner::Toe(_)) {
+                        toe_bulk(m, &demo)?
+                    } else {
+                        toe_bulk_threaded(m, &demo)?
+                    };
+                    let r = (b.seconds, b.digest);
+                    details[i] = Some(b);
+                    r
+                }
+                Runner::Bare => {
+                    let (d, digest) = BarePair::new(&o.settings, o.seed)
+                        .bulk_checked(o.bytes, o.seed, o.check)?;
+                    (d.as_secs_f64(), digest)
+                }
+                Runner::Kernel => kernel_bulk(o.bytes, o.seed, o.check)?,
             };
             if digest != expected {
                 return Err(io::Error::other(format!("{name}: integrity check failed")));
             }
             let tput = o.bytes as f64 / secs;
             progress(&format!(
-                "bulk round {}/{} {name:<16} {:>8.1} MB/s",
+                "bulk round {}/{} {name:<24} {:>8.1} MB/s",
                 round + 1,
                 o.rounds,
                 tput / 1e6
@@ -583,16 +631,19 @@ pub fn run_bench(o: &BenchOptions, mut progress: impl FnMut(&str)) -> io::Result
         }
     }
     let medians: Vec<f64> = samples.iter().map(|s| median(s)).collect();
-    let kernel = medians[names.len() - 1];
-    let bare = medians[names.len() - 2];
-    let bulk: Vec<BulkRow> = names
+    let at = |r: Runner| runners.iter().position(|x| *x == r).map(|i| medians[i]);
+    let kernel = at(Runner::Kernel).unwrap_or(f64::NAN);
+    let bare = at(Runner::Bare).unwrap_or(f64::NAN);
+    let bulk: Vec<BulkRow> = runners
         .iter()
+        .zip(&names)
         .filter(|_| o.bulk)
         .enumerate()
-        .map(|(i, name)| {
+        .map(|(i, (runner, name))| {
             let s = &samples[i];
             BulkRow {
                 mode: name.clone(),
+                runtime: runner.runtime().into(),
                 median_bytes_per_s: medians[i],
                 min_bytes_per_s: s.iter().copied().fold(f64::INFINITY, f64::min),
                 max_bytes_per_s: s.iter().copied().fold(0.0, f64::max),
@@ -615,7 +666,11 @@ pub fn run_bench(o: &BenchOptions, mut progress: impl FnMut(&str)) -> io::Result
         };
         let mut rr_settings = o.settings.clone();
         rr_settings.bus_latency_us = o.rr_bus_latency_us;
-        for name in &names {
+        let one_thread = runners
+            .iter()
+            .zip(&names)
+            .filter(|(r, _)| !matches!(r, Runner::Threaded(_)));
+        for (_, name) in one_thread {
             let (mut lat, mut vlat) = if let Some(m) = toe_modes.iter().find(|m| m.name() == name) {
                 let (w, v) = toe_rr_timed(
                     *m,
@@ -779,7 +834,7 @@ pub fn run_bench(o: &BenchOptions, mut progress: impl FnMut(&str)) -> io::Result
         "indicate_window_bytes": o.settings.indicate_window_bytes,
         "mtu": o.settings.mtu,
         "check": format!("{:?}", o.check),
-        "note": "TOE and bare smoltcp: one thread, virtual clock; kernel loopback: two threads. Throughput includes the receiver's integrity check of every byte.",
+        "note": "TOE modes and bare smoltcp: one thread, virtual clock; kernel loopback: two threads; MODE/threaded: the threaded runtime (adapter thread with both NICs, a sender and a receiver thread), real time. Each bulk row says so in `runtime`. Throughput includes the receiver's integrity check of every byte.",
     });
     Ok(BenchReport {
         machine,
@@ -794,14 +849,14 @@ pub fn run_bench(o: &BenchOptions, mut progress: impl FnMut(&str)) -> io::Result
 pub fn bench_table(r: &BenchReport) -> String {
     let mut s = String::new();
     if !r.bulk.is_empty() {
-        s.push_str("bulk throughput (median of alternating runs)\n");
+        s.push_str("bulk throughput (median of alternating runs; TOE modes and smoltcp-bare on one thread and the virtual clock, kernel-loopback on two threads, MODE/threaded on three threads in real time)\n");
         s.push_str(&format!(
-            "{:<16} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>12}\n",
+            "{:<24} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>12}\n",
             "mode", "MB/s", "min", "max", "vs kern", "vs bare", "copies/B", "anon-hw KiB"
         ));
         for b in &r.bulk {
             s.push_str(&format!(
-                "{:<16} {:>9.1} {:>9.1} {:>9.1} {:>7.2}x {:>7.2}x {:>9} {:>12}\n",
+                "{:<24} {:>9.1} {:>9.1} {:>9.1} {:>7.2}x {:>7.2}x {:>9} {:>12}\n",
                 b.mode,
                 b.median_bytes_per_s / 1e6,
                 b.min_bytes_per_s / 1e6,

@@ -488,6 +488,96 @@ pub fn toe_bulk(mode: Mode, o: &DemoOptions) -> io::Result<Bulk> {
     })
 }
 
+/// [`toe_bulk`] in real time on the [`Threaded`] runtime: both NICs on the adapter thread,
+/// the sending and the receiving application each on its own thread, sleeping on their
+/// host's event ring when they have nothing to do (three threads in all; on a 2-core machine
+/// they share the two cores). The wire is `o.wire` run on the real clock. `seconds` is wall
+/// time from the first byte offered to the receiver's end of stream.
+pub fn toe_bulk_threaded(mode: Mode, o: &DemoOptions) -> io::Result<Bulk> {
+    let settings = settings_for(mode, &o.settings);
+    let toe_host::pair::ThreadedPair {
+        rt,
+        client,
+        server,
+        mem,
+        monitors,
+    } = toe_host::pair::threaded_pair(&settings, o.seed, 5001, &o.wire)?;
+    let (da, db) = (rt.driver(0), rt.driver(1));
+    let (ca, cb) = (client.conn(), server.conn());
+    let mem_b = mem[1].clone();
+    let mut tx = Sender::new(
+        &da.lock(),
+        ca,
+        o.seed,
+        o.bytes,
+        o.send_bufs,
+        o.send_buf_bytes,
+    )?;
+    let now = rt.clock().now();
+    let rx = Receiver::new(
+        mode,
+        &mut db.lock(),
+        now,
+        cb,
+        o.named_bufs,
+        o.named_buf_bytes,
+        false,
+    )?
+    .with_check(o.check);
+    let before = mem_b.stats().snapshot();
+    let t0 = WallInstant::now();
+    let receiving = std::thread::Builder::new()
+        .name("toemu-receiver".into())
+        .spawn(move || -> io::Result<(Receiver, f64)> {
+            let mut rx = rx;
+            let w = server.waiter().clone();
+            server.wait_until(|d| Ok(rx.service(d, w.now())?.then_some(())))?;
+            Ok((rx, t0.elapsed().as_secs_f64()))
+        })?;
+    // The sender runs on this thread until every byte is acknowledged (the receiver has
+    // closed its side by then, or closes right after).
+    let sent = client.wait_until(|d| Ok(tx.service(d)?.then_some(())));
+    let (rx, seconds) = receiving
+        .join()
+        .map_err(|_| other("receiver thread panicked"))??;
+    sent?;
+    let received = rx.received;
+    let copies = mem_b
+        .stats()
+        .snapshot()
+        .since(&before)
+        .rx_copies_per_byte(received);
+    let info = db.lock().conn_info(cb).map_err(|e| other(e.to_string()))?;
+    let anon_high = db.lock().anon_high_water_bytes() as u64;
+    db.lock().close(cb).map_err(|e| other(e.to_string()))?;
+    tx.finish(&da.lock());
+    let hosts = rt.stop();
+    let nic_counters = hosts[1].nic.offload_state(cb).map(|(_, _, s)| s);
+    let (stalls, placed_nic) = nic_counters
+        .map(|s| (s.stalls, s.placed_bytes))
+        .unwrap_or((0, 0));
+    if received != o.bytes {
+        return Err(other(format!(
+            "{} (threaded): received {received} of {} bytes",
+            mode.name(),
+            o.bytes
+        )));
+    }
+    Ok(Bulk {
+        seconds,
+        digest: rx.digest(),
+        copies,
+        stalls,
+        acks: info.rx.acks_sent,
+        anon_high,
+        copy_high: info.rx.copy_buffer_high_water_bytes,
+        placed: placed_nic.max(info.rx.placed_bytes),
+        wire: wire_stats(&monitors),
+        nic_counters,
+        driver_counters: Some(info.rx),
+    })
+}
+
 /// `o.rr_iters` request/response exchanges of `o.rr_bytes` in `mode` (not `smoltcp-bare`) on
 /// the virtual clock; returns each round trip in wall-clock microseconds.
 pub fn toe_rr(mode: Mode, o: &DemoOptions) -> io::Result<Vec<f64>> {

@@ -15,16 +15,17 @@
 //! accelerated, the same work in every mode) so that ratios compare the transport paths, not
 //! a hash; `--check sha256` measures with the demo's SHA-256.
 
-use std::io::{self, Read, Write};
-use std::net::{SocketAddrV4, TcpListener, TcpStream};
+use std::io;
+use std::net::SocketAddrV4;
 use std::time::Instant as WallInstant;
 
 use serde::Serialize;
 use toe_bus::ConnId;
 
 use crate::bare::BarePair;
-use crate::datagen::{Check, Checker, DataGen};
+use crate::datagen::{Check, DataGen};
 use crate::demo::{toe_bulk, toe_bulk_threaded, toe_rr_timed, DemoOptions, Mode, Receiver, Sender};
+use crate::kernel::{kernel_bulk, kernel_rr, kernel_scale};
 use toe_host::config::Settings;
 use toe_host::runtime::{test_nic, Host, Sim};
 
@@ -37,10 +38,15 @@ pub struct BenchOptions {
     pub rounds: usize,
     /// Request/response exchanges per mode and size.
     pub rr_iters: usize,
-    /// Connection counts of the scale scenario.
-    pub scale: Vec<usize>,
+    /// Points of the scale scenario.
+    pub scale: Vec<ScalePoint>,
     /// Total bytes moved in each scale point.
     pub scale_bytes: u64,
+    /// Before every scale point with more than one connection, measure a 1-connection point
+    /// (its baseline, alternating); and measure the kernel's loopback TCP at every point.
+    /// Off: each point alone (for profiling one point), ratios against the list's own
+    /// 1-connection point.
+    pub scale_baselines: bool,
     /// Run the bulk section.
     pub bulk: bool,
     /// Run the request/response section.
@@ -68,8 +74,17 @@ impl BenchOptions {
             bytes: 1 << 30,
             rounds: 5,
             rr_iters: 20_000,
-            scale: vec![1, 100, 1_000, 10_000],
+            scale: [
+                (1, 1),
+                (100, 100),
+                (1_000, 1_000),
+                (10_000, 10_000),
+                (10_000, 100),
+            ]
+            .map(|(conns, active)| ScalePoint { conns, active })
+            .into(),
             scale_bytes: 1 << 30,
+            scale_baselines: true,
             bulk: true,
             rr: true,
             heap_live: None,
@@ -85,8 +100,9 @@ impl BenchOptions {
             bytes: 128 << 20,
             rounds: 3,
             rr_iters: 3_000,
-            scale: vec![1, 100, 1_000],
+            scale: [1, 100, 1_000].map(ScalePoint::all_active).into(),
             scale_bytes: 64 << 20,
+            scale_baselines: true,
             bulk: true,
             rr: true,
             heap_live: None,
@@ -95,6 +111,53 @@ impl BenchOptions {
             check: Check::Crc32c,
             rr_bus_latency_us: 2,
         }
+    }
+}
+
+/// One point of the scale scenario: `conns` connections open, `active` of them moving data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScalePoint {
+    /// Connections open.
+    pub conns: usize,
+    /// Connections moving data (1..=conns), spread evenly over the open ones.
+    pub active: usize,
+}
+
+impl ScalePoint {
+    /// `conns` connections, all active.
+    pub fn all_active(conns: usize) -> Self {
+        ScalePoint {
+            conns,
+            active: conns,
+        }
+    }
+}
+
+impl std::str::FromStr for ScalePoint {
+    type Err = String;
+    /// `N` (N connections, all active) or `N/A` (N open, A active).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let num = |t: &str| {
+            t.trim()
+                .replace('_', "")
+                .parse::<usize>()
+                .ok()
+                .filter(|&n| n > 0)
+                .ok_or_else(|| format!("scale point {s:?}: {t:?} is not a positive count"))
+        };
+        let p = match s.split_once('/') {
+            Some((n, a)) => ScalePoint {
+                conns: num(n)?,
+                active: num(a)?,
+            },
+            None => ScalePoint::all_active(num(s)?),
+        };
+        if p.active > p.conns {
+            return Err(format!(
+                "scale point {s:?}: more active than open connections"
+            ));
+        }
+        Ok(p)
     }
 }
 
@@ -182,6 +245,10 @@ pub struct RrRow {
 /// Frames the in-memory wire of a scale point holds per direction.
 pub const SCALE_WIRE_FRAMES: usize = 1024;
 
+/// Socket buffer of every scale connection, each way, bytes (TOE hosts and the kernel
+/// baseline alike).
+pub const SCALE_SOCKET_BUF_BYTES: u32 = 64 * 1024;
+
 /// One scale point.
 #[derive(Debug, Clone, Serialize)]
 pub struct ScaleRow {
@@ -192,8 +259,9 @@ pub struct ScaleRow {
     /// Aggregate throughput of the active connections after their warm-up, bytes per second
     /// (wall clock).
     pub aggregate_bytes_per_s: f64,
-    /// Aggregate / the 1-connection point; for a partly active point this is also one
-    /// connection's cost per delivered byte over this point's.
+    /// Aggregate / a 1-connection point measured right before this one (alternating, so
+    /// drifting load hits both); for a partly active point this is also one connection's
+    /// cost per delivered byte over this point's.
     pub vs_one_connection: f64,
     /// Resident memory added per connection (both endpoints) once all are open, bytes
     /// (socket buffers are allocated but mostly not yet touched).
@@ -210,6 +278,16 @@ pub struct ScaleRow {
     /// Minor page faults per MiB delivered in the timed part (first touches of memory: on a
     /// virtual machine each costs microseconds).
     pub timed_faults_per_mib: f64,
+    /// The kernel's loopback TCP at the same point, measured right after it (the same
+    /// connections open and active, the same socket buffer size, the same bytes and check;
+    /// a sender and a receiver thread on epoll): aggregate bytes per second.
+    pub kernel_bytes_per_s: Option<f64>,
+    /// The kernel's aggregate here / its own 1-connection point measured right before this
+    /// one: how much of the fall with N
+    /// comes from the machine (caches, memory) rather than from the emulator.
+    pub kernel_vs_one_connection: Option<f64>,
+    /// Why the kernel was not measured at this point (for example the open-file limit).
+    pub kernel_skipped: Option<String>,
 }
 
 /// A goal of the issue, checked against this run.
@@ -255,70 +333,6 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-/// Kernel loopback TCP through std sockets: a sender thread writes `bytes` of the seeded
-/// stream, the receiver hashes what it reads. Returns (seconds, digest).
-pub fn kernel_bulk(bytes: u64, seed: u64, check: Check) -> io::Result<(f64, [u8; 32])> {
-    let l = TcpListener::bind("127.0.0.1:0")?;
-    let addr = l.local_addr()?;
-    let t0 = WallInstant::now();
-    let tx = std::thread::spawn(move || -> io::Result<()> {
-        let mut s = TcpStream::connect(addr)?;
-        let mut g = DataGen::new(seed);
-        let mut buf = vec![0u8; 256 * 1024];
-        let mut left = bytes;
-        while left > 0 {
-            let n = left.min(buf.len() as u64) as usize;
-            g.fill(&mut buf[..n]);
-            s.write_all(&buf[..n])?;
-            left -= n as u64;
-        }
-        Ok(())
-    });
-    let (mut r, _) = l.accept()?;
-    let mut h = Checker::new(check);
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = r.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    tx.join()
-        .map_err(|_| io::Error::other("sender thread panicked"))??;
-    Ok((t0.elapsed().as_secs_f64(), h.finish()))
-}
-
-/// Kernel loopback request/response with TCP_NODELAY; round trips in microseconds.
-pub fn kernel_rr(iters: usize, size: usize) -> io::Result<Vec<f64>> {
-    let l = TcpListener::bind("127.0.0.1:0")?;
-    let addr = l.local_addr()?;
-    let srv = std::thread::spawn(move || -> io::Result<()> {
-        let (mut s, _) = l.accept()?;
-        s.set_nodelay(true)?;
-        let mut buf = vec![0u8; size];
-        for _ in 0..iters {
-            s.read_exact(&mut buf)?;
-            s.write_all(&buf)?;
-        }
-        Ok(())
-    });
-    let mut c = TcpStream::connect(addr)?;
-    c.set_nodelay(true)?;
-    let req = vec![0x5Au8; size];
-    let mut buf = vec![0u8; size];
-    let mut lat = Vec::with_capacity(iters);
-    for _ in 0..iters {
-        let t = WallInstant::now();
-        c.write_all(&req)?;
-        c.read_exact(&mut buf)?;
-        lat.push(t.elapsed().as_secs_f64() * 1e6);
-    }
-    srv.join()
-        .map_err(|_| io::Error::other("server thread panicked"))??;
-    Ok(lat)
-}
-
 fn rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -352,7 +366,7 @@ pub fn scale_point(
     for (k, v) in [
         ("max_conns", conns.max(1).to_string()),
         ("indicate_window_bytes", "64KiB".into()),
-        ("socket_buf_bytes", "64KiB".into()),
+        ("socket_buf_bytes", SCALE_SOCKET_BUF_BYTES.to_string()),
         ("mtu", "9000".into()),
     ] {
         s.apply_override(k, &v).map_err(|e| other(e.to_string()))?;
@@ -513,6 +527,7 @@ pub fn scale_point(
         }
         drop(d);
         if warming == 0 && t0.is_none() {
+            perf_control("enable");
             t0 = Some(WallInstant::now());
             faults0 = minor_faults();
             let mut d = da.lock();
@@ -529,6 +544,7 @@ pub fn scale_point(
         }
     }
     let secs = t0.map_or(0.0, |t| t.elapsed().as_secs_f64());
+    perf_control("disable");
     let faults = minor_faults().saturating_sub(faults0);
     // Marginal heap per connection: past the first batch, so that fixed costs (the
     // listener's backlog sockets, tables) are not spread over the connections.
@@ -547,7 +563,23 @@ pub fn scale_point(
         socket_buffers_per_conn_bytes: 4 * u64::from(s.socket_buf_bytes),
         idle_step_us,
         timed_faults_per_mib: faults as f64 / (timed_bytes as f64 / f64::from(1 << 20)).max(1e-9),
+        kernel_bytes_per_s: None,
+        kernel_vs_one_connection: None,
+        kernel_skipped: None,
     })
+}
+
+/// Profile only the timed parts of the scale points: with `TOEMU_PERF_CTL=FIFO` set, the
+/// bench writes `enable` to FIFO when a timed part starts and `disable` when it ends, the
+/// commands of `perf record --control fifo:FIFO -D -1` (which starts with sampling off).
+/// Without the variable, or if the FIFO cannot be opened, nothing happens.
+fn perf_control(cmd: &str) {
+    use std::io::Write;
+    if let Some(path) = std::env::var_os("TOEMU_PERF_CTL") {
+        if let Ok(mut f) = std::fs::OpenOptions::new().write(true).open(path) {
+            let _ = writeln!(f, "{cmd}");
+        }
+    }
 }
 
 /// Minor page faults of this process so far (0 where /proc is not available).
@@ -710,20 +742,60 @@ pub fn run_bench(o: &BenchOptions, mut progress: impl FnMut(&str)) -> io::Result
     }
 
     let mut scale: Vec<ScaleRow> = Vec::new();
-    let mut points: Vec<(usize, usize)> = o.scale.iter().map(|&n| (n, n)).collect();
-    // "10,000 connections, 1% active", whenever 10,000 is among the counts.
-    if o.scale.contains(&10_000) {
-        points.push((10_000, 100));
-    }
-    for (n, act) in points {
+    // One point: the TOE hosts, then the kernel at the same point.
+    let measure = |n: usize, act: usize| -> io::Result<ScaleRow> {
         let mut row = scale_point(o, n, act, o.scale_bytes)?;
-        let one = scale.first().map(|r| r.aggregate_bytes_per_s);
-        row.vs_one_connection =
-            row.aggregate_bytes_per_s / one.unwrap_or(row.aggregate_bytes_per_s);
+        if o.scale_baselines {
+            match crate::kernel::kernel_scale_fits(n) {
+                Err(why) => row.kernel_skipped = Some(why),
+                Ok(()) => {
+                    let (bytes, secs) = kernel_scale(
+                        n,
+                        act,
+                        o.scale_bytes,
+                        o.seed,
+                        o.check,
+                        SCALE_SOCKET_BUF_BYTES as usize,
+                    )?;
+                    row.kernel_bytes_per_s = Some(bytes as f64 / secs.max(1e-9));
+                }
+            }
+        }
+        Ok(row)
+    };
+    for &ScalePoint {
+        conns: n,
+        active: act,
+    } in &o.scale
+    {
+        // Every point is compared with a 1-connection point measured right before it, so
+        // that drifting machine load hits both alike.
+        let one = if n > 1 && o.scale_baselines {
+            Some(measure(1, 1)?)
+        } else {
+            None
+        };
+        let mut row = measure(n, act)?;
+        let first_one = scale.iter().find(|r| r.conns == 1);
+        let (base, kernel_base) = one
+            .as_ref()
+            .or(first_one)
+            .map_or((row.aggregate_bytes_per_s, row.kernel_bytes_per_s), |r| {
+                (r.aggregate_bytes_per_s, r.kernel_bytes_per_s)
+            });
+        row.vs_one_connection = row.aggregate_bytes_per_s / base;
+        row.kernel_vs_one_connection = row
+            .kernel_bytes_per_s
+            .zip(kernel_base)
+            .map(|(k, k1)| k / k1);
+        if let Some(why) = &row.kernel_skipped {
+            progress(&format!("scale {n:>6}: no kernel baseline: {why}"));
+        }
         progress(&format!(
-            "scale {n:>6} conns {act:>6} active {:>8.1} MB/s ({:.2}x one) heap/conn {} KiB idle step {:.2} us, {:.1} page faults/MiB",
+            "scale {n:>6} conns {act:>6} active {:>8.1} MB/s ({:.2}x one; kernel {}) heap/conn {} KiB idle step {:.2} us, {:.1} page faults/MiB",
             row.aggregate_bytes_per_s / 1e6,
             row.vs_one_connection,
+            row.kernel_vs_one_connection.map_or("-".into(), |k| format!("{k:.2}x one")),
             row.heap_per_conn_bytes.map_or("-".into(), |h| format!("{:.1}", h / 1024.0)),
             row.idle_step_us,
             row.timed_faults_per_mib
@@ -893,12 +965,14 @@ pub fn bench_table(r: &BenchReport) -> String {
         }
     }
     if !r.scale.is_empty() {
-        s.push_str("\nscale (indicate-window, W 64 KiB, 64 KiB socket buffers; one thread, virtual clock)\n");
+        s.push_str("\nscale (indicate-window, W 64 KiB, 64 KiB socket buffers; one thread, virtual clock; kernel: loopback TCP, same buffers, sender and receiver threads on epoll)\n");
         s.push_str(&format!(
-            "{:>7} {:>7} {:>10} {:>8} {:>13} {:>13} {:>12} {:>12}\n",
+            "{:>7} {:>7} {:>10} {:>8} {:>11} {:>8} {:>13} {:>13} {:>12} {:>12}\n",
             "conns",
             "active",
             "MB/s",
+            "vs one",
+            "kernel MB/s",
             "vs one",
             "heap/conn KiB",
             "rss/conn KiB",
@@ -907,11 +981,15 @@ pub fn bench_table(r: &BenchReport) -> String {
         ));
         for x in &r.scale {
             s.push_str(&format!(
-                "{:>7} {:>7} {:>10.1} {:>7.2}x {:>13} {:>13.1} {:>12} {:>12.2}\n",
+                "{:>7} {:>7} {:>10.1} {:>7.2}x {:>11} {:>8} {:>13} {:>13.1} {:>12} {:>12.2}\n",
                 x.conns,
                 x.active,
                 x.aggregate_bytes_per_s / 1e6,
                 x.vs_one_connection,
+                x.kernel_bytes_per_s
+                    .map_or("-".into(), |k| format!("{:.1}", k / 1e6)),
+                x.kernel_vs_one_connection
+                    .map_or("-".into(), |k| format!("{k:.2}x")),
                 x.heap_per_conn_bytes
                     .map_or("-".into(), |h| format!("{:.1}", h / 1024.0)),
                 x.rss_per_conn_bytes / 1024.0,
@@ -932,4 +1010,24 @@ pub fn bench_table(r: &BenchReport) -> String {
         ));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scale_points_parse() {
+        let p = |s: &str| s.parse::<ScalePoint>();
+        assert_eq!(p("1000"), Ok(ScalePoint::all_active(1000)));
+        assert_eq!(
+            p("10_000/100"),
+            Ok(ScalePoint {
+                conns: 10_000,
+                active: 100
+            })
+        );
+        assert!(p("10/20").unwrap_err().contains("more active"));
+        assert!(p("0").is_err() && p("x/1").is_err() && p("5/").is_err());
+    }
 }

@@ -5,6 +5,7 @@
 //! - [`mod@bench`]: `toemu bench` (every mode against bare smoltcp and kernel loopback TCP).
 //! - [`sweep`] and [`plot`]: metrics against W, SVG charts, the P/I timeline.
 //! - [`bare`], [`bare_tap`]: the bare-smoltcp baselines (in-memory wire, TAP).
+//! - [`kernel`]: the kernel-TCP loopback baselines (one stream, request/response, scale).
 //! - [`serve`]: running the example apps on an emulated host (TAP in real time, or two hosts
 //!   on the virtual clock).
 //! - [`datagen`]: deterministic payload and its digests (the example apps' generator).
@@ -13,6 +14,7 @@ pub mod bare;
 pub mod bare_tap;
 pub mod bench;
 pub mod demo;
+pub mod kernel;
 pub mod plot;
 pub mod serve;
 pub mod sweep;

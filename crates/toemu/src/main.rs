@@ -153,10 +153,15 @@ enum Cmd {
         /// Run only these sections (comma separated: bulk, rr, scale); default: all.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
-        /// Connection counts of the scale scenario (comma separated), instead of the
-        /// defaults (1,100,1000,10000; --quick: 1,100,1000).
+        /// Points of the scale scenario (comma separated), instead of the defaults
+        /// (1,100,1000,10000,10000/100; --quick: 1,100,1000): `N` is N connections all
+        /// active, `N/A` N open with A of them active.
         #[arg(long, value_delimiter = ',')]
-        scale: Vec<usize>,
+        scale: Vec<toemu_lab::bench::ScalePoint>,
+        /// Measure every scale point alone: no 1-connection point before it, no kernel
+        /// baseline (for profiling one point; see TOEMU_PERF_CTL in the README).
+        #[arg(long)]
+        no_scale_baselines: bool,
         /// Integrity check of the bulk runs: crc32c (default) or sha256.
         #[arg(long, default_value = "crc32c")]
         check: String,
@@ -367,6 +372,7 @@ fn run(cli: Cli) -> Result<(), String> {
             no_scale,
             only,
             scale,
+            no_scale_baselines,
             check,
             json,
         } => {
@@ -383,6 +389,7 @@ fn run(cli: Cli) -> Result<(), String> {
             if !scale.is_empty() {
                 o.scale = scale;
             }
+            o.scale_baselines = !no_scale_baselines;
             if no_scale {
                 o.scale.clear();
             }

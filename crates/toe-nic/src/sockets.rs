@@ -11,10 +11,13 @@
 //!   (a flow table kept here; a SYN without a flow goes to a listening socket of its port;
 //!   anything else goes to an empty set, where smoltcp answers as for no socket: RST);
 //! - egress and service: only sockets marked dirty (a frame, a command, a due timer);
-//! - deadlines: each socket's `poll_at` is recomputed when it was touched and kept in a heap
-//!   (entries go stale when a deadline moves and are skipped; the heap is rebuilt when stale
-//!   entries could outnumber the live ones, so it stays within a small factor of the socket
-//!   count).
+//! - deadlines: each socket's `poll_at` is recomputed when it was touched and kept in a heap.
+//!   A deadline that moves later does not touch the heap: the socket's earlier entry stays
+//!   and, when it comes up, is pushed again at the real deadline (a TCP retransmission timer
+//!   restarts on every ACK, so this saves a push per ACK). A deadline that moves earlier
+//!   pushes a new entry and the old one goes stale; stale entries are skipped, and the heap
+//!   is rebuilt when they could outnumber the live ones, so it stays within a small factor
+//!   of the socket count.
 //!
 //! No smoltcp change is needed; every walk becomes a walk over one socket.
 
@@ -47,8 +50,11 @@ struct Slot {
     handle: SocketHandle,
     owner: Owner,
     flow: Option<FlowKey>,
-    /// The deadline registered in the heap, if any.
+    /// The socket's next deadline, if any.
     deadline: Option<Instant>,
+    /// The heap entry that stands for this socket, if any. Invariant: when `deadline` is
+    /// set, `queued` is set and not later than it.
+    queued: Option<Instant>,
     dirty: bool,
     /// Stamp order (lower: older): set when the socket is made and again by
     /// [`Sockets::stamp`]; the NIC stamps a backlog socket when it takes a SYN, so the
@@ -99,6 +105,7 @@ impl Sockets {
             owner,
             flow: None,
             deadline: None,
+            queued: None,
             dirty: false,
             seq: self.seq,
         };
@@ -216,12 +223,25 @@ impl Sockets {
                 break;
             }
             self.heap.pop();
-            let id = SockId(i);
-            if let Some(s) = self.slots.get_mut(i as usize).and_then(Option::as_mut) {
-                if s.deadline == Some(t) {
+            let Some(s) = self.slots.get_mut(i as usize).and_then(Option::as_mut) else {
+                continue;
+            };
+            if s.queued != Some(t) {
+                continue; // stale
+            }
+            s.queued = None;
+            match s.deadline {
+                Some(d) if d <= now => {
                     s.deadline = None;
-                    self.mark(id);
+                    self.mark(SockId(i));
                 }
+                // The deadline moved later: the entry goes back in at it (past `now`, so
+                // this loop does not meet it again).
+                Some(d) => {
+                    s.queued = Some(d);
+                    self.heap.push(Reverse((d, i)));
+                }
+                None => {}
             }
         }
     }
@@ -240,15 +260,25 @@ impl Sockets {
     /// The earliest live deadline (stale heap entries are dropped on the way).
     pub(crate) fn next_deadline(&mut self) -> Option<Instant> {
         while let Some(&Reverse((t, i))) = self.heap.peek() {
-            let live = self
+            let Some(s) = self
                 .slots
-                .get(i as usize)
-                .and_then(Option::as_ref)
-                .is_some_and(|s| s.deadline == Some(t));
-            if live {
+                .get_mut(i as usize)
+                .and_then(Option::as_mut)
+                .filter(|s| s.queued == Some(t))
+            else {
+                self.heap.pop(); // stale
+                continue;
+            };
+            if s.deadline == Some(t) {
                 return Some(t);
             }
+            // The entry stands for a deadline that moved later or went away: put it where
+            // it belongs, so that the answer is exact.
             self.heap.pop();
+            s.queued = s.deadline;
+            if let Some(d) = s.deadline {
+                self.heap.push(Reverse((d, i)));
+            }
         }
         None
     }
@@ -292,26 +322,33 @@ impl Sockets {
     /// outnumber them.
     fn set_deadline(&mut self, id: SockId, at: Option<Instant>) {
         let s = self.slot_mut(id);
-        if at == s.deadline {
-            return;
-        }
         s.deadline = at;
-        if let Some(t) = at {
-            self.heap.push(Reverse((t, id.0)));
-            if self.heap.len() > 2 * self.live + 64 {
-                self.rebuild_heap();
+        match (at, s.queued) {
+            // The queued entry comes up first and is re-pushed then (or dropped if the
+            // deadline went away).
+            (None, _) => {}
+            (Some(t), Some(q)) if q <= t => {}
+            (Some(t), _) => {
+                s.queued = Some(t);
+                self.heap.push(Reverse((t, id.0)));
+                if self.heap.len() > 2 * self.live + 64 {
+                    self.rebuild_heap();
+                }
             }
         }
     }
 
     fn rebuild_heap(&mut self) {
-        let heap = self
-            .slots
-            .iter()
-            .enumerate()
-            .filter_map(|(i, s)| Some(Reverse((s.as_ref()?.deadline?, i as u32))))
-            .collect();
-        self.heap = heap;
+        let mut heap = Vec::with_capacity(self.live);
+        for (i, s) in self.slots.iter_mut().enumerate() {
+            if let Some(s) = s {
+                s.queued = s.deadline;
+                if let Some(d) = s.deadline {
+                    heap.push(Reverse((d, i as u32)));
+                }
+            }
+        }
+        self.heap = heap.into();
     }
 }
 
@@ -383,5 +420,39 @@ mod tests {
         t.take_dirty(&mut d);
         assert_eq!(d, vec![a]);
         assert_eq!(t.next_deadline(), None, "a fired deadline is gone");
+    }
+
+    #[test]
+    fn a_deadline_moved_later_fires_at_its_new_time_without_a_push_per_move() {
+        let mut t = Sockets::new();
+        let a = t.add(sock(), Owner::Backlog(80));
+        let b = t.add(sock(), Owner::Backlog(80));
+        let mut d = Vec::new();
+        t.take_dirty(&mut d);
+        t.set_deadline(b, Some(Instant::from_millis(50)));
+        // A retransmission timer restarted on every ACK: later and later.
+        for k in 0..100 {
+            t.set_deadline(a, Some(Instant::from_millis(10 + k)));
+        }
+        assert_eq!(t.heap.len(), 2, "one entry per socket");
+        // Exact even though a's entry still says 10 ms.
+        assert_eq!(t.next_deadline(), Some(Instant::from_millis(50)));
+        t.mark_due(Instant::from_millis(60));
+        t.take_dirty(&mut d);
+        assert_eq!(d, vec![b], "a is not due before 109 ms");
+        assert_eq!(t.next_deadline(), Some(Instant::from_millis(109)));
+        // Moved earlier again: a new entry, found first.
+        t.set_deadline(a, Some(Instant::from_millis(70)));
+        assert_eq!(t.next_deadline(), Some(Instant::from_millis(70)));
+        // Cancelled: no deadline left, and due marks nothing.
+        t.set_deadline(a, None);
+        assert_eq!(t.next_deadline(), None);
+        t.mark_due(Instant::from_millis(1_000));
+        assert!(!t.any_dirty());
+        // Set again after a cancel.
+        t.set_deadline(a, Some(Instant::from_millis(1_500)));
+        t.mark_due(Instant::from_millis(1_500));
+        t.take_dirty(&mut d);
+        assert_eq!(d, vec![a]);
     }
 }

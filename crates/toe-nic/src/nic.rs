@@ -23,7 +23,7 @@ use toe_bus::{
 
 use crate::offload::{OffloadCtx, OffloadStats, Plan};
 use crate::phy::{FlowKey, Ingress, NicDevice, Phy, PhyStats};
-use crate::sockets::{Owner, SockId, Sockets};
+use crate::sockets::{Owner, SockId, Sockets, SynAck};
 
 /// NIC configuration.
 #[derive(Debug, Clone)]
@@ -98,8 +98,10 @@ pub struct NicStats {
     pub resets: u64,
     /// Active opens refused because `max_conns` was reached.
     pub conn_limit_hits: u64,
-    /// Half-open (SYN-RECEIVED) listener sockets recycled, oldest first, because a new SYN
-    /// found no listening socket (a SYN flood cannot lock clients out).
+    /// Half-open (SYN-RECEIVED) listener sockets recycled because a new SYN found no
+    /// listening socket: first those whose SYN-ACK never went out, then those that sent it
+    /// [`SYN_ACK_GRACE`] or longer ago, oldest first (a SYN flood cannot lock clients out,
+    /// and a client's handshake in progress is not cut).
     pub syn_evictions: u64,
     /// Socket services (a socket was touched by a frame, a command or a due timer, and its
     /// owner ran). With every connection idle, polls add nothing here.
@@ -107,6 +109,9 @@ pub struct NicStats {
     /// Connection requests (SYN) refused with RST because every socket of the listener's
     /// backlog had a completed handshake (none listening, none half-open to recycle).
     pub syn_refused: u64,
+    /// Connection requests (SYN) dropped unanswered because every half-open socket of the
+    /// backlog had sent its SYN-ACK less than [`SYN_ACK_GRACE`] ago (the sender retries).
+    pub syn_deferred: u64,
     /// TCP segments of no known flow (and not a connection request), answered with RST: the
     /// peer of a recycled half-open socket, or a stray segment.
     pub segments_without_flow: u64,
@@ -150,6 +155,21 @@ struct NicConn {
     fin_seen: bool,
     /// Waiting in [`Nic`]'s starved list for an anonymous buffer.
     starved: bool,
+}
+
+/// How long a half-open socket whose SYN-ACK went out is safe from recycling: RFC 6298's
+/// initial retransmission timeout, the time a client allows a SYN before it retries.
+pub const SYN_ACK_GRACE: Duration = Duration::from_secs(1);
+
+/// Where [`Nic::route`] sends a segment.
+enum Route {
+    /// Process it against this socket (`true`: a listening socket, just taken from the idle
+    /// ones).
+    To(SockId, bool),
+    /// Process it against no socket: smoltcp answers with RST.
+    NoSocket,
+    /// Drop it unanswered (a SYN that finds every backlog socket in a young handshake).
+    Defer,
 }
 
 #[derive(Debug)]
@@ -443,7 +463,16 @@ impl<P: Phy> Nic<P> {
         while let Some(what) = self.dev.stage(now) {
             any = true;
             let target = match what {
-                Ingress::Tcp { key, syn, ack } => self.route(key, syn && !ack),
+                Ingress::Tcp { key, syn, ack } => match self.route(key, syn && !ack, now) {
+                    Route::To(id, from_idle) => Some((id, from_idle)),
+                    Route::NoSocket => None,
+                    Route::Defer => {
+                        // No socket took it: the tap's new flow for it goes too.
+                        self.dev.drop_staged();
+                        self.dev.forget(&key);
+                        continue;
+                    }
+                },
                 Ingress::Arp => {
                     self.stats.arp_rescans += 1;
                     self.socks.mark_all();
@@ -463,37 +492,72 @@ impl<P: Phy> Nic<P> {
         any
     }
 
-    /// The socket a segment of `key` goes to: the one bound to the flow; for a connection
-    /// request (`syn_only`) without one, a listening socket of its port (recycling the oldest
-    /// half-open one if none is left), flagged `true`; `None`: no socket (smoltcp answers RST).
-    fn route(&mut self, key: FlowKey, syn_only: bool) -> Option<(SockId, bool)> {
+    /// Where a segment of `key` goes: to the socket bound to the flow; for a connection
+    /// request (`syn_only`) without one, to a listening socket of its port, flagged `true`.
+    /// With none left, a half-open socket is recycled, in this order:
+    ///
+    /// 1. the oldest that could not send its SYN-ACK (its peer's address does not resolve:
+    ///    a spoofed source, typically);
+    /// 2. the oldest whose SYN-ACK went out [`SYN_ACK_GRACE`] or longer ago (a real peer
+    ///    answers within a round trip);
+    ///
+    /// otherwise, if a half-open socket is left (its SYN-ACK not tried yet, or recent), the
+    /// request is deferred (dropped
+    /// without an answer: its sender retransmits the SYN, by which time a handshake has
+    /// completed or aged), and if every backlog socket has a completed handshake it is
+    /// refused (RST). Anything else without a flow gets an RST.
+    fn route(&mut self, key: FlowKey, syn_only: bool, now: Instant) -> Route {
         if let Some(id) = self.socks.by_flow(&key) {
-            return Some((id, false));
+            return Route::To(id, false);
         }
         if !syn_only {
             self.stats.segments_without_flow += 1;
-            return None;
+            return Route::NoSocket;
         }
         let port = key.local_port;
-        let l = self.listeners.get_mut(&port)?;
+        let Some(l) = self.listeners.get_mut(&port) else {
+            return Route::NoSocket;
+        };
         if let Some(id) = l.idle.pop() {
-            return Some((id, true));
+            return Route::To(id, true);
         }
         let socks = &self.socks;
-        let Some(oldest) = l
+        let half_open = l
             .members
             .iter()
             .copied()
-            .filter(|&id| socks.get(id).state() == tcp::State::SynReceived)
-            .min_by_key(|&id| socks.seq(id))
-        else {
+            .filter(|&id| socks.get(id).state() == tcp::State::SynReceived);
+        let mut unanswered = None;
+        let mut aged = None;
+        let mut young = false;
+        for id in half_open {
+            let slot = match socks.syn_ack(id) {
+                SynAck::Unresolved => &mut unanswered,
+                SynAck::Sent(t) if now - t >= SYN_ACK_GRACE => &mut aged,
+                // Not transmitted yet (it took its SYN in this batch), or recently sent.
+                SynAck::NotTried | SynAck::Sent(_) => {
+                    young = true;
+                    continue;
+                }
+            };
+            if slot.is_none_or(|o| socks.seq(id) < socks.seq(o)) {
+                *slot = Some(id);
+            }
+        }
+        let Some(victim) = unanswered.or(aged) else {
+            if young {
+                self.stats.syn_deferred += 1;
+                return Route::Defer;
+            }
             self.stats.syn_refused += 1;
-            return None;
+            return Route::NoSocket;
         };
         self.stats.syn_evictions += 1;
-        self.rearm(port, oldest);
-        let id = self.listeners.get_mut(&port)?.idle.pop()?;
-        Some((id, true))
+        self.rearm(port, victim);
+        match self.listeners.get_mut(&port).and_then(|l| l.idle.pop()) {
+            Some(id) => Route::To(id, true),
+            None => Route::NoSocket,
+        }
     }
 
     /// Backlog socket `id` of the listener on `port` processed a frame of `key`, at once (so

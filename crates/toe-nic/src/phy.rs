@@ -315,6 +315,14 @@ impl<P: Phy> NicDevice<P> {
         }
     }
 
+    /// Drop the frame held by [`NicDevice::stage`] unprocessed (a connection request the NIC
+    /// defers).
+    pub fn drop_staged(&mut self) {
+        if let Some((frame, _)) = self.staged.take() {
+            recycle_frame(frame);
+        }
+    }
+
     /// The NIC offloaded a connection on `key`: keep the flow until [`NicDevice::forget`].
     pub fn confirm(&mut self, key: &FlowKey) {
         if let Some(f) = self.flows.get_mut(key) {

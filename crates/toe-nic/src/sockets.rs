@@ -45,6 +45,17 @@ pub(crate) enum Owner {
     Backlog(u16),
 }
 
+/// The SYN-ACK of a half-open socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SynAck {
+    /// No egress since the socket took its SYN.
+    NotTried,
+    /// Egress ran and nothing went out: the peer's address does not resolve (yet).
+    Unresolved,
+    /// It went out at this time.
+    Sent(Instant),
+}
+
 struct Slot {
     set: SocketSet<'static>,
     handle: SocketHandle,
@@ -55,6 +66,8 @@ struct Slot {
     /// The heap entry that stands for this socket, if any. Invariant: when `deadline` is
     /// set, `queued` is set and not later than it.
     queued: Option<Instant>,
+    /// Whether this socket's SYN-ACK went out (only meaningful in SYN-RECEIVED).
+    syn_ack: SynAck,
     dirty: bool,
     /// Stamp order (lower: older): set when the socket is made and again by
     /// [`Sockets::stamp`]; the NIC stamps a backlog socket when it takes a SYN, so the
@@ -106,6 +119,7 @@ impl Sockets {
             flow: None,
             deadline: None,
             queued: None,
+            syn_ack: SynAck::NotTried,
             dirty: false,
             seq: self.seq,
         };
@@ -172,6 +186,11 @@ impl Sockets {
     pub(crate) fn seq(&self, id: SockId) -> u64 {
         self.slot(id).seq
     }
+    /// Whether half-open socket `id` sent its SYN-ACK (see [`Sockets::egress`]).
+    pub(crate) fn syn_ack(&self, id: SockId) -> SynAck {
+        self.slot(id).syn_ack
+    }
+
     /// Give `id` the newest stamp.
     pub(crate) fn stamp(&mut self, id: SockId) {
         self.seq += 1;
@@ -299,7 +318,8 @@ impl Sockets {
     }
 
     /// Transmit what socket `id` has to send at `now`, then register its next deadline.
-    /// Returns true if a frame went out.
+    /// Returns true if a frame went out. A half-open socket's SYN-ACK is tracked
+    /// ([`Sockets::syn_ack`]).
     pub(crate) fn egress<D: smoltcp::phy::Device>(
         &mut self,
         iface: &mut Interface,
@@ -311,6 +331,13 @@ impl Sockets {
         let mut sent = false;
         while iface.poll_egress(now, dev, &mut s.set) == PollResult::SocketStateChanged {
             sent = true;
+        }
+        if s.set.get::<tcp::Socket<'_>>(s.handle).state() == tcp::State::SynReceived {
+            s.syn_ack = match (s.syn_ack, sent) {
+                (SynAck::Sent(t), _) => SynAck::Sent(t),
+                (_, true) => SynAck::Sent(now),
+                (_, false) => SynAck::Unresolved,
+            };
         }
         let at = iface.poll_at(now, &s.set);
         self.set_deadline(id, at);

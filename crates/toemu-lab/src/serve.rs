@@ -98,10 +98,10 @@ pub fn run_app_realtime(
         writeln!(
             out,
             "stats: rx_frames {} rx_malformed {} rx_bad_checksum {} tx_frames {} established {} resets {} anon_starved {} \
-             conns {} conn_limit_hits {} syn_evictions {} syn_refused {} segments_without_flow {} flows {} embryonic_flows {} flows_evicted {} psh_out_of_window {} \
+             conns {} conn_limit_hits {} syn_evictions {} syn_refused {} syn_deferred {} segments_without_flow {} flows {} embryonic_flows {} flows_evicted {} psh_out_of_window {} \
              anon_pool {} anon_at_nic {} anon_in_driver {} anon_high_water {}",
             p.rx_frames, p.rx_malformed, p.rx_bad_checksum, p.tx_frames, n.established, n.resets, n.anon_starved,
-            h.nic.conn_count(), n.conn_limit_hits, n.syn_evictions, n.syn_refused, n.segments_without_flow, h.nic.device().flow_count(),
+            h.nic.conn_count(), n.conn_limit_hits, n.syn_evictions, n.syn_refused, n.syn_deferred, n.segments_without_flow, h.nic.device().flow_count(),
             h.nic.device().embryonic_count(), p.flows_evicted, n.psh_out_of_window,
             d.anon_buffers, h.nic.anon_free(), d.anon_in_driver, d.anon_high_water
         )?;

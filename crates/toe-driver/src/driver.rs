@@ -232,7 +232,9 @@ pub struct Driver {
     mem: Arc<HostMemory>,
     bus: HostEnd,
     cfg: DriverConfig,
-    conns: BTreeMap<ConnId, DConn>,
+    /// Boxed: a B-tree node holds 11 entries and is often half full, so large values would
+    /// waste hundreds of bytes per connection in slack.
+    conns: BTreeMap<ConnId, Box<DConn>>,
     listeners: BTreeMap<u16, (RxConfig, VecDeque<ConnId>)>,
     next_conn: u32,
     released: Vec<HostBuf>,
@@ -367,7 +369,7 @@ impl Driver {
         self.check_rx(&rx)?;
         let conn = self.next_active_id();
         let c = self.new_conn(conn, rx, ConnState::Connecting);
-        self.conns.insert(conn, c);
+        self.conns.insert(conn, Box::new(c));
         self.send_cmd(Command::Connect {
             conn,
             remote,
@@ -524,11 +526,15 @@ impl Driver {
     }
 
     fn conn(&self, conn: ConnId) -> Result<&DConn, DriverError> {
-        self.conns.get(&conn).ok_or(DriverError::UnknownConn(conn))
+        self.conns
+            .get(&conn)
+            .map(|c| &**c)
+            .ok_or(DriverError::UnknownConn(conn))
     }
     fn conn_mut(&mut self, conn: ConnId) -> Result<&mut DConn, DriverError> {
         self.conns
             .get_mut(&conn)
+            .map(|c| &mut **c)
             .ok_or(DriverError::UnknownConn(conn))
     }
 
@@ -927,7 +933,7 @@ impl Driver {
             c.local = Some(local);
             c.remote = Some(remote);
             c.listener = Some(port);
-            self.conns.insert(conn, c);
+            self.conns.insert(conn, Box::new(c));
             if let Some((_, queue)) = self.listeners.get_mut(&port) {
                 queue.push_back(conn);
             }

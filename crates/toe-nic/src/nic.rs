@@ -190,7 +190,9 @@ pub struct Nic<P: Phy> {
     dev: NicDevice<P>,
     bus: NicEnd,
     dma: Dma,
-    conns: BTreeMap<ConnId, NicConn>,
+    /// Boxed: a B-tree node holds 11 entries and is often half full, so large values would
+    /// waste hundreds of bytes per connection in slack.
+    conns: BTreeMap<ConnId, Box<NicConn>>,
     listeners: BTreeMap<u16, Listener>,
     anon: Vec<HostBuf>,
     anon_len: usize,
@@ -903,7 +905,7 @@ impl<P: Phy> Nic<P> {
         let h = self.socks.add(s, Owner::Conn(conn));
         self.socks.bind_flow(h, key(port));
         let c = self.new_conn(h, conn, params);
-        self.conns.insert(conn, c);
+        self.conns.insert(conn, Box::new(c));
     }
 
     /// Service socket `id` for its owner; returns true if anything moved.
@@ -952,7 +954,7 @@ impl<P: Phy> Nic<P> {
                 };
                 let mut c = self.new_conn(id, conn, params);
                 c.listener = Some(port);
-                self.conns.insert(conn, c);
+                self.conns.insert(conn, Box::new(c));
                 self.socks.set_owner(id, Owner::Conn(conn));
                 self.held.retain(|&h| h != id);
                 self.replace_member(port, id);

@@ -488,7 +488,7 @@ pub fn toe_bulk(mode: Mode, o: &DemoOptions) -> io::Result<Bulk> {
     })
 }
 
-/// [`toe_bulk`] in real time on the [`Threaded`] runtime: both NICs on the adapter thread,
+/// [`toe_bulk`] in real time on the [`Threaded`](toe_host::runtime::Threaded) runtime: both NICs on the adapter thread,
 /// the sending and the receiving application each on its own thread, sleeping on their
 /// host's event ring when they have nothing to do (three threads in all; on a 2-core machine
 /// they share the two cores). The wire is `o.wire` run on the real clock. `seconds` is wall

@@ -7,6 +7,8 @@
 //!   host on TAP, and the hostile-peer suite.
 //! - `cargo xtask soak`: the impaired-wire integrity matrix (`tests/impair.rs`) at 1 GiB per
 //!   cell.
+//! - `cargo xtask fuzz`: the iSCSI PDU decoder and text-key parser on a million arbitrary
+//!   inputs each.
 //!
 //! Tests run in the `checked` profile (release with overflow checks and debug assertions)
 //! because the integration tests move hundreds of MiB. Before the tests, the system tools they
@@ -89,6 +91,21 @@ const SOAK: Step = Step {
     env: &[("TOEMU_SOAK_BYTES", "1GiB")],
 };
 
+/// `cargo xtask fuzz`: the iSCSI PDU decoder and text-key parser (and negotiation) fed a
+/// million arbitrary inputs each (the tests run 256).
+const FUZZ: Step = Step {
+    name: "fuzz",
+    args: &[
+        "test",
+        "--profile",
+        "checked",
+        "-p",
+        "toe-iscsi",
+        "arbitrary_",
+    ],
+    env: &[("PROPTEST_CASES", "1000000")],
+};
+
 /// The gates of `cargo xtask ci`, in order.
 const CI: &[&Step] = &[&FMT, &CLIPPY, &DOC, &TEST];
 
@@ -119,6 +136,8 @@ tasks:
   soak   TOEMU_SOAK_BYTES=1GiB cargo test --profile checked -p toemu-tests --test impair
            -- --include-ignored --nocapture
          the impaired-wire integrity matrix at 1 GiB per transfer (24 cells x 4 modes)
+  fuzz   PROPTEST_CASES=1000000 cargo test --profile checked -p toe-iscsi arbitrary_
+         the iSCSI PDU decoder and text-key parser on a million arbitrary inputs each
   help   print this message";
 
 /// The workspace root: the parent of this crate's manifest directory.
@@ -266,6 +285,7 @@ fn main() -> ExitCode {
         ["ci"] => run_all(CI),
         ["test"] => run_all(&[&TEST]),
         ["soak"] => run_all(&[&SOAK]),
+        ["fuzz"] => run_all(&[&FUZZ]),
         ["tap-test"] => tap_test::run(&workspace_root(), tap_test::Suite::All, &[]),
         ["tap-test", "basic"] => tap_test::run(&workspace_root(), tap_test::Suite::Basic, &[]),
         ["tap-test", "hostile", only @ ..] => {

@@ -1,0 +1,11 @@
+//! iSCSI (RFC 7143) for toemu, in pure layers that own no socket, thread or clock:
+//!
+//! 1. [`wire`]: PDU views and representations (the 48-byte BHS, AHS, header and data
+//!    digests, padding), parse and emit, every length checked;
+//! 2. [`text`]: text keys (`key=value` pairs) and their negotiation.
+//!
+//! The session and connection machines, login, the SCSI target and initiator and the NIC
+//! engine build on these (see `DESIGN.md`, "iSCSI").
+
+pub mod text;
+pub mod wire;

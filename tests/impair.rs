@@ -17,7 +17,6 @@
 //! `vendor/smoltcp/VENDORED.md`. Every cell runs in CI.
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use toe_bus::time::Duration;
 use toe_host::config::parse_size;
@@ -26,6 +25,7 @@ use toe_nic::impair::{ImpairConfig, ImpairStats};
 use toemu_lab::bare::BarePair;
 use toemu_lab::datagen::DataGen;
 use toemu_lab::demo::{toe_bulk, Bulk, DemoOptions, Mode};
+use toemu_tests::tshark;
 
 const MIB: u64 = 1 << 20;
 
@@ -213,26 +213,6 @@ fn bare_smoltcp_survives_an_impaired_rate_limited_wire() {
     let mut pair = BarePair::with_wire(&o.settings, 4, &wire).unwrap();
     let (_, digest) = pair.bulk(16 * MIB, 4).unwrap();
     assert_eq!(digest, DataGen::digest(4, 16 * MIB));
-}
-
-/// Runs tshark; a missing tshark fails the test and says how to install it.
-fn tshark(args: &[&str]) -> String {
-    let out = match Command::new("tshark").args(args).output() {
-        Ok(o) => o,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
-            "tshark is not installed, and this test needs it to check the pcap capture: \
-             install it with `apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y \
-             tshark` (`cargo xtask test` and `cargo xtask ci` do this before the tests)"
-        ),
-        Err(e) => panic!("cannot run tshark: {e}"),
-    };
-    assert!(
-        out.status.success(),
-        "tshark {args:?} failed: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("tshark prints UTF-8")
 }
 
 #[test]

@@ -200,3 +200,24 @@ pub fn tcp_frame(
     tcp.emit(&mut t, &IpAddress::Ipv4(s), &IpAddress::Ipv4(d), &caps);
     frame
 }
+
+/// Runs tshark; a missing tshark fails the test and says how to install it.
+pub fn tshark(args: &[&str]) -> String {
+    use std::process::Command;
+    let out = match Command::new("tshark").args(args).output() {
+        Ok(o) => o,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
+            "tshark is not installed, and this test needs it to check a pcap capture: \
+             install it with `apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y \
+             tshark` (`cargo xtask test` and `cargo xtask ci` do this before the tests)"
+        ),
+        Err(e) => panic!("cannot run tshark: {e}"),
+    };
+    assert!(
+        out.status.success(),
+        "tshark {args:?} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("tshark prints UTF-8")
+}

@@ -68,9 +68,10 @@ const TEST: Step = Step {
     env: &[],
 };
 
-/// System tools the tests run, as (command, Debian package). `tests/impair.rs` reads its pcap
-/// capture with tshark.
-const TEST_TOOLS: &[(&str, &str)] = &[("tshark", "tshark")];
+/// System tools the tests run, as (command, Debian package). `tests/impair.rs` and
+/// `tests/iscsi_wire.rs` read pcap captures with tshark; `tests/iscsi_libiscsi.rs` runs
+/// libiscsi's tools against the iSCSI target.
+const TEST_TOOLS: &[(&str, &str)] = &[("tshark", "tshark"), ("iscsi-ls", "libiscsi-bin")];
 
 /// `cargo xtask soak`: the integrity matrix over the impaired wire at 1 GiB per cell, with the
 /// per-cell progress lines.
@@ -120,8 +121,8 @@ tasks:
            cargo test --workspace --profile checked
   test   run only the tests: cargo test --workspace --profile checked
          (release with overflow checks and debug assertions)
-         ci and test first install what the tests run if missing: tshark
-         (apt-get as root; otherwise they fail and name the command)
+         ci and test first install what the tests run if missing: tshark,
+         libiscsi-bin (apt-get as root; otherwise they fail and name the command)
   tap-test [basic | hostile [burst|psh-flood|syn-flood|vanishing-peer|slowloris]...]
          (root) the emulated host on a TAP device in a fresh network namespace, driven by
          curl, socat, nc, ping and python3 -m http.server (basic), then the hostile-peer

@@ -2,10 +2,16 @@
 //!
 //! 1. [`wire`]: PDU views and representations (the 48-byte BHS, AHS, header and data
 //!    digests, padding), parse and emit, every length checked;
-//! 2. [`text`]: text keys (`key=value` pairs) and their negotiation.
+//! 2. [`text`]: text keys (`key=value` pairs) and their negotiation;
+//! 3. [`login`]: the target's and the initiator's login machines (security stage with
+//!    CHAP, operational negotiation, discovery and normal sessions);
+//! 4. [`target`]: a target connection as a byte-stream machine (login, then discovery,
+//!    NOP and Logout in full-feature phase; the SCSI layer comes next).
 //!
 //! The session and connection machines, login, the SCSI target and initiator and the NIC
 //! engine build on these (see `DESIGN.md`, "iSCSI").
 
+pub mod login;
+pub mod target;
 pub mod text;
 pub mod wire;

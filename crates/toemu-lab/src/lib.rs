@@ -5,6 +5,7 @@
 //! - [`mod@bench`]: `toemu bench` (every mode against bare smoltcp and kernel loopback TCP).
 //! - [`sweep`] and [`plot`]: metrics against W, SVG charts, the P/I timeline.
 //! - [`bare`], [`bare_tap`]: the bare-smoltcp baselines (in-memory wire, TAP).
+//! - [`iscsi`]: the iSCSI target on std TCP (the shell around `toe-iscsi`).
 //! - [`kernel`]: the kernel-TCP loopback baselines (one stream, request/response, scale).
 //! - [`serve`]: running the example apps on an emulated host (TAP in real time, or two hosts
 //!   on the virtual clock).
@@ -14,6 +15,7 @@ pub mod bare;
 pub mod bare_tap;
 pub mod bench;
 pub mod demo;
+pub mod iscsi;
 pub mod kernel;
 pub mod plot;
 pub mod serve;

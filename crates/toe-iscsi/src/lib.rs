@@ -5,13 +5,15 @@
 //! 2. [`text`]: text keys (`key=value` pairs) and their negotiation;
 //! 3. [`login`]: the target's and the initiator's login machines (security stage with
 //!    CHAP, operational negotiation, discovery and normal sessions);
-//! 4. [`target`]: a target connection as a byte-stream machine (login, then discovery,
+//! 4. [`scsi`]: the disk's command set over a [`scsi::BlockStore`];
+//! 5. [`target`]: a target connection as a byte-stream machine (login, then discovery,
 //!    NOP and Logout in full-feature phase; the SCSI layer comes next).
 //!
 //! The session and connection machines, login, the SCSI target and initiator and the NIC
 //! engine build on these (see `DESIGN.md`, "iSCSI").
 
 pub mod login;
+pub mod scsi;
 pub mod target;
 pub mod text;
 pub mod wire;

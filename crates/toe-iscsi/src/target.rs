@@ -2,17 +2,53 @@
 //! ([`TargetConn::on_bytes`]), bytes to send come out, and the caller (a std-TCP or emulated
 //! TOE shell) only moves them.
 //!
-//! Implemented so far: login (see [`crate::login`]), then full-feature phase with Text
-//! `SendTargets` (discovery), NOP-Out pings, and Logout. SCSI commands in a normal session
-//! are answered with Reject, reason "command not supported", until the SCSI layer lands.
+//! Implemented: login (see [`crate::login`]), then full-feature phase with Text
+//! `SendTargets` (discovery), NOP-Out pings, Logout, Task Management, and in a normal
+//! session SCSI commands on LUN 0's [`Disk`]: reads answered with Data-In PDUs of the
+//! initiator's MaxRecvDataSegmentLength (status in the last one), writes gathered from
+//! immediate data, unsolicited Data-Out and R2Ts (MaxBurstLength each, at most
+//! MaxOutstandingR2T outstanding), residuals with the O/U bits, sense data with CHECK
+//! CONDITION.
 //! A PDU that cannot be framed (a header digest mismatch, an unknown opcode) ends the
 //! connection, as ERL 0 prescribes; the counters say why.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use crate::login::{Negotiated, SessionType, TargetConfig, TargetLogin};
+use crate::scsi::{Disk, Outcome, Transfer, CHECK_CONDITION, GOOD};
 use crate::text;
 use crate::wire::{
-    Framing, LogoutResponse, Nop, Pdu, Reject, Repr, Text, WireError, BHS_LEN, RESERVED_TAG,
+    lun_index, DataIn, DataOut, Framing, LogoutResponse, Nop, Pdu, R2t, Reject, Repr, ScsiCommand,
+    ScsiResponse, TaskMgmtRequest, TaskMgmtResponse, Text, WireError, BHS_LEN, RESERVED_TAG,
 };
+
+/// Largest write one command may carry, bytes (the gathering buffer's bound).
+pub const MAX_WRITE_BYTES: u32 = 16 << 20;
+
+/// Most bytes all of one connection's writes may gather at once; a write beyond it gets
+/// TASK SET FULL (the initiator retries), so a peer that announces writes and sends no data
+/// cannot make the target's memory grow.
+pub const MAX_GATHER_BYTES_PER_CONN: u64 = 64 << 20;
+
+/// SCSI status TASK SET FULL.
+const TASK_SET_FULL: u8 = 0x28;
+
+/// A write gathering its data.
+struct WriteTask {
+    cmd: ScsiCommand,
+    data: Vec<u8>,
+    received: u32,
+    /// Unsolicited Data-Out may still come (F not seen yet).
+    unsolicited: bool,
+    /// Offset the next R2T asks from.
+    next_offset: u32,
+    outstanding_r2t: u32,
+    r2t_sn: u32,
+    /// The DataSN each open sequence expects next, by Target Transfer Tag (the reserved
+    /// tag for unsolicited data).
+    data_sn: HashMap<u32, u32>,
+}
 
 /// Reject reasons (RFC 7143 §11.17.1).
 pub mod reject_reason {
@@ -54,6 +90,8 @@ pub struct ConnStats {
     pub rejects: u64,
     /// Data digest failures.
     pub data_digest_errors: u64,
+    /// Writes ended because a Data-Out broke its sequence's DataSN order.
+    pub data_sequence_errors: u64,
 }
 
 enum Phase {
@@ -73,6 +111,9 @@ pub struct TargetConn {
     stat_sn: u32,
     exp_cmd_sn: u32,
     stats: ConnStats,
+    disk: Option<Arc<Mutex<Disk>>>,
+    writes: HashMap<u32, WriteTask>,
+    next_ttt: u32,
 }
 
 impl std::fmt::Debug for TargetConn {
@@ -105,7 +146,16 @@ impl TargetConn {
             stat_sn: 1,
             exp_cmd_sn: 0,
             stats: ConnStats::default(),
+            disk: None,
+            writes: HashMap::new(),
+            next_ttt: 1,
         }
+    }
+
+    /// Serve `disk` as LUN 0 of normal sessions (without one, SCSI commands are rejected).
+    pub fn with_disk(mut self, disk: Arc<Mutex<Disk>>) -> Self {
+        self.disk = Some(disk);
+        self
     }
 
     /// Why the connection ended, once it has: the shell then closes the socket after
@@ -333,9 +383,319 @@ impl TargetConn {
                 self.send(&r, &[], out);
                 self.phase = Phase::Closed(Ended::LoggedOut);
             }
+            Repr::ScsiCommand(c) if !discovery && self.disk.is_some() => {
+                self.scsi_command(pdu, c, out)
+            }
+            Repr::DataOut(d) if !discovery && self.disk.is_some() => self.data_out(pdu, d, out),
+            Repr::TaskMgmtRequest(t) if !discovery => self.task_mgmt(t, out),
             Repr::LoginRequest(_) => self.reject(pdu, reject_reason::PROTOCOL_ERROR, out),
             _ => self.reject(pdu, reject_reason::NOT_SUPPORTED, out),
         }
+    }
+
+    fn neg(&self) -> &Negotiated {
+        match &self.phase {
+            Phase::FullFeature(n) => n,
+            _ => unreachable!("only called in full-feature phase"),
+        }
+    }
+
+    fn scsi_command(&mut self, pdu: &Pdu<'_>, c: ScsiCommand, out: &mut Vec<u8>) {
+        let disk = self.disk.clone().expect("checked by the caller");
+        let lun0 = lun_index(c.lun) == Some(0);
+        if !lun0 && c.cdb[0] != 0xa0 && c.cdb[0] != 0x12 {
+            return self.finish(
+                c,
+                Outcome::check(crate::scsi::Sense::LUN_NOT_SUPPORTED),
+                out,
+            );
+        }
+        let want = disk.lock().expect("disk lock").transfer(&c.cdb);
+        if c.write || matches!(want, Transfer::Out(_)) {
+            if c.expected_len > MAX_WRITE_BYTES {
+                return self.finish(
+                    c,
+                    Outcome::check(crate::scsi::Sense::INVALID_FIELD_IN_CDB),
+                    out,
+                );
+            }
+            let gathering: u64 = self.writes.values().map(|t| t.data.len() as u64).sum();
+            if gathering + u64::from(c.expected_len) > MAX_GATHER_BYTES_PER_CONN {
+                let o = Outcome {
+                    status: TASK_SET_FULL,
+                    data_in: Vec::new(),
+                    sense: None,
+                };
+                return self.respond(c.itt, o, 0, (false, false, 0), out);
+            }
+            let neg = self.neg();
+            let imm = pdu.data.len() as u32;
+            if imm > c.expected_len
+                || (imm > 0 && !neg.immediate_data)
+                || imm > neg.first_burst_length
+            {
+                return self.reject(pdu, reject_reason::PROTOCOL_ERROR, out);
+            }
+            let unsolicited = !c.final_ && !neg.initial_r2t;
+            let mut t = WriteTask {
+                cmd: c,
+                data: vec![0; c.expected_len as usize],
+                received: imm,
+                unsolicited,
+                next_offset: imm,
+                outstanding_r2t: 0,
+                r2t_sn: 0,
+                data_sn: HashMap::new(),
+            };
+            if unsolicited {
+                t.data_sn.insert(RESERVED_TAG, 0);
+            }
+            t.data[..imm as usize].copy_from_slice(pdu.data);
+            if !unsolicited && !c.final_ {
+                // Unsolicited Data-Out announced (F=0) although InitialR2T=Yes.
+                return self.reject(pdu, reject_reason::PROTOCOL_ERROR, out);
+            }
+            self.writes.insert(c.itt, t);
+            return self.advance_write(c.itt, out);
+        }
+        let mut o = disk.lock().expect("disk lock").execute(&c.cdb, &[]);
+        if !lun0 && c.cdb[0] == 0x12 && o.status == GOOD && !o.data_in.is_empty() {
+            o.data_in[0] = 0x7f; // no logical unit here
+        }
+        self.finish(c, o, out)
+    }
+
+    /// Issue R2Ts for write `itt` or, with every byte in, execute it.
+    fn advance_write(&mut self, itt: u32, out: &mut Vec<u8>) {
+        let (max_burst, max_r2t) = {
+            let n = self.neg();
+            (n.max_burst_length, n.max_outstanding_r2t.max(1))
+        };
+        let Some(t) = self.writes.get_mut(&itt) else {
+            return;
+        };
+        if t.unsolicited {
+            return;
+        }
+        let expected = t.cmd.expected_len;
+        if t.received >= expected {
+            let t = self.writes.remove(&itt).expect("present");
+            let disk = self.disk.clone().expect("a disk");
+            let o = disk.lock().expect("disk lock").execute(&t.cmd.cdb, &t.data);
+            let want = disk.lock().expect("disk lock").transfer(&t.cmd.cdb);
+            let wanted = match want {
+                Transfer::Out(n) => Some(n),
+                _ => None,
+            };
+            return self.finish_write(t.cmd, o, wanted, t.r2t_sn, out);
+        }
+        let mut r2ts = Vec::new();
+        while t.outstanding_r2t < max_r2t && t.next_offset < expected {
+            let len = max_burst.min(expected - t.next_offset);
+            r2ts.push((t.next_offset, len, t.r2t_sn));
+            t.next_offset += len;
+            t.outstanding_r2t += 1;
+            t.r2t_sn += 1;
+        }
+        let lun = t.cmd.lun;
+        for (offset, len, sn) in r2ts {
+            let ttt = self.next_ttt;
+            self.next_ttt = self.next_ttt.wrapping_add(1).max(1) % RESERVED_TAG;
+            if let Some(t) = self.writes.get_mut(&itt) {
+                t.data_sn.insert(ttt, 0);
+            }
+            let r = Repr::R2t(R2t {
+                lun,
+                itt,
+                ttt,
+                stat_sn: self.stat_sn,
+                exp_cmd_sn: self.exp_cmd_sn,
+                max_cmd_sn: self.max_cmd_sn(),
+                r2t_sn: sn,
+                buffer_offset: offset,
+                desired_len: len,
+            });
+            self.send(&r, &[], out);
+        }
+    }
+
+    fn data_out(&mut self, pdu: &Pdu<'_>, d: DataOut, out: &mut Vec<u8>) {
+        let Some(t) = self.writes.get_mut(&d.itt) else {
+            return self.reject(pdu, reject_reason::INVALID_FIELD, out);
+        };
+        // A Data-Out out of its sequence's DataSN order, or for a sequence that is not
+        // open: at ERL 0 there is no recovery of the data, so the command ends with CHECK
+        // CONDITION, ABORTED COMMAND, DATA PHASE ERROR (4Bh/00h) and the session goes on
+        // (later Data-Out PDUs of the task find no task and are rejected).
+        match t.data_sn.get_mut(&d.ttt) {
+            Some(next) if *next == d.data_sn => *next += 1,
+            _ => {
+                let t = self.writes.remove(&d.itt).expect("present");
+                self.stats.data_sequence_errors += 1;
+                let o = Outcome::check(crate::scsi::Sense::DATA_PHASE_ERROR);
+                return self.respond(t.cmd.itt, o, t.r2t_sn, (false, false, 0), out);
+            }
+        }
+        let end = u64::from(d.buffer_offset) + pdu.data.len() as u64;
+        if end > u64::from(t.cmd.expected_len) {
+            return self.reject(pdu, reject_reason::PROTOCOL_ERROR, out);
+        }
+        t.data[d.buffer_offset as usize..end as usize].copy_from_slice(pdu.data);
+        t.received += pdu.data.len() as u32;
+        if d.final_ {
+            t.data_sn.remove(&d.ttt);
+            if d.ttt == RESERVED_TAG {
+                t.unsolicited = false;
+                t.next_offset = t.next_offset.max(end as u32);
+            } else {
+                t.outstanding_r2t = t.outstanding_r2t.saturating_sub(1);
+            }
+        }
+        self.advance_write(d.itt, out);
+    }
+
+    fn task_mgmt(&mut self, t: TaskMgmtRequest, out: &mut Vec<u8>) {
+        let response = match t.function {
+            // ABORT TASK: function complete if the task was still open (a write gathering
+            // data); reads complete at once, so any other task no longer exists.
+            1 => {
+                if self.writes.remove(&t.ref_task_tag).is_some() {
+                    0
+                } else {
+                    1
+                }
+            }
+            // ABORT TASK SET, CLEAR TASK SET, LOGICAL UNIT RESET, TARGET WARM RESET
+            2 | 3 | 5 | 6 => {
+                self.writes.clear();
+                0
+            }
+            _ => 5, // function not supported
+        };
+        let r = Repr::TaskMgmtResponse(TaskMgmtResponse {
+            response,
+            itt: t.itt,
+            stat_sn: self.next_stat_sn(),
+            exp_cmd_sn: self.exp_cmd_sn,
+            max_cmd_sn: self.max_cmd_sn(),
+        });
+        self.send(&r, &[], out);
+    }
+
+    /// Residual flags and count for `moved` bytes against `expected`.
+    fn residual(expected: u32, moved: u64) -> (bool, bool, u32) {
+        let e = u64::from(expected);
+        if moved > e {
+            (true, false, (moved - e).min(u64::from(u32::MAX)) as u32)
+        } else {
+            (false, moved < e, (e - moved) as u32)
+        }
+    }
+
+    /// Answer a non-write command: Data-In PDUs with the status in the last one, or a SCSI
+    /// Response. The residual compares what the command produced (before the cut to the
+    /// Expected Data Transfer Length) with that length (RFC 7143 §11.4.5).
+    fn finish(&mut self, c: ScsiCommand, mut o: Outcome, out: &mut Vec<u8>) {
+        if o.status != GOOD {
+            return self.respond(c.itt, o, 0, (false, false, 0), out);
+        }
+        let res = Self::residual(c.expected_len, o.data_in.len() as u64);
+        o.data_in.truncate(c.expected_len as usize);
+        if o.data_in.is_empty() {
+            return self.respond(c.itt, o, 0, res, out);
+        }
+        let (seg, burst) = {
+            let n = self.neg();
+            (
+                n.initiator_max_recv.max(512) as usize,
+                n.max_burst_length.max(512) as usize,
+            )
+        };
+        let total = o.data_in.len();
+        let mut data_sn = 0u32;
+        let mut offset = 0usize;
+        while offset < total {
+            let len = seg.min(total - offset).min(burst - offset % burst);
+            let last = offset + len == total;
+            let di = DataIn {
+                final_: last || (offset + len) % burst == 0,
+                ack: false,
+                overflow: last && res.0,
+                underflow: last && res.1,
+                status: last.then_some(GOOD),
+                lun: c.lun,
+                itt: c.itt,
+                ttt: RESERVED_TAG,
+                stat_sn: if last {
+                    self.next_stat_sn()
+                } else {
+                    self.stat_sn
+                },
+                exp_cmd_sn: self.exp_cmd_sn,
+                max_cmd_sn: self.max_cmd_sn(),
+                data_sn,
+                buffer_offset: offset as u32,
+                residual: if last && (res.0 || res.1) { res.2 } else { 0 },
+            };
+            let chunk = o.data_in[offset..offset + len].to_vec();
+            self.send(&Repr::DataIn(di), &chunk, out);
+            data_sn += 1;
+            offset += len;
+        }
+    }
+
+    fn finish_write(
+        &mut self,
+        c: ScsiCommand,
+        o: Outcome,
+        wanted: Option<u64>,
+        r2ts: u32,
+        out: &mut Vec<u8>,
+    ) {
+        let res = match (o.status, wanted) {
+            (GOOD, Some(w)) => Self::residual(c.expected_len, w),
+            _ => (false, false, 0),
+        };
+        self.respond(c.itt, o, r2ts, res, out)
+    }
+
+    fn respond(
+        &mut self,
+        itt: u32,
+        o: Outcome,
+        exp_data_sn: u32,
+        res: (bool, bool, u32),
+        out: &mut Vec<u8>,
+    ) {
+        let mut data = Vec::new();
+        if o.status == CHECK_CONDITION {
+            if let Some(s) = o.sense {
+                let d_sense = self
+                    .disk
+                    .as_ref()
+                    .is_some_and(|d| d.lock().expect("disk lock").descriptor_sense());
+                let bytes = if d_sense {
+                    s.descriptor().to_vec()
+                } else {
+                    s.fixed().to_vec()
+                };
+                data.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
+                data.extend_from_slice(&bytes);
+            }
+        }
+        let r = Repr::ScsiResponse(ScsiResponse {
+            overflow: res.0,
+            underflow: res.1,
+            status: o.status,
+            itt,
+            stat_sn: self.next_stat_sn(),
+            exp_cmd_sn: self.exp_cmd_sn,
+            max_cmd_sn: self.max_cmd_sn(),
+            exp_data_sn,
+            residual: if res.0 || res.1 { res.2 } else { 0 },
+            ..Default::default()
+        });
+        self.send(&r, &data, out);
     }
 }
 
@@ -370,6 +730,7 @@ mod tests {
                 mutual: None,
                 params: OpParams {
                     header_digest: "CRC32C".into(),
+                    max_outstanding_r2t: 4,
                     ..OpParams::default()
                 },
                 isid: [0x80, 0, 0, 0, 0, 2],
@@ -570,5 +931,189 @@ mod tests {
                 c.on_bytes(&ch, &mut out);
             }
         }
+    }
+
+    fn normal_session_with_disk() -> (TargetConn, Framing, Arc<Mutex<Disk>>) {
+        let disk = Arc::new(Mutex::new(Disk::new(
+            Box::new(crate::scsi::MemStore::new(8 << 20)),
+            512,
+            "T1",
+        )));
+        let mut c = cfg();
+        c.params.max_burst_length = 8192;
+        c.params.max_outstanding_r2t = 2;
+        let mut conn = TargetConn::new(c, vec![], [9; 16], 2, 1).with_disk(disk.clone());
+        login(&mut conn, false);
+        let f = Framing {
+            header_digest: true,
+            data_digest: false,
+        };
+        (conn, f, disk)
+    }
+
+    fn pdus(f: &Framing, mut out: &[u8]) -> Vec<(Repr, Vec<u8>)> {
+        let mut v = Vec::new();
+        while let Some(p) = f.parse(out).unwrap() {
+            v.push((p.repr().unwrap(), p.data.to_vec()));
+            out = &out[p.len..];
+        }
+        v
+    }
+
+    #[test]
+    fn a_write_is_gathered_through_r2ts_and_reads_back_in_data_in_pdus() {
+        let (mut conn, f, _disk) = normal_session_with_disk();
+        let n = conn.negotiated().unwrap().clone();
+        assert!(n.initial_r2t && n.immediate_data);
+        assert_eq!((n.max_burst_length, n.max_outstanding_r2t), (8192, 2));
+        let len = 3 * 8192 + 1024; // 1 KiB immediate, then three bursts of 8 KiB
+        let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let mut cdb = [0u8; 16];
+        cdb[0] = 0x2a;
+        cdb[2..6].copy_from_slice(&16u32.to_be_bytes());
+        cdb[7..9].copy_from_slice(&((len / 512) as u16).to_be_bytes());
+        let cmd = ScsiCommand {
+            immediate: false,
+            final_: true,
+            read: false,
+            write: true,
+            attr: 1,
+            lun: 0,
+            itt: 0x40,
+            expected_len: len as u32,
+            cmd_sn: 7,
+            exp_stat_sn: 3,
+            cdb,
+        };
+        let mut bytes = Vec::new();
+        f.emit(&Repr::ScsiCommand(cmd), &[], &data[..1024], &mut bytes)
+            .unwrap();
+        let mut out = Vec::new();
+        conn.on_bytes(&bytes, &mut out);
+        // MaxOutstandingR2T = 2: two R2Ts at once, after the 1 KiB of immediate data
+        let r2ts: Vec<R2t> = pdus(&f, &out)
+            .into_iter()
+            .map(|(r, _)| match r {
+                Repr::R2t(r) => r,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(r2ts.len(), 2);
+        assert_eq!(
+            (r2ts[0].buffer_offset, r2ts[0].desired_len, r2ts[0].r2t_sn),
+            (1024, 8192, 0)
+        );
+        assert_eq!((r2ts[1].buffer_offset, r2ts[1].r2t_sn), (1024 + 8192, 1));
+        let mut pending = r2ts;
+        let mut response = None;
+        while let Some(r) = pending.pop() {
+            // answer each R2T with two Data-Out PDUs (DataSN 0, 1)
+            let mut bytes = Vec::new();
+            let (o, l) = (r.buffer_offset as usize, r.desired_len as usize);
+            for (k, (a, b)) in [(o, o + l / 2), (o + l / 2, o + l)].into_iter().enumerate() {
+                f.emit(
+                    &Repr::DataOut(DataOut {
+                        final_: k == 1,
+                        lun: 0,
+                        itt: 0x40,
+                        ttt: r.ttt,
+                        exp_stat_sn: 3,
+                        data_sn: k as u32,
+                        buffer_offset: a as u32,
+                    }),
+                    &[],
+                    &data[a..b],
+                    &mut bytes,
+                )
+                .unwrap();
+            }
+            let mut out = Vec::new();
+            conn.on_bytes(&bytes, &mut out);
+            for (p, _) in pdus(&f, &out) {
+                match p {
+                    Repr::R2t(r) => pending.push(r),
+                    Repr::ScsiResponse(s) => response = Some(s),
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+        let s = response.expect("the write completed");
+        assert_eq!(
+            (s.status, s.itt, s.exp_data_sn),
+            (GOOD, 0x40, 3),
+            "three R2Ts"
+        );
+        assert!(!s.overflow && !s.underflow);
+        // READ(10) of the same blocks, cut into Data-In PDUs of the initiator's 256 KiB
+        // limit capped by MaxBurstLength: 8 KiB each, status in the last
+        let mut rd = cdb;
+        rd[0] = 0x28;
+        let read = ScsiCommand {
+            read: true,
+            write: false,
+            itt: 0x41,
+            cmd_sn: 8,
+            cdb: rd,
+            ..cmd
+        };
+        let mut bytes = Vec::new();
+        f.emit(&Repr::ScsiCommand(read), &[], &[], &mut bytes)
+            .unwrap();
+        let mut out = Vec::new();
+        conn.on_bytes(&bytes, &mut out);
+        let ins = pdus(&f, &out);
+        assert_eq!(ins.len(), 4);
+        let mut back = Vec::new();
+        for (k, (p, d)) in ins.iter().enumerate() {
+            let Repr::DataIn(di) = p else { panic!("{p:?}") };
+            assert_eq!(
+                (di.data_sn, di.buffer_offset as usize),
+                (k as u32, back.len())
+            );
+            assert_eq!(di.status.is_some(), k == 3, "status only in the last");
+            back.extend_from_slice(d);
+        }
+        assert!(back == data, "the write reads back");
+    }
+
+    #[test]
+    fn a_peer_announcing_writes_without_data_cannot_grow_the_gather_memory() {
+        let (mut conn, f, _disk) = normal_session_with_disk();
+        let mut statuses = Vec::new();
+        for k in 0..8u32 {
+            let mut cdb = [0u8; 16];
+            cdb[0] = 0x8a;
+            cdb[10..14].copy_from_slice(&(MAX_WRITE_BYTES / 512).to_be_bytes());
+            let cmd = ScsiCommand {
+                immediate: false,
+                final_: true,
+                read: false,
+                write: true,
+                attr: 1,
+                lun: 0,
+                itt: k,
+                expected_len: MAX_WRITE_BYTES,
+                cmd_sn: 7 + k,
+                exp_stat_sn: 3,
+                cdb,
+            };
+            let mut bytes = Vec::new();
+            f.emit(&Repr::ScsiCommand(cmd), &[], &[], &mut bytes)
+                .unwrap();
+            let mut out = Vec::new();
+            conn.on_bytes(&bytes, &mut out);
+            for (p, _) in pdus(&f, &out) {
+                if let Repr::ScsiResponse(s) = p {
+                    statuses.push(s.status);
+                }
+            }
+        }
+        let gathering: u64 = conn.writes.values().map(|t| t.data.len() as u64).sum();
+        assert!(gathering <= MAX_GATHER_BYTES_PER_CONN);
+        assert_eq!(
+            statuses,
+            vec![TASK_SET_FULL; 4],
+            "the writes past 64 MiB are refused"
+        );
     }
 }

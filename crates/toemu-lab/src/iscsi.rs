@@ -5,11 +5,12 @@
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use toe_iscsi::login::TargetConfig;
+use toe_iscsi::scsi::Disk;
 use toe_iscsi::target::TargetConn;
 
 /// Random bytes from the kernel (CHAP challenges and identifiers).
@@ -29,8 +30,13 @@ pub struct TcpTarget {
 }
 
 impl TcpTarget {
-    /// Serve `cfg` on `listener`.
-    pub fn start(listener: TcpListener, cfg: TargetConfig) -> io::Result<TcpTarget> {
+    /// Serve `cfg` on `listener`, with `disk` as LUN 0 of normal sessions (without one,
+    /// only discovery and logins work).
+    pub fn start(
+        listener: TcpListener,
+        cfg: TargetConfig,
+        disk: Option<Arc<Mutex<Disk>>>,
+    ) -> io::Result<TcpTarget> {
         let addr = listener.local_addr()?;
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -44,11 +50,11 @@ impl TcpTarget {
                 while !stop2.load(Ordering::Relaxed) {
                     match listener.accept() {
                         Ok((s, _)) => {
-                            let (cfg, targets) = (cfg.clone(), targets.clone());
+                            let (cfg, targets, disk) = (cfg.clone(), targets.clone(), disk.clone());
                             let t = tsih.fetch_add(1, Ordering::Relaxed).max(1);
                             let _ = std::thread::Builder::new().name("iscsi-conn".into()).spawn(
                                 move || {
-                                    if let Err(e) = serve_conn(s, cfg, targets, t) {
+                                    if let Err(e) = serve_conn(s, cfg, targets, disk, t) {
                                         eprintln!("iscsi: connection ended: {e}");
                                     }
                                 },
@@ -90,6 +96,7 @@ fn serve_conn(
     mut s: TcpStream,
     cfg: TargetConfig,
     targets: Vec<(String, String)>,
+    disk: Option<Arc<Mutex<Disk>>>,
     tsih: u16,
 ) -> io::Result<()> {
     s.set_nodelay(true)?;
@@ -97,6 +104,9 @@ fn serve_conn(
     let mut challenge = [0u8; 16];
     challenge.copy_from_slice(&r[..16]);
     let mut conn = TargetConn::new(cfg, targets, challenge, r[16], tsih);
+    if let Some(d) = disk {
+        conn = conn.with_disk(d);
+    }
     let mut buf = vec![0u8; 256 * 1024];
     let mut out = Vec::new();
     loop {

@@ -1,0 +1,737 @@
+//! The SCSI target's disk (SPC-4 / SBC-3 subset), pure: a CDB and its Data-Out bytes go in,
+//! a status, Data-In bytes and sense data come out. The blocks live behind [`BlockStore`]
+//! (memory here; a file in the shell).
+//!
+//! Commands: TEST UNIT READY, REQUEST SENSE, INQUIRY (standard data with version
+//! descriptors; VPD pages 00h, 80h, 83h, B0h, B1h), READ CAPACITY (10) and (16), READ and
+//! WRITE (6, 10, 12, 16), WRITE AND VERIFY (10, 12, 16), VERIFY (10, 16), SYNCHRONIZE CACHE (10, 16), MODE SENSE (6, 10)
+//! with the Caching (08h) and Control (0Ah) pages, REPORT LUNS, START STOP UNIT. Anything
+//! else is CHECK CONDITION, ILLEGAL REQUEST, INVALID COMMAND OPERATION CODE (20h/00h); an
+//! LBA range past the end (64-bit wrap included) is LOGICAL BLOCK ADDRESS OUT OF RANGE
+//! (21h/00h); a reserved or unsupported field is INVALID FIELD IN CDB (24h/00h).
+
+/// SCSI status GOOD.
+pub const GOOD: u8 = 0x00;
+/// SCSI status CHECK CONDITION.
+pub const CHECK_CONDITION: u8 = 0x02;
+
+/// Sense keys.
+pub mod key {
+    /// NO SENSE.
+    pub const NO_SENSE: u8 = 0x0;
+    /// MEDIUM ERROR.
+    pub const MEDIUM_ERROR: u8 = 0x3;
+    /// ILLEGAL REQUEST.
+    pub const ILLEGAL_REQUEST: u8 = 0x5;
+    /// DATA PROTECT.
+    pub const DATA_PROTECT: u8 = 0x7;
+    /// ABORTED COMMAND.
+    pub const ABORTED_COMMAND: u8 = 0xb;
+}
+
+/// Sense data: key, additional sense code and qualifier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sense {
+    /// Sense key.
+    pub key: u8,
+    /// Additional sense code.
+    pub asc: u8,
+    /// Additional sense code qualifier.
+    pub ascq: u8,
+}
+
+impl Sense {
+    /// INVALID COMMAND OPERATION CODE.
+    pub const INVALID_OPCODE: Sense = Sense::illegal(0x20, 0x00);
+    /// LOGICAL BLOCK ADDRESS OUT OF RANGE.
+    pub const LBA_OUT_OF_RANGE: Sense = Sense::illegal(0x21, 0x00);
+    /// INVALID FIELD IN CDB.
+    pub const INVALID_FIELD_IN_CDB: Sense = Sense::illegal(0x24, 0x00);
+    /// LOGICAL UNIT NOT SUPPORTED.
+    pub const LUN_NOT_SUPPORTED: Sense = Sense::illegal(0x25, 0x00);
+    /// ABORTED COMMAND, DATA PHASE ERROR.
+    pub const DATA_PHASE_ERROR: Sense = Sense {
+        key: key::ABORTED_COMMAND,
+        asc: 0x4b,
+        ascq: 0x00,
+    };
+    /// WRITE PROTECTED.
+    pub const WRITE_PROTECTED: Sense = Sense {
+        key: key::DATA_PROTECT,
+        asc: 0x27,
+        ascq: 0x00,
+    };
+
+    const fn illegal(asc: u8, ascq: u8) -> Sense {
+        Sense {
+            key: key::ILLEGAL_REQUEST,
+            asc,
+            ascq,
+        }
+    }
+
+    /// Fixed-format sense data (response code 70h, 18 bytes).
+    pub fn fixed(&self) -> [u8; 18] {
+        let mut s = [0u8; 18];
+        s[0] = 0x70;
+        s[2] = self.key & 0x0f;
+        s[7] = 10;
+        s[12] = self.asc;
+        s[13] = self.ascq;
+        s
+    }
+
+    /// Descriptor-format sense data (response code 72h, 8 bytes).
+    pub fn descriptor(&self) -> [u8; 8] {
+        [0x72, self.key & 0x0f, self.asc, self.ascq, 0, 0, 0, 0]
+    }
+}
+
+/// Where a disk's blocks live. Offsets and lengths in bytes, always within [`len`].
+///
+/// [`len`]: BlockStore::len
+pub trait BlockStore: Send {
+    /// Capacity, bytes.
+    fn len(&self) -> u64;
+    /// Whether the capacity is zero.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Fill `buf` from byte `offset`.
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), String>;
+    /// Write `data` at byte `offset`.
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), String>;
+    /// Make every completed write durable.
+    fn flush(&mut self) -> Result<(), String>;
+}
+
+/// A disk in memory.
+#[derive(Debug, Clone)]
+pub struct MemStore(Vec<u8>);
+
+impl MemStore {
+    /// `len` bytes of zeros.
+    pub fn new(len: usize) -> Self {
+        MemStore(vec![0; len])
+    }
+}
+
+impl BlockStore for MemStore {
+    fn len(&self) -> u64 {
+        self.0.len() as u64
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), String> {
+        let o = offset as usize;
+        buf.copy_from_slice(&self.0[o..o + buf.len()]);
+        Ok(())
+    }
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), String> {
+        let o = offset as usize;
+        self.0[o..o + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+    fn flush(&mut self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// What a command did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// SCSI status.
+    pub status: u8,
+    /// Data for the initiator (READ, INQUIRY, ...); already cut to the allocation length.
+    pub data_in: Vec<u8>,
+    /// Sense data with CHECK CONDITION.
+    pub sense: Option<Sense>,
+}
+
+impl Outcome {
+    /// GOOD with `data_in`.
+    pub fn good(data_in: Vec<u8>) -> Self {
+        Outcome {
+            status: GOOD,
+            data_in,
+            sense: None,
+        }
+    }
+    /// CHECK CONDITION with sense `s`.
+    pub fn check(s: Sense) -> Self {
+        Outcome {
+            status: CHECK_CONDITION,
+            data_in: Vec::new(),
+            sense: Some(s),
+        }
+    }
+}
+
+/// The direction and length of a command's data, read from its CDB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transfer {
+    /// No data.
+    None,
+    /// Data to the initiator, at most this many bytes.
+    In(u64),
+    /// Data from the initiator, this many bytes.
+    Out(u64),
+}
+
+/// A disk logical unit.
+pub struct Disk {
+    store: Box<dyn BlockStore>,
+    block: u32,
+    serial: String,
+    /// Write protection (the Control page's SWP bit).
+    swp: bool,
+    /// Descriptor-format sense (the Control page's D_SENSE bit).
+    d_sense: bool,
+    /// Most blocks one READ or WRITE may move (reported in VPD B0h).
+    max_transfer_blocks: u32,
+}
+
+impl std::fmt::Debug for Disk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Disk")
+            .field("bytes", &self.store.len())
+            .field("block", &self.block)
+            .finish()
+    }
+}
+
+fn be16(b: &[u8], at: usize) -> u64 {
+    u64::from(u16::from_be_bytes([b[at], b[at + 1]]))
+}
+fn be32(b: &[u8], at: usize) -> u64 {
+    u64::from(u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]))
+}
+fn be64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// The length of a CDB of `opcode`'s group, bytes (SPC-4 §4.2.5.1), or `None` for the
+/// vendor and reserved groups.
+pub fn cdb_len(opcode: u8) -> Option<usize> {
+    match opcode >> 5 {
+        0 => Some(6),
+        1 | 2 => Some(10),
+        4 => Some(16),
+        5 => Some(12),
+        _ => None,
+    }
+}
+
+impl Disk {
+    /// A disk of `store`'s capacity in blocks of `block` bytes (512 or 4096), with `serial`.
+    pub fn new(store: Box<dyn BlockStore>, block: u32, serial: &str) -> Self {
+        Disk {
+            store,
+            block,
+            serial: serial.into(),
+            swp: false,
+            d_sense: false,
+            max_transfer_blocks: (8 << 20) / block,
+        }
+    }
+
+    /// Blocks on the disk.
+    pub fn blocks(&self) -> u64 {
+        self.store.len() / u64::from(self.block)
+    }
+
+    /// Block size, bytes.
+    pub fn block_size(&self) -> u32 {
+        self.block
+    }
+
+    /// Whether sense data goes out in descriptor format.
+    pub fn descriptor_sense(&self) -> bool {
+        self.d_sense
+    }
+
+    /// The data a command moves, from its CDB (for the session: how much Data-Out to
+    /// collect). Commands the disk does not know move nothing.
+    pub fn transfer(&self, cdb: &[u8]) -> Transfer {
+        let b = u64::from(self.block);
+        let Some(&op) = cdb.first() else {
+            return Transfer::None;
+        };
+        if cdb.len() < cdb_len(op).unwrap_or(usize::MAX) {
+            return Transfer::None;
+        }
+        match op {
+            0x08 => Transfer::In(six_len(cdb) * b),
+            0x28 => Transfer::In(be16(cdb, 7) * b),
+            0xa8 => Transfer::In(be32(cdb, 6) * b),
+            0x88 => Transfer::In(be32(cdb, 10) * b),
+            0x0a => Transfer::Out(six_len(cdb) * b),
+            0x2a | 0x2e => Transfer::Out(be16(cdb, 7) * b),
+            0xaa | 0xae => Transfer::Out(be32(cdb, 6) * b),
+            0x8a | 0x8e => Transfer::Out(be32(cdb, 10) * b),
+            0x12 | 0x1a | 0x03 => Transfer::In(if op == 0x12 {
+                be16(cdb, 3)
+            } else {
+                u64::from(cdb[4])
+            }),
+            0x5a => Transfer::In(be16(cdb, 7)),
+            0x25 => Transfer::In(8),
+            0x9e => Transfer::In(be32(cdb, 10)),
+            0xa0 => Transfer::In(be32(cdb, 6)),
+            _ => Transfer::None,
+        }
+    }
+
+    /// Execute `cdb` on LUN 0 with the Data-Out bytes `data_out` (as many as
+    /// [`Disk::transfer`] asked for, or fewer if the initiator sent fewer).
+    pub fn execute(&mut self, cdb: &[u8], data_out: &[u8]) -> Outcome {
+        let Some(&op) = cdb.first() else {
+            return Outcome::check(Sense::INVALID_OPCODE);
+        };
+        match cdb_len(op) {
+            Some(n) if cdb.len() >= n => {}
+            _ => return Outcome::check(Sense::INVALID_OPCODE),
+        }
+        match op {
+            0x00 => Outcome::good(Vec::new()),
+            0x03 => {
+                let s = Sense {
+                    key: key::NO_SENSE,
+                    asc: 0,
+                    ascq: 0,
+                };
+                let mut d = if cdb[1] & 1 != 0 {
+                    s.descriptor().to_vec()
+                } else {
+                    s.fixed().to_vec()
+                };
+                d.truncate(usize::from(cdb[4]));
+                Outcome::good(d)
+            }
+            0x12 => self.inquiry(cdb),
+            0x25 => {
+                let last = self.blocks().saturating_sub(1).min(0xffff_ffff) as u32;
+                let mut d = last.to_be_bytes().to_vec();
+                d.extend_from_slice(&self.block.to_be_bytes());
+                Outcome::good(d)
+            }
+            0x9e if cdb[1] & 0x1f == 0x10 => {
+                let mut d = vec![0u8; 32];
+                d[..8].copy_from_slice(&self.blocks().saturating_sub(1).to_be_bytes());
+                d[8..12].copy_from_slice(&self.block.to_be_bytes());
+                d.truncate(be32(cdb, 10) as usize);
+                Outcome::good(d)
+            }
+            // RDPROTECT/WRPROTECT/VRPROTECT (byte 1, bits 7-5) need protection
+            // information, which this disk does not have (SBC-3 §5.15).
+            0x28 | 0xa8 | 0x88 | 0x2a | 0xaa | 0x8a | 0x2e | 0xae | 0x8e | 0x2f | 0x8f
+                if cdb[1] & 0xe0 != 0 =>
+            {
+                Outcome::check(Sense::INVALID_FIELD_IN_CDB)
+            }
+            0x08 | 0x28 | 0xa8 | 0x88 => {
+                let (lba, n) = rw_range(cdb);
+                self.read(lba, n)
+            }
+            0x0a | 0x2a | 0xaa | 0x8a => {
+                let (lba, n) = rw_range(cdb);
+                self.write(lba, n, data_out, op != 0x0a && cdb[1] & 0x08 != 0)
+            }
+            // WRITE AND VERIFY: the medium is verified by writing it durably; with BYTCHK
+            // the comparison of the medium with the Data-Out is of the same bytes.
+            0x2e | 0xae | 0x8e => {
+                let (lba, n) = rw_range(cdb);
+                self.write(lba, n, data_out, true)
+            }
+            0x2f | 0x8f => {
+                let (lba, n) = if op == 0x2f {
+                    (be32(cdb, 2), be16(cdb, 7))
+                } else {
+                    (be64(cdb, 2), be32(cdb, 10))
+                };
+                if cdb[1] & 0x06 != 0 {
+                    // BYTCHK: comparing with Data-Out is not offered
+                    return Outcome::check(Sense::INVALID_FIELD_IN_CDB);
+                }
+                match self.range(lba, n) {
+                    Ok(_) => Outcome::good(Vec::new()),
+                    Err(s) => Outcome::check(s),
+                }
+            }
+            0x35 | 0x91 => {
+                let (lba, n) = if op == 0x35 {
+                    (be32(cdb, 2), be16(cdb, 7))
+                } else {
+                    (be64(cdb, 2), be32(cdb, 10))
+                };
+                if let Err(s) = self.range(lba, n) {
+                    return Outcome::check(s);
+                }
+                self.flush()
+            }
+            0x1a | 0x5a => self.mode_sense(cdb),
+            0xa0 => {
+                let mut d = vec![0u8; 16];
+                d[3] = 8; // one LUN: LUN 0
+                d.truncate(be32(cdb, 6) as usize);
+                Outcome::good(d)
+            }
+            0x1b => Outcome::good(Vec::new()),
+            _ => Outcome::check(Sense::INVALID_OPCODE),
+        }
+    }
+
+    /// Check `lba` + `n` blocks against the capacity (with 64-bit wrap).
+    fn range(&self, lba: u64, n: u64) -> Result<(u64, u64), Sense> {
+        match lba.checked_add(n) {
+            Some(end) if end <= self.blocks() => Ok((lba, n)),
+            _ => Err(Sense::LBA_OUT_OF_RANGE),
+        }
+    }
+
+    fn read(&mut self, lba: u64, n: u64) -> Outcome {
+        if let Err(s) = self.range(lba, n) {
+            return Outcome::check(s);
+        }
+        if n > u64::from(self.max_transfer_blocks) {
+            return Outcome::check(Sense::INVALID_FIELD_IN_CDB);
+        }
+        let b = u64::from(self.block);
+        let mut d = vec![0u8; (n * b) as usize];
+        match self.store.read_at(lba * b, &mut d) {
+            Ok(()) => Outcome::good(d),
+            Err(_) => Outcome::check(Sense {
+                key: key::MEDIUM_ERROR,
+                asc: 0x11,
+                ascq: 0x00,
+            }),
+        }
+    }
+
+    fn write(&mut self, lba: u64, n: u64, data: &[u8], fua: bool) -> Outcome {
+        if let Err(s) = self.range(lba, n) {
+            return Outcome::check(s);
+        }
+        if n > u64::from(self.max_transfer_blocks) {
+            return Outcome::check(Sense::INVALID_FIELD_IN_CDB);
+        }
+        if self.swp {
+            return Outcome::check(Sense::WRITE_PROTECTED);
+        }
+        let b = u64::from(self.block);
+        // Fewer bytes than the CDB asks for: write the whole blocks that came.
+        let len = ((data.len() as u64).min(n * b) / b * b) as usize;
+        if self.store.write_at(lba * b, &data[..len]).is_err() {
+            return Outcome::check(Sense {
+                key: key::MEDIUM_ERROR,
+                asc: 0x0c,
+                ascq: 0x00,
+            });
+        }
+        if fua {
+            return self.flush();
+        }
+        Outcome::good(Vec::new())
+    }
+
+    fn flush(&mut self) -> Outcome {
+        match self.store.flush() {
+            Ok(()) => Outcome::good(Vec::new()),
+            Err(_) => Outcome::check(Sense {
+                key: key::MEDIUM_ERROR,
+                asc: 0x0c,
+                ascq: 0x00,
+            }),
+        }
+    }
+
+    fn inquiry(&self, cdb: &[u8]) -> Outcome {
+        let alloc = be16(cdb, 3) as usize;
+        let evpd = cdb[1] & 1 != 0;
+        let page = cdb[2];
+        let mut d = if !evpd {
+            if page != 0 {
+                return Outcome::check(Sense::INVALID_FIELD_IN_CDB);
+            }
+            let mut d = vec![0u8; 66];
+            d[0] = 0x00; // connected direct-access block device
+            d[2] = 0x06; // SPC-4
+            d[3] = 0x12; // HiSup, response data format 2
+            d[4] = (d.len() - 5) as u8;
+            d[7] = 0x02; // CmdQue
+            d[8..16].copy_from_slice(b"TOEMU   ");
+            d[16..32].copy_from_slice(b"VIRTUAL DISK    ");
+            d[32..36].copy_from_slice(b"0001");
+            // Version descriptors: SAM-5, iSCSI, SPC-4, SBC-3.
+            for (i, v) in [0x00a0u16, 0x0960, 0x0460, 0x04c0].iter().enumerate() {
+                d[58 + 2 * i..60 + 2 * i].copy_from_slice(&v.to_be_bytes());
+            }
+            d
+        } else {
+            match page {
+                0x00 => vec![0x00, 0x00, 0x00, 5, 0x00, 0x80, 0x83, 0xb0, 0xb1],
+                0x80 => {
+                    let mut d = vec![0x00, 0x80, 0x00, self.serial.len() as u8];
+                    d.extend_from_slice(self.serial.as_bytes());
+                    d
+                }
+                0x83 => {
+                    // T10 vendor ID designator (ASCII) and an NAA 6 designator (binary),
+                    // both naming the logical unit.
+                    let mut t10 = b"TOEMU   ".to_vec();
+                    t10.extend_from_slice(self.serial.as_bytes());
+                    let mut naa = [0u8; 16];
+                    naa[0] = 0x60; // NAA 6, then an IEEE company ID of 0 (none)
+                    let h = crate::wire::crc32c(&[self.serial.as_bytes()]).to_be_bytes();
+                    naa[8..12].copy_from_slice(&h);
+                    let mut body = vec![0x02, 0x01, 0x00, t10.len() as u8];
+                    body.extend_from_slice(&t10);
+                    body.extend_from_slice(&[0x01, 0x03, 0x00, 16]);
+                    body.extend_from_slice(&naa);
+                    let mut d = vec![0x00, 0x83];
+                    d.extend_from_slice(&(body.len() as u16).to_be_bytes());
+                    d.extend_from_slice(&body);
+                    d
+                }
+                0xb0 => {
+                    let mut d = vec![0u8; 64];
+                    d[1] = 0xb0;
+                    d[3] = 0x3c;
+                    d[8..12].copy_from_slice(&self.max_transfer_blocks.to_be_bytes());
+                    d[12..16].copy_from_slice(&(self.max_transfer_blocks / 8).to_be_bytes());
+                    d
+                }
+                0xb1 => {
+                    let mut d = vec![0u8; 64];
+                    d[1] = 0xb1;
+                    d[3] = 0x3c;
+                    d[5] = 0x01; // non-rotating medium
+                    d
+                }
+                _ => return Outcome::check(Sense::INVALID_FIELD_IN_CDB),
+            }
+        };
+        d.truncate(alloc);
+        Outcome::good(d)
+    }
+
+    fn mode_pages(&self, page: u8) -> Option<Vec<u8>> {
+        let caching = {
+            let mut p = vec![0u8; 20];
+            p[0] = 0x08;
+            p[1] = 0x12;
+            p
+        };
+        let control = {
+            let mut p = vec![0u8; 12];
+            p[0] = 0x0a;
+            p[1] = 0x0a;
+            p[2] = if self.d_sense { 0x04 } else { 0 };
+            p[4] = if self.swp { 0x08 } else { 0 };
+            p
+        };
+        match page {
+            0x08 => Some(caching),
+            0x0a => Some(control),
+            0x3f => Some([caching, control].concat()),
+            _ => None,
+        }
+    }
+
+    fn mode_sense(&self, cdb: &[u8]) -> Outcome {
+        let six = cdb[0] == 0x1a;
+        let dbd = cdb[1] & 0x08 != 0;
+        let (pc, page) = (cdb[2] >> 6, cdb[2] & 0x3f);
+        if cdb[3] != 0 && cdb[3] != 0xff {
+            return Outcome::check(Sense::INVALID_FIELD_IN_CDB); // subpages
+        }
+        if pc == 3 {
+            // saved values are not supported (SPC-4: SAVING PARAMETERS NOT SUPPORTED)
+            return Outcome::check(Sense::illegal(0x39, 0x00));
+        }
+        let Some(mut pages) = self.mode_pages(page) else {
+            return Outcome::check(Sense::INVALID_FIELD_IN_CDB);
+        };
+        if pc == 1 {
+            // Changeable values: none (MODE SELECT is not offered yet); each page keeps
+            // its code and length.
+            let mut at = 0;
+            while at + 2 <= pages.len() {
+                let len = usize::from(pages[at + 1]);
+                pages[at + 2..at + 2 + len].fill(0);
+                at += 2 + len;
+            }
+        }
+        let blocks = self.blocks();
+        let dsp = if self.swp { 0x90 } else { 0x10 }; // DPOFUA, WP
+        let alloc;
+        let mut d = if six {
+            alloc = usize::from(cdb[4]);
+            let mut h = vec![0u8, 0, dsp, 0];
+            if !dbd {
+                h[3] = 8;
+                let n = blocks.min(0xff_ffff) as u32;
+                h.extend_from_slice(&[0, (n >> 16) as u8, (n >> 8) as u8, n as u8, 0]);
+                h.extend_from_slice(&self.block.to_be_bytes()[1..]);
+            }
+            h
+        } else {
+            alloc = be16(cdb, 7) as usize;
+            let mut h = vec![0u8, 0, 0, dsp, 0, 0, 0, 0];
+            if !dbd {
+                h[7] = 8;
+                let n = blocks.min(0xffff_ffff) as u32;
+                h.extend_from_slice(&n.to_be_bytes());
+                h.extend_from_slice(&[0]);
+                h.extend_from_slice(&self.block.to_be_bytes()[1..]);
+            }
+            h
+        };
+        d.extend_from_slice(&pages);
+        if six {
+            d[0] = (d.len() - 1) as u8;
+        } else {
+            let n = (d.len() - 2) as u16;
+            d[..2].copy_from_slice(&n.to_be_bytes());
+        }
+        d.truncate(alloc);
+        Outcome::good(d)
+    }
+}
+
+fn six_len(cdb: &[u8]) -> u64 {
+    // READ(6)/WRITE(6): a length of 0 means 256 blocks
+    match cdb[4] {
+        0 => 256,
+        n => u64::from(n),
+    }
+}
+
+/// LBA and block count of a READ, WRITE or WRITE AND VERIFY CDB.
+fn rw_range(cdb: &[u8]) -> (u64, u64) {
+    match cdb[0] {
+        0x08 | 0x0a => (u64::from(cdb[1] & 0x1f) << 16 | be16(cdb, 2), six_len(cdb)),
+        0x28 | 0x2a | 0x2e => (be32(cdb, 2), be16(cdb, 7)),
+        0xa8 | 0xaa | 0xae => (be32(cdb, 2), be32(cdb, 6)),
+        _ => (be64(cdb, 2), be32(cdb, 10)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disk() -> Disk {
+        Disk::new(Box::new(MemStore::new(1 << 20)), 512, "TOEMU0001")
+    }
+
+    fn cdb10(op: u8, lba: u32, n: u16) -> [u8; 10] {
+        let mut c = [0u8; 10];
+        c[0] = op;
+        c[2..6].copy_from_slice(&lba.to_be_bytes());
+        c[7..9].copy_from_slice(&n.to_be_bytes());
+        c
+    }
+
+    fn cdb16(op: u8, lba: u64, n: u32) -> [u8; 16] {
+        let mut c = [0u8; 16];
+        c[0] = op;
+        c[2..10].copy_from_slice(&lba.to_be_bytes());
+        c[10..14].copy_from_slice(&n.to_be_bytes());
+        c
+    }
+
+    #[test]
+    fn writes_read_back_through_every_cdb_size() {
+        let mut d = disk();
+        let data: Vec<u8> = (0..4096u32).map(|i| (i * 7) as u8).collect();
+        assert_eq!(d.transfer(&cdb10(0x2a, 8, 8)), Transfer::Out(4096));
+        assert_eq!(d.execute(&cdb10(0x2a, 8, 8), &data).status, GOOD);
+        assert_eq!(d.execute(&cdb10(0x28, 8, 8), &[]).data_in, data);
+        assert_eq!(d.execute(&cdb16(0x88, 8, 8), &[]).data_in, data);
+        let mut r12 = [0u8; 12];
+        r12[0] = 0xa8;
+        r12[2..6].copy_from_slice(&8u32.to_be_bytes());
+        r12[6..10].copy_from_slice(&8u32.to_be_bytes());
+        assert_eq!(d.execute(&r12, &[]).data_in, data);
+        let r6 = [0x08, 0, 0, 8, 8, 0];
+        assert_eq!(d.execute(&r6, &[]).data_in, data);
+        assert_eq!(d.transfer(&[0x08, 0, 0, 0, 0, 0]), Transfer::In(256 * 512));
+        // WRITE AND VERIFY(16) writes too
+        let back: Vec<u8> = data.iter().map(|b| !b).collect();
+        assert_eq!(d.transfer(&cdb16(0x8e, 8, 8)), Transfer::Out(4096));
+        assert_eq!(d.execute(&cdb16(0x8e, 8, 8), &back).status, GOOD);
+        assert_eq!(d.execute(&cdb10(0x28, 8, 8), &[]).data_in, back);
+    }
+
+    #[test]
+    fn out_of_range_unknown_and_invalid_fields_get_their_sense() {
+        let mut d = disk();
+        let blocks = d.blocks();
+        assert_eq!(blocks, 2048);
+        let r = d.execute(&cdb16(0x88, blocks - 1, 2), &[]);
+        assert_eq!(
+            (r.status, r.sense),
+            (CHECK_CONDITION, Some(Sense::LBA_OUT_OF_RANGE))
+        );
+        let r = d.execute(&cdb16(0x88, u64::MAX, 2), &[]);
+        assert_eq!(r.sense, Some(Sense::LBA_OUT_OF_RANGE), "64-bit wrap");
+        assert_eq!(d.execute(&cdb16(0x88, blocks - 1, 1), &[]).status, GOOD);
+        let r = d.execute(&[0xc0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]);
+        assert_eq!(r.sense, Some(Sense::INVALID_OPCODE));
+        let r = d.execute(&[0x12, 0, 0x80, 0, 36, 0], &[]);
+        assert_eq!(
+            r.sense,
+            Some(Sense::INVALID_FIELD_IN_CDB),
+            "page without EVPD"
+        );
+        let mut c = cdb10(0x28, 0, 1);
+        c[1] = 0x20; // RDPROTECT 1
+        assert_eq!(d.execute(&c, &[]).sense, Some(Sense::INVALID_FIELD_IN_CDB));
+        assert_eq!(
+            Sense::LBA_OUT_OF_RANGE.fixed(),
+            [0x70, 0, 5, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x21, 0, 0, 0, 0, 0]
+        );
+    }
+
+    #[test]
+    fn capacity_inquiry_and_mode_pages() {
+        let mut d = disk();
+        let r = d.execute(&[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]);
+        assert_eq!(r.data_in, [0, 0, 0x07, 0xff, 0, 0, 2, 0]);
+        let mut c = [0u8; 16];
+        c[0] = 0x9e;
+        c[1] = 0x10;
+        c[13] = 32;
+        let r = d.execute(&c, &[]);
+        assert_eq!(
+            &r.data_in[..12],
+            &[0, 0, 0, 0, 0, 0, 0x07, 0xff, 0, 0, 2, 0]
+        );
+        let r = d.execute(&[0x12, 0, 0, 0, 96, 0], &[]);
+        assert_eq!(r.data_in.len(), 66);
+        assert_eq!(r.data_in[2], 6, "SPC-4");
+        assert_eq!(&r.data_in[8..16], b"TOEMU   ");
+        let r = d.execute(&[0x12, 0, 0, 0, 5, 0], &[]);
+        assert_eq!(r.data_in.len(), 5, "cut to the allocation length");
+        let r = d.execute(&[0x12, 1, 0, 0, 255, 0], &[]);
+        assert_eq!(&r.data_in[4..], &[0x00, 0x80, 0x83, 0xb0, 0xb1]);
+        for page in [0x80u8, 0x83, 0xb0, 0xb1] {
+            let r = d.execute(&[0x12, 1, page, 0, 255, 0], &[]);
+            assert_eq!((r.status, r.data_in[1]), (GOOD, page));
+            let len = u16::from_be_bytes([r.data_in[2], r.data_in[3]]) as usize;
+            assert_eq!(r.data_in.len(), len + 4, "page {page:#x} length");
+        }
+        // MODE SENSE(6), all pages, with a block descriptor
+        let r = d.execute(&[0x1a, 0, 0x3f, 0, 255, 0], &[]);
+        assert_eq!(r.data_in[0] as usize, r.data_in.len() - 1);
+        assert_eq!(r.data_in[3], 8);
+        assert_eq!(r.data_in.len(), 4 + 8 + 20 + 12);
+        assert_eq!(r.data_in[12], 0x08, "caching page first");
+        assert_eq!(r.data_in[32], 0x0a, "then control");
+        // MODE SENSE(10), control page, no block descriptor
+        let r = d.execute(&[0x5a, 0x08, 0x0a, 0, 0, 0, 0, 0, 255, 0], &[]);
+        assert_eq!(r.data_in.len(), 8 + 12);
+        assert_eq!(&r.data_in[8..10], &[0x0a, 0x0a]);
+        let r = d.execute(&[0xa0, 0, 0, 0, 0, 0, 0, 0, 0, 16, 0, 0], &[]);
+        assert_eq!(r.data_in, [0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    }
+}

@@ -10,7 +10,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use toe_iscsi::login::TargetConfig;
-use toe_iscsi::scsi::Disk;
+use toe_iscsi::scsi::{BlockStore, Disk};
+use toe_iscsi::target::ConnStats;
 use toe_iscsi::target::TargetConn;
 
 /// Random bytes from the kernel (CHAP challenges and identifiers).
@@ -27,6 +28,7 @@ pub struct TcpTarget {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    totals: Arc<Mutex<Totals>>,
 }
 
 impl TcpTarget {
@@ -44,18 +46,31 @@ impl TcpTarget {
         let portal = format!("{addr},{}", cfg.portal_group_tag);
         let targets = vec![(cfg.target_name.clone(), portal)];
         let tsih = Arc::new(AtomicU16::new(1));
+        let totals = Arc::new(Mutex::new(Totals::default()));
+        let totals2 = totals.clone();
         let thread = std::thread::Builder::new()
             .name("iscsi-accept".into())
             .spawn(move || {
                 while !stop2.load(Ordering::Relaxed) {
                     match listener.accept() {
                         Ok((s, _)) => {
-                            let (cfg, targets, disk) = (cfg.clone(), targets.clone(), disk.clone());
+                            let (cfg, targets, disk, totals) =
+                                (cfg.clone(), targets.clone(), disk.clone(), totals2.clone());
                             let t = tsih.fetch_add(1, Ordering::Relaxed).max(1);
                             let _ = std::thread::Builder::new().name("iscsi-conn".into()).spawn(
                                 move || {
-                                    if let Err(e) = serve_conn(s, cfg, targets, disk, t) {
+                                    let (r, st) = serve_conn(s, cfg, targets, disk, t);
+                                    if let Err(e) = r {
                                         eprintln!("iscsi: connection ended: {e}");
+                                    }
+                                    if let Ok(mut t) = totals.lock() {
+                                        t.connections += 1;
+                                        let a = &mut t.stats;
+                                        a.pdus_in += st.pdus_in;
+                                        a.pdus_out += st.pdus_out;
+                                        a.rejects += st.rejects;
+                                        a.data_digest_errors += st.data_digest_errors;
+                                        a.data_sequence_errors += st.data_sequence_errors;
                                     }
                                 },
                             );
@@ -74,12 +89,18 @@ impl TcpTarget {
             addr,
             stop,
             thread: Some(thread),
+            totals,
         })
     }
 
     /// Where it listens.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Counters of the connections served so far.
+    pub fn totals(&self) -> Totals {
+        self.totals.lock().map(|t| *t).unwrap_or_default()
     }
 }
 
@@ -93,20 +114,29 @@ impl Drop for TcpTarget {
 }
 
 fn serve_conn(
-    mut s: TcpStream,
+    s: TcpStream,
     cfg: TargetConfig,
     targets: Vec<(String, String)>,
     disk: Option<Arc<Mutex<Disk>>>,
     tsih: u16,
-) -> io::Result<()> {
-    s.set_nodelay(true)?;
-    let r: [u8; 17] = random_bytes()?;
+) -> (io::Result<()>, ConnStats) {
+    let r: [u8; 17] = match random_bytes() {
+        Ok(r) => r,
+        Err(e) => return (Err(e), ConnStats::default()),
+    };
     let mut challenge = [0u8; 16];
     challenge.copy_from_slice(&r[..16]);
     let mut conn = TargetConn::new(cfg, targets, challenge, r[16], tsih);
     if let Some(d) = disk {
         conn = conn.with_disk(d);
     }
+    let res = pump(s, &mut conn);
+    (res, conn.stats())
+}
+
+/// Move bytes between the socket and the connection machine until either ends.
+fn pump(mut s: TcpStream, conn: &mut TargetConn) -> io::Result<()> {
+    s.set_nodelay(true)?;
     let mut buf = vec![0u8; 256 * 1024];
     let mut out = Vec::new();
     loop {
@@ -125,4 +155,72 @@ fn serve_conn(
             };
         }
     }
+}
+
+/// A LUN in a file: positional reads and writes; `flush` is `fdatasync`, so FUA writes and
+/// SYNCHRONIZE CACHE reach stable storage.
+#[derive(Debug)]
+pub struct FileStore {
+    file: std::fs::File,
+    len: u64,
+}
+
+impl FileStore {
+    /// Open (or create) `path` as a LUN of `len` bytes (extending it with zeros if shorter;
+    /// `None`: the file's own size).
+    pub fn open(path: &std::path::Path, len: Option<u64>) -> io::Result<FileStore> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        let have = file.metadata()?.len();
+        let len = match len {
+            Some(l) => {
+                if have < l {
+                    file.set_len(l)?;
+                }
+                l
+            }
+            None => have,
+        };
+        if len == 0 {
+            return Err(io::Error::other(format!(
+                "{}: an empty LUN (give --size)",
+                path.display()
+            )));
+        }
+        Ok(FileStore { file, len })
+    }
+}
+
+impl BlockStore for FileStore {
+    fn len(&self) -> u64 {
+        self.len
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), String> {
+        use std::os::unix::fs::FileExt;
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(|e| e.to_string())
+    }
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), String> {
+        use std::os::unix::fs::FileExt;
+        self.file
+            .write_all_at(data, offset)
+            .map_err(|e| e.to_string())
+    }
+    fn flush(&mut self) -> Result<(), String> {
+        self.file.sync_data().map_err(|e| e.to_string())
+    }
+}
+
+/// Counters summed over the connections that ended, and connections served.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Totals {
+    /// Connections served to their end.
+    pub connections: u64,
+    /// Summed connection counters.
+    pub stats: ConnStats,
 }

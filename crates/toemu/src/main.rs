@@ -219,6 +219,11 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// iSCSI: the target (more to come: perf, ls, bench).
+    Iscsi {
+        #[command(subcommand)]
+        cmd: IscsiCmd,
+    },
     /// Two emulated hosts on the in-memory wire: bulk transfer with a SHA-256 check and
     /// 64-byte request/response per receive mode, plus the bare-smoltcp baseline.
     Demo {
@@ -254,6 +259,135 @@ enum Cmd {
         #[command(flatten)]
         wire: wire_args::WireArgs,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum IscsiCmd {
+    /// An iSCSI target whose LUN 0 is a disk in a file, on std TCP; runs until SIGINT or
+    /// SIGTERM, then flushes the disk and prints its counters.
+    Target {
+        /// The disk: a file (created if missing).
+        #[arg(long)]
+        lun: PathBuf,
+        /// Its size (K, KiB, M, MiB, G, GiB); the file grows to it. Default: the file's size.
+        #[arg(long)]
+        size: Option<String>,
+        /// The target's name.
+        #[arg(long, default_value = "iqn.2026-12.org.toemu:disk")]
+        iqn: String,
+        /// Where to listen, ADDR:PORT.
+        #[arg(long, default_value = "127.0.0.1:3260")]
+        listen: String,
+        /// Logical block size, bytes (512 or 4096).
+        #[arg(long, default_value_t = 512)]
+        block: u32,
+        /// Require CHAP: this initiator user name ...
+        #[arg(long, requires = "chap_secret")]
+        chap_user: Option<String>,
+        /// ... with this secret.
+        #[arg(long, requires = "chap_user")]
+        chap_secret: Option<String>,
+        /// Mutual CHAP: the name the target answers with ...
+        #[arg(long, requires = "mutual_secret")]
+        mutual_user: Option<String>,
+        /// ... and its secret.
+        #[arg(long, requires = "mutual_user")]
+        mutual_secret: Option<String>,
+        /// Where the data path runs: `software` (today the only one; `engine`, the NIC's
+        /// iSCSI engine, comes with the emulated TOE transport).
+        #[arg(long, default_value = "software")]
+        offload: String,
+    },
+}
+
+fn iscsi(cmd: IscsiCmd) -> Result<(), String> {
+    match cmd {
+        IscsiCmd::Target {
+            lun,
+            size,
+            iqn,
+            listen,
+            block,
+            chap_user,
+            chap_secret,
+            mutual_user,
+            mutual_secret,
+            offload,
+        } => {
+            use toe_iscsi::login::{Credentials, OpParams, TargetConfig};
+            if offload != "software" {
+                return Err(format!(
+                    "--offload {offload}: only `software` exists on std TCP (the NIC engine \
+                     needs the emulated TOE transport, not built yet)"
+                ));
+            }
+            if block != 512 && block != 4096 {
+                return Err(format!("--block {block}: 512 or 4096"));
+            }
+            let size = size
+                .map(|s| parse_size(&s).map_err(|e| format!("--size: {e}")))
+                .transpose()?;
+            let store = toemu_lab::iscsi::FileStore::open(&lun, size)
+                .map_err(|e| format!("--lun {}: {e}", lun.display()))?;
+            let bytes = toe_iscsi::scsi::BlockStore::len(&store);
+            let disk = std::sync::Arc::new(std::sync::Mutex::new(toe_iscsi::scsi::Disk::new(
+                Box::new(store),
+                block,
+                "TOEMU0001",
+            )));
+            let cred = |u: Option<String>, s: Option<String>| {
+                u.zip(s).map(|(user, secret)| Credentials {
+                    user,
+                    secret: secret.into_bytes(),
+                })
+            };
+            let cfg = TargetConfig {
+                target_name: iqn.clone(),
+                alias: Some("toemu".into()),
+                portal_group_tag: 1,
+                chap: cred(chap_user, chap_secret),
+                mutual: cred(mutual_user, mutual_secret),
+                params: OpParams {
+                    header_digest: "CRC32C,None".into(),
+                    data_digest: "CRC32C,None".into(),
+                    ..OpParams::default()
+                },
+                cmd_window: 64,
+            };
+            let auth = if cfg.chap.is_some() { "CHAP" } else { "none" };
+            let listener = std::net::TcpListener::bind(&listen)
+                .map_err(|e| format!("--listen {listen}: {e}"))?;
+            let stop = stop_flag();
+            let t = toemu_lab::iscsi::TcpTarget::start(listener, cfg, Some(disk.clone()))
+                .map_err(|e| e.to_string())?;
+            println!(
+                "toemu iscsi target: portal {}, {iqn}, LUN 0 = {} ({bytes} bytes, {block}-byte blocks), authentication {auth}, offload software",
+                t.addr(),
+                lun.display(),
+            );
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            let totals = t.totals();
+            drop(t);
+            let flushed = disk
+                .lock()
+                .map_err(|_| "disk lock poisoned".to_string())?
+                .execute(&[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]);
+            let s = totals.stats;
+            println!(
+                "toemu iscsi target: stopped; flushed {}; connections {} pdus_in {} pdus_out {} rejects {} data_digest_errors {} data_sequence_errors {}",
+                if flushed.status == 0 { "ok" } else { "FAILED" },
+                totals.connections,
+                s.pdus_in,
+                s.pdus_out,
+                s.rejects,
+                s.data_digest_errors,
+                s.data_sequence_errors
+            );
+            Ok(())
+        }
+    }
 }
 
 fn settings(cli: &Cli) -> Result<Settings, String> {
@@ -312,6 +446,7 @@ fn run_on_tap(
 fn run(cli: Cli) -> Result<(), String> {
     let settings = settings(&cli)?;
     match cli.cmd {
+        Cmd::Iscsi { cmd } => iscsi(cmd),
         Cmd::Serve {
             tap,
             app,

@@ -229,7 +229,9 @@ impl Disk {
             serial: serial.into(),
             swp: false,
             d_sense: false,
-            max_transfer_blocks: (8 << 20) / block,
+            // 2 MiB: with a command window of 32 a connection holds at most 64 MiB of
+            // read data it has produced and not yet sent.
+            max_transfer_blocks: (2 << 20) / block,
         }
     }
 

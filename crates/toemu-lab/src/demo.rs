@@ -457,35 +457,63 @@ pub fn toe_bulk(mode: Mode, o: &DemoOptions) -> io::Result<Bulk> {
         .since(&before)
         .rx_copies_per_byte(received);
     let nic_counters = sim.with_host(1, |h| h.nic.offload_state(cb).map(|(_, _, s)| s));
-    let (stalls, placed_nic) = nic_counters
-        .map(|s| (s.stalls, s.placed_bytes))
-        .unwrap_or((0, 0));
     let info = db.lock().conn_info(cb).map_err(|e| other(e.to_string()))?;
     let anon_high = db.lock().anon_high_water_bytes() as u64;
     // finish the exchange cleanly: both sides closed, every send acknowledged
     db.lock().close(cb).map_err(|e| other(e.to_string()))?;
     sim.run_until(1_000_000, || tx.service(&mut da.lock()).unwrap_or(true))?;
     tx.finish(&da.lock());
-    if received != o.bytes {
-        return Err(other(format!(
-            "{}: received {received} of {} bytes",
-            mode.name(),
-            o.bytes
-        )));
-    }
-    Ok(Bulk {
+    Bulk::of(
+        mode.name(),
+        o.bytes,
         seconds,
-        digest: rx.digest(),
+        rx,
         copies,
-        stalls,
-        acks: info.rx.acks_sent,
+        info,
         anon_high,
-        copy_high: info.rx.copy_buffer_high_water_bytes,
-        placed: placed_nic.max(info.rx.placed_bytes),
-        wire: wire_stats(&monitors),
         nic_counters,
-        driver_counters: Some(info.rx),
-    })
+        &monitors,
+    )
+}
+
+impl Bulk {
+    /// The outcome of a transfer that delivered `rx.received` of `expected` bytes (an
+    /// error if short).
+    #[allow(clippy::too_many_arguments)]
+    fn of(
+        label: &str,
+        expected: u64,
+        seconds: f64,
+        rx: Receiver,
+        copies: f64,
+        info: toe_driver::ConnInfo,
+        anon_high: u64,
+        nic_counters: Option<toe_nic::OffloadStats>,
+        monitors: &toe_host::wire_opts::WireMonitors,
+    ) -> io::Result<Bulk> {
+        if rx.received != expected {
+            return Err(other(format!(
+                "{label}: received {} of {expected} bytes",
+                rx.received
+            )));
+        }
+        let (stalls, placed_nic) = nic_counters
+            .map(|s| (s.stalls, s.placed_bytes))
+            .unwrap_or((0, 0));
+        Ok(Bulk {
+            seconds,
+            digest: rx.digest(),
+            copies,
+            stalls,
+            acks: info.rx.acks_sent,
+            anon_high,
+            copy_high: info.rx.copy_buffer_high_water_bytes,
+            placed: placed_nic.max(info.rx.placed_bytes),
+            wire: wire_stats(monitors),
+            nic_counters,
+            driver_counters: Some(info.rx),
+        })
+    }
 }
 
 /// [`toe_bulk`] in real time on the [`Threaded`](toe_host::runtime::Threaded) runtime: both NICs on the adapter thread,
@@ -553,29 +581,18 @@ pub fn toe_bulk_threaded(mode: Mode, o: &DemoOptions) -> io::Result<Bulk> {
     tx.finish(&da.lock());
     let hosts = rt.stop();
     let nic_counters = hosts[1].nic.offload_state(cb).map(|(_, _, s)| s);
-    let (stalls, placed_nic) = nic_counters
-        .map(|s| (s.stalls, s.placed_bytes))
-        .unwrap_or((0, 0));
-    if received != o.bytes {
-        return Err(other(format!(
-            "{} (threaded): received {received} of {} bytes",
-            mode.name(),
-            o.bytes
-        )));
-    }
-    Ok(Bulk {
+    let label = format!("{} (threaded)", mode.name());
+    Bulk::of(
+        &label,
+        o.bytes,
         seconds,
-        digest: rx.digest(),
+        rx,
         copies,
-        stalls,
-        acks: info.rx.acks_sent,
+        info,
         anon_high,
-        copy_high: info.rx.copy_buffer_high_water_bytes,
-        placed: placed_nic.max(info.rx.placed_bytes),
-        wire: wire_stats(&monitors),
         nic_counters,
-        driver_counters: Some(info.rx),
-    })
+        &monitors,
+    )
 }
 
 /// `o.rr_iters` request/response exchanges of `o.rr_bytes` in `mode` (not `smoltcp-bare`) on

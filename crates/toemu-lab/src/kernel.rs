@@ -171,8 +171,25 @@ pub fn kernel_scale_fits(conns: usize) -> Result<(), String> {
 /// Chunk of one write, bytes.
 const SCALE_CHUNK: usize = 64 * 1024;
 
+/// `streams`, non-blocking, registered with a new epoll instance for `interest` (token =
+/// index).
+fn registered(
+    streams: Vec<TcpStream>,
+    interest: mio::Interest,
+) -> io::Result<(mio::Poll, Vec<mio::net::TcpStream>)> {
+    let poll = mio::Poll::new()?;
+    let mut out = Vec::with_capacity(streams.len());
+    for (k, s) in streams.into_iter().enumerate() {
+        s.set_nonblocking(true)?;
+        let mut s = mio::net::TcpStream::from_std(s);
+        poll.registry().register(&mut s, mio::Token(k), interest)?;
+        out.push(s);
+    }
+    Ok((poll, out))
+}
+
 fn scale_send(streams: Vec<TcpStream>, seed: u64, per: u64) -> io::Result<()> {
-    use mio::{net::TcpStream as MioStream, Events, Interest, Poll, Token};
+    use mio::{net::TcpStream as MioStream, Events, Interest};
     struct Tx {
         s: MioStream,
         gen: DataGen,
@@ -181,21 +198,17 @@ fn scale_send(streams: Vec<TcpStream>, seed: u64, per: u64) -> io::Result<()> {
         carry: Vec<u8>,
         done: bool,
     }
-    let mut poll = Poll::new()?;
-    let mut conns = Vec::with_capacity(streams.len());
-    for (k, s) in streams.into_iter().enumerate() {
-        s.set_nonblocking(true)?;
-        let mut s = MioStream::from_std(s);
-        poll.registry()
-            .register(&mut s, Token(k), Interest::WRITABLE)?;
-        conns.push(Tx {
+    let (mut poll, streams) = registered(streams, Interest::WRITABLE)?;
+    let mut conns: Vec<Tx> = streams
+        .into_iter()
+        .map(|s| Tx {
             s,
             gen: DataGen::new(seed),
             left: per,
             carry: Vec::new(),
             done: false,
-        });
-    }
+        })
+        .collect();
     let mut scratch = vec![0u8; SCALE_CHUNK];
     let mut left = conns.len();
     let mut events = Events::with_capacity(1024);
@@ -244,16 +257,12 @@ fn scale_send(streams: Vec<TcpStream>, seed: u64, per: u64) -> io::Result<()> {
 }
 
 fn scale_receive(streams: Vec<TcpStream>, check: Check, expected: [u8; 32]) -> io::Result<u64> {
-    use mio::{net::TcpStream as MioStream, Events, Interest, Poll, Token};
-    let mut poll = Poll::new()?;
-    let mut conns = Vec::with_capacity(streams.len());
-    for (k, s) in streams.into_iter().enumerate() {
-        s.set_nonblocking(true)?;
-        let mut s = MioStream::from_std(s);
-        poll.registry()
-            .register(&mut s, Token(k), Interest::READABLE)?;
-        conns.push(Some((s, Checker::new(check))));
-    }
+    use mio::{Events, Interest};
+    let (mut poll, streams) = registered(streams, Interest::READABLE)?;
+    let mut conns: Vec<_> = streams
+        .into_iter()
+        .map(|s| Some((s, Checker::new(check))))
+        .collect();
     let mut buf = vec![0u8; SCALE_CHUNK];
     let mut left = conns.len();
     let mut bytes = 0u64;

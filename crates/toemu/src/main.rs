@@ -352,7 +352,7 @@ fn iscsi(cmd: IscsiCmd) -> Result<(), String> {
                     data_digest: "CRC32C,None".into(),
                     ..OpParams::default()
                 },
-                cmd_window: 64,
+                cmd_window: 32,
             };
             let auth = if cfg.chap.is_some() { "CHAP" } else { "none" };
             let listener = std::net::TcpListener::bind(&listen)

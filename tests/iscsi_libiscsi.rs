@@ -226,3 +226,49 @@ fn iscsi_test_cu_minimal_disk_profile_passes() {
         );
     }
 }
+
+#[test]
+fn our_initiator_discovers_logs_in_and_lists_the_lun() {
+    let t = target(None, "CRC32C,None");
+    for query in ["", "?header_digest=crc32c&data_digest=crc32c"] {
+        let url: toemu_lab::iscsi::IscsiUrl =
+            format!("iscsi://{}/{query}", t.addr()).parse().unwrap();
+        let out = toemu_lab::iscsi::ls(&url, true).unwrap();
+        assert_eq!(
+            out,
+            format!(
+                "Target:{IQN} Portal:{},1\nLun:0 Type:DIRECT_ACCESS (Size:67108864 bytes, 512-byte blocks)\n",
+                t.addr()
+            )
+        );
+    }
+    // CHAP against a target that requires it, and a wrong secret
+    let t = target(
+        Some(Credentials {
+            user: "alice".into(),
+            secret: b"secret-of-alice".to_vec(),
+        }),
+        "None",
+    );
+    let url = format!("iscsi://alice%secret-of-alice@{}/", t.addr());
+    let out = toemu_lab::iscsi::ls(&url.parse().unwrap(), false).unwrap();
+    assert!(out.starts_with(&format!("Target:{IQN}")), "{out}");
+    let url = format!("iscsi://alice%nope@{}/", t.addr());
+    let e = toemu_lab::iscsi::ls(&url.parse().unwrap(), false).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
+}
+
+#[test]
+fn iscsi_urls_parse_as_libiscsi_writes_them() {
+    use toemu_lab::iscsi::IscsiUrl;
+    let u: IscsiUrl = "iscsi://bob%pw@10.0.0.2/iqn.x:y/3?header_digest=crc32c"
+        .parse()
+        .unwrap();
+    assert_eq!(u.chap, Some(("bob".into(), "pw".into())));
+    assert_eq!(u.portal, "10.0.0.2:3260");
+    assert_eq!((u.target.as_deref(), u.lun), (Some("iqn.x:y"), Some(3)));
+    assert!(u.header_digest && !u.data_digest);
+    assert!("http://x/".parse::<IscsiUrl>().is_err());
+    assert!("iscsi://h:1/t/x".parse::<IscsiUrl>().is_err());
+    assert!("iscsi://h/?foo=1".parse::<IscsiUrl>().is_err());
+}

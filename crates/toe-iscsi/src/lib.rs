@@ -6,12 +6,15 @@
 //! 3. [`login`]: the target's and the initiator's login machines (security stage with
 //!    CHAP, operational negotiation, discovery and normal sessions);
 //! 4. [`scsi`]: the disk's command set over a [`scsi::BlockStore`];
-//! 5. [`target`]: a target connection as a byte-stream machine (login, then discovery,
+//! 5. [`initiator`]: an initiator connection as a byte-stream machine (login, commands
+//!    at any queue depth within the CmdSN window, reads, writes with R2T, text, logout);
+//! 6. [`target`]: a target connection as a byte-stream machine (login, then discovery,
 //!    NOP and Logout in full-feature phase; the SCSI layer comes next).
 //!
 //! The session and connection machines, login, the SCSI target and initiator and the NIC
 //! engine build on these (see `DESIGN.md`, "iSCSI").
 
+pub mod initiator;
 pub mod login;
 pub mod scsi;
 pub mod target;

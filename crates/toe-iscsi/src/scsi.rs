@@ -4,7 +4,7 @@
 //!
 //! Commands: TEST UNIT READY, REQUEST SENSE, INQUIRY (standard data with version
 //! descriptors; VPD pages 00h, 80h, 83h, B0h, B1h), READ CAPACITY (10) and (16), READ and
-//! WRITE (6, 10, 12, 16), WRITE AND VERIFY (10, 12, 16), VERIFY (10, 16), SYNCHRONIZE CACHE (10, 16), MODE SENSE (6, 10)
+//! WRITE (6, 10, 12, 16), WRITE AND VERIFY (10, 12, 16), VERIFY (10, 12, 16; BYTCHK 0, 1 and 3), SYNCHRONIZE CACHE (10, 16), MODE SENSE (6, 10)
 //! with the Caching (08h) and Control (0Ah) pages, REPORT LUNS, START STOP UNIT. Anything
 //! else is CHECK CONDITION, ILLEGAL REQUEST, INVALID COMMAND OPERATION CODE (20h/00h); an
 //! LBA range past the end (64-bit wrap included) is LOGICAL BLOCK ADDRESS OUT OF RANGE
@@ -27,6 +27,8 @@ pub mod key {
     pub const DATA_PROTECT: u8 = 0x7;
     /// ABORTED COMMAND.
     pub const ABORTED_COMMAND: u8 = 0xb;
+    /// MISCOMPARE.
+    pub const MISCOMPARE: u8 = 0xe;
 }
 
 /// Sense data: key, additional sense code and qualifier.
@@ -53,6 +55,12 @@ impl Sense {
     pub const DATA_PHASE_ERROR: Sense = Sense {
         key: key::ABORTED_COMMAND,
         asc: 0x4b,
+        ascq: 0x00,
+    };
+    /// MISCOMPARE DURING VERIFY OPERATION.
+    pub const MISCOMPARE: Sense = Sense {
+        key: key::MISCOMPARE,
+        asc: 0x1d,
         ascq: 0x00,
     };
     /// WRITE PROTECTED.
@@ -277,6 +285,12 @@ impl Disk {
             0x5a => Transfer::In(be16(cdb, 7)),
             0x25 => Transfer::In(8),
             0x9e => Transfer::In(be32(cdb, 10)),
+            // VERIFY with BYTCHK 1 compares every block with Data-Out, with 3 one block
+            0x2f | 0xaf | 0x8f => match (cdb[1] >> 1) & 3 {
+                1 => Transfer::Out(verify_range(cdb).1 * b),
+                3 => Transfer::Out(b),
+                _ => Transfer::None,
+            },
             0xa0 => Transfer::In(be32(cdb, 6)),
             _ => Transfer::None,
         }
@@ -324,7 +338,7 @@ impl Disk {
             }
             // RDPROTECT/WRPROTECT/VRPROTECT (byte 1, bits 7-5) need protection
             // information, which this disk does not have (SBC-3 §5.15).
-            0x28 | 0xa8 | 0x88 | 0x2a | 0xaa | 0x8a | 0x2e | 0xae | 0x8e | 0x2f | 0x8f
+            0x28 | 0xa8 | 0x88 | 0x2a | 0xaa | 0x8a | 0x2e | 0xae | 0x8e | 0x2f | 0xaf | 0x8f
                 if cdb[1] & 0xe0 != 0 =>
             {
                 Outcome::check(Sense::INVALID_FIELD_IN_CDB)
@@ -343,20 +357,9 @@ impl Disk {
                 let (lba, n) = rw_range(cdb);
                 self.write(lba, n, data_out, true)
             }
-            0x2f | 0x8f => {
-                let (lba, n) = if op == 0x2f {
-                    (be32(cdb, 2), be16(cdb, 7))
-                } else {
-                    (be64(cdb, 2), be32(cdb, 10))
-                };
-                if cdb[1] & 0x06 != 0 {
-                    // BYTCHK: comparing with Data-Out is not offered
-                    return Outcome::check(Sense::INVALID_FIELD_IN_CDB);
-                }
-                match self.range(lba, n) {
-                    Ok(_) => Outcome::good(Vec::new()),
-                    Err(s) => Outcome::check(s),
-                }
+            0x2f | 0xaf | 0x8f => {
+                let (lba, n) = verify_range(cdb);
+                self.verify(lba, n, (cdb[1] >> 1) & 3, data_out)
             }
             0x35 | 0x91 => {
                 let (lba, n) = if op == 0x35 {
@@ -386,6 +389,42 @@ impl Disk {
         match lba.checked_add(n) {
             Some(end) if end <= self.blocks() => Ok((lba, n)),
             _ => Err(Sense::LBA_OUT_OF_RANGE),
+        }
+    }
+
+    /// VERIFY: the range is checked; with BYTCHK 1 the blocks are compared with `data`,
+    /// with 3 each block with `data`'s one block (MISCOMPARE 1Dh/00h on a difference).
+    fn verify(&mut self, lba: u64, n: u64, bytchk: u8, data: &[u8]) -> Outcome {
+        if let Err(s) = self.range(lba, n) {
+            return Outcome::check(s);
+        }
+        if bytchk == 2 {
+            return Outcome::check(Sense::INVALID_FIELD_IN_CDB);
+        }
+        if bytchk == 0 || n == 0 {
+            return Outcome::good(Vec::new());
+        }
+        if n > u64::from(self.max_transfer_blocks) {
+            return Outcome::check(Sense::INVALID_FIELD_IN_CDB);
+        }
+        let b = self.block as usize;
+        let want = if bytchk == 1 { n as usize * b } else { b };
+        if data.len() < want {
+            return Outcome::check(Sense::INVALID_FIELD_IN_CDB);
+        }
+        let medium = self.read(lba, n);
+        if medium.status != GOOD {
+            return medium;
+        }
+        let same = if bytchk == 1 {
+            medium.data_in[..] == data[..want]
+        } else {
+            medium.data_in.chunks(b).all(|blk| blk == &data[..b])
+        };
+        if same {
+            Outcome::good(Vec::new())
+        } else {
+            Outcome::check(Sense::MISCOMPARE)
         }
     }
 
@@ -607,6 +646,15 @@ fn six_len(cdb: &[u8]) -> u64 {
     }
 }
 
+/// LBA and block count of a VERIFY (10), (12) or (16) CDB.
+fn verify_range(cdb: &[u8]) -> (u64, u64) {
+    match cdb[0] {
+        0x2f => (be32(cdb, 2), be16(cdb, 7)),
+        0xaf => (be32(cdb, 2), be32(cdb, 6)),
+        _ => (be64(cdb, 2), be32(cdb, 10)),
+    }
+}
+
 /// LBA and block count of a READ, WRITE or WRITE AND VERIFY CDB.
 fn rw_range(cdb: &[u8]) -> (u64, u64) {
     match cdb[0] {
@@ -657,6 +705,14 @@ mod tests {
         let r6 = [0x08, 0, 0, 8, 8, 0];
         assert_eq!(d.execute(&r6, &[]).data_in, data);
         assert_eq!(d.transfer(&[0x08, 0, 0, 0, 0, 0]), Transfer::In(256 * 512));
+        // VERIFY(10) with BYTCHK 1 compares with Data-Out
+        let mut v = cdb10(0x2f, 8, 8);
+        v[1] = 0x02;
+        assert_eq!(d.transfer(&v), Transfer::Out(4096));
+        assert_eq!(d.execute(&v, &data).status, GOOD);
+        let mut wrong = data.clone();
+        wrong[100] ^= 1;
+        assert_eq!(d.execute(&v, &wrong).sense, Some(Sense::MISCOMPARE));
         // WRITE AND VERIFY(16) writes too
         let back: Vec<u8> = data.iter().map(|b| !b).collect();
         assert_eq!(d.transfer(&cdb16(0x8e, 8, 8)), Transfer::Out(4096));

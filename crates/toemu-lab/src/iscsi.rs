@@ -224,3 +224,296 @@ pub struct Totals {
     /// Summed connection counters.
     pub stats: ConnStats,
 }
+
+/// An iSCSI URL as libiscsi writes them:
+/// `iscsi://[user[%secret]@]host[:port][/target-iqn[/lun]][?header_digest=crc32c&data_digest=crc32c]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IscsiUrl {
+    /// CHAP user and secret.
+    pub chap: Option<(String, String)>,
+    /// `host:port` (port 3260 when not given).
+    pub portal: String,
+    /// The target's IQN.
+    pub target: Option<String>,
+    /// The LUN.
+    pub lun: Option<u16>,
+    /// Header digests asked for.
+    pub header_digest: bool,
+    /// Data digests asked for.
+    pub data_digest: bool,
+}
+
+impl std::str::FromStr for IscsiUrl {
+    type Err = String;
+    fn from_str(url: &str) -> Result<Self, String> {
+        let rest = url
+            .strip_prefix("iscsi://")
+            .ok_or_else(|| format!("{url:?}: not an iscsi:// URL"))?;
+        let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (auth, rest) = match rest.rsplit_once('@') {
+            Some((a, r)) => (Some(a), r),
+            None => (None, rest),
+        };
+        let chap = auth.map(|a| {
+            let (u, s) = a.split_once('%').unwrap_or((a, ""));
+            (u.to_string(), s.to_string())
+        });
+        let mut parts = rest.splitn(3, '/');
+        let host = parts.next().unwrap_or_default();
+        if host.is_empty() {
+            return Err(format!("{url:?}: no host"));
+        }
+        let portal = if host.contains(':') {
+            host.to_string()
+        } else {
+            format!("{host}:3260")
+        };
+        let target = parts.next().filter(|t| !t.is_empty()).map(str::to_string);
+        let lun = match parts.next().filter(|l| !l.is_empty()) {
+            Some(l) => Some(l.parse().map_err(|_| format!("{url:?}: LUN {l:?}"))?),
+            None => None,
+        };
+        let mut u = IscsiUrl {
+            chap,
+            portal,
+            target,
+            lun,
+            header_digest: false,
+            data_digest: false,
+        };
+        for kv in query.split('&').filter(|s| !s.is_empty()) {
+            match kv.split_once('=') {
+                Some(("header_digest", v)) => u.header_digest = v.eq_ignore_ascii_case("crc32c"),
+                Some(("data_digest", v)) => u.data_digest = v.eq_ignore_ascii_case("crc32c"),
+                _ => return Err(format!("{url:?}: unknown option {kv:?}")),
+            }
+        }
+        Ok(u)
+    }
+}
+
+/// toemu's initiator on std TCP: one connection, calls that block until their answer.
+pub struct TcpInitiator {
+    s: TcpStream,
+    conn: toe_iscsi::initiator::InitiatorConn,
+    buf: Vec<u8>,
+}
+
+impl std::fmt::Debug for TcpInitiator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpInitiator")
+            .field("conn", &self.conn)
+            .finish()
+    }
+}
+
+impl TcpInitiator {
+    /// Connect to `url`'s portal and log in: to `target` (a normal session), or, with
+    /// `None`, a discovery session.
+    pub fn login(url: &IscsiUrl, target: Option<&str>) -> io::Result<TcpInitiator> {
+        use toe_iscsi::login::{Credentials, InitiatorConfig, OpParams};
+        let s = TcpStream::connect(&url.portal)?;
+        s.set_nodelay(true)?;
+        let r: [u8; 23] = random_bytes()?;
+        let mut isid = [0x80, 0, 0, 0, 0, 0];
+        isid[2..6].copy_from_slice(&r[17..21]);
+        let digest = |on: bool| if on { "CRC32C" } else { "None" }.to_string();
+        let cfg = InitiatorConfig {
+            initiator_name: "iqn.2026-12.org.toemu:initiator".into(),
+            target_name: target.map(str::to_string),
+            chap: url.chap.as_ref().map(|(u, s)| Credentials {
+                user: u.clone(),
+                secret: s.clone().into_bytes(),
+            }),
+            mutual: None,
+            params: OpParams {
+                header_digest: digest(url.header_digest),
+                data_digest: digest(url.data_digest),
+                initial_r2t: false,
+                max_outstanding_r2t: 8,
+                max_burst_length: 1 << 20,
+                first_burst_length: 256 << 10,
+                ..OpParams::default()
+            },
+            isid,
+            cmd_sn: u32::from_be_bytes([r[21], r[22], 0, 1]),
+        };
+        let mut challenge = [0u8; 16];
+        challenge.copy_from_slice(&r[..16]);
+        let mut me = TcpInitiator {
+            s,
+            conn: toe_iscsi::initiator::InitiatorConn::new(cfg, challenge, r[16]),
+            buf: vec![0u8; 256 * 1024],
+        };
+        let mut out = Vec::new();
+        me.conn.start(&mut out);
+        me.s.write_all(&out)?;
+        match me.next_event()? {
+            toe_iscsi::initiator::InitiatorEvent::LoggedIn(_) => Ok(me),
+            toe_iscsi::initiator::InitiatorEvent::LoginFailed(e) => Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                e.to_string(),
+            )),
+            other => Err(io::Error::other(format!("login: {other:?}"))),
+        }
+    }
+
+    /// The machine, for queueing several commands before waiting (any queue depth).
+    pub fn conn(&mut self) -> &mut toe_iscsi::initiator::InitiatorConn {
+        &mut self.conn
+    }
+
+    /// Send `out` (what the machine produced), then read until an event comes.
+    pub fn send_and_wait(
+        &mut self,
+        out: &[u8],
+    ) -> io::Result<toe_iscsi::initiator::InitiatorEvent> {
+        self.s.write_all(out)?;
+        self.next_event()
+    }
+
+    /// Read and feed the machine until it reports something.
+    pub fn next_event(&mut self) -> io::Result<toe_iscsi::initiator::InitiatorEvent> {
+        loop {
+            if let Some(e) = self.conn.poll_event() {
+                if let toe_iscsi::initiator::InitiatorEvent::Failed(why) = &e {
+                    return Err(io::Error::other(why.clone()));
+                }
+                return Ok(e);
+            }
+            let n = self.s.read(&mut self.buf)?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the target closed the connection",
+                ));
+            }
+            let mut out = Vec::new();
+            let bytes = self.buf[..n].to_vec();
+            self.conn.on_bytes(&bytes, &mut out);
+            self.s.write_all(&out)?;
+        }
+    }
+
+    /// Run one command and wait for it.
+    pub fn command(
+        &mut self,
+        lun: u16,
+        cdb: &[u8],
+        read_len: u32,
+        write: Vec<u8>,
+    ) -> io::Result<toe_iscsi::initiator::Completion> {
+        let mut out = Vec::new();
+        let tag = self.conn.command(
+            toe_iscsi::wire::lun_field(lun),
+            cdb,
+            read_len,
+            write,
+            &mut out,
+        );
+        let mut e = self.send_and_wait(&out)?;
+        loop {
+            match e {
+                toe_iscsi::initiator::InitiatorEvent::Done(c) if c.itt == tag => return Ok(c),
+                _ => e = self.next_event()?,
+            }
+        }
+    }
+
+    /// Send a Text request and wait for its answer.
+    pub fn text(&mut self, pairs: &[(&str, &str)]) -> io::Result<Vec<(String, String)>> {
+        let mut out = Vec::new();
+        let tag = self.conn.text(pairs, &mut out);
+        let mut e = self.send_and_wait(&out)?;
+        loop {
+            match e {
+                toe_iscsi::initiator::InitiatorEvent::Text { itt, pairs } if itt == tag => {
+                    return Ok(pairs)
+                }
+                _ => e = self.next_event()?,
+            }
+        }
+    }
+
+    /// Log out and wait for the answer.
+    pub fn logout(mut self) -> io::Result<()> {
+        let mut out = Vec::new();
+        self.conn.logout(&mut out);
+        let mut e = self.send_and_wait(&out)?;
+        loop {
+            match e {
+                toe_iscsi::initiator::InitiatorEvent::LoggedOut => return Ok(()),
+                _ => e = self.next_event()?,
+            }
+        }
+    }
+}
+
+/// `toemu iscsi ls`: the targets a portal offers (discovery), and with `luns` each target's
+/// LUNs with their type and size, in iscsi-ls's format.
+pub fn ls(url: &IscsiUrl, luns: bool) -> io::Result<String> {
+    let mut d = TcpInitiator::login(url, None)?;
+    let pairs = d.text(&[("SendTargets", "All")])?;
+    d.logout()?;
+    let mut out = String::new();
+    let mut current: Option<String> = None;
+    let mut targets = Vec::new();
+    for (k, v) in pairs {
+        match k.as_str() {
+            "TargetName" => current = Some(v),
+            "TargetAddress" => {
+                if let Some(t) = &current {
+                    out.push_str(&format!("Target:{t} Portal:{v}\n"));
+                    targets.push(t.clone());
+                }
+            }
+            _ => {}
+        }
+    }
+    if !luns {
+        return Ok(out);
+    }
+    for t in targets {
+        let mut s = TcpInitiator::login(url, Some(&t))?;
+        let c = s.command(
+            0,
+            &[0xa0, 0, 0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0],
+            4096,
+            Vec::new(),
+        )?;
+        if c.status != 0 || c.data.len() < 8 {
+            return Err(io::Error::other(format!("{t}: REPORT LUNS failed: {c:?}")));
+        }
+        let n = u32::from_be_bytes([c.data[0], c.data[1], c.data[2], c.data[3]]) as usize / 8;
+        for k in 0..n.min((c.data.len() - 8) / 8) {
+            let f = u64::from_be_bytes(c.data[8 + 8 * k..16 + 8 * k].try_into().expect("8 bytes"));
+            let Some(lun) = toe_iscsi::wire::lun_index(f) else {
+                continue;
+            };
+            let inq = s.command(lun, &[0x12, 0, 0, 0, 96, 0], 96, Vec::new())?;
+            let kind = match inq.data.first().map(|b| b & 0x1f) {
+                Some(0) => "DIRECT_ACCESS",
+                Some(5) => "MMC",
+                Some(t) => return Ok(format!("{out}Lun:{lun} Type:{t:#x}\n")),
+                None => "UNKNOWN",
+            };
+            let mut cdb = [0u8; 16];
+            cdb[0] = 0x9e;
+            cdb[1] = 0x10;
+            cdb[13] = 32;
+            let rc = s.command(lun, &cdb, 32, Vec::new())?;
+            if rc.status == 0 && rc.data.len() >= 12 {
+                let last = u64::from_be_bytes(rc.data[..8].try_into().expect("8 bytes"));
+                let bs = u32::from_be_bytes(rc.data[8..12].try_into().expect("4 bytes"));
+                let bytes = (last + 1) * u64::from(bs);
+                out.push_str(&format!(
+                    "Lun:{lun} Type:{kind} (Size:{bytes} bytes, {bs}-byte blocks)\n"
+                ));
+            } else {
+                out.push_str(&format!("Lun:{lun} Type:{kind}\n"));
+            }
+        }
+        s.logout()?;
+    }
+    Ok(out)
+}

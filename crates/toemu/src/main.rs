@@ -219,7 +219,7 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
-    /// iSCSI: the target (more to come: perf, ls, bench).
+    /// iSCSI: the target and discovery (more to come: perf, bench).
     Iscsi {
         #[command(subcommand)]
         cmd: IscsiCmd,
@@ -263,6 +263,15 @@ enum Cmd {
 
 #[derive(Subcommand, Debug)]
 enum IscsiCmd {
+    /// Discovery with toemu's initiator: the targets a portal offers, and with -s their
+    /// LUNs (type and size).
+    Ls {
+        /// `iscsi://[user%secret@]host[:port]/` (`?header_digest=crc32c` for digests).
+        url: String,
+        /// Log in to each target and list its LUNs.
+        #[arg(short = 's', long)]
+        show_luns: bool,
+    },
     /// An iSCSI target whose LUN 0 is a disk in a file, on std TCP; runs until SIGINT or
     /// SIGTERM, then flushes the disk and prints its counters.
     Target {
@@ -302,6 +311,12 @@ enum IscsiCmd {
 
 fn iscsi(cmd: IscsiCmd) -> Result<(), String> {
     match cmd {
+        IscsiCmd::Ls { url, show_luns } => {
+            let u: toemu_lab::iscsi::IscsiUrl = url.parse()?;
+            let out = toemu_lab::iscsi::ls(&u, show_luns).map_err(|e| format!("{url}: {e}"))?;
+            print!("{out}");
+            Ok(())
+        }
         IscsiCmd::Target {
             lun,
             size,

@@ -1,0 +1,723 @@
+//! One initiator-side connection as a pure byte-stream machine: the application queues
+//! commands ([`InitiatorConn::command`], [`InitiatorConn::text`]), bytes from the target go
+//! in ([`InitiatorConn::on_bytes`]), bytes to send come out, and completions are taken with
+//! [`InitiatorConn::poll_event`].
+//!
+//! - Login with [`InitiatorLogin`] (None or CHAP), then full-feature phase.
+//! - Tasks at any queue depth within the target's CmdSN window (commands past MaxCmdSN wait
+//!   in order and go out as the window opens).
+//! - Reads: Data-In gathered at its Buffer Offset (bounded by the task's expected length),
+//!   status from the last Data-In or the SCSI Response.
+//! - Writes: immediate data and unsolicited Data-Out up to FirstBurstLength as negotiated,
+//!   then Data-Out answering each R2T, cut to the target's MaxRecvDataSegmentLength.
+
+use std::collections::{HashMap, VecDeque};
+
+use crate::login::{InitiatorConfig, InitiatorLogin, InitiatorStep, LoginError, Negotiated};
+use crate::text;
+use crate::wire::{
+    DataOut, DigestCheck, Framing, LogoutRequest, Nop, Repr, ScsiCommand, Text, WireError,
+    RESERVED_TAG,
+};
+
+/// What the initiator connection reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InitiatorEvent {
+    /// Full-feature phase: commands may go.
+    LoggedIn(Negotiated),
+    /// The login failed; the connection is over.
+    LoginFailed(LoginError),
+    /// A Text Response (final) for request `itt`.
+    Text {
+        /// The request's tag.
+        itt: u32,
+        /// Its pairs.
+        pairs: Vec<(String, String)>,
+    },
+    /// A SCSI command completed.
+    Done(Completion),
+    /// The Logout Response came.
+    LoggedOut,
+    /// The connection ended on a protocol error.
+    Failed(String),
+}
+
+/// The end of one SCSI command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completion {
+    /// The command's tag.
+    pub itt: u32,
+    /// SCSI status (0 GOOD, 2 CHECK CONDITION, ...).
+    pub status: u8,
+    /// iSCSI service response (0: completed at the target).
+    pub response: u8,
+    /// Sense data (without its 2-byte length), with CHECK CONDITION.
+    pub sense: Vec<u8>,
+    /// Data-In received (reads).
+    pub data: Vec<u8>,
+    /// Residual overflow (the command wanted more than expected).
+    pub overflow: bool,
+    /// Residual underflow.
+    pub underflow: bool,
+    /// Residual count, bytes.
+    pub residual: u32,
+}
+
+struct Task {
+    cmd: ScsiCommand,
+    data_in: Vec<u8>,
+    data_out: Vec<u8>,
+}
+
+/// An initiator connection.
+pub struct InitiatorConn {
+    login: Option<InitiatorLogin>,
+    neg: Option<Negotiated>,
+    framing: Framing,
+    inbuf: Vec<u8>,
+    cmd_sn: u32,
+    exp_stat_sn: u32,
+    max_cmd_sn: u32,
+    next_itt: u32,
+    tasks: HashMap<u32, Task>,
+    waiting: VecDeque<u32>,
+    events: VecDeque<InitiatorEvent>,
+    ended: bool,
+}
+
+impl std::fmt::Debug for InitiatorConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InitiatorConn")
+            .field("tasks", &self.tasks.len())
+            .field("ended", &self.ended)
+            .finish()
+    }
+}
+
+/// Serial-number comparison (RFC 1982) of 32-bit sequence numbers: `a` after `b`.
+fn sn_gt(a: u32, b: u32) -> bool {
+    a != b && a.wrapping_sub(b) < 1 << 31
+}
+
+impl InitiatorConn {
+    /// A connection for `cfg`; `challenge` and `chap_id` (random) serve mutual CHAP. Call
+    /// [`InitiatorConn::start`] for the first bytes.
+    pub fn new(cfg: InitiatorConfig, challenge: [u8; 16], chap_id: u8) -> Self {
+        let cmd_sn = cfg.cmd_sn;
+        InitiatorConn {
+            login: Some(InitiatorLogin::new(cfg, challenge, chap_id)),
+            neg: None,
+            framing: Framing::default(),
+            inbuf: Vec::new(),
+            cmd_sn,
+            exp_stat_sn: 0,
+            max_cmd_sn: cmd_sn,
+            next_itt: 1,
+            tasks: HashMap::new(),
+            waiting: VecDeque::new(),
+            events: VecDeque::new(),
+            ended: false,
+        }
+    }
+
+    /// The first Login Request.
+    pub fn start(&mut self, out: &mut Vec<u8>) {
+        if let Some(l) = self.login.as_mut() {
+            if let InitiatorStep::Send(h, d) = l.start() {
+                let _ = self.framing.emit(&Repr::LoginRequest(h), &[], &d, out);
+            }
+        }
+    }
+
+    /// The parameters in force, once logged in.
+    pub fn negotiated(&self) -> Option<&Negotiated> {
+        self.neg.as_ref()
+    }
+
+    /// Whether the connection is over (logged out, failed).
+    pub fn ended(&self) -> bool {
+        self.ended
+    }
+
+    /// Commands not completed yet (sent or waiting for the window).
+    pub fn in_flight(&self) -> usize {
+        self.tasks.len()
+    }
+
+    /// The next completion or other event.
+    pub fn poll_event(&mut self) -> Option<InitiatorEvent> {
+        self.events.pop_front()
+    }
+
+    fn tag(&mut self) -> u32 {
+        let t = self.next_itt;
+        self.next_itt = self.next_itt.wrapping_add(1);
+        if self.next_itt == RESERVED_TAG {
+            self.next_itt = 1;
+        }
+        t
+    }
+
+    fn fail(&mut self, why: String) {
+        if !self.ended {
+            self.ended = true;
+            self.events.push_back(InitiatorEvent::Failed(why));
+        }
+    }
+
+    /// Send a Text Request (immediate) with `pairs` (for example `SendTargets=All`);
+    /// returns its tag.
+    pub fn text(&mut self, pairs: &[(&str, &str)], out: &mut Vec<u8>) -> u32 {
+        let itt = self.tag();
+        let mut data = Vec::new();
+        text::encode_pairs(pairs, &mut data);
+        let r = Repr::TextRequest(Text {
+            immediate: true,
+            final_: true,
+            cont: false,
+            lun: 0,
+            itt,
+            ttt: RESERVED_TAG,
+            sn: self.cmd_sn,
+            exp_sn: self.exp_stat_sn,
+            max_cmd_sn: 0,
+        });
+        let _ = self.framing.emit(&r, &[], &data, out);
+        itt
+    }
+
+    /// Send a NOP-Out ping (immediate); the NOP-In answer only updates sequence numbers.
+    pub fn ping(&mut self, out: &mut Vec<u8>) {
+        let itt = self.tag();
+        let r = Repr::NopOut(Nop {
+            immediate: true,
+            lun: 0,
+            itt,
+            ttt: RESERVED_TAG,
+            sn: self.cmd_sn,
+            exp_sn: self.exp_stat_sn,
+            max_cmd_sn: 0,
+        });
+        let _ = self.framing.emit(&r, &[], &[], out);
+    }
+
+    /// Queue SCSI command `cdb` (at most 16 bytes) for `lun`, reading up to `read_len`
+    /// bytes, or writing `write` (then `read_len` is ignored); returns its tag. It goes out
+    /// at once if the CmdSN window allows, otherwise when it opens.
+    pub fn command(
+        &mut self,
+        lun: u64,
+        cdb: &[u8],
+        read_len: u32,
+        write: Vec<u8>,
+        out: &mut Vec<u8>,
+    ) -> u32 {
+        let itt = self.tag();
+        let mut c = [0u8; 16];
+        let n = cdb.len().min(16);
+        c[..n].copy_from_slice(&cdb[..n]);
+        let writing = !write.is_empty();
+        let cmd = ScsiCommand {
+            immediate: false,
+            final_: true,
+            read: !writing && read_len > 0,
+            write: writing,
+            attr: 1,
+            lun,
+            itt,
+            expected_len: if writing {
+                write.len() as u32
+            } else {
+                read_len
+            },
+            cmd_sn: 0,
+            exp_stat_sn: 0,
+            cdb: c,
+        };
+        self.tasks.insert(
+            itt,
+            Task {
+                cmd,
+                data_in: Vec::new(),
+                data_out: write,
+            },
+        );
+        self.waiting.push_back(itt);
+        self.flush_waiting(out);
+        itt
+    }
+
+    /// Ask to close the session (Logout, reason 0).
+    pub fn logout(&mut self, out: &mut Vec<u8>) {
+        let itt = self.tag();
+        let r = Repr::LogoutRequest(LogoutRequest {
+            immediate: true,
+            reason: 0,
+            itt,
+            cid: 0,
+            cmd_sn: self.cmd_sn,
+            exp_stat_sn: self.exp_stat_sn,
+        });
+        let _ = self.framing.emit(&r, &[], &[], out);
+    }
+
+    /// Send the waiting commands the window allows.
+    fn flush_waiting(&mut self, out: &mut Vec<u8>) {
+        let Some(neg) = self.neg.clone() else {
+            return;
+        };
+        while let Some(&itt) = self.waiting.front() {
+            if sn_gt(self.cmd_sn, self.max_cmd_sn) {
+                break; // the window is closed
+            }
+            self.waiting.pop_front();
+            let Some(t) = self.tasks.get_mut(&itt) else {
+                continue;
+            };
+            t.cmd.cmd_sn = self.cmd_sn;
+            t.cmd.exp_stat_sn = self.exp_stat_sn;
+            self.cmd_sn = self.cmd_sn.wrapping_add(1);
+            let len = t.data_out.len();
+            let first_burst = if neg.initial_r2t && !neg.immediate_data {
+                0
+            } else {
+                (neg.first_burst_length as usize).min(len)
+            };
+            let imm = if neg.immediate_data {
+                first_burst.min(neg.target_max_recv as usize)
+            } else {
+                0
+            };
+            // F: no unsolicited Data-Out follows the command.
+            let unsolicited_end = if neg.initial_r2t { imm } else { first_burst };
+            t.cmd.final_ = unsolicited_end == imm;
+            let cmd = t.cmd;
+            let imm_data = t.data_out[..imm].to_vec();
+            let _ = self
+                .framing
+                .emit(&Repr::ScsiCommand(cmd), &[], &imm_data, out);
+            if unsolicited_end > imm {
+                self.send_data_out(itt, RESERVED_TAG, imm, unsolicited_end, out);
+            }
+        }
+    }
+
+    /// Data-Out PDUs for `itt`, bytes `from..to`, for transfer tag `ttt`, DataSN from 0.
+    fn send_data_out(&mut self, itt: u32, ttt: u32, from: usize, to: usize, out: &mut Vec<u8>) {
+        let seg = self
+            .neg
+            .as_ref()
+            .map_or(8192, |n| n.target_max_recv.max(512) as usize);
+        let Some(t) = self.tasks.get(&itt) else {
+            return;
+        };
+        let to = to.min(t.data_out.len());
+        let mut at = from;
+        let mut data_sn = 0;
+        while at < to {
+            let n = seg.min(to - at);
+            let d = Repr::DataOut(DataOut {
+                final_: at + n == to,
+                lun: t.cmd.lun,
+                itt,
+                ttt,
+                exp_stat_sn: self.exp_stat_sn,
+                data_sn,
+                buffer_offset: at as u32,
+            });
+            let _ = self.framing.emit(&d, &[], &t.data_out[at..at + n], out);
+            data_sn += 1;
+            at += n;
+        }
+    }
+
+    /// Take bytes from the target; append what to send to `out`.
+    pub fn on_bytes(&mut self, bytes: &[u8], out: &mut Vec<u8>) {
+        if self.ended {
+            return;
+        }
+        self.inbuf.extend_from_slice(bytes);
+        let mut at = 0;
+        while !self.ended {
+            let pdu = match self.framing.parse(&self.inbuf[at..]) {
+                Ok(Some(p)) => p,
+                Ok(None) => break,
+                Err(e) => {
+                    self.fail(format!("bad PDU from the target: {e}"));
+                    break;
+                }
+            };
+            at += pdu.len;
+            if matches!(pdu.data_digest, DigestCheck::Bad { .. }) {
+                // ERL 0: the data cannot be trusted and is not recovered.
+                let e = WireError::Malformed("data digest error from the target");
+                let msg = e.to_string();
+                self.fail(msg);
+                break;
+            }
+            let repr = match pdu.repr() {
+                Ok(r) => r,
+                Err(e) => {
+                    let msg = format!("bad PDU from the target: {e}");
+                    self.fail(msg);
+                    break;
+                }
+            };
+            let data = pdu.data.to_vec();
+            self.on_pdu(repr, &data, out);
+        }
+        self.inbuf.drain(..at);
+    }
+
+    fn update_sns(&mut self, stat_sn: Option<u32>, exp_cmd_sn: u32, max_cmd_sn: u32) {
+        if let Some(s) = stat_sn {
+            if !sn_gt(self.exp_stat_sn, s.wrapping_add(1)) {
+                self.exp_stat_sn = s.wrapping_add(1);
+            }
+        }
+        // MaxCmdSN only counts when it is not behind ExpCmdSN - 1 (RFC 7143 §4.2.2.1).
+        if !sn_gt(exp_cmd_sn.wrapping_sub(1), max_cmd_sn) && sn_gt(max_cmd_sn, self.max_cmd_sn) {
+            self.max_cmd_sn = max_cmd_sn;
+        }
+    }
+
+    fn on_pdu(&mut self, repr: Repr, data: &[u8], out: &mut Vec<u8>) {
+        if let Some(login) = self.login.as_mut() {
+            let Repr::LoginResponse(rsp) = repr else {
+                return self.fail("a PDU other than a Login Response during login".into());
+            };
+            match login.on_response(&rsp, data) {
+                Ok(InitiatorStep::Send(h, d)) => {
+                    let _ = self.framing.emit(&Repr::LoginRequest(h), &[], &d, out);
+                }
+                Ok(InitiatorStep::Done(neg)) => {
+                    self.login = None;
+                    self.exp_stat_sn = rsp.sn.wrapping_add(1);
+                    self.max_cmd_sn = rsp.max_cmd_sn;
+                    self.cmd_sn = rsp.exp_sn;
+                    self.framing = Framing {
+                        header_digest: neg.header_digest,
+                        data_digest: neg.data_digest,
+                    };
+                    self.neg = Some(neg.clone());
+                    self.events.push_back(InitiatorEvent::LoggedIn(neg));
+                    self.flush_waiting(out);
+                }
+                Err(e) => {
+                    self.ended = true;
+                    self.events.push_back(InitiatorEvent::LoginFailed(e));
+                }
+            }
+            return;
+        }
+        match repr {
+            Repr::DataIn(d) => {
+                self.update_sns(d.status.map(|_| d.stat_sn), d.exp_cmd_sn, d.max_cmd_sn);
+                let Some(t) = self.tasks.get_mut(&d.itt) else {
+                    return self.fail(format!("Data-In for unknown task {:#x}", d.itt));
+                };
+                let end = d.buffer_offset as usize + data.len();
+                if end > t.cmd.expected_len as usize {
+                    return self.fail("Data-In past the expected length".into());
+                }
+                if t.data_in.len() < end {
+                    t.data_in.resize(end, 0);
+                }
+                t.data_in[d.buffer_offset as usize..end].copy_from_slice(data);
+                if let Some(status) = d.status {
+                    let t = self.tasks.remove(&d.itt).expect("present");
+                    self.events.push_back(InitiatorEvent::Done(Completion {
+                        itt: d.itt,
+                        status,
+                        response: 0,
+                        sense: Vec::new(),
+                        data: t.data_in,
+                        overflow: d.overflow,
+                        underflow: d.underflow,
+                        residual: d.residual,
+                    }));
+                }
+            }
+            Repr::ScsiResponse(r) => {
+                self.update_sns(Some(r.stat_sn), r.exp_cmd_sn, r.max_cmd_sn);
+                let Some(t) = self.tasks.remove(&r.itt) else {
+                    return self.fail(format!("SCSI Response for unknown task {:#x}", r.itt));
+                };
+                let sense = if data.len() >= 2 {
+                    let n = usize::from(u16::from_be_bytes([data[0], data[1]]));
+                    data[2..(2 + n).min(data.len())].to_vec()
+                } else {
+                    Vec::new()
+                };
+                self.events.push_back(InitiatorEvent::Done(Completion {
+                    itt: r.itt,
+                    status: r.status,
+                    response: r.response,
+                    sense,
+                    data: t.data_in,
+                    overflow: r.overflow,
+                    underflow: r.underflow,
+                    residual: r.residual,
+                }));
+            }
+            Repr::R2t(r) => {
+                self.update_sns(None, r.exp_cmd_sn, r.max_cmd_sn);
+                let from = r.buffer_offset as usize;
+                self.send_data_out(r.itt, r.ttt, from, from + r.desired_len as usize, out);
+            }
+            Repr::TextResponse(t) => {
+                self.update_sns(Some(t.sn), t.exp_sn, t.max_cmd_sn);
+                let pairs = text::parse_pairs(data)
+                    .map(|p| {
+                        p.into_iter()
+                            .map(|(k, v)| (k.to_string(), v.to_string()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                self.events
+                    .push_back(InitiatorEvent::Text { itt: t.itt, pairs });
+            }
+            Repr::NopIn(n) => {
+                self.update_sns(
+                    (n.itt != RESERVED_TAG).then_some(n.sn),
+                    n.exp_sn,
+                    n.max_cmd_sn,
+                );
+                if n.ttt != RESERVED_TAG {
+                    // The target pings: answer with its tag.
+                    let r = Repr::NopOut(Nop {
+                        immediate: true,
+                        lun: n.lun,
+                        itt: RESERVED_TAG,
+                        ttt: n.ttt,
+                        sn: self.cmd_sn,
+                        exp_sn: self.exp_stat_sn,
+                        max_cmd_sn: 0,
+                    });
+                    let _ = self.framing.emit(&r, &[], data, out);
+                }
+            }
+            Repr::LogoutResponse(l) => {
+                self.update_sns(Some(l.stat_sn), l.exp_cmd_sn, l.max_cmd_sn);
+                self.ended = true;
+                self.events.push_back(InitiatorEvent::LoggedOut);
+            }
+            Repr::Reject(r) => {
+                self.update_sns(Some(r.stat_sn), r.exp_cmd_sn, r.max_cmd_sn);
+                // The rejected header names the task (if any): it will not complete.
+                if data.len() >= 20 {
+                    let itt = u32::from_be_bytes([data[16], data[17], data[18], data[19]]);
+                    if let Some(t) = self.tasks.remove(&itt) {
+                        self.events.push_back(InitiatorEvent::Done(Completion {
+                            itt,
+                            status: 0xff,
+                            response: 1,
+                            sense: Vec::new(),
+                            data: t.data_in,
+                            overflow: false,
+                            underflow: false,
+                            residual: 0,
+                        }));
+                    }
+                }
+            }
+            Repr::AsyncMessage(a) => self.update_sns(Some(a.stat_sn), a.exp_cmd_sn, a.max_cmd_sn),
+            Repr::TaskMgmtResponse(t) => {
+                self.update_sns(Some(t.stat_sn), t.exp_cmd_sn, t.max_cmd_sn)
+            }
+            other => return self.fail(format!("unexpected {:?} from the target", other.opcode())),
+        }
+        self.flush_waiting(out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::login::{OpParams, TargetConfig};
+    use crate::scsi::{Disk, MemStore};
+    use crate::target::TargetConn;
+    use std::sync::{Arc, Mutex};
+
+    fn pair(digests: &str, initial_r2t: bool, window: u32) -> (InitiatorConn, TargetConn) {
+        let disk = Arc::new(Mutex::new(Disk::new(
+            Box::new(MemStore::new(16 << 20)),
+            512,
+            "T",
+        )));
+        let t = TargetConn::new(
+            TargetConfig {
+                target_name: "iqn.t".into(),
+                alias: None,
+                portal_group_tag: 1,
+                chap: None,
+                mutual: None,
+                params: OpParams {
+                    header_digest: digests.into(),
+                    data_digest: digests.into(),
+                    max_burst_length: 65_536,
+                    first_burst_length: 16_384,
+                    initial_r2t,
+                    max_outstanding_r2t: 4,
+                    max_recv_data_segment_length: 8192,
+                    ..OpParams::default()
+                },
+                cmd_window: window,
+            },
+            vec![("iqn.t".into(), "127.0.0.1:3260,1".into())],
+            [5; 16],
+            3,
+            1,
+        )
+        .with_disk(disk);
+        let i = InitiatorConn::new(
+            InitiatorConfig {
+                initiator_name: "iqn.i".into(),
+                target_name: Some("iqn.t".into()),
+                chap: None,
+                mutual: None,
+                params: OpParams {
+                    header_digest: digests.into(),
+                    data_digest: digests.into(),
+                    max_recv_data_segment_length: 16_384,
+                    initial_r2t,
+                    max_outstanding_r2t: 4,
+                    ..OpParams::default()
+                },
+                isid: [0x80, 0, 0, 0, 0, 9],
+                cmd_sn: 100,
+            },
+            [6; 16],
+            4,
+        );
+        (i, t)
+    }
+
+    /// Move bytes both ways until neither side has anything to say.
+    fn exchange(i: &mut InitiatorConn, t: &mut TargetConn, mut to_target: Vec<u8>) {
+        for _ in 0..10_000 {
+            if to_target.is_empty() {
+                return;
+            }
+            let mut to_init = Vec::new();
+            t.on_bytes(&to_target, &mut to_init);
+            to_target = Vec::new();
+            i.on_bytes(&to_init, &mut to_target);
+        }
+        panic!("the exchange did not settle");
+    }
+
+    fn rw10(op: u8, lba: u32, blocks: u16) -> [u8; 10] {
+        let mut c = [0u8; 10];
+        c[0] = op;
+        c[2..6].copy_from_slice(&lba.to_be_bytes());
+        c[7..9].copy_from_slice(&blocks.to_be_bytes());
+        c
+    }
+
+    fn login(i: &mut InitiatorConn, t: &mut TargetConn) -> Negotiated {
+        let mut out = Vec::new();
+        i.start(&mut out);
+        exchange(i, t, out);
+        match i.poll_event() {
+            Some(InitiatorEvent::LoggedIn(n)) => n,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn writes_and_reads_at_queue_depth_32_through_a_window_of_8() {
+        for (digests, initial_r2t) in [("None", true), ("CRC32C", false)] {
+            let (mut i, mut t) = pair(digests, initial_r2t, 8);
+            let n = login(&mut i, &mut t);
+            assert_eq!(n.header_digest, digests == "CRC32C");
+            assert_eq!(n.initial_r2t, initial_r2t);
+            // 32 writes of 64 KiB (immediate, unsolicited and R2T data), queued at once
+            let mut out = Vec::new();
+            let block =
+                |k: u32| -> Vec<u8> { (0..65_536u32).map(|x| (x ^ (k * 7)) as u8).collect() };
+            for k in 0..32u32 {
+                i.command(0, &rw10(0x2a, k * 128, 128), 0, block(k), &mut out);
+            }
+            assert_eq!(i.in_flight(), 32);
+            exchange(&mut i, &mut t, out);
+            let mut done = 0;
+            while let Some(e) = i.poll_event() {
+                let InitiatorEvent::Done(c) = e else {
+                    panic!("{e:?}")
+                };
+                assert_eq!(
+                    (c.status, c.overflow, c.underflow),
+                    (0, false, false),
+                    "{c:?}"
+                );
+                done += 1;
+            }
+            assert_eq!(done, 32, "every write completed through the window");
+            let mut out = Vec::new();
+            let tags: Vec<u32> = (0..32u32)
+                .map(|k| i.command(0, &rw10(0x28, k * 128, 128), 65_536, Vec::new(), &mut out))
+                .collect();
+            exchange(&mut i, &mut t, out);
+            let mut got = HashMap::new();
+            while let Some(InitiatorEvent::Done(c)) = i.poll_event() {
+                got.insert(c.itt, c.data);
+            }
+            for (k, tag) in tags.iter().enumerate() {
+                assert!(got[tag] == block(k as u32), "block {k} reads back");
+            }
+            assert_eq!(t.stats().rejects, 0);
+        }
+    }
+
+    #[test]
+    fn check_condition_carries_its_sense_and_discovery_lists_targets() {
+        let (mut i, mut t) = pair("None", true, 8);
+        login(&mut i, &mut t);
+        let mut out = Vec::new();
+        let tag = i.command(0, &rw10(0x28, u32::MAX - 1, 8), 4096, Vec::new(), &mut out);
+        exchange(&mut i, &mut t, out);
+        let Some(InitiatorEvent::Done(c)) = i.poll_event() else {
+            panic!()
+        };
+        assert_eq!((c.itt, c.status), (tag, 2));
+        assert_eq!(
+            (c.sense[2], c.sense[12]),
+            (5, 0x21),
+            "ILLEGAL REQUEST, LBA out of range"
+        );
+        let mut out = Vec::new();
+        let tag = i.text(&[("SendTargets", "")], &mut out);
+        exchange(&mut i, &mut t, out);
+        assert_eq!(
+            i.poll_event(),
+            Some(InitiatorEvent::Text {
+                itt: tag,
+                pairs: vec![
+                    ("TargetName".into(), "iqn.t".into()),
+                    ("TargetAddress".into(), "127.0.0.1:3260,1".into())
+                ]
+            })
+        );
+        let mut out = Vec::new();
+        i.logout(&mut out);
+        exchange(&mut i, &mut t, out);
+        assert_eq!(i.poll_event(), Some(InitiatorEvent::LoggedOut));
+        assert!(i.ended() && t.ended().is_some());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_target_bytes_never_panic(
+            chunks in proptest::collection::vec(
+                proptest::collection::vec(proptest::num::u8::ANY, 0..200), 0..8),
+        ) {
+            let (mut i, _) = pair("None", true, 8);
+            let mut out = Vec::new();
+            i.start(&mut out);
+            for ch in chunks {
+                i.on_bytes(&ch, &mut out);
+            }
+        }
+    }
+}

@@ -109,8 +109,9 @@ pub struct NicStats {
     /// Connection requests (SYN) refused with RST because every socket of the listener's
     /// backlog had a completed handshake (none listening, none half-open to recycle).
     pub syn_refused: u64,
-    /// Connection requests (SYN) dropped unanswered because every half-open socket of the
-    /// backlog had sent its SYN-ACK less than [`SYN_ACK_GRACE`] ago (the sender retries).
+    /// Connection requests (SYN) dropped unanswered because no backlog socket was free and
+    /// every half-open one was in a handshake still in progress: its SYN-ACK not yet tried,
+    /// or sent less than [`SYN_ACK_GRACE`] ago (the sender retries).
     pub syn_deferred: u64,
     /// TCP segments of no known flow (and not a connection request), answered with RST: the
     /// peer of a recycled half-open socket, or a stray segment.
@@ -168,7 +169,8 @@ enum Route {
     To(SockId, bool),
     /// Process it against no socket: smoltcp answers with RST.
     NoSocket,
-    /// Drop it unanswered (a SYN that finds every backlog socket in a young handshake).
+    /// Drop it unanswered (a SYN that finds the backlog's half-open sockets all in
+    /// handshakes still in progress).
     Defer,
 }
 
@@ -504,10 +506,9 @@ impl<P: Phy> Nic<P> {
     ///    answers within a round trip);
     ///
     /// otherwise, if a half-open socket is left (its SYN-ACK not tried yet, or recent), the
-    /// request is deferred (dropped
-    /// without an answer: its sender retransmits the SYN, by which time a handshake has
-    /// completed or aged), and if every backlog socket has a completed handshake it is
-    /// refused (RST). Anything else without a flow gets an RST.
+    /// request is deferred: dropped without an answer, so that its sender retransmits the
+    /// SYN, by which time a handshake has completed or aged. If every backlog socket has a
+    /// completed handshake it is refused (RST). Anything else without a flow gets an RST.
     fn route(&mut self, key: FlowKey, syn_only: bool, now: Instant) -> Route {
         if let Some(id) = self.socks.by_flow(&key) {
             return Route::To(id, false);

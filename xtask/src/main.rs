@@ -7,8 +7,8 @@
 //!   host on TAP, and the hostile-peer suite.
 //! - `cargo xtask soak`: the impaired-wire integrity matrix (`tests/impair.rs`) at 1 GiB per
 //!   cell.
-//! - `cargo xtask fuzz`: the iSCSI PDU decoder and text-key parser on a million arbitrary
-//!   inputs each.
+//! - `cargo xtask fuzz`: the iSCSI PDU decoder, text-key parser, login machine and target
+//!   and initiator connections on a million arbitrary inputs each.
 //!
 //! Tests run in the `checked` profile (release with overflow checks and debug assertions)
 //! because the integration tests move hundreds of MiB. Before the tests, the system tools they
@@ -92,8 +92,9 @@ const SOAK: Step = Step {
     env: &[("TOEMU_SOAK_BYTES", "1GiB")],
 };
 
-/// `cargo xtask fuzz`: the iSCSI PDU decoder and text-key parser (and negotiation) fed a
-/// million arbitrary inputs each (the tests run 256).
+/// `cargo xtask fuzz`: the iSCSI PDU decoder, text-key parser and negotiation, login
+/// machine and target and initiator connections fed a million arbitrary inputs each (the
+/// tests run 256): every `arbitrary_*` proptest of toe-iscsi.
 const FUZZ: Step = Step {
     name: "fuzz",
     args: &[
@@ -138,7 +139,8 @@ tasks:
            -- --include-ignored --nocapture
          the impaired-wire integrity matrix at 1 GiB per transfer (24 cells x 4 modes)
   fuzz   PROPTEST_CASES=1000000 cargo test --profile checked -p toe-iscsi arbitrary_
-         the iSCSI PDU decoder and text-key parser on a million arbitrary inputs each
+         toe-iscsi's decoder, text keys, login and connections on a million arbitrary
+         inputs each
   help   print this message";
 
 /// The workspace root: the parent of this crate's manifest directory.

@@ -4,7 +4,7 @@
 //!
 //! Commands: TEST UNIT READY, REQUEST SENSE, INQUIRY (standard data with version
 //! descriptors; VPD pages 00h, 80h, 83h, B0h, B1h), READ CAPACITY (10) and (16), READ and
-//! WRITE (6, 10, 12, 16), WRITE AND VERIFY (10, 12, 16), VERIFY (10, 12, 16; BYTCHK 0, 1 and 3), SYNCHRONIZE CACHE (10, 16), MODE SENSE (6, 10)
+//! WRITE (6, 10, 12, 16), WRITE AND VERIFY (10, 12, 16), VERIFY (10, 12, 16; BYTCHK 0, 1 and 3), WRITE SAME (10, 16), PRE-FETCH (10, 16), SYNCHRONIZE CACHE (10, 16), MODE SENSE (6, 10)
 //! with the Caching (08h) and Control (0Ah) pages, REPORT LUNS, START STOP UNIT. Anything
 //! else is CHECK CONDITION, ILLEGAL REQUEST, INVALID COMMAND OPERATION CODE (20h/00h); an
 //! LBA range past the end (64-bit wrap included) is LOGICAL BLOCK ADDRESS OUT OF RANGE
@@ -285,6 +285,9 @@ impl Disk {
             0x5a => Transfer::In(be16(cdb, 7)),
             0x25 => Transfer::In(8),
             0x9e => Transfer::In(be32(cdb, 10)),
+            // WRITE SAME: one block of Data-Out (none with NDOB)
+            0x41 => Transfer::Out(b),
+            0x93 if cdb[1] & 0x01 == 0 => Transfer::Out(b),
             // VERIFY with BYTCHK 1 compares every block with Data-Out, with 3 one block
             0x2f | 0xaf | 0x8f => match (cdb[1] >> 1) & 3 {
                 1 => Transfer::Out(verify_range(cdb).1 * b),
@@ -373,6 +376,20 @@ impl Disk {
                 self.flush()
             }
             0x1a | 0x5a => self.mode_sense(cdb),
+            // PRE-FETCH (10) and (16): the blocks are in memory (or the page cache)
+            // already; only the range is checked.
+            0x34 | 0x90 => {
+                let (lba, n) = if op == 0x34 {
+                    (be32(cdb, 2), be16(cdb, 7))
+                } else {
+                    (be64(cdb, 2), be32(cdb, 10))
+                };
+                match self.range(lba, n) {
+                    Ok(_) => Outcome::good(Vec::new()),
+                    Err(s) => Outcome::check(s),
+                }
+            }
+            0x41 | 0x93 => self.write_same(cdb, data_out),
             0xa0 => {
                 let mut d = vec![0u8; 16];
                 d[3] = 8; // one LUN: LUN 0
@@ -390,6 +407,55 @@ impl Disk {
             Some(end) if end <= self.blocks() => Ok((lba, n)),
             _ => Err(Sense::LBA_OUT_OF_RANGE),
         }
+    }
+
+    /// WRITE SAME (10) and (16): one block (zeros with NDOB) written to every block of the
+    /// range, a count of 0 meaning to the end of the medium. Without logical block
+    /// provisioning, UNMAP and ANCHOR are invalid fields.
+    fn write_same(&mut self, cdb: &[u8], data: &[u8]) -> Outcome {
+        let (lba, n) = if cdb[0] == 0x41 {
+            (be32(cdb, 2), be16(cdb, 7))
+        } else {
+            (be64(cdb, 2), be32(cdb, 10))
+        };
+        if cdb[1] & 0xe0 != 0 || cdb[1] & 0x18 != 0 {
+            return Outcome::check(Sense::INVALID_FIELD_IN_CDB);
+        }
+        if let Err(s) = self.range(lba, n) {
+            return Outcome::check(s);
+        }
+        // A count of 0 writes to the end of the medium (SBC-3 §5.45: WSNZ is 0 in the
+        // Block Limits page).
+        let n = if n == 0 { self.blocks() - lba } else { n };
+        if self.swp {
+            return Outcome::check(Sense::WRITE_PROTECTED);
+        }
+        let b = self.block as usize;
+        let ndob = cdb[0] == 0x93 && cdb[1] & 0x01 != 0;
+        let block = if ndob {
+            vec![0u8; b]
+        } else if data.len() >= b {
+            data[..b].to_vec()
+        } else {
+            return Outcome::check(Sense::INVALID_FIELD_IN_CDB);
+        };
+        // Write in runs of up to 1 MiB.
+        let per = (1 << 20) / b;
+        let run: Vec<u8> = block.repeat(per.min(n as usize));
+        let mut at = lba;
+        let end = lba + n;
+        while at < end {
+            let k = (end - at).min(per as u64) as usize;
+            if self.store.write_at(at * b as u64, &run[..k * b]).is_err() {
+                return Outcome::check(Sense {
+                    key: key::MEDIUM_ERROR,
+                    asc: 0x0c,
+                    ascq: 0x00,
+                });
+            }
+            at += k as u64;
+        }
+        Outcome::good(Vec::new())
     }
 
     /// VERIFY: the range is checked; with BYTCHK 1 the blocks are compared with `data`,
@@ -713,6 +779,27 @@ mod tests {
         let mut wrong = data.clone();
         wrong[100] ^= 1;
         assert_eq!(d.execute(&v, &wrong).sense, Some(Sense::MISCOMPARE));
+        // WRITE SAME(16): one block over 4, and a count of 0 to the end
+        let mut ws = cdb16(0x93, 100, 4);
+        assert_eq!(d.transfer(&ws), Transfer::Out(512));
+        assert_eq!(d.execute(&ws, &[0xab; 512]).status, GOOD);
+        assert_eq!(
+            d.execute(&cdb10(0x28, 100, 4), &[]).data_in,
+            vec![0xab; 2048]
+        );
+        ws[10..14].copy_from_slice(&0u32.to_be_bytes());
+        ws[2..10].copy_from_slice(&(d.blocks() - 2).to_be_bytes());
+        assert_eq!(d.execute(&ws, &[0xcd; 512]).status, GOOD);
+        let last = d.blocks() - 2;
+        assert_eq!(
+            d.execute(&cdb16(0x88, last, 2), &[]).data_in,
+            vec![0xcd; 1024]
+        );
+        ws[1] = 0x08; // UNMAP without provisioning
+        assert_eq!(
+            d.execute(&ws, &[0; 512]).sense,
+            Some(Sense::INVALID_FIELD_IN_CDB)
+        );
         // WRITE AND VERIFY(16) writes too
         let back: Vec<u8> = data.iter().map(|b| !b).collect();
         assert_eq!(d.transfer(&cdb16(0x8e, 8, 8)), Transfer::Out(4096));

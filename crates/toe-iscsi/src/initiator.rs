@@ -16,8 +16,7 @@ use std::collections::{HashMap, VecDeque};
 use crate::login::{InitiatorConfig, InitiatorLogin, InitiatorStep, LoginError, Negotiated};
 use crate::text;
 use crate::wire::{
-    DataOut, DigestCheck, Framing, LogoutRequest, Nop, Repr, ScsiCommand, Text, WireError,
-    RESERVED_TAG,
+    DataOut, DigestCheck, Framing, LogoutRequest, Nop, Repr, ScsiCommand, Text, RESERVED_TAG,
 };
 
 /// What the initiator connection reports.
@@ -337,9 +336,11 @@ impl InitiatorConn {
             return;
         }
         self.inbuf.extend_from_slice(bytes);
+        // The buffer leaves `self` while its PDUs are handled (borrowed in place, no copy).
+        let inbuf = std::mem::take(&mut self.inbuf);
         let mut at = 0;
         while !self.ended {
-            let pdu = match self.framing.parse(&self.inbuf[at..]) {
+            let pdu = match self.framing.parse(&inbuf[at..]) {
                 Ok(Some(p)) => p,
                 Ok(None) => break,
                 Err(e) => {
@@ -350,22 +351,18 @@ impl InitiatorConn {
             at += pdu.len;
             if matches!(pdu.data_digest, DigestCheck::Bad { .. }) {
                 // ERL 0: the data cannot be trusted and is not recovered.
-                let e = WireError::Malformed("data digest error from the target");
-                let msg = e.to_string();
-                self.fail(msg);
+                self.fail("data digest error from the target".into());
                 break;
             }
-            let repr = match pdu.repr() {
-                Ok(r) => r,
+            match pdu.repr() {
+                Ok(repr) => self.on_pdu(repr, pdu.data, out),
                 Err(e) => {
-                    let msg = format!("bad PDU from the target: {e}");
-                    self.fail(msg);
+                    self.fail(format!("bad PDU from the target: {e}"));
                     break;
                 }
-            };
-            let data = pdu.data.to_vec();
-            self.on_pdu(repr, &data, out);
+            }
         }
+        self.inbuf = inbuf;
         self.inbuf.drain(..at);
     }
 

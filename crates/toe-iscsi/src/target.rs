@@ -186,9 +186,12 @@ impl TargetConn {
             return;
         }
         self.inbuf.extend_from_slice(bytes);
+        // The buffer leaves `self` while its PDUs are handled, so each is borrowed in place
+        // (no copy of its data) while the machine changes.
+        let inbuf = std::mem::take(&mut self.inbuf);
         let mut at = 0;
         while self.ended().is_none() {
-            let buf = &self.inbuf[at..];
+            let buf = &inbuf[at..];
             if buf.len() >= BHS_LEN {
                 match self.framing.pdu_len(buf) {
                     Ok(n) if n > MAX_PDU_BYTES => {
@@ -206,22 +209,11 @@ impl TargetConn {
                     break;
                 }
             };
-            let len = pdu.len;
-            // Copy what the PDU needs: the buffer is borrowed.
-            let bhs = *pdu.bhs;
-            let data = pdu.data.to_vec();
-            let digest = pdu.data_digest;
-            at += len;
+            at += pdu.len;
             self.stats.pdus_in += 1;
-            let owned = Pdu {
-                bhs: &bhs,
-                ahs: &[],
-                data: &data,
-                data_digest: digest,
-                len,
-            };
-            self.on_pdu(&owned, out);
+            self.on_pdu(&pdu, out);
         }
+        self.inbuf = inbuf;
         self.inbuf.drain(..at);
     }
 
@@ -481,8 +473,10 @@ impl TargetConn {
         if t.received >= expected {
             let t = self.writes.remove(&itt).expect("present");
             let disk = self.disk.clone().expect("a disk");
-            let o = disk.lock().expect("disk lock").execute(&t.cmd.cdb, &t.data);
-            let want = disk.lock().expect("disk lock").transfer(&t.cmd.cdb);
+            let (o, want) = {
+                let mut d = disk.lock().expect("disk lock");
+                (d.execute(&t.cmd.cdb, &t.data), d.transfer(&t.cmd.cdb))
+            };
             let wanted = match want {
                 Transfer::Out(n) => Some(n),
                 _ => None,

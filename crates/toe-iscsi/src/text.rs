@@ -14,8 +14,6 @@
 //! answered `NotUnderstood`; a malformed or out-of-range value is answered `Reject`, and
 //! private keys (`X-` and `X#` prefixes) are the protocol's extension point.
 
-use std::fmt::Write as _;
-
 use thiserror::Error;
 
 /// Longest key name, characters.
@@ -429,22 +427,6 @@ pub fn outcome(def: &KeyDef, offered: &str, answered: &str) -> Option<String> {
         }
         Kind::Declarative(_) => Some(answered.into()),
     }
-}
-
-/// Render pairs for logs: `key=value` joined by spaces, CHAP secrets' answers elided.
-pub fn display_pairs(pairs: &[(&str, &str)]) -> String {
-    let mut s = String::new();
-    for (i, (k, v)) in pairs.iter().enumerate() {
-        if i > 0 {
-            s.push(' ');
-        }
-        if *k == "CHAP_R" {
-            let _ = write!(s, "{k}=<{} bytes>", v.len());
-        } else {
-            let _ = write!(s, "{k}={v}");
-        }
-    }
-    s
 }
 
 #[cfg(test)]

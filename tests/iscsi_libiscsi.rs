@@ -2,7 +2,6 @@
 //! with `iscsi-ls` on std TCP (127.0.0.1), without authentication and with CHAP.
 
 use std::net::TcpListener;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 
 use toe_iscsi::login::{Credentials, OpParams, TargetConfig};
@@ -11,23 +10,23 @@ use toemu_lab::iscsi::TcpTarget;
 
 const IQN: &str = "iqn.2026-12.org.toemu:disk";
 
-/// Runs a libiscsi tool; a missing one fails the test and says how to install it.
+/// Runs a libiscsi tool: (whether it succeeded, its standard output and error).
 fn libiscsi(tool: &str, args: &[&str]) -> (bool, String) {
-    let out = match Command::new(tool).args(args).output() {
-        Ok(o) => o,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
-            "{tool} is not installed, and this test needs it: install it with `apt-get update && \
-             DEBIAN_FRONTEND=noninteractive apt-get install -y libiscsi-bin` (`cargo xtask test` \
-             and `cargo xtask ci` do this before the tests)"
-        ),
-        Err(e) => panic!("cannot run {tool}: {e}"),
-    };
+    let out = toemu_tests::run_tool(tool, "libiscsi-bin", args);
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
     (out.status.success(), text)
+}
+
+/// The CHAP credentials the tests' target requires when asked to.
+fn alice() -> Credentials {
+    Credentials {
+        user: "alice".into(),
+        secret: b"secret-of-alice".to_vec(),
+    }
 }
 
 fn target(chap: Option<Credentials>, digests: &str) -> TcpTarget {
@@ -73,13 +72,7 @@ fn iscsi_ls_discovers_the_target() {
 
 #[test]
 fn iscsi_ls_logs_in_with_chap_and_a_wrong_secret_is_refused() {
-    let t = target(
-        Some(Credentials {
-            user: "alice".into(),
-            secret: b"secret-of-alice".to_vec(),
-        }),
-        "None",
-    );
+    let t = target(Some(alice()), "None");
     let url = format!("iscsi://alice%secret-of-alice@{}/", t.addr());
     let (ok, out) = libiscsi("iscsi-ls", &[&url]);
     assert!(ok, "iscsi-ls with CHAP failed:\n{out}");
@@ -243,13 +236,7 @@ fn our_initiator_discovers_logs_in_and_lists_the_lun() {
         );
     }
     // CHAP against a target that requires it, and a wrong secret
-    let t = target(
-        Some(Credentials {
-            user: "alice".into(),
-            secret: b"secret-of-alice".to_vec(),
-        }),
-        "None",
-    );
+    let t = target(Some(alice()), "None");
     let url = format!("iscsi://alice%secret-of-alice@{}/", t.addr());
     let out = toemu_lab::iscsi::ls(&url.parse().unwrap(), false).unwrap();
     assert!(out.starts_with(&format!("Target:{IQN}")), "{out}");

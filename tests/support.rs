@@ -201,18 +201,23 @@ pub fn tcp_frame(
     frame
 }
 
-/// Runs tshark; a missing tshark fails the test and says how to install it.
-pub fn tshark(args: &[&str]) -> String {
-    use std::process::Command;
-    let out = match Command::new("tshark").args(args).output() {
+/// Runs system tool `tool` (from Debian package `package`); a missing tool fails the test
+/// and says how to install it.
+pub fn run_tool(tool: &str, package: &str, args: &[&str]) -> std::process::Output {
+    match std::process::Command::new(tool).args(args).output() {
         Ok(o) => o,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
-            "tshark is not installed, and this test needs it to check a pcap capture: \
-             install it with `apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y \
-             tshark` (`cargo xtask test` and `cargo xtask ci` do this before the tests)"
+            "{tool} is not installed, and this test needs it: install it with `apt-get update && \
+             DEBIAN_FRONTEND=noninteractive apt-get install -y {package}` (`cargo xtask test` \
+             and `cargo xtask ci` do this before the tests)"
         ),
-        Err(e) => panic!("cannot run tshark: {e}"),
-    };
+        Err(e) => panic!("cannot run {tool}: {e}"),
+    }
+}
+
+/// Runs tshark (it must succeed); its standard output.
+pub fn tshark(args: &[&str]) -> String {
+    let out = run_tool("tshark", "tshark", args);
     assert!(
         out.status.success(),
         "tshark {args:?} failed: {}\n{}",

@@ -412,24 +412,7 @@ pub fn toe_bulk(mode: Mode, o: &DemoOptions) -> io::Result<Bulk> {
     let trace = o.trace.as_ref().map(|w| (w, label.as_str()));
     let (sim, ca, cb, monitors) = connected_pair_traced(&settings, o.seed, 5001, &o.wire, trace)?;
     let (da, db) = (sim.driver(0), sim.driver(1));
-    let mut tx = Sender::new(
-        &da.lock(),
-        ca,
-        o.seed,
-        o.bytes,
-        o.send_bufs,
-        o.send_buf_bytes,
-    )?;
-    let mut rx = Receiver::new(
-        mode,
-        &mut db.lock(),
-        sim.now(),
-        cb,
-        o.named_bufs,
-        o.named_buf_bytes,
-        false,
-    )?
-    .with_check(o.check);
+    let (mut tx, mut rx) = bulk_ends(mode, o, (&da, ca), (&db, cb), sim.now())?;
     let mem_b = sim.with_host(1, |h| h.mem.clone());
     let before = mem_b.stats().snapshot();
     let t0 = WallInstant::now();
@@ -450,15 +433,8 @@ pub fn toe_bulk(mode: Mode, o: &DemoOptions) -> io::Result<Bulk> {
         }
     }
     let seconds = t0.elapsed().as_secs_f64();
-    let received = rx.received;
-    let copies = mem_b
-        .stats()
-        .snapshot()
-        .since(&before)
-        .rx_copies_per_byte(received);
     let nic_counters = sim.with_host(1, |h| h.nic.offload_state(cb).map(|(_, _, s)| s));
-    let info = db.lock().conn_info(cb).map_err(|e| other(e.to_string()))?;
-    let anon_high = db.lock().anon_high_water_bytes() as u64;
+    let (copies, info, anon_high) = receiver_figures(&db, cb, &mem_b, &before, rx.received)?;
     // finish the exchange cleanly: both sides closed, every send acknowledged
     db.lock().close(cb).map_err(|e| other(e.to_string()))?;
     sim.run_until(1_000_000, || tx.service(&mut da.lock()).unwrap_or(true))?;
@@ -474,6 +450,55 @@ pub fn toe_bulk(mode: Mode, o: &DemoOptions) -> io::Result<Bulk> {
         nic_counters,
         &monitors,
     )
+}
+
+/// The sender on `a` (host 0's connection) and the receiver on `b` (host 1's) of a bulk
+/// transfer as `o` describes it.
+fn bulk_ends(
+    mode: Mode,
+    o: &DemoOptions,
+    a: (&toe_driver::SharedDriver, ConnId),
+    b: (&toe_driver::SharedDriver, ConnId),
+    now: toe_bus::time::Instant,
+) -> io::Result<(Sender, Receiver)> {
+    let tx = Sender::new(
+        &a.0.lock(),
+        a.1,
+        o.seed,
+        o.bytes,
+        o.send_bufs,
+        o.send_buf_bytes,
+    )?;
+    let rx = Receiver::new(
+        mode,
+        &mut b.0.lock(),
+        now,
+        b.1,
+        o.named_bufs,
+        o.named_buf_bytes,
+        false,
+    )?
+    .with_check(o.check);
+    Ok((tx, rx))
+}
+
+/// The receiving host's copies per byte since `before`, connection `cb`'s counters and the
+/// anonymous-pool high water, read before the connection closes.
+fn receiver_figures(
+    db: &toe_driver::SharedDriver,
+    cb: ConnId,
+    mem: &toe_bus::HostMemory,
+    before: &toe_bus::CopySnapshot,
+    received: u64,
+) -> io::Result<(f64, toe_driver::ConnInfo, u64)> {
+    let copies = mem
+        .stats()
+        .snapshot()
+        .since(before)
+        .rx_copies_per_byte(received);
+    let info = db.lock().conn_info(cb).map_err(|e| other(e.to_string()))?;
+    let anon_high = db.lock().anon_high_water_bytes() as u64;
+    Ok((copies, info, anon_high))
 }
 
 impl Bulk {
@@ -533,25 +558,7 @@ pub fn toe_bulk_threaded(mode: Mode, o: &DemoOptions) -> io::Result<Bulk> {
     let (da, db) = (rt.driver(0), rt.driver(1));
     let (ca, cb) = (client.conn(), server.conn());
     let mem_b = mem[1].clone();
-    let mut tx = Sender::new(
-        &da.lock(),
-        ca,
-        o.seed,
-        o.bytes,
-        o.send_bufs,
-        o.send_buf_bytes,
-    )?;
-    let now = rt.clock().now();
-    let rx = Receiver::new(
-        mode,
-        &mut db.lock(),
-        now,
-        cb,
-        o.named_bufs,
-        o.named_buf_bytes,
-        false,
-    )?
-    .with_check(o.check);
+    let (mut tx, rx) = bulk_ends(mode, o, (&da, ca), (&db, cb), rt.clock().now())?;
     let before = mem_b.stats().snapshot();
     let t0 = WallInstant::now();
     let receiving = std::thread::Builder::new()
@@ -569,14 +576,7 @@ pub fn toe_bulk_threaded(mode: Mode, o: &DemoOptions) -> io::Result<Bulk> {
         .join()
         .map_err(|_| other("receiver thread panicked"))??;
     sent?;
-    let received = rx.received;
-    let copies = mem_b
-        .stats()
-        .snapshot()
-        .since(&before)
-        .rx_copies_per_byte(received);
-    let info = db.lock().conn_info(cb).map_err(|e| other(e.to_string()))?;
-    let anon_high = db.lock().anon_high_water_bytes() as u64;
+    let (copies, info, anon_high) = receiver_figures(&db, cb, &mem_b, &before, rx.received)?;
     db.lock().close(cb).map_err(|e| other(e.to_string()))?;
     tx.finish(&da.lock());
     let hosts = rt.stop();

@@ -332,7 +332,10 @@ impl Sockets {
         while iface.poll_egress(now, dev, &mut s.set) == PollResult::SocketStateChanged {
             sent = true;
         }
-        if s.set.get::<tcp::Socket<'_>>(s.handle).state() == tcp::State::SynReceived {
+        // Only backlog sockets are half-open; offloaded connections skip the state lookup.
+        if matches!(s.owner, Owner::Backlog(_))
+            && s.set.get::<tcp::Socket<'_>>(s.handle).state() == tcp::State::SynReceived
+        {
             s.syn_ack = match (s.syn_ack, sent) {
                 (SynAck::Sent(t), _) => SynAck::Sent(t),
                 (_, true) => SynAck::Sent(now),

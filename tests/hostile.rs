@@ -503,23 +503,70 @@ fn spoofed_syn_flood_does_not_lock_clients_out() {
     assert_eq!((flows, embryonic), (0, 0));
 }
 
+/// Whether `f` is a TCP connection request (SYN without ACK).
+fn is_syn(f: &toe_nic::Frame) -> bool {
+    on_tcp(f, |t| t.syn() && !t.ack()).unwrap_or(false)
+}
+
+/// `g` of the TCP segment in `f`, if it holds one.
+fn on_tcp<R>(
+    f: &toe_nic::Frame,
+    g: impl FnOnce(&smoltcp::wire::TcpPacket<&[u8]>) -> R,
+) -> Option<R> {
+    use smoltcp::wire::{EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, TcpPacket};
+    let eth = EthernetFrame::new_checked(&f[..]).ok()?;
+    if eth.ethertype() != EthernetProtocol::Ipv4 {
+        return None;
+    }
+    let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
+    if ip.next_header() != IpProtocol::Tcp {
+        return None;
+    }
+    TcpPacket::new_checked(ip.payload()).ok().map(|t| g(&t))
+}
+
+/// A real client's SYN that arrives in the same receive batch as a spoofed flood, behind 100
+/// spoofed SYNs that took (and then recycled) every backlog socket, is answered at once: each
+/// socket sends its SYN-ACK as it takes a SYN, so the next SYN finds it unresolved and
+/// recyclable rather than untried. (The NIC used to drop the client's SYN as "handshakes in
+/// progress", and the client came back only after its 1 s retransmission timeout.)
+#[test]
+fn a_client_syn_amid_a_flood_batch_is_answered_at_once() {
+    let queue: Arc<std::sync::OnceLock<Inject>> = Arc::new(std::sync::OnceLock::new());
+    let q = queue.clone();
+    let mut held = false;
+    let (sim, inject) = server_with_injection(33, 8, move |f| {
+        if held || !is_syn(f) {
+            return true;
+        }
+        // The client's first SYN goes behind 100 spoofed ones, all in one batch.
+        held = true;
+        let mut batch = q.get().expect("queue set").lock();
+        for i in 0..100 {
+            batch.push_back(syn_to_server(spoofed(i), 80, i.wrapping_mul(40_503)));
+        }
+        batch.push_back(f.clone());
+        false
+    });
+    queue.set(inject).expect("set once");
+    let t0 = sim.now();
+    let _pair = open(&sim, 80);
+    let took = sim.now() - t0;
+    let nic = sim.with_host(1, |h| h.nic.stats());
+    assert!(
+        took < Duration::from_millis(100),
+        "served after {took}: {nic:?}"
+    );
+    assert_eq!(nic.syn_deferred, 0, "{nic:?}");
+    assert!(nic.syn_evictions >= 92, "{nic:?}");
+}
+
 /// Whether `f` is a pure TCP ACK (no SYN, FIN, RST or payload): the last step of a handshake.
 fn is_pure_ack(f: &toe_nic::Frame) -> bool {
-    use smoltcp::wire::{EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, TcpPacket};
-    let Ok(eth) = EthernetFrame::new_checked(&f[..]) else {
-        return false;
-    };
-    if eth.ethertype() != EthernetProtocol::Ipv4 {
-        return false;
-    }
-    let Ok(ip) = Ipv4Packet::new_checked(eth.payload()) else {
-        return false;
-    };
-    if ip.next_header() != IpProtocol::Tcp {
-        return false;
-    }
-    TcpPacket::new_checked(ip.payload())
-        .is_ok_and(|t| t.ack() && !t.syn() && !t.fin() && !t.rst() && t.payload().is_empty())
+    on_tcp(f, |t| {
+        t.ack() && !t.syn() && !t.fin() && !t.rst() && t.payload().is_empty()
+    })
+    .unwrap_or(false)
 }
 
 /// A SYN that finds the backlog full of handshakes whose SYN-ACK just went out to a real

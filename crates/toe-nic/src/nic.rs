@@ -110,8 +110,9 @@ pub struct NicStats {
     /// backlog had a completed handshake (none listening, none half-open to recycle).
     pub syn_refused: u64,
     /// Connection requests (SYN) dropped unanswered because no backlog socket was free and
-    /// every half-open one was in a handshake still in progress: its SYN-ACK not yet tried,
-    /// or sent less than [`SYN_ACK_GRACE`] ago (the sender retries).
+    /// every half-open one was in a handshake still in progress: its SYN-ACK sent less than
+    /// [`SYN_ACK_GRACE`] ago (the sender retries). A socket sends its SYN-ACK as soon as it
+    /// takes a SYN, so the later SYNs of the same batch see whether it went out.
     pub syn_deferred: u64,
     /// TCP segments of no known flow (and not a connection request), answered with RST: the
     /// peer of a recycled half-open socket, or a stray segment.
@@ -489,7 +490,7 @@ impl<P: Phy> Nic<P> {
             if let (Some((id, from_idle)), Ingress::Tcp { key, .. }) = (target, what) {
                 self.socks.mark(id);
                 if let Owner::Backlog(port) = self.socks.owner(id) {
-                    self.after_backlog_frame(port, id, key, from_idle);
+                    self.after_backlog_frame(port, id, key, from_idle, now);
                 }
             }
         }
@@ -505,9 +506,9 @@ impl<P: Phy> Nic<P> {
     /// 2. the oldest whose SYN-ACK went out [`SYN_ACK_GRACE`] or longer ago (a real peer
     ///    answers within a round trip);
     ///
-    /// otherwise, if a half-open socket is left (its SYN-ACK not tried yet, or recent), the
-    /// request is deferred: dropped without an answer, so that its sender retransmits the
-    /// SYN, by which time a handshake has completed or aged. If every backlog socket has a
+    /// otherwise, if a half-open socket is left (its SYN-ACK recent), the request is
+    /// deferred: dropped without an answer, so that its sender retransmits the SYN, by which
+    /// time a handshake has completed or aged. If every backlog socket has a
     /// completed handshake it is refused (RST). Anything else without a flow gets an RST.
     fn route(&mut self, key: FlowKey, syn_only: bool, now: Instant) -> Route {
         if let Some(id) = self.socks.by_flow(&key) {
@@ -537,7 +538,7 @@ impl<P: Phy> Nic<P> {
             let slot = match socks.syn_ack(id) {
                 SynAck::Unresolved => &mut unanswered,
                 SynAck::Sent(t) if now - t >= SYN_ACK_GRACE => &mut aged,
-                // Not transmitted yet (it took its SYN in this batch), or recently sent.
+                // Recently sent (or, which `after_backlog_frame` rules out, not tried yet).
                 SynAck::NotTried | SynAck::Sent(_) => {
                     young = true;
                     continue;
@@ -566,15 +567,24 @@ impl<P: Phy> Nic<P> {
     /// Backlog socket `id` of the listener on `port` processed a frame of `key`, at once (so
     /// that the next frame of the same batch finds the backlog as it now is):
     /// - taken from the idle ones for a SYN: if it took it (now half-open) the flow is routed
-    ///   to it, otherwise it is idle again;
+    ///   to it and its SYN-ACK is sent at once, so that the next SYN of the same batch finds
+    ///   it sent or unresolved (recyclable), never untried; otherwise it is idle again;
     /// - a half-open one the peer reset: smoltcp sends it back to LISTEN, still bound to the
     ///   flow and not idle, so it is replaced by a fresh socket (or the backlog would leak).
-    fn after_backlog_frame(&mut self, port: u16, id: SockId, key: FlowKey, from_idle: bool) {
+    fn after_backlog_frame(
+        &mut self,
+        port: u16,
+        id: SockId,
+        key: FlowKey,
+        from_idle: bool,
+        now: Instant,
+    ) {
         match (self.socks.get(id).state(), from_idle) {
             (tcp::State::SynReceived, true) => {
                 // Half-open from now: the oldest of these is the first recycled.
                 self.socks.stamp(id);
                 self.socks.bind_flow(id, key);
+                self.socks.egress(&mut self.iface, &mut self.dev, now, id);
             }
             (tcp::State::Listen, true) => {
                 if let Some(l) = self.listeners.get_mut(&port) {
@@ -793,14 +803,24 @@ impl<P: Phy> Nic<P> {
         self.socks.remove(id);
     }
 
-    /// Replace backlog socket `old` of the listener on `port` (a half-open or finished
-    /// handshake) with a fresh listening socket, forgetting its flow. A fresh socket, not the
-    /// old one listening again: smoltcp keeps per-socket egress state (a neighbour it is
-    /// waiting to resolve holds the socket silent for a second), which must not delay the
-    /// next client's SYN-ACK.
-    fn rearm(&mut self, port: u16, old: SockId) {
-        self.drop_backlog_socket(old);
-        self.replace_member(port, old);
+    /// Put backlog socket `id` of the listener on `port` (a half-open handshake, recycled or
+    /// reset by its peer) back to listening, idle, forgetting its flow; its buffers are kept
+    /// ([`Sockets::relisten`]). If it cannot listen it is replaced by a fresh socket.
+    fn rearm(&mut self, port: u16, id: SockId) {
+        if let Some(k) = self.socks.flow(id) {
+            self.dev.forget(&k);
+        }
+        self.held.retain(|&h| h != id);
+        if !self.socks.relisten(id, port) {
+            self.drop_backlog_socket(id);
+            self.replace_member(port, id);
+            return;
+        }
+        if let Some(l) = self.listeners.get_mut(&port) {
+            // A half-open socket left the idle ones when it took its SYN.
+            debug_assert!(!l.idle.contains(&id));
+            l.idle.push(id);
+        }
     }
 
     /// Take `old` out of the backlog of the listener on `port` (dropped, or promoted to a

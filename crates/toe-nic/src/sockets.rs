@@ -151,6 +151,32 @@ impl Sockets {
         }
     }
 
+    /// Put backlog socket `id` back to LISTEN on `port`, with the buffers it has (nothing is
+    /// allocated: recycling a flood's half-open sockets must cost no more than dropping its
+    /// SYNs). Its flow binding, stamp of SYN-ACK and deadline go; the socket leaves its set
+    /// and comes back in, so smoltcp's per-socket egress state goes too (a neighbour the old
+    /// peer's SYN-ACK was waiting for would otherwise hold the next SYN-ACK silent for up
+    /// to a second). Returns false, leaving the socket closed, if it cannot listen.
+    pub(crate) fn relisten(&mut self, id: SockId, port: u16) -> bool {
+        let s = self.slot_mut(id);
+        #[allow(unreachable_patterns)] // other socket kinds exist only with other features
+        let mut socket = match s.set.remove(s.handle) {
+            smoltcp::socket::Socket::Tcp(t) => t,
+            _ => unreachable!("the toemu socket table holds TCP sockets only"),
+        };
+        socket.abort();
+        let listening = socket.listen(port).is_ok();
+        s.handle = s.set.add(socket);
+        s.syn_ack = SynAck::NotTried;
+        s.deadline = None;
+        if let Some(k) = s.flow.take() {
+            if self.by_flow.get(&k) == Some(&id) {
+                self.by_flow.remove(&k);
+            }
+        }
+        listening
+    }
+
     fn slot(&self, id: SockId) -> &Slot {
         self.slots[id.0 as usize].as_ref().expect("live socket id")
     }

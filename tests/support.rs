@@ -204,7 +204,34 @@ pub fn tcp_frame(
 /// Runs system tool `tool` (from Debian package `package`); a missing tool fails the test
 /// and says how to install it.
 pub fn run_tool(tool: &str, package: &str, args: &[&str]) -> std::process::Output {
-    match std::process::Command::new(tool).args(args).output() {
+    tool_result(
+        tool,
+        package,
+        std::process::Command::new(tool).args(args).output(),
+    )
+}
+
+/// Starts system tool `tool` (a daemon, from Debian package `package`) with its output in
+/// `log`; a missing tool fails the test as in [`run_tool`]. The caller stops it by PID.
+pub fn spawn_tool(
+    tool: &str,
+    package: &str,
+    args: &[&str],
+    log: &std::path::Path,
+) -> std::process::Child {
+    let out = std::fs::File::create(log).expect("log file");
+    let err = out.try_clone().expect("log file");
+    let child = std::process::Command::new(tool)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn();
+    tool_result(tool, package, child)
+}
+
+fn tool_result<T>(tool: &str, package: &str, r: std::io::Result<T>) -> T {
+    match r {
         Ok(o) => o,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
             "{tool} is not installed, and this test needs it: install it with `apt-get update && \

@@ -71,7 +71,11 @@ const TEST: Step = Step {
 /// System tools the tests run, as (command, Debian package). `tests/impair.rs` and
 /// `tests/iscsi_wire.rs` read pcap captures with tshark; `tests/iscsi_libiscsi.rs` runs
 /// libiscsi's tools against the iSCSI target.
-const TEST_TOOLS: &[(&str, &str)] = &[("tshark", "tshark"), ("iscsi-ls", "libiscsi-bin")];
+const TEST_TOOLS: &[(&str, &str)] = &[
+    ("tshark", "tshark"),
+    ("iscsi-ls", "libiscsi-bin"),
+    ("tgtd", "tgt"),
+];
 
 /// `cargo xtask soak`: the integrity matrix over the impaired wire at 1 GiB per cell, with the
 /// per-cell progress lines.

@@ -82,7 +82,13 @@ pub struct InitiatorConn {
     waiting: VecDeque<u32>,
     events: VecDeque<InitiatorEvent>,
     ended: bool,
+    /// Text Response data gathered over PDUs with F = 0 (at most [`MAX_TEXT_RESPONSE`]).
+    text_in: Vec<u8>,
 }
+
+/// The longest Text Response the initiator gathers (over continued PDUs), bytes; a target
+/// that sends more ends the connection.
+pub const MAX_TEXT_RESPONSE: usize = 1 << 20;
 
 impl std::fmt::Debug for InitiatorConn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -116,6 +122,7 @@ impl InitiatorConn {
             waiting: VecDeque::new(),
             events: VecDeque::new(),
             ended: false,
+            text_in: Vec::new(),
         }
     }
 
@@ -464,13 +471,37 @@ impl InitiatorConn {
             }
             Repr::TextResponse(t) => {
                 self.update_sns(Some(t.sn), t.exp_sn, t.max_cmd_sn);
-                let pairs = text::parse_pairs(data)
-                    .map(|p| {
-                        p.into_iter()
-                            .map(|(k, v)| (k.to_string(), v.to_string()))
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                if self.text_in.len() + data.len() > MAX_TEXT_RESPONSE {
+                    return self.fail(format!(
+                        "Text Response longer than {MAX_TEXT_RESPONSE} bytes"
+                    ));
+                }
+                self.text_in.extend_from_slice(data);
+                if !t.final_ {
+                    // More to come: an empty Text Request with the target's TTT asks for it
+                    // (RFC 7143 §11.10.4).
+                    let r = Repr::TextRequest(Text {
+                        immediate: true,
+                        final_: true,
+                        cont: false,
+                        lun: 0,
+                        itt: t.itt,
+                        ttt: t.ttt,
+                        sn: self.cmd_sn,
+                        exp_sn: self.exp_stat_sn,
+                        max_cmd_sn: 0,
+                    });
+                    let _ = self.framing.emit(&r, &[], &[], out);
+                    return;
+                }
+                let bytes = std::mem::take(&mut self.text_in);
+                let pairs = match text::parse_listing(&bytes) {
+                    Ok(p) => p
+                        .into_iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                    Err(e) => return self.fail(format!("Text Response: {e}")),
+                };
                 self.events
                     .push_back(InitiatorEvent::Text { itt: t.itt, pairs });
             }
@@ -537,6 +568,19 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     fn pair(digests: &str, initial_r2t: bool, window: u32) -> (InitiatorConn, TargetConn) {
+        let targets = vec![("iqn.t".into(), "127.0.0.1:3260,1".into())];
+        pair_with(digests, initial_r2t, window, targets, Some("iqn.t"))
+    }
+
+    /// A pair whose target offers `targets` to discovery; the initiator logs in to `name`
+    /// (a discovery session with `None`).
+    fn pair_with(
+        digests: &str,
+        initial_r2t: bool,
+        window: u32,
+        targets: Vec<(String, String)>,
+        name: Option<&str>,
+    ) -> (InitiatorConn, TargetConn) {
         let disk = Arc::new(Mutex::new(Disk::new(
             Box::new(MemStore::new(16 << 20)),
             512,
@@ -561,7 +605,7 @@ mod tests {
                 },
                 cmd_window: window,
             },
-            vec![("iqn.t".into(), "127.0.0.1:3260,1".into())],
+            targets,
             [5; 16],
             3,
             1,
@@ -570,7 +614,7 @@ mod tests {
         let i = InitiatorConn::new(
             InitiatorConfig {
                 initiator_name: "iqn.i".into(),
-                target_name: Some("iqn.t".into()),
+                target_name: name.map(str::to_string),
                 chap: None,
                 mutual: None,
                 params: OpParams {
@@ -620,6 +664,62 @@ mod tests {
             Some(InitiatorEvent::LoggedIn(n)) => n,
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A SendTargets answer longer than the initiator's MaxRecvDataSegmentLength (16 KiB)
+    /// comes in continued Text Responses (F = 0, C = 1, a TTT), each one asked for with an
+    /// empty Text Request; the keys repeat, one TargetName and TargetAddress per target.
+    #[test]
+    fn a_long_discovery_answer_is_continued_over_several_text_responses() {
+        let targets: Vec<(String, String)> = (0..400)
+            .map(|k| {
+                (
+                    format!("iqn.2026-12.org.toemu:disk-{k:04}"),
+                    format!("10.0.{}.{}:3260,1", k / 250, k % 250),
+                )
+            })
+            .collect();
+        let (mut i, mut t) = pair_with("None", true, 8, targets.clone(), None);
+        login(&mut i, &mut t);
+        let before = t.stats().pdus_out;
+        let mut out = Vec::new();
+        let itt = i.text(&[("SendTargets", "All")], &mut out);
+        exchange(&mut i, &mut t, out);
+        let Some(InitiatorEvent::Text { itt: got, pairs }) = i.poll_event() else {
+            panic!("no text answer")
+        };
+        assert_eq!(got, itt);
+        let want: Vec<(String, String)> = targets
+            .iter()
+            .flat_map(|(n, a)| {
+                [
+                    ("TargetName".to_string(), n.clone()),
+                    ("TargetAddress".to_string(), a.clone()),
+                ]
+            })
+            .collect();
+        assert_eq!(pairs, want);
+        // about 40 bytes a pair, 800 pairs, at most 16 KiB a response
+        let responses = t.stats().pdus_out - before;
+        assert!((2..=4).contains(&responses), "{responses} Text Responses");
+        assert_eq!(t.stats().rejects, 0);
+        // A continuation with a stale TTT is rejected.
+        let mut out = Vec::new();
+        let r = Repr::TextRequest(Text {
+            immediate: true,
+            final_: true,
+            cont: false,
+            lun: 0,
+            itt,
+            ttt: 77,
+            sn: i.cmd_sn,
+            exp_sn: i.exp_stat_sn,
+            max_cmd_sn: 0,
+        });
+        i.framing.emit(&r, &[], &[], &mut out).unwrap();
+        let mut back = Vec::new();
+        t.on_bytes(&out, &mut back);
+        assert_eq!(t.stats().rejects, 1);
     }
 
     #[test]

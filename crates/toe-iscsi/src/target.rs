@@ -114,6 +114,10 @@ pub struct TargetConn {
     disk: Option<Arc<Mutex<Disk>>>,
     writes: HashMap<u32, WriteTask>,
     next_ttt: u32,
+    /// The rest of a Text Response longer than the initiator's MaxRecvDataSegmentLength:
+    /// (its ITT, its TTT, the bytes not sent yet). Sent on the initiator's empty Text
+    /// Request with that TTT (RFC 7143 §11.10.4).
+    text_out: Option<(u32, u32, Vec<u8>)>,
 }
 
 impl std::fmt::Debug for TargetConn {
@@ -149,6 +153,7 @@ impl TargetConn {
             disk: None,
             writes: HashMap::new(),
             next_ttt: 1,
+            text_out: None,
         }
     }
 
@@ -307,6 +312,17 @@ impl TargetConn {
         }
         match repr {
             Repr::TextRequest(t) => {
+                if t.ttt != RESERVED_TAG {
+                    // The initiator asks for the rest of a long answer.
+                    return match self.text_out.take() {
+                        Some((itt, ttt, rest)) if itt == t.itt && ttt == t.ttt => {
+                            self.send_text(itt, rest, out)
+                        }
+                        _ => self.reject(pdu, reject_reason::INVALID_FIELD, out),
+                    };
+                }
+                // A new exchange ends one left unfinished.
+                self.text_out = None;
                 let pairs = match text::parse_pairs(pdu.data) {
                     Ok(p) => p,
                     Err(_) => return self.reject(pdu, reject_reason::PROTOCOL_ERROR, out),
@@ -332,18 +348,7 @@ impl TargetConn {
                 }
                 let mut data = Vec::new();
                 text::encode_pairs(&answer, &mut data);
-                let r = Repr::TextResponse(Text {
-                    immediate: false,
-                    final_: true,
-                    cont: false,
-                    lun: 0,
-                    itt: t.itt,
-                    ttt: RESERVED_TAG,
-                    sn: self.next_stat_sn(),
-                    exp_sn: self.exp_cmd_sn,
-                    max_cmd_sn: self.max_cmd_sn(),
-                });
-                self.send(&r, &data, out);
+                self.send_text(t.itt, data, out);
             }
             Repr::NopOut(n) => {
                 if n.itt == RESERVED_TAG {
@@ -493,8 +498,7 @@ impl TargetConn {
         }
         let lun = t.cmd.lun;
         for (offset, len, sn) in r2ts {
-            let ttt = self.next_ttt;
-            self.next_ttt = self.next_ttt.wrapping_add(1).max(1) % RESERVED_TAG;
+            let ttt = self.take_ttt();
             if let Some(t) = self.writes.get_mut(&itt) {
                 t.data_sn.insert(ttt, 0);
             }
@@ -587,6 +591,44 @@ impl TargetConn {
     }
 
     /// Answer a non-write command: Data-In PDUs with the status in the last one, or a SCSI
+    /// A Target Transfer Tag for an R2T or a continued Text Response (never the reserved
+    /// tag, never 0).
+    fn take_ttt(&mut self) -> u32 {
+        let t = self.next_ttt;
+        self.next_ttt = match t.wrapping_add(1) {
+            0 | RESERVED_TAG => 1,
+            n => n,
+        };
+        t
+    }
+
+    /// Send Text Response data for `itt`: all of it if it fits the initiator's
+    /// MaxRecvDataSegmentLength, otherwise one segment with F = 0 and C = 1 and a TTT, keeping
+    /// the rest for the initiator's next (empty) Text Request.
+    fn send_text(&mut self, itt: u32, mut data: Vec<u8>, out: &mut Vec<u8>) {
+        let seg = self.neg().initiator_max_recv.max(512) as usize;
+        let more = data.len() > seg;
+        let ttt = if more {
+            let ttt = self.take_ttt();
+            self.text_out = Some((itt, ttt, data.split_off(seg)));
+            ttt
+        } else {
+            RESERVED_TAG
+        };
+        let r = Repr::TextResponse(Text {
+            immediate: false,
+            final_: !more,
+            cont: more,
+            lun: 0,
+            itt,
+            ttt,
+            sn: self.next_stat_sn(),
+            exp_sn: self.exp_cmd_sn,
+            max_cmd_sn: self.max_cmd_sn(),
+        });
+        self.send(&r, &data, out);
+    }
+
     /// Response. The residual compares what the command produced (before the cut to the
     /// Expected Data Transfer Length) with that length (RFC 7143 §11.4.5).
     fn finish(&mut self, c: ScsiCommand, mut o: Outcome, out: &mut Vec<u8>) {

@@ -48,9 +48,23 @@ pub enum TextError {
     Duplicate(String),
 }
 
-/// The pairs of a text data segment, in order. A trailing segment without its final NUL is
-/// accepted (some initiators omit it); empty strings between NULs are skipped.
+/// The pairs of a text data segment, in order; a key may appear once (negotiation). A
+/// trailing segment without its final NUL is accepted (some initiators omit it); empty
+/// strings between NULs are skipped.
 pub fn parse_pairs(data: &[u8]) -> Result<Vec<(&str, &str)>, TextError> {
+    let out = parse_listing(data)?;
+    for (i, &(k, _)) in out.iter().enumerate() {
+        if out[..i].iter().any(|&(o, _)| o == k) {
+            return Err(TextError::Duplicate(k.into()));
+        }
+    }
+    Ok(out)
+}
+
+/// The pairs of a text data segment in which keys repeat: a SendTargets answer (a
+/// `TargetName`, then its `TargetAddress` keys, for each target; RFC 7143 §12.3). Each pair
+/// is checked as in [`parse_pairs`].
+pub fn parse_listing(data: &[u8]) -> Result<Vec<(&str, &str)>, TextError> {
     let mut out = Vec::new();
     for raw in data.split(|&b| b == 0).filter(|s| !s.is_empty()) {
         let s = std::str::from_utf8(raw).map_err(|_| TextError::NotUtf8)?;
@@ -70,9 +84,6 @@ pub fn parse_pairs(data: &[u8]) -> Result<Vec<(&str, &str)>, TextError> {
                 key: k.into(),
                 len: v.len(),
             });
-        }
-        if out.iter().any(|&(o, _)| o == k) {
-            return Err(TextError::Duplicate(k.into()));
         }
         out.push((k, v));
     }

@@ -194,7 +194,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-fn latency(mut v: Vec<f64>) -> Latency {
+pub(crate) fn latency(mut v: Vec<f64>) -> Latency {
     v.sort_by(|a, b| a.total_cmp(b));
     Latency {
         p50: percentile(&v, 0.50),

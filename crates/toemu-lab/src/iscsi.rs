@@ -363,6 +363,11 @@ impl TcpInitiator {
         &mut self.conn
     }
 
+    /// Send `out` (what the machine produced).
+    pub fn send(&mut self, out: &[u8]) -> io::Result<()> {
+        self.s.write_all(out)
+    }
+
     /// Send `out` (what the machine produced), then read until an event comes.
     pub fn send_and_wait(
         &mut self,
@@ -389,14 +394,33 @@ impl TcpInitiator {
                 ));
             }
             let mut out = Vec::new();
-            let bytes = self.buf[..n].to_vec();
-            self.conn.on_bytes(&bytes, &mut out);
-            self.s.write_all(&out)?;
+            self.conn.on_bytes(&self.buf[..n], &mut out);
+            if !out.is_empty() {
+                self.s.write_all(&out)?;
+            }
         }
     }
 
-    /// Run one command and wait for it.
+    /// Run one command and wait for it. A command answered with UNIT ATTENTION (the first
+    /// one after a target's power-on or reset, as tgt sends it) is sent again, up to 3 times.
     pub fn command(
+        &mut self,
+        lun: u16,
+        cdb: &[u8],
+        read_len: u32,
+        write: Vec<u8>,
+    ) -> io::Result<toe_iscsi::initiator::Completion> {
+        let mut tries = 0;
+        loop {
+            let c = self.command_once(lun, cdb, read_len, write.clone())?;
+            tries += 1;
+            if tries > 3 || !is_unit_attention(&c) {
+                return Ok(c);
+            }
+        }
+    }
+
+    fn command_once(
         &mut self,
         lun: u16,
         cdb: &[u8],
@@ -449,6 +473,33 @@ impl TcpInitiator {
     }
 }
 
+/// Sense key of a CHECK CONDITION's sense data (fixed or descriptor format).
+pub fn sense_key(c: &toe_iscsi::initiator::Completion) -> Option<u8> {
+    if c.status != 2 {
+        return None;
+    }
+    match c.sense.as_slice() {
+        [0x70 | 0x71, _, k, ..] | [0x72 | 0x73, k, ..] => Some(k & 0x0f),
+        _ => None,
+    }
+}
+
+fn is_unit_attention(c: &toe_iscsi::initiator::Completion) -> bool {
+    sense_key(c) == Some(6)
+}
+
+/// libiscsi's name of a SCSI peripheral device type (as `iscsi-ls -s` prints it).
+fn device_type_name(t: u8) -> String {
+    match t {
+        0x00 => "DIRECT_ACCESS".into(),
+        0x01 => "SEQUENTIAL_ACCESS".into(),
+        0x05 => "MMC".into(),
+        0x0c => "STORAGE_ARRAY_CONTROLLER".into(),
+        0x0d => "SES".into(),
+        t => format!("{t:#x}"),
+    }
+}
+
 /// `toemu iscsi ls`: the targets a portal offers (discovery), and with `luns` each target's
 /// LUNs with their type and size, in iscsi-ls's format.
 pub fn ls(url: &IscsiUrl, luns: bool) -> io::Result<String> {
@@ -491,12 +542,21 @@ pub fn ls(url: &IscsiUrl, luns: bool) -> io::Result<String> {
                 continue;
             };
             let inq = s.command(lun, &[0x12, 0, 0, 0, 96, 0], 96, Vec::new())?;
-            let kind = match inq.data.first().map(|b| b & 0x1f) {
-                Some(0) => "DIRECT_ACCESS",
-                Some(5) => "MMC",
-                Some(t) => return Ok(format!("{out}Lun:{lun} Type:{t:#x}\n")),
-                None => "UNKNOWN",
+            let Some(t) = inq
+                .data
+                .first()
+                .map(|b| b & 0x1f)
+                .filter(|_| inq.status == 0)
+            else {
+                out.push_str(&format!("Lun:{lun} Type:UNKNOWN\n"));
+                continue;
             };
+            let kind = device_type_name(t);
+            if t != 0 {
+                // Not a disk: no capacity to ask for.
+                out.push_str(&format!("Lun:{lun} Type:{kind}\n"));
+                continue;
+            }
             let mut cdb = [0u8; 16];
             cdb[0] = 0x9e;
             cdb[1] = 0x10;

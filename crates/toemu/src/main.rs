@@ -219,7 +219,7 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
-    /// iSCSI: the target and discovery (more to come: perf, bench).
+    /// iSCSI: the target, discovery, and a load generator (more to come: bench).
     Iscsi {
         #[command(subcommand)]
         cmd: IscsiCmd,
@@ -272,6 +272,41 @@ enum IscsiCmd {
         #[arg(short = 's', long)]
         show_luns: bool,
     },
+    /// toemu's initiator as a load generator: READ(16) or WRITE(16) at a queue depth;
+    /// prints IOPS, MB/s and latency p50/p99. Exits non-zero on any command error and, with
+    /// --verify, on any block read back different from what was written.
+    Perf {
+        /// `iscsi://[user%secret@]host[:port]/IQN/LUN[?header_digest=crc32c&data_digest=crc32c]`.
+        url: String,
+        /// Bytes per I/O (K, KiB, ...): a multiple of the LUN's block size.
+        #[arg(long, default_value = "4KiB")]
+        block: String,
+        /// Commands kept in flight.
+        #[arg(long, default_value_t = 32)]
+        depth: usize,
+        /// Duration of the timed phase, seconds.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Stop after this many bytes (K, KiB, M, MiB, G, GiB) instead of after --seconds.
+        #[arg(long)]
+        bytes: Option<String>,
+        /// Write instead of read.
+        #[arg(long)]
+        write: bool,
+        /// Write a pattern seeded by (seed, LBA), then read back every block written and
+        /// compare.
+        #[arg(long)]
+        verify: bool,
+        /// Random I/O slots instead of sequential ones.
+        #[arg(long)]
+        random: bool,
+        /// Seed of the pattern and the random slots.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Write the figures as JSON to this path.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// An iSCSI target whose LUN 0 is a disk in a file, on std TCP; runs until SIGINT or
     /// SIGTERM, then flushes the disk and prints its counters.
     Target {
@@ -316,6 +351,67 @@ fn iscsi(cmd: IscsiCmd) -> Result<(), String> {
             let out = toemu_lab::iscsi::ls(&u, show_luns).map_err(|e| format!("{url}: {e}"))?;
             print!("{out}");
             Ok(())
+        }
+        IscsiCmd::Perf {
+            url,
+            block,
+            depth,
+            seconds,
+            bytes,
+            write,
+            verify,
+            random,
+            seed,
+            json,
+        } => {
+            let u: toemu_lab::iscsi::IscsiUrl = url.parse()?;
+            let io_bytes = parse_size(&block).map_err(|e| format!("--block: {e}"))?;
+            let o = toemu_lab::iscsi_perf::PerfOptions {
+                io_bytes: u32::try_from(io_bytes)
+                    .map_err(|_| format!("--block {block}: at most 4 GiB"))?,
+                depth,
+                seconds,
+                bytes: bytes
+                    .map(|b| parse_size(&b).map_err(|e| format!("--bytes: {e}")))
+                    .transpose()?,
+                write,
+                verify,
+                random,
+                seed,
+            };
+            let r =
+                toemu_lab::iscsi_perf::perf(&u, &o).map_err(|e| format!("{}: {e}", u.portal))?;
+            println!(
+                "toemu iscsi perf: {} LUN {} ({} bytes, {}-byte blocks), {} B I/O, depth {}, {}, header digest {}, data digest {}",
+                r.target,
+                r.lun,
+                r.capacity_bytes,
+                r.block_bytes,
+                r.io_bytes,
+                r.depth,
+                if r.random { "random" } else { "sequential" },
+                if r.header_digest { "CRC32C" } else { "none" },
+                if r.data_digest { "CRC32C" } else { "none" },
+            );
+            for p in &r.phases {
+                println!(
+                    "  {:5} {:>9} I/Os {:>12} bytes in {:.2} s: {:.0} IOPS, {:.1} MB/s, latency p50 {:.0} us p99 {:.0} us, errors {}",
+                    p.op, p.ios, p.bytes, p.seconds, p.iops, p.mb_per_s, p.latency_us.p50, p.latency_us.p99, p.errors
+                );
+            }
+            if let Some(m) = r.mismatches {
+                println!("  verify: {m} I/Os read back differ from what was written");
+            }
+            if let Some(json) = &json {
+                let text = serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?;
+                std::fs::write(json, text)
+                    .map_err(|e| format!("--json {}: {e}", json.display()))?;
+            }
+            match (r.ok(), &r.first_problem) {
+                (true, _) => Ok(()),
+                (false, Some(p)) => Err(format!("perf failed: {p}")),
+                (false, None) => Err("perf failed".into()),
+            }
         }
         IscsiCmd::Target {
             lun,

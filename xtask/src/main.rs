@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Instant;
 
+mod iscsi_bench;
 mod tap_test;
 
 /// One gate: a cargo invocation with optional extra environment.
@@ -136,6 +137,10 @@ tasks:
          default both; the namespaces are always deleted
   bench [--quick] [--no-scale] [--json PATH]
          toemu bench: every receive mode against bare smoltcp and kernel loopback TCP
+  iscsi-bench [SECONDS] [ROUNDS]
+         (root) iscsi-perf and toemu iscsi perf against toemu's target and tgt on 127.0.0.1,
+         alternating runs of SECONDS (default 5, 3 rounds): 4 KiB and 128 KiB QD32 reads,
+         4 KiB with header digests; medians and ratios, target/iscsi-bench.json
   tap-bench [BYTES] [ROUNDS]
          (root) socat into the TOE sink and into a bare-smoltcp sink on the same TAP,
          alternating rounds (default 1 GiB, 3 rounds); medians and ratios, target/tap-bench.json
@@ -309,6 +314,21 @@ fn main() -> ExitCode {
                 Ok(s) if s.success() => Ok(()),
                 Ok(s) => Err(format!("toemu bench failed: {s}")),
                 Err(e) => Err(format!("toemu bench: {e}")),
+            }
+        }
+        ["iscsi-bench", rest @ ..] => {
+            let seconds = rest.first().map_or(Ok(5u32), |s| {
+                s.parse::<u32>()
+                    .map_err(|_| format!("iscsi-bench: SECONDS must be a number, got {s:?}"))
+            });
+            let rounds = rest.get(1).map_or(Ok(3usize), |s| {
+                s.parse::<usize>()
+                    .map_err(|_| format!("iscsi-bench: ROUNDS must be a number, got {s:?}"))
+            });
+            match (seconds, rounds) {
+                (Ok(s), Ok(r)) if r > 0 => iscsi_bench::bench(&workspace_root(), s, r),
+                (Err(e), _) | (_, Err(e)) => Err(e),
+                _ => Err("iscsi-bench: ROUNDS must be at least 1".into()),
             }
         }
         ["tap-bench", rest @ ..] => {

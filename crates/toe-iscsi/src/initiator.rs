@@ -532,8 +532,10 @@ impl InitiatorConn {
             }
             Repr::Reject(r) => {
                 self.update_sns(Some(r.stat_sn), r.exp_cmd_sn, r.max_cmd_sn);
-                // The rejected header names the task (if any): it will not complete.
-                if data.len() >= 20 {
+                // The rejected header names the task (if any): it will not complete. Except
+                // after a data digest error: the target then ends the task itself, with a
+                // SCSI Response (or asks for the data again with an R2T; RFC 7143 §7.8).
+                if data.len() >= 20 && r.reason != 0x02 {
                     let itt = u32::from_be_bytes([data[16], data[17], data[18], data[19]]);
                     if let Some(t) = self.tasks.remove(&itt) {
                         self.events.push_back(InitiatorEvent::Done(Completion {
@@ -635,17 +637,102 @@ mod tests {
     }
 
     /// Move bytes both ways until neither side has anything to say.
-    fn exchange(i: &mut InitiatorConn, t: &mut TargetConn, mut to_target: Vec<u8>) {
-        for _ in 0..10_000 {
+    fn exchange(i: &mut InitiatorConn, t: &mut TargetConn, to_target: Vec<u8>) {
+        exchange_tampering(i, t, to_target, |_, _, _| {});
+    }
+
+    /// [`exchange`], with `tamper(to_target, round, bytes)` seeing (and free to change) the
+    /// bytes of each round in each direction before they arrive: corruption above TCP.
+    fn exchange_tampering(
+        i: &mut InitiatorConn,
+        t: &mut TargetConn,
+        mut to_target: Vec<u8>,
+        mut tamper: impl FnMut(bool, usize, &mut Vec<u8>),
+    ) {
+        for round in 0..10_000 {
             if to_target.is_empty() {
                 return;
             }
+            tamper(true, round, &mut to_target);
             let mut to_init = Vec::new();
             t.on_bytes(&to_target, &mut to_init);
+            tamper(false, round, &mut to_init);
             to_target = Vec::new();
             i.on_bytes(&to_init, &mut to_target);
         }
         panic!("the exchange did not settle");
+    }
+
+    /// Reads 64 KiB at LBA 0 through the pair; the data, or None if the command failed.
+    fn read_back(i: &mut InitiatorConn, t: &mut TargetConn) -> Option<Vec<u8>> {
+        let mut out = Vec::new();
+        let tag = i.command(0, &rw10(0x28, 0, 128), 65_536, Vec::new(), &mut out);
+        exchange(i, t, out);
+        match i.poll_event() {
+            Some(InitiatorEvent::Done(c)) if c.itt == tag && c.status == 0 => Some(c.data),
+            _ => None,
+        }
+    }
+
+    /// A bit flipped above TCP (after the checksum, before the digest check) in write data,
+    /// immediate or in a Data-Out PDU, is caught by the target's data digest: Reject (Data
+    /// Digest Error), the write ends with CHECK CONDITION, ABORTED COMMAND, PROTOCOL SERVICE
+    /// CRC ERROR (47h/05h), nothing of it reaches the disk, and the session goes on. In read
+    /// data the initiator catches it and ends the connection: no corrupt read completes.
+    #[test]
+    fn a_data_digest_error_fails_the_command_and_is_never_accepted() {
+        // (InitialR2T, the round whose bytes to the target are hit): the command with its
+        // immediate data, or the Data-Out PDU answering the R2T.
+        for (initial_r2t, round) in [(false, 0), (true, 1)] {
+            let (mut i, mut t) = pair("CRC32C", initial_r2t, 8);
+            login(&mut i, &mut t);
+            let mut out = Vec::new();
+            let tag = i.command(0, &rw10(0x2a, 0, 128), 0, vec![0xa5; 65_536], &mut out);
+            let mut hit = false;
+            exchange_tampering(&mut i, &mut t, out, |to_target, r, bytes| {
+                if to_target && r == round && bytes.len() > 1000 {
+                    bytes[48 + 4 + 500] ^= 0x10; // in the first data segment
+                    hit = true;
+                }
+            });
+            assert!(
+                hit,
+                "InitialR2T={initial_r2t}: no data went in round {round}"
+            );
+            let Some(InitiatorEvent::Done(c)) = i.poll_event() else {
+                panic!("InitialR2T={initial_r2t}: the write did not complete")
+            };
+            assert_eq!(c.itt, tag);
+            assert_eq!(c.status, 2, "CHECK CONDITION: {c:?}");
+            assert_eq!(
+                (c.sense[2] & 0x0f, c.sense[12], c.sense[13]),
+                (0x0b, 0x47, 0x05),
+                "{c:?}"
+            );
+            assert_eq!(t.stats().data_digest_errors, 1);
+            assert_eq!(t.stats().rejects, 1);
+            assert_eq!(
+                read_back(&mut i, &mut t),
+                Some(vec![0; 65_536]),
+                "the disk is untouched"
+            );
+        }
+        // Read data: the initiator's digest check fails and the connection ends.
+        let (mut i, mut t) = pair("CRC32C", true, 8);
+        login(&mut i, &mut t);
+        let mut out = Vec::new();
+        i.command(0, &rw10(0x28, 0, 128), 65_536, Vec::new(), &mut out);
+        exchange_tampering(&mut i, &mut t, out, |to_target, _, bytes| {
+            if !to_target && bytes.len() > 1000 {
+                bytes[48 + 4 + 7] ^= 0x01;
+            }
+        });
+        let events: Vec<InitiatorEvent> = std::iter::from_fn(|| i.poll_event()).collect();
+        assert!(
+            matches!(events.as_slice(), [InitiatorEvent::Failed(why)] if why.contains("digest")),
+            "{events:?}"
+        );
+        assert!(i.ended());
     }
 
     fn rw10(op: u8, lba: u32, blocks: u16) -> [u8; 10] {

@@ -57,6 +57,13 @@ impl Sense {
         asc: 0x4b,
         ascq: 0x00,
     };
+    /// ABORTED COMMAND, PROTOCOL SERVICE CRC ERROR: the command's data arrived with a bad
+    /// data digest and, at ERL 0, is not recovered (RFC 7143 §7.8, §11.4.7.2).
+    pub const PROTOCOL_CRC_ERROR: Sense = Sense {
+        key: key::ABORTED_COMMAND,
+        asc: 0x47,
+        ascq: 0x05,
+    };
     /// MISCOMPARE DURING VERIFY OPERATION.
     pub const MISCOMPARE: Sense = Sense {
         key: key::MISCOMPARE,

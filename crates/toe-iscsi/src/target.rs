@@ -12,7 +12,7 @@
 //! A PDU that cannot be framed (a header digest mismatch, an unknown opcode) ends the
 //! connection, as ERL 0 prescribes; the counters say why.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use crate::login::{Negotiated, SessionType, TargetConfig, TargetLogin};
@@ -118,7 +118,14 @@ pub struct TargetConn {
     /// (its ITT, its TTT, the bytes not sent yet). Sent on the initiator's empty Text
     /// Request with that TTT (RFC 7143 §11.10.4).
     text_out: Option<(u32, u32, Vec<u8>)>,
+    /// Writes this side ended before their data was all in (a digest or DataSN error), the
+    /// latest [`ENDED_WRITES_KEPT`]: Data-Out PDUs still in flight for them are dropped
+    /// without a Reject.
+    ended_writes: VecDeque<u32>,
 }
+
+/// How many ended writes [`TargetConn`] remembers, to drop their late Data-Out quietly.
+const ENDED_WRITES_KEPT: usize = 64;
 
 impl std::fmt::Debug for TargetConn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -154,6 +161,7 @@ impl TargetConn {
             writes: HashMap::new(),
             next_ttt: 1,
             text_out: None,
+            ended_writes: VecDeque::new(),
         }
     }
 
@@ -257,8 +265,22 @@ impl TargetConn {
             Err(_) => return self.reject(pdu, reject_reason::INVALID_FIELD, out),
         };
         if matches!(pdu.data_digest, crate::wire::DigestCheck::Bad { .. }) {
+            // The PDU is discarded with a Reject (RFC 7143 §7.8). Its header is sound (its
+            // own digest, if any, passed), so the command it belongs to is ended at once with
+            // CHECK CONDITION, PROTOCOL SERVICE CRC ERROR rather than left waiting for data
+            // that, at ERL 0, never comes again: the write of a Data-Out, or a command whose
+            // immediate data is bad (which goes on to `scsi_command`, in CmdSN order, and is
+            // answered there without being executed).
             self.stats.data_digest_errors += 1;
-            return self.reject(pdu, reject_reason::DATA_DIGEST, out);
+            self.reject(pdu, reject_reason::DATA_DIGEST, out);
+            match repr {
+                Repr::DataOut(d) if matches!(self.phase, Phase::FullFeature(_)) => {
+                    let sense = crate::scsi::Sense::PROTOCOL_CRC_ERROR;
+                    return self.end_write(d.itt, sense, out);
+                }
+                Repr::ScsiCommand(_) if matches!(self.phase, Phase::FullFeature(_)) => {}
+                _ => return,
+            }
         }
         if let Phase::Login(login) = &mut self.phase {
             let Repr::LoginRequest(req) = repr else {
@@ -398,6 +420,12 @@ impl TargetConn {
     }
 
     fn scsi_command(&mut self, pdu: &Pdu<'_>, c: ScsiCommand, out: &mut Vec<u8>) {
+        if matches!(pdu.data_digest, crate::wire::DigestCheck::Bad { .. }) {
+            // Its unsolicited Data-Out PDUs may follow: they are dropped as the write's.
+            self.remember_ended(c.itt);
+            let o = Outcome::check(crate::scsi::Sense::PROTOCOL_CRC_ERROR);
+            return self.respond(c.itt, o, 0, (false, false, 0), out);
+        }
         let disk = self.disk.clone().expect("checked by the caller");
         let lun0 = lun_index(c.lun) == Some(0);
         if !lun0 && c.cdb[0] != 0xa0 && c.cdb[0] != 0x12 {
@@ -517,21 +545,44 @@ impl TargetConn {
         }
     }
 
+    /// End write `itt` before its data is all in, with CHECK CONDITION and `sense`; its
+    /// late Data-Out PDUs are then dropped quietly. Nothing if no such write is open.
+    fn end_write(&mut self, itt: u32, sense: crate::scsi::Sense, out: &mut Vec<u8>) {
+        let Some(t) = self.writes.remove(&itt) else {
+            return;
+        };
+        self.remember_ended(itt);
+        self.respond(
+            t.cmd.itt,
+            Outcome::check(sense),
+            t.r2t_sn,
+            (false, false, 0),
+            out,
+        );
+    }
+
+    fn remember_ended(&mut self, itt: u32) {
+        if self.ended_writes.len() == ENDED_WRITES_KEPT {
+            self.ended_writes.pop_front();
+        }
+        self.ended_writes.push_back(itt);
+    }
+
     fn data_out(&mut self, pdu: &Pdu<'_>, d: DataOut, out: &mut Vec<u8>) {
         let Some(t) = self.writes.get_mut(&d.itt) else {
+            if self.ended_writes.contains(&d.itt) {
+                return; // the rest of a write ended early
+            }
             return self.reject(pdu, reject_reason::INVALID_FIELD, out);
         };
         // A Data-Out out of its sequence's DataSN order, or for a sequence that is not
         // open: at ERL 0 there is no recovery of the data, so the command ends with CHECK
-        // CONDITION, ABORTED COMMAND, DATA PHASE ERROR (4Bh/00h) and the session goes on
-        // (later Data-Out PDUs of the task find no task and are rejected).
+        // CONDITION, ABORTED COMMAND, DATA PHASE ERROR (4Bh/00h) and the session goes on.
         match t.data_sn.get_mut(&d.ttt) {
             Some(next) if *next == d.data_sn => *next += 1,
             _ => {
-                let t = self.writes.remove(&d.itt).expect("present");
                 self.stats.data_sequence_errors += 1;
-                let o = Outcome::check(crate::scsi::Sense::DATA_PHASE_ERROR);
-                return self.respond(t.cmd.itt, o, t.r2t_sn, (false, false, 0), out);
+                return self.end_write(d.itt, crate::scsi::Sense::DATA_PHASE_ERROR, out);
             }
         }
         let end = u64::from(d.buffer_offset) + pdu.data.len() as u64;

@@ -37,6 +37,13 @@ pub struct PerfOptions {
     pub random: bool,
     /// Seed of the pattern and of the random slots.
     pub seed: u64,
+    /// Writes with FUA (each reaches stable storage before it completes).
+    pub fua: bool,
+    /// SYNCHRONIZE CACHE(16) after the writes (its status checked).
+    pub sync: bool,
+    /// No writes: read back and compare what a `write` run with the same `bytes`, `io_bytes`,
+    /// `random` and `seed` wrote (a check after a restart, for example). Needs `bytes`.
+    pub check_only: bool,
 }
 
 impl Default for PerfOptions {
@@ -50,6 +57,9 @@ impl Default for PerfOptions {
             verify: false,
             random: false,
             seed: 1,
+            fua: false,
+            sync: false,
+            check_only: false,
         }
     }
 }
@@ -121,10 +131,13 @@ fn pattern(seed: u64, lba: u64, block: usize, buf: &mut [u8]) {
     }
 }
 
-/// READ(16) or WRITE(16) of `blocks` blocks at `lba`.
-fn rw16(write: bool, lba: u64, blocks: u32) -> [u8; 16] {
+/// READ(16) or WRITE(16) (with FUA if `fua`) of `blocks` blocks at `lba`.
+fn rw16(write: bool, fua: bool, lba: u64, blocks: u32) -> [u8; 16] {
     let mut c = [0u8; 16];
     c[0] = if write { 0x8a } else { 0x88 };
+    if write && fua {
+        c[1] = 0x08;
+    }
     c[2..10].copy_from_slice(&lba.to_be_bytes());
     c[10..14].copy_from_slice(&blocks.to_be_bytes());
     c
@@ -211,10 +224,27 @@ struct Run<'a> {
     io: u32,
     depth: usize,
     seed: u64,
+    fua: bool,
     first_problem: Option<String>,
 }
 
 impl Run<'_> {
+    /// SYNCHRONIZE CACHE(16) of the whole LUN; a failure is the run's problem.
+    fn sync(&mut self) -> io::Result<()> {
+        let mut cdb = [0u8; 16];
+        cdb[0] = 0x91;
+        let c = self.init.command(self.lun, &cdb, 0, Vec::new())?;
+        if c.status != 0 || c.response != 0 {
+            self.first_problem
+                .get_or_insert_with(|| format!("SYNCHRONIZE CACHE(16): {}", describe(&c)));
+            return Err(io::Error::other(format!(
+                "SYNCHRONIZE CACHE(16): {}",
+                describe(&c)
+            )));
+        }
+        Ok(())
+    }
+
     fn phase(
         &mut self,
         mut p: Phase<'_>,
@@ -238,7 +268,7 @@ impl Run<'_> {
                     break;
                 };
                 let lba = slot * u64::from(blocks);
-                let cdb = rw16(p.write, lba, blocks);
+                let cdb = rw16(p.write, self.fua, lba, blocks);
                 let data = if p.write {
                     pattern(self.seed, lba, self.block as usize, &mut buf);
                     buf.clone()
@@ -369,6 +399,7 @@ pub fn perf(url: &IscsiUrl, o: &PerfOptions) -> io::Result<PerfReport> {
         io: o.io_bytes,
         depth: o.depth.max(1),
         seed: o.seed,
+        fua: o.fua,
         first_problem: None,
     };
     let slots = if o.random {
@@ -380,7 +411,7 @@ pub fn perf(url: &IscsiUrl, o: &PerfOptions) -> io::Result<PerfReport> {
         Slots::Sequential { next: 0, of }
     };
     let timed = Phase {
-        write: o.write || o.verify,
+        write: (o.write || o.verify) && !o.check_only,
         slots,
         stop_bytes: o.bytes,
         deadline: o
@@ -390,9 +421,22 @@ pub fn perf(url: &IscsiUrl, o: &PerfOptions) -> io::Result<PerfReport> {
     };
     let mut phases = Vec::new();
     let mut mismatches = None;
-    if o.verify {
+    if o.verify || o.check_only {
         let mut map = vec![0u64; of.div_ceil(64) as usize];
-        phases.push(run.phase(timed, Some(&mut map), None)?);
+        if o.check_only {
+            // The slots the write run visited: the same sequence, as many I/Os as it issued.
+            let bytes = o.bytes.ok_or_else(|| bad("--check needs --bytes".into()))?;
+            let mut slots = timed.slots;
+            for _ in 0..bytes.div_ceil(u64::from(o.io_bytes)) {
+                let s = slots.next().expect("write slots never run out");
+                map[(s / 64) as usize] |= 1 << (s % 64);
+            }
+        } else {
+            phases.push(run.phase(timed, Some(&mut map), None)?);
+            if o.sync {
+                run.sync()?;
+            }
+        }
         let mut bad = 0;
         let back = Phase {
             write: false,
@@ -403,7 +447,11 @@ pub fn perf(url: &IscsiUrl, o: &PerfOptions) -> io::Result<PerfReport> {
         phases.push(run.phase(back, None, Some(&mut bad))?);
         mismatches = Some(bad);
     } else {
+        let write = timed.write;
         phases.push(run.phase(timed, None, None)?);
+        if write && o.sync {
+            run.sync()?;
+        }
     }
     let first_problem = run.first_problem.take();
     init.logout()?;

@@ -303,6 +303,16 @@ enum IscsiCmd {
         /// Seed of the pattern and the random slots.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Writes with FUA (forced unit access).
+        #[arg(long)]
+        fua: bool,
+        /// SYNCHRONIZE CACHE after the writes.
+        #[arg(long)]
+        sync: bool,
+        /// No writes: read back and compare what `--write` with the same --bytes, --block,
+        /// --random and --seed wrote (for example after the target restarted).
+        #[arg(long, requires = "bytes", conflicts_with_all = ["write", "verify"])]
+        check: bool,
         /// Write the figures as JSON to this path.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -362,6 +372,9 @@ fn iscsi(cmd: IscsiCmd) -> Result<(), String> {
             verify,
             random,
             seed,
+            fua,
+            sync,
+            check,
             json,
         } => {
             let u: toemu_lab::iscsi::IscsiUrl = url.parse()?;
@@ -378,6 +391,9 @@ fn iscsi(cmd: IscsiCmd) -> Result<(), String> {
                 verify,
                 random,
                 seed,
+                fua,
+                sync,
+                check_only: check,
             };
             let r =
                 toemu_lab::iscsi_perf::perf(&u, &o).map_err(|e| format!("{}: {e}", u.portal))?;

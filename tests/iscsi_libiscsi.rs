@@ -119,104 +119,12 @@ fn libiscsi_tools_read_the_disk_identity_and_size() {
     );
 }
 
-/// The suites of the minimal disk profile (issue 9, check 1).
-const MINIMAL: &[&str] = &[
-    "SCSI.TestUnitReady",
-    "SCSI.Inquiry",
-    "SCSI.ReadCapacity10",
-    "SCSI.ReadCapacity16",
-    "SCSI.Read10",
-    "SCSI.Read16",
-    "SCSI.Write10",
-    "SCSI.Write16",
-    "SCSI.ModeSense6",
-    "SCSI.Mandatory",
-    "iSCSI.iSCSIcmdsn",
-    "iSCSI.iSCSIdatasn",
-    "iSCSI.iSCSIResiduals",
-    "iSCSI.iSCSITMF",
-];
-
-/// Per-test verdicts of one `iscsi-test-cu -v` run: (passed, skipped, failed) test names.
-/// CUnit counts a skip as a pass; libiscsi's tests log `[SKIPPED]` when they skip, so a
-/// test whose lines hold that word is counted apart.
-fn verdicts(out: &str) -> (Vec<String>, Vec<String>, Vec<String>) {
-    let (mut pass, mut skip, mut fail) = (Vec::new(), Vec::new(), Vec::new());
-    let mut current: Option<(String, String)> = None;
-    let mut close = |c: Option<(String, String)>| {
-        if let Some((name, text)) = c {
-            // CUnit's verdict ends the test's lines ("[FAILED]" inside them is libiscsi
-            // logging a command that failed, which a test may expect).
-            if text.ends_with("FAILED") {
-                fail.push(name);
-            } else if text.ends_with("passed") && text.contains("[SKIPPED]") {
-                skip.push(name);
-            } else if text.ends_with("passed") {
-                pass.push(name);
-            } else {
-                fail.push(format!("{name} (no verdict)"));
-            }
-        }
-    };
-    // iscsi-test-cu's own probes between tests (set-up and teardown of each test look for
-    // reservations to clear); their messages land on the lines of the tests around them.
-    const PROBES: [&str; 2] = [
-        "[SKIPPED] PERSISTENT RESERVE IN is not implemented.",
-        "[SKIPPED] REPORT_SUPPORTED_OPCODES is not implemented.",
-    ];
-    for line in out.lines() {
-        let line = PROBES
-            .iter()
-            .fold(line.to_string(), |l, p| l.replace(p, ""));
-        let line = line.trim_end();
-        if let Some(rest) = line.trim_start().strip_prefix("Test: ") {
-            close(current.take());
-            let name = rest.split(" ...").next().unwrap_or(rest).to_string();
-            current = Some((name, rest.trim_end().to_string()));
-        } else if line.contains("Run Summary") {
-            close(current.take());
-        } else if let Some((_, text)) = current.as_mut() {
-            // Up to the verdict: what follows it is the suite's teardown (which probes
-            // PERSISTENT RESERVE IN and logs a skip of its own).
-            if !(text.ends_with("passed") || text.ends_with("FAILED")) {
-                text.push('\n');
-                text.push_str(line);
-            }
-        }
-    }
-    close(current);
-    (pass, skip, fail)
-}
-
 #[test]
 fn iscsi_test_cu_minimal_disk_profile_passes() {
     for (digests, query) in [("None", ""), ("CRC32C,None", "?header_digest=crc32c")] {
         let t = target(None, digests);
         let url = format!("iscsi://{}/{IQN}/0{query}", t.addr());
-        let (mut pass, mut skip, mut fail) = (Vec::new(), Vec::new(), Vec::new());
-        for suite in MINIMAL {
-            let (_, out) = libiscsi("iscsi-test-cu", &["-d", "-v", "-t", suite, &url]);
-            let (p, s, f) = verdicts(&out);
-            assert!(
-                !(p.is_empty() && s.is_empty() && f.is_empty()),
-                "{suite}: no test ran:\n{out}"
-            );
-            pass.extend(p.into_iter().map(|n| format!("{suite}.{n}")));
-            skip.extend(s.into_iter().map(|n| format!("{suite}.{n}")));
-            fail.extend(f.into_iter().map(|n| format!("{suite}.{n}")));
-        }
-        eprintln!(
-            "iscsi-test-cu minimal profile ({url}): {} passed, {} skipped, {} failed; skipped: {skip:?}",
-            pass.len(),
-            skip.len(),
-            fail.len()
-        );
-        assert!(fail.is_empty(), "failed: {fail:?}");
-        assert!(
-            pass.len() >= 54,
-            "only {} passed (skipped: {skip:?})",
-            pass.len()
-        );
+        toemu_tests::assert_minimal_profile_passes(&url, |args| libiscsi("iscsi-test-cu", args).1);
     }
 }
 

@@ -94,6 +94,17 @@ pub struct ConnStats {
     pub data_sequence_errors: u64,
 }
 
+impl std::ops::AddAssign for ConnStats {
+    /// Sum counters (of several connections).
+    fn add_assign(&mut self, o: ConnStats) {
+        self.pdus_in += o.pdus_in;
+        self.pdus_out += o.pdus_out;
+        self.rejects += o.rejects;
+        self.data_digest_errors += o.data_digest_errors;
+        self.data_sequence_errors += o.data_sequence_errors;
+    }
+}
+
 enum Phase {
     Login(Box<TargetLogin>),
     FullFeature(Box<Negotiated>),

@@ -14,8 +14,8 @@ use toe_iscsi::scsi::{BlockStore, Disk};
 use toe_iscsi::target::ConnStats;
 use toe_iscsi::target::TargetConn;
 
-/// Random bytes from the kernel (CHAP challenges and identifiers).
-fn random_bytes<const N: usize>() -> io::Result<[u8; N]> {
+/// Random bytes from the kernel (CHAP challenges and identifiers, ISIDs).
+pub fn random_bytes<const N: usize>() -> io::Result<[u8; N]> {
     let mut b = [0u8; N];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
     Ok(b)
@@ -65,12 +65,7 @@ impl TcpTarget {
                                     }
                                     if let Ok(mut t) = totals.lock() {
                                         t.connections += 1;
-                                        let a = &mut t.stats;
-                                        a.pdus_in += st.pdus_in;
-                                        a.pdus_out += st.pdus_out;
-                                        a.rejects += st.rejects;
-                                        a.data_digest_errors += st.data_digest_errors;
-                                        a.data_sequence_errors += st.data_sequence_errors;
+                                        t.stats += st;
                                     }
                                 },
                             );

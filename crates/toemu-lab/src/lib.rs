@@ -16,6 +16,7 @@ pub mod bare_tap;
 pub mod bench;
 pub mod demo;
 pub mod iscsi;
+pub mod iscsi_host;
 pub mod iscsi_perf;
 pub mod kernel;
 pub mod plot;

@@ -317,7 +317,8 @@ enum IscsiCmd {
         #[arg(long)]
         json: Option<PathBuf>,
     },
-    /// An iSCSI target whose LUN 0 is a disk in a file, on std TCP; runs until SIGINT or
+    /// An iSCSI target whose LUN 0 is a disk in a file, on std TCP or on an emulated TOE
+    /// host on a TAP device; runs until SIGINT or
     /// SIGTERM, then flushes the disk and prints its counters.
     Target {
         /// The disk: a file (created if missing).
@@ -329,9 +330,24 @@ enum IscsiCmd {
         /// The target's name.
         #[arg(long, default_value = "iqn.2026-12.org.toemu:disk")]
         iqn: String,
-        /// Where to listen, ADDR:PORT.
-        #[arg(long, default_value = "127.0.0.1:3260")]
-        listen: String,
+        /// Where to listen on std TCP, ADDR:PORT (default 127.0.0.1:3260, unless --tap).
+        #[arg(long, conflicts_with = "tap")]
+        listen: Option<String>,
+        /// On an emulated TOE host on a TAP device instead: its port.
+        #[arg(long, default_value_t = 3260)]
+        port: u16,
+        /// On an emulated TOE host on this TAP device instead of std TCP (with --ip).
+        #[arg(long, requires = "ip")]
+        tap: Option<String>,
+        /// The emulated host's address and prefix, e.g. 10.99.0.2/24 (with --tap).
+        #[arg(long, requires = "tap")]
+        ip: Option<String>,
+        /// Default gateway of the emulated host (with --tap).
+        #[arg(long, requires = "tap")]
+        gateway: Option<std::net::Ipv4Addr>,
+        /// Impairment of both directions of the TAP port, and capture (with --tap).
+        #[command(flatten)]
+        wire: wire_args::WireArgs,
         /// Logical block size, bytes (512 or 4096).
         #[arg(long, default_value_t = 512)]
         block: u32,
@@ -354,7 +370,8 @@ enum IscsiCmd {
     },
 }
 
-fn iscsi(cmd: IscsiCmd) -> Result<(), String> {
+/// `toemu iscsi ...`; `settings` configure the emulated host of `--tap`.
+fn iscsi(cmd: IscsiCmd, settings: &Settings) -> Result<(), String> {
     match cmd {
         IscsiCmd::Ls { url, show_luns } => {
             let u: toemu_lab::iscsi::IscsiUrl = url.parse()?;
@@ -434,6 +451,11 @@ fn iscsi(cmd: IscsiCmd) -> Result<(), String> {
             size,
             iqn,
             listen,
+            port,
+            tap,
+            ip,
+            gateway,
+            wire,
             block,
             chap_user,
             chap_secret,
@@ -482,21 +504,51 @@ fn iscsi(cmd: IscsiCmd) -> Result<(), String> {
                 cmd_window: 32,
             };
             let auth = if cfg.chap.is_some() { "CHAP" } else { "none" };
-            let listener = std::net::TcpListener::bind(&listen)
-                .map_err(|e| format!("--listen {listen}: {e}"))?;
-            let stop = stop_flag();
-            let t = toemu_lab::iscsi::TcpTarget::start(listener, cfg, Some(disk.clone()))
-                .map_err(|e| e.to_string())?;
-            println!(
-                "toemu iscsi target: portal {}, {iqn}, LUN 0 = {} ({bytes} bytes, {block}-byte blocks), authentication {auth}, offload software",
-                t.addr(),
-                lun.display(),
-            );
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                std::thread::sleep(std::time::Duration::from_millis(100));
-            }
-            let totals = t.totals();
-            drop(t);
+            let announce = |portal: &dyn std::fmt::Display, on: &str| {
+                println!(
+                    "toemu iscsi target: portal {portal}{on}, {iqn}, LUN 0 = {} ({bytes} bytes, {block}-byte blocks), authentication {auth}, offload software",
+                    lun.display(),
+                );
+            };
+            let tap = tap.zip(ip).map(|(tap, ip)| TapArgs {
+                tap,
+                ip,
+                gateway,
+                stack_seed: 1,
+                max_seconds: None,
+                wire,
+            });
+            let totals = if let Some(tap) = tap {
+                let (ip, _) = toemu_lab::serve::parse_cidr(&tap.ip)?;
+                let portal = format!("{ip}:{port}");
+                let seed = u64::from_le_bytes(
+                    toemu_lab::iscsi::random_bytes().map_err(|e| format!("/dev/urandom: {e}"))?,
+                );
+                let mut app =
+                    toemu_lab::iscsi_host::TargetApp::new(port, cfg, &portal, disk.clone(), seed);
+                announce(&portal, &format!(" (emulated TOE host on {})", tap.tap));
+                let mut l = Listening {
+                    port,
+                    inner: &mut app,
+                    listening: false,
+                };
+                run_on_tap(settings, &tap, &mut l)?;
+                app.totals
+            } else {
+                let listen = listen.unwrap_or_else(|| "127.0.0.1:3260".into());
+                let listener = std::net::TcpListener::bind(&listen)
+                    .map_err(|e| format!("--listen {listen}: {e}"))?;
+                let stop = stop_flag();
+                let t = toemu_lab::iscsi::TcpTarget::start(listener, cfg, Some(disk.clone()))
+                    .map_err(|e| e.to_string())?;
+                announce(&t.addr(), "");
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                let totals = t.totals();
+                drop(t);
+                totals
+            };
             let flushed = disk
                 .lock()
                 .map_err(|_| "disk lock poisoned".to_string())?
@@ -573,7 +625,7 @@ fn run_on_tap(
 fn run(cli: Cli) -> Result<(), String> {
     let settings = settings(&cli)?;
     match cli.cmd {
-        Cmd::Iscsi { cmd } => iscsi(cmd),
+        Cmd::Iscsi { cmd } => iscsi(cmd, &settings),
         Cmd::Serve {
             tap,
             app,

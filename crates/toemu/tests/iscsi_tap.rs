@@ -1,0 +1,171 @@
+//! toemu's iSCSI target on an emulated TOE host on a TAP device, inside a network namespace
+//! this test creates and deletes, against libiscsi's tools running in the namespace (real
+//! Linux initiators): discovery with `iscsi-ls`, and the minimal disk profile of
+//! `iscsi-test-cu` without and with header digests.
+//!
+//! Needs root (namespaces and TAP devices): without it the test fails and says why.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const TOEMU: &str = env!("CARGO_BIN_EXE_toemu");
+const IQN: &str = "iqn.2026-12.org.toemu:disk";
+const HOST: &str = "10.98.0.2";
+const LINUX: &str = "10.98.0.1";
+
+/// A network namespace with toemu's target on `tap0` in it; on drop the target is stopped by
+/// PID and the namespace deleted.
+struct Lab {
+    ns: String,
+    target: Option<Child>,
+    dir: PathBuf,
+}
+
+impl Lab {
+    fn start(name: &str) -> Lab {
+        let ns = format!("toemu-iscsi-{}-{name}", std::process::id());
+        let made = Command::new("ip").args(["netns", "add", &ns]).output();
+        match made {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => panic!(
+                "cannot create network namespace {ns} (this test needs root for namespaces and TAP devices): {}",
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Err(e) => panic!("cannot run `ip` (Debian iproute2): {e}"),
+        }
+        let dir = std::env::temp_dir().join(&ns);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut lab = Lab {
+            ns,
+            target: None,
+            dir,
+        };
+        lab.sh("ip link set lo up");
+        let log = std::fs::File::create(lab.dir.join("target.log")).unwrap();
+        let lun = lab.dir.join("lun.img");
+        let child = Command::new("ip")
+            .args([
+                "netns", "exec", &lab.ns, TOEMU, "iscsi", "target", "--size", "64MiB",
+            ])
+            .args(["--tap", "tap0", "--ip", &format!("{HOST}/24"), "--lun"])
+            .arg(&lun)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        lab.target = Some(child);
+        let t0 = Instant::now();
+        while !lab.try_sh("ip link show tap0") {
+            lab.alive();
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "tap0 never appeared: {}",
+                lab.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        lab.sh(&format!(
+            "ip addr add {LINUX}/24 dev tap0 && ip link set tap0 up"
+        ));
+        let probe = format!(
+            "python3 -c 'import socket; socket.create_connection((\"{HOST}\", 3260), 1).close()'"
+        );
+        while !lab.try_sh(&probe) {
+            lab.alive();
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "the target does not answer on {HOST}:3260: {}",
+                lab.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        lab
+    }
+
+    fn alive(&mut self) {
+        if let Some(Ok(Some(s))) = self.target.as_mut().map(Child::try_wait) {
+            panic!("toemu iscsi target exited ({s}): {}", self.log());
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("target.log")).unwrap_or_default()
+    }
+
+    fn try_sh(&self, script: &str) -> bool {
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns, "sh", "-c", script])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    fn sh(&self, script: &str) {
+        assert!(self.try_sh(script), "`{script}` failed in {}", self.ns);
+    }
+
+    /// Run `tool ARGS` in the namespace: its output and error output.
+    fn run(&self, tool: &str, args: &[&str]) -> (bool, String) {
+        let mut a = vec!["netns", "exec", &self.ns, tool];
+        a.extend_from_slice(args);
+        let o = toemu_tests::run_tool("ip", "iproute2", &a);
+        (
+            o.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+        )
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.target.take() {
+            let _ = Command::new("kill").arg(c.id().to_string()).status();
+            let t0 = Instant::now();
+            while c.try_wait().ok().flatten().is_none() && t0.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// libiscsi must be installed (its missing-tool message names the package).
+fn need_libiscsi() {
+    toemu_tests::run_tool("iscsi-ls", "libiscsi-bin", &["--usage"]);
+}
+
+#[test]
+fn libiscsi_discovers_the_target_on_an_emulated_toe_host() {
+    need_libiscsi();
+    let lab = Lab::start("ls");
+    let (ok, out) = lab.run("iscsi-ls", &["-s", &format!("iscsi://{HOST}/")]);
+    assert!(ok, "iscsi-ls failed:\n{out}\ntarget log:\n{}", lab.log());
+    assert!(
+        out.contains(&format!("Target:{IQN} Portal:{HOST}:3260,1")),
+        "{out}"
+    );
+    assert!(
+        out.contains("Lun:0") && out.contains("DIRECT_ACCESS"),
+        "{out}"
+    );
+}
+
+#[test]
+fn iscsi_test_cu_minimal_disk_profile_passes_on_an_emulated_toe_host() {
+    need_libiscsi();
+    let lab = Lab::start("cu");
+    for query in ["", "?header_digest=crc32c"] {
+        let url = format!("iscsi://{HOST}/{IQN}/0{query}");
+        toemu_tests::assert_minimal_profile_passes(&url, |args| lab.run("iscsi-test-cu", args).1);
+    }
+}

@@ -262,6 +262,8 @@ enum Cmd {
 }
 
 #[derive(Subcommand, Debug)]
+// Parsed once per run: the size of the target's variant (its wire options) does not matter.
+#[allow(clippy::large_enum_variant)]
 enum IscsiCmd {
     /// Discovery with toemu's initiator: the targets a portal offers, and with -s their
     /// LUNs (type and size).

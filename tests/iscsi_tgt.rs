@@ -39,10 +39,10 @@ impl Tgt {
             l.local_addr().unwrap().port()
         };
         // The control port only names tgtd's control socket: unique per test process and test.
-        let control = format!(
-            "{}",
-            20_000 + std::process::id() % 20_000 + u32::from(port) % 997
-        );
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // tgtd takes numbers below 32768.
+        let control = format!("{}", 1_000 + (std::process::id() % 1_500) * 16 + k % 16);
         let portal = format!("127.0.0.1:{port}");
         let child = toemu_tests::spawn_tool(
             "tgtd",
@@ -165,12 +165,15 @@ impl Drop for Tgt {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
+        for f in ["", ".lock"] {
+            let _ = std::fs::remove_file(format!("/var/run/tgtd/socket.{}{f}", self.control));
+        }
     }
 }
 
 /// 64 MiB written with the pattern at `depth` in `io`-byte I/Os and read back: every command
 /// good, every block identical.
-fn write_and_read_back(url: &IscsiUrl, depth: usize, io: u32) {
+fn write_and_read_back(t: &Tgt, url: &IscsiUrl, depth: usize, io: u32) {
     let o = PerfOptions {
         io_bytes: io,
         depth,
@@ -179,8 +182,8 @@ fn write_and_read_back(url: &IscsiUrl, depth: usize, io: u32) {
         seed: u64::from(io) * 31 + depth as u64,
         ..PerfOptions::default()
     };
-    let r = perf(url, &o).unwrap_or_else(|e| panic!("{url:?}: {e}"));
-    assert!(r.ok(), "{r:#?}");
+    let r = perf(url, &o).unwrap_or_else(|e| panic!("{url:?}: {e}\ntgtd log:\n{}", t.log()));
+    assert!(r.ok(), "{r:#?}\ntgtd log:\n{}", t.log());
     assert_eq!(r.phases.len(), 2);
     for p in &r.phases {
         assert_eq!(p.bytes, 64 << 20, "{r:#?}");
@@ -237,21 +240,23 @@ fn our_initiator_lists_tgts_targets_and_luns() {
 fn our_initiator_writes_and_reads_back_64_mib_on_tgt_at_qd1_and_qd32() {
     let t = Tgt::start("rw");
     let url = t.url("", IQN, "");
-    write_and_read_back(&url, 1, 64 << 10);
-    write_and_read_back(&url, 32, 128 << 10);
-    write_and_read_back(&url, 32, 4096);
+    write_and_read_back(&t, &url, 1, 64 << 10);
+    write_and_read_back(&t, &url, 32, 128 << 10);
+    write_and_read_back(&t, &url, 32, 4096);
 }
 
 #[test]
 fn our_initiator_uses_header_and_data_digests_with_tgt() {
     let t = Tgt::start("digest");
-    write_and_read_back(&t.url("", IQN, "?header_digest=crc32c"), 32, 128 << 10);
+    write_and_read_back(&t, &t.url("", IQN, "?header_digest=crc32c"), 32, 128 << 10);
     write_and_read_back(
+        &t,
         &t.url("", IQN, "?header_digest=crc32c&data_digest=crc32c"),
         32,
         128 << 10,
     );
     write_and_read_back(
+        &t,
         &t.url("", IQN, "?header_digest=crc32c&data_digest=crc32c"),
         1,
         64 << 10,
@@ -262,6 +267,7 @@ fn our_initiator_uses_header_and_data_digests_with_tgt() {
 fn our_initiator_logs_in_to_tgt_with_chap_and_a_wrong_secret_is_refused() {
     let t = Tgt::start("chap");
     write_and_read_back(
+        &t,
         &t.url("alice%secret-of-alice@", CHAP_IQN, ""),
         32,
         128 << 10,

@@ -111,7 +111,8 @@ fn wait_port(addr: &str, what: &str) -> Result<(), String> {
 fn start_tgt(work: &Path, img: &Path) -> Result<(Daemon, String), String> {
     std::fs::create_dir_all("/var/run/tgtd").map_err(|e| format!("/var/run/tgtd: {e}"))?;
     let port = free_port()?;
-    let control = format!("{}", 30_000 + std::process::id() % 20_000);
+    // tgtd takes control numbers below 32768.
+    let control = format!("{}", 25_000 + std::process::id() % 7_000);
     let portal = format!("127.0.0.1:{port}");
     let d = spawn(
         Command::new("tgtd").args(["-f", "-C", &control, "--iscsi", &format!("portal={portal}")]),

@@ -287,6 +287,45 @@ impl std::str::FromStr for IscsiUrl {
     }
 }
 
+/// toemu's initiator machine for `url`: a normal session to `target`, or discovery with
+/// `None`. `r` (random bytes) supplies the ISID, the first CmdSN and the mutual-CHAP challenge (from the
+/// kernel's RNG, or seeded for replays). Call [`InitiatorConn::start`] for the first bytes.
+///
+/// [`InitiatorConn::start`]: toe_iscsi::initiator::InitiatorConn::start
+pub fn initiator_conn(
+    url: &IscsiUrl,
+    target: Option<&str>,
+    r: [u8; 23],
+) -> toe_iscsi::initiator::InitiatorConn {
+    use toe_iscsi::login::{Credentials, InitiatorConfig, OpParams};
+    let mut isid = [0x80, 0, 0, 0, 0, 0];
+    isid[2..6].copy_from_slice(&r[17..21]);
+    let digest = |on: bool| if on { "CRC32C" } else { "None" }.to_string();
+    let cfg = InitiatorConfig {
+        initiator_name: "iqn.2026-12.org.toemu:initiator".into(),
+        target_name: target.map(str::to_string),
+        chap: url.chap.as_ref().map(|(u, s)| Credentials {
+            user: u.clone(),
+            secret: s.clone().into_bytes(),
+        }),
+        mutual: None,
+        params: OpParams {
+            header_digest: digest(url.header_digest),
+            data_digest: digest(url.data_digest),
+            initial_r2t: false,
+            max_outstanding_r2t: 8,
+            max_burst_length: 1 << 20,
+            first_burst_length: 256 << 10,
+            ..OpParams::default()
+        },
+        isid,
+        cmd_sn: u32::from_be_bytes([r[21], r[22], 0, 1]),
+    };
+    let mut challenge = [0u8; 16];
+    challenge.copy_from_slice(&r[..16]);
+    toe_iscsi::initiator::InitiatorConn::new(cfg, challenge, r[16])
+}
+
 /// toemu's initiator on std TCP: one connection, calls that block until their answer.
 pub struct TcpInitiator {
     s: TcpStream,
@@ -306,38 +345,12 @@ impl TcpInitiator {
     /// Connect to `url`'s portal and log in: to `target` (a normal session), or, with
     /// `None`, a discovery session.
     pub fn login(url: &IscsiUrl, target: Option<&str>) -> io::Result<TcpInitiator> {
-        use toe_iscsi::login::{Credentials, InitiatorConfig, OpParams};
         let s = TcpStream::connect(&url.portal)?;
         s.set_nodelay(true)?;
-        let r: [u8; 23] = random_bytes()?;
-        let mut isid = [0x80, 0, 0, 0, 0, 0];
-        isid[2..6].copy_from_slice(&r[17..21]);
-        let digest = |on: bool| if on { "CRC32C" } else { "None" }.to_string();
-        let cfg = InitiatorConfig {
-            initiator_name: "iqn.2026-12.org.toemu:initiator".into(),
-            target_name: target.map(str::to_string),
-            chap: url.chap.as_ref().map(|(u, s)| Credentials {
-                user: u.clone(),
-                secret: s.clone().into_bytes(),
-            }),
-            mutual: None,
-            params: OpParams {
-                header_digest: digest(url.header_digest),
-                data_digest: digest(url.data_digest),
-                initial_r2t: false,
-                max_outstanding_r2t: 8,
-                max_burst_length: 1 << 20,
-                first_burst_length: 256 << 10,
-                ..OpParams::default()
-            },
-            isid,
-            cmd_sn: u32::from_be_bytes([r[21], r[22], 0, 1]),
-        };
-        let mut challenge = [0u8; 16];
-        challenge.copy_from_slice(&r[..16]);
+        let conn = initiator_conn(url, target, random_bytes()?);
         let mut me = TcpInitiator {
             s,
-            conn: toe_iscsi::initiator::InitiatorConn::new(cfg, challenge, r[16]),
+            conn,
             buf: vec![0u8; 256 * 1024],
         };
         let mut out = Vec::new();

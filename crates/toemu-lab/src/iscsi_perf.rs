@@ -3,19 +3,22 @@
 //! time or a byte count; IOPS, MB/s and latency percentiles. With `verify`, the writes carry
 //! a pattern seeded by (seed, LBA) and every I/O slot written is read back and compared.
 //!
-//! The protocol is `toe-iscsi`'s [`InitiatorConn`](toe_iscsi::initiator::InitiatorConn); this
-//! shell only keeps the queue full, times the commands and checks the data.
+//! The load is [`PerfMachine`], sans I/O: it takes the initiator's events and the time (in
+//! microseconds of any clock: the wall clock on std TCP, the virtual clock on an emulated
+//! host) and queues commands on `toe-iscsi`'s
+//! [`InitiatorConn`](toe_iscsi::initiator::InitiatorConn). [`perf`] runs it on std TCP; the
+//! emulated host runs it as an app ([`crate::iscsi_host::PerfApp`]).
 
 use std::collections::HashMap;
 use std::io;
-use std::time::Instant;
 
 use serde::Serialize;
 
 use crate::datagen::DataGen;
 use crate::demo::{latency, Latency};
 use crate::iscsi::{IscsiUrl, TcpInitiator};
-use toe_iscsi::initiator::{Completion, InitiatorEvent};
+use toe_iscsi::initiator::{Completion, InitiatorConn, InitiatorEvent};
+use toe_iscsi::login::Negotiated;
 
 /// What `perf` does.
 #[derive(Debug, Clone)]
@@ -73,13 +76,14 @@ pub struct PhaseReport {
     pub ios: u64,
     /// Data bytes moved.
     pub bytes: u64,
-    /// Wall-clock seconds from the first command to the last completion.
+    /// Seconds from the first command to the last completion (of the caller's clock: wall
+    /// on std TCP, virtual on the in-memory wire).
     pub seconds: f64,
     /// `ios / seconds`.
     pub iops: f64,
     /// `bytes / seconds / 1e6`.
     pub mb_per_s: f64,
-    /// Command latency (issue to completion), wall-clock microseconds.
+    /// Command latency (issue to completion), microseconds of the same clock.
     pub latency_us: Latency,
     /// Commands that ended with a status other than GOOD, or no data when data was due.
     pub errors: u64,
@@ -159,7 +163,8 @@ fn describe(c: &Completion) -> String {
 }
 
 /// Which I/O slots a phase visits.
-enum Slots<'a> {
+#[derive(Debug, Clone)]
+enum Slots {
     Sequential {
         next: u64,
         of: u64,
@@ -168,15 +173,14 @@ enum Slots<'a> {
         state: u64,
         of: u64,
     },
-    /// The slots set in a bitmap, in order.
+    /// The slots set in the written map, in order.
     Written {
-        map: &'a [u64],
         next: u64,
     },
 }
 
-impl Slots<'_> {
-    fn next(&mut self) -> Option<u64> {
+impl Slots {
+    fn next(&mut self, map: &[u64]) -> Option<u64> {
         match self {
             Slots::Sequential { next, of } => {
                 let s = *next;
@@ -192,7 +196,7 @@ impl Slots<'_> {
                 *state = x;
                 Some(x.wrapping_mul(0x2545_F491_4F6C_DD1D) % *of)
             }
-            Slots::Written { map, next } => {
+            Slots::Written { next } => {
                 let n = map.len() as u64 * 64;
                 while *next < n {
                     let s = *next;
@@ -207,267 +211,469 @@ impl Slots<'_> {
     }
 }
 
-/// One phase: `write` or read the slots `slots` gives at `depth`, until `stop_bytes` are
-/// issued or `deadline` passes; with `written`, mark the slots written; with `check`, compare
-/// what is read with the pattern.
-struct Phase<'a> {
+/// One phase to run: `write` or read the slots `slots` gives, until `stop_bytes` are issued
+/// or `seconds` pass; `mark` records the slots written, `check` compares what is read with
+/// the pattern.
+#[derive(Debug, Clone)]
+struct Plan {
     write: bool,
-    slots: Slots<'a>,
+    slots: Slots,
     stop_bytes: Option<u64>,
-    deadline: Option<Instant>,
+    seconds: Option<f64>,
+    mark: bool,
+    check: bool,
 }
 
-struct Run<'a> {
-    init: &'a mut TcpInitiator,
+/// A phase in progress.
+#[derive(Debug)]
+struct Running {
+    plan: Plan,
+    t0: u64,
+    deadline: Option<u64>,
+    issuing: bool,
+    issued: u64,
+    ios: u64,
+    errors: u64,
+    lat: Vec<f64>,
+    /// tag → (slot, issue time)
+    inflight: HashMap<u32, (u64, u64)>,
+}
+
+#[derive(Debug)]
+enum Stage {
+    /// Waiting for the login.
+    Login,
+    /// READ CAPACITY(16) in flight (tries so far: UNIT ATTENTION is retried).
+    Capacity { tag: u32, tries: u32 },
+    /// The phases.
+    Io,
+    /// SYNCHRONIZE CACHE(16) in flight, then the remaining phases.
+    Sync { tag: u32 },
+    /// Logout sent.
+    Logout,
+    /// Logged out, or failed.
+    Done,
+}
+
+/// The `perf` load as a machine: see the module documentation. Feed it every
+/// [`InitiatorEvent`] of its connection with [`PerfMachine::on_event`], and call
+/// [`PerfMachine::poll`] when time passes (a timed phase ends by the clock); both queue
+/// commands on the connection (their bytes in `out`).
+#[derive(Debug)]
+pub struct PerfMachine {
+    o: PerfOptions,
+    target: String,
     lun: u16,
+    stage: Stage,
+    capacity: u64,
     block: u32,
-    io: u32,
-    depth: usize,
-    seed: u64,
-    fua: bool,
+    plans: std::collections::VecDeque<Plan>,
+    sync_after_first: bool,
+    cur: Option<Running>,
+    map: Vec<u64>,
+    phases: Vec<PhaseReport>,
+    mismatches: Option<u64>,
     first_problem: Option<String>,
+    failed: Option<String>,
+    digests: (bool, bool),
+    buf: Vec<u8>,
 }
 
-impl Run<'_> {
-    /// SYNCHRONIZE CACHE(16) of the whole LUN; a failure is the run's problem.
-    fn sync(&mut self) -> io::Result<()> {
-        let mut cdb = [0u8; 16];
-        cdb[0] = 0x91;
-        let c = self.init.command(self.lun, &cdb, 0, Vec::new())?;
-        if c.status != 0 || c.response != 0 {
-            self.first_problem
-                .get_or_insert_with(|| format!("SYNCHRONIZE CACHE(16): {}", describe(&c)));
-            return Err(io::Error::other(format!(
-                "SYNCHRONIZE CACHE(16): {}",
-                describe(&c)
-            )));
-        }
-        Ok(())
-    }
-
-    fn phase(
-        &mut self,
-        mut p: Phase<'_>,
-        mut written: Option<&mut [u64]>,
-        mut mismatches: Option<&mut u64>,
-    ) -> io::Result<PhaseReport> {
-        let blocks = self.io / self.block;
-        let mut inflight: HashMap<u32, (u64, Instant)> = HashMap::new();
-        let mut lat = Vec::new();
-        let (mut issued, mut ios, mut errors) = (0u64, 0u64, 0u64);
-        let mut buf = vec![0u8; self.io as usize];
-        let mut out = Vec::new();
-        let mut done = false;
-        let t0 = Instant::now();
-        loop {
-            while !done && inflight.len() < self.depth {
-                let more = p.stop_bytes.is_none_or(|b| issued < b)
-                    && p.deadline.is_none_or(|d| Instant::now() < d);
-                let Some(slot) = more.then(|| p.slots.next()).flatten() else {
-                    done = true;
-                    break;
-                };
-                let lba = slot * u64::from(blocks);
-                let cdb = rw16(p.write, self.fua, lba, blocks);
-                let data = if p.write {
-                    pattern(self.seed, lba, self.block as usize, &mut buf);
-                    buf.clone()
-                } else {
-                    Vec::new()
-                };
-                let lun = toe_iscsi::wire::lun_field(self.lun);
-                let tag = self.init.conn().command(lun, &cdb, self.io, data, &mut out);
-                inflight.insert(tag, (slot, Instant::now()));
-                issued += u64::from(self.io);
-            }
-            if !out.is_empty() {
-                self.init.send(&out)?;
-                out.clear();
-            }
-            if inflight.is_empty() {
-                break;
-            }
-            let c = match self.init.next_event()? {
-                InitiatorEvent::Done(c) => c,
-                other => return Err(io::Error::other(format!("unexpected {other:?}"))),
-            };
-            let Some((slot, at)) = inflight.remove(&c.itt) else {
-                return Err(io::Error::other(format!(
-                    "completion of unknown tag {}",
-                    c.itt
-                )));
-            };
-            lat.push(at.elapsed().as_secs_f64() * 1e6);
-            ios += 1;
-            let lba = slot * u64::from(blocks);
-            let short = !p.write && c.data.len() != self.io as usize;
-            if c.status != 0 || c.response != 0 || short {
-                errors += 1;
-                self.first_problem.get_or_insert_with(|| {
-                    format!(
-                        "{} at LBA {lba}: {}{}",
-                        if p.write { "WRITE(16)" } else { "READ(16)" },
-                        describe(&c),
-                        if short {
-                            format!(", {} data bytes", c.data.len())
-                        } else {
-                            String::new()
-                        }
-                    )
-                });
-                continue;
-            }
-            if let Some(map) = written.as_deref_mut() {
-                map[(slot / 64) as usize] |= 1 << (slot % 64);
-            }
-            if let Some(bad) = mismatches.as_deref_mut() {
-                pattern(self.seed, lba, self.block as usize, &mut buf);
-                if c.data != buf {
-                    *bad += 1;
-                    let at = c
-                        .data
-                        .iter()
-                        .zip(&buf)
-                        .position(|(a, b)| a != b)
-                        .unwrap_or(0);
-                    self.first_problem.get_or_insert_with(|| {
-                        format!("read-back of LBA {lba}: byte {at} of the I/O differs from what was written")
-                    });
-                }
-            }
-        }
-        let seconds = t0.elapsed().as_secs_f64();
-        let bytes = ios * u64::from(self.io);
-        Ok(PhaseReport {
-            op: if p.write { "write" } else { "read" },
-            ios,
-            bytes,
-            seconds,
-            iops: ios as f64 / seconds.max(1e-9),
-            mb_per_s: bytes as f64 / seconds.max(1e-9) / 1e6,
-            latency_us: latency(lat),
-            errors,
-        })
-    }
-}
-
-/// Log in to `url` (target and LUN from the URL, LUN 0 by default), read the capacity, and
-/// run what `o` says. The session is logged out at the end.
-pub fn perf(url: &IscsiUrl, o: &PerfOptions) -> io::Result<PerfReport> {
-    let bad = |m: String| io::Error::new(io::ErrorKind::InvalidInput, m);
-    let target = url
-        .target
-        .clone()
-        .ok_or_else(|| bad("the URL names no target (iscsi://host[:port]/IQN/LUN)".into()))?;
-    let lun = url.lun.unwrap_or(0);
-    let mut init = TcpInitiator::login(url, Some(&target))?;
+fn read_capacity16() -> [u8; 16] {
     let mut cdb = [0u8; 16];
     cdb[0] = 0x9e;
     cdb[1] = 0x10;
     cdb[13] = 32;
-    let rc = init.command(lun, &cdb, 32, Vec::new())?;
-    if rc.status != 0 || rc.data.len() < 12 {
-        return Err(io::Error::other(format!(
-            "READ CAPACITY(16): {}",
-            describe(&rc)
-        )));
-    }
-    let last = u64::from_be_bytes(rc.data[..8].try_into().expect("8 bytes"));
-    let block = u32::from_be_bytes(rc.data[8..12].try_into().expect("4 bytes"));
-    let capacity = (last + 1) * u64::from(block);
-    if o.io_bytes == 0 || o.io_bytes % block != 0 {
-        return Err(bad(format!(
-            "--block {}: not a multiple of the LUN's {block}-byte blocks",
-            o.io_bytes
-        )));
-    }
-    let of = capacity / u64::from(o.io_bytes);
-    if of == 0 {
-        return Err(bad(format!(
-            "the LUN ({capacity} bytes) is smaller than one I/O"
-        )));
-    }
-    let (header_digest, data_digest) = init
-        .conn()
-        .negotiated()
-        .map(|n| (n.header_digest, n.data_digest))
-        .unwrap_or_default();
-    let mut run = Run {
-        init: &mut init,
-        lun,
-        block,
-        io: o.io_bytes,
-        depth: o.depth.max(1),
-        seed: o.seed,
-        fua: o.fua,
-        first_problem: None,
-    };
-    let slots = if o.random {
-        Slots::Random {
-            state: o.seed | 1,
-            of,
+    cdb
+}
+
+impl PerfMachine {
+    /// The load `o` on LUN `lun` of `target`, to start once the connection is logged in.
+    pub fn new(o: PerfOptions, target: String, lun: u16) -> Self {
+        PerfMachine {
+            o,
+            target,
+            lun,
+            stage: Stage::Login,
+            capacity: 0,
+            block: 512,
+            plans: Default::default(),
+            sync_after_first: false,
+            cur: None,
+            map: Vec::new(),
+            phases: Vec::new(),
+            mismatches: None,
+            first_problem: None,
+            failed: None,
+            digests: (false, false),
+            buf: Vec::new(),
         }
-    } else {
-        Slots::Sequential { next: 0, of }
-    };
-    let timed = Phase {
-        write: (o.write || o.verify) && !o.check_only,
-        slots,
-        stop_bytes: o.bytes,
-        deadline: o
-            .bytes
-            .is_none()
-            .then(|| Instant::now() + std::time::Duration::from_secs_f64(o.seconds)),
-    };
-    let mut phases = Vec::new();
-    let mut mismatches = None;
-    if o.verify || o.check_only {
-        let mut map = vec![0u64; of.div_ceil(64) as usize];
-        if o.check_only {
-            // The slots the write run visited: the same sequence, as many I/Os as it issued.
-            let bytes = o.bytes.ok_or_else(|| bad("--check needs --bytes".into()))?;
-            let mut slots = timed.slots;
-            for _ in 0..bytes.div_ceil(u64::from(o.io_bytes)) {
-                let s = slots.next().expect("write slots never run out");
-                map[(s / 64) as usize] |= 1 << (s % 64);
+    }
+
+    /// Whether the run is over (logged out, or failed).
+    pub fn done(&self) -> bool {
+        matches!(self.stage, Stage::Done)
+    }
+
+    /// The latest time (same clock as `now`) at which [`PerfMachine::poll`] must be called:
+    /// the end of a timed phase.
+    pub fn deadline(&self) -> Option<u64> {
+        self.cur
+            .as_ref()
+            .filter(|r| r.issuing)
+            .and_then(|r| r.deadline)
+    }
+
+    fn fail(&mut self, why: String, conn: &mut InitiatorConn, out: &mut Vec<u8>) {
+        self.failed.get_or_insert(why);
+        self.cur = None;
+        if !conn.ended() && !matches!(self.stage, Stage::Logout | Stage::Done | Stage::Login) {
+            conn.logout(out);
+            self.stage = Stage::Logout;
+        } else {
+            self.stage = Stage::Done;
+        }
+    }
+
+    /// One event of the connection, at `now` (µs).
+    pub fn on_event(
+        &mut self,
+        e: InitiatorEvent,
+        conn: &mut InitiatorConn,
+        now: u64,
+        out: &mut Vec<u8>,
+    ) {
+        match (&mut self.stage, e) {
+            (_, InitiatorEvent::Failed(why)) => {
+                self.failed.get_or_insert(why);
+                self.cur = None;
+                self.stage = Stage::Done;
+            }
+            (_, InitiatorEvent::LoginFailed(e)) => {
+                self.failed.get_or_insert(format!("login: {e}"));
+                self.stage = Stage::Done;
+            }
+            (Stage::Login, InitiatorEvent::LoggedIn(n)) => self.logged_in(&n, conn, out),
+            (Stage::Capacity { tag, tries }, InitiatorEvent::Done(c)) if c.itt == *tag => {
+                if crate::iscsi::sense_key(&c) == Some(6) && *tries < 3 {
+                    *tries += 1;
+                    *tag = conn.command(lun_of(self.lun), &read_capacity16(), 32, Vec::new(), out);
+                    return;
+                }
+                self.capacity_known(&c, conn, now, out);
+            }
+            (Stage::Sync { tag }, InitiatorEvent::Done(c)) if c.itt == *tag => {
+                if c.status != 0 || c.response != 0 {
+                    let why = format!("SYNCHRONIZE CACHE(16): {}", describe(&c));
+                    self.first_problem.get_or_insert(why.clone());
+                    return self.fail(why, conn, out);
+                }
+                self.stage = Stage::Io;
+                self.next_phase(conn, now, out);
+            }
+            (Stage::Io, InitiatorEvent::Done(c)) => {
+                self.completed(c, now);
+                self.poll(conn, now, out);
+            }
+            (Stage::Logout, InitiatorEvent::LoggedOut) => self.stage = Stage::Done,
+            (_, other) => {
+                let why = format!("unexpected {other:?}");
+                self.fail(why, conn, out)
+            }
+        }
+    }
+
+    /// Start, if the connection is logged in already (`perf` on std TCP logs in first).
+    pub fn logged_in(&mut self, n: &Negotiated, conn: &mut InitiatorConn, out: &mut Vec<u8>) {
+        self.digests = (n.header_digest, n.data_digest);
+        let tag = conn.command(lun_of(self.lun), &read_capacity16(), 32, Vec::new(), out);
+        self.stage = Stage::Capacity { tag, tries: 0 };
+    }
+
+    fn capacity_known(
+        &mut self,
+        rc: &Completion,
+        conn: &mut InitiatorConn,
+        now: u64,
+        out: &mut Vec<u8>,
+    ) {
+        if rc.status != 0 || rc.data.len() < 12 {
+            return self.fail(format!("READ CAPACITY(16): {}", describe(rc)), conn, out);
+        }
+        let last = u64::from_be_bytes(rc.data[..8].try_into().expect("8 bytes"));
+        let block = u32::from_be_bytes(rc.data[8..12].try_into().expect("4 bytes"));
+        self.block = block.max(1);
+        self.capacity = (last + 1) * u64::from(self.block);
+        let o = &self.o;
+        if o.io_bytes == 0 || o.io_bytes % self.block != 0 {
+            let why = format!(
+                "--block {}: not a multiple of the LUN's {block}-byte blocks",
+                o.io_bytes
+            );
+            return self.fail(why, conn, out);
+        }
+        let of = self.capacity / u64::from(o.io_bytes);
+        if of == 0 {
+            let why = format!("the LUN ({} bytes) is smaller than one I/O", self.capacity);
+            return self.fail(why, conn, out);
+        }
+        let slots = if o.random {
+            Slots::Random {
+                state: o.seed | 1,
+                of,
             }
         } else {
-            phases.push(run.phase(timed, Some(&mut map), None)?);
-            if o.sync {
-                run.sync()?;
+            Slots::Sequential { next: 0, of }
+        };
+        let first = Plan {
+            write: (o.write || o.verify) && !o.check_only,
+            slots,
+            stop_bytes: o.bytes,
+            seconds: o.bytes.is_none().then_some(o.seconds),
+            mark: o.verify,
+            check: false,
+        };
+        let back = Plan {
+            write: false,
+            slots: Slots::Written { next: 0 },
+            stop_bytes: None,
+            seconds: None,
+            mark: false,
+            check: true,
+        };
+        self.map = vec![0u64; of.div_ceil(64) as usize];
+        if o.check_only {
+            // The slots the write run visited: the same sequence, as many I/Os as it issued.
+            let Some(bytes) = o.bytes else {
+                return self.fail("--check needs --bytes".into(), conn, out);
+            };
+            let mut s = first.slots.clone();
+            for _ in 0..bytes.div_ceil(u64::from(o.io_bytes)) {
+                let k = s.next(&[]).expect("write slots never run out");
+                self.map[(k / 64) as usize] |= 1 << (k % 64);
+            }
+            self.plans.push_back(back);
+            self.mismatches = Some(0);
+        } else {
+            self.sync_after_first = o.sync && first.write;
+            self.plans.push_back(first);
+            if o.verify {
+                self.plans.push_back(back);
+                self.mismatches = Some(0);
             }
         }
-        let mut bad = 0;
-        let back = Phase {
-            write: false,
-            slots: Slots::Written { map: &map, next: 0 },
-            stop_bytes: None,
-            deadline: None,
+        self.stage = Stage::Io;
+        self.next_phase(conn, now, out);
+    }
+
+    fn next_phase(&mut self, conn: &mut InitiatorConn, now: u64, out: &mut Vec<u8>) {
+        let Some(plan) = self.plans.pop_front() else {
+            conn.logout(out);
+            self.stage = Stage::Logout;
+            return;
         };
-        phases.push(run.phase(back, None, Some(&mut bad))?);
-        mismatches = Some(bad);
-    } else {
-        let write = timed.write;
-        phases.push(run.phase(timed, None, None)?);
-        if write && o.sync {
-            run.sync()?;
+        let deadline = plan.seconds.map(|s| now + (s * 1e6) as u64);
+        self.cur = Some(Running {
+            plan,
+            t0: now,
+            deadline,
+            issuing: true,
+            issued: 0,
+            ios: 0,
+            errors: 0,
+            lat: Vec::new(),
+            inflight: HashMap::new(),
+        });
+        self.poll(conn, now, out);
+    }
+
+    /// Issue what the queue depth allows at `now`, and move on when a phase is over.
+    pub fn poll(&mut self, conn: &mut InitiatorConn, now: u64, out: &mut Vec<u8>) {
+        if !matches!(self.stage, Stage::Io) {
+            return;
+        }
+        let (io, block, depth, seed, fua, lun) = (
+            self.o.io_bytes,
+            self.block,
+            self.o.depth.max(1),
+            self.o.seed,
+            self.o.fua,
+            self.lun,
+        );
+        let blocks = io / block;
+        let Some(r) = self.cur.as_mut() else {
+            return;
+        };
+        while r.issuing && r.inflight.len() < depth {
+            let more = r.plan.stop_bytes.is_none_or(|b| r.issued < b)
+                && r.deadline.is_none_or(|d| now < d);
+            let Some(slot) = more.then(|| r.plan.slots.next(&self.map)).flatten() else {
+                r.issuing = false;
+                break;
+            };
+            let lba = slot * u64::from(blocks);
+            let cdb = rw16(r.plan.write, fua, lba, blocks);
+            let data = if r.plan.write {
+                let mut b = vec![0u8; io as usize];
+                pattern(seed, lba, block as usize, &mut b);
+                b
+            } else {
+                Vec::new()
+            };
+            let tag = conn.command(lun_of(lun), &cdb, io, data, out);
+            r.inflight.insert(tag, (slot, now));
+            r.issued += u64::from(io);
+        }
+        if r.issuing || !r.inflight.is_empty() {
+            return;
+        }
+        let r = self.cur.take().expect("running");
+        let seconds = now.saturating_sub(r.t0) as f64 / 1e6;
+        let bytes = r.ios * u64::from(io);
+        self.phases.push(PhaseReport {
+            op: if r.plan.write { "write" } else { "read" },
+            ios: r.ios,
+            bytes,
+            seconds,
+            iops: r.ios as f64 / seconds.max(1e-9),
+            mb_per_s: bytes as f64 / seconds.max(1e-9) / 1e6,
+            latency_us: latency(r.lat),
+            errors: r.errors,
+        });
+        if std::mem::take(&mut self.sync_after_first) {
+            let mut cdb = [0u8; 16];
+            cdb[0] = 0x91;
+            let tag = conn.command(lun_of(lun), &cdb, 0, Vec::new(), out);
+            self.stage = Stage::Sync { tag };
+            return;
+        }
+        self.next_phase(conn, now, out);
+    }
+
+    fn completed(&mut self, c: Completion, now: u64) {
+        let (io, block, seed) = (self.o.io_bytes, self.block, self.o.seed);
+        let Some(r) = self.cur.as_mut() else {
+            return;
+        };
+        let Some((slot, at)) = r.inflight.remove(&c.itt) else {
+            self.first_problem
+                .get_or_insert_with(|| format!("completion of unknown tag {}", c.itt));
+            return;
+        };
+        r.lat.push(now.saturating_sub(at) as f64);
+        r.ios += 1;
+        let lba = slot * u64::from(io / block);
+        let short = !r.plan.write && c.data.len() != io as usize;
+        if c.status != 0 || c.response != 0 || short {
+            r.errors += 1;
+            let what = if r.plan.write {
+                "WRITE(16)"
+            } else {
+                "READ(16)"
+            };
+            let extra = if short {
+                format!(", {} data bytes", c.data.len())
+            } else {
+                String::new()
+            };
+            self.first_problem
+                .get_or_insert_with(|| format!("{what} at LBA {lba}: {}{extra}", describe(&c)));
+            return;
+        }
+        if r.plan.mark {
+            self.map[(slot / 64) as usize] |= 1 << (slot % 64);
+        }
+        if r.plan.check {
+            self.buf.resize(io as usize, 0);
+            pattern(seed, lba, block as usize, &mut self.buf);
+            if c.data != self.buf {
+                *self.mismatches.get_or_insert(0) += 1;
+                let at = c
+                    .data
+                    .iter()
+                    .zip(&self.buf)
+                    .position(|(a, b)| a != b)
+                    .unwrap_or(0);
+                self.first_problem.get_or_insert_with(|| {
+                    format!("read-back of LBA {lba}: byte {at} of the I/O differs from what was written")
+                });
+            }
         }
     }
-    let first_problem = run.first_problem.take();
-    init.logout()?;
-    Ok(PerfReport {
-        target,
-        lun,
-        capacity_bytes: capacity,
-        block_bytes: block,
-        io_bytes: o.io_bytes,
-        depth: o.depth.max(1),
-        random: o.random,
-        header_digest,
-        data_digest,
-        phases,
-        mismatches,
-        first_problem,
+
+    /// The figures, once [`PerfMachine::done`]; an error if the run could not happen (login,
+    /// capacity, a failed connection).
+    pub fn report(&self) -> Result<PerfReport, String> {
+        if let Some(f) = &self.failed {
+            return Err(f.clone());
+        }
+        Ok(PerfReport {
+            target: self.target.clone(),
+            lun: self.lun,
+            capacity_bytes: self.capacity,
+            block_bytes: self.block,
+            io_bytes: self.o.io_bytes,
+            depth: self.o.depth.max(1),
+            random: self.o.random,
+            header_digest: self.digests.0,
+            data_digest: self.digests.1,
+            phases: self.phases.clone(),
+            mismatches: self.mismatches,
+            first_problem: self.first_problem.clone(),
+        })
+    }
+}
+
+fn lun_of(lun: u16) -> u64 {
+    toe_iscsi::wire::lun_field(lun)
+}
+
+/// Log in to `url` (target and LUN from the URL, LUN 0 by default) on std TCP and run what `o`
+/// says, timed by the wall clock. The session is logged out at the end.
+pub fn perf(url: &IscsiUrl, o: &PerfOptions) -> io::Result<PerfReport> {
+    let target = url.target.clone().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the URL names no target (iscsi://host[:port]/IQN/LUN)",
+        )
+    })?;
+    let mut init = TcpInitiator::login(url, Some(&target))?;
+    let mut m = PerfMachine::new(o.clone(), target, url.lun.unwrap_or(0));
+    let t0 = std::time::Instant::now();
+    let now = || t0.elapsed().as_micros() as u64;
+    let mut out = Vec::new();
+    let neg = init
+        .conn()
+        .negotiated()
+        .cloned()
+        .ok_or_else(|| io::Error::other("not logged in"))?;
+    m.logged_in(&neg, init.conn(), &mut out);
+    while !m.done() {
+        if !out.is_empty() {
+            init.send(&out)?;
+            out.clear();
+        }
+        // Every phase has commands in flight until it ends, so a completion always comes.
+        let e = match init.next_event() {
+            Ok(e) => e,
+            Err(e) => InitiatorEvent::Failed(e.to_string()),
+        };
+        m.on_event(e, init.conn(), now(), &mut out);
+        m.poll(init.conn(), now(), &mut out);
+    }
+    if !out.is_empty() {
+        let _ = init.send(&out);
+    }
+    m.report().map_err(|e| {
+        let kind = if e.starts_with("--block")
+            || e.contains("smaller than one I/O")
+            || e.starts_with("--check")
+        {
+            io::ErrorKind::InvalidInput
+        } else {
+            io::ErrorKind::Other
+        };
+        io::Error::new(kind, e)
     })
 }
 
@@ -490,8 +696,8 @@ mod tests {
     #[test]
     fn written_slots_are_visited_once_in_order() {
         let map = [0b1010_0001u64, 1 << 63];
-        let mut s = Slots::Written { map: &map, next: 0 };
-        let got: Vec<u64> = std::iter::from_fn(|| s.next()).collect();
+        let mut s = Slots::Written { next: 0 };
+        let got: Vec<u64> = std::iter::from_fn(|| s.next(&map)).collect();
         assert_eq!(got, [0, 5, 7, 127]);
     }
 
@@ -500,7 +706,7 @@ mod tests {
         let mut s = Slots::Random { state: 3, of: 10 };
         let mut seen = [false; 10];
         for _ in 0..1000 {
-            seen[s.next().unwrap() as usize] = true;
+            seen[s.next(&[]).unwrap() as usize] = true;
         }
         assert!(seen.iter().all(|&b| b), "{seen:?}");
     }

@@ -55,7 +55,7 @@ pub fn connected_pair_traced(
 
 /// The two ports of an in-memory wire built by `wire_opts` (side `i` for host `i`), and the
 /// impairment counters of the two directions.
-fn wire_ports(wire_opts: &WireOptions) -> io::Result<([BoxPhy; 2], WireMonitors)> {
+pub fn wire_ports(wire_opts: &WireOptions) -> io::Result<([BoxPhy; 2], WireMonitors)> {
     wire_opts.validate().map_err(other)?;
     let (pa, pb) = wire(4096);
     let (pa, ma) = wire_opts.wrap_observed(pa, 0);

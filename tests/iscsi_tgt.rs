@@ -8,167 +8,18 @@
 //! under /var/run/tgtd); without it the test fails saying so.
 
 use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::Child;
-use std::time::{Duration, Instant};
 
 use toemu_lab::iscsi::{IscsiUrl, TcpInitiator};
 use toemu_lab::iscsi_perf::{perf, PerfOptions};
+use toemu_tests::tgt::{Tgt, CHAP_IQN, IQN};
 
-const IQN: &str = "iqn.2026-12.org.toemu:tgt-disk";
-const CHAP_IQN: &str = "iqn.2026-12.org.toemu:tgt-chap";
-
-/// A tgtd of this test: two targets, each with a 96 MiB file disk at LUN 1 (tgt's LUN 0 is
-/// its controller); the second requires CHAP (alice / secret-of-alice).
-struct Tgt {
-    child: Child,
-    control: String,
-    portal: String,
-    dir: PathBuf,
-}
-
-impl Tgt {
-    fn start(name: &str) -> Tgt {
-        let dir = std::env::temp_dir().join(format!("toemu-tgt-{}-{name}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        if let Err(e) = std::fs::create_dir_all("/var/run/tgtd") {
-            panic!("tgtd keeps its control socket in /var/run/tgtd, which cannot be made ({e}): run the tests as root");
-        }
-        let port = {
-            let l = TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        };
-        // The control port only names tgtd's control socket: unique per test process and test.
-        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        // tgtd takes numbers below 32768.
-        let control = format!("{}", 1_000 + (std::process::id() % 1_500) * 16 + k % 16);
-        let portal = format!("127.0.0.1:{port}");
-        let child = toemu_tests::spawn_tool(
-            "tgtd",
-            "tgt",
-            &["-f", "-C", &control, "--iscsi", &format!("portal={portal}")],
-            &dir.join("tgtd.log"),
-        );
-        let mut t = Tgt {
-            child,
-            control,
-            portal,
-            dir,
-        };
-        let t0 = Instant::now();
-        while !t.adm(&["--op", "show", "--mode", "target"]).0 {
-            if let Ok(Some(status)) = t.child.try_wait() {
-                panic!("tgtd exited ({status}): {}", t.log());
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(10),
-                "tgtd does not answer tgtadm: {}",
-                t.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        for (tid, iqn) in [("1", IQN), ("2", CHAP_IQN)] {
-            let img = t.dir.join(format!("lun{tid}.img"));
-            std::fs::File::create(&img)
-                .unwrap()
-                .set_len(96 << 20)
-                .unwrap();
-            t.ok(&["--op", "new", "--mode", "target", "--tid", tid, "-T", iqn]);
-            t.ok(&[
-                "--op",
-                "new",
-                "--mode",
-                "logicalunit",
-                "--tid",
-                tid,
-                "--lun",
-                "1",
-                "-b",
-                img.to_str().unwrap(),
-            ]);
-            t.ok(&[
-                "--op", "bind", "--mode", "target", "--tid", tid, "-I", "ALL",
-            ]);
-            for key in ["HeaderDigest", "DataDigest"] {
-                t.ok(&[
-                    "--op",
-                    "update",
-                    "--mode",
-                    "target",
-                    "--tid",
-                    tid,
-                    "-n",
-                    key,
-                    "-v",
-                    "CRC32C,None",
-                ]);
-            }
-        }
-        t.ok(&[
-            "--op",
-            "new",
-            "--mode",
-            "account",
-            "--user",
-            "alice",
-            "--password",
-            "secret-of-alice",
-        ]);
-        t.ok(&[
-            "--op", "bind", "--mode", "account", "--tid", "2", "--user", "alice",
-        ]);
-        t
-    }
-
-    /// Runs tgtadm on this tgtd: (success, output).
-    fn adm(&self, args: &[&str]) -> (bool, String) {
-        let mut a = vec!["-C", &self.control, "--lld", "iscsi"];
-        a.extend_from_slice(args);
-        let out = toemu_tests::run_tool("tgtadm", "tgt", &a);
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), text)
-    }
-
-    fn ok(&self, args: &[&str]) {
-        let (ok, out) = self.adm(args);
-        assert!(ok, "tgtadm {args:?}: {out}\ntgtd log: {}", self.log());
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("tgtd.log")).unwrap_or_default()
-    }
-
-    fn url(&self, auth: &str, iqn: &str, query: &str) -> IscsiUrl {
-        format!("iscsi://{auth}{}/{iqn}/1{query}", self.portal)
-            .parse()
-            .unwrap()
-    }
-}
-
-impl Drop for Tgt {
-    fn drop(&mut self) {
-        // SIGTERM, by PID; tgtd exits at once (nothing is left to flush: its file LUNs are
-        // written through).
-        let pid = self.child.id().to_string();
-        let _ = std::process::Command::new("kill").arg(&pid).status();
-        let t0 = Instant::now();
-        while self.child.try_wait().ok().flatten().is_none()
-            && t0.elapsed() < Duration::from_secs(5)
-        {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-        for f in ["", ".lock"] {
-            let _ = std::fs::remove_file(format!("/var/run/tgtd/socket.{}{f}", self.control));
-        }
-    }
+/// A tgtd for this test on a free port of 127.0.0.1.
+fn tgt(name: &str) -> Tgt {
+    let port = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    Tgt::start(name, None, &format!("127.0.0.1:{port}"))
 }
 
 /// 64 MiB written with the pattern at `depth` in `io`-byte I/Os and read back: every command
@@ -195,7 +46,7 @@ fn write_and_read_back(t: &Tgt, url: &IscsiUrl, depth: usize, io: u32) {
 
 #[test]
 fn our_initiator_lists_tgts_targets_and_luns() {
-    let t = Tgt::start("ls");
+    let t = tgt("ls");
     let url: IscsiUrl = format!("iscsi://{}/", t.portal).parse().unwrap();
     let out = toemu_lab::iscsi::ls(&url, false).unwrap();
     for iqn in [IQN, CHAP_IQN] {
@@ -238,7 +89,7 @@ fn our_initiator_lists_tgts_targets_and_luns() {
 
 #[test]
 fn our_initiator_writes_and_reads_back_64_mib_on_tgt_at_qd1_and_qd32() {
-    let t = Tgt::start("rw");
+    let t = tgt("rw");
     let url = t.url("", IQN, "");
     write_and_read_back(&t, &url, 1, 64 << 10);
     write_and_read_back(&t, &url, 32, 128 << 10);
@@ -247,7 +98,7 @@ fn our_initiator_writes_and_reads_back_64_mib_on_tgt_at_qd1_and_qd32() {
 
 #[test]
 fn our_initiator_uses_header_and_data_digests_with_tgt() {
-    let t = Tgt::start("digest");
+    let t = tgt("digest");
     write_and_read_back(&t, &t.url("", IQN, "?header_digest=crc32c"), 32, 128 << 10);
     write_and_read_back(
         &t,
@@ -265,7 +116,7 @@ fn our_initiator_uses_header_and_data_digests_with_tgt() {
 
 #[test]
 fn our_initiator_logs_in_to_tgt_with_chap_and_a_wrong_secret_is_refused() {
-    let t = Tgt::start("chap");
+    let t = tgt("chap");
     write_and_read_back(
         &t,
         &t.url("alice%secret-of-alice@", CHAP_IQN, ""),

@@ -352,3 +352,177 @@ pub fn assert_minimal_profile_passes(url: &str, run: impl Fn(&[&str]) -> String)
         pass.len()
     );
 }
+
+/// tgt (Debian `tgt`), a target nobody here wrote, started by a test.
+pub mod tgt {
+    use std::path::PathBuf;
+    use std::process::Child;
+    use std::time::{Duration, Instant};
+
+    /// The open target's name.
+    pub const IQN: &str = "iqn.2026-12.org.toemu:tgt-disk";
+    /// The name of the target that requires CHAP.
+    pub const CHAP_IQN: &str = "iqn.2026-12.org.toemu:tgt-chap";
+
+    /// A tgtd: two targets, each with a 96 MiB file disk at LUN 1 (tgt's LUN 0 is its
+    /// controller); the second requires CHAP (alice / secret-of-alice). Stopped by PID on drop.
+    pub struct Tgt {
+        child: Child,
+        control: String,
+        /// Its portal, `ADDR:PORT`.
+        pub portal: String,
+        dir: PathBuf,
+    }
+
+    impl Tgt {
+        /// Start tgtd (in network namespace `netns`, if given) with its portal at `portal`
+        /// (`ADDR:PORT`), and configure it. Needs root: its control socket is under
+        /// /var/run/tgtd.
+        pub fn start(name: &str, netns: Option<&str>, portal: &str) -> Tgt {
+            let dir = std::env::temp_dir().join(format!("toemu-tgt-{}-{name}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            if let Err(e) = std::fs::create_dir_all("/var/run/tgtd") {
+                panic!("tgtd keeps its control socket in /var/run/tgtd, which cannot be made ({e}): run the tests as root");
+            }
+            // The control port only names tgtd's control socket: unique per test process and test.
+            static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            // tgtd takes numbers below 32768.
+            let control = format!("{}", 1_000 + (std::process::id() % 1_500) * 16 + k % 16);
+            let portal_arg = format!("portal={portal}");
+            let args = ["-f", "-C", &control, "--iscsi", &portal_arg];
+            let log = dir.join("tgtd.log");
+            let child = match netns {
+                None => crate::spawn_tool("tgtd", "tgt", &args, &log),
+                Some(ns) => {
+                    // `ip netns exec` runs tgtd in place (same PID): check it is installed first.
+                    crate::run_tool("tgtd", "tgt", &["--version"]);
+                    let mut a = vec!["netns", "exec", ns, "tgtd"];
+                    a.extend_from_slice(&args);
+                    crate::spawn_tool("ip", "iproute2", &a, &log)
+                }
+            };
+            let mut t = Tgt {
+                child,
+                control,
+                portal: portal.to_string(),
+                dir,
+            };
+            let t0 = Instant::now();
+            while !t.adm(&["--op", "show", "--mode", "target"]).0 {
+                if let Ok(Some(status)) = t.child.try_wait() {
+                    panic!("tgtd exited ({status}): {}", t.log());
+                }
+                assert!(
+                    t0.elapsed() < Duration::from_secs(10),
+                    "tgtd does not answer tgtadm: {}",
+                    t.log()
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            for (tid, iqn) in [("1", IQN), ("2", CHAP_IQN)] {
+                let img = t.dir.join(format!("lun{tid}.img"));
+                std::fs::File::create(&img)
+                    .unwrap()
+                    .set_len(96 << 20)
+                    .unwrap();
+                t.ok(&["--op", "new", "--mode", "target", "--tid", tid, "-T", iqn]);
+                t.ok(&[
+                    "--op",
+                    "new",
+                    "--mode",
+                    "logicalunit",
+                    "--tid",
+                    tid,
+                    "--lun",
+                    "1",
+                    "-b",
+                    img.to_str().unwrap(),
+                ]);
+                t.ok(&[
+                    "--op", "bind", "--mode", "target", "--tid", tid, "-I", "ALL",
+                ]);
+                for key in ["HeaderDigest", "DataDigest"] {
+                    t.ok(&[
+                        "--op",
+                        "update",
+                        "--mode",
+                        "target",
+                        "--tid",
+                        tid,
+                        "-n",
+                        key,
+                        "-v",
+                        "CRC32C,None",
+                    ]);
+                }
+            }
+            t.ok(&[
+                "--op",
+                "new",
+                "--mode",
+                "account",
+                "--user",
+                "alice",
+                "--password",
+                "secret-of-alice",
+            ]);
+            t.ok(&[
+                "--op", "bind", "--mode", "account", "--tid", "2", "--user", "alice",
+            ]);
+            t
+        }
+
+        /// Runs tgtadm on this tgtd: (success, output).
+        pub fn adm(&self, args: &[&str]) -> (bool, String) {
+            let mut a = vec!["-C", &self.control, "--lld", "iscsi"];
+            a.extend_from_slice(args);
+            let out = crate::run_tool("tgtadm", "tgt", &a);
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            (out.status.success(), text)
+        }
+
+        /// Runs tgtadm, which must succeed.
+        pub fn ok(&self, args: &[&str]) {
+            let (ok, out) = self.adm(args);
+            assert!(ok, "tgtadm {args:?}: {out}\ntgtd log: {}", self.log());
+        }
+
+        /// tgtd's output so far.
+        pub fn log(&self) -> String {
+            std::fs::read_to_string(self.dir.join("tgtd.log")).unwrap_or_default()
+        }
+
+        /// The URL of LUN 1 of `iqn`, with `auth` (`user%secret@` or empty) and `query`.
+        pub fn url(&self, auth: &str, iqn: &str, query: &str) -> toemu_lab::iscsi::IscsiUrl {
+            format!("iscsi://{auth}{}/{iqn}/1{query}", self.portal)
+                .parse()
+                .unwrap()
+        }
+    }
+
+    impl Drop for Tgt {
+        fn drop(&mut self) {
+            // SIGTERM, by PID; tgtd exits at once (nothing is left to flush: its file LUNs are
+            // written through).
+            let pid = self.child.id().to_string();
+            let _ = std::process::Command::new("kill").arg(&pid).status();
+            let t0 = Instant::now();
+            while self.child.try_wait().ok().flatten().is_none()
+                && t0.elapsed() < Duration::from_secs(5)
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            let _ = std::fs::remove_dir_all(&self.dir);
+            for f in ["", ".lock"] {
+                let _ = std::fs::remove_file(format!("/var/run/tgtd/socket.{}{f}", self.control));
+            }
+        }
+    }
+}

@@ -29,6 +29,44 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// `toemu iscsi target` and `perf` on an emulated TOE host on a TAP device instead of std
+/// TCP: `--tap NAME --ip ADDR/PREFIX`, with the TAP port's impairment options.
+#[derive(clap::Args, Debug)]
+struct IscsiTap {
+    /// On an emulated TOE host on this TAP device instead of std TCP (with --ip).
+    #[arg(long, requires = "ip")]
+    tap: Option<String>,
+    /// The emulated host's address and prefix, e.g. 10.99.0.2/24 (with --tap).
+    #[arg(long, requires = "tap")]
+    ip: Option<String>,
+    /// Default gateway of the emulated host (with --tap).
+    #[arg(long, requires = "tap")]
+    gateway: Option<std::net::Ipv4Addr>,
+    /// Impairment of both directions of the TAP port, and capture (with --tap).
+    #[command(flatten)]
+    wire: wire_args::WireArgs,
+}
+
+impl IscsiTap {
+    /// The TAP host, if `--tap` was given.
+    fn tap_args(self) -> Option<TapArgs> {
+        let IscsiTap {
+            tap,
+            ip,
+            gateway,
+            wire,
+        } = self;
+        tap.zip(ip).map(|(tap, ip)| TapArgs {
+            tap,
+            ip,
+            gateway,
+            stack_seed: 1,
+            max_seconds: None,
+            wire,
+        })
+    }
+}
+
 /// Where an emulated host lives on a TAP device.
 #[derive(clap::Args, Debug)]
 struct TapArgs {
@@ -318,6 +356,8 @@ enum IscsiCmd {
         /// Write the figures as JSON to this path.
         #[arg(long)]
         json: Option<PathBuf>,
+        #[command(flatten)]
+        on: IscsiTap,
     },
     /// An iSCSI target whose LUN 0 is a disk in a file, on std TCP or on an emulated TOE
     /// host on a TAP device; runs until SIGINT or
@@ -338,18 +378,8 @@ enum IscsiCmd {
         /// On an emulated TOE host on a TAP device instead: its port.
         #[arg(long, default_value_t = 3260)]
         port: u16,
-        /// On an emulated TOE host on this TAP device instead of std TCP (with --ip).
-        #[arg(long, requires = "ip")]
-        tap: Option<String>,
-        /// The emulated host's address and prefix, e.g. 10.99.0.2/24 (with --tap).
-        #[arg(long, requires = "tap")]
-        ip: Option<String>,
-        /// Default gateway of the emulated host (with --tap).
-        #[arg(long, requires = "tap")]
-        gateway: Option<std::net::Ipv4Addr>,
-        /// Impairment of both directions of the TAP port, and capture (with --tap).
         #[command(flatten)]
-        wire: wire_args::WireArgs,
+        on: IscsiTap,
         /// Logical block size, bytes (512 or 4096).
         #[arg(long, default_value_t = 512)]
         block: u32,
@@ -395,6 +425,7 @@ fn iscsi(cmd: IscsiCmd, settings: &Settings) -> Result<(), String> {
             sync,
             check,
             json,
+            on,
         } => {
             let u: toemu_lab::iscsi::IscsiUrl = url.parse()?;
             let io_bytes = parse_size(&block).map_err(|e| format!("--block: {e}"))?;
@@ -414,8 +445,18 @@ fn iscsi(cmd: IscsiCmd, settings: &Settings) -> Result<(), String> {
                 sync,
                 check_only: check,
             };
-            let r =
-                toemu_lab::iscsi_perf::perf(&u, &o).map_err(|e| format!("{}: {e}", u.portal))?;
+            let r = match on.tap_args() {
+                Some(tap) => {
+                    let random = toemu_lab::iscsi::random_bytes()
+                        .map_err(|e| format!("/dev/urandom: {e}"))?;
+                    let mut app = toemu_lab::iscsi_host::PerfApp::new(&u, o, random)?;
+                    run_on_tap(settings, &tap, &mut app)?;
+                    app.report().map_err(|e| format!("{}: {e}", u.portal))?
+                }
+                None => {
+                    toemu_lab::iscsi_perf::perf(&u, &o).map_err(|e| format!("{}: {e}", u.portal))?
+                }
+            };
             println!(
                 "toemu iscsi perf: {} LUN {} ({} bytes, {}-byte blocks), {} B I/O, depth {}, {}, header digest {}, data digest {}",
                 r.target,
@@ -454,10 +495,7 @@ fn iscsi(cmd: IscsiCmd, settings: &Settings) -> Result<(), String> {
             iqn,
             listen,
             port,
-            tap,
-            ip,
-            gateway,
-            wire,
+            on,
             block,
             chap_user,
             chap_secret,
@@ -512,15 +550,7 @@ fn iscsi(cmd: IscsiCmd, settings: &Settings) -> Result<(), String> {
                     lun.display(),
                 );
             };
-            let tap = tap.zip(ip).map(|(tap, ip)| TapArgs {
-                tap,
-                ip,
-                gateway,
-                stack_seed: 1,
-                max_seconds: None,
-                wire,
-            });
-            let totals = if let Some(tap) = tap {
+            let totals = if let Some(tap) = on.tap_args() {
                 let (ip, _) = toemu_lab::serve::parse_cidr(&tap.ip)?;
                 let portal = format!("{ip}:{port}");
                 let seed = u64::from_le_bytes(

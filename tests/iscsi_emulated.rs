@@ -113,3 +113,30 @@ fn written_data_reads_back_through_the_impairment_matrix() {
         }
     }
 }
+
+/// `toemu iscsi bench`'s figures obey what they measure: 8 cases; modeled throughput within
+/// the wire's rate; digest work of about one byte per data byte on each host with digests
+/// and none without; at least one pass over host memory per data byte on each host (the
+/// software data path copies).
+#[test]
+fn the_bench_figures_are_bounded_by_the_model() {
+    let (model, rows) = toemu_lab::iscsi_host::bench(&Settings::default(), |_| {}).unwrap();
+    assert_eq!(rows.len(), 8);
+    let wire_mb_per_s = model.wire_bits_per_s as f64 / 8.0 / 1e6;
+    for r in &rows {
+        let what = format!("{r:?}");
+        assert!(r.ios > 0 && r.modeled_mb_per_s > 0.0, "{what}");
+        assert!(r.modeled_mb_per_s <= wire_mb_per_s, "faster than the wire: {what}");
+        assert!(r.modeled_latency_us.p50 > 0.0, "{what}");
+        for crc in [r.initiator_digest_bytes_per_byte, r.target_digest_bytes_per_byte] {
+            if r.digests {
+                assert!((1.0..1.1).contains(&crc), "{what}");
+            } else {
+                assert_eq!(crc, 0.0, "{what}");
+            }
+        }
+        for c in [r.initiator_copies_per_byte, r.target_copies_per_byte] {
+            assert!(c >= 1.0, "{what}");
+        }
+    }
+}

@@ -84,6 +84,7 @@ pub struct InitiatorConn {
     ended: bool,
     /// Text Response data gathered over PDUs with F = 0 (at most [`MAX_TEXT_RESPONSE`]).
     text_in: Vec<u8>,
+    digest_bytes: u64,
 }
 
 /// The longest Text Response the initiator gathers (over continued PDUs), bytes; a target
@@ -97,6 +98,15 @@ impl std::fmt::Debug for InitiatorConn {
             .field("ended", &self.ended)
             .finish()
     }
+}
+
+/// The negotiated parameters that shape a write's first burst.
+#[derive(Clone, Copy)]
+struct Burst {
+    initial_r2t: bool,
+    immediate_data: bool,
+    first_burst_length: u32,
+    target_max_recv: u32,
 }
 
 /// Serial-number comparison (RFC 1982) of 32-bit sequence numbers: `a` after `b`.
@@ -123,6 +133,7 @@ impl InitiatorConn {
             events: VecDeque::new(),
             ended: false,
             text_in: Vec::new(),
+            digest_bytes: 0,
         }
     }
 
@@ -130,7 +141,12 @@ impl InitiatorConn {
     pub fn start(&mut self, out: &mut Vec<u8>) {
         if let Some(l) = self.login.as_mut() {
             if let InitiatorStep::Send(h, d) = l.start() {
-                let _ = self.framing.emit(&Repr::LoginRequest(h), &[], &d, out);
+                let _ = self.framing.emit_counted(
+                    &Repr::LoginRequest(h),
+                    &d,
+                    out,
+                    &mut self.digest_bytes,
+                );
             }
         }
     }
@@ -148,6 +164,12 @@ impl InitiatorConn {
     /// Commands not completed yet (sent or waiting for the window).
     pub fn in_flight(&self) -> usize {
         self.tasks.len()
+    }
+
+    /// Bytes run through CRC32C for digests so far, sent and received (see
+    /// [`Framing::digested_len`]).
+    pub fn digest_bytes(&self) -> u64 {
+        self.digest_bytes
     }
 
     /// The next completion or other event.
@@ -188,7 +210,9 @@ impl InitiatorConn {
             exp_sn: self.exp_stat_sn,
             max_cmd_sn: 0,
         });
-        let _ = self.framing.emit(&r, &[], &data, out);
+        let _ = self
+            .framing
+            .emit_counted(&r, &data, out, &mut self.digest_bytes);
         itt
     }
 
@@ -204,7 +228,9 @@ impl InitiatorConn {
             exp_sn: self.exp_stat_sn,
             max_cmd_sn: 0,
         });
-        let _ = self.framing.emit(&r, &[], &[], out);
+        let _ = self
+            .framing
+            .emit_counted(&r, &[], out, &mut self.digest_bytes);
     }
 
     /// Queue SCSI command `cdb` (at most 16 bytes) for `lun`, reading up to `read_len`
@@ -264,12 +290,20 @@ impl InitiatorConn {
             cmd_sn: self.cmd_sn,
             exp_stat_sn: self.exp_stat_sn,
         });
-        let _ = self.framing.emit(&r, &[], &[], out);
+        let _ = self
+            .framing
+            .emit_counted(&r, &[], out, &mut self.digest_bytes);
     }
 
     /// Send the waiting commands the window allows.
     fn flush_waiting(&mut self, out: &mut Vec<u8>) {
-        let Some(neg) = self.neg.clone() else {
+        // The four parameters it needs (not a clone of the whole negotiation per call).
+        let Some(neg) = self.neg.as_ref().map(|n| Burst {
+            initial_r2t: n.initial_r2t,
+            immediate_data: n.immediate_data,
+            first_burst_length: n.first_burst_length,
+            target_max_recv: n.target_max_recv,
+        }) else {
             return;
         };
         while let Some(&itt) = self.waiting.front() {
@@ -298,10 +332,12 @@ impl InitiatorConn {
             let unsolicited_end = if neg.initial_r2t { imm } else { first_burst };
             t.cmd.final_ = unsolicited_end == imm;
             let cmd = t.cmd;
-            let imm_data = t.data_out[..imm].to_vec();
-            let _ = self
-                .framing
-                .emit(&Repr::ScsiCommand(cmd), &[], &imm_data, out);
+            let _ = self.framing.emit_counted(
+                &Repr::ScsiCommand(cmd),
+                &t.data_out[..imm],
+                out,
+                &mut self.digest_bytes,
+            );
             if unsolicited_end > imm {
                 self.send_data_out(itt, RESERVED_TAG, imm, unsolicited_end, out);
             }
@@ -331,7 +367,9 @@ impl InitiatorConn {
                 data_sn,
                 buffer_offset: at as u32,
             });
-            let _ = self.framing.emit(&d, &[], &t.data_out[at..at + n], out);
+            let _ =
+                self.framing
+                    .emit_counted(&d, &t.data_out[at..at + n], out, &mut self.digest_bytes);
             data_sn += 1;
             at += n;
         }
@@ -356,6 +394,7 @@ impl InitiatorConn {
                 }
             };
             at += pdu.len;
+            self.digest_bytes += self.framing.digested_len(pdu.ahs.len(), pdu.data.len());
             if matches!(pdu.data_digest, DigestCheck::Bad { .. }) {
                 // ERL 0: the data cannot be trusted and is not recovered.
                 self.fail("data digest error from the target".into());
@@ -392,7 +431,12 @@ impl InitiatorConn {
             };
             match login.on_response(&rsp, data) {
                 Ok(InitiatorStep::Send(h, d)) => {
-                    let _ = self.framing.emit(&Repr::LoginRequest(h), &[], &d, out);
+                    let _ = self.framing.emit_counted(
+                        &Repr::LoginRequest(h),
+                        &d,
+                        out,
+                        &mut self.digest_bytes,
+                    );
                 }
                 Ok(InitiatorStep::Done(neg)) => {
                     self.login = None;
@@ -491,7 +535,9 @@ impl InitiatorConn {
                         exp_sn: self.exp_stat_sn,
                         max_cmd_sn: 0,
                     });
-                    let _ = self.framing.emit(&r, &[], &[], out);
+                    let _ = self
+                        .framing
+                        .emit_counted(&r, &[], out, &mut self.digest_bytes);
                     return;
                 }
                 let bytes = std::mem::take(&mut self.text_in);
@@ -522,7 +568,9 @@ impl InitiatorConn {
                         exp_sn: self.exp_stat_sn,
                         max_cmd_sn: 0,
                     });
-                    let _ = self.framing.emit(&r, &[], data, out);
+                    let _ = self
+                        .framing
+                        .emit_counted(&r, data, out, &mut self.digest_bytes);
                 }
             }
             Repr::LogoutResponse(l) => {

@@ -92,6 +92,9 @@ pub struct ConnStats {
     pub data_digest_errors: u64,
     /// Writes ended because a Data-Out broke its sequence's DataSN order.
     pub data_sequence_errors: u64,
+    /// Bytes run through CRC32C for digests, sent and received (see
+    /// [`Framing::digested_len`](crate::wire::Framing::digested_len)).
+    pub digest_bytes: u64,
 }
 
 impl std::ops::AddAssign for ConnStats {
@@ -102,6 +105,7 @@ impl std::ops::AddAssign for ConnStats {
         self.rejects += o.rejects;
         self.data_digest_errors += o.data_digest_errors;
         self.data_sequence_errors += o.data_sequence_errors;
+        self.digest_bytes += o.digest_bytes;
     }
 }
 
@@ -235,6 +239,7 @@ impl TargetConn {
             };
             at += pdu.len;
             self.stats.pdus_in += 1;
+            self.stats.digest_bytes += self.framing.digested_len(pdu.ahs.len(), pdu.data.len());
             self.on_pdu(&pdu, out);
         }
         self.inbuf = inbuf;
@@ -244,7 +249,9 @@ impl TargetConn {
     fn send(&mut self, repr: &Repr, data: &[u8], out: &mut Vec<u8>) {
         self.stats.pdus_out += 1;
         // A Repr is always well formed and data within limits here.
-        let _ = self.framing.emit(repr, &[], data, out);
+        let _ = self
+            .framing
+            .emit_counted(repr, data, out, &mut self.stats.digest_bytes);
     }
 
     fn max_cmd_sn(&self) -> u32 {

@@ -294,6 +294,32 @@ impl Framing {
         }))
     }
 
+    /// Bytes a PDU with `ahs` and `data` bytes of AHS and data runs through CRC32C under
+    /// this framing: the header (BHS and AHS) with header digests, the padded data segment
+    /// with data digests. The host's digest work, when the host computes them.
+    pub fn digested_len(&self, ahs: usize, data: usize) -> u64 {
+        let h = if self.header_digest { BHS_LEN + ahs } else { 0 };
+        let d = if self.data_digest {
+            data.div_ceil(4) * 4
+        } else {
+            0
+        };
+        (h + d) as u64
+    }
+
+    /// [`Framing::emit`] without AHS, adding the bytes digested to `*digested`.
+    pub fn emit_counted(
+        &self,
+        repr: &Repr,
+        data: &[u8],
+        out: &mut Vec<u8>,
+        digested: &mut u64,
+    ) -> Result<usize, WireError> {
+        let n = self.emit(repr, &[], data, out)?;
+        *digested += self.digested_len(0, data.len());
+        Ok(n)
+    }
+
     /// Append the PDU of `repr` with `ahs` (a multiple of 4 bytes) and `data` to `out`:
     /// header, digests and padding as negotiated. Returns the bytes appended.
     pub fn emit(

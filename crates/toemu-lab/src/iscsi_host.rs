@@ -118,6 +118,15 @@ impl TargetApp {
         self.sessions.len()
     }
 
+    /// Protocol counters of every connection, ended and in progress.
+    pub fn stats(&self) -> toe_iscsi::target::ConnStats {
+        let mut s = self.totals.stats;
+        for x in &self.sessions {
+            s += x.conn.stats();
+        }
+        s
+    }
+
     fn random(&mut self) -> u64 {
         // xorshift64*
         let mut x = self.rng;
@@ -166,7 +175,10 @@ impl App for TargetApp {
             busy |= s.flush(d)?;
             if s.out.len() - s.sent < MAX_PENDING_OUT && s.conn.ended().is_none() {
                 let Session { io, conn, out, .. } = s;
+                let mem = d.memory().clone();
                 let took = io.recv(d, now, |data| {
+                    // The machine gathers PDUs in its own buffer: a copy out of host memory.
+                    mem.count_copy_out(data.len());
                     conn.on_bytes(data, out);
                     data.len()
                 })?;
@@ -260,6 +272,11 @@ impl PerfApp {
         })
     }
 
+    /// Bytes the initiator ran through CRC32C for digests (host software).
+    pub fn digest_bytes(&self) -> u64 {
+        self.init.as_ref().map_or(0, InitiatorConn::digest_bytes)
+    }
+
     /// The figures (once done).
     pub fn report(&self) -> Result<PerfReport, String> {
         match &self.error {
@@ -309,7 +326,10 @@ impl App for PerfApp {
         };
         io.reap(d)?;
         let out = &mut self.out;
+        let mem = d.memory().clone();
         busy |= io.recv(d, now, |data| {
+            // The machine gathers PDUs in its own buffer: a copy out of host memory.
+            mem.count_copy_out(data.len());
             init.on_bytes(data, out);
             data.len()
         })? > 0;
@@ -351,8 +371,10 @@ pub struct WireRun {
     pub initiator_copies: toe_bus::CopySnapshot,
     /// Host memory traffic of the target's host over the run.
     pub target_copies: toe_bus::CopySnapshot,
-    /// The target's protocol counters.
+    /// The target's protocol counters (with its digest bytes).
     pub target: toe_iscsi::target::ConnStats,
+    /// Bytes the initiator ran through CRC32C for digests.
+    pub initiator_digest_bytes: u64,
     /// The wire's impairment counters, per receiving side (entry 1: initiator → target).
     pub wire: [toe_nic::impair::ImpairStats; 2],
     /// Wall-clock seconds the emulation took.
@@ -423,8 +445,176 @@ pub fn run_on_wire(
         report,
         initiator_copies: mi.stats().snapshot().since(&bi),
         target_copies: mt.stats().snapshot().since(&bt),
-        target: target.totals.stats,
+        target: target.stats(),
+        initiator_digest_bytes: perf.digest_bytes(),
         wire: toe_host::wire_opts::wire_stats(&monitors),
         wall_seconds,
     })
+}
+
+/// One row of `toemu iscsi bench`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchRow {
+    /// `read` or `write`.
+    pub op: &'static str,
+    /// Bytes per I/O.
+    pub io_bytes: u32,
+    /// Queue depth.
+    pub depth: usize,
+    /// Header and data digests (CRC32C) on.
+    pub digests: bool,
+    /// Commands completed.
+    pub ios: u64,
+    /// Commands per second of modeled (virtual) time.
+    pub modeled_iops: f64,
+    /// Data megabytes (10^6) per second of modeled time.
+    pub modeled_mb_per_s: f64,
+    /// Command latency in modeled time, µs.
+    pub modeled_latency_us: crate::demo::Latency,
+    /// Host memory traffic of the initiator's host per data byte: DMA into and out of host
+    /// memory, driver copies, and copies between host buffers and the iSCSI machine.
+    pub initiator_copies_per_byte: f64,
+    /// The same on the target's host.
+    pub target_copies_per_byte: f64,
+    /// Bytes the initiator's host ran through CRC32C per data byte.
+    pub initiator_digest_bytes_per_byte: f64,
+    /// The same on the target's host.
+    pub target_digest_bytes_per_byte: f64,
+    /// Wall-clock seconds the emulation took (the emulator's speed, not the model's).
+    pub wall_seconds: f64,
+}
+
+/// What the bench models: the machine its figures describe.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchModel {
+    /// Wire rate, bits per second.
+    pub wire_bits_per_s: u64,
+    /// One-way wire delay, µs.
+    pub wire_delay_us: u64,
+    /// One-way bus latency of commands and events, µs.
+    pub bus_latency_us: u64,
+    /// What the model leaves out.
+    pub not_modeled: &'static str,
+}
+
+/// `toemu iscsi bench`: toemu's initiator against toemu's target on two emulated hosts on
+/// the in-memory wire, on the virtual clock, software data path: 4 KiB and 128 KiB at QD32,
+/// reads and writes, without and with header and data digests. `base` supplies the host
+/// settings (its bus latency is raised to the model's 2 µs if lower). `each` sees every row
+/// as it is measured.
+pub fn bench(
+    base: &toe_host::config::Settings,
+    mut each: impl FnMut(&BenchRow),
+) -> io::Result<(BenchModel, Vec<BenchRow>)> {
+    let model = BenchModel {
+        wire_bits_per_s: 25_000_000_000,
+        wire_delay_us: 2,
+        bus_latency_us: base.bus_latency_us.max(2),
+        not_modeled: "host CPU time (copies, digests, protocol processing) takes no virtual time: \
+                      those costs are reported as bytes per data byte",
+    };
+    let mut settings = base.clone();
+    settings.bus_latency_us = model.bus_latency_us;
+    let wire = toe_host::wire_opts::WireOptions {
+        impair: toe_nic::impair::ImpairConfig {
+            delay: toe_bus::time::Duration::from_micros(model.wire_delay_us),
+            rate_bits_per_s: Some(model.wire_bits_per_s),
+            ..toe_nic::impair::ImpairConfig::default()
+        },
+        pcap: None,
+    };
+    let mut rows = Vec::new();
+    for digests in [false, true] {
+        for (io, bytes) in [(4096u32, 32u64 << 20), (128 << 10, 256 << 20)] {
+            for write in [false, true] {
+                let o = PerfOptions {
+                    io_bytes: io,
+                    depth: 32,
+                    bytes: Some(bytes),
+                    write,
+                    ..PerfOptions::default()
+                };
+                let r = run_on_wire(&settings, &wire, 11, 256 << 20, (digests, digests), o)?;
+                let p = r
+                    .report
+                    .phases
+                    .first()
+                    .ok_or_else(|| io::Error::other("no phase"))?;
+                let data = p.bytes.max(1) as f64;
+                let traffic = |c: &toe_bus::CopySnapshot| {
+                    (c.dma_write_bytes
+                        + c.dma_read_bytes
+                        + c.host_copy_bytes
+                        + c.copy_out_bytes
+                        + c.copy_in_bytes) as f64
+                        / data
+                };
+                let row = BenchRow {
+                    op: p.op,
+                    io_bytes: io,
+                    depth: 32,
+                    digests,
+                    ios: p.ios,
+                    modeled_iops: p.iops,
+                    modeled_mb_per_s: p.mb_per_s,
+                    modeled_latency_us: p.latency_us,
+                    initiator_copies_per_byte: traffic(&r.initiator_copies),
+                    target_copies_per_byte: traffic(&r.target_copies),
+                    initiator_digest_bytes_per_byte: r.initiator_digest_bytes as f64 / data,
+                    target_digest_bytes_per_byte: r.target.digest_bytes as f64 / data,
+                    wall_seconds: r.wall_seconds,
+                };
+                each(&row);
+                rows.push(row);
+            }
+        }
+    }
+    Ok((model, rows))
+}
+
+/// The bench's rows as a table.
+pub fn bench_table(model: &BenchModel, rows: &[BenchRow]) -> String {
+    let mut t = format!(
+        "toemu iscsi bench: initiator and target on emulated TOE hosts, software data path; modeled: {} Gbit/s wire, {} us one way, bus {} us\n\
+         ({})\n\n",
+        model.wire_bits_per_s / 1_000_000_000,
+        model.wire_delay_us,
+        model.bus_latency_us,
+        model.not_modeled
+    );
+    t.push_str(&format!(
+        "{:<6} {:>7} {:>3} {:>8} {:>11} {:>10} {:>9} {:>9} {:>12} {:>12} {:>12} {:>12} {:>7}\n",
+        "op",
+        "I/O",
+        "QD",
+        "digests",
+        "IOPS (mod)",
+        "MB/s (mod)",
+        "p50 us",
+        "p99 us",
+        "init copy/B",
+        "tgt copy/B",
+        "init crc/B",
+        "tgt crc/B",
+        "wall s"
+    ));
+    for r in rows {
+        t.push_str(&format!(
+            "{:<6} {:>7} {:>3} {:>8} {:>11.0} {:>10.1} {:>9.1} {:>9.1} {:>12.2} {:>12.2} {:>12.2} {:>12.2} {:>7.2}\n",
+            r.op,
+            if r.io_bytes >= 1024 { format!("{}K", r.io_bytes / 1024) } else { r.io_bytes.to_string() },
+            r.depth,
+            if r.digests { "hdr+data" } else { "none" },
+            r.modeled_iops,
+            r.modeled_mb_per_s,
+            r.modeled_latency_us.p50,
+            r.modeled_latency_us.p99,
+            r.initiator_copies_per_byte,
+            r.target_copies_per_byte,
+            r.initiator_digest_bytes_per_byte,
+            r.target_digest_bytes_per_byte,
+            r.wall_seconds
+        ));
+    }
+    t
 }

@@ -128,7 +128,7 @@ tasks:
   test   run only the tests: cargo test --workspace --profile checked
          (release with overflow checks and debug assertions)
          ci and test first install what the tests run if missing: tshark,
-         libiscsi-bin (apt-get as root; otherwise they fail and name the command)
+         libiscsi-bin, tgt (apt-get as root; otherwise they fail and name the command)
   tap-test [basic | hostile [burst|psh-flood|syn-flood|vanishing-peer|slowloris]...]
          (root) the emulated host on a TAP device in a fresh network namespace, driven by
          curl, socat, nc, ping and python3 -m http.server (basic), then the hostile-peer

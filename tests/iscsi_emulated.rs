@@ -126,9 +126,15 @@ fn the_bench_figures_are_bounded_by_the_model() {
     for r in &rows {
         let what = format!("{r:?}");
         assert!(r.ios > 0 && r.modeled_mb_per_s > 0.0, "{what}");
-        assert!(r.modeled_mb_per_s <= wire_mb_per_s, "faster than the wire: {what}");
+        assert!(
+            r.modeled_mb_per_s <= wire_mb_per_s,
+            "faster than the wire: {what}"
+        );
         assert!(r.modeled_latency_us.p50 > 0.0, "{what}");
-        for crc in [r.initiator_digest_bytes_per_byte, r.target_digest_bytes_per_byte] {
+        for crc in [
+            r.initiator_digest_bytes_per_byte,
+            r.target_digest_bytes_per_byte,
+        ] {
             if r.digests {
                 assert!((1.0..1.1).contains(&crc), "{what}");
             } else {

@@ -6,7 +6,7 @@
 //! The load is [`PerfMachine`], sans I/O: it takes the initiator's events and the time (in
 //! microseconds of any clock: the wall clock on std TCP, the virtual clock on an emulated
 //! host) and queues commands on `toe-iscsi`'s
-//! [`InitiatorConn`](toe_iscsi::initiator::InitiatorConn). [`perf`] runs it on std TCP; the
+//! [`InitiatorConn`]. [`perf`] runs it on std TCP; the
 //! emulated host runs it as an app ([`crate::iscsi_host::PerfApp`]).
 
 use std::collections::HashMap;

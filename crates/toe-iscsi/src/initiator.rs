@@ -619,7 +619,8 @@ mod tests {
 
     fn pair(digests: &str, initial_r2t: bool, window: u32) -> (InitiatorConn, TargetConn) {
         let targets = vec![("iqn.t".into(), "127.0.0.1:3260,1".into())];
-        pair_with(digests, initial_r2t, window, targets, Some("iqn.t"))
+        let (i, t, _) = pair_with(digests, initial_r2t, window, targets, Some("iqn.t"));
+        (i, t)
     }
 
     /// A pair whose target offers `targets` to discovery; the initiator logs in to `name`
@@ -630,7 +631,7 @@ mod tests {
         window: u32,
         targets: Vec<(String, String)>,
         name: Option<&str>,
-    ) -> (InitiatorConn, TargetConn) {
+    ) -> (InitiatorConn, TargetConn, Arc<Mutex<Disk>>) {
         let disk = Arc::new(Mutex::new(Disk::new(
             Box::new(MemStore::new(16 << 20)),
             512,
@@ -660,7 +661,7 @@ mod tests {
             3,
             1,
         )
-        .with_disk(disk);
+        .with_disk(disk.clone());
         let i = InitiatorConn::new(
             InitiatorConfig {
                 initiator_name: "iqn.i".into(),
@@ -681,7 +682,7 @@ mod tests {
             [6; 16],
             4,
         );
-        (i, t)
+        (i, t, disk)
     }
 
     /// Move bytes both ways until neither side has anything to say.
@@ -814,7 +815,7 @@ mod tests {
                 )
             })
             .collect();
-        let (mut i, mut t) = pair_with("None", true, 8, targets.clone(), None);
+        let (mut i, mut t, _) = pair_with("None", true, 8, targets.clone(), None);
         login(&mut i, &mut t);
         let before = t.stats().pdus_out;
         let mut out = Vec::new();
@@ -855,6 +856,27 @@ mod tests {
         let mut back = Vec::new();
         t.on_bytes(&out, &mut back);
         assert_eq!(t.stats().rejects, 1);
+    }
+
+    /// A session's reservation ends with its connection (I_T nexus loss at ERL 0), with
+    /// its logout, and with a LOGICAL UNIT RESET.
+    #[test]
+    fn a_reservation_ends_with_its_session() {
+        let targets = vec![("iqn.t".into(), "127.0.0.1:3260,1".into())];
+        let (mut i, mut t, disk) = pair_with("None", true, 8, targets, Some("iqn.t"));
+        login(&mut i, &mut t);
+        let reserve = [0x16, 0, 0, 0, 0, 0];
+        let mut out = Vec::new();
+        i.command(0, &reserve, 0, Vec::new(), &mut out);
+        exchange(&mut i, &mut t, out);
+        assert!(matches!(i.poll_event(), Some(InitiatorEvent::Done(c)) if c.status == 0));
+        let other = 9_999;
+        let tur = [0u8; 6];
+        let held = disk.lock().unwrap().execute_as(other, &tur, &[]).status;
+        assert_eq!(held, crate::scsi::RESERVATION_CONFLICT);
+        drop(t);
+        let freed = disk.lock().unwrap().execute_as(other, &tur, &[]).status;
+        assert_eq!(freed, crate::scsi::GOOD);
     }
 
     #[test]

@@ -14,6 +14,15 @@
 pub const GOOD: u8 = 0x00;
 /// SCSI status CHECK CONDITION.
 pub const CHECK_CONDITION: u8 = 0x02;
+/// SCSI status RESERVATION CONFLICT.
+pub const RESERVATION_CONFLICT: u8 = 0x18;
+
+/// The I_T nexus a command comes from (a target's session), as reservations know it.
+pub type Nexus = u64;
+
+/// The nexus of [`Disk::execute`]: a caller on the target's own host (flushing at exit, a
+/// test), not an initiator.
+pub const LOCAL_NEXUS: Nexus = u64::MAX;
 
 /// Sense keys.
 pub mod key {
@@ -202,6 +211,8 @@ pub struct Disk {
     d_sense: bool,
     /// Most blocks one READ or WRITE may move (reported in VPD B0h).
     max_transfer_blocks: u32,
+    /// The nexus holding the RESERVE(6)/(10) reservation, if any (SPC-2 §7.21).
+    reserved_by: Option<Nexus>,
 }
 
 impl std::fmt::Debug for Disk {
@@ -221,6 +232,114 @@ fn be32(b: &[u8], at: usize) -> u64 {
 }
 fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// The commands this disk serves, as REPORT SUPPORTED OPERATION CODES lists them:
+/// (operation code, service action if the code has several, CDB usage data). The usage data
+/// is the CDB with a 1 in every bit the disk looks at (SPC-4 §6.35.3); byte 0 is the
+/// operation code. DPO and FUA (byte 1, 0x18) are in the usage of READ and WRITE, as the
+/// DPOFUA bit of MODE SENSE says.
+#[rustfmt::skip]
+const SUPPORTED_OPCODES: &[(u8, Option<u16>, &[u8])] = &[
+    (0x00, None, &[0x00, 0, 0, 0, 0, 0x00]),
+    (0x03, None, &[0x03, 0x01, 0, 0, 0xff, 0x00]),
+    (0x08, None, &[0x08, 0x1f, 0xff, 0xff, 0xff, 0x00]),
+    (0x0a, None, &[0x0a, 0x1f, 0xff, 0xff, 0xff, 0x00]),
+    (0x12, None, &[0x12, 0x01, 0xff, 0xff, 0xff, 0x00]),
+    (0x16, None, &[0x16, 0, 0, 0, 0, 0x00]),
+    (0x17, None, &[0x17, 0, 0, 0, 0, 0x00]),
+    (0x1a, None, &[0x1a, 0x08, 0xff, 0xff, 0xff, 0x00]),
+    (0x1b, None, &[0x1b, 0x01, 0, 0x0f, 0xf7, 0x00]),
+    (0x25, None, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0x00]),
+    (0x28, None, &[0x28, 0x18, 0xff, 0xff, 0xff, 0xff, 0, 0xff, 0xff, 0x00]),
+    (0x2a, None, &[0x2a, 0x18, 0xff, 0xff, 0xff, 0xff, 0, 0xff, 0xff, 0x00]),
+    (0x2e, None, &[0x2e, 0x12, 0xff, 0xff, 0xff, 0xff, 0, 0xff, 0xff, 0x00]),
+    (0x2f, None, &[0x2f, 0x16, 0xff, 0xff, 0xff, 0xff, 0, 0xff, 0xff, 0x00]),
+    (0x34, None, &[0x34, 0x02, 0xff, 0xff, 0xff, 0xff, 0, 0xff, 0xff, 0x00]),
+    (0x35, None, &[0x35, 0x02, 0xff, 0xff, 0xff, 0xff, 0, 0xff, 0xff, 0x00]),
+    (0x41, None, &[0x41, 0x00, 0xff, 0xff, 0xff, 0xff, 0, 0xff, 0xff, 0x00]),
+    (0x56, None, &[0x56, 0, 0, 0, 0, 0, 0, 0, 0, 0x00]),
+    (0x57, None, &[0x57, 0, 0, 0, 0, 0, 0, 0, 0, 0x00]),
+    (0x5a, None, &[0x5a, 0x18, 0xff, 0xff, 0, 0, 0, 0xff, 0xff, 0x00]),
+    (0x88, None, &[0x88, 0x18, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0x00]),
+    (0x89, None, &[0x89, 0x18, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0xff, 0, 0x00]),
+    (0x8a, None, &[0x8a, 0x18, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0x00]),
+    (0x8b, None, &[0x8b, 0x18, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0x00]),
+    (0x8e, None, &[0x8e, 0x12, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0x00]),
+    (0x8f, None, &[0x8f, 0x16, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0x00]),
+    (0x90, None, &[0x90, 0x02, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0x00]),
+    (0x91, None, &[0x91, 0x02, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0x00]),
+    (0x93, None, &[0x93, 0x01, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0x00]),
+    (0x9e, Some(0x10), &[0x9e, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0x00]),
+    (0xa0, None, &[0xa0, 0, 0xff, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0x00]),
+    (0xa3, Some(0x0c), &[0xa3, 0x0c, 0x87, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0x00]),
+    (0xa8, None, &[0xa8, 0x18, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0x00]),
+    (0xaa, None, &[0xaa, 0x18, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0x00]),
+    (0xae, None, &[0xae, 0x12, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0x00]),
+    (0xaf, None, &[0xaf, 0x16, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0x00]),
+];
+
+/// Most blocks one COMPARE AND WRITE takes (the Block Limits page says so).
+const MAX_COMPARE_AND_WRITE_BLOCKS: u64 = 255;
+
+/// The command timeouts descriptor (SPC-4 §6.35.4): length 0Ah, no timeouts given.
+const TIMEOUTS_DESCRIPTOR: [u8; 12] = [0, 0x0a, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+
+/// REPORT SUPPORTED OPERATION CODES (MAINTENANCE IN, service action 0Ch; SPC-4 §6.35):
+/// every command (reporting options 000b), or one, by operation code (001b; an error for a
+/// code with service actions) or by code and service action (010b; an error for a code
+/// without). RCTD adds a timeouts descriptor to each.
+fn report_supported_opcodes(cdb: &[u8]) -> Outcome {
+    let rctd = cdb[2] & 0x80 != 0;
+    let (op, sa) = (cdb[3], u16::from_be_bytes([cdb[4], cdb[5]]));
+    let mut d = Vec::new();
+    match cdb[2] & 0x07 {
+        0 => {
+            d.extend_from_slice(&[0; 4]);
+            for &(code, action, usage) in SUPPORTED_OPCODES {
+                let flags = u8::from(rctd) << 1 | u8::from(action.is_some());
+                d.extend_from_slice(&[code, 0]);
+                d.extend_from_slice(&action.unwrap_or(0).to_be_bytes());
+                d.extend_from_slice(&[0, flags]);
+                d.extend_from_slice(&(usage.len() as u16).to_be_bytes());
+                if rctd {
+                    d.extend_from_slice(&TIMEOUTS_DESCRIPTOR);
+                }
+            }
+            let n = (d.len() - 4) as u32;
+            d[..4].copy_from_slice(&n.to_be_bytes());
+        }
+        opt @ (1 | 2) => {
+            let by_action = opt == 2;
+            let listed = SUPPORTED_OPCODES
+                .iter()
+                .find(|(code, action, _)| *code == op && (!by_action || *action == Some(sa)));
+            // The code must be asked for the way it is listed: with a service action if and
+            // only if it has them.
+            let has_actions = SUPPORTED_OPCODES
+                .iter()
+                .any(|(code, action, _)| *code == op && action.is_some());
+            let known = SUPPORTED_OPCODES.iter().any(|(code, _, _)| *code == op);
+            if known && has_actions != by_action {
+                return Outcome::check(Sense::INVALID_FIELD_IN_CDB);
+            }
+            match listed {
+                Some((_, _, usage)) => {
+                    d.extend_from_slice(&[0, u8::from(rctd) << 7 | 0x03]);
+                    d.extend_from_slice(&(usage.len() as u16).to_be_bytes());
+                    d.extend_from_slice(usage);
+                    if rctd {
+                        d.extend_from_slice(&TIMEOUTS_DESCRIPTOR);
+                    }
+                }
+                // SUPPORT 001b: not supported.
+                None => d.extend_from_slice(&[0, 0x01, 0, 0]),
+            }
+        }
+        _ => return Outcome::check(Sense::INVALID_FIELD_IN_CDB),
+    }
+    d.truncate(be32(cdb, 6) as usize);
+    Outcome::good(d)
 }
 
 /// The length of a CDB of `opcode`'s group, bytes (SPC-4 §4.2.5.1), or `None` for the
@@ -247,6 +366,7 @@ impl Disk {
             // 2 MiB: with a command window of 32 a connection holds at most 64 MiB of
             // read data it has produced and not yet sent.
             max_transfer_blocks: (2 << 20) / block,
+            reserved_by: None,
         }
     }
 
@@ -283,7 +403,7 @@ impl Disk {
             0x0a => Transfer::Out(six_len(cdb) * b),
             0x2a | 0x2e => Transfer::Out(be16(cdb, 7) * b),
             0xaa | 0xae => Transfer::Out(be32(cdb, 6) * b),
-            0x8a | 0x8e => Transfer::Out(be32(cdb, 10) * b),
+            0x8a | 0x8e | 0x8b => Transfer::Out(be32(cdb, 10) * b),
             0x12 | 0x1a | 0x03 => Transfer::In(if op == 0x12 {
                 be16(cdb, 3)
             } else {
@@ -295,6 +415,8 @@ impl Disk {
             // WRITE SAME: one block of Data-Out (none with NDOB)
             0x41 => Transfer::Out(b),
             0x93 if cdb[1] & 0x01 == 0 => Transfer::Out(b),
+            // COMPARE AND WRITE: the blocks to compare, then the blocks to write
+            0x89 => Transfer::Out(2 * u64::from(cdb[13]) * b),
             // VERIFY with BYTCHK 1 compares every block with Data-Out, with 3 one block
             0x2f | 0xaf | 0x8f => match (cdb[1] >> 1) & 3 {
                 1 => Transfer::Out(verify_range(cdb).1 * b),
@@ -302,13 +424,22 @@ impl Disk {
                 _ => Transfer::None,
             },
             0xa0 => Transfer::In(be32(cdb, 6)),
+            0xa3 if cdb[1] & 0x1f == 0x0c => Transfer::In(be32(cdb, 6)),
             _ => Transfer::None,
         }
     }
 
-    /// Execute `cdb` on LUN 0 with the Data-Out bytes `data_out` (as many as
-    /// [`Disk::transfer`] asked for, or fewer if the initiator sent fewer).
+    /// Execute `cdb` on LUN 0 for the local caller ([`LOCAL_NEXUS`]); see
+    /// [`Disk::execute_as`].
     pub fn execute(&mut self, cdb: &[u8], data_out: &[u8]) -> Outcome {
+        self.execute_as(LOCAL_NEXUS, cdb, data_out)
+    }
+
+    /// Execute `cdb` on LUN 0 for `nexus`, with the Data-Out bytes `data_out` (as many as
+    /// [`Disk::transfer`] asked for, or fewer if the initiator sent fewer). While another
+    /// nexus holds a RESERVE reservation, every command but INQUIRY, REPORT LUNS, REQUEST
+    /// SENSE, REPORT SUPPORTED OPERATION CODES and RELEASE ends in RESERVATION CONFLICT.
+    pub fn execute_as(&mut self, nexus: Nexus, cdb: &[u8], data_out: &[u8]) -> Outcome {
         let Some(&op) = cdb.first() else {
             return Outcome::check(Sense::INVALID_OPCODE);
         };
@@ -316,6 +447,50 @@ impl Disk {
             Some(n) if cdb.len() >= n => {}
             _ => return Outcome::check(Sense::INVALID_OPCODE),
         }
+        let conflict = self.reserved_by.is_some_and(|h| h != nexus)
+            && !matches!(op, 0x12 | 0xa0 | 0x03 | 0xa3 | 0x17 | 0x57);
+        if conflict {
+            return Outcome {
+                status: RESERVATION_CONFLICT,
+                data_in: Vec::new(),
+                sense: None,
+            };
+        }
+        match op {
+            // RESERVE (6) and (10): the logical unit, for this nexus (again: no change).
+            // The 10-byte form's third-party and LONGID fields are not supported.
+            0x16 | 0x56 if op == 0x16 || cdb[1] & 0x12 == 0 => {
+                self.reserved_by = Some(nexus);
+                Outcome::good(Vec::new())
+            }
+            // RELEASE (6) and (10): the holder's reservation ends; anyone else's release
+            // does nothing, successfully.
+            0x17 | 0x57 if op == 0x17 || cdb[1] & 0x12 == 0 => {
+                if self.reserved_by == Some(nexus) {
+                    self.reserved_by = None;
+                }
+                Outcome::good(Vec::new())
+            }
+            0x56 | 0x57 => Outcome::check(Sense::INVALID_FIELD_IN_CDB),
+            _ => self.run(op, cdb, data_out),
+        }
+    }
+
+    /// The reservation of `nexus`, if it holds one, ends: its session logged out or lost
+    /// its connection (I_T nexus loss).
+    pub fn nexus_lost(&mut self, nexus: Nexus) {
+        if self.reserved_by == Some(nexus) {
+            self.reserved_by = None;
+        }
+    }
+
+    /// Every reservation ends (LOGICAL UNIT RESET, TARGET WARM or COLD RESET).
+    pub fn reset(&mut self) {
+        self.reserved_by = None;
+    }
+
+    /// Every command but the reservations'; `cdb` is as long as its group says.
+    fn run(&mut self, op: u8, cdb: &[u8], data_out: &[u8]) -> Outcome {
         match op {
             0x00 => Outcome::good(Vec::new()),
             0x03 => {
@@ -349,6 +524,7 @@ impl Disk {
             // RDPROTECT/WRPROTECT/VRPROTECT (byte 1, bits 7-5) need protection
             // information, which this disk does not have (SBC-3 §5.15).
             0x28 | 0xa8 | 0x88 | 0x2a | 0xaa | 0x8a | 0x2e | 0xae | 0x8e | 0x2f | 0xaf | 0x8f
+            | 0x89 | 0x8b
                 if cdb[1] & 0xe0 != 0 =>
             {
                 Outcome::check(Sense::INVALID_FIELD_IN_CDB)
@@ -397,6 +573,16 @@ impl Disk {
                 }
             }
             0x41 | 0x93 => self.write_same(cdb, data_out),
+            // ORWRITE: only BMOP 000b (a plain OR); no ORWgeneration.
+            0x8b if cdb[14] & 0x07 != 0 => Outcome::check(Sense::INVALID_FIELD_IN_CDB),
+            0x8b => {
+                let (lba, n) = rw_range(cdb);
+                self.or_write(lba, n, data_out, cdb[1] & 0x08 != 0)
+            }
+            0x89 => {
+                let n = u64::from(cdb[13]);
+                self.compare_and_write(be64(cdb, 2), n, data_out, cdb[1] & 0x08 != 0)
+            }
             0xa0 => {
                 let mut d = vec![0u8; 16];
                 d[3] = 8; // one LUN: LUN 0
@@ -404,6 +590,7 @@ impl Disk {
                 Outcome::good(d)
             }
             0x1b => Outcome::good(Vec::new()),
+            0xa3 if cdb[1] & 0x1f == 0x0c => report_supported_opcodes(cdb),
             _ => Outcome::check(Sense::INVALID_OPCODE),
         }
     }
@@ -499,6 +686,46 @@ impl Disk {
         } else {
             Outcome::check(Sense::MISCOMPARE)
         }
+    }
+
+    /// COMPARE AND WRITE (SBC-3 §5.2): `data` holds `n` blocks to compare with the medium at
+    /// `lba`, then `n` blocks to write there if they all matched; on a difference nothing is
+    /// written and the command ends with MISCOMPARE (1Dh/00h). Atomic: the disk is one
+    /// caller's at a time.
+    fn compare_and_write(&mut self, lba: u64, n: u64, data: &[u8], fua: bool) -> Outcome {
+        if let Err(s) = self.range(lba, n) {
+            return Outcome::check(s);
+        }
+        if n == 0 {
+            return Outcome::good(Vec::new());
+        }
+        let b = self.block as usize;
+        if n > MAX_COMPARE_AND_WRITE_BLOCKS || data.len() != 2 * n as usize * b {
+            return Outcome::check(Sense::INVALID_FIELD_IN_CDB);
+        }
+        let medium = self.read(lba, n);
+        if medium.status != GOOD {
+            return medium;
+        }
+        let (verify, write) = data.split_at(n as usize * b);
+        if medium.data_in[..] != *verify {
+            return Outcome::check(Sense::MISCOMPARE);
+        }
+        self.write(lba, n, write, fua)
+    }
+
+    /// ORWRITE (16) (SBC-3 §5.7, the simple form without a BMOP change generation): each
+    /// byte of the `n` blocks at `lba` becomes its OR with `data`'s.
+    fn or_write(&mut self, lba: u64, n: u64, data: &[u8], fua: bool) -> Outcome {
+        let medium = self.read(lba, n);
+        if medium.status != GOOD || n == 0 {
+            return medium;
+        }
+        let mut new = medium.data_in;
+        for (m, d) in new.iter_mut().zip(data) {
+            *m |= d;
+        }
+        self.write(lba, n, &new, fua)
     }
 
     fn read(&mut self, lba: u64, n: u64) -> Outcome {
@@ -609,6 +836,7 @@ impl Disk {
                     let mut d = vec![0u8; 64];
                     d[1] = 0xb0;
                     d[3] = 0x3c;
+                    d[5] = MAX_COMPARE_AND_WRITE_BLOCKS as u8;
                     d[8..12].copy_from_slice(&self.max_transfer_blocks.to_be_bytes());
                     d[12..16].copy_from_slice(&(self.max_transfer_blocks / 8).to_be_bytes());
                     d
@@ -760,6 +988,184 @@ mod tests {
         c[2..10].copy_from_slice(&lba.to_be_bytes());
         c[10..14].copy_from_slice(&n.to_be_bytes());
         c
+    }
+
+    fn rsoc(rctd: bool, options: u8, op: u8, sa: u16) -> Outcome {
+        let mut c = [0u8; 12];
+        c[0] = 0xa3;
+        c[1] = 0x0c;
+        c[2] = u8::from(rctd) << 7 | options;
+        c[3] = op;
+        c[4..6].copy_from_slice(&sa.to_be_bytes());
+        c[6..10].copy_from_slice(&65_535u32.to_be_bytes());
+        disk().execute(&c, &[])
+    }
+
+    /// REPORT SUPPORTED OPERATION CODES lists every command the disk executes, and only
+    /// those: each listed one runs (no INVALID COMMAND OPERATION CODE), each one-command
+    /// answer starts its usage data with the code, and codes are asked for with a service
+    /// action exactly when they have them.
+    #[test]
+    fn report_supported_opcodes_lists_what_the_disk_executes() {
+        for rctd in [false, true] {
+            let all = rsoc(rctd, 0, 0, 0);
+            assert_eq!(all.status, GOOD);
+            let d = &all.data_in;
+            let len = u32::from_be_bytes(d[..4].try_into().unwrap()) as usize;
+            assert_eq!(len + 4, d.len());
+            let step = if rctd { 20 } else { 8 };
+            assert_eq!(len, SUPPORTED_OPCODES.len() * step);
+            for (k, desc) in d[4..].chunks(step).enumerate() {
+                let (op, sa, flags) = (desc[0], u16::from_be_bytes([desc[2], desc[3]]), desc[5]);
+                assert_eq!(flags & 0x02 != 0, rctd, "CTDP of {op:#x}");
+                if rctd {
+                    assert_eq!(&desc[8..10], &[0, 0x0a], "timeouts descriptor length");
+                }
+                let servactv = flags & 0x01 != 0;
+                assert!(
+                    servactv || sa == 0,
+                    "{op:#x}: a service action without SERVACTV"
+                );
+                let (code, action, usage) = SUPPORTED_OPCODES[k];
+                assert_eq!((op, action.is_some()), (code, servactv));
+                let cdb_len = u16::from_be_bytes([desc[6], desc[7]]) as usize;
+                assert_eq!(Some(cdb_len), super::cdb_len(op), "{op:#x}");
+                assert_eq!(usage.len(), cdb_len);
+                // asked the way it is listed: its usage data; the other way: an error
+                let (right, wrong) = if servactv { (2, 1) } else { (1, 2) };
+                let one = rsoc(false, right, op, sa);
+                assert_eq!(one.status, GOOD, "{op:#x}");
+                assert_eq!(one.data_in[1] & 0x07, 0x03, "{op:#x}: supported");
+                assert_eq!(&one.data_in[4..], usage);
+                assert_eq!(one.data_in[4], op);
+                assert_eq!(
+                    rsoc(false, wrong, op, sa).sense,
+                    Some(Sense::INVALID_FIELD_IN_CDB)
+                );
+                // and the disk executes it (whatever else it thinks of an all-zero CDB)
+                let mut c = vec![0u8; cdb_len];
+                c[0] = op;
+                if servactv {
+                    c[1] = sa as u8;
+                }
+                let r = disk().execute(&c, &[0u8; 512]);
+                assert_ne!(
+                    r.sense,
+                    Some(Sense::INVALID_OPCODE),
+                    "{op:#x} listed, not executed"
+                );
+            }
+        }
+        // READ(10) and WRITE(10) take DPO and FUA, as MODE SENSE's DPOFUA says.
+        for op in [0x28, 0x2a, 0x88, 0x8a, 0xa8, 0xaa] {
+            assert_eq!(rsoc(false, 1, op, 0).data_in[5] & 0x18, 0x18, "{op:#x}");
+        }
+        // A code the disk does not know: SUPPORT 001b.
+        assert_eq!(rsoc(false, 1, 0x42, 0).data_in, [0, 0x01, 0, 0]);
+        assert_eq!(
+            rsoc(false, 5, 0, 0).sense,
+            Some(Sense::INVALID_FIELD_IN_CDB)
+        );
+    }
+
+    /// RESERVE(6) holds the logical unit for one nexus: another gets RESERVATION CONFLICT
+    /// for everything but the commands SPC-2 allows (INQUIRY, REPORT LUNS, ...), its RELEASE
+    /// does nothing; the holder's RELEASE, its loss, or a reset end the reservation.
+    #[test]
+    fn a_reservation_holds_the_unit_for_one_nexus() {
+        let mut d = disk();
+        let (a, b) = (1, 2);
+        let reserve = [0x16, 0, 0, 0, 0, 0];
+        let release = [0x17, 0, 0, 0, 0, 0];
+        let sense6 = [0x1a, 0, 0x3f, 0, 255, 0];
+        let inquiry = [0x12, 0, 0, 0, 96, 0];
+        assert_eq!(d.execute_as(a, &reserve, &[]).status, GOOD);
+        assert_eq!(
+            d.execute_as(a, &reserve, &[]).status,
+            GOOD,
+            "again: no change"
+        );
+        assert_eq!(d.execute_as(b, &reserve, &[]).status, RESERVATION_CONFLICT);
+        assert_eq!(d.execute_as(b, &sense6, &[]).status, RESERVATION_CONFLICT);
+        assert_eq!(
+            d.execute_as(b, &cdb10(0x28, 0, 1), &[]).status,
+            RESERVATION_CONFLICT
+        );
+        assert_eq!(d.execute_as(b, &inquiry, &[]).status, GOOD);
+        assert_eq!(d.execute_as(b, &release, &[]).status, GOOD);
+        assert_eq!(
+            d.execute_as(b, &sense6, &[]).status,
+            RESERVATION_CONFLICT,
+            "still A's"
+        );
+        assert_eq!(d.execute_as(a, &sense6, &[]).status, GOOD);
+        assert_eq!(d.execute_as(a, &release, &[]).status, GOOD);
+        assert_eq!(d.execute_as(b, &reserve, &[]).status, GOOD);
+        d.nexus_lost(b);
+        assert_eq!(d.execute_as(a, &reserve, &[]).status, GOOD);
+        d.reset();
+        assert_eq!(d.execute_as(b, &sense6, &[]).status, GOOD);
+        // RESERVE(10)'s third-party form is not supported
+        let third_party = [0x56, 0x10, 0, 0, 0, 0, 0, 0, 0, 0];
+        assert_eq!(
+            d.execute_as(a, &third_party, &[]).sense,
+            Some(Sense::INVALID_FIELD_IN_CDB)
+        );
+    }
+
+    /// ORWRITE ORs its data into the medium.
+    #[test]
+    fn orwrite_ors_into_the_medium() {
+        let mut d = disk();
+        assert_eq!(d.execute(&cdb10(0x2a, 0, 2), &[0u8; 1024]).status, GOOD);
+        assert_eq!(d.transfer(&cdb16(0x8b, 0, 2)), Transfer::Out(1024));
+        assert_eq!(d.execute(&cdb16(0x8b, 0, 2), &[0xa5; 1024]).status, GOOD);
+        assert_eq!(d.execute(&cdb16(0x8b, 0, 2), &[0x5a; 1024]).status, GOOD);
+        assert_eq!(d.execute(&cdb10(0x28, 0, 2), &[]).data_in, vec![0xff; 1024]);
+        assert_eq!(
+            d.execute(&cdb16(0x8b, 2047, 2), &[0; 1024]).sense,
+            Some(Sense::LBA_OUT_OF_RANGE)
+        );
+        let mut protect = cdb16(0x8b, 0, 1);
+        protect[1] = 0x20;
+        assert_eq!(
+            d.execute(&protect, &[0; 512]).sense,
+            Some(Sense::INVALID_FIELD_IN_CDB)
+        );
+    }
+
+    /// COMPARE AND WRITE writes only when the medium matches, all or nothing.
+    #[test]
+    fn compare_and_write_writes_only_on_a_match() {
+        let mut d = disk();
+        let caw = |lba: u64, n: u8| {
+            let mut c = cdb16(0x89, lba, 0);
+            c[10..14].fill(0);
+            c[13] = n;
+            c
+        };
+        let a = vec![b'A'; 1024];
+        assert_eq!(d.execute(&cdb10(0x2a, 4, 2), &a).status, GOOD);
+        assert_eq!(d.transfer(&caw(4, 2)), Transfer::Out(2048));
+        // a difference in the last byte compared: nothing written
+        let mut data = [a.clone(), vec![b'B'; 1024]].concat();
+        data[1023] = b'C';
+        assert_eq!(d.execute(&caw(4, 2), &data).sense, Some(Sense::MISCOMPARE));
+        assert_eq!(d.execute(&cdb10(0x28, 4, 2), &[]).data_in, a);
+        // a match: the second half is written
+        data[1023] = b'A';
+        assert_eq!(d.execute(&caw(4, 2), &data).status, GOOD);
+        assert_eq!(d.execute(&cdb10(0x28, 4, 2), &[]).data_in, vec![b'B'; 1024]);
+        // no blocks: nothing to do; Data-Out of the wrong size, or past the end: refused
+        assert_eq!(d.execute(&caw(4, 0), &[]).status, GOOD);
+        assert_eq!(
+            d.execute(&caw(4, 2), &data[..1024]).sense,
+            Some(Sense::INVALID_FIELD_IN_CDB)
+        );
+        assert_eq!(
+            d.execute(&caw(2047, 2), &data).sense,
+            Some(Sense::LBA_OUT_OF_RANGE)
+        );
     }
 
     #[test]

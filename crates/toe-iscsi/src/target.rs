@@ -16,7 +16,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use crate::login::{Negotiated, SessionType, TargetConfig, TargetLogin};
-use crate::scsi::{Disk, Outcome, Transfer, CHECK_CONDITION, GOOD};
+use crate::scsi::{Disk, Nexus, Outcome, Transfer, CHECK_CONDITION, GOOD};
 use crate::text;
 use crate::wire::{
     lun_index, DataIn, DataOut, Framing, LogoutResponse, Nop, Pdu, R2t, Reject, Repr, ScsiCommand,
@@ -137,10 +137,21 @@ pub struct TargetConn {
     /// latest [`ENDED_WRITES_KEPT`]: Data-Out PDUs still in flight for them are dropped
     /// without a Reject.
     ended_writes: VecDeque<u32>,
+    /// This connection's session, as the disk's reservations know it (its TSIH: one
+    /// connection per session at ERL 0).
+    nexus: Nexus,
 }
 
 /// How many ended writes [`TargetConn`] remembers, to drop their late Data-Out quietly.
 const ENDED_WRITES_KEPT: usize = 64;
+
+/// The connection is gone, and with it (one connection per session) its I_T nexus: a
+/// reservation it held ends.
+impl Drop for TargetConn {
+    fn drop(&mut self) {
+        self.release_nexus();
+    }
+}
 
 impl std::fmt::Debug for TargetConn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -177,6 +188,17 @@ impl TargetConn {
             next_ttt: 1,
             text_out: None,
             ended_writes: VecDeque::new(),
+            nexus: Nexus::from(tsih),
+        }
+    }
+
+    /// End this session's reservation on the disk, if it holds one (logout, or the
+    /// connection's end).
+    fn release_nexus(&mut self) {
+        if let Some(d) = &self.disk {
+            if let Ok(mut d) = d.lock() {
+                d.nexus_lost(self.nexus);
+            }
         }
     }
 
@@ -408,6 +430,7 @@ impl TargetConn {
                 self.send(&r, &data, out);
             }
             Repr::LogoutRequest(l) => {
+                self.release_nexus();
                 let r = Repr::LogoutResponse(LogoutResponse {
                     response: 0,
                     itt: l.itt,
@@ -501,7 +524,10 @@ impl TargetConn {
             self.writes.insert(c.itt, t);
             return self.advance_write(c.itt, out);
         }
-        let mut o = disk.lock().expect("disk lock").execute(&c.cdb, &[]);
+        let mut o = disk
+            .lock()
+            .expect("disk lock")
+            .execute_as(self.nexus, &c.cdb, &[]);
         if !lun0 && c.cdb[0] == 0x12 && o.status == GOOD && !o.data_in.is_empty() {
             o.data_in[0] = 0x7f; // no logical unit here
         }
@@ -526,7 +552,10 @@ impl TargetConn {
             let disk = self.disk.clone().expect("a disk");
             let (o, want) = {
                 let mut d = disk.lock().expect("disk lock");
-                (d.execute(&t.cmd.cdb, &t.data), d.transfer(&t.cmd.cdb))
+                (
+                    d.execute_as(self.nexus, &t.cmd.cdb, &t.data),
+                    d.transfer(&t.cmd.cdb),
+                )
             };
             let wanted = match want {
                 Transfer::Out(n) => Some(n),
@@ -633,8 +662,16 @@ impl TargetConn {
                 }
             }
             // ABORT TASK SET, CLEAR TASK SET, LOGICAL UNIT RESET, TARGET WARM RESET
-            2 | 3 | 5 | 6 => {
+            2 | 3 => {
                 self.writes.clear();
+                0
+            }
+            // The resets also end the logical unit's reservations.
+            5 | 6 => {
+                self.writes.clear();
+                if let Some(d) = &self.disk {
+                    d.lock().expect("disk lock").reset();
+                }
                 0
             }
             _ => 5, // function not supported

@@ -132,3 +132,72 @@ fn our_initiator_logs_in_to_tgt_with_chap_and_a_wrong_secret_is_refused() {
         "without credentials: {e}"
     );
 }
+
+/// libiscsi's whole conformance run (`iscsi-test-cu -d -t ALL`) against toemu's target and
+/// against tgt, in the same run, on LUNs of the same size: toemu passes at least as many tests
+/// as tgt, with at most 3 failures (skips counted apart from CUnit's passes).
+#[test]
+fn iscsi_test_cu_all_passes_at_least_as_many_tests_as_tgt() {
+    use std::sync::{Arc, Mutex};
+    use toe_iscsi::login::{OpParams, TargetConfig};
+    use toe_iscsi::scsi::{Disk, MemStore};
+    let iqn = "iqn.2026-12.org.toemu:disk";
+    let ours = toemu_lab::iscsi::TcpTarget::start(
+        TcpListener::bind("127.0.0.1:0").unwrap(),
+        TargetConfig {
+            target_name: iqn.into(),
+            alias: Some("toemu".into()),
+            portal_group_tag: 1,
+            chap: None,
+            mutual: None,
+            params: OpParams {
+                header_digest: "CRC32C,None".into(),
+                data_digest: "CRC32C,None".into(),
+                ..OpParams::default()
+            },
+            cmd_window: 32,
+        },
+        Some(Arc::new(Mutex::new(Disk::new(
+            Box::new(MemStore::new(96 << 20)),
+            512,
+            "TOEMU0001",
+        )))),
+    )
+    .unwrap();
+    let theirs = tgt("all");
+    let run = |url: &str| {
+        let out = toemu_tests::run_tool(
+            "iscsi-test-cu",
+            "libiscsi-bin",
+            &["-d", "-v", "-t", "ALL", url],
+        );
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        toemu_tests::cunit_verdicts(&text)
+    };
+    let (p, s, f) = run(&format!("iscsi://{}/{iqn}/0", ours.addr()));
+    let (tp, ts, tf) = run(&format!("iscsi://{}/{IQN}/1", theirs.portal));
+    eprintln!(
+        "iscsi-test-cu ALL: toemu {} passed, {} skipped, {} failed {f:?}; tgt {} passed, {} skipped, {} failed {tf:?}",
+        p.len(),
+        s.len(),
+        f.len(),
+        tp.len(),
+        ts.len(),
+        tf.len()
+    );
+    assert!(
+        tp.len() > 100,
+        "tgt ran too few tests: {tp:?} {ts:?} {tf:?}"
+    );
+    assert!(
+        p.len() >= tp.len(),
+        "toemu passes {} tests, tgt {}; toemu failed {f:?}",
+        p.len(),
+        tp.len()
+    );
+    assert!(f.len() <= 3, "toemu failed {f:?}");
+}

@@ -58,6 +58,10 @@ impl Sense {
     pub const LBA_OUT_OF_RANGE: Sense = Sense::illegal(0x21, 0x00);
     /// INVALID FIELD IN CDB.
     pub const INVALID_FIELD_IN_CDB: Sense = Sense::illegal(0x24, 0x00);
+    /// INVALID FIELD IN PARAMETER LIST.
+    pub const INVALID_FIELD_IN_PARAMETER_LIST: Sense = Sense::illegal(0x26, 0x00);
+    /// PARAMETER LIST LENGTH ERROR.
+    pub const PARAMETER_LIST_LENGTH_ERROR: Sense = Sense::illegal(0x1a, 0x00);
     /// LOGICAL UNIT NOT SUPPORTED.
     pub const LUN_NOT_SUPPORTED: Sense = Sense::illegal(0x25, 0x00);
     /// ABORTED COMMAND, DATA PHASE ERROR.
@@ -110,6 +114,85 @@ impl Sense {
         [0x72, self.key & 0x0f, self.asc, self.ascq, 0, 0, 0, 0]
     }
 }
+
+/// Ranges of blocks, `[start, end)`, disjoint and merged: the deallocated (unmapped) blocks
+/// of a thin-provisioned disk. Memory grows with the number of separate ranges, which
+/// writes merge back (a write maps its blocks), never with the disk's size.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Extents(std::collections::BTreeMap<u64, u64>);
+
+impl Extents {
+    /// Take `[start, end)` out of the set.
+    pub fn remove(&mut self, start: u64, end: u64) {
+        if start >= end {
+            return;
+        }
+        // The ranges that overlap [start, end): the one before start (if it reaches into it)
+        // and those starting inside it.
+        let mut hit: Vec<(u64, u64)> = Vec::new();
+        if let Some((&s, &e)) = self.0.range(..start).next_back() {
+            if e > start {
+                hit.push((s, e));
+            }
+        }
+        hit.extend(self.0.range(start..end).map(|(&s, &e)| (s, e)));
+        for (s, e) in hit {
+            self.0.remove(&s);
+            if s < start {
+                self.0.insert(s, start);
+            }
+            if e > end {
+                self.0.insert(end, e);
+            }
+        }
+    }
+
+    /// Add `[start, end)` to the set, merging with its neighbours.
+    pub fn insert(&mut self, start: u64, end: u64) {
+        if start >= end {
+            return;
+        }
+        self.remove(start, end);
+        let (mut s, mut e) = (start, end);
+        if let Some((&ps, &pe)) = self.0.range(..s).next_back() {
+            if pe == s {
+                self.0.remove(&ps);
+                s = ps;
+            }
+        }
+        if let Some(&ne) = self.0.get(&e) {
+            self.0.remove(&e);
+            e = ne;
+        }
+        self.0.insert(s, e);
+    }
+
+    /// Whether `lba` is in the set, and where the run it belongs to (in or out) ends,
+    /// before `limit`.
+    pub fn run_at(&self, lba: u64, limit: u64) -> (bool, u64) {
+        if let Some((_, &e)) = self.0.range(..=lba).next_back() {
+            if e > lba {
+                return (true, e.min(limit));
+            }
+        }
+        let next = self.0.range(lba..).next().map_or(limit, |(&s, _)| s);
+        (false, next.min(limit))
+    }
+
+    /// Separate ranges held.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether no block is in the set.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Most descriptors one UNMAP takes, and most blocks (the Block Limits page says so).
+const MAX_UNMAP_DESCRIPTORS: u32 = 256;
+const MAX_UNMAP_BLOCKS: u32 = 1 << 20;
 
 /// Where a disk's blocks live. Offsets and lengths in bytes, always within [`len`].
 ///
@@ -213,6 +296,9 @@ pub struct Disk {
     max_transfer_blocks: u32,
     /// The nexus holding the RESERVE(6)/(10) reservation, if any (SPC-2 §7.21).
     reserved_by: Option<Nexus>,
+    /// Deallocated blocks (thin provisioning: UNMAP, WRITE SAME with UNMAP; they read as
+    /// zeros, LBPRZ). Every block starts mapped.
+    unmapped: Extents,
 }
 
 impl std::fmt::Debug for Disk {
@@ -257,7 +343,8 @@ const SUPPORTED_OPCODES: &[(u8, Option<u16>, &[u8])] = &[
     (0x2f, None, &[0x2f, 0x16, 0xff, 0xff, 0xff, 0xff, 0, 0xff, 0xff, 0x00]),
     (0x34, None, &[0x34, 0x02, 0xff, 0xff, 0xff, 0xff, 0, 0xff, 0xff, 0x00]),
     (0x35, None, &[0x35, 0x02, 0xff, 0xff, 0xff, 0xff, 0, 0xff, 0xff, 0x00]),
-    (0x41, None, &[0x41, 0x00, 0xff, 0xff, 0xff, 0xff, 0, 0xff, 0xff, 0x00]),
+    (0x41, None, &[0x41, 0x08, 0xff, 0xff, 0xff, 0xff, 0, 0xff, 0xff, 0x00]),
+    (0x42, None, &[0x42, 0x00, 0, 0, 0, 0, 0, 0xff, 0xff, 0x00]),
     (0x56, None, &[0x56, 0, 0, 0, 0, 0, 0, 0, 0, 0x00]),
     (0x57, None, &[0x57, 0, 0, 0, 0, 0, 0, 0, 0, 0x00]),
     (0x5a, None, &[0x5a, 0x18, 0xff, 0xff, 0, 0, 0, 0xff, 0xff, 0x00]),
@@ -269,7 +356,8 @@ const SUPPORTED_OPCODES: &[(u8, Option<u16>, &[u8])] = &[
     (0x8f, None, &[0x8f, 0x16, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0x00]),
     (0x90, None, &[0x90, 0x02, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0x00]),
     (0x91, None, &[0x91, 0x02, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0x00]),
-    (0x93, None, &[0x93, 0x01, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0x00]),
+    (0x93, None, &[0x93, 0x09, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0x00]),
+    (0x9e, Some(0x12), &[0x9e, 0x12, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0x00]),
     (0x9e, Some(0x10), &[0x9e, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0x00]),
     (0xa0, None, &[0xa0, 0, 0xff, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0x00]),
     (0xa3, Some(0x0c), &[0xa3, 0x0c, 0x87, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0x00]),
@@ -367,6 +455,7 @@ impl Disk {
             // read data it has produced and not yet sent.
             max_transfer_blocks: (2 << 20) / block,
             reserved_by: None,
+            unmapped: Extents::default(),
         }
     }
 
@@ -412,6 +501,7 @@ impl Disk {
             0x5a => Transfer::In(be16(cdb, 7)),
             0x25 => Transfer::In(8),
             0x9e => Transfer::In(be32(cdb, 10)),
+            0x42 => Transfer::Out(be16(cdb, 7)),
             // WRITE SAME: one block of Data-Out (none with NDOB)
             0x41 => Transfer::Out(b),
             0x93 if cdb[1] & 0x01 == 0 => Transfer::Out(b),
@@ -518,9 +608,11 @@ impl Disk {
                 let mut d = vec![0u8; 32];
                 d[..8].copy_from_slice(&self.blocks().saturating_sub(1).to_be_bytes());
                 d[8..12].copy_from_slice(&self.block.to_be_bytes());
+                d[14] = 0x80 | 0x40; // LBPME, LBPRZ: thin provisioned, unmapped reads zeros
                 d.truncate(be32(cdb, 10) as usize);
                 Outcome::good(d)
             }
+            0x9e if cdb[1] & 0x1f == 0x12 => self.get_lba_status(cdb),
             // RDPROTECT/WRPROTECT/VRPROTECT (byte 1, bits 7-5) need protection
             // information, which this disk does not have (SBC-3 §5.15).
             0x28 | 0xa8 | 0x88 | 0x2a | 0xaa | 0x8a | 0x2e | 0xae | 0x8e | 0x2f | 0xaf | 0x8f
@@ -573,6 +665,7 @@ impl Disk {
                 }
             }
             0x41 | 0x93 => self.write_same(cdb, data_out),
+            0x42 => self.unmap(cdb, data_out),
             // ORWRITE: only BMOP 000b (a plain OR); no ORWgeneration.
             0x8b if cdb[14] & 0x07 != 0 => Outcome::check(Sense::INVALID_FIELD_IN_CDB),
             0x8b => {
@@ -612,15 +705,20 @@ impl Disk {
         } else {
             (be64(cdb, 2), be32(cdb, 10))
         };
-        if cdb[1] & 0xe0 != 0 || cdb[1] & 0x18 != 0 {
+        // WRPROTECT needs protection information; ANCHOR is not supported.
+        if cdb[1] & 0xe0 != 0 || cdb[1] & 0x10 != 0 {
             return Outcome::check(Sense::INVALID_FIELD_IN_CDB);
         }
+        let unmap = cdb[1] & 0x08 != 0;
         if let Err(s) = self.range(lba, n) {
             return Outcome::check(s);
         }
         // A count of 0 writes to the end of the medium (SBC-3 §5.45: WSNZ is 0 in the
-        // Block Limits page).
+        // Block Limits page); a count past MAXIMUM WRITE SAME LENGTH is refused.
         let n = if n == 0 { self.blocks() - lba } else { n };
+        if n > u64::from(self.max_transfer_blocks) {
+            return Outcome::check(Sense::INVALID_FIELD_IN_CDB);
+        }
         if self.swp {
             return Outcome::check(Sense::WRITE_PROTECTED);
         }
@@ -633,6 +731,12 @@ impl Disk {
         } else {
             return Outcome::check(Sense::INVALID_FIELD_IN_CDB);
         };
+        // UNMAP deallocates the blocks (they read zeros: LBPRZ), whatever the data block
+        // (SBC-3 §5.45 lets the device server unmap instead of writing).
+        if unmap {
+            return self.deallocate(lba, n);
+        }
+        self.unmapped.remove(lba, lba + n);
         // Write in runs of up to 1 MiB.
         let per = (1 << 20) / b;
         let run: Vec<u8> = block.repeat(per.min(n as usize));
@@ -688,6 +792,94 @@ impl Disk {
         }
     }
 
+    /// Deallocate `n` blocks at `lba` (in range): they are zeroed in the store, since
+    /// unmapped blocks read as zeros (LBPRZ), and recorded as unmapped.
+    fn deallocate(&mut self, lba: u64, n: u64) -> Outcome {
+        let b = u64::from(self.block);
+        let zeros = vec![0u8; (1 << 20).min((n * b) as usize)];
+        let (mut at, end) = (lba * b, (lba + n) * b);
+        while at < end {
+            let k = (end - at).min(zeros.len() as u64) as usize;
+            if self.store.write_at(at, &zeros[..k]).is_err() {
+                return Outcome::check(Sense {
+                    key: key::MEDIUM_ERROR,
+                    asc: 0x0c,
+                    ascq: 0x00,
+                });
+            }
+            at += k as u64;
+        }
+        self.unmapped.insert(lba, lba + n);
+        Outcome::good(Vec::new())
+    }
+
+    /// UNMAP (SBC-3 §5.28): every block descriptor (LBA, count) of the parameter list is
+    /// checked first, then deallocated. ANCHOR is not supported.
+    fn unmap(&mut self, cdb: &[u8], data: &[u8]) -> Outcome {
+        if cdb[1] & 0x01 != 0 {
+            return Outcome::check(Sense::INVALID_FIELD_IN_CDB);
+        }
+        let param_len = (be16(cdb, 7) as usize).min(data.len());
+        if param_len == 0 {
+            return Outcome::good(Vec::new());
+        }
+        if param_len < 8 {
+            return Outcome::check(Sense::PARAMETER_LIST_LENGTH_ERROR);
+        }
+        let descriptors = (be16(data, 2) as usize).min(param_len - 8) / 16;
+        if descriptors > MAX_UNMAP_DESCRIPTORS as usize {
+            return Outcome::check(Sense::INVALID_FIELD_IN_PARAMETER_LIST);
+        }
+        let list: Vec<(u64, u64)> = data[8..8 + descriptors * 16]
+            .chunks(16)
+            .map(|d| (be64(d, 0), be32(d, 8)))
+            .collect();
+        for &(lba, n) in &list {
+            if n > u64::from(MAX_UNMAP_BLOCKS) {
+                return Outcome::check(Sense::INVALID_FIELD_IN_PARAMETER_LIST);
+            }
+            if let Err(s) = self.range(lba, n) {
+                return Outcome::check(s);
+            }
+        }
+        if self.swp {
+            return Outcome::check(Sense::WRITE_PROTECTED);
+        }
+        for (lba, n) in list {
+            let o = self.deallocate(lba, n);
+            if o.status != GOOD {
+                return o;
+            }
+        }
+        Outcome::good(Vec::new())
+    }
+
+    /// GET LBA STATUS (SBC-3 §5.6): from the LBA asked for, the runs of mapped (0) and
+    /// deallocated (1) blocks, as many as the allocation length holds (up to 64).
+    fn get_lba_status(&self, cdb: &[u8]) -> Outcome {
+        let lba = be64(cdb, 2);
+        let alloc = be32(cdb, 10) as usize;
+        let blocks = self.blocks();
+        if lba >= blocks {
+            return Outcome::check(Sense::LBA_OUT_OF_RANGE);
+        }
+        let want = (alloc.saturating_sub(8) / 16).clamp(1, 64);
+        let mut d = vec![0u8; 8];
+        let mut at = lba;
+        while at < blocks && (d.len() - 8) / 16 < want {
+            let (unmapped, end) = self.unmapped.run_at(at, blocks);
+            let n = (end - at).min(u64::from(u32::MAX));
+            d.extend_from_slice(&at.to_be_bytes());
+            d.extend_from_slice(&(n as u32).to_be_bytes());
+            d.extend_from_slice(&[u8::from(unmapped), 0, 0, 0]);
+            at += n;
+        }
+        let len = (d.len() - 4) as u32;
+        d[..4].copy_from_slice(&len.to_be_bytes());
+        d.truncate(alloc);
+        Outcome::good(d)
+    }
+
     /// COMPARE AND WRITE (SBC-3 §5.2): `data` holds `n` blocks to compare with the medium at
     /// `lba`, then `n` blocks to write there if they all matched; on a difference nothing is
     /// written and the command ends with MISCOMPARE (1Dh/00h). Atomic: the disk is one
@@ -696,12 +888,14 @@ impl Disk {
         if let Err(s) = self.range(lba, n) {
             return Outcome::check(s);
         }
-        if n == 0 {
-            return Outcome::good(Vec::new());
-        }
+        // Data-Out of any other size than the CDB's blocks twice is refused: a count of
+        // 256 blocks, which the one-byte field cannot hold, reads as 0 with 256 blocks' data.
         let b = self.block as usize;
         if n > MAX_COMPARE_AND_WRITE_BLOCKS || data.len() != 2 * n as usize * b {
             return Outcome::check(Sense::INVALID_FIELD_IN_CDB);
+        }
+        if n == 0 {
+            return Outcome::good(Vec::new());
         }
         let medium = self.read(lba, n);
         if medium.status != GOOD {
@@ -760,6 +954,7 @@ impl Disk {
         let b = u64::from(self.block);
         // Fewer bytes than the CDB asks for: write the whole blocks that came.
         let len = ((data.len() as u64).min(n * b) / b * b) as usize;
+        self.unmapped.remove(lba, lba + len as u64 / b);
         if self.store.write_at(lba * b, &data[..len]).is_err() {
             return Outcome::check(Sense {
                 key: key::MEDIUM_ERROR,
@@ -808,7 +1003,7 @@ impl Disk {
             d
         } else {
             match page {
-                0x00 => vec![0x00, 0x00, 0x00, 5, 0x00, 0x80, 0x83, 0xb0, 0xb1],
+                0x00 => vec![0x00, 0x00, 0x00, 6, 0x00, 0x80, 0x83, 0xb0, 0xb1, 0xb2],
                 0x80 => {
                     let mut d = vec![0x00, 0x80, 0x00, self.serial.len() as u8];
                     d.extend_from_slice(self.serial.as_bytes());
@@ -839,8 +1034,25 @@ impl Disk {
                     d[5] = MAX_COMPARE_AND_WRITE_BLOCKS as u8;
                     d[8..12].copy_from_slice(&self.max_transfer_blocks.to_be_bytes());
                     d[12..16].copy_from_slice(&(self.max_transfer_blocks / 8).to_be_bytes());
+                    d[20..24].copy_from_slice(&MAX_UNMAP_BLOCKS.to_be_bytes());
+                    d[24..28].copy_from_slice(&MAX_UNMAP_DESCRIPTORS.to_be_bytes());
+                    d[28..32].copy_from_slice(&1u32.to_be_bytes()); // optimal granularity
+                                                                    // MAXIMUM WRITE SAME LENGTH: as many blocks as one transfer
+                    d[36..44].copy_from_slice(&u64::from(self.max_transfer_blocks).to_be_bytes());
                     d
                 }
+                // Logical Block Provisioning: UNMAP, WRITE SAME (16) and (10) with UNMAP,
+                // unmapped blocks read zeros; thin provisioned.
+                0xb2 => vec![
+                    0x00,
+                    0xb2,
+                    0x00,
+                    0x04,
+                    0x00,
+                    0x80 | 0x40 | 0x20 | 0x04,
+                    0x02,
+                    0x00,
+                ],
                 0xb1 => {
                     let mut d = vec![0u8; 64];
                     d[1] = 0xb1;
@@ -1061,7 +1273,7 @@ mod tests {
             assert_eq!(rsoc(false, 1, op, 0).data_in[5] & 0x18, 0x18, "{op:#x}");
         }
         // A code the disk does not know: SUPPORT 001b.
-        assert_eq!(rsoc(false, 1, 0x42, 0).data_in, [0, 0x01, 0, 0]);
+        assert_eq!(rsoc(false, 1, 0x44, 0).data_in, [0, 0x01, 0, 0]);
         assert_eq!(
             rsoc(false, 5, 0, 0).sense,
             Some(Sense::INVALID_FIELD_IN_CDB)
@@ -1113,6 +1325,115 @@ mod tests {
         );
     }
 
+    #[test]
+    fn extents_split_and_merge() {
+        let mut e = Extents::default();
+        e.insert(10, 20);
+        e.insert(20, 30);
+        assert_eq!(e.len(), 1, "adjacent ranges merge");
+        e.insert(5, 12);
+        assert_eq!(e.run_at(5, 100), (true, 30));
+        e.remove(15, 16);
+        assert_eq!(e.len(), 2);
+        assert_eq!(e.run_at(14, 100), (true, 15));
+        assert_eq!(e.run_at(15, 100), (false, 16));
+        assert_eq!(e.run_at(16, 100), (true, 30));
+        assert_eq!(e.run_at(30, 100), (false, 100));
+        assert_eq!(e.run_at(0, 100), (false, 5));
+        e.remove(0, 100);
+        assert!(e.is_empty());
+        e.insert(3, 3);
+        assert!(e.is_empty(), "an empty range adds nothing");
+    }
+
+    fn unmap_list(list: &[(u64, u32)]) -> (Vec<u8>, [u8; 10]) {
+        let mut p = vec![0u8; 8];
+        for &(lba, n) in list {
+            p.extend_from_slice(&lba.to_be_bytes());
+            p.extend_from_slice(&n.to_be_bytes());
+            p.extend_from_slice(&[0; 4]);
+        }
+        let bd = (p.len() - 8) as u16;
+        let data_len = p.len() as u16 - 2;
+        p[0..2].copy_from_slice(&data_len.to_be_bytes());
+        p[2..4].copy_from_slice(&bd.to_be_bytes());
+        let mut c = [0u8; 10];
+        c[0] = 0x42;
+        c[7..9].copy_from_slice(&(p.len() as u16).to_be_bytes());
+        (p, c)
+    }
+
+    fn lba_status(d: &mut Disk, lba: u64) -> Vec<(u64, u32, u8)> {
+        let mut c = [0u8; 16];
+        c[0] = 0x9e;
+        c[1] = 0x12;
+        c[2..10].copy_from_slice(&lba.to_be_bytes());
+        c[10..14].copy_from_slice(&1024u32.to_be_bytes());
+        let r = d.execute(&c, &[]);
+        assert_eq!(r.status, GOOD);
+        r.data_in[8..]
+            .chunks(16)
+            .map(|x| (be64(x, 0), be32(x, 8) as u32, x[12]))
+            .collect()
+    }
+
+    /// Thin provisioning: UNMAP and WRITE SAME with UNMAP deallocate (the blocks read as
+    /// zeros), GET LBA STATUS reports the runs, a write maps blocks again; every descriptor
+    /// is checked before any block is unmapped.
+    #[test]
+    fn unmapped_blocks_read_zeros_until_written() {
+        let mut d = disk();
+        assert_eq!(d.execute(&cdb10(0x2a, 0, 16), &[b'a'; 8192]).status, GOOD);
+        let (p, c) = unmap_list(&[(2, 3), (10, 1)]);
+        assert_eq!(d.transfer(&c), Transfer::Out(p.len() as u64));
+        assert_eq!(d.execute(&c, &p).status, GOOD);
+        let back = d.execute(&cdb10(0x28, 0, 16), &[]).data_in;
+        for (blk, chunk) in back.chunks(512).enumerate() {
+            let zero = (2..5).contains(&blk) || blk == 10;
+            assert!(
+                chunk.iter().all(|&x| x == if zero { 0 } else { b'a' }),
+                "block {blk}"
+            );
+        }
+        let blocks = d.blocks();
+        assert_eq!(
+            lba_status(&mut d, 0)[..5],
+            [
+                (0, 2, 0),
+                (2, 3, 1),
+                (5, 5, 0),
+                (10, 1, 1),
+                (11, blocks as u32 - 11, 0)
+            ]
+        );
+        // a write maps a block again
+        assert_eq!(d.execute(&cdb10(0x2a, 3, 1), &[b'b'; 512]).status, GOOD);
+        assert_eq!(
+            lba_status(&mut d, 2)[..3],
+            [(2, 1, 1), (3, 1, 0), (4, 1, 1)]
+        );
+        // WRITE SAME(16) with UNMAP and a zero block deallocates
+        let mut ws = cdb16(0x93, 20, 4);
+        ws[1] = 0x08;
+        assert_eq!(d.execute(&ws, &[0; 512]).status, GOOD);
+        assert_eq!(lba_status(&mut d, 20)[0], (20, 4, 1));
+        // one descriptor out of range: nothing is unmapped
+        let (p, c) = unmap_list(&[(30, 1), (blocks, 1)]);
+        assert_eq!(d.execute(&c, &p).sense, Some(Sense::LBA_OUT_OF_RANGE));
+        assert_eq!(lba_status(&mut d, 30)[0].2, 0);
+        // zero blocks, even at the end; an empty list
+        let (p, c) = unmap_list(&[(blocks, 0)]);
+        assert_eq!(d.execute(&c, &p).status, GOOD);
+        let (p, c) = unmap_list(&[]);
+        assert_eq!(d.execute(&c, &p).status, GOOD);
+        // READ CAPACITY(16) says so: LBPME, LBPRZ
+        let mut rc = [0u8; 16];
+        rc[0] = 0x9e;
+        rc[1] = 0x10;
+        rc[13] = 32;
+        assert_eq!(d.execute(&rc, &[]).data_in[14], 0xc0);
+    }
+
     /// ORWRITE ORs its data into the medium.
     #[test]
     fn orwrite_ors_into_the_medium() {
@@ -1158,6 +1479,10 @@ mod tests {
         assert_eq!(d.execute(&cdb10(0x28, 4, 2), &[]).data_in, vec![b'B'; 1024]);
         // no blocks: nothing to do; Data-Out of the wrong size, or past the end: refused
         assert_eq!(d.execute(&caw(4, 0), &[]).status, GOOD);
+        assert_eq!(
+            d.execute(&caw(4, 0), &data).sense,
+            Some(Sense::INVALID_FIELD_IN_CDB)
+        );
         assert_eq!(
             d.execute(&caw(4, 2), &data[..1024]).sense,
             Some(Sense::INVALID_FIELD_IN_CDB)
@@ -1208,7 +1533,7 @@ mod tests {
             d.execute(&cdb16(0x88, last, 2), &[]).data_in,
             vec![0xcd; 1024]
         );
-        ws[1] = 0x08; // UNMAP without provisioning
+        ws[1] = 0x10; // ANCHOR: not supported
         assert_eq!(
             d.execute(&ws, &[0; 512]).sense,
             Some(Sense::INVALID_FIELD_IN_CDB)
@@ -1271,8 +1596,8 @@ mod tests {
         let r = d.execute(&[0x12, 0, 0, 0, 5, 0], &[]);
         assert_eq!(r.data_in.len(), 5, "cut to the allocation length");
         let r = d.execute(&[0x12, 1, 0, 0, 255, 0], &[]);
-        assert_eq!(&r.data_in[4..], &[0x00, 0x80, 0x83, 0xb0, 0xb1]);
-        for page in [0x80u8, 0x83, 0xb0, 0xb1] {
+        assert_eq!(&r.data_in[4..], &[0x00, 0x80, 0x83, 0xb0, 0xb1, 0xb2]);
+        for page in [0x80u8, 0x83, 0xb0, 0xb1, 0xb2] {
             let r = d.execute(&[0x12, 1, page, 0, 255, 0], &[]);
             assert_eq!((r.status, r.data_in[1]), (GOOD, page));
             let len = u16::from_be_bytes([r.data_in[2], r.data_in[3]]) as usize;

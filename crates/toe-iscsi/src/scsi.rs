@@ -332,6 +332,7 @@ const SUPPORTED_OPCODES: &[(u8, Option<u16>, &[u8])] = &[
     (0x08, None, &[0x08, 0x1f, 0xff, 0xff, 0xff, 0x00]),
     (0x0a, None, &[0x0a, 0x1f, 0xff, 0xff, 0xff, 0x00]),
     (0x12, None, &[0x12, 0x01, 0xff, 0xff, 0xff, 0x00]),
+    (0x15, None, &[0x15, 0x11, 0, 0, 0xff, 0x00]),
     (0x16, None, &[0x16, 0, 0, 0, 0, 0x00]),
     (0x17, None, &[0x17, 0, 0, 0, 0, 0x00]),
     (0x1a, None, &[0x1a, 0x08, 0xff, 0xff, 0xff, 0x00]),
@@ -345,6 +346,7 @@ const SUPPORTED_OPCODES: &[(u8, Option<u16>, &[u8])] = &[
     (0x35, None, &[0x35, 0x02, 0xff, 0xff, 0xff, 0xff, 0, 0xff, 0xff, 0x00]),
     (0x41, None, &[0x41, 0x08, 0xff, 0xff, 0xff, 0xff, 0, 0xff, 0xff, 0x00]),
     (0x42, None, &[0x42, 0x00, 0, 0, 0, 0, 0, 0xff, 0xff, 0x00]),
+    (0x55, None, &[0x55, 0x11, 0, 0, 0, 0, 0, 0xff, 0xff, 0x00]),
     (0x56, None, &[0x56, 0, 0, 0, 0, 0, 0, 0, 0, 0x00]),
     (0x57, None, &[0x57, 0, 0, 0, 0, 0, 0, 0, 0, 0x00]),
     (0x5a, None, &[0x5a, 0x18, 0xff, 0xff, 0, 0, 0, 0xff, 0xff, 0x00]),
@@ -366,6 +368,15 @@ const SUPPORTED_OPCODES: &[(u8, Option<u16>, &[u8])] = &[
     (0xae, None, &[0xae, 0x12, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0x00]),
     (0xaf, None, &[0xaf, 0x16, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0x00]),
 ];
+
+/// The bits of mode page `page` that MODE SELECT changes (a mask over the page, from its
+/// byte 0): the Control page's D_SENSE (byte 2) and SWP (byte 4).
+fn changeable(page: u8) -> &'static [u8] {
+    match page & 0x3f {
+        0x0a => &[0, 0, 0x04, 0, 0x08],
+        _ => &[],
+    }
+}
 
 /// Most blocks one COMPARE AND WRITE takes (the Block Limits page says so).
 const MAX_COMPARE_AND_WRITE_BLOCKS: u64 = 255;
@@ -499,6 +510,8 @@ impl Disk {
                 u64::from(cdb[4])
             }),
             0x5a => Transfer::In(be16(cdb, 7)),
+            0x15 => Transfer::Out(u64::from(cdb[4])),
+            0x55 => Transfer::Out(be16(cdb, 7)),
             0x25 => Transfer::In(8),
             0x9e => Transfer::In(be32(cdb, 10)),
             0x42 => Transfer::Out(be16(cdb, 7)),
@@ -651,6 +664,7 @@ impl Disk {
                 self.flush()
             }
             0x1a | 0x5a => self.mode_sense(cdb),
+            0x15 | 0x55 => self.mode_select(cdb, data_out),
             // PRE-FETCH (10) and (16): the blocks are in memory (or the page cache)
             // already; only the range is checked.
             0x34 | 0x90 => {
@@ -1090,6 +1104,85 @@ impl Disk {
         }
     }
 
+    /// MODE SELECT (6) and (10) (SPC-4 §6.11, §6.12), page format, not saved: the Control
+    /// page's SWP and D_SENSE are the fields that change; a page, or any other field, that
+    /// differs from what MODE SENSE reports is INVALID FIELD IN PARAMETER LIST, and nothing
+    /// changes unless the whole list is valid.
+    fn mode_select(&mut self, cdb: &[u8], data: &[u8]) -> Outcome {
+        let six = cdb[0] == 0x15;
+        if cdb[1] & 0x10 == 0 || cdb[1] & 0x01 != 0 {
+            return Outcome::check(Sense::INVALID_FIELD_IN_CDB); // PF = 0, or SP = 1
+        }
+        let len = if six {
+            usize::from(cdb[4])
+        } else {
+            be16(cdb, 7) as usize
+        }
+        .min(data.len());
+        if len == 0 {
+            return Outcome::good(Vec::new());
+        }
+        let (header, descriptors) = match (six, len) {
+            (true, 4..) => (4, usize::from(data[3])),
+            (false, 8..) => (8, be16(data, 6) as usize),
+            _ => return Outcome::check(Sense::PARAMETER_LIST_LENGTH_ERROR),
+        };
+        let mut at = header + descriptors;
+        if at > len {
+            return Outcome::check(Sense::PARAMETER_LIST_LENGTH_ERROR);
+        }
+        // A block descriptor may only restate the block length.
+        for d in data[header..at].chunks(8) {
+            let bl = d
+                .get(5..8)
+                .map_or(0, |b| u32::from_be_bytes([0, b[0], b[1], b[2]]));
+            if d.len() != 8 || (bl != 0 && bl != self.block) {
+                return Outcome::check(Sense::INVALID_FIELD_IN_PARAMETER_LIST);
+            }
+        }
+        let (mut swp, mut d_sense) = (self.swp, self.d_sense);
+        while at < len {
+            let code = data[at];
+            let Some(&plen) = data.get(at + 1) else {
+                return Outcome::check(Sense::PARAMETER_LIST_LENGTH_ERROR);
+            };
+            let Some(page) = data
+                .get(at..at + 2 + usize::from(plen))
+                .filter(|_| at + 2 + usize::from(plen) <= len)
+            else {
+                return Outcome::check(Sense::PARAMETER_LIST_LENGTH_ERROR);
+            };
+            let current = match code & 0x3f {
+                0x08 | 0x0a if code & 0x40 == 0 => self.mode_pages(code & 0x3f),
+                _ => None,
+            };
+            let Some(current) = current.filter(|c| c.len() == page.len()) else {
+                return Outcome::check(Sense::INVALID_FIELD_IN_PARAMETER_LIST);
+            };
+            let mask = changeable(code & 0x3f);
+            let fixed_ok = page
+                .iter()
+                .zip(&current)
+                .enumerate()
+                .skip(2)
+                .all(|(k, (n, c))| {
+                    let m = mask.get(k).copied().unwrap_or(0);
+                    n & !m == c & !m
+                });
+            if !fixed_ok {
+                return Outcome::check(Sense::INVALID_FIELD_IN_PARAMETER_LIST);
+            }
+            if code & 0x3f == 0x0a {
+                d_sense = page[2] & 0x04 != 0;
+                swp = page[4] & 0x08 != 0;
+            }
+            at += page.len();
+        }
+        self.swp = swp;
+        self.d_sense = d_sense;
+        Outcome::good(Vec::new())
+    }
+
     fn mode_sense(&self, cdb: &[u8]) -> Outcome {
         let six = cdb[0] == 0x1a;
         let dbd = cdb[1] & 0x08 != 0;
@@ -1105,12 +1198,15 @@ impl Disk {
             return Outcome::check(Sense::INVALID_FIELD_IN_CDB);
         };
         if pc == 1 {
-            // Changeable values: none (MODE SELECT is not offered yet); each page keeps
-            // its code and length.
+            // Changeable values: the bits MODE SELECT takes; each page keeps its code and
+            // length.
             let mut at = 0;
             while at + 2 <= pages.len() {
                 let len = usize::from(pages[at + 1]);
-                pages[at + 2..at + 2 + len].fill(0);
+                let mask = changeable(pages[at]);
+                for (k, b) in pages[at + 2..at + 2 + len].iter_mut().enumerate() {
+                    *b = mask.get(k + 2).copied().unwrap_or(0);
+                }
                 at += 2 + len;
             }
         }
@@ -1432,6 +1528,59 @@ mod tests {
         rc[1] = 0x10;
         rc[13] = 32;
         assert_eq!(d.execute(&rc, &[]).data_in[14], 0xc0);
+    }
+
+    /// MODE SELECT turns SWP (and D_SENSE) on and off through the Control page, refuses a
+    /// change to any other field, and MODE SENSE's changeable values say which bits move.
+    #[test]
+    fn mode_select_sets_software_write_protect() {
+        let mut d = disk();
+        let sense = |d: &mut Disk, pc: u8| {
+            d.execute(&[0x1a, 0x08, pc << 6 | 0x0a, 0, 255, 0], &[])
+                .data_in
+        };
+        let changeable = sense(&mut d, 1);
+        assert_eq!(
+            &changeable[4..],
+            &[0x0a, 0x0a, 0x04, 0, 0x08, 0, 0, 0, 0, 0, 0, 0]
+        );
+        let mut page = sense(&mut d, 0)[4..].to_vec();
+        page[4] |= 0x08; // SWP
+        let list = [vec![0, 0, 0, 0], page.clone()].concat();
+        let select = [0x15, 0x10, 0, 0, list.len() as u8, 0];
+        assert_eq!(d.transfer(&select), Transfer::Out(list.len() as u64));
+        assert_eq!(d.execute(&select, &list).status, GOOD);
+        assert_eq!(
+            d.execute(&cdb10(0x2a, 0, 1), &[1; 512]).sense,
+            Some(Sense::WRITE_PROTECTED)
+        );
+        assert_eq!(sense(&mut d, 0)[2] & 0x80, 0x80, "WP in the header");
+        // a field that does not change: refused, and SWP stays
+        let mut bad = list.clone();
+        bad[4 + 3] = 0x10;
+        bad[4 + 4] &= !0x08;
+        assert_eq!(
+            d.execute(&select, &bad).sense,
+            Some(Sense::INVALID_FIELD_IN_PARAMETER_LIST)
+        );
+        assert_eq!(
+            d.execute(&cdb10(0x2a, 0, 1), &[1; 512]).sense,
+            Some(Sense::WRITE_PROTECTED)
+        );
+        // SWP off again (MODE SELECT (10))
+        page[4] &= !0x08;
+        let list10 = [vec![0; 8], page].concat();
+        let mut select10 = [0u8; 10];
+        select10[0] = 0x55;
+        select10[1] = 0x10;
+        select10[8] = list10.len() as u8;
+        assert_eq!(d.execute(&select10, &list10).status, GOOD);
+        assert_eq!(d.execute(&cdb10(0x2a, 0, 1), &[1; 512]).status, GOOD);
+        // saved pages (SP) are not supported
+        assert_eq!(
+            d.execute(&[0x15, 0x11, 0, 0, 0, 0], &[]).sense,
+            Some(Sense::INVALID_FIELD_IN_CDB)
+        );
     }
 
     /// ORWRITE ORs its data into the medium.

@@ -858,6 +858,45 @@ mod tests {
         assert_eq!(t.stats().rejects, 1);
     }
 
+    /// The target pings an idle initiator with a NOP-In; the answer (a NOP-Out with the
+    /// ping's tag) keeps the connection, silence past the timeout ends it.
+    #[test]
+    fn the_target_pings_an_idle_initiator_and_drops_a_silent_one() {
+        use crate::target::{Ended, KeepAlive};
+        let (mut i, t) = pair("None", true, 8);
+        let k = KeepAlive {
+            interval_us: 1_000_000,
+            timeout_us: 500_000,
+        };
+        let mut t = t.with_keepalive(k);
+        login(&mut i, &mut t);
+        let mut out = Vec::new();
+        t.poll(0, &mut out);
+        t.poll(999_999, &mut out);
+        assert!(out.is_empty(), "no ping before the interval");
+        assert_eq!(t.next_deadline(), Some(1_000_000));
+        t.poll(1_000_000, &mut out);
+        assert!(!out.is_empty(), "a ping after the interval");
+        assert_eq!(t.next_deadline(), Some(1_500_000));
+        // the initiator answers; the connection stays
+        let mut back = Vec::new();
+        i.on_bytes(&out, &mut back);
+        assert!(!back.is_empty(), "the initiator answers the ping");
+        let mut none = Vec::new();
+        t.on_bytes(&back, &mut none);
+        assert!(none.is_empty(), "a ping's answer is not answered");
+        t.poll(1_600_000, &mut none);
+        assert!(t.ended().is_none());
+        assert!(none.is_empty());
+        // silence: a ping, then the end of the connection
+        t.poll(2_600_000, &mut none);
+        assert!(!none.is_empty());
+        t.poll(3_099_999, &mut none);
+        assert!(t.ended().is_none());
+        t.poll(3_100_000, &mut none);
+        assert_eq!(t.ended(), Some(&Ended::PeerSilent));
+    }
+
     /// A session's reservation ends with its connection (I_T nexus loss at ERL 0), with
     /// its logout, and with a LOGICAL UNIT RESET.
     #[test]

@@ -77,6 +77,20 @@ pub enum Ended {
     Wire(WireError),
     /// A PDU longer than allowed.
     Oversized(usize),
+    /// The initiator left a NOP-In ping unanswered for the keep-alive timeout (its host or
+    /// the path is gone).
+    PeerSilent,
+}
+
+/// The target's NOP-In keep-alive: after `interval_us` without a PDU from the initiator, a
+/// NOP-In ping (with a Target Transfer Tag, which the initiator must answer with a NOP-Out);
+/// no answer within `timeout_us` ends the connection. Microseconds of the caller's clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeepAlive {
+    /// Idle time before a ping, µs.
+    pub interval_us: u64,
+    /// Time a ping may go unanswered, µs.
+    pub timeout_us: u64,
 }
 
 /// Counters of one connection.
@@ -140,6 +154,13 @@ pub struct TargetConn {
     /// This connection's session, as the disk's reservations know it (its TSIH: one
     /// connection per session at ERL 0).
     nexus: Nexus,
+    keepalive: Option<KeepAlive>,
+    /// A PDU came since the last [`TargetConn::poll`].
+    heard: bool,
+    /// When the initiator was last heard from (µs, as of a poll).
+    last_heard: Option<u64>,
+    /// The ping awaiting its NOP-Out: (TTT, sent at µs).
+    ping: Option<(u32, u64)>,
 }
 
 /// How many ended writes [`TargetConn`] remembers, to drop their late Data-Out quietly.
@@ -189,6 +210,67 @@ impl TargetConn {
             text_out: None,
             ended_writes: VecDeque::new(),
             nexus: Nexus::from(tsih),
+            keepalive: None,
+            heard: false,
+            last_heard: None,
+            ping: None,
+        }
+    }
+
+    /// Ping an idle initiator and drop a silent one (see [`KeepAlive`]); call
+    /// [`TargetConn::poll`] with the time.
+    pub fn with_keepalive(mut self, k: KeepAlive) -> Self {
+        self.keepalive = Some(k);
+        self
+    }
+
+    /// Time passes (`now_us`, µs of the caller's clock; it never goes back): the NOP-In
+    /// keep-alive pings an idle initiator (into `out`) or ends the connection of one that
+    /// did not answer. Nothing without [`TargetConn::with_keepalive`].
+    pub fn poll(&mut self, now_us: u64, out: &mut Vec<u8>) {
+        let Some(k) = self.keepalive else {
+            return;
+        };
+        if std::mem::take(&mut self.heard) || self.last_heard.is_none() {
+            self.last_heard = Some(now_us);
+        }
+        if !matches!(self.phase, Phase::FullFeature(_)) {
+            return;
+        }
+        let last = self.last_heard.unwrap_or(now_us);
+        match self.ping {
+            Some((_, sent)) if now_us.saturating_sub(sent) >= k.timeout_us => {
+                self.phase = Phase::Closed(Ended::PeerSilent);
+            }
+            None if now_us.saturating_sub(last) >= k.interval_us => {
+                let ttt = self.take_ttt();
+                self.ping = Some((ttt, now_us));
+                // A ping carries the current StatSN without taking one (RFC 7143 §11.19.2).
+                let r = Repr::NopIn(Nop {
+                    immediate: false,
+                    lun: 0,
+                    itt: RESERVED_TAG,
+                    ttt,
+                    sn: self.stat_sn,
+                    exp_sn: self.exp_cmd_sn,
+                    max_cmd_sn: self.max_cmd_sn(),
+                });
+                self.send(&r, &[], out);
+            }
+            _ => {}
+        }
+    }
+
+    /// When [`TargetConn::poll`] has something to do next, in µs of the caller's clock (a
+    /// ping, or the end of its wait); `None` without keep-alive or before the first poll.
+    pub fn next_deadline(&self) -> Option<u64> {
+        let k = self.keepalive?;
+        if !matches!(self.phase, Phase::FullFeature(_)) {
+            return None;
+        }
+        match self.ping {
+            Some((_, sent)) => Some(sent + k.timeout_us),
+            None => self.last_heard.map(|t| t + k.interval_us),
         }
     }
 
@@ -235,6 +317,7 @@ impl TargetConn {
         if self.ended().is_some() {
             return;
         }
+        self.heard |= !bytes.is_empty();
         self.inbuf.extend_from_slice(bytes);
         // The buffer leaves `self` while its PDUs are handled, so each is borrowed in place
         // (no copy of its data) while the machine changes.
@@ -414,7 +497,11 @@ impl TargetConn {
             }
             Repr::NopOut(n) => {
                 if n.itt == RESERVED_TAG {
-                    return; // no answer asked for
+                    // No answer asked for; the answer to our ping, if its tag is the ping's.
+                    if self.ping.is_some_and(|(ttt, _)| ttt == n.ttt) {
+                        self.ping = None;
+                    }
+                    return;
                 }
                 let r = Repr::NopIn(Nop {
                     immediate: false,

@@ -12,7 +12,7 @@ use std::time::Duration;
 use toe_iscsi::login::TargetConfig;
 use toe_iscsi::scsi::{BlockStore, Disk};
 use toe_iscsi::target::ConnStats;
-use toe_iscsi::target::TargetConn;
+use toe_iscsi::target::{KeepAlive, TargetConn};
 
 /// Random bytes from the kernel (CHAP challenges and identifiers, ISIDs).
 pub fn random_bytes<const N: usize>() -> io::Result<[u8; N]> {
@@ -39,6 +39,17 @@ impl TcpTarget {
         cfg: TargetConfig,
         disk: Option<Arc<Mutex<Disk>>>,
     ) -> io::Result<TcpTarget> {
+        TcpTarget::start_with(listener, cfg, disk, None)
+    }
+
+    /// [`TcpTarget::start`], with the NOP-In keep-alive `keepalive` on every connection
+    /// (timed by the wall clock).
+    pub fn start_with(
+        listener: TcpListener,
+        cfg: TargetConfig,
+        disk: Option<Arc<Mutex<Disk>>>,
+        keepalive: Option<KeepAlive>,
+    ) -> io::Result<TcpTarget> {
         let addr = listener.local_addr()?;
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -59,7 +70,7 @@ impl TcpTarget {
                             let t = tsih.fetch_add(1, Ordering::Relaxed).max(1);
                             let _ = std::thread::Builder::new().name("iscsi-conn".into()).spawn(
                                 move || {
-                                    let (r, st) = serve_conn(s, cfg, targets, disk, t);
+                                    let (r, st) = serve_conn(s, cfg, targets, disk, t, keepalive);
                                     if let Err(e) = r {
                                         eprintln!("iscsi: connection ended: {e}");
                                     }
@@ -114,6 +125,7 @@ fn serve_conn(
     targets: Vec<(String, String)>,
     disk: Option<Arc<Mutex<Disk>>>,
     tsih: u16,
+    keepalive: Option<KeepAlive>,
 ) -> (io::Result<()>, ConnStats) {
     let r: [u8; 17] = match random_bytes() {
         Ok(r) => r,
@@ -125,21 +137,42 @@ fn serve_conn(
     if let Some(d) = disk {
         conn = conn.with_disk(d);
     }
+    if let Some(k) = keepalive {
+        conn = conn.with_keepalive(k);
+    }
     let res = pump(s, &mut conn);
     (res, conn.stats())
 }
 
-/// Move bytes between the socket and the connection machine until either ends.
+/// Move bytes between the socket and the connection machine until either ends; the
+/// machine's keep-alive is polled with the wall clock (reads wait at most until its next
+/// deadline).
 fn pump(mut s: TcpStream, conn: &mut TargetConn) -> io::Result<()> {
     s.set_nodelay(true)?;
     let mut buf = vec![0u8; 256 * 1024];
     let mut out = Vec::new();
+    let t0 = std::time::Instant::now();
+    let now = || t0.elapsed().as_micros() as u64;
     loop {
-        let n = s.read(&mut buf)?;
-        if n == 0 {
-            return Ok(());
-        }
         out.clear();
+        conn.poll(now(), &mut out);
+        let wait = conn
+            .next_deadline()
+            .map(|d| Duration::from_micros(d.saturating_sub(now()).max(1_000)));
+        s.set_read_timeout(wait)?;
+        let n = match s.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                0
+            }
+            Err(e) => return Err(e),
+        };
         conn.on_bytes(&buf[..n], &mut out);
         s.write_all(&out)?;
         if let Some(why) = conn.ended() {

@@ -74,6 +74,7 @@ pub struct TargetApp {
     rng: u64,
     next_tsih: u16,
     sessions: Vec<Session>,
+    keepalive: Option<toe_iscsi::target::KeepAlive>,
     log: Vec<String>,
     /// Counters of the connections that ended.
     pub totals: Totals,
@@ -108,9 +109,16 @@ impl TargetApp {
             rng: seed | 1,
             next_tsih: 1,
             sessions: Vec::new(),
+            keepalive: None,
             log: Vec::new(),
             totals: Totals::default(),
         }
+    }
+
+    /// The NOP-In keep-alive on every connection, timed by the host's clock.
+    pub fn with_keepalive(mut self, k: toe_iscsi::target::KeepAlive) -> Self {
+        self.keepalive = Some(k);
+        self
     }
 
     /// Connections in progress.
@@ -145,8 +153,11 @@ impl TargetApp {
         let tsih = self.next_tsih;
         self.next_tsih = self.next_tsih.wrapping_add(1).max(1);
         let targets = vec![(self.cfg.target_name.clone(), self.portal.clone())];
-        let conn_machine = TargetConn::new(self.cfg.clone(), targets, challenge, id, tsih)
+        let mut conn_machine = TargetConn::new(self.cfg.clone(), targets, challenge, id, tsih)
             .with_disk(self.disk.clone());
+        if let Some(k) = self.keepalive {
+            conn_machine = conn_machine.with_keepalive(k);
+        }
         Session {
             io: ConnIo::new(conn, RxMode::InPlace),
             conn: conn_machine,
@@ -172,6 +183,7 @@ impl App for TargetApp {
         while i < self.sessions.len() {
             let s = &mut self.sessions[i];
             s.io.reap(d)?;
+            s.conn.poll(now.total_micros() as u64, &mut s.out);
             busy |= s.flush(d)?;
             if s.out.len() - s.sent < MAX_PENDING_OUT && s.conn.ended().is_none() {
                 let Session { io, conn, out, .. } = s;

@@ -404,6 +404,12 @@ enum IscsiCmd {
         /// ... and its secret.
         #[arg(long, requires = "mutual_user")]
         mutual_secret: Option<String>,
+        /// NOP-In keep-alive: ping an initiator idle this many seconds (0: never) ...
+        #[arg(long, default_value_t = 30.0)]
+        nop_interval: f64,
+        /// ... and drop it if it does not answer within this many seconds.
+        #[arg(long, default_value_t = 30.0)]
+        nop_timeout: f64,
         /// Where the data path runs: `software` (today the only one; `engine`, the NIC's
         /// iSCSI engine, comes with the emulated TOE transport).
         #[arg(long, default_value = "software")]
@@ -526,6 +532,8 @@ fn iscsi(cmd: IscsiCmd, settings: &Settings) -> Result<(), String> {
             chap_secret,
             mutual_user,
             mutual_secret,
+            nop_interval,
+            nop_timeout,
             offload,
         } => {
             use toe_iscsi::login::{Credentials, OpParams, TargetConfig};
@@ -569,6 +577,11 @@ fn iscsi(cmd: IscsiCmd, settings: &Settings) -> Result<(), String> {
                 cmd_window: 32,
             };
             let auth = if cfg.chap.is_some() { "CHAP" } else { "none" };
+            let us = |s: f64| (s.max(0.0) * 1e6) as u64;
+            let keepalive = (nop_interval > 0.0).then(|| toe_iscsi::target::KeepAlive {
+                interval_us: us(nop_interval),
+                timeout_us: us(nop_timeout).max(1),
+            });
             let announce = |portal: &dyn std::fmt::Display, on: &str| {
                 println!(
                     "toemu iscsi target: portal {portal}{on}, {iqn}, LUN 0 = {} ({bytes} bytes, {block}-byte blocks), authentication {auth}, offload software",
@@ -583,6 +596,9 @@ fn iscsi(cmd: IscsiCmd, settings: &Settings) -> Result<(), String> {
                 );
                 let mut app =
                     toemu_lab::iscsi_host::TargetApp::new(port, cfg, &portal, disk.clone(), seed);
+                if let Some(k) = keepalive {
+                    app = app.with_keepalive(k);
+                }
                 announce(&portal, &format!(" (emulated TOE host on {})", tap.tap));
                 let mut l = Listening {
                     port,
@@ -596,8 +612,13 @@ fn iscsi(cmd: IscsiCmd, settings: &Settings) -> Result<(), String> {
                 let listener = std::net::TcpListener::bind(&listen)
                     .map_err(|e| format!("--listen {listen}: {e}"))?;
                 let stop = stop_flag();
-                let t = toemu_lab::iscsi::TcpTarget::start(listener, cfg, Some(disk.clone()))
-                    .map_err(|e| e.to_string())?;
+                let t = toemu_lab::iscsi::TcpTarget::start_with(
+                    listener,
+                    cfg,
+                    Some(disk.clone()),
+                    keepalive,
+                )
+                .map_err(|e| e.to_string())?;
                 announce(&t.addr(), "");
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     std::thread::sleep(std::time::Duration::from_millis(100));

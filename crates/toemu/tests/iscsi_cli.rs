@@ -18,11 +18,16 @@ fn free_port() -> u16 {
 
 /// `toemu iscsi target` on `lun` at `portal`, answering; the caller stops it by PID.
 fn target(lun: &Path, portal: &str, log: &Path) -> Child {
+    target_with(lun, portal, log, &[])
+}
+
+/// [`target`] with more options.
+fn target_with(lun: &Path, portal: &str, log: &Path, more: &[&str]) -> Child {
     let out = std::fs::File::create(log).unwrap();
     let mut c = Command::new(TOEMU)
-        .args([
-            "iscsi", "target", "--size", "64MiB", "--listen", portal, "--lun",
-        ])
+        .args(["iscsi", "target", "--size", "64MiB", "--listen", portal])
+        .args(more)
+        .arg("--lun")
         .arg(lun)
         .stdin(Stdio::null())
         .stdout(out.try_clone().unwrap())
@@ -135,6 +140,46 @@ fn perf_reports_figures_as_json_and_refuses_a_bad_block_size() {
     }
     let (ok, out) = perf(&url, &["--block", "1000", "--seconds", "1"]);
     assert!(!ok && out.contains("not a multiple"), "{out}");
+    t.kill().unwrap();
+    t.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The target's NOP-In keep-alive: an initiator that answers the ping (toemu's, when it next
+/// reads) keeps its session; one that never reads is dropped after the timeout.
+#[test]
+fn the_target_keeps_an_answering_initiator_and_drops_a_silent_one() {
+    use toemu_lab::iscsi::{IscsiUrl, TcpInitiator};
+    let dir = scratch("nop");
+    let portal = format!("127.0.0.1:{}", free_port());
+    let mut t = target_with(
+        &dir.join("lun.img"),
+        &portal,
+        &dir.join("target.log"),
+        &["--nop-interval", "0.5", "--nop-timeout", "5"],
+    );
+    let url: IscsiUrl = format!("iscsi://{portal}/{IQN}/0").parse().unwrap();
+    let tur = [0u8; 6];
+    let mut answering = TcpInitiator::login(&url, Some(IQN)).unwrap();
+    let mut silent = TcpInitiator::login(&url, Some(IQN)).unwrap();
+    // Both pinged at 0.5 s; the answering one reads (and answers) at 1.2 s, is pinged again
+    // at about 1.7 s and answers at 5 s, within the timeout.
+    std::thread::sleep(Duration::from_millis(1200));
+    let c = answering.command(0, &tur, 0, Vec::new()).unwrap();
+    assert_eq!(c.status, 0, "{c:?}");
+    std::thread::sleep(Duration::from_millis(3800));
+    let c = answering.command(0, &tur, 0, Vec::new()).unwrap();
+    assert_eq!(
+        c.status, 0,
+        "the answering initiator keeps its session: {c:?}"
+    );
+    // The silent one's first ping times out at 5.5 s.
+    std::thread::sleep(Duration::from_millis(2000));
+    let gone = silent.command(0, &tur, 0, Vec::new());
+    assert!(
+        gone.is_err(),
+        "the silent initiator's connection is still open: {gone:?}"
+    );
     t.kill().unwrap();
     t.wait().unwrap();
     let _ = std::fs::remove_dir_all(&dir);

@@ -18,13 +18,13 @@
 
 use std::path::PathBuf;
 
-use toe_bus::time::Duration;
 use toe_host::config::parse_size;
-use toe_host::wire_opts::{PcapTarget, WireOptions};
-use toe_nic::impair::{ImpairConfig, ImpairStats};
+use toe_host::wire_opts::PcapTarget;
+use toe_nic::impair::ImpairStats;
 use toemu_lab::bare::BarePair;
 use toemu_lab::datagen::DataGen;
 use toemu_lab::demo::{toe_bulk, Bulk, DemoOptions, Mode};
+use toemu_tests::impaired;
 use toemu_tests::tshark;
 
 const MIB: u64 = 1 << 20;
@@ -43,21 +43,6 @@ const MODES: [Mode; 4] = [
     Mode::MssHoldoff,
     Mode::UnboundedCopy,
 ];
-
-fn impaired(loss: f64, reorder: f64, dup: f64, corrupt: f64, seed: u64) -> WireOptions {
-    WireOptions {
-        impair: ImpairConfig {
-            delay: Duration::from_millis(1),
-            loss,
-            reorder,
-            dup,
-            corrupt,
-            seed,
-            ..ImpairConfig::default()
-        },
-        pcap: None,
-    }
-}
 
 /// Asserts that an impairment with probability `p` over `frames` frames happened, when at
 /// least 10 occurrences were expected (small transfers may see none), and never happened when

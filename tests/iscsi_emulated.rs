@@ -85,18 +85,7 @@ fn written_data_reads_back_through_the_impairment_matrix() {
         ("all", 0.005, 0.01, 0.01, 0.005),
     ];
     for (name, loss, reorder, dup, corrupt) in cells {
-        let wire = WireOptions {
-            impair: ImpairConfig {
-                delay: Duration::from_millis(1),
-                loss,
-                reorder,
-                dup,
-                corrupt,
-                seed: 3,
-                ..ImpairConfig::default()
-            },
-            pcap: None,
-        };
+        let wire = toemu_tests::impaired(loss, reorder, dup, corrupt, 3);
         for digests in [(false, false), (true, true)] {
             let what = format!("{name}, digests {digests:?}");
             let w = check(&what, &wire, digests, verify(2 << 20, 64 << 10, 8, 5));

@@ -139,24 +139,12 @@ fn our_initiator_logs_in_to_tgt_with_chap_and_a_wrong_secret_is_refused() {
 #[test]
 fn iscsi_test_cu_all_passes_at_least_as_many_tests_as_tgt() {
     use std::sync::{Arc, Mutex};
-    use toe_iscsi::login::{OpParams, TargetConfig};
+    use toe_iscsi::login::TargetConfig;
     use toe_iscsi::scsi::{Disk, MemStore};
     let iqn = "iqn.2026-12.org.toemu:disk";
     let ours = toemu_lab::iscsi::TcpTarget::start(
         TcpListener::bind("127.0.0.1:0").unwrap(),
-        TargetConfig {
-            target_name: iqn.into(),
-            alias: Some("toemu".into()),
-            portal_group_tag: 1,
-            chap: None,
-            mutual: None,
-            params: OpParams {
-                header_digest: "CRC32C,None".into(),
-                data_digest: "CRC32C,None".into(),
-                ..OpParams::default()
-            },
-            cmd_window: 32,
-        },
+        TargetConfig::offering_digests(iqn),
         Some(Arc::new(Mutex::new(Disk::new(
             Box::new(MemStore::new(96 << 20)),
             512,

@@ -526,3 +526,26 @@ pub mod tgt {
         }
     }
 }
+
+/// A wire of 1 ms one way in each direction with these probabilities of loss, reordering,
+/// duplication and corruption (one bit flipped), from wire seed `seed`.
+pub fn impaired(
+    loss: f64,
+    reorder: f64,
+    dup: f64,
+    corrupt: f64,
+    seed: u64,
+) -> toe_host::wire_opts::WireOptions {
+    toe_host::wire_opts::WireOptions {
+        impair: toe_nic::impair::ImpairConfig {
+            delay: toe_bus::time::Duration::from_millis(1),
+            loss,
+            reorder,
+            dup,
+            corrupt,
+            seed,
+            ..toe_nic::impair::ImpairConfig::default()
+        },
+        pcap: None,
+    }
+}

@@ -199,21 +199,27 @@ impl InitiatorConn {
         let itt = self.tag();
         let mut data = Vec::new();
         text::encode_pairs(pairs, &mut data);
+        self.text_request(itt, RESERVED_TAG, &data, out);
+        itt
+    }
+
+    /// A final, immediate Text Request for `itt` with `data`: a new exchange (`ttt`
+    /// reserved), or the empty request that asks for the rest of a continued answer.
+    fn text_request(&mut self, itt: u32, ttt: u32, data: &[u8], out: &mut Vec<u8>) {
         let r = Repr::TextRequest(Text {
             immediate: true,
             final_: true,
             cont: false,
             lun: 0,
             itt,
-            ttt: RESERVED_TAG,
+            ttt,
             sn: self.cmd_sn,
             exp_sn: self.exp_stat_sn,
             max_cmd_sn: 0,
         });
         let _ = self
             .framing
-            .emit_counted(&r, &data, out, &mut self.digest_bytes);
-        itt
+            .emit_counted(&r, data, out, &mut self.digest_bytes);
     }
 
     /// Send a NOP-Out ping (immediate); the NOP-In answer only updates sequence numbers.
@@ -524,20 +530,7 @@ impl InitiatorConn {
                 if !t.final_ {
                     // More to come: an empty Text Request with the target's TTT asks for it
                     // (RFC 7143 §11.10.4).
-                    let r = Repr::TextRequest(Text {
-                        immediate: true,
-                        final_: true,
-                        cont: false,
-                        lun: 0,
-                        itt: t.itt,
-                        ttt: t.ttt,
-                        sn: self.cmd_sn,
-                        exp_sn: self.exp_stat_sn,
-                        max_cmd_sn: 0,
-                    });
-                    let _ = self
-                        .framing
-                        .emit_counted(&r, &[], out, &mut self.digest_bytes);
+                    self.text_request(t.itt, t.ttt, &[], out);
                     return;
                 }
                 let bytes = std::mem::take(&mut self.text_in);

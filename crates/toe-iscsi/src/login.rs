@@ -262,6 +262,27 @@ pub struct TargetConfig {
     pub cmd_window: u32,
 }
 
+impl TargetConfig {
+    /// toemu's target `target_name` as it serves by default: alias `toemu`, portal group 1,
+    /// no authentication, header and data digests offered (`CRC32C,None`), the other keys at
+    /// their defaults, a command window of 32.
+    pub fn offering_digests(target_name: &str) -> TargetConfig {
+        TargetConfig {
+            target_name: target_name.into(),
+            alias: Some("toemu".into()),
+            portal_group_tag: 1,
+            chap: None,
+            mutual: None,
+            params: OpParams {
+                header_digest: "CRC32C,None".into(),
+                data_digest: "CRC32C,None".into(),
+                ..OpParams::default()
+            },
+            cmd_window: 32,
+        }
+    }
+}
+
 /// What the target answers to one Login Request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TargetReply {

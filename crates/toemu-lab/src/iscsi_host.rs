@@ -405,7 +405,6 @@ pub fn run_on_wire(
     digests: (bool, bool),
     o: PerfOptions,
 ) -> io::Result<WireRun> {
-    use toe_iscsi::login::OpParams;
     let ([pa, pb], monitors) = toe_host::pair::wire_ports(wire)?;
     let sim = toe_host::pair::hosts(settings, settings, seed, pa, pb)?;
     sim.driver(1)
@@ -413,19 +412,7 @@ pub fn run_on_wire(
         .listen(3260, 16, None)
         .map_err(|e| io::Error::other(e.to_string()))?;
     let iqn = "iqn.2026-12.org.toemu:disk";
-    let cfg = TargetConfig {
-        target_name: iqn.into(),
-        alias: Some("toemu".into()),
-        portal_group_tag: 1,
-        chap: None,
-        mutual: None,
-        params: OpParams {
-            header_digest: "CRC32C,None".into(),
-            data_digest: "CRC32C,None".into(),
-            ..OpParams::default()
-        },
-        cmd_window: 32,
-    };
+    let cfg = TargetConfig::offering_digests(iqn);
     let disk = Arc::new(Mutex::new(Disk::new(
         Box::new(toe_iscsi::scsi::MemStore::new(lun_bytes)),
         512,

@@ -436,9 +436,7 @@ fn iscsi(cmd: IscsiCmd, settings: &Settings) -> Result<(), String> {
             .map_err(|e| e.to_string())?;
             print!("{}", toemu_lab::iscsi_host::bench_table(&model, &rows));
             if let Some(path) = json {
-                let doc = serde_json::json!({ "model": model, "rows": rows });
-                let text = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?;
-                std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+                write_json(&path, &serde_json::json!({ "model": model, "rows": rows }))?;
             }
             Ok(())
         }
@@ -510,9 +508,7 @@ fn iscsi(cmd: IscsiCmd, settings: &Settings) -> Result<(), String> {
                 println!("  verify: {m} I/Os read back differ from what was written");
             }
             if let Some(json) = &json {
-                let text = serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?;
-                std::fs::write(json, text)
-                    .map_err(|e| format!("--json {}: {e}", json.display()))?;
+                write_json(json, &r)?;
             }
             match (r.ok(), &r.first_problem) {
                 (true, _) => Ok(()),
@@ -536,7 +532,7 @@ fn iscsi(cmd: IscsiCmd, settings: &Settings) -> Result<(), String> {
             nop_timeout,
             offload,
         } => {
-            use toe_iscsi::login::{Credentials, OpParams, TargetConfig};
+            use toe_iscsi::login::{Credentials, TargetConfig};
             if offload != "software" {
                 return Err(format!(
                     "--offload {offload}: only `software` exists on std TCP (the NIC engine \
@@ -564,17 +560,9 @@ fn iscsi(cmd: IscsiCmd, settings: &Settings) -> Result<(), String> {
                 })
             };
             let cfg = TargetConfig {
-                target_name: iqn.clone(),
-                alias: Some("toemu".into()),
-                portal_group_tag: 1,
                 chap: cred(chap_user, chap_secret),
                 mutual: cred(mutual_user, mutual_secret),
-                params: OpParams {
-                    header_digest: "CRC32C,None".into(),
-                    data_digest: "CRC32C,None".into(),
-                    ..OpParams::default()
-                },
-                cmd_window: 32,
+                ..TargetConfig::offering_digests(&iqn)
             };
             let auth = if cfg.chap.is_some() { "CHAP" } else { "none" };
             let us = |s: f64| (s.max(0.0) * 1e6) as u64;
@@ -671,6 +659,12 @@ fn stop_flag() -> &'static std::sync::atomic::AtomicBool {
         }
     });
     &STOP
+}
+
+/// Write `v` as pretty JSON to `path`.
+fn write_json(path: &std::path::Path, v: &impl serde::Serialize) -> Result<(), String> {
+    let text = serde_json::to_string_pretty(v).map_err(|e| e.to_string())?;
+    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn run_on_tap(
@@ -810,8 +804,7 @@ fn run(cli: Cli) -> Result<(), String> {
             pb.finish_and_clear();
             print!("{}", toemu_lab::bench::bench_table(&report));
             if let Some(path) = json {
-                let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
-                std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+                write_json(&path, &report)?;
             }
             Ok(())
         }
@@ -969,8 +962,7 @@ fn run(cli: Cli) -> Result<(), String> {
                         "wire": wire.describe(),
                     }),
                 };
-                let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
-                std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+                write_json(&path, &report)?;
             }
             if !ok {
                 return Err("integrity check FAILED".into());

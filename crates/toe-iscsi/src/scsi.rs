@@ -3,9 +3,13 @@
 //! (memory here; a file in the shell).
 //!
 //! Commands: TEST UNIT READY, REQUEST SENSE, INQUIRY (standard data with version
-//! descriptors; VPD pages 00h, 80h, 83h, B0h, B1h), READ CAPACITY (10) and (16), READ and
-//! WRITE (6, 10, 12, 16), WRITE AND VERIFY (10, 12, 16), VERIFY (10, 12, 16; BYTCHK 0, 1 and 3), WRITE SAME (10, 16), PRE-FETCH (10, 16), SYNCHRONIZE CACHE (10, 16), MODE SENSE (6, 10)
-//! with the Caching (08h) and Control (0Ah) pages, REPORT LUNS, START STOP UNIT. Anything
+//! descriptors; VPD pages 00h, 80h, 83h, B0h, B1h, B2h), READ CAPACITY (10) and (16), READ
+//! and WRITE (6, 10, 12, 16; DPO and FUA), WRITE AND VERIFY (10, 12, 16), VERIFY (10, 12, 16;
+//! BYTCHK 0, 1 and 3), WRITE SAME (10, 16; UNMAP, NDOB), COMPARE AND WRITE, ORWRITE (16),
+//! PRE-FETCH (10, 16), SYNCHRONIZE CACHE (10, 16), MODE SENSE and MODE SELECT (6, 10) with
+//! the Caching (08h) and Control (0Ah) pages, UNMAP and GET LBA STATUS (thin provisioning),
+//! RESERVE and RELEASE (6, 10) per I_T nexus, REPORT LUNS, REPORT SUPPORTED OPERATION
+//! CODES, START STOP UNIT. Anything
 //! else is CHECK CONDITION, ILLEGAL REQUEST, INVALID COMMAND OPERATION CODE (20h/00h); an
 //! LBA range past the end (64-bit wrap included) is LOGICAL BLOCK ADDRESS OUT OF RANGE
 //! (21h/00h); a reserved or unsupported field is INVALID FIELD IN CDB (24h/00h).
@@ -116,8 +120,8 @@ impl Sense {
 }
 
 /// Ranges of blocks, `[start, end)`, disjoint and merged: the deallocated (unmapped) blocks
-/// of a thin-provisioned disk. Memory grows with the number of separate ranges, which
-/// writes merge back (a write maps its blocks), never with the disk's size.
+/// of a thin-provisioned disk. Memory grows with the number of separate ranges (which the
+/// disk caps), never with the disk's size.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Extents(std::collections::BTreeMap<u64, u64>);
 
@@ -179,6 +183,13 @@ impl Extents {
         (false, next.min(limit))
     }
 
+    /// Forget ranges (the last ones) until at most `max` are held.
+    pub fn cap(&mut self, max: usize) {
+        while self.0.len() > max {
+            self.0.pop_last();
+        }
+    }
+
     /// Separate ranges held.
     pub fn len(&self) -> usize {
         self.0.len()
@@ -189,6 +200,9 @@ impl Extents {
         self.0.is_empty()
     }
 }
+
+/// Most separate unmapped ranges a disk records (about 48 bytes each).
+const MAX_UNMAPPED_RANGES: usize = 1 << 20;
 
 /// Most descriptors one UNMAP takes, and most blocks (the Block Limits page says so).
 const MAX_UNMAP_DESCRIPTORS: u32 = 256;
@@ -750,7 +764,7 @@ impl Disk {
         if unmap {
             return self.deallocate(lba, n);
         }
-        self.unmapped.remove(lba, lba + n);
+        self.map(lba, n);
         // Write in runs of up to 1 MiB.
         let per = (1 << 20) / b;
         let run: Vec<u8> = block.repeat(per.min(n as usize));
@@ -806,6 +820,14 @@ impl Disk {
         }
     }
 
+    /// `n` blocks at `lba` are written: mapped again. A write inside an unmapped range
+    /// splits it; past MAX_UNMAPPED_RANGES the last ranges are forgotten (they report as
+    /// mapped, and read zeros as they are).
+    fn map(&mut self, lba: u64, n: u64) {
+        self.unmapped.remove(lba, lba + n);
+        self.unmapped.cap(MAX_UNMAPPED_RANGES);
+    }
+
     /// Deallocate `n` blocks at `lba` (in range): they are zeroed in the store, since
     /// unmapped blocks read as zeros (LBPRZ), and recorded as unmapped.
     fn deallocate(&mut self, lba: u64, n: u64) -> Outcome {
@@ -823,7 +845,11 @@ impl Disk {
             }
             at += k as u64;
         }
+        // Bounded memory: past MAX_UNMAPPED_RANGES separate ranges (a peer unmapping every
+        // other block) the last ones are forgotten and report as mapped: the data (zeroed)
+        // is right either way, the provisioning status conservative.
         self.unmapped.insert(lba, lba + n);
+        self.unmapped.cap(MAX_UNMAPPED_RANGES);
         Outcome::good(Vec::new())
     }
 
@@ -968,7 +994,7 @@ impl Disk {
         let b = u64::from(self.block);
         // Fewer bytes than the CDB asks for: write the whole blocks that came.
         let len = ((data.len() as u64).min(n * b) / b * b) as usize;
-        self.unmapped.remove(lba, lba + len as u64 / b);
+        self.map(lba, len as u64 / b);
         if self.store.write_at(lba * b, &data[..len]).is_err() {
             return Outcome::check(Sense {
                 key: key::MEDIUM_ERROR,
@@ -1440,6 +1466,13 @@ mod tests {
         assert!(e.is_empty());
         e.insert(3, 3);
         assert!(e.is_empty(), "an empty range adds nothing");
+        for k in 0..10 {
+            e.insert(2 * k, 2 * k + 1);
+        }
+        e.cap(4);
+        assert_eq!(e.len(), 4, "capped: the last ranges are forgotten");
+        assert_eq!(e.run_at(6, 100), (true, 7));
+        assert_eq!(e.run_at(8, 100), (false, 100));
     }
 
     fn unmap_list(list: &[(u64, u32)]) -> (Vec<u8>, [u8; 10]) {

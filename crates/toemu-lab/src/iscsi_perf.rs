@@ -279,6 +279,9 @@ pub struct PerfMachine {
     buf: Vec<u8>,
 }
 
+/// Most I/O slots `verify` and `check` track (a bitmap of 256 MiB at most).
+const MAX_VERIFY_SLOTS: u64 = 1 << 31;
+
 fn read_capacity16() -> [u8; 16] {
     let mut cdb = [0u8; 16];
     cdb[0] = 0x9e;
@@ -441,7 +444,16 @@ impl PerfMachine {
             mark: false,
             check: true,
         };
-        self.map = vec![0u64; of.div_ceil(64) as usize];
+        if (o.verify || o.check_only) && of > MAX_VERIFY_SLOTS {
+            let why = format!(
+                "--verify/--check track every I/O slot written: {of} slots of {} bytes is more than {MAX_VERIFY_SLOTS}; use a larger --block",
+                o.io_bytes
+            );
+            return self.fail(why, conn, out);
+        }
+        if o.verify || o.check_only {
+            self.map = vec![0u64; of.div_ceil(64) as usize];
+        }
         if o.check_only {
             // The slots the write run visited: the same sequence, as many I/Os as it issued.
             let Some(bytes) = o.bytes else {

@@ -85,6 +85,11 @@ pub struct InitiatorConn {
     /// Text Response data gathered over PDUs with F = 0 (at most [`MAX_TEXT_RESPONSE`]).
     text_in: Vec<u8>,
     digest_bytes: u64,
+    /// The target asked for a logout (Async Message, AsyncEvent 1): it goes out once no
+    /// command is in flight.
+    logout_asked: bool,
+    /// A Logout Request went out.
+    logging_out: bool,
 }
 
 /// The longest Text Response the initiator gathers (over continued PDUs), bytes; a target
@@ -134,6 +139,8 @@ impl InitiatorConn {
             ended: false,
             text_in: Vec::new(),
             digest_bytes: 0,
+            logout_asked: false,
+            logging_out: false,
         }
     }
 
@@ -287,6 +294,9 @@ impl InitiatorConn {
 
     /// Ask to close the session (Logout, reason 0).
     pub fn logout(&mut self, out: &mut Vec<u8>) {
+        if std::mem::replace(&mut self.logging_out, true) {
+            return; // one Logout per connection
+        }
         let itt = self.tag();
         let r = Repr::LogoutRequest(LogoutRequest {
             immediate: true,
@@ -592,13 +602,28 @@ impl InitiatorConn {
                     }
                 }
             }
-            Repr::AsyncMessage(a) => self.update_sns(Some(a.stat_sn), a.exp_cmd_sn, a.max_cmd_sn),
+            Repr::AsyncMessage(a) => {
+                self.update_sns(Some(a.stat_sn), a.exp_cmd_sn, a.max_cmd_sn);
+                // AsyncEvent 1: the target requests a logout, which the initiator must send
+                // within Parameter3 seconds (RFC 7143 §11.9.1): once its commands are done.
+                if a.event == 1 {
+                    self.logout_asked = true;
+                }
+            }
             Repr::TaskMgmtResponse(t) => {
                 self.update_sns(Some(t.stat_sn), t.exp_cmd_sn, t.max_cmd_sn)
             }
             other => return self.fail(format!("unexpected {:?} from the target", other.opcode())),
         }
         self.flush_waiting(out);
+        if self.logout_asked && self.tasks.is_empty() {
+            self.logout(out);
+        }
+    }
+
+    /// Whether the target asked this connection to log out (it does, once idle).
+    pub fn logout_asked(&self) -> bool {
+        self.logout_asked
     }
 }
 
@@ -888,6 +913,34 @@ mod tests {
         assert!(t.ended().is_none());
         t.poll(3_100_000, &mut none);
         assert_eq!(t.ended(), Some(&Ended::PeerSilent));
+    }
+
+    /// The target asks for a logout (Async Message, AsyncEvent 1); the initiator sends it
+    /// once its commands in flight are done, and the session ends.
+    #[test]
+    fn the_initiator_logs_out_when_the_target_asks() {
+        let (mut i, mut t) = pair("None", true, 8);
+        login(&mut i, &mut t);
+        // a read in flight when the request comes
+        let mut out = Vec::new();
+        let tag = i.command(0, &rw10(0x28, 0, 8), 4096, Vec::new(), &mut out);
+        let mut ask = Vec::new();
+        assert!(t.request_logout(5, &mut ask));
+        let mut back = Vec::new();
+        i.on_bytes(&ask, &mut back);
+        assert!(i.logout_asked());
+        assert!(back.is_empty(), "no Logout while a command is in flight");
+        exchange(&mut i, &mut t, out);
+        let events: Vec<InitiatorEvent> = std::iter::from_fn(|| i.poll_event()).collect();
+        assert!(
+            matches!(&events[..], [InitiatorEvent::Done(c), InitiatorEvent::LoggedOut] if c.itt == tag && c.status == 0),
+            "{events:?}"
+        );
+        assert_eq!(t.ended(), Some(&crate::target::Ended::LoggedOut));
+        assert!(
+            !t.request_logout(5, &mut Vec::new()),
+            "nothing to ask after the logout"
+        );
     }
 
     /// A session's reservation ends with its connection (I_T nexus loss at ERL 0), with

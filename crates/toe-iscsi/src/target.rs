@@ -19,8 +19,9 @@ use crate::login::{Negotiated, SessionType, TargetConfig, TargetLogin};
 use crate::scsi::{Disk, Nexus, Outcome, Transfer, CHECK_CONDITION, GOOD};
 use crate::text;
 use crate::wire::{
-    lun_index, DataIn, DataOut, Framing, LogoutResponse, Nop, Pdu, R2t, Reject, Repr, ScsiCommand,
-    ScsiResponse, TaskMgmtRequest, TaskMgmtResponse, Text, WireError, BHS_LEN, RESERVED_TAG,
+    lun_index, AsyncMessage, DataIn, DataOut, Framing, LogoutResponse, Nop, Pdu, R2t, Reject, Repr,
+    ScsiCommand, ScsiResponse, TaskMgmtRequest, TaskMgmtResponse, Text, WireError, BHS_LEN,
+    RESERVED_TAG,
 };
 
 /// Largest write one command may carry, bytes (the gathering buffer's bound).
@@ -259,6 +260,29 @@ impl TargetConn {
             }
             _ => {}
         }
+    }
+
+    /// Ask the initiator to log out within `within_s` seconds (an Async Message with
+    /// AsyncEvent 1; the target is going away). Only a normal session in full-feature phase
+    /// is asked; returns whether the message went out.
+    pub fn request_logout(&mut self, within_s: u16, out: &mut Vec<u8>) -> bool {
+        match &self.phase {
+            Phase::FullFeature(n) if n.session_type != SessionType::Discovery => {}
+            _ => return false,
+        }
+        let r = Repr::AsyncMessage(AsyncMessage {
+            lun: 0,
+            stat_sn: self.next_stat_sn(),
+            exp_cmd_sn: self.exp_cmd_sn,
+            max_cmd_sn: self.max_cmd_sn(),
+            event: 1,
+            vcode: 0,
+            param1: 0,
+            param2: 0,
+            param3: within_s,
+        });
+        self.send(&r, &[], out);
+        true
     }
 
     /// When [`TargetConn::poll`] has something to do next, in µs of the caller's clock (a

@@ -29,6 +29,18 @@ pub struct TcpTarget {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     totals: Arc<Mutex<Totals>>,
+    closing: Arc<Closing>,
+}
+
+/// A graceful stop, shared with the connection threads.
+#[derive(Debug, Default)]
+struct Closing {
+    /// Ask every session to log out ...
+    now: AtomicBool,
+    /// ... within this many seconds.
+    within_s: AtomicU16,
+    /// Connections being served.
+    active: std::sync::atomic::AtomicUsize,
 }
 
 impl TcpTarget {
@@ -59,6 +71,8 @@ impl TcpTarget {
         let tsih = Arc::new(AtomicU16::new(1));
         let totals = Arc::new(Mutex::new(Totals::default()));
         let totals2 = totals.clone();
+        let closing = Arc::new(Closing::default());
+        let closing2 = closing.clone();
         let thread = std::thread::Builder::new()
             .name("iscsi-accept".into())
             .spawn(move || {
@@ -67,10 +81,13 @@ impl TcpTarget {
                         Ok((s, _)) => {
                             let (cfg, targets, disk, totals) =
                                 (cfg.clone(), targets.clone(), disk.clone(), totals2.clone());
+                            let closing = closing2.clone();
                             let t = tsih.fetch_add(1, Ordering::Relaxed).max(1);
+                            closing.active.fetch_add(1, Ordering::SeqCst);
                             let _ = std::thread::Builder::new().name("iscsi-conn".into()).spawn(
                                 move || {
-                                    let (r, st) = serve_conn(s, cfg, targets, disk, t, keepalive);
+                                    let (r, st) =
+                                        serve_conn(s, cfg, targets, disk, t, keepalive, &closing);
                                     if let Err(e) = r {
                                         eprintln!("iscsi: connection ended: {e}");
                                     }
@@ -78,6 +95,8 @@ impl TcpTarget {
                                         t.connections += 1;
                                         t.stats += st;
                                     }
+                                    // Counted in the totals before it stops counting as open.
+                                    closing.active.fetch_sub(1, Ordering::SeqCst);
                                 },
                             );
                         }
@@ -96,7 +115,26 @@ impl TcpTarget {
             stop,
             thread: Some(thread),
             totals,
+            closing,
         })
+    }
+
+    /// Stop gracefully: no new connection is accepted, every normal session is asked to log
+    /// out within `within` (an Async Message), and this returns when all connections have
+    /// ended or `within` has passed. Returns the connections still open then.
+    pub fn stop_gracefully(&mut self, within: Duration) -> usize {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let secs = within.as_secs().clamp(1, u64::from(u16::MAX)) as u16;
+        self.closing.within_s.store(secs, Ordering::SeqCst);
+        self.closing.now.store(true, Ordering::SeqCst);
+        let t0 = std::time::Instant::now();
+        while self.closing.active.load(Ordering::SeqCst) > 0 && t0.elapsed() < within {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.closing.active.load(Ordering::SeqCst)
     }
 
     /// Where it listens.
@@ -126,6 +164,7 @@ fn serve_conn(
     disk: Option<Arc<Mutex<Disk>>>,
     tsih: u16,
     keepalive: Option<KeepAlive>,
+    closing: &Closing,
 ) -> (io::Result<()>, ConnStats) {
     let r: [u8; 17] = match random_bytes() {
         Ok(r) => r,
@@ -140,26 +179,31 @@ fn serve_conn(
     if let Some(k) = keepalive {
         conn = conn.with_keepalive(k);
     }
-    let res = pump(s, &mut conn);
+    let res = pump(s, &mut conn, closing);
     (res, conn.stats())
 }
 
 /// Move bytes between the socket and the connection machine until either ends; the
-/// machine's keep-alive is polled with the wall clock (reads wait at most until its next
-/// deadline).
-fn pump(mut s: TcpStream, conn: &mut TargetConn) -> io::Result<()> {
+/// machine's keep-alive is polled with the wall clock, and a graceful stop asks the session
+/// to log out (reads wait at most until the keep-alive's next deadline, and 200 ms).
+fn pump(mut s: TcpStream, conn: &mut TargetConn, closing: &Closing) -> io::Result<()> {
     s.set_nodelay(true)?;
     let mut buf = vec![0u8; 256 * 1024];
     let mut out = Vec::new();
     let t0 = std::time::Instant::now();
     let now = || t0.elapsed().as_micros() as u64;
+    let mut asked = false;
     loop {
         out.clear();
         conn.poll(now(), &mut out);
+        if !asked && closing.now.load(Ordering::SeqCst) {
+            let within = closing.within_s.load(Ordering::SeqCst);
+            asked = conn.request_logout(within, &mut out);
+        }
         let wait = conn
             .next_deadline()
-            .map(|d| Duration::from_micros(d.saturating_sub(now()).max(1_000)));
-        s.set_read_timeout(wait)?;
+            .map_or(200_000, |d| d.saturating_sub(now()).clamp(1_000, 200_000));
+        s.set_read_timeout(Some(Duration::from_micros(wait)))?;
         let n = match s.read(&mut buf) {
             Ok(0) => return Ok(()),
             Ok(n) => n,

@@ -516,6 +516,13 @@ impl PerfMachine {
         let Some(r) = self.cur.as_mut() else {
             return;
         };
+        // A target that asks for a logout gets no new command (the connection logs out
+        // once the ones in flight are done).
+        if conn.logout_asked() && r.issuing {
+            r.issuing = false;
+            self.first_problem
+                .get_or_insert_with(|| "the target asked for a logout mid-run".into());
+        }
         while r.issuing && r.inflight.len() < depth {
             let more = r.plan.stop_bytes.is_none_or(|b| r.issued < b)
                 && r.deadline.is_none_or(|d| now < d);

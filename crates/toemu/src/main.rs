@@ -608,8 +608,14 @@ fn iscsi(cmd: IscsiCmd, settings: &Settings) -> Result<(), String> {
                 )
                 .map_err(|e| e.to_string())?;
                 announce(&t.addr(), "");
+                let mut t = t;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                // Sessions are asked to log out (Async Message) and given 5 s to.
+                let left = t.stop_gracefully(std::time::Duration::from_secs(5));
+                if left > 0 {
+                    eprintln!("toemu iscsi target: {left} connections did not log out in 5 s");
                 }
                 let totals = t.totals();
                 drop(t);

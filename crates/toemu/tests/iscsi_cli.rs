@@ -184,3 +184,48 @@ fn the_target_keeps_an_answering_initiator_and_drops_a_silent_one() {
     t.wait().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// SIGTERM stops the target gracefully: each session is asked to log out (an Async Message,
+/// AsyncEvent 1), toemu's initiator does, and the target exits having flushed the disk,
+/// with no connection left behind.
+#[test]
+fn sigterm_asks_every_session_to_log_out() {
+    use toe_iscsi::initiator::InitiatorEvent;
+    use toemu_lab::iscsi::{IscsiUrl, TcpInitiator};
+    let dir = scratch("async");
+    let portal = format!("127.0.0.1:{}", free_port());
+    let log = dir.join("target.log");
+    let mut t = target(&dir.join("lun.img"), &portal, &log);
+    let url: IscsiUrl = format!("iscsi://{portal}/{IQN}/0").parse().unwrap();
+    let mut init = TcpInitiator::login(&url, Some(IQN)).unwrap();
+    let c = init.command(0, &[0u8; 6], 0, Vec::new()).unwrap();
+    assert_eq!(c.status, 0);
+    let term = Command::new("kill")
+        .arg(t.id().to_string())
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let e = init.next_event().unwrap();
+    assert_eq!(
+        e,
+        InitiatorEvent::LoggedOut,
+        "the initiator logged out when asked"
+    );
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = t.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the target did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{status}: {out}");
+    // (the readiness probe is a connection too)
+    assert!(out.contains("stopped; flushed ok; connections 2"), "{out}");
+    assert!(!out.contains("did not log out"), "{out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -570,7 +570,8 @@ impl<P: Phy> Nic<P> {
     ///   to it and its SYN-ACK is sent at once, so that the next SYN of the same batch finds
     ///   it sent or unresolved (recyclable), never untried; otherwise it is idle again;
     /// - a half-open one the peer reset: smoltcp sends it back to LISTEN, still bound to the
-    ///   flow and not idle, so it is replaced by a fresh socket (or the backlog would leak).
+    ///   flow and not idle, so it is rearmed (unbound and idle again, or the backlog would
+    ///   leak).
     fn after_backlog_frame(
         &mut self,
         port: u16,

@@ -43,8 +43,9 @@ const CASES: &[Case] = &[
     },
 ];
 
-/// A daemon we started; stopped (SIGTERM, then SIGKILL) by PID on drop.
-struct Daemon(Child);
+/// A daemon we started; stopped (SIGTERM, then SIGKILL) by PID on drop, and the files it
+/// leaves behind (tgtd's control socket) removed.
+struct Daemon(Child, Vec<PathBuf>);
 
 impl Drop for Daemon {
     fn drop(&mut self) {
@@ -55,6 +56,9 @@ impl Drop for Daemon {
         }
         let _ = self.0.kill();
         let _ = self.0.wait();
+        for f in &self.1 {
+            let _ = std::fs::remove_file(f);
+        }
     }
 }
 
@@ -65,7 +69,7 @@ fn spawn(cmd: &mut Command, log: &Path) -> Result<Daemon, String> {
         .stdout(out)
         .stderr(err)
         .spawn()
-        .map(Daemon)
+        .map(|c| Daemon(c, Vec::new()))
         .map_err(|e| format!("{cmd:?}: {e}"))
 }
 
@@ -114,10 +118,14 @@ fn start_tgt(work: &Path, img: &Path) -> Result<(Daemon, String), String> {
     // tgtd takes control numbers below 32768.
     let control = format!("{}", 25_000 + std::process::id() % 7_000);
     let portal = format!("127.0.0.1:{port}");
-    let d = spawn(
+    let mut d = spawn(
         Command::new("tgtd").args(["-f", "-C", &control, "--iscsi", &format!("portal={portal}")]),
         &work.join("tgtd.log"),
     )?;
+    d.1 = ["", ".lock"]
+        .iter()
+        .map(|x| PathBuf::from(format!("/var/run/tgtd/socket.{control}{x}")))
+        .collect();
     let adm = |args: &[&str]| {
         run(Command::new("tgtadm")
             .args(["-C", &control, "--lld", "iscsi"])

@@ -232,18 +232,24 @@ impl InitiatorConn {
     /// Send a NOP-Out ping (immediate); the NOP-In answer only updates sequence numbers.
     pub fn ping(&mut self, out: &mut Vec<u8>) {
         let itt = self.tag();
+        self.nop_out(0, itt, RESERVED_TAG, &[], out);
+    }
+
+    /// An immediate NOP-Out: a ping of ours (`itt`), or the answer to the target's
+    /// (`ttt`, echoing its `data`).
+    fn nop_out(&mut self, lun: u64, itt: u32, ttt: u32, data: &[u8], out: &mut Vec<u8>) {
         let r = Repr::NopOut(Nop {
             immediate: true,
-            lun: 0,
+            lun,
             itt,
-            ttt: RESERVED_TAG,
+            ttt,
             sn: self.cmd_sn,
             exp_sn: self.exp_stat_sn,
             max_cmd_sn: 0,
         });
         let _ = self
             .framing
-            .emit_counted(&r, &[], out, &mut self.digest_bytes);
+            .emit_counted(&r, data, out, &mut self.digest_bytes);
     }
 
     /// Queue SCSI command `cdb` (at most 16 bytes) for `lun`, reading up to `read_len`
@@ -562,18 +568,7 @@ impl InitiatorConn {
                 );
                 if n.ttt != RESERVED_TAG {
                     // The target pings: answer with its tag.
-                    let r = Repr::NopOut(Nop {
-                        immediate: true,
-                        lun: n.lun,
-                        itt: RESERVED_TAG,
-                        ttt: n.ttt,
-                        sn: self.cmd_sn,
-                        exp_sn: self.exp_stat_sn,
-                        max_cmd_sn: 0,
-                    });
-                    let _ = self
-                        .framing
-                        .emit_counted(&r, data, out, &mut self.digest_bytes);
+                    self.nop_out(n.lun, RESERVED_TAG, n.ttt, data, out);
                 }
             }
             Repr::LogoutResponse(l) => {

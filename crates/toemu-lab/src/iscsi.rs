@@ -558,15 +558,45 @@ impl TcpInitiator {
     }
 }
 
-/// Sense key of a CHECK CONDITION's sense data (fixed or descriptor format).
-pub fn sense_key(c: &toe_iscsi::initiator::Completion) -> Option<u8> {
-    if c.status != 2 {
-        return None;
-    }
+/// (sense key, ASC, ASCQ) of a completion's sense data, fixed or descriptor format.
+pub fn sense_of(c: &toe_iscsi::initiator::Completion) -> Option<(u8, u8, u8)> {
     match c.sense.as_slice() {
-        [0x70 | 0x71, _, k, ..] | [0x72 | 0x73, k, ..] => Some(k & 0x0f),
+        // fixed format: key in byte 2, ASC/ASCQ in 12/13; descriptor: key 1, ASC/ASCQ 2/3
+        [0x70 | 0x71, _, k, _, _, _, _, _, _, _, _, _, a, q, ..] | [0x72 | 0x73, k, a, q, ..] => {
+            Some((k & 0x0f, *a, *q))
+        }
         _ => None,
     }
+}
+
+/// Sense key of a CHECK CONDITION.
+pub fn sense_key(c: &toe_iscsi::initiator::Completion) -> Option<u8> {
+    (c.status == 2)
+        .then(|| sense_of(c))
+        .flatten()
+        .map(|(k, _, _)| k)
+}
+
+/// The READ CAPACITY (16) CDB, allocation length 32.
+pub fn read_capacity16() -> [u8; 16] {
+    let mut cdb = [0u8; 16];
+    cdb[0] = 0x9e;
+    cdb[1] = 0x10;
+    cdb[13] = 32;
+    cdb
+}
+
+/// (capacity in bytes, block size in bytes) from a good READ CAPACITY (16) answer.
+pub fn capacity16(c: &toe_iscsi::initiator::Completion) -> Option<(u64, u32)> {
+    if c.status != 0 || c.data.len() < 12 {
+        return None;
+    }
+    let last = u64::from_be_bytes(c.data[..8].try_into().expect("8 bytes"));
+    let block = u32::from_be_bytes(c.data[8..12].try_into().expect("4 bytes"));
+    Some((
+        last.saturating_add(1).saturating_mul(u64::from(block)),
+        block,
+    ))
 }
 
 fn is_unit_attention(c: &toe_iscsi::initiator::Completion) -> bool {
@@ -642,15 +672,8 @@ pub fn ls(url: &IscsiUrl, luns: bool) -> io::Result<String> {
                 out.push_str(&format!("Lun:{lun} Type:{kind}\n"));
                 continue;
             }
-            let mut cdb = [0u8; 16];
-            cdb[0] = 0x9e;
-            cdb[1] = 0x10;
-            cdb[13] = 32;
-            let rc = s.command(lun, &cdb, 32, Vec::new())?;
-            if rc.status == 0 && rc.data.len() >= 12 {
-                let last = u64::from_be_bytes(rc.data[..8].try_into().expect("8 bytes"));
-                let bs = u32::from_be_bytes(rc.data[8..12].try_into().expect("4 bytes"));
-                let bytes = (last + 1) * u64::from(bs);
+            let rc = s.command(lun, &read_capacity16(), 32, Vec::new())?;
+            if let Some((bytes, bs)) = capacity16(&rc) {
                 out.push_str(&format!(
                     "Lun:{lun} Type:{kind} (Size:{bytes} bytes, {bs}-byte blocks)\n"
                 ));

@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use crate::datagen::DataGen;
 use crate::demo::{latency, Latency};
-use crate::iscsi::{IscsiUrl, TcpInitiator};
+use crate::iscsi::{capacity16, read_capacity16, IscsiUrl, TcpInitiator};
 use toe_iscsi::initiator::{Completion, InitiatorConn, InitiatorEvent};
 use toe_iscsi::login::Negotiated;
 
@@ -149,16 +149,9 @@ fn rw16(write: bool, fua: bool, lba: u64, blocks: u32) -> [u8; 16] {
 
 /// A command's outcome, for the problem report.
 fn describe(c: &Completion) -> String {
-    let sense = match c.sense.as_slice() {
-        // fixed format: key in byte 2, ASC/ASCQ in 12/13; descriptor: key 1, ASC/ASCQ 2/3
-        [0x70 | 0x71, _, k, _, _, _, _, _, _, _, _, _, a, q, ..] => {
-            format!(", sense key {:#x} ASC/ASCQ {a:02x}h/{q:02x}h", k & 0x0f)
-        }
-        [0x72 | 0x73, k, a, q, ..] => {
-            format!(", sense key {:#x} ASC/ASCQ {a:02x}h/{q:02x}h", k & 0x0f)
-        }
-        _ => String::new(),
-    };
+    let sense = crate::iscsi::sense_of(c).map_or(String::new(), |(k, a, q)| {
+        format!(", sense key {k:#x} ASC/ASCQ {a:02x}h/{q:02x}h")
+    });
     format!("status {:#04x}, response {}{sense}", c.status, c.response)
 }
 
@@ -282,14 +275,6 @@ pub struct PerfMachine {
 /// Most I/O slots `verify` and `check` track (a bitmap of 256 MiB at most).
 const MAX_VERIFY_SLOTS: u64 = 1 << 31;
 
-fn read_capacity16() -> [u8; 16] {
-    let mut cdb = [0u8; 16];
-    cdb[0] = 0x9e;
-    cdb[1] = 0x10;
-    cdb[13] = 32;
-    cdb
-}
-
 impl PerfMachine {
     /// The load `o` on LUN `lun` of `target`, to start once the connection is logged in.
     pub fn new(o: PerfOptions, target: String, lun: u16) -> Self {
@@ -400,13 +385,11 @@ impl PerfMachine {
         now: u64,
         out: &mut Vec<u8>,
     ) {
-        if rc.status != 0 || rc.data.len() < 12 {
+        let Some((capacity, block)) = capacity16(rc) else {
             return self.fail(format!("READ CAPACITY(16): {}", describe(rc)), conn, out);
-        }
-        let last = u64::from_be_bytes(rc.data[..8].try_into().expect("8 bytes"));
-        let block = u32::from_be_bytes(rc.data[8..12].try_into().expect("4 bytes"));
+        };
         self.block = block.max(1);
-        self.capacity = (last + 1) * u64::from(self.block);
+        self.capacity = capacity;
         let o = &self.o;
         if o.io_bytes == 0 || o.io_bytes % self.block != 0 {
             let why = format!(

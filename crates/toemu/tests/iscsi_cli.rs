@@ -3,7 +3,7 @@
 //! SYNCHRONIZE CACHE, are read back intact after the target is killed with SIGKILL and
 //! started again on the same file.
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -11,21 +11,25 @@ use std::time::{Duration, Instant};
 const TOEMU: &str = env!("CARGO_BIN_EXE_toemu");
 const IQN: &str = "iqn.2026-12.org.toemu:disk";
 
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
-/// `toemu iscsi target` on `lun` at `portal`, answering; the caller stops it by PID.
-fn target(lun: &Path, portal: &str, log: &Path) -> Child {
-    target_with(lun, portal, log, &[])
+/// `toemu iscsi target` on `lun`, on a port of 127.0.0.1 the target picks itself (no race
+/// with other tests for a free port), answering: (the child, its portal). The caller stops it
+/// by PID.
+fn target(lun: &Path, log: &Path) -> (Child, String) {
+    target_with(lun, log, &[])
 }
 
 /// [`target`] with more options.
-fn target_with(lun: &Path, portal: &str, log: &Path, more: &[&str]) -> Child {
+fn target_with(lun: &Path, log: &Path, more: &[&str]) -> (Child, String) {
     let out = std::fs::File::create(log).unwrap();
     let mut c = Command::new(TOEMU)
-        .args(["iscsi", "target", "--size", "64MiB", "--listen", portal])
+        .args([
+            "iscsi",
+            "target",
+            "--size",
+            "64MiB",
+            "--listen",
+            "127.0.0.1:0",
+        ])
         .args(more)
         .arg("--lun")
         .arg(lun)
@@ -35,20 +39,26 @@ fn target_with(lun: &Path, portal: &str, log: &Path, more: &[&str]) -> Child {
         .spawn()
         .unwrap();
     let t0 = Instant::now();
-    while TcpStream::connect(portal).is_err() {
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        // "toemu iscsi target: portal 127.0.0.1:PORT, IQN, ..."
+        let portal = text
+            .split("portal ")
+            .nth(1)
+            .and_then(|r| r.split(',').next())
+            .map(str::to_string);
+        if let Some(p) = portal.filter(|p| TcpStream::connect(p).is_ok()) {
+            return (c, p);
+        }
         if let Ok(Some(s)) = c.try_wait() {
-            panic!(
-                "toemu iscsi target exited ({s}): {}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            );
+            panic!("toemu iscsi target exited ({s}): {text}");
         }
         assert!(
             t0.elapsed() < Duration::from_secs(10),
-            "the target does not listen on {portal}"
+            "the target does not answer: {text}"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    c
 }
 
 /// `toemu iscsi perf URL ARGS`: (success, output).
@@ -77,20 +87,18 @@ fn writes_with_fua_or_synchronize_cache_survive_a_kill_9_of_the_target() {
     let dir = scratch("durable");
     let lun = dir.join("lun.img");
     for (how, seed) in [("--fua", "11"), ("--sync", "12")] {
-        let portal = format!("127.0.0.1:{}", free_port());
-        let url = format!("iscsi://{portal}/{IQN}/0");
         let io = [
             "--bytes", "8MiB", "--block", "64KiB", "--random", "--seed", seed,
         ];
-        let mut t = target(&lun, &portal, &dir.join("target-1.log"));
+        let (mut t, portal) = target(&lun, &dir.join("target-1.log"));
+        let url = format!("iscsi://{portal}/{IQN}/0");
         let (ok, out) = perf(&url, &[&["--write", how][..], &io].concat());
         assert!(ok, "{how}: the writes failed:\n{out}");
         // SIGKILL, by PID: no flush, no exit handler.
         t.kill().unwrap();
         t.wait().unwrap();
-        let portal = format!("127.0.0.1:{}", free_port());
+        let (mut t, portal) = target(&lun, &dir.join("target-2.log"));
         let url = format!("iscsi://{portal}/{IQN}/0");
-        let mut t = target(&lun, &portal, &dir.join("target-2.log"));
         let (ok, out) = perf(&url, &[&["--check"][..], &io].concat());
         assert!(ok, "{how}: after kill -9 the data differs:\n{out}");
         assert!(out.contains("verify: 0 I/Os read back differ"), "{out}");
@@ -110,9 +118,8 @@ fn writes_with_fua_or_synchronize_cache_survive_a_kill_9_of_the_target() {
 #[test]
 fn perf_reports_figures_as_json_and_refuses_a_bad_block_size() {
     let dir = scratch("json");
-    let portal = format!("127.0.0.1:{}", free_port());
+    let (mut t, portal) = target(&dir.join("lun.img"), &dir.join("target.log"));
     let url = format!("iscsi://{portal}/{IQN}/0");
-    let mut t = target(&dir.join("lun.img"), &portal, &dir.join("target.log"));
     let json = dir.join("perf.json");
     let (ok, out) = perf(
         &url,
@@ -151,10 +158,8 @@ fn perf_reports_figures_as_json_and_refuses_a_bad_block_size() {
 fn the_target_keeps_an_answering_initiator_and_drops_a_silent_one() {
     use toemu_lab::iscsi::{IscsiUrl, TcpInitiator};
     let dir = scratch("nop");
-    let portal = format!("127.0.0.1:{}", free_port());
-    let mut t = target_with(
+    let (mut t, portal) = target_with(
         &dir.join("lun.img"),
-        &portal,
         &dir.join("target.log"),
         &["--nop-interval", "0.5", "--nop-timeout", "5"],
     );
@@ -193,9 +198,8 @@ fn sigterm_asks_every_session_to_log_out() {
     use toe_iscsi::initiator::InitiatorEvent;
     use toemu_lab::iscsi::{IscsiUrl, TcpInitiator};
     let dir = scratch("async");
-    let portal = format!("127.0.0.1:{}", free_port());
     let log = dir.join("target.log");
-    let mut t = target(&dir.join("lun.img"), &portal, &log);
+    let (mut t, portal) = target(&dir.join("lun.img"), &log);
     let url: IscsiUrl = format!("iscsi://{portal}/{IQN}/0").parse().unwrap();
     let mut init = TcpInitiator::login(&url, Some(IQN)).unwrap();
     let c = init.command(0, &[0u8; 6], 0, Vec::new()).unwrap();

@@ -153,11 +153,12 @@ fn iscsi_test_cu_all_passes_at_least_as_many_tests_as_tgt() {
     )
     .unwrap();
     let theirs = tgt("all");
+    // The URL twice: two paths to the same logical unit, for the MultipathIO suite.
     let run = |url: &str| {
         let out = toemu_tests::run_tool(
             "iscsi-test-cu",
             "libiscsi-bin",
-            &["-d", "-v", "-t", "ALL", url],
+            &["-d", "-v", "-t", "ALL", url, url],
         );
         let text = format!(
             "{}{}",

@@ -274,46 +274,32 @@ pub const MINIMAL_PROFILE: &[&str] = &[
 
 /// Per-test verdicts of one `iscsi-test-cu -v` run: (passed, skipped, failed) test names.
 /// CUnit counts a skip as a pass; libiscsi's tests log `[SKIPPED]` when they skip, so a
-/// test whose lines hold that word is counted apart.
+/// test whose lines hold that word before its verdict is counted apart.
 pub fn cunit_verdicts(out: &str) -> (Vec<String>, Vec<String>, Vec<String>) {
     let (mut pass, mut skip, mut fail) = (Vec::new(), Vec::new(), Vec::new());
     let mut current: Option<(String, String)> = None;
     let mut close = |c: Option<(String, String)>| {
         if let Some((name, text)) = c {
-            // CUnit's verdict ends the test's lines ("[FAILED]" inside them is libiscsi
-            // logging a command that failed, which a test may expect).
-            if text.ends_with("FAILED") {
-                fail.push(name);
-            } else if text.ends_with("passed") && text.contains("[SKIPPED]") {
-                skip.push(name);
-            } else if text.ends_with("passed") {
-                pass.push(name);
-            } else {
-                fail.push(format!("{name} (no verdict)"));
+            match cunit_verdict(&text) {
+                Some((end, true)) if text[..end].contains("[SKIPPED]") => skip.push(name),
+                Some((_, true)) => pass.push(name),
+                Some((_, false)) => fail.push(name),
+                None => fail.push(format!("{name} (no verdict)")),
             }
         }
     };
-    // iscsi-test-cu's own probes between tests (set-up and teardown of each test look for
-    // reservations to clear); their messages land on the lines of the tests around them.
-    const PROBES: [&str; 2] = [
-        "[SKIPPED] PERSISTENT RESERVE IN is not implemented.",
-        "[SKIPPED] REPORT_SUPPORTED_OPCODES is not implemented.",
-    ];
     for line in out.lines() {
-        let line = PROBES
-            .iter()
-            .fold(line.to_string(), |l, p| l.replace(p, ""));
         let line = line.trim_end();
         if let Some(rest) = line.trim_start().strip_prefix("Test: ") {
             close(current.take());
             let name = rest.split(" ...").next().unwrap_or(rest).to_string();
-            current = Some((name, rest.trim_end().to_string()));
+            current = Some((name, rest.to_string()));
         } else if line.contains("Run Summary") {
             close(current.take());
         } else if let Some((_, text)) = current.as_mut() {
-            // Up to the verdict: what follows it is the suite's teardown (which probes
-            // PERSISTENT RESERVE IN and logs a skip of its own).
-            if !(text.ends_with("passed") || text.ends_with("FAILED")) {
+            // Up to the verdict: what follows it is the suite's teardown (which sends
+            // PERSISTENT RESERVE IN to clear reservations, and logs what that did).
+            if cunit_verdict(text).is_none() {
                 text.push('\n');
                 text.push_str(line);
             }
@@ -321,6 +307,49 @@ pub fn cunit_verdicts(out: &str) -> (Vec<String>, Vec<String>, Vec<String>) {
     }
     close(current);
     (pass, skip, fail)
+}
+
+/// CUnit's verdict in a test's lines: where it ends and whether the test passed. The
+/// verdict is the first `passed`, or the first `FAILED` that is not libiscsi logging a
+/// command that failed (`[FAILED] ...`, which a test may expect); teardown output can
+/// follow it on the same line.
+fn cunit_verdict(text: &str) -> Option<(usize, bool)> {
+    let passed = text.find("passed").map(|i| (i + "passed".len(), true));
+    let failed = text
+        .match_indices("FAILED")
+        .find(|(i, _)| !text[..*i].ends_with('['))
+        .map(|(i, _)| (i + "FAILED".len(), false));
+    match (passed, failed) {
+        (Some(p), Some(f)) => Some(if p.0 < f.0 { p } else { f }),
+        (p, f) => p.or(f),
+    }
+}
+
+#[cfg(test)]
+mod verdict_tests {
+    use super::cunit_verdicts;
+
+    /// The verdicts of lines as iscsi-test-cu 1.19.0 prints them: a skip, a pass whose
+    /// expected command failures are logged, a failure, a pass followed on its line by
+    /// the suite teardown's log, and a test cut off without a verdict.
+    #[test]
+    fn verdicts_are_read_up_to_cunits_word() {
+        let out = "Suite: A
+  Test: Skipped ...    [SKIPPED] EXTENDEDCOPY is not implemented.
+passed
+  Test: Expected ...    [FAILED] WRITE10 command failed with status 2
+passed
+  Test: Broken ...FAILED
+    1. test_x.c:69  - CU_ASSERT_NOT_EQUAL(num_uas,0)
+  Test: Teardown ...passed    [FAILED] PRIN command: failed with sense. [SKIPPED] x
+Suite: B
+  Test: Cut ...
+Run Summary:";
+        let (p, s, f) = cunit_verdicts(out);
+        assert_eq!(p, ["Expected", "Teardown"]);
+        assert_eq!(s, ["Skipped"]);
+        assert_eq!(f, ["Broken", "Cut (no verdict)"]);
+    }
 }
 
 /// Run libiscsi's minimal disk profile against `url` (every suite of [`MINIMAL_PROFILE`],

@@ -950,12 +950,12 @@ mod tests {
         i.command(0, &reserve, 0, Vec::new(), &mut out);
         exchange(&mut i, &mut t, out);
         assert!(matches!(i.poll_event(), Some(InitiatorEvent::Done(c)) if c.status == 0));
-        let other = 9_999;
+        let other = crate::scsi::Nexus::iscsi("iqn.other", [0x80, 0, 0, 0, 0, 2]);
         let tur = [0u8; 6];
-        let held = disk.lock().unwrap().execute_as(other, &tur, &[]).status;
+        let held = disk.lock().unwrap().execute_as(&other, &tur, &[]).status;
         assert_eq!(held, crate::scsi::RESERVATION_CONFLICT);
         drop(t);
-        let freed = disk.lock().unwrap().execute_as(other, &tur, &[]).status;
+        let freed = disk.lock().unwrap().execute_as(&other, &tur, &[]).status;
         assert_eq!(freed, crate::scsi::GOOD);
     }
 

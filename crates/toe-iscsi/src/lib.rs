@@ -5,7 +5,8 @@
 //! 2. [`text`]: text keys (`key=value` pairs) and their negotiation;
 //! 3. [`login`]: the target's and the initiator's login machines (security stage with
 //!    CHAP, operational negotiation, discovery and normal sessions);
-//! 4. [`scsi`]: the disk's command set over a [`scsi::BlockStore`];
+//! 4. [`scsi`]: the disk's command set over a [`scsi::BlockStore`], with [`pr`], its
+//!    persistent reservations;
 //! 5. [`initiator`]: an initiator connection as a byte-stream machine (login, commands
 //!    at any queue depth within the CmdSN window, reads, writes with R2T, text, logout);
 //! 6. [`target`]: a target connection as a byte-stream machine (login, then discovery,
@@ -16,6 +17,7 @@
 
 pub mod initiator;
 pub mod login;
+pub mod pr;
 pub mod scsi;
 pub mod target;
 pub mod text;

@@ -8,11 +8,20 @@
 //! BYTCHK 0, 1 and 3), WRITE SAME (10, 16; UNMAP, NDOB), COMPARE AND WRITE, ORWRITE (16),
 //! PRE-FETCH (10, 16), SYNCHRONIZE CACHE (10, 16), MODE SENSE and MODE SELECT (6, 10) with
 //! the Caching (08h) and Control (0Ah) pages, UNMAP and GET LBA STATUS (thin provisioning),
-//! RESERVE and RELEASE (6, 10) per I_T nexus, REPORT LUNS, REPORT SUPPORTED OPERATION
+//! RESERVE and RELEASE (6, 10) per I_T nexus, PERSISTENT RESERVE IN and OUT (see
+//! [`crate::pr`]), REPORT LUNS, REPORT SUPPORTED OPERATION
 //! CODES, START STOP UNIT. Anything
 //! else is CHECK CONDITION, ILLEGAL REQUEST, INVALID COMMAND OPERATION CODE (20h/00h); an
 //! LBA range past the end (64-bit wrap included) is LOGICAL BLOCK ADDRESS OUT OF RANGE
-//! (21h/00h); a reserved or unsupported field is INVALID FIELD IN CDB (24h/00h).
+//! (21h/00h); a reserved or unsupported field is INVALID FIELD IN CDB (24h/00h). A unit
+//! attention pending for a nexus (a persistent reservation another nexus changed) is
+//! reported before its next command but INQUIRY and REPORT LUNS, or as the data of its
+//! REQUEST SENSE.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+use crate::pr::{Access, Refusal, Reservations};
 
 /// SCSI status GOOD.
 pub const GOOD: u8 = 0x00;
@@ -21,12 +30,33 @@ pub const CHECK_CONDITION: u8 = 0x02;
 /// SCSI status RESERVATION CONFLICT.
 pub const RESERVATION_CONFLICT: u8 = 0x18;
 
-/// The I_T nexus a command comes from (a target's session), as reservations know it.
-pub type Nexus = u64;
+/// The I_T nexus a command comes from, as reservations and unit attentions know it: the
+/// initiator port, named as SPC-4's iSCSI TransportID names it (`InitiatorName,i,0xISID`),
+/// or [`Nexus::LOCAL`]. (One target port, so the initiator port is the whole nexus.)
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Nexus(Option<Arc<str>>);
 
-/// The nexus of [`Disk::execute`]: a caller on the target's own host (flushing at exit, a
-/// test), not an initiator.
-pub const LOCAL_NEXUS: Nexus = u64::MAX;
+impl Nexus {
+    /// The nexus of [`Disk::execute`]: a caller on the target's own host (flushing at exit,
+    /// a test), not an initiator.
+    pub const LOCAL: Nexus = Nexus(None);
+
+    /// The nexus of the iSCSI initiator port `initiator` (its iSCSI name) with session
+    /// identifier `isid`.
+    pub fn iscsi(initiator: &str, isid: [u8; 6]) -> Nexus {
+        let hex: String = isid.iter().map(|b| format!("{b:02x}")).collect();
+        Nexus(Some(format!("{initiator},i,0x{hex}").into()))
+    }
+
+    /// The initiator port's name; `None` for [`Nexus::LOCAL`].
+    pub fn port_name(&self) -> Option<&str> {
+        self.0.as_deref()
+    }
+}
+
+/// Most unit attentions kept for one nexus; older ones give way (SPC-4 §5.14 lets a
+/// device server report only the latest).
+const ATTENTIONS_KEPT: usize = 8;
 
 /// Sense keys.
 pub mod key {
@@ -38,6 +68,8 @@ pub mod key {
     pub const ILLEGAL_REQUEST: u8 = 0x5;
     /// DATA PROTECT.
     pub const DATA_PROTECT: u8 = 0x7;
+    /// UNIT ATTENTION.
+    pub const UNIT_ATTENTION: u8 = 0x6;
     /// ABORTED COMMAND.
     pub const ABORTED_COMMAND: u8 = 0xb;
     /// MISCOMPARE.
@@ -53,9 +85,44 @@ pub struct Sense {
     pub asc: u8,
     /// Additional sense code qualifier.
     pub ascq: u8,
+    /// The field in error, for ILLEGAL REQUEST (SPC-4 §4.5.2.4.2, the sense-key specific
+    /// field pointer).
+    pub field: Option<FieldPointer>,
+    /// The INFORMATION field (SPC-4 §4.5.2.2, §4.5.3): for a COMPARE AND WRITE miscompare,
+    /// the offset of the first byte that differed.
+    pub information: Option<u32>,
+}
+
+/// Where an invalid field is: in the CDB or in the parameter list, at `byte`, and at
+/// `bit` (0..=7) of it if given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FieldPointer {
+    /// In the CDB (C/D = 1), else in the parameter list.
+    pub in_cdb: bool,
+    /// Byte of the field (its most significant byte).
+    pub byte: u16,
+    /// Bit of the field (its most significant bit), if the field is not the whole byte.
+    pub bit: Option<u8>,
+}
+
+impl FieldPointer {
+    /// The three bytes of the sense-key specific field (SKSV set).
+    fn bytes(&self) -> [u8; 3] {
+        let bpv = self.bit.map_or(0, |b| 0x08 | (b & 0x07));
+        let [hi, lo] = self.byte.to_be_bytes();
+        [0x80 | u8::from(self.in_cdb) << 6 | bpv, hi, lo]
+    }
 }
 
 impl Sense {
+    /// NO SENSE: nothing to report.
+    pub const NO_SENSE: Sense = Sense {
+        key: key::NO_SENSE,
+        asc: 0,
+        ascq: 0,
+        field: None,
+        information: None,
+    };
     /// INVALID COMMAND OPERATION CODE.
     pub const INVALID_OPCODE: Sense = Sense::illegal(0x20, 0x00);
     /// LOGICAL BLOCK ADDRESS OUT OF RANGE.
@@ -73,6 +140,7 @@ impl Sense {
         key: key::ABORTED_COMMAND,
         asc: 0x4b,
         ascq: 0x00,
+        ..Sense::NO_SENSE
     };
     /// ABORTED COMMAND, PROTOCOL SERVICE CRC ERROR: the command's data arrived with a bad
     /// data digest and, at ERL 0, is not recovered (RFC 7143 §7.8, §11.4.7.2).
@@ -80,42 +148,101 @@ impl Sense {
         key: key::ABORTED_COMMAND,
         asc: 0x47,
         ascq: 0x05,
+        ..Sense::NO_SENSE
     };
     /// MISCOMPARE DURING VERIFY OPERATION.
     pub const MISCOMPARE: Sense = Sense {
         key: key::MISCOMPARE,
         asc: 0x1d,
         ascq: 0x00,
+        ..Sense::NO_SENSE
     };
+    /// UNIT ATTENTION, BUS DEVICE RESET FUNCTION OCCURRED (29h/03h): after a LOGICAL
+    /// UNIT RESET.
+    pub const LUN_RESET_OCCURRED: Sense = Sense::attention(0x29, 0x03);
+    /// UNIT ATTENTION, POWER ON, RESET, OR BUS DEVICE RESET OCCURRED (29h/00h): after a
+    /// TARGET WARM RESET.
+    pub const RESET_OCCURRED: Sense = Sense::attention(0x29, 0x00);
     /// WRITE PROTECTED.
     pub const WRITE_PROTECTED: Sense = Sense {
         key: key::DATA_PROTECT,
         asc: 0x27,
         ascq: 0x00,
+        ..Sense::NO_SENSE
     };
 
-    const fn illegal(asc: u8, ascq: u8) -> Sense {
+    pub(crate) const fn illegal(asc: u8, ascq: u8) -> Sense {
         Sense {
             key: key::ILLEGAL_REQUEST,
             asc,
             ascq,
+            field: None,
+            information: None,
         }
     }
 
-    /// Fixed-format sense data (response code 70h, 18 bytes).
+    pub(crate) const fn attention(asc: u8, ascq: u8) -> Sense {
+        Sense {
+            key: key::UNIT_ATTENTION,
+            asc,
+            ascq,
+            field: None,
+            information: None,
+        }
+    }
+
+    /// This sense with `field` as the field in error.
+    pub const fn at(self, field: FieldPointer) -> Sense {
+        Sense {
+            field: Some(field),
+            ..self
+        }
+    }
+
+    /// Fixed-format sense data (response code 70h, 18 bytes; VALID with an INFORMATION
+    /// field).
     pub fn fixed(&self) -> [u8; 18] {
         let mut s = [0u8; 18];
         s[0] = 0x70;
+        if let Some(i) = self.information {
+            s[0] |= 0x80;
+            s[3..7].copy_from_slice(&i.to_be_bytes());
+        }
         s[2] = self.key & 0x0f;
         s[7] = 10;
         s[12] = self.asc;
         s[13] = self.ascq;
+        if let Some(f) = self.field {
+            s[15..18].copy_from_slice(&f.bytes());
+        }
         s
     }
 
-    /// Descriptor-format sense data (response code 72h, 8 bytes).
-    pub fn descriptor(&self) -> [u8; 8] {
-        [0x72, self.key & 0x0f, self.asc, self.ascq, 0, 0, 0, 0]
+    /// Descriptor-format sense data (response code 72h): the 8-byte header, then an
+    /// Information descriptor and a Sense key specific descriptor if there is something
+    /// to put in them.
+    pub fn descriptor(&self) -> Vec<u8> {
+        let mut s = vec![0x72, self.key & 0x0f, self.asc, self.ascq, 0, 0, 0, 0];
+        if let Some(i) = self.information {
+            s.extend_from_slice(&[0x00, 0x0a, 0x80, 0]);
+            s.extend_from_slice(&u64::from(i).to_be_bytes());
+        }
+        if let Some(f) = self.field {
+            s.extend_from_slice(&[0x02, 0x06, 0, 0]);
+            s.extend_from_slice(&f.bytes());
+            s.push(0);
+        }
+        s[7] = (s.len() - 8) as u8;
+        s
+    }
+
+    /// Sense data in descriptor format if `descriptor`, else fixed.
+    pub fn bytes(&self, descriptor: bool) -> Vec<u8> {
+        if descriptor {
+            self.descriptor()
+        } else {
+            self.fixed().to_vec()
+        }
     }
 }
 
@@ -284,6 +411,24 @@ impl Outcome {
             sense: Some(s),
         }
     }
+
+    /// RESERVATION CONFLICT.
+    pub fn conflict() -> Self {
+        Outcome {
+            status: RESERVATION_CONFLICT,
+            data_in: Vec::new(),
+            sense: None,
+        }
+    }
+}
+
+impl From<Refusal> for Outcome {
+    fn from(r: Refusal) -> Self {
+        match r {
+            Refusal::Conflict => Outcome::conflict(),
+            Refusal::Check(s) => Outcome::check(s),
+        }
+    }
 }
 
 /// The direction and length of a command's data, read from its CDB.
@@ -310,6 +455,15 @@ pub struct Disk {
     max_transfer_blocks: u32,
     /// The nexus holding the RESERVE(6)/(10) reservation, if any (SPC-2 §7.21).
     reserved_by: Option<Nexus>,
+    /// Persistent reservations (PERSISTENT RESERVE OUT).
+    pr: Reservations,
+    /// Unit attentions not yet reported, per nexus, oldest first; at most
+    /// [`ATTENTIONS_KEPT`] each, and only for nexuses that are connected or registered
+    /// (so bounded by the sessions and [`crate::pr::MAX_REGISTRATIONS`]).
+    attentions: HashMap<Nexus, VecDeque<Sense>>,
+    /// The nexuses connected now ([`Disk::nexus_joined`], [`Disk::nexus_lost`]): a reset
+    /// is reported to each.
+    live: HashSet<Nexus>,
     /// Deallocated blocks (thin provisioning: UNMAP, WRITE SAME with UNMAP; they read as
     /// zeros, LBPRZ). Every block starts mapped.
     unmapped: Extents,
@@ -364,6 +518,17 @@ const SUPPORTED_OPCODES: &[(u8, Option<u16>, &[u8])] = &[
     (0x56, None, &[0x56, 0, 0, 0, 0, 0, 0, 0, 0, 0x00]),
     (0x57, None, &[0x57, 0, 0, 0, 0, 0, 0, 0, 0, 0x00]),
     (0x5a, None, &[0x5a, 0x18, 0xff, 0xff, 0, 0, 0, 0xff, 0xff, 0x00]),
+    (0x5e, Some(0), &[0x5e, 0x00, 0, 0, 0, 0, 0, 0xff, 0xff, 0x00]),
+    (0x5e, Some(1), &[0x5e, 0x01, 0, 0, 0, 0, 0, 0xff, 0xff, 0x00]),
+    (0x5e, Some(2), &[0x5e, 0x02, 0, 0, 0, 0, 0, 0xff, 0xff, 0x00]),
+    (0x5e, Some(3), &[0x5e, 0x03, 0, 0, 0, 0, 0, 0xff, 0xff, 0x00]),
+    (0x5f, Some(0), &[0x5f, 0x00, 0xff, 0, 0, 0xff, 0xff, 0xff, 0xff, 0x00]),
+    (0x5f, Some(1), &[0x5f, 0x01, 0xff, 0, 0, 0xff, 0xff, 0xff, 0xff, 0x00]),
+    (0x5f, Some(2), &[0x5f, 0x02, 0xff, 0, 0, 0xff, 0xff, 0xff, 0xff, 0x00]),
+    (0x5f, Some(3), &[0x5f, 0x03, 0xff, 0, 0, 0xff, 0xff, 0xff, 0xff, 0x00]),
+    (0x5f, Some(4), &[0x5f, 0x04, 0xff, 0, 0, 0xff, 0xff, 0xff, 0xff, 0x00]),
+    (0x5f, Some(5), &[0x5f, 0x05, 0xff, 0, 0, 0xff, 0xff, 0xff, 0xff, 0x00]),
+    (0x5f, Some(6), &[0x5f, 0x06, 0xff, 0, 0, 0xff, 0xff, 0xff, 0xff, 0x00]),
     (0x88, None, &[0x88, 0x18, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0x00]),
     (0x89, None, &[0x89, 0x18, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0xff, 0, 0x00]),
     (0x8a, None, &[0x8a, 0x18, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0x00]),
@@ -397,6 +562,13 @@ const MAX_COMPARE_AND_WRITE_BLOCKS: u64 = 255;
 
 /// The command timeouts descriptor (SPC-4 §6.35.4): length 0Ah, no timeouts given.
 const TIMEOUTS_DESCRIPTOR: [u8; 12] = [0, 0x0a, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+
+/// The REPORTING OPTIONS field of REPORT SUPPORTED OPERATION CODES (byte 2, bits 2-0).
+const REPORTING_OPTIONS: FieldPointer = FieldPointer {
+    in_cdb: true,
+    byte: 2,
+    bit: Some(2),
+};
 
 /// REPORT SUPPORTED OPERATION CODES (MAINTENANCE IN, service action 0Ch; SPC-4 §6.35):
 /// every command (reporting options 000b), or one, by operation code (001b; an error for a
@@ -434,7 +606,7 @@ fn report_supported_opcodes(cdb: &[u8]) -> Outcome {
                 .any(|(code, action, _)| *code == op && action.is_some());
             let known = SUPPORTED_OPCODES.iter().any(|(code, _, _)| *code == op);
             if known && has_actions != by_action {
-                return Outcome::check(Sense::INVALID_FIELD_IN_CDB);
+                return Outcome::check(Sense::INVALID_FIELD_IN_CDB.at(REPORTING_OPTIONS));
             }
             match listed {
                 Some((_, _, usage)) => {
@@ -449,7 +621,7 @@ fn report_supported_opcodes(cdb: &[u8]) -> Outcome {
                 None => d.extend_from_slice(&[0, 0x01, 0, 0]),
             }
         }
-        _ => return Outcome::check(Sense::INVALID_FIELD_IN_CDB),
+        _ => return Outcome::check(Sense::INVALID_FIELD_IN_CDB.at(REPORTING_OPTIONS)),
     }
     d.truncate(be32(cdb, 6) as usize);
     Outcome::good(d)
@@ -480,6 +652,9 @@ impl Disk {
             // read data it has produced and not yet sent.
             max_transfer_blocks: (2 << 20) / block,
             reserved_by: None,
+            pr: Reservations::default(),
+            attentions: HashMap::new(),
+            live: HashSet::new(),
             unmapped: Extents::default(),
         }
     }
@@ -541,22 +716,29 @@ impl Disk {
                 _ => Transfer::None,
             },
             0xa0 => Transfer::In(be32(cdb, 6)),
+            0x5e => Transfer::In(be16(cdb, 7)),
+            0x5f => Transfer::Out(be32(cdb, 5)),
             0xa3 if cdb[1] & 0x1f == 0x0c => Transfer::In(be32(cdb, 6)),
             _ => Transfer::None,
         }
     }
 
-    /// Execute `cdb` on LUN 0 for the local caller ([`LOCAL_NEXUS`]); see
+    /// Execute `cdb` on LUN 0 for the local caller ([`Nexus::LOCAL`]); see
     /// [`Disk::execute_as`].
     pub fn execute(&mut self, cdb: &[u8], data_out: &[u8]) -> Outcome {
-        self.execute_as(LOCAL_NEXUS, cdb, data_out)
+        self.execute_as(&Nexus::LOCAL, cdb, data_out)
     }
 
     /// Execute `cdb` on LUN 0 for `nexus`, with the Data-Out bytes `data_out` (as many as
-    /// [`Disk::transfer`] asked for, or fewer if the initiator sent fewer). While another
-    /// nexus holds a RESERVE reservation, every command but INQUIRY, REPORT LUNS, REQUEST
-    /// SENSE, REPORT SUPPORTED OPERATION CODES and RELEASE ends in RESERVATION CONFLICT.
-    pub fn execute_as(&mut self, nexus: Nexus, cdb: &[u8], data_out: &[u8]) -> Outcome {
+    /// [`Disk::transfer`] asked for, or fewer if the initiator sent fewer).
+    ///
+    /// In order: a unit attention pending for `nexus` is reported (see the module doc);
+    /// while another nexus holds a RESERVE reservation, every command but INQUIRY, REPORT
+    /// LUNS, REQUEST SENSE, REPORT SUPPORTED OPERATION CODES and RELEASE ends in
+    /// RESERVATION CONFLICT; a persistent reservation's type decides which commands of a
+    /// nexus without access conflict ([`Reservations::conflicts`]); while any nexus is
+    /// registered, RESERVE and RELEASE conflict.
+    pub fn execute_as(&mut self, nexus: &Nexus, cdb: &[u8], data_out: &[u8]) -> Outcome {
         let Some(&op) = cdb.first() else {
             return Outcome::check(Sense::INVALID_OPCODE);
         };
@@ -564,66 +746,117 @@ impl Disk {
             Some(n) if cdb.len() >= n => {}
             _ => return Outcome::check(Sense::INVALID_OPCODE),
         }
-        let conflict = self.reserved_by.is_some_and(|h| h != nexus)
+        if !matches!(op, 0x12 | 0xa0) {
+            if let Some(s) = self.take_attention(nexus) {
+                return if op == 0x03 {
+                    self.request_sense(cdb, s)
+                } else {
+                    Outcome::check(s)
+                };
+            }
+        }
+        let conflict = self.reserved_by.as_ref().is_some_and(|h| h != nexus)
             && !matches!(op, 0x12 | 0xa0 | 0x03 | 0xa3 | 0x17 | 0x57);
-        if conflict {
-            return Outcome {
-                status: RESERVATION_CONFLICT,
-                data_in: Vec::new(),
-                sense: None,
-            };
+        let reserve_or_release = matches!(op, 0x16 | 0x17 | 0x56 | 0x57);
+        if conflict
+            || self.pr.conflicts(nexus, access(op, cdb))
+            || (reserve_or_release && self.pr.any_registered())
+        {
+            return Outcome::conflict();
         }
         match op {
             // RESERVE (6) and (10): the logical unit, for this nexus (again: no change).
             // The 10-byte form's third-party and LONGID fields are not supported.
             0x16 | 0x56 if op == 0x16 || cdb[1] & 0x12 == 0 => {
-                self.reserved_by = Some(nexus);
+                self.reserved_by = Some(nexus.clone());
                 Outcome::good(Vec::new())
             }
             // RELEASE (6) and (10): the holder's reservation ends; anyone else's release
             // does nothing, successfully.
             0x17 | 0x57 if op == 0x17 || cdb[1] & 0x12 == 0 => {
-                if self.reserved_by == Some(nexus) {
+                if self.reserved_by.as_ref() == Some(nexus) {
                     self.reserved_by = None;
                 }
                 Outcome::good(Vec::new())
             }
             0x56 | 0x57 => Outcome::check(Sense::INVALID_FIELD_IN_CDB),
+            0x5e => match self.pr.read(cdb) {
+                Ok(d) => Outcome::good(d),
+                Err(r) => r.into(),
+            },
+            0x5f => match self.pr.out(nexus, cdb, data_out) {
+                Ok(attentions) => {
+                    for (n, s) in attentions {
+                        self.attend(n, s);
+                    }
+                    Outcome::good(Vec::new())
+                }
+                Err(r) => r.into(),
+            },
             _ => self.run(op, cdb, data_out),
         }
     }
 
-    /// The reservation of `nexus`, if it holds one, ends: its session logged out or lost
-    /// its connection (I_T nexus loss).
-    pub fn nexus_lost(&mut self, nexus: Nexus) {
-        if self.reserved_by == Some(nexus) {
-            self.reserved_by = None;
+    /// Queue unit attention `s` for `nexus`.
+    fn attend(&mut self, nexus: Nexus, s: Sense) {
+        let q = self.attentions.entry(nexus).or_default();
+        if q.len() == ATTENTIONS_KEPT {
+            q.pop_front();
         }
+        q.push_back(s);
     }
 
-    /// Every reservation ends (LOGICAL UNIT RESET, TARGET WARM or COLD RESET).
-    pub fn reset(&mut self) {
+    /// The oldest unit attention pending for `nexus`, now reported.
+    fn take_attention(&mut self, nexus: &Nexus) -> Option<Sense> {
+        let q = self.attentions.get_mut(nexus)?;
+        let s = q.pop_front();
+        if q.is_empty() {
+            self.attentions.remove(nexus);
+        }
+        s
+    }
+
+    /// REQUEST SENSE's parameter data: `s` in the format DESC asks for, truncated to the
+    /// allocation length.
+    fn request_sense(&self, cdb: &[u8], s: Sense) -> Outcome {
+        let mut d = s.bytes(cdb[1] & 1 != 0);
+        d.truncate(usize::from(cdb[4]));
+        Outcome::good(d)
+    }
+
+    /// `nexus` is connected (a normal session's login ended): resets are reported to it.
+    pub fn nexus_joined(&mut self, nexus: &Nexus) {
+        self.live.insert(nexus.clone());
+    }
+
+    /// `nexus` is gone (its session logged out or lost its connection: I_T nexus loss):
+    /// the RESERVE reservation it held ends and its unit attentions are dropped. Its
+    /// persistent registrations and reservation stay.
+    pub fn nexus_lost(&mut self, nexus: &Nexus) {
+        if self.reserved_by.as_ref() == Some(nexus) {
+            self.reserved_by = None;
+        }
+        self.attentions.remove(nexus);
+        self.live.remove(nexus);
+    }
+
+    /// A reset (LOGICAL UNIT RESET, TARGET WARM RESET): every RESERVE reservation ends,
+    /// persistent reservations stay (SPC-4 §5.13.1), and every connected nexus, the one
+    /// that asked included, gets unit attention `why` ([`Sense::LUN_RESET_OCCURRED`] or
+    /// [`Sense::RESET_OCCURRED`]).
+    pub fn reset(&mut self, why: Sense) {
         self.reserved_by = None;
+        let live: Vec<Nexus> = self.live.iter().cloned().collect();
+        for n in live {
+            self.attend(n, why);
+        }
     }
 
     /// Every command but the reservations'; `cdb` is as long as its group says.
     fn run(&mut self, op: u8, cdb: &[u8], data_out: &[u8]) -> Outcome {
         match op {
             0x00 => Outcome::good(Vec::new()),
-            0x03 => {
-                let s = Sense {
-                    key: key::NO_SENSE,
-                    asc: 0,
-                    ascq: 0,
-                };
-                let mut d = if cdb[1] & 1 != 0 {
-                    s.descriptor().to_vec()
-                } else {
-                    s.fixed().to_vec()
-                };
-                d.truncate(usize::from(cdb[4]));
-                Outcome::good(d)
-            }
+            0x03 => self.request_sense(cdb, Sense::NO_SENSE),
             0x12 => self.inquiry(cdb),
             0x25 => {
                 let last = self.blocks().saturating_sub(1).min(0xffff_ffff) as u32;
@@ -777,6 +1010,7 @@ impl Disk {
                     key: key::MEDIUM_ERROR,
                     asc: 0x0c,
                     ascq: 0x00,
+                    ..Sense::NO_SENSE
                 });
             }
             at += k as u64;
@@ -841,6 +1075,7 @@ impl Disk {
                     key: key::MEDIUM_ERROR,
                     asc: 0x0c,
                     ascq: 0x00,
+                    ..Sense::NO_SENSE
                 });
             }
             at += k as u64;
@@ -942,8 +1177,11 @@ impl Disk {
             return medium;
         }
         let (verify, write) = data.split_at(n as usize * b);
-        if medium.data_in[..] != *verify {
-            return Outcome::check(Sense::MISCOMPARE);
+        if let Some(at) = medium.data_in.iter().zip(verify).position(|(m, v)| m != v) {
+            return Outcome::check(Sense {
+                information: Some(at as u32),
+                ..Sense::MISCOMPARE
+            });
         }
         self.write(lba, n, write, fua)
     }
@@ -977,6 +1215,7 @@ impl Disk {
                 key: key::MEDIUM_ERROR,
                 asc: 0x11,
                 ascq: 0x00,
+                ..Sense::NO_SENSE
             }),
         }
     }
@@ -1000,6 +1239,7 @@ impl Disk {
                 key: key::MEDIUM_ERROR,
                 asc: 0x0c,
                 ascq: 0x00,
+                ..Sense::NO_SENSE
             });
         }
         if fua {
@@ -1015,6 +1255,7 @@ impl Disk {
                 key: key::MEDIUM_ERROR,
                 asc: 0x0c,
                 ascq: 0x00,
+                ..Sense::NO_SENSE
             }),
         }
     }
@@ -1273,6 +1514,22 @@ impl Disk {
     }
 }
 
+/// What `op` (with `cdb`) does, for a persistent reservation's access rules (SPC-4
+/// Table 63, SBC-3 Table 13): INQUIRY, REPORT LUNS, REQUEST SENSE, TEST UNIT READY, READ
+/// CAPACITY, the MAINTENANCE IN reports and PERSISTENT RESERVE IN and OUT (which have rules
+/// of their own) are always allowed; READ, VERIFY, MODE SENSE, PRE-FETCH and GET LBA STATUS
+/// read; the rest writes.
+fn access(op: u8, cdb: &[u8]) -> Access {
+    match op {
+        0x00 | 0x03 | 0x12 | 0x25 | 0x5e | 0x5f | 0xa0 | 0xa3 => Access::Always,
+        0x9e if cdb[1] & 0x1f == 0x10 => Access::Always,
+        0x08 | 0x28 | 0xa8 | 0x88 | 0x2f | 0xaf | 0x8f | 0x1a | 0x5a | 0x34 | 0x90 | 0x9e => {
+            Access::Read
+        }
+        _ => Access::Write,
+    }
+}
+
 fn six_len(cdb: &[u8]) -> u64 {
     // READ(6)/WRITE(6): a length of 0 means 256 blocks
     match cdb[4] {
@@ -1303,6 +1560,10 @@ fn rw_range(cdb: &[u8]) -> (u64, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn nexus(name: &str) -> Nexus {
+        Nexus::iscsi(name, [0x80, 0, 0, 0, 0, 1])
+    }
 
     fn disk() -> Disk {
         Disk::new(Box::new(MemStore::new(1 << 20)), 512, "TOEMU0001")
@@ -1374,7 +1635,7 @@ mod tests {
                 assert_eq!(one.data_in[4], op);
                 assert_eq!(
                     rsoc(false, wrong, op, sa).sense,
-                    Some(Sense::INVALID_FIELD_IN_CDB)
+                    Some(Sense::INVALID_FIELD_IN_CDB.at(REPORTING_OPTIONS))
                 );
                 // and the disk executes it (whatever else it thinks of an all-zero CDB)
                 let mut c = vec![0u8; cdb_len];
@@ -1396,9 +1657,15 @@ mod tests {
         }
         // A code the disk does not know: SUPPORT 001b.
         assert_eq!(rsoc(false, 1, 0x44, 0).data_in, [0, 0x01, 0, 0]);
+        // The field in error is pointed at (libiscsi reads INVALID FIELD IN CDB without a
+        // pointer, or pointing at byte 1, as "not implemented"): SKSV, C/D, BPV, bit 2 of
+        // byte 2.
+        let pointed = Sense::INVALID_FIELD_IN_CDB.at(REPORTING_OPTIONS);
+        assert_eq!(&pointed.fixed()[15..], &[0xca, 0, 2]);
+        assert_eq!(&pointed.descriptor()[8..], &[2, 6, 0, 0, 0xca, 0, 2, 0]);
         assert_eq!(
             rsoc(false, 5, 0, 0).sense,
-            Some(Sense::INVALID_FIELD_IN_CDB)
+            Some(Sense::INVALID_FIELD_IN_CDB.at(REPORTING_OPTIONS))
         );
     }
 
@@ -1408,41 +1675,53 @@ mod tests {
     #[test]
     fn a_reservation_holds_the_unit_for_one_nexus() {
         let mut d = disk();
-        let (a, b) = (1, 2);
+        let (a, b) = (nexus("iqn.a"), nexus("iqn.b"));
         let reserve = [0x16, 0, 0, 0, 0, 0];
         let release = [0x17, 0, 0, 0, 0, 0];
         let sense6 = [0x1a, 0, 0x3f, 0, 255, 0];
         let inquiry = [0x12, 0, 0, 0, 96, 0];
-        assert_eq!(d.execute_as(a, &reserve, &[]).status, GOOD);
+        assert_eq!(d.execute_as(&a, &reserve, &[]).status, GOOD);
         assert_eq!(
-            d.execute_as(a, &reserve, &[]).status,
+            d.execute_as(&a, &reserve, &[]).status,
             GOOD,
             "again: no change"
         );
-        assert_eq!(d.execute_as(b, &reserve, &[]).status, RESERVATION_CONFLICT);
-        assert_eq!(d.execute_as(b, &sense6, &[]).status, RESERVATION_CONFLICT);
+        assert_eq!(d.execute_as(&b, &reserve, &[]).status, RESERVATION_CONFLICT);
+        assert_eq!(d.execute_as(&b, &sense6, &[]).status, RESERVATION_CONFLICT);
         assert_eq!(
-            d.execute_as(b, &cdb10(0x28, 0, 1), &[]).status,
+            d.execute_as(&b, &cdb10(0x28, 0, 1), &[]).status,
             RESERVATION_CONFLICT
         );
-        assert_eq!(d.execute_as(b, &inquiry, &[]).status, GOOD);
-        assert_eq!(d.execute_as(b, &release, &[]).status, GOOD);
+        assert_eq!(d.execute_as(&b, &inquiry, &[]).status, GOOD);
+        assert_eq!(d.execute_as(&b, &release, &[]).status, GOOD);
         assert_eq!(
-            d.execute_as(b, &sense6, &[]).status,
+            d.execute_as(&b, &sense6, &[]).status,
             RESERVATION_CONFLICT,
             "still A's"
         );
-        assert_eq!(d.execute_as(a, &sense6, &[]).status, GOOD);
-        assert_eq!(d.execute_as(a, &release, &[]).status, GOOD);
-        assert_eq!(d.execute_as(b, &reserve, &[]).status, GOOD);
-        d.nexus_lost(b);
-        assert_eq!(d.execute_as(a, &reserve, &[]).status, GOOD);
-        d.reset();
-        assert_eq!(d.execute_as(b, &sense6, &[]).status, GOOD);
+        assert_eq!(d.execute_as(&a, &sense6, &[]).status, GOOD);
+        assert_eq!(d.execute_as(&a, &release, &[]).status, GOOD);
+        assert_eq!(d.execute_as(&b, &reserve, &[]).status, GOOD);
+        d.nexus_lost(&b);
+        assert_eq!(d.execute_as(&a, &reserve, &[]).status, GOOD);
+        d.nexus_joined(&b);
+        d.reset(Sense::LUN_RESET_OCCURRED);
+        let told = d.execute_as(&b, &sense6, &[]);
+        assert_eq!(
+            told.sense,
+            Some(Sense::LUN_RESET_OCCURRED),
+            "b is told once"
+        );
+        assert_eq!(d.execute_as(&b, &sense6, &[]).status, GOOD);
+        assert_eq!(
+            d.execute_as(&a, &sense6, &[]).status,
+            GOOD,
+            "a was not connected"
+        );
         // RESERVE(10)'s third-party form is not supported
         let third_party = [0x56, 0x10, 0, 0, 0, 0, 0, 0, 0, 0];
         assert_eq!(
-            d.execute_as(a, &third_party, &[]).sense,
+            d.execute_as(&a, &third_party, &[]).sense,
             Some(Sense::INVALID_FIELD_IN_CDB)
         );
     }
@@ -1653,7 +1932,18 @@ mod tests {
         // a difference in the last byte compared: nothing written
         let mut data = [a.clone(), vec![b'B'; 1024]].concat();
         data[1023] = b'C';
-        assert_eq!(d.execute(&caw(4, 2), &data).sense, Some(Sense::MISCOMPARE));
+        let miscompare = d.execute(&caw(4, 2), &data).sense.expect("sense");
+        assert_eq!((miscompare.key, miscompare.asc), (key::MISCOMPARE, 0x1d));
+        assert_eq!(
+            miscompare.information,
+            Some(1023),
+            "the first byte that differs"
+        );
+        assert_eq!(&miscompare.fixed()[..7], &[0xf0, 0, 0x0e, 0, 0, 0x03, 0xff]);
+        let desc = miscompare.descriptor();
+        assert_eq!(desc[7], 12, "one Information descriptor");
+        assert_eq!(&desc[8..12], &[0, 0x0a, 0x80, 0]);
+        assert_eq!(be64(&desc, 12), 1023);
         assert_eq!(d.execute(&cdb10(0x28, 4, 2), &[]).data_in, a);
         // a match: the second half is written
         data[1023] = b'A';
@@ -1798,5 +2088,281 @@ mod tests {
         assert_eq!(&r.data_in[8..10], &[0x0a, 0x0a]);
         let r = d.execute(&[0xa0, 0, 0, 0, 0, 0, 0, 0, 0, 16, 0, 0], &[]);
         assert_eq!(r.data_in, [0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    }
+
+    /// PERSISTENT RESERVE OUT from `n`: service action `sa`, TYPE `kind`, the reservation
+    /// key `key` and the service action key `sa_key`.
+    fn prout(d: &mut Disk, n: &Nexus, sa: u8, kind: u8, key: u64, sa_key: u64) -> Outcome {
+        let cdb = [0x5f, sa, kind, 0, 0, 0, 0, 0, 24, 0];
+        let mut p = [0u8; 24];
+        p[..8].copy_from_slice(&key.to_be_bytes());
+        p[8..16].copy_from_slice(&sa_key.to_be_bytes());
+        d.execute_as(n, &cdb, &p)
+    }
+
+    /// PERSISTENT RESERVE IN from `n`, service action `sa`, allocation length `alloc`.
+    fn prin(d: &mut Disk, n: &Nexus, sa: u8, alloc: u16) -> Outcome {
+        let [hi, lo] = alloc.to_be_bytes();
+        d.execute_as(n, &[0x5e, sa, 0, 0, 0, 0, 0, hi, lo, 0], &[])
+    }
+
+    /// READ KEYS: (PRgeneration, keys).
+    fn keys(d: &mut Disk, n: &Nexus) -> (u32, Vec<u64>) {
+        let r = prin(d, n, 0, 4096);
+        assert_eq!(r.status, GOOD);
+        let gen = be32(&r.data_in, 0) as u32;
+        assert_eq!(be32(&r.data_in, 4) as usize, r.data_in.len() - 8);
+        (gen, r.data_in[8..].chunks(8).map(|k| be64(k, 0)).collect())
+    }
+
+    /// READ RESERVATION: (key, type), if reserved.
+    fn reservation(d: &mut Disk, n: &Nexus) -> Option<(u64, u8)> {
+        let r = prin(d, n, 1, 4096);
+        assert_eq!(r.status, GOOD);
+        (be32(&r.data_in, 4) == 16).then(|| (be64(&r.data_in, 8), r.data_in[21]))
+    }
+
+    const REGISTER: u8 = 0;
+    const RESERVE: u8 = 1;
+    const RELEASE: u8 = 2;
+    const CLEAR: u8 = 3;
+    const PREEMPT: u8 = 4;
+    const REGISTER_AND_IGNORE: u8 = 6;
+
+    /// REGISTER needs the registered key (0 when unregistered); REGISTER AND IGNORE
+    /// EXISTING KEY does not; each success bumps PRgeneration; READ KEYS truncates the list
+    /// to the allocation length but not its ADDITIONAL LENGTH.
+    #[test]
+    fn registrations_follow_the_keys() {
+        let mut d = disk();
+        let (a, b) = (nexus("iqn.a"), nexus("iqn.b"));
+        assert_eq!(keys(&mut d, &a), (0, vec![]));
+        assert_eq!(
+            prout(&mut d, &a, REGISTER, 0, 7, 0x11).status,
+            RESERVATION_CONFLICT
+        );
+        assert_eq!(prout(&mut d, &a, REGISTER, 0, 0, 0x11).status, GOOD);
+        assert_eq!(
+            prout(&mut d, &b, REGISTER_AND_IGNORE, 0, 99, 0x22).status,
+            GOOD
+        );
+        assert_eq!(keys(&mut d, &a), (2, vec![0x11, 0x22]));
+        // A re-registration must name the key it replaces.
+        assert_eq!(
+            prout(&mut d, &a, REGISTER, 0, 0, 0x12).status,
+            RESERVATION_CONFLICT
+        );
+        assert_eq!(prout(&mut d, &a, REGISTER, 0, 0x11, 0x12).status, GOOD);
+        assert_eq!(prout(&mut d, &b, REGISTER_AND_IGNORE, 0, 0, 0).status, GOOD);
+        assert_eq!(keys(&mut d, &b), (4, vec![0x12]));
+        let short = prin(&mut d, &a, 0, 8);
+        assert_eq!(short.data_in, [0, 0, 0, 4, 0, 0, 0, 8]);
+        // Unregistered and asking for nothing: success, no change.
+        assert_eq!(prout(&mut d, &b, REGISTER, 0, 0, 0).status, GOOD);
+        assert_eq!(keys(&mut d, &a).0, 4);
+        // While anyone is registered, RESERVE(6) and RELEASE(6) conflict.
+        assert_eq!(
+            d.execute_as(&b, &[0x16, 0, 0, 0, 0, 0], &[]).status,
+            RESERVATION_CONFLICT
+        );
+        assert_eq!(prout(&mut d, &a, REGISTER, 0, 0x12, 0).status, GOOD);
+        assert_eq!(d.execute_as(&b, &[0x16, 0, 0, 0, 0, 0], &[]).status, GOOD);
+    }
+
+    /// Who may read and write under each type, as libiscsi's ProutReserve.Access* tests
+    /// expect: (type, registered other reads, writes, unregistered other reads, writes).
+    #[test]
+    fn each_reservation_type_lets_in_whom_it_should() {
+        let table = [
+            (3, false, false, false, false),
+            (1, true, false, true, false),
+            (6, true, true, false, false),
+            (5, true, true, true, false),
+            (8, true, true, false, false),
+            (7, true, true, true, false),
+        ];
+        let read = cdb10(0x28, 1, 1);
+        let write = cdb10(0x2a, 1, 1);
+        let block = [0u8; 512];
+        for (kind, reg_r, reg_w, unreg_r, unreg_w) in table {
+            let mut d = disk();
+            let (a, b) = (nexus("iqn.a"), nexus("iqn.b"));
+            assert_eq!(
+                prout(&mut d, &a, REGISTER_AND_IGNORE, 0, 0, 0xa).status,
+                GOOD
+            );
+            assert_eq!(
+                prout(&mut d, &b, REGISTER_AND_IGNORE, 0, 0, 0xb).status,
+                GOOD
+            );
+            assert_eq!(prout(&mut d, &a, RESERVE, kind, 0xa, 0).status, GOOD);
+            let key = if kind >= 7 { 0 } else { 0xa };
+            assert_eq!(reservation(&mut d, &a), Some((key, kind)));
+            assert_eq!(d.execute_as(&a, &read, &[]).status, GOOD);
+            assert_eq!(d.execute_as(&a, &write, &block).status, GOOD);
+            let ok = |o: Outcome| o.status == GOOD;
+            assert_eq!(ok(d.execute_as(&b, &read, &[])), reg_r, "type {kind}");
+            assert_eq!(ok(d.execute_as(&b, &write, &block)), reg_w, "type {kind}");
+            assert_eq!(prout(&mut d, &b, REGISTER, 0, 0xb, 0).status, GOOD);
+            assert_eq!(ok(d.execute_as(&b, &read, &[])), unreg_r, "type {kind}");
+            assert_eq!(ok(d.execute_as(&b, &write, &block)), unreg_w, "type {kind}");
+            // INQUIRY and TEST UNIT READY are always allowed.
+            assert_eq!(d.execute_as(&b, &[0x12, 0, 0, 0, 36, 0], &[]).status, GOOD);
+            assert_eq!(d.execute_as(&b, &[0; 6], &[]).status, GOOD);
+            // Only a registered nexus may reserve; a holder's release of another type is
+            // invalid; its release of the type ends the reservation.
+            assert_eq!(
+                prout(&mut d, &b, RESERVE, kind, 0, 0).status,
+                RESERVATION_CONFLICT
+            );
+            let other = if kind == 1 { 3 } else { 1 };
+            assert_eq!(
+                prout(&mut d, &a, RELEASE, other, 0xa, 0).sense,
+                Some(crate::pr::INVALID_RELEASE)
+            );
+            assert_eq!(prout(&mut d, &a, RELEASE, kind, 0xa, 0).status, GOOD);
+            assert_eq!(reservation(&mut d, &a), None);
+            assert_eq!(d.execute_as(&b, &write, &block).status, GOOD);
+        }
+    }
+
+    /// The holder's unregistration ends a reservation it alone held (telling the other
+    /// registrants of a Registrants Only one); an All Registrants reservation lasts while
+    /// anyone is registered.
+    #[test]
+    fn a_reservation_outlives_its_holder_only_if_all_registrants_hold_it() {
+        for (kind, shared) in [
+            (1, false),
+            (3, false),
+            (5, false),
+            (6, false),
+            (7, true),
+            (8, true),
+        ] {
+            let mut d = disk();
+            let (a, b) = (nexus("iqn.a"), nexus("iqn.b"));
+            prout(&mut d, &a, REGISTER_AND_IGNORE, 0, 0, 0xa);
+            prout(&mut d, &b, REGISTER_AND_IGNORE, 0, 0, 0xb);
+            assert_eq!(prout(&mut d, &a, RESERVE, kind, 0xa, 0).status, GOOD);
+            assert_eq!(prout(&mut d, &a, REGISTER, 0, 0xa, 0).status, GOOD);
+            let tur = [0u8; 6];
+            if shared {
+                assert_eq!(reservation(&mut d, &a), Some((0, kind)));
+                assert_eq!(d.execute_as(&b, &tur, &[]).status, GOOD, "no attention");
+                assert_eq!(prout(&mut d, &b, RELEASE, kind, 0xb, 0).status, GOOD);
+            } else {
+                assert_eq!(reservation(&mut d, &a), None, "type {kind}");
+                let told = d.execute_as(&b, &tur, &[]);
+                if kind == 5 || kind == 6 {
+                    assert_eq!(told.sense, Some(crate::pr::RESERVATIONS_RELEASED));
+                } else {
+                    assert_eq!(told.status, GOOD, "type {kind}");
+                }
+            }
+            assert_eq!(reservation(&mut d, &b), None);
+            assert_eq!(d.execute_as(&b, &tur, &[]).status, GOOD);
+        }
+    }
+
+    /// PREEMPT removes the registrations of a key (and takes over the reservation when it
+    /// is the holder's), with REGISTRATIONS PREEMPTED for the preempted nexus, reported
+    /// once; CLEAR removes everything; both bump PRgeneration.
+    #[test]
+    fn preempt_and_clear_remove_registrations() {
+        let mut d = disk();
+        let (a, b) = (nexus("iqn.a"), nexus("iqn.b"));
+        prout(&mut d, &a, REGISTER_AND_IGNORE, 0, 0, 0xa);
+        prout(&mut d, &b, REGISTER_AND_IGNORE, 0, 0, 0xb);
+        assert_eq!(prout(&mut d, &a, RESERVE, 3, 0xa, 0).status, GOOD);
+        // A key no one has: conflict; key 0 without an All Registrants reservation:
+        // invalid.
+        assert_eq!(
+            prout(&mut d, &b, PREEMPT, 3, 0xb, 0x77).status,
+            RESERVATION_CONFLICT
+        );
+        assert_eq!(
+            prout(&mut d, &b, PREEMPT, 3, 0xb, 0).sense,
+            Some(Sense::INVALID_FIELD_IN_PARAMETER_LIST)
+        );
+        let (gen, _) = keys(&mut d, &b);
+        assert_eq!(prout(&mut d, &b, PREEMPT, 1, 0xb, 0xa).status, GOOD);
+        assert_eq!(keys(&mut d, &b), (gen + 1, vec![0xb]));
+        assert_eq!(reservation(&mut d, &b), Some((0xb, 1)));
+        let inquiry = [0x12, 0, 0, 0, 36, 0];
+        assert_eq!(
+            d.execute_as(&a, &inquiry, &[]).status,
+            GOOD,
+            "INQUIRY first"
+        );
+        let sense = d.execute_as(&a, &[0x03, 0, 0, 0, 18, 0], &[]);
+        assert_eq!(sense.status, GOOD);
+        assert_eq!(
+            (sense.data_in[2], sense.data_in[12], sense.data_in[13]),
+            (key::UNIT_ATTENTION, 0x2a, 0x05)
+        );
+        assert_eq!(
+            d.execute_as(&a, &[0u8; 6], &[]).status,
+            GOOD,
+            "reported once"
+        );
+        // A reads (Write Exclusive now) but cannot write.
+        assert_eq!(d.execute_as(&a, &cdb10(0x28, 0, 1), &[]).status, GOOD);
+        assert_eq!(
+            d.execute_as(&a, &cdb10(0x2a, 0, 1), &[0; 512]).status,
+            RESERVATION_CONFLICT
+        );
+        prout(&mut d, &a, REGISTER_AND_IGNORE, 0, 0, 0xa);
+        assert_eq!(prout(&mut d, &a, CLEAR, 0, 0xa, 0).status, GOOD);
+        assert_eq!(keys(&mut d, &a), (gen + 3, vec![]));
+        assert_eq!(reservation(&mut d, &a), None);
+        let told = d.execute_as(&b, &[0u8; 6], &[]);
+        assert_eq!(told.sense, Some(crate::pr::RESERVATIONS_PREEMPTED));
+    }
+
+    /// The parameter list must be 24 bytes; SPEC_I_PT, ALL_TG_PT and APTPL are refused as
+    /// REPORT CAPABILITIES says; READ FULL STATUS names each registrant's port; the table
+    /// of registrations is bounded.
+    #[test]
+    fn persistent_reserve_limits_and_reports() {
+        let mut d = disk();
+        let a = nexus("iqn.a");
+        let mut p = [0u8; 24];
+        p[15] = 1;
+        let short = d.execute_as(&a, &[0x5f, 6, 0, 0, 0, 0, 0, 0, 16, 0], &p[..16]);
+        assert_eq!(short.sense, Some(Sense::PARAMETER_LIST_LENGTH_ERROR));
+        for flag in [0x01, 0x04, 0x08] {
+            p[20] = flag;
+            let o = d.execute_as(&a, &[0x5f, 6, 0, 0, 0, 0, 0, 0, 24, 0], &p);
+            assert_eq!(o.sense, Some(Sense::INVALID_FIELD_IN_PARAMETER_LIST));
+        }
+        assert_eq!(
+            prout(&mut d, &a, RESERVE, 2, 0, 0).sense,
+            Some(Sense::INVALID_FIELD_IN_CDB)
+        );
+        assert_eq!(
+            prin(&mut d, &a, 4, 100).sense,
+            Some(Sense::INVALID_FIELD_IN_CDB)
+        );
+        let caps = prin(&mut d, &a, 2, 100).data_in;
+        assert_eq!(caps, [0, 8, 0, 0x80, 0xea, 0x01, 0, 0]);
+        prout(&mut d, &a, REGISTER_AND_IGNORE, 0, 0, 0xa);
+        prout(&mut d, &a, RESERVE, 3, 0xa, 0);
+        let full = prin(&mut d, &a, 3, 4096).data_in;
+        let name = b"iqn.a,i,0x800000000001\0\0";
+        assert_eq!(be32(&full, 4) as usize, full.len() - 8);
+        assert_eq!(be64(&full, 8), 0xa);
+        assert_eq!((full[20], full[21]), (1, 3), "holder, type");
+        assert_eq!(be32(&full, 28) as usize, 4 + name.len());
+        assert_eq!(&full[32..36], &[0x45, 0, 0, name.len() as u8]);
+        assert_eq!(&full[36..], name);
+        for i in 1..crate::pr::MAX_REGISTRATIONS {
+            let n = nexus(&format!("iqn.n{i}"));
+            assert_eq!(prout(&mut d, &n, REGISTER_AND_IGNORE, 0, 0, 1).status, GOOD);
+        }
+        let one_more = prout(&mut d, &nexus("iqn.more"), REGISTER_AND_IGNORE, 0, 0, 1);
+        assert_eq!(
+            one_more.sense,
+            Some(crate::pr::INSUFFICIENT_REGISTRATION_RESOURCES)
+        );
     }
 }

@@ -16,7 +16,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use crate::login::{Negotiated, SessionType, TargetConfig, TargetLogin};
-use crate::scsi::{Disk, Nexus, Outcome, Transfer, CHECK_CONDITION, GOOD};
+use crate::scsi::{Disk, Nexus, Outcome, Sense, Transfer, CHECK_CONDITION, GOOD};
 use crate::text;
 use crate::wire::{
     lun_index, AsyncMessage, DataIn, DataOut, Framing, LogoutResponse, Nop, Pdu, R2t, Reject, Repr,
@@ -152,8 +152,8 @@ pub struct TargetConn {
     /// latest [`ENDED_WRITES_KEPT`]: Data-Out PDUs still in flight for them are dropped
     /// without a Reject.
     ended_writes: VecDeque<u32>,
-    /// This connection's session, as the disk's reservations know it (its TSIH: one
-    /// connection per session at ERL 0).
+    /// This connection's I_T nexus, as the disk's reservations know it (its initiator
+    /// port, from the login); [`Nexus::LOCAL`] until the login ends.
     nexus: Nexus,
     keepalive: Option<KeepAlive>,
     /// A PDU came since the last [`TargetConn::poll`].
@@ -210,7 +210,7 @@ impl TargetConn {
             next_ttt: 1,
             text_out: None,
             ended_writes: VecDeque::new(),
-            nexus: Nexus::from(tsih),
+            nexus: Nexus::LOCAL,
             keepalive: None,
             heard: false,
             last_heard: None,
@@ -301,9 +301,12 @@ impl TargetConn {
     /// End this session's reservation on the disk, if it holds one (logout, or the
     /// connection's end).
     fn release_nexus(&mut self) {
+        if self.nexus == Nexus::LOCAL {
+            return;
+        }
         if let Some(d) = &self.disk {
             if let Ok(mut d) = d.lock() {
-                d.nexus_lost(self.nexus);
+                d.nexus_lost(&self.nexus);
             }
         }
     }
@@ -449,6 +452,12 @@ impl TargetConn {
                         header_digest: neg.header_digest,
                         data_digest: neg.data_digest,
                     };
+                    self.nexus = Nexus::iscsi(&neg.initiator_name, neg.isid);
+                    if neg.session_type != SessionType::Discovery {
+                        if let Some(d) = &self.disk {
+                            d.lock().expect("disk lock").nexus_joined(&self.nexus);
+                        }
+                    }
                     self.phase = Phase::FullFeature(Box::new(neg));
                 }
                 Some(Err(s)) => self.phase = Phase::Closed(Ended::LoginFailed(s)),
@@ -638,7 +647,7 @@ impl TargetConn {
         let mut o = disk
             .lock()
             .expect("disk lock")
-            .execute_as(self.nexus, &c.cdb, &[]);
+            .execute_as(&self.nexus, &c.cdb, &[]);
         if !lun0 && c.cdb[0] == 0x12 && o.status == GOOD && !o.data_in.is_empty() {
             o.data_in[0] = 0x7f; // no logical unit here
         }
@@ -664,7 +673,7 @@ impl TargetConn {
             let (o, want) = {
                 let mut d = disk.lock().expect("disk lock");
                 (
-                    d.execute_as(self.nexus, &t.cmd.cdb, &t.data),
+                    d.execute_as(&self.nexus, &t.cmd.cdb, &t.data),
                     d.transfer(&t.cmd.cdb),
                 )
             };
@@ -777,11 +786,17 @@ impl TargetConn {
                 self.writes.clear();
                 0
             }
-            // The resets also end the logical unit's reservations.
+            // The resets also end the logical unit's RESERVE reservation and are reported
+            // to every session as a unit attention.
             5 | 6 => {
                 self.writes.clear();
                 if let Some(d) = &self.disk {
-                    d.lock().expect("disk lock").reset();
+                    let why = if t.function == 5 {
+                        Sense::LUN_RESET_OCCURRED
+                    } else {
+                        Sense::RESET_OCCURRED
+                    };
+                    d.lock().expect("disk lock").reset(why);
                 }
                 0
             }
@@ -927,11 +942,7 @@ impl TargetConn {
                     .disk
                     .as_ref()
                     .is_some_and(|d| d.lock().expect("disk lock").descriptor_sense());
-                let bytes = if d_sense {
-                    s.descriptor().to_vec()
-                } else {
-                    s.fixed().to_vec()
-                };
+                let bytes = s.bytes(d_sense);
                 data.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
                 data.extend_from_slice(&bytes);
             }

@@ -1,7 +1,9 @@
-//! One initiator-side connection as a pure byte-stream machine: the application queues
-//! commands ([`InitiatorConn::command`], [`InitiatorConn::text`]), bytes from the target go
-//! in ([`InitiatorConn::on_bytes`]), bytes to send come out, and completions are taken with
-//! [`InitiatorConn::poll_event`].
+//! One initiator-side connection as a pure machine over a [`Transport`]: the application
+//! queues commands ([`InitiatorConn::submit`], [`InitiatorConn::send_text`]), received PDUs
+//! go in ([`InitiatorConn::on_pdu`]; their data inline or already placed in a task's
+//! buffer), PDUs to send and task buffers go out to the transport, and completions are taken
+//! with [`InitiatorConn::poll_event`]. Over the software transport the machine takes and
+//! gives bytes ([`InitiatorConn::command`], [`InitiatorConn::on_bytes`], ...).
 //!
 //! - Login with [`InitiatorLogin`] (None or CHAP), then full-feature phase.
 //! - Tasks at any queue depth within the target's CmdSN window (commands past MaxCmdSN wait
@@ -15,8 +17,9 @@ use std::collections::{HashMap, VecDeque};
 
 use crate::login::{InitiatorConfig, InitiatorLogin, InitiatorStep, LoginError, Negotiated};
 use crate::text;
+use crate::transport::{self, FrameError, RxData, RxPdu, Software, Transport, TxData};
 use crate::wire::{
-    DataOut, DigestCheck, Framing, LogoutRequest, Nop, Repr, ScsiCommand, Text, RESERVED_TAG,
+    DataOut, DigestCheck, LogoutRequest, Nop, Repr, ScsiCommand, Text, RESERVED_TAG,
 };
 
 /// What the initiator connection reports.
@@ -62,18 +65,20 @@ pub struct Completion {
     pub residual: u32,
 }
 
+/// A command in flight; its data (to write, or read so far) is in the transport's buffer
+/// for its ITT.
 struct Task {
     cmd: ScsiCommand,
-    data_in: Vec<u8>,
-    data_out: Vec<u8>,
+    /// The end of the Data-In received so far (the read's length), bytes.
+    read_end: usize,
 }
 
-/// An initiator connection.
-pub struct InitiatorConn {
+/// An initiator connection over transport `T` (by default the software one, over a byte
+/// stream).
+pub struct InitiatorConn<T: Transport = Software> {
     login: Option<InitiatorLogin>,
     neg: Option<Negotiated>,
-    framing: Framing,
-    inbuf: Vec<u8>,
+    io: T,
     cmd_sn: u32,
     exp_stat_sn: u32,
     max_cmd_sn: u32,
@@ -84,7 +89,6 @@ pub struct InitiatorConn {
     ended: bool,
     /// Text Response data gathered over PDUs with F = 0 (at most [`MAX_TEXT_RESPONSE`]).
     text_in: Vec<u8>,
-    digest_bytes: u64,
     /// The target asked for a logout (Async Message, AsyncEvent 1): it goes out once no
     /// command is in flight.
     logout_asked: bool,
@@ -96,7 +100,7 @@ pub struct InitiatorConn {
 /// that sends more ends the connection.
 pub const MAX_TEXT_RESPONSE: usize = 1 << 20;
 
-impl std::fmt::Debug for InitiatorConn {
+impl<T: Transport> std::fmt::Debug for InitiatorConn<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("InitiatorConn")
             .field("tasks", &self.tasks.len())
@@ -119,16 +123,87 @@ fn sn_gt(a: u32, b: u32) -> bool {
     a != b && a.wrapping_sub(b) < 1 << 31
 }
 
-impl InitiatorConn {
-    /// A connection for `cfg`; `challenge` and `chap_id` (random) serve mutual CHAP. Call
-    /// [`InitiatorConn::start`] for the first bytes.
+impl InitiatorConn<Software> {
+    /// A connection for `cfg` over the software transport; `challenge` and `chap_id`
+    /// (random) serve mutual CHAP. Call [`InitiatorConn::start`] for the first bytes.
     pub fn new(cfg: InitiatorConfig, challenge: [u8; 16], chap_id: u8) -> Self {
+        InitiatorConn::over(Software::default(), cfg, challenge, chap_id)
+    }
+
+    /// Run `f` with what it sends appended to `out`.
+    fn lent<R>(&mut self, out: &mut Vec<u8>, f: impl FnOnce(&mut Self) -> R) -> R {
+        self.io.lend_output(out);
+        let r = f(self);
+        self.io.lend_output(out);
+        r
+    }
+
+    /// [`InitiatorConn::begin`], the bytes to `out`.
+    pub fn start(&mut self, out: &mut Vec<u8>) {
+        self.lent(out, |c| c.begin())
+    }
+
+    /// [`InitiatorConn::send_text`], the bytes to `out`.
+    pub fn text(&mut self, pairs: &[(&str, &str)], out: &mut Vec<u8>) -> u32 {
+        self.lent(out, |c| c.send_text(pairs))
+    }
+
+    /// [`InitiatorConn::send_ping`], the bytes to `out`.
+    pub fn ping(&mut self, out: &mut Vec<u8>) {
+        self.lent(out, |c| c.send_ping())
+    }
+
+    /// [`InitiatorConn::submit`], the bytes to `out`.
+    pub fn command(
+        &mut self,
+        lun: u64,
+        cdb: &[u8],
+        read_len: u32,
+        write: Vec<u8>,
+        out: &mut Vec<u8>,
+    ) -> u32 {
+        self.lent(out, |c| c.submit(lun, cdb, read_len, write))
+    }
+
+    /// [`InitiatorConn::send_logout`], the bytes to `out`.
+    pub fn logout(&mut self, out: &mut Vec<u8>) {
+        self.lent(out, |c| c.send_logout())
+    }
+
+    /// Take bytes from the target; append what to send to `out`.
+    pub fn on_bytes(&mut self, bytes: &[u8], out: &mut Vec<u8>) {
+        if self.ended {
+            return;
+        }
+        let framed = self.lent(out, |c| {
+            transport::receive(
+                c,
+                |c| &mut c.io,
+                bytes,
+                |c, pdu| {
+                    c.on_pdu(pdu);
+                    !c.ended
+                },
+            )
+        });
+        match framed {
+            Ok(()) => {}
+            Err(FrameError::Oversized(n)) => self.fail(format!(
+                "a PDU from the target with {n} bytes of data, more than this side receives"
+            )),
+            Err(FrameError::Wire(e)) => self.fail(format!("bad PDU from the target: {e}")),
+        }
+    }
+}
+
+impl<T: Transport> InitiatorConn<T> {
+    /// A connection over transport `io`; see [`InitiatorConn::new`].
+    pub fn over(io: T, cfg: InitiatorConfig, challenge: [u8; 16], chap_id: u8) -> Self {
         let cmd_sn = cfg.cmd_sn;
         InitiatorConn {
             login: Some(InitiatorLogin::new(cfg, challenge, chap_id)),
             neg: None,
-            framing: Framing::default(),
-            inbuf: Vec::new(),
+            io,
             cmd_sn,
             exp_stat_sn: 0,
             max_cmd_sn: cmd_sn,
@@ -138,24 +213,28 @@ impl InitiatorConn {
             events: VecDeque::new(),
             ended: false,
             text_in: Vec::new(),
-            digest_bytes: 0,
             logout_asked: false,
             logging_out: false,
         }
     }
 
-    /// The first Login Request.
-    pub fn start(&mut self, out: &mut Vec<u8>) {
+    /// Send the first Login Request.
+    pub fn begin(&mut self) {
         if let Some(l) = self.login.as_mut() {
             if let InitiatorStep::Send(h, d) = l.start() {
-                let _ = self.framing.emit_counted(
-                    &Repr::LoginRequest(h),
-                    &d,
-                    out,
-                    &mut self.digest_bytes,
-                );
+                self.io.send(&Repr::LoginRequest(h), TxData::Inline(&d));
             }
         }
+    }
+
+    /// The transport.
+    pub fn transport(&self) -> &T {
+        &self.io
+    }
+
+    /// The transport, to deliver what it received ([`InitiatorConn::on_pdu`]).
+    pub fn transport_mut(&mut self) -> &mut T {
+        &mut self.io
     }
 
     /// The parameters in force, once logged in.
@@ -173,10 +252,10 @@ impl InitiatorConn {
         self.tasks.len()
     }
 
-    /// Bytes run through CRC32C for digests so far, sent and received (see
-    /// [`Framing::digested_len`]).
+    /// Bytes the host ran through CRC32C for digests so far, sent and received (see
+    /// [`Transport::digest_bytes`]).
     pub fn digest_bytes(&self) -> u64 {
-        self.digest_bytes
+        self.io.digest_bytes()
     }
 
     /// The next completion or other event.
@@ -202,17 +281,17 @@ impl InitiatorConn {
 
     /// Send a Text Request (immediate) with `pairs` (for example `SendTargets=All`);
     /// returns its tag.
-    pub fn text(&mut self, pairs: &[(&str, &str)], out: &mut Vec<u8>) -> u32 {
+    pub fn send_text(&mut self, pairs: &[(&str, &str)]) -> u32 {
         let itt = self.tag();
         let mut data = Vec::new();
         text::encode_pairs(pairs, &mut data);
-        self.text_request(itt, RESERVED_TAG, &data, out);
+        self.text_request(itt, RESERVED_TAG, &data);
         itt
     }
 
     /// A final, immediate Text Request for `itt` with `data`: a new exchange (`ttt`
     /// reserved), or the empty request that asks for the rest of a continued answer.
-    fn text_request(&mut self, itt: u32, ttt: u32, data: &[u8], out: &mut Vec<u8>) {
+    fn text_request(&mut self, itt: u32, ttt: u32, data: &[u8]) {
         let r = Repr::TextRequest(Text {
             immediate: true,
             final_: true,
@@ -224,20 +303,18 @@ impl InitiatorConn {
             exp_sn: self.exp_stat_sn,
             max_cmd_sn: 0,
         });
-        let _ = self
-            .framing
-            .emit_counted(&r, data, out, &mut self.digest_bytes);
+        self.io.send(&r, TxData::Inline(data));
     }
 
     /// Send a NOP-Out ping (immediate); the NOP-In answer only updates sequence numbers.
-    pub fn ping(&mut self, out: &mut Vec<u8>) {
+    pub fn send_ping(&mut self) {
         let itt = self.tag();
-        self.nop_out(0, itt, RESERVED_TAG, &[], out);
+        self.nop_out(0, itt, RESERVED_TAG, &[]);
     }
 
     /// An immediate NOP-Out: a ping of ours (`itt`), or the answer to the target's
     /// (`ttt`, echoing its `data`).
-    fn nop_out(&mut self, lun: u64, itt: u32, ttt: u32, data: &[u8], out: &mut Vec<u8>) {
+    fn nop_out(&mut self, lun: u64, itt: u32, ttt: u32, data: &[u8]) {
         let r = Repr::NopOut(Nop {
             immediate: true,
             lun,
@@ -247,22 +324,13 @@ impl InitiatorConn {
             exp_sn: self.exp_stat_sn,
             max_cmd_sn: 0,
         });
-        let _ = self
-            .framing
-            .emit_counted(&r, data, out, &mut self.digest_bytes);
+        self.io.send(&r, TxData::Inline(data));
     }
 
     /// Queue SCSI command `cdb` (at most 16 bytes) for `lun`, reading up to `read_len`
     /// bytes, or writing `write` (then `read_len` is ignored); returns its tag. It goes out
     /// at once if the CmdSN window allows, otherwise when it opens.
-    pub fn command(
-        &mut self,
-        lun: u64,
-        cdb: &[u8],
-        read_len: u32,
-        write: Vec<u8>,
-        out: &mut Vec<u8>,
-    ) -> u32 {
+    pub fn submit(&mut self, lun: u64, cdb: &[u8], read_len: u32, write: Vec<u8>) -> u32 {
         let itt = self.tag();
         let mut c = [0u8; 16];
         let n = cdb.len().min(16);
@@ -285,21 +353,21 @@ impl InitiatorConn {
             exp_stat_sn: 0,
             cdb: c,
         };
-        self.tasks.insert(
-            itt,
-            Task {
-                cmd,
-                data_in: Vec::new(),
-                data_out: write,
-            },
-        );
+        // The task's buffer: the data to write, or room for what it reads (which the
+        // transport may place there itself).
+        if writing {
+            self.io.open(itt, write);
+        } else if read_len > 0 {
+            self.io.open(itt, vec![0; read_len as usize]);
+        }
+        self.tasks.insert(itt, Task { cmd, read_end: 0 });
         self.waiting.push_back(itt);
-        self.flush_waiting(out);
+        self.flush_waiting();
         itt
     }
 
     /// Ask to close the session (Logout, reason 0).
-    pub fn logout(&mut self, out: &mut Vec<u8>) {
+    pub fn send_logout(&mut self) {
         if std::mem::replace(&mut self.logging_out, true) {
             return; // one Logout per connection
         }
@@ -312,13 +380,11 @@ impl InitiatorConn {
             cmd_sn: self.cmd_sn,
             exp_stat_sn: self.exp_stat_sn,
         });
-        let _ = self
-            .framing
-            .emit_counted(&r, &[], out, &mut self.digest_bytes);
+        self.io.send(&r, TxData::Inline(&[]));
     }
 
     /// Send the waiting commands the window allows.
-    fn flush_waiting(&mut self, out: &mut Vec<u8>) {
+    fn flush_waiting(&mut self) {
         // The four parameters it needs (not a clone of the whole negotiation per call).
         let Some(neg) = self.neg.as_ref().map(|n| Burst {
             initial_r2t: n.initial_r2t,
@@ -339,7 +405,11 @@ impl InitiatorConn {
             t.cmd.cmd_sn = self.cmd_sn;
             t.cmd.exp_stat_sn = self.exp_stat_sn;
             self.cmd_sn = self.cmd_sn.wrapping_add(1);
-            let len = t.data_out.len();
+            let len = if t.cmd.write {
+                t.cmd.expected_len as usize
+            } else {
+                0
+            };
             let first_burst = if neg.initial_r2t && !neg.immediate_data {
                 0
             } else {
@@ -354,20 +424,24 @@ impl InitiatorConn {
             let unsolicited_end = if neg.initial_r2t { imm } else { first_burst };
             t.cmd.final_ = unsolicited_end == imm;
             let cmd = t.cmd;
-            let _ = self.framing.emit_counted(
-                &Repr::ScsiCommand(cmd),
-                &t.data_out[..imm],
-                out,
-                &mut self.digest_bytes,
-            );
+            let data = if imm > 0 {
+                TxData::Task {
+                    itt,
+                    offset: 0,
+                    len: imm as u32,
+                }
+            } else {
+                TxData::Inline(&[])
+            };
+            self.io.send(&Repr::ScsiCommand(cmd), data);
             if unsolicited_end > imm {
-                self.send_data_out(itt, RESERVED_TAG, imm, unsolicited_end, out);
+                self.send_data_out(itt, RESERVED_TAG, imm, unsolicited_end);
             }
         }
     }
 
     /// Data-Out PDUs for `itt`, bytes `from..to`, for transfer tag `ttt`, DataSN from 0.
-    fn send_data_out(&mut self, itt: u32, ttt: u32, from: usize, to: usize, out: &mut Vec<u8>) {
+    fn send_data_out(&mut self, itt: u32, ttt: u32, from: usize, to: usize) {
         let seg = self
             .neg
             .as_ref()
@@ -375,7 +449,11 @@ impl InitiatorConn {
         let Some(t) = self.tasks.get(&itt) else {
             return;
         };
-        let to = to.min(t.data_out.len());
+        let to = to.min(if t.cmd.write {
+            t.cmd.expected_len as usize
+        } else {
+            0
+        });
         let mut at = from;
         let mut data_sn = 0;
         while at < to {
@@ -389,49 +467,15 @@ impl InitiatorConn {
                 data_sn,
                 buffer_offset: at as u32,
             });
-            let _ =
-                self.framing
-                    .emit_counted(&d, &t.data_out[at..at + n], out, &mut self.digest_bytes);
+            let data = TxData::Task {
+                itt,
+                offset: at as u32,
+                len: n as u32,
+            };
+            self.io.send(&d, data);
             data_sn += 1;
             at += n;
         }
-    }
-
-    /// Take bytes from the target; append what to send to `out`.
-    pub fn on_bytes(&mut self, bytes: &[u8], out: &mut Vec<u8>) {
-        if self.ended {
-            return;
-        }
-        self.inbuf.extend_from_slice(bytes);
-        // The buffer leaves `self` while its PDUs are handled (borrowed in place, no copy).
-        let inbuf = std::mem::take(&mut self.inbuf);
-        let mut at = 0;
-        while !self.ended {
-            let pdu = match self.framing.parse(&inbuf[at..]) {
-                Ok(Some(p)) => p,
-                Ok(None) => break,
-                Err(e) => {
-                    self.fail(format!("bad PDU from the target: {e}"));
-                    break;
-                }
-            };
-            at += pdu.len;
-            self.digest_bytes += self.framing.digested_len(pdu.ahs.len(), pdu.data.len());
-            if matches!(pdu.data_digest, DigestCheck::Bad { .. }) {
-                // ERL 0: the data cannot be trusted and is not recovered.
-                self.fail("data digest error from the target".into());
-                break;
-            }
-            match pdu.repr() {
-                Ok(repr) => self.on_pdu(repr, pdu.data, out),
-                Err(e) => {
-                    self.fail(format!("bad PDU from the target: {e}"));
-                    break;
-                }
-            }
-        }
-        self.inbuf = inbuf;
-        self.inbuf.drain(..at);
     }
 
     fn update_sns(&mut self, stat_sn: Option<u32>, exp_cmd_sn: u32, max_cmd_sn: u32) {
@@ -446,32 +490,42 @@ impl InitiatorConn {
         }
     }
 
-    fn on_pdu(&mut self, repr: Repr, data: &[u8], out: &mut Vec<u8>) {
+    /// Take a PDU received from the target (its data inline, or already placed in the
+    /// buffer of its task); what to send goes to the transport.
+    pub fn on_pdu(&mut self, pdu: RxPdu<'_>) {
+        if self.ended {
+            return;
+        }
+        if matches!(pdu.data_digest, DigestCheck::Bad { .. }) {
+            // ERL 0: the data cannot be trusted and is not recovered.
+            return self.fail("data digest error from the target".into());
+        }
+        let repr = match pdu.repr() {
+            Ok(r) => r,
+            Err(e) => return self.fail(format!("bad PDU from the target: {e}")),
+        };
+        let data = pdu.inline();
         if let Some(login) = self.login.as_mut() {
             let Repr::LoginResponse(rsp) = repr else {
                 return self.fail("a PDU other than a Login Response during login".into());
             };
             match login.on_response(&rsp, data) {
                 Ok(InitiatorStep::Send(h, d)) => {
-                    let _ = self.framing.emit_counted(
-                        &Repr::LoginRequest(h),
-                        &d,
-                        out,
-                        &mut self.digest_bytes,
-                    );
+                    self.io.send(&Repr::LoginRequest(h), TxData::Inline(&d));
                 }
                 Ok(InitiatorStep::Done(neg)) => {
                     self.login = None;
                     self.exp_stat_sn = rsp.sn.wrapping_add(1);
                     self.max_cmd_sn = rsp.max_cmd_sn;
                     self.cmd_sn = rsp.exp_sn;
-                    self.framing = Framing {
-                        header_digest: neg.header_digest,
-                        data_digest: neg.data_digest,
-                    };
+                    self.io.full_feature(
+                        neg.header_digest,
+                        neg.data_digest,
+                        neg.initiator_max_recv,
+                    );
                     self.neg = Some(neg.clone());
                     self.events.push_back(InitiatorEvent::LoggedIn(neg));
-                    self.flush_waiting(out);
+                    self.flush_waiting();
                 }
                 Err(e) => {
                     self.ended = true;
@@ -486,22 +540,25 @@ impl InitiatorConn {
                 let Some(t) = self.tasks.get_mut(&d.itt) else {
                     return self.fail(format!("Data-In for unknown task {:#x}", d.itt));
                 };
-                let end = d.buffer_offset as usize + data.len();
-                if end > t.cmd.expected_len as usize {
+                let at = d.buffer_offset as usize;
+                let end = at + pdu.data_len();
+                let placed_elsewhere =
+                    matches!(pdu.data, RxData::Placed { offset, .. } if offset != d.buffer_offset);
+                if end > t.cmd.expected_len as usize || t.cmd.write || placed_elsewhere {
                     return self.fail("Data-In past the expected length".into());
                 }
-                if t.data_in.len() < end {
-                    t.data_in.resize(end, 0);
+                t.read_end = t.read_end.max(end);
+                if let RxData::Inline(bytes) = pdu.data {
+                    self.io.place(d.itt, at, bytes);
                 }
-                t.data_in[d.buffer_offset as usize..end].copy_from_slice(data);
                 if let Some(status) = d.status {
-                    let t = self.tasks.remove(&d.itt).expect("present");
+                    let data = self.finish_task(d.itt);
                     self.events.push_back(InitiatorEvent::Done(Completion {
                         itt: d.itt,
                         status,
                         response: 0,
                         sense: Vec::new(),
-                        data: t.data_in,
+                        data,
                         overflow: d.overflow,
                         underflow: d.underflow,
                         residual: d.residual,
@@ -510,9 +567,10 @@ impl InitiatorConn {
             }
             Repr::ScsiResponse(r) => {
                 self.update_sns(Some(r.stat_sn), r.exp_cmd_sn, r.max_cmd_sn);
-                let Some(t) = self.tasks.remove(&r.itt) else {
+                if !self.tasks.contains_key(&r.itt) {
                     return self.fail(format!("SCSI Response for unknown task {:#x}", r.itt));
-                };
+                }
+                let read = self.finish_task(r.itt);
                 let sense = if data.len() >= 2 {
                     let n = usize::from(u16::from_be_bytes([data[0], data[1]]));
                     data[2..(2 + n).min(data.len())].to_vec()
@@ -524,7 +582,7 @@ impl InitiatorConn {
                     status: r.status,
                     response: r.response,
                     sense,
-                    data: t.data_in,
+                    data: read,
                     overflow: r.overflow,
                     underflow: r.underflow,
                     residual: r.residual,
@@ -533,7 +591,7 @@ impl InitiatorConn {
             Repr::R2t(r) => {
                 self.update_sns(None, r.exp_cmd_sn, r.max_cmd_sn);
                 let from = r.buffer_offset as usize;
-                self.send_data_out(r.itt, r.ttt, from, from + r.desired_len as usize, out);
+                self.send_data_out(r.itt, r.ttt, from, from + r.desired_len as usize);
             }
             Repr::TextResponse(t) => {
                 self.update_sns(Some(t.sn), t.exp_sn, t.max_cmd_sn);
@@ -546,7 +604,7 @@ impl InitiatorConn {
                 if !t.final_ {
                     // More to come: an empty Text Request with the target's TTT asks for it
                     // (RFC 7143 §11.10.4).
-                    self.text_request(t.itt, t.ttt, &[], out);
+                    self.text_request(t.itt, t.ttt, &[]);
                     return;
                 }
                 let bytes = std::mem::take(&mut self.text_in);
@@ -568,7 +626,7 @@ impl InitiatorConn {
                 );
                 if n.ttt != RESERVED_TAG {
                     // The target pings: answer with its tag.
-                    self.nop_out(n.lun, RESERVED_TAG, n.ttt, data, out);
+                    self.nop_out(n.lun, RESERVED_TAG, n.ttt, data);
                 }
             }
             Repr::LogoutResponse(l) => {
@@ -583,13 +641,14 @@ impl InitiatorConn {
                 // SCSI Response (or asks for the data again with an R2T; RFC 7143 §7.8).
                 if data.len() >= 20 && r.reason != 0x02 {
                     let itt = u32::from_be_bytes([data[16], data[17], data[18], data[19]]);
-                    if let Some(t) = self.tasks.remove(&itt) {
+                    if self.tasks.contains_key(&itt) {
+                        let data = self.finish_task(itt);
                         self.events.push_back(InitiatorEvent::Done(Completion {
                             itt,
                             status: 0xff,
                             response: 1,
                             sense: Vec::new(),
-                            data: t.data_in,
+                            data,
                             overflow: false,
                             underflow: false,
                             residual: 0,
@@ -610,10 +669,24 @@ impl InitiatorConn {
             }
             other => return self.fail(format!("unexpected {:?} from the target", other.opcode())),
         }
-        self.flush_waiting(out);
+        self.flush_waiting();
         if self.logout_asked && self.tasks.is_empty() {
-            self.logout(out);
+            self.send_logout();
         }
+    }
+
+    /// Task `itt` is over: its buffer is closed, and what it read comes back (nothing for
+    /// a write).
+    fn finish_task(&mut self, itt: u32) -> Vec<u8> {
+        let Some(t) = self.tasks.remove(&itt) else {
+            return Vec::new();
+        };
+        let mut data = self.io.close(itt).unwrap_or_default();
+        if t.cmd.write {
+            data.clear();
+        }
+        data.truncate(t.read_end);
+        data
     }
 
     /// Whether the target asked this connection to log out (it does, once idle).
@@ -645,12 +718,27 @@ mod tests {
         targets: Vec<(String, String)>,
         name: Option<&str>,
     ) -> (InitiatorConn, TargetConn, Arc<Mutex<Disk>>) {
+        let (a, b) = (Software::default(), Software::default());
+        pair_over(a, b, digests, initial_r2t, window, targets, name)
+    }
+
+    /// [`pair_with`] over transports `a` (the initiator's) and `b` (the target's).
+    fn pair_over<A: Transport, B: Transport>(
+        a: A,
+        b: B,
+        digests: &str,
+        initial_r2t: bool,
+        window: u32,
+        targets: Vec<(String, String)>,
+        name: Option<&str>,
+    ) -> (InitiatorConn<A>, TargetConn<B>, Arc<Mutex<Disk>>) {
         let disk = Arc::new(Mutex::new(Disk::new(
             Box::new(MemStore::new(16 << 20)),
             512,
             "T",
         )));
-        let t = TargetConn::new(
+        let t = TargetConn::over(
+            b,
             TargetConfig {
                 target_name: "iqn.t".into(),
                 alias: None,
@@ -675,7 +763,8 @@ mod tests {
             1,
         )
         .with_disk(disk.clone());
-        let i = InitiatorConn::new(
+        let i = InitiatorConn::over(
+            a,
             InitiatorConfig {
                 initiator_name: "iqn.i".into(),
                 target_name: name.map(str::to_string),
@@ -865,7 +954,9 @@ mod tests {
             exp_sn: i.exp_stat_sn,
             max_cmd_sn: 0,
         });
-        i.framing.emit(&r, &[], &[], &mut out).unwrap();
+        i.io.lend_output(&mut out);
+        i.io.send(&r, TxData::Inline(&[]));
+        i.io.lend_output(&mut out);
         let mut back = Vec::new();
         t.on_bytes(&out, &mut back);
         assert_eq!(t.stats().rejects, 1);
@@ -1000,6 +1091,185 @@ mod tests {
             for (k, tag) in tags.iter().enumerate() {
                 assert!(got[tag] == block(k as u32), "block {k} reads back");
             }
+            assert_eq!(t.stats().rejects, 0);
+        }
+    }
+
+    /// A transport that places task data itself, as the NIC's iSCSI engine will: software
+    /// framing, but the data of a Data-In or Data-Out whose task has a buffer open is copied
+    /// into that buffer here, at its Buffer Offset, and reaches the machine only as
+    /// [`RxData::Placed`].
+    #[derive(Default)]
+    struct Placing {
+        sw: Software,
+        /// Data bytes this transport placed.
+        placed: u64,
+        /// Task data bytes the machine got inline.
+        inline: u64,
+    }
+
+    impl Transport for Placing {
+        fn full_feature(&mut self, hd: bool, dd: bool, max_recv: u32) {
+            self.sw.full_feature(hd, dd, max_recv)
+        }
+        fn send(&mut self, repr: &Repr, data: TxData<'_>) {
+            self.sw.send(repr, data)
+        }
+        fn open(&mut self, itt: u32, buf: Vec<u8>) {
+            self.sw.open(itt, buf)
+        }
+        fn buffer(&self, itt: u32) -> Option<&[u8]> {
+            self.sw.buffer(itt)
+        }
+        fn place(&mut self, itt: u32, offset: usize, data: &[u8]) -> bool {
+            self.sw.place(itt, offset, data)
+        }
+        fn close(&mut self, itt: u32) -> Option<Vec<u8>> {
+            self.sw.close(itt)
+        }
+        fn close_all(&mut self) {
+            self.sw.close_all()
+        }
+        fn digest_bytes(&self) -> u64 {
+            self.sw.digest_bytes()
+        }
+    }
+
+    /// Deliver whole PDUs in `bytes` to machine `m` through its [`Placing`] transport
+    /// `io(m)`, with `on_pdu`; what it sends is appended to `out`.
+    fn deliver<M>(
+        m: &mut M,
+        io: impl Fn(&mut M) -> &mut Placing,
+        bytes: &[u8],
+        out: &mut Vec<u8>,
+        mut on_pdu: impl FnMut(&mut M, RxPdu<'_>),
+    ) {
+        io(m).sw.lend_output(out);
+        let mut at = 0;
+        while let Some((mut pdu, len)) = io(m).sw.frame(&bytes[at..]).unwrap() {
+            at += len;
+            let op = pdu.bhs[0] & 0x3f;
+            let itt = u32::from_be_bytes(pdu.bhs[16..20].try_into().unwrap());
+            let offset = u32::from_be_bytes(pdu.bhs[40..44].try_into().unwrap());
+            let p = io(m);
+            if let RxData::Inline(data) = pdu.data {
+                let task_data = matches!(op, 0x05 | 0x25) && !data.is_empty();
+                if task_data && !matches!(pdu.data_digest, DigestCheck::Bad { .. }) {
+                    if p.place(itt, offset as usize, data) {
+                        p.placed += data.len() as u64;
+                        pdu.data = RxData::Placed {
+                            offset,
+                            len: data.len() as u32,
+                        };
+                    } else {
+                        p.inline += data.len() as u64;
+                    }
+                } else if op == 0x01 {
+                    p.inline += data.len() as u64; // immediate data: no buffer yet
+                }
+            }
+            on_pdu(m, pdu);
+        }
+        assert_eq!(at, bytes.len(), "whole PDUs only");
+        io(m).sw.lend_output(out);
+    }
+
+    /// The session machines over a transport that places task data (the seam of the NIC's
+    /// iSCSI engine): writes with immediate data, unsolicited Data-Out and R2Ts, and reads,
+    /// at queue depth 16, with and without digests. Data-Out lands in the target's buffer
+    /// and Data-In in the initiator's without the machines copying it; the blocks read back
+    /// as written; every task buffer is closed when its task ends.
+    #[test]
+    fn task_data_placed_by_the_transport_is_used_in_place() {
+        for (digests, initial_r2t) in [("None", true), ("CRC32C", false)] {
+            let targets = vec![("iqn.t".into(), "127.0.0.1:3260,1".into())];
+            let (mut i, mut t, _) = pair_over(
+                Placing::default(),
+                Placing::default(),
+                digests,
+                initial_r2t,
+                8,
+                targets,
+                Some("iqn.t"),
+            );
+            let settle = |i: &mut InitiatorConn<Placing>, t: &mut TargetConn<Placing>| {
+                // What the initiator sent since the last exchange.
+                let mut to_target = Vec::new();
+                i.io.sw.lend_output(&mut to_target);
+                for _ in 0..10_000 {
+                    if to_target.is_empty() {
+                        return;
+                    }
+                    let mut to_init = Vec::new();
+                    deliver(
+                        t,
+                        |t| t.transport_mut(),
+                        &to_target,
+                        &mut to_init,
+                        |t, p| t.on_pdu(p),
+                    );
+                    to_target.clear();
+                    deliver(
+                        i,
+                        |i| &mut i.io,
+                        &to_init,
+                        &mut to_target,
+                        |i, p| i.on_pdu(p),
+                    );
+                }
+                panic!("the exchange did not settle");
+            };
+            i.begin();
+            settle(&mut i, &mut t);
+            assert!(matches!(i.poll_event(), Some(InitiatorEvent::LoggedIn(_))));
+            // 16 writes of 24 KiB + 512 (not a multiple of any segment size), then reads.
+            let len = 24_576 + 512;
+            let block =
+                |k: u32| -> Vec<u8> { (0..len as u32).map(|x| ((x * 31) ^ k) as u8).collect() };
+            for k in 0..16u32 {
+                i.submit(0, &rw10(0x2a, k * 64, (len / 512) as u16), 0, block(k));
+            }
+            settle(&mut i, &mut t);
+            let mut done = 0;
+            while let Some(InitiatorEvent::Done(c)) = i.poll_event() {
+                assert_eq!(c.status, 0, "{c:?}");
+                done += 1;
+            }
+            assert_eq!(done, 16);
+            let tags: Vec<u32> = (0..16u32)
+                .map(|k| {
+                    i.submit(
+                        0,
+                        &rw10(0x28, k * 64, (len / 512) as u16),
+                        len as u32,
+                        Vec::new(),
+                    )
+                })
+                .collect();
+            settle(&mut i, &mut t);
+            let mut got = HashMap::new();
+            while let Some(InitiatorEvent::Done(c)) = i.poll_event() {
+                got.insert(c.itt, c.data);
+            }
+            for (k, tag) in tags.iter().enumerate() {
+                assert!(got[tag] == block(k as u32), "block {k} reads back");
+            }
+            // What the initiator sent as immediate data reached the target inline; every
+            // other byte of write data was placed at the target, every read byte at the
+            // initiator.
+            let total = 16 * len as u64;
+            // ImmediateData=Yes: the first 8 KiB (the target's MaxRecvDataSegmentLength) of
+            // each write come with its command.
+            let immediate = 16 * 8192;
+            assert_eq!(t.transport().inline, immediate, "{digests}");
+            assert_eq!(t.transport().placed, total - immediate, "{digests}");
+            assert_eq!((i.io.placed, i.io.inline), (total, 0), "{digests}");
+            assert_eq!(
+                t.transport().sw.buffered_bytes(),
+                0,
+                "target buffers all closed"
+            );
+            assert_eq!(i.io.sw.buffered_bytes(), 0, "initiator buffers all closed");
             assert_eq!(t.stats().rejects, 0);
         }
     }

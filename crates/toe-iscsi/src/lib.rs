@@ -7,13 +7,16 @@
 //!    CHAP, operational negotiation, discovery and normal sessions);
 //! 4. [`scsi`]: the disk's command set over a [`scsi::BlockStore`], with [`pr`], its
 //!    persistent reservations;
-//! 5. [`initiator`]: an initiator connection as a byte-stream machine (login, commands
-//!    at any queue depth within the CmdSN window, reads, writes with R2T, text, logout);
-//! 6. [`target`]: a target connection as a byte-stream machine (login, then discovery,
-//!    NOP and Logout in full-feature phase; the SCSI layer comes next).
+//! 5. [`transport`]: what the connection machines exchange with the transport under them,
+//!    PDU by PDU (received data inline or already placed in a task's buffer; PDUs to send
+//!    from inline bytes or a task's buffer; the task buffers), and the software transport
+//!    over a byte stream — the seam where the NIC's iSCSI engine plugs in;
+//! 6. [`initiator`]: an initiator connection (login, commands at any queue depth within
+//!    the CmdSN window, reads, writes with R2T, text, logout);
+//! 7. [`target`]: a target connection (login, discovery, NOP keep-alive, Logout, Task
+//!    Management, and SCSI commands on a [`scsi::Disk`]).
 //!
-//! The session and connection machines, login, the SCSI target and initiator and the NIC
-//! engine build on these (see `DESIGN.md`, "iSCSI").
+//! See `DESIGN.md`, "iSCSI" and "The ULP engine slot".
 
 pub mod initiator;
 pub mod login;
@@ -21,4 +24,5 @@ pub mod pr;
 pub mod scsi;
 pub mod target;
 pub mod text;
+pub mod transport;
 pub mod wire;

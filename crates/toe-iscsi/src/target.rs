@@ -1,5 +1,7 @@
-//! One target-side connection as a pure byte-stream machine: bytes from the initiator go in
-//! ([`TargetConn::on_bytes`]), bytes to send come out, and the caller (a std-TCP or emulated
+//! One target-side connection as a pure machine over a [`Transport`]: received PDUs go in
+//! ([`TargetConn::on_pdu`]; their data inline or already placed in a task's buffer), PDUs to
+//! send and task buffers go out to the transport. Over the software transport the machine
+//! takes and gives bytes ([`TargetConn::on_bytes`]), and the caller (a std-TCP or emulated
 //! TOE shell) only moves them.
 //!
 //! Implemented: login (see [`crate::login`]), then full-feature phase with Text
@@ -18,10 +20,10 @@ use std::sync::{Arc, Mutex};
 use crate::login::{Negotiated, SessionType, TargetConfig, TargetLogin};
 use crate::scsi::{Disk, Nexus, Outcome, Sense, Transfer, CHECK_CONDITION, GOOD};
 use crate::text;
+use crate::transport::{self, FrameError, RxData, RxPdu, Software, Transport, TxData};
 use crate::wire::{
-    lun_index, AsyncMessage, DataIn, DataOut, Framing, LogoutResponse, Nop, Pdu, R2t, Reject, Repr,
-    ScsiCommand, ScsiResponse, TaskMgmtRequest, TaskMgmtResponse, Text, WireError, BHS_LEN,
-    RESERVED_TAG,
+    lun_index, AsyncMessage, DataIn, DataOut, LogoutResponse, Nop, R2t, Reject, Repr, ScsiCommand,
+    ScsiResponse, TaskMgmtRequest, TaskMgmtResponse, Text, WireError, RESERVED_TAG,
 };
 
 /// Largest write one command may carry, bytes (the gathering buffer's bound).
@@ -35,10 +37,9 @@ pub const MAX_GATHER_BYTES_PER_CONN: u64 = 64 << 20;
 /// SCSI status TASK SET FULL.
 const TASK_SET_FULL: u8 = 0x28;
 
-/// A write gathering its data.
+/// A write gathering its data (into the transport's buffer for its ITT).
 struct WriteTask {
     cmd: ScsiCommand,
-    data: Vec<u8>,
     received: u32,
     /// Unsolicited Data-Out may still come (F not seen yet).
     unsolicited: bool,
@@ -63,10 +64,6 @@ pub mod reject_reason {
     pub const INVALID_FIELD: u8 = 0x09;
 }
 
-/// Most bytes of one PDU the connection buffers (a larger one ends the connection: its
-/// DataSegmentLength exceeds anything negotiated).
-pub const MAX_PDU_BYTES: usize = (1 << 24) + 4096;
-
 /// Why a connection ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Ended {
@@ -76,7 +73,8 @@ pub enum Ended {
     LoginFailed(crate::login::LoginStatus),
     /// A PDU could not be framed.
     Wire(WireError),
-    /// A PDU longer than allowed.
+    /// A PDU whose data segment (this many bytes) is longer than the target's
+    /// MaxRecvDataSegmentLength.
     Oversized(usize),
     /// The initiator left a NOP-In ping unanswered for the keep-alive timeout (its host or
     /// the path is gone).
@@ -130,14 +128,14 @@ enum Phase {
     Closed(Ended),
 }
 
-/// A target-side connection.
-pub struct TargetConn {
+/// A target-side connection over transport `T` (by default the software one, over a byte
+/// stream).
+pub struct TargetConn<T: Transport = Software> {
     cfg: TargetConfig,
     /// Every target this portal offers to discovery: (TargetName, TargetAddress).
     targets: Vec<(String, String)>,
     phase: Phase,
-    framing: Framing,
-    inbuf: Vec<u8>,
+    io: T,
     stat_sn: u32,
     exp_cmd_sn: u32,
     stats: ConnStats,
@@ -169,13 +167,13 @@ const ENDED_WRITES_KEPT: usize = 64;
 
 /// The connection is gone, and with it (one connection per session) its I_T nexus: a
 /// reservation it held ends.
-impl Drop for TargetConn {
+impl<T: Transport> Drop for TargetConn<T> {
     fn drop(&mut self) {
         self.release_nexus();
     }
 }
 
-impl std::fmt::Debug for TargetConn {
+impl<T: Transport> std::fmt::Debug for TargetConn<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TargetConn")
             .field("stats", &self.stats)
@@ -184,11 +182,64 @@ impl std::fmt::Debug for TargetConn {
     }
 }
 
-impl TargetConn {
-    /// A connection for `cfg`, offering `targets` (name, `ADDR:PORT,TPGT`) to discovery.
-    /// `challenge` and `chap_id` are random (the caller's RNG), `tsih` the session handle a
-    /// login gets.
+impl TargetConn<Software> {
+    /// A connection for `cfg` over the software transport, offering `targets` (name,
+    /// `ADDR:PORT,TPGT`) to discovery. `challenge` and `chap_id` are random (the caller's
+    /// RNG), `tsih` the session handle a login gets.
     pub fn new(
+        cfg: TargetConfig,
+        targets: Vec<(String, String)>,
+        challenge: [u8; 16],
+        chap_id: u8,
+        tsih: u16,
+    ) -> Self {
+        TargetConn::over(Software::default(), cfg, targets, challenge, chap_id, tsih)
+    }
+
+    /// Take bytes received from the initiator; append what to send to `out`.
+    pub fn on_bytes(&mut self, bytes: &[u8], out: &mut Vec<u8>) {
+        if self.ended().is_some() {
+            return;
+        }
+        self.heard |= !bytes.is_empty();
+        self.io.lend_output(out);
+        let framed = transport::receive(
+            self,
+            |c| &mut c.io,
+            bytes,
+            |c, pdu| {
+                c.on_pdu(pdu);
+                c.ended().is_none()
+            },
+        );
+        match framed {
+            Ok(()) => {}
+            Err(FrameError::Oversized(n)) => self.phase = Phase::Closed(Ended::Oversized(n)),
+            Err(FrameError::Wire(e)) => self.phase = Phase::Closed(Ended::Wire(e)),
+        }
+        self.io.lend_output(out);
+    }
+
+    /// [`TargetConn::on_time`], appending what to send to `out`.
+    pub fn poll(&mut self, now_us: u64, out: &mut Vec<u8>) {
+        self.io.lend_output(out);
+        self.on_time(now_us);
+        self.io.lend_output(out);
+    }
+
+    /// [`TargetConn::ask_logout`], appending what to send to `out`.
+    pub fn request_logout(&mut self, within_s: u16, out: &mut Vec<u8>) -> bool {
+        self.io.lend_output(out);
+        let asked = self.ask_logout(within_s);
+        self.io.lend_output(out);
+        asked
+    }
+}
+
+impl<T: Transport> TargetConn<T> {
+    /// A connection over transport `io`; see [`TargetConn::new`].
+    pub fn over(
+        io: T,
         cfg: TargetConfig,
         targets: Vec<(String, String)>,
         challenge: [u8; 16],
@@ -200,8 +251,7 @@ impl TargetConn {
             cfg,
             targets,
             phase: Phase::Login(Box::new(login)),
-            framing: Framing::default(),
-            inbuf: Vec::new(),
+            io,
             stat_sn: 1,
             exp_cmd_sn: 0,
             stats: ConnStats::default(),
@@ -218,17 +268,27 @@ impl TargetConn {
         }
     }
 
+    /// The transport.
+    pub fn transport(&self) -> &T {
+        &self.io
+    }
+
+    /// The transport, to deliver what it received ([`TargetConn::on_pdu`]).
+    pub fn transport_mut(&mut self) -> &mut T {
+        &mut self.io
+    }
+
     /// Ping an idle initiator and drop a silent one (see [`KeepAlive`]); call
-    /// [`TargetConn::poll`] with the time.
+    /// [`TargetConn::on_time`] with the time.
     pub fn with_keepalive(mut self, k: KeepAlive) -> Self {
         self.keepalive = Some(k);
         self
     }
 
     /// Time passes (`now_us`, µs of the caller's clock; it never goes back): the NOP-In
-    /// keep-alive pings an idle initiator (into `out`) or ends the connection of one that
-    /// did not answer. Nothing without [`TargetConn::with_keepalive`].
-    pub fn poll(&mut self, now_us: u64, out: &mut Vec<u8>) {
+    /// keep-alive pings an idle initiator or ends the connection of one that did not
+    /// answer. Nothing without [`TargetConn::with_keepalive`].
+    pub fn on_time(&mut self, now_us: u64) {
         let Some(k) = self.keepalive else {
             return;
         };
@@ -256,7 +316,7 @@ impl TargetConn {
                     exp_sn: self.exp_cmd_sn,
                     max_cmd_sn: self.max_cmd_sn(),
                 });
-                self.send(&r, &[], out);
+                self.send(&r, TxData::Inline(&[]));
             }
             _ => {}
         }
@@ -265,7 +325,7 @@ impl TargetConn {
     /// Ask the initiator to log out within `within_s` seconds (an Async Message with
     /// AsyncEvent 1; the target is going away). Only a normal session in full-feature phase
     /// is asked; returns whether the message went out.
-    pub fn request_logout(&mut self, within_s: u16, out: &mut Vec<u8>) -> bool {
+    pub fn ask_logout(&mut self, within_s: u16) -> bool {
         match &self.phase {
             Phase::FullFeature(n) if n.session_type != SessionType::Discovery => {}
             _ => return false,
@@ -281,11 +341,11 @@ impl TargetConn {
             param2: 0,
             param3: within_s,
         });
-        self.send(&r, &[], out);
+        self.send(&r, TxData::Inline(&[]));
         true
     }
 
-    /// When [`TargetConn::poll`] has something to do next, in µs of the caller's clock (a
+    /// When [`TargetConn::on_time`] has something to do next, in µs of the caller's clock (a
     /// ping, or the end of its wait); `None` without keep-alive or before the first poll.
     pub fn next_deadline(&self) -> Option<u64> {
         let k = self.keepalive?;
@@ -336,54 +396,15 @@ impl TargetConn {
 
     /// Counters.
     pub fn stats(&self) -> ConnStats {
-        self.stats
+        ConnStats {
+            digest_bytes: self.io.digest_bytes(),
+            ..self.stats
+        }
     }
 
-    /// Take bytes received from the initiator; append what to send to `out`.
-    pub fn on_bytes(&mut self, bytes: &[u8], out: &mut Vec<u8>) {
-        if self.ended().is_some() {
-            return;
-        }
-        self.heard |= !bytes.is_empty();
-        self.inbuf.extend_from_slice(bytes);
-        // The buffer leaves `self` while its PDUs are handled, so each is borrowed in place
-        // (no copy of its data) while the machine changes.
-        let inbuf = std::mem::take(&mut self.inbuf);
-        let mut at = 0;
-        while self.ended().is_none() {
-            let buf = &inbuf[at..];
-            if buf.len() >= BHS_LEN {
-                match self.framing.pdu_len(buf) {
-                    Ok(n) if n > MAX_PDU_BYTES => {
-                        self.phase = Phase::Closed(Ended::Oversized(n));
-                        break;
-                    }
-                    _ => {}
-                }
-            }
-            let pdu = match self.framing.parse(buf) {
-                Ok(Some(p)) => p,
-                Ok(None) => break,
-                Err(e) => {
-                    self.phase = Phase::Closed(Ended::Wire(e));
-                    break;
-                }
-            };
-            at += pdu.len;
-            self.stats.pdus_in += 1;
-            self.stats.digest_bytes += self.framing.digested_len(pdu.ahs.len(), pdu.data.len());
-            self.on_pdu(&pdu, out);
-        }
-        self.inbuf = inbuf;
-        self.inbuf.drain(..at);
-    }
-
-    fn send(&mut self, repr: &Repr, data: &[u8], out: &mut Vec<u8>) {
+    fn send(&mut self, repr: &Repr, data: TxData<'_>) {
         self.stats.pdus_out += 1;
-        // A Repr is always well formed and data within limits here.
-        let _ = self
-            .framing
-            .emit_counted(repr, data, out, &mut self.stats.digest_bytes);
+        self.io.send(repr, data);
     }
 
     fn max_cmd_sn(&self) -> u32 {
@@ -396,7 +417,7 @@ impl TargetConn {
         s
     }
 
-    fn reject(&mut self, pdu: &Pdu<'_>, reason: u8, out: &mut Vec<u8>) {
+    fn reject(&mut self, pdu: &RxPdu<'_>, reason: u8) {
         self.stats.rejects += 1;
         let r = Repr::Reject(Reject {
             reason,
@@ -406,13 +427,21 @@ impl TargetConn {
             data_sn: 0,
         });
         let bhs = *pdu.bhs;
-        self.send(&r, &bhs, out);
+        self.send(&r, TxData::Inline(&bhs));
     }
 
-    fn on_pdu(&mut self, pdu: &Pdu<'_>, out: &mut Vec<u8>) {
+    /// Take a PDU received from the initiator (its data inline, or already placed in the
+    /// buffer of its task); what to send goes to the transport.
+    pub fn on_pdu(&mut self, rx: RxPdu<'_>) {
+        if self.ended().is_some() {
+            return;
+        }
+        self.heard = true;
+        self.stats.pdus_in += 1;
+        let pdu = &rx;
         let repr = match pdu.repr() {
             Ok(r) => r,
-            Err(_) => return self.reject(pdu, reject_reason::INVALID_FIELD, out),
+            Err(_) => return self.reject(pdu, reject_reason::INVALID_FIELD),
         };
         if matches!(pdu.data_digest, crate::wire::DigestCheck::Bad { .. }) {
             // The PDU is discarded with a Reject (RFC 7143 §7.8). Its header is sound (its
@@ -422,11 +451,11 @@ impl TargetConn {
             // immediate data is bad (which goes on to `scsi_command`, in CmdSN order, and is
             // answered there without being executed).
             self.stats.data_digest_errors += 1;
-            self.reject(pdu, reject_reason::DATA_DIGEST, out);
+            self.reject(pdu, reject_reason::DATA_DIGEST);
             match repr {
                 Repr::DataOut(d) if matches!(self.phase, Phase::FullFeature(_)) => {
                     let sense = crate::scsi::Sense::PROTOCOL_CRC_ERROR;
-                    return self.end_write(d.itt, sense, out);
+                    return self.end_write(d.itt, sense);
                 }
                 Repr::ScsiCommand(_) if matches!(self.phase, Phase::FullFeature(_)) => {}
                 _ => return,
@@ -440,18 +469,19 @@ impl TargetConn {
                 )));
                 return;
             };
-            let reply = login.on_request(&req, pdu.data);
+            let reply = login.on_request(&req, pdu.inline());
             self.stat_sn = login.stat_sn();
             self.exp_cmd_sn = req.sn;
-            self.send(&Repr::LoginResponse(reply.header), &reply.data, out);
+            self.send(
+                &Repr::LoginResponse(reply.header),
+                TxData::Inline(&reply.data),
+            );
             match reply.done {
                 None => {}
                 Some(Ok(neg)) => {
                     // Digests start with the first PDU after the final Login Response.
-                    self.framing = Framing {
-                        header_digest: neg.header_digest,
-                        data_digest: neg.data_digest,
-                    };
+                    self.io
+                        .full_feature(neg.header_digest, neg.data_digest, neg.target_max_recv);
                     self.nexus = Nexus::iscsi(&neg.initiator_name, neg.isid);
                     if neg.session_type != SessionType::Discovery {
                         if let Some(d) = &self.disk {
@@ -494,16 +524,16 @@ impl TargetConn {
                     // The initiator asks for the rest of a long answer.
                     return match self.text_out.take() {
                         Some((itt, ttt, rest)) if itt == t.itt && ttt == t.ttt => {
-                            self.send_text(itt, rest, out)
+                            self.send_text(itt, rest)
                         }
-                        _ => self.reject(pdu, reject_reason::INVALID_FIELD, out),
+                        _ => self.reject(pdu, reject_reason::INVALID_FIELD),
                     };
                 }
                 // A new exchange ends one left unfinished.
                 self.text_out = None;
-                let pairs = match text::parse_pairs(pdu.data) {
+                let pairs = match text::parse_pairs(pdu.inline()) {
                     Ok(p) => p,
-                    Err(_) => return self.reject(pdu, reject_reason::PROTOCOL_ERROR, out),
+                    Err(_) => return self.reject(pdu, reject_reason::PROTOCOL_ERROR),
                 };
                 let mut answer: Vec<(String, String)> = Vec::new();
                 for (k, v) in pairs {
@@ -526,7 +556,7 @@ impl TargetConn {
                 }
                 let mut data = Vec::new();
                 text::encode_pairs(&answer, &mut data);
-                self.send_text(t.itt, data, out);
+                self.send_text(t.itt, data);
             }
             Repr::NopOut(n) => {
                 if n.itt == RESERVED_TAG {
@@ -546,8 +576,8 @@ impl TargetConn {
                     max_cmd_sn: self.max_cmd_sn(),
                 });
                 // The ping data comes back.
-                let data = pdu.data.to_vec();
-                self.send(&r, &data, out);
+                let data = pdu.inline();
+                self.send(&r, TxData::Inline(data));
             }
             Repr::LogoutRequest(l) => {
                 self.release_nexus();
@@ -560,16 +590,14 @@ impl TargetConn {
                     time2wait: 0,
                     time2retain: 0,
                 });
-                self.send(&r, &[], out);
+                self.send(&r, TxData::Inline(&[]));
                 self.phase = Phase::Closed(Ended::LoggedOut);
             }
-            Repr::ScsiCommand(c) if !discovery && self.disk.is_some() => {
-                self.scsi_command(pdu, c, out)
-            }
-            Repr::DataOut(d) if !discovery && self.disk.is_some() => self.data_out(pdu, d, out),
-            Repr::TaskMgmtRequest(t) if !discovery => self.task_mgmt(t, out),
-            Repr::LoginRequest(_) => self.reject(pdu, reject_reason::PROTOCOL_ERROR, out),
-            _ => self.reject(pdu, reject_reason::NOT_SUPPORTED, out),
+            Repr::ScsiCommand(c) if !discovery && self.disk.is_some() => self.scsi_command(pdu, c),
+            Repr::DataOut(d) if !discovery && self.disk.is_some() => self.data_out(pdu, d),
+            Repr::TaskMgmtRequest(t) if !discovery => self.task_mgmt(t),
+            Repr::LoginRequest(_) => self.reject(pdu, reject_reason::PROTOCOL_ERROR),
+            _ => self.reject(pdu, reject_reason::NOT_SUPPORTED),
         }
     }
 
@@ -580,52 +608,47 @@ impl TargetConn {
         }
     }
 
-    fn scsi_command(&mut self, pdu: &Pdu<'_>, c: ScsiCommand, out: &mut Vec<u8>) {
+    fn scsi_command(&mut self, pdu: &RxPdu<'_>, c: ScsiCommand) {
         if matches!(pdu.data_digest, crate::wire::DigestCheck::Bad { .. }) {
             // Its unsolicited Data-Out PDUs may follow: they are dropped as the write's.
             self.remember_ended(c.itt);
             let o = Outcome::check(crate::scsi::Sense::PROTOCOL_CRC_ERROR);
-            return self.respond(c.itt, o, 0, (false, false, 0), out);
+            return self.respond(c.itt, o, 0, (false, false, 0));
         }
         let disk = self.disk.clone().expect("checked by the caller");
         let lun0 = lun_index(c.lun) == Some(0);
         if !lun0 && c.cdb[0] != 0xa0 && c.cdb[0] != 0x12 {
-            return self.finish(
-                c,
-                Outcome::check(crate::scsi::Sense::LUN_NOT_SUPPORTED),
-                out,
-            );
+            return self.finish(c, Outcome::check(crate::scsi::Sense::LUN_NOT_SUPPORTED));
         }
         let want = disk.lock().expect("disk lock").transfer(&c.cdb);
         if c.write || matches!(want, Transfer::Out(_)) {
             if c.expected_len > MAX_WRITE_BYTES {
-                return self.finish(
-                    c,
-                    Outcome::check(crate::scsi::Sense::INVALID_FIELD_IN_CDB),
-                    out,
-                );
+                return self.finish(c, Outcome::check(crate::scsi::Sense::INVALID_FIELD_IN_CDB));
             }
-            let gathering: u64 = self.writes.values().map(|t| t.data.len() as u64).sum();
+            let gathering: u64 = self
+                .writes
+                .values()
+                .map(|t| u64::from(t.cmd.expected_len))
+                .sum();
             if gathering + u64::from(c.expected_len) > MAX_GATHER_BYTES_PER_CONN {
                 let o = Outcome {
                     status: TASK_SET_FULL,
                     data_in: Vec::new(),
                     sense: None,
                 };
-                return self.respond(c.itt, o, 0, (false, false, 0), out);
+                return self.respond(c.itt, o, 0, (false, false, 0));
             }
             let neg = self.neg();
-            let imm = pdu.data.len() as u32;
+            let imm = pdu.data_len() as u32;
             if imm > c.expected_len
                 || (imm > 0 && !neg.immediate_data)
                 || imm > neg.first_burst_length
             {
-                return self.reject(pdu, reject_reason::PROTOCOL_ERROR, out);
+                return self.reject(pdu, reject_reason::PROTOCOL_ERROR);
             }
             let unsolicited = !c.final_ && !neg.initial_r2t;
             let mut t = WriteTask {
                 cmd: c,
-                data: vec![0; c.expected_len as usize],
                 received: imm,
                 unsolicited,
                 next_offset: imm,
@@ -636,13 +659,27 @@ impl TargetConn {
             if unsolicited {
                 t.data_sn.insert(RESERVED_TAG, 0);
             }
-            t.data[..imm as usize].copy_from_slice(pdu.data);
             if !unsolicited && !c.final_ {
                 // Unsolicited Data-Out announced (F=0) although InitialR2T=Yes.
-                return self.reject(pdu, reject_reason::PROTOCOL_ERROR, out);
+                return self.reject(pdu, reject_reason::PROTOCOL_ERROR);
+            }
+            // The buffer the data gathers in: immediate data a transport placed is in the
+            // buffer it had for the task (at offset 0, the whole write long); inline
+            // immediate data is copied into a new one.
+            match pdu.data {
+                RxData::Placed { offset: 0, .. }
+                    if self
+                        .io
+                        .buffer(c.itt)
+                        .is_some_and(|b| b.len() == c.expected_len as usize) => {}
+                RxData::Placed { .. } => return self.reject(pdu, reject_reason::PROTOCOL_ERROR),
+                RxData::Inline(d) => {
+                    self.io.open(c.itt, vec![0; c.expected_len as usize]);
+                    self.io.place(c.itt, 0, d);
+                }
             }
             self.writes.insert(c.itt, t);
-            return self.advance_write(c.itt, out);
+            return self.advance_write(c.itt);
         }
         let mut o = disk
             .lock()
@@ -651,11 +688,11 @@ impl TargetConn {
         if !lun0 && c.cdb[0] == 0x12 && o.status == GOOD && !o.data_in.is_empty() {
             o.data_in[0] = 0x7f; // no logical unit here
         }
-        self.finish(c, o, out)
+        self.finish(c, o)
     }
 
     /// Issue R2Ts for write `itt` or, with every byte in, execute it.
-    fn advance_write(&mut self, itt: u32, out: &mut Vec<u8>) {
+    fn advance_write(&mut self, itt: u32) {
         let (max_burst, max_r2t) = {
             let n = self.neg();
             (n.max_burst_length, n.max_outstanding_r2t.max(1))
@@ -672,16 +709,18 @@ impl TargetConn {
             let disk = self.disk.clone().expect("a disk");
             let (o, want) = {
                 let mut d = disk.lock().expect("disk lock");
+                let data = self.io.buffer(itt).unwrap_or(&[]);
                 (
-                    d.execute_as(&self.nexus, &t.cmd.cdb, &t.data),
+                    d.execute_as(&self.nexus, &t.cmd.cdb, data),
                     d.transfer(&t.cmd.cdb),
                 )
             };
+            self.io.close(itt);
             let wanted = match want {
                 Transfer::Out(n) => Some(n),
                 _ => None,
             };
-            return self.finish_write(t.cmd, o, wanted, t.r2t_sn, out);
+            return self.finish_write(t.cmd, o, wanted, t.r2t_sn);
         }
         let mut r2ts = Vec::new();
         while t.outstanding_r2t < max_r2t && t.next_offset < expected {
@@ -708,23 +747,23 @@ impl TargetConn {
                 buffer_offset: offset,
                 desired_len: len,
             });
-            self.send(&r, &[], out);
+            self.send(&r, TxData::Inline(&[]));
         }
     }
 
     /// End write `itt` before its data is all in, with CHECK CONDITION and `sense`; its
     /// late Data-Out PDUs are then dropped quietly. Nothing if no such write is open.
-    fn end_write(&mut self, itt: u32, sense: crate::scsi::Sense, out: &mut Vec<u8>) {
+    fn end_write(&mut self, itt: u32, sense: crate::scsi::Sense) {
         let Some(t) = self.writes.remove(&itt) else {
             return;
         };
+        self.io.close(itt);
         self.remember_ended(itt);
         self.respond(
             t.cmd.itt,
             Outcome::check(sense),
             t.r2t_sn,
             (false, false, 0),
-            out,
         );
     }
 
@@ -735,12 +774,12 @@ impl TargetConn {
         self.ended_writes.push_back(itt);
     }
 
-    fn data_out(&mut self, pdu: &Pdu<'_>, d: DataOut, out: &mut Vec<u8>) {
+    fn data_out(&mut self, pdu: &RxPdu<'_>, d: DataOut) {
         let Some(t) = self.writes.get_mut(&d.itt) else {
             if self.ended_writes.contains(&d.itt) {
                 return; // the rest of a write ended early
             }
-            return self.reject(pdu, reject_reason::INVALID_FIELD, out);
+            return self.reject(pdu, reject_reason::INVALID_FIELD);
         };
         // A Data-Out out of its sequence's DataSN order, or for a sequence that is not
         // open: at ERL 0 there is no recovery of the data, so the command ends with CHECK
@@ -749,15 +788,23 @@ impl TargetConn {
             Some(next) if *next == d.data_sn => *next += 1,
             _ => {
                 self.stats.data_sequence_errors += 1;
-                return self.end_write(d.itt, crate::scsi::Sense::DATA_PHASE_ERROR, out);
+                return self.end_write(d.itt, crate::scsi::Sense::DATA_PHASE_ERROR);
             }
         }
-        let end = u64::from(d.buffer_offset) + pdu.data.len() as u64;
-        if end > u64::from(t.cmd.expected_len) {
-            return self.reject(pdu, reject_reason::PROTOCOL_ERROR, out);
+        let len = pdu.data_len();
+        let end = u64::from(d.buffer_offset) + len as u64;
+        let placed_elsewhere =
+            matches!(pdu.data, RxData::Placed { offset, .. } if offset != d.buffer_offset);
+        if end > u64::from(t.cmd.expected_len) || placed_elsewhere {
+            return self.reject(pdu, reject_reason::PROTOCOL_ERROR);
         }
-        t.data[d.buffer_offset as usize..end as usize].copy_from_slice(pdu.data);
-        t.received += pdu.data.len() as u32;
+        t.received += len as u32;
+        if let RxData::Inline(data) = pdu.data {
+            self.io.place(d.itt, d.buffer_offset as usize, data);
+        }
+        let Some(t) = self.writes.get_mut(&d.itt) else {
+            return;
+        };
         if d.final_ {
             t.data_sn.remove(&d.ttt);
             if d.ttt == RESERVED_TAG {
@@ -767,15 +814,16 @@ impl TargetConn {
                 t.outstanding_r2t = t.outstanding_r2t.saturating_sub(1);
             }
         }
-        self.advance_write(d.itt, out);
+        self.advance_write(d.itt);
     }
 
-    fn task_mgmt(&mut self, t: TaskMgmtRequest, out: &mut Vec<u8>) {
+    fn task_mgmt(&mut self, t: TaskMgmtRequest) {
         let response = match t.function {
             // ABORT TASK: function complete if the task was still open (a write gathering
             // data); reads complete at once, so any other task no longer exists.
             1 => {
                 if self.writes.remove(&t.ref_task_tag).is_some() {
+                    self.io.close(t.ref_task_tag);
                     0
                 } else {
                     1
@@ -784,12 +832,14 @@ impl TargetConn {
             // ABORT TASK SET, CLEAR TASK SET, LOGICAL UNIT RESET, TARGET WARM RESET
             2 | 3 => {
                 self.writes.clear();
+                self.io.close_all();
                 0
             }
             // The resets also end the logical unit's RESERVE reservation and are reported
             // to every session as a unit attention.
             5 | 6 => {
                 self.writes.clear();
+                self.io.close_all();
                 if let Some(d) = &self.disk {
                     let why = if t.function == 5 {
                         Sense::LUN_RESET_OCCURRED
@@ -809,7 +859,7 @@ impl TargetConn {
             exp_cmd_sn: self.exp_cmd_sn,
             max_cmd_sn: self.max_cmd_sn(),
         });
-        self.send(&r, &[], out);
+        self.send(&r, TxData::Inline(&[]));
     }
 
     /// Residual flags and count for `moved` bytes against `expected`.
@@ -837,7 +887,7 @@ impl TargetConn {
     /// Send Text Response data for `itt`: all of it if it fits the initiator's
     /// MaxRecvDataSegmentLength, otherwise one segment with F = 0 and C = 1 and a TTT, keeping
     /// the rest for the initiator's next (empty) Text Request.
-    fn send_text(&mut self, itt: u32, mut data: Vec<u8>, out: &mut Vec<u8>) {
+    fn send_text(&mut self, itt: u32, mut data: Vec<u8>) {
         let seg = self.neg().initiator_max_recv.max(512) as usize;
         let more = data.len() > seg;
         let ttt = if more {
@@ -858,19 +908,19 @@ impl TargetConn {
             exp_sn: self.exp_cmd_sn,
             max_cmd_sn: self.max_cmd_sn(),
         });
-        self.send(&r, &data, out);
+        self.send(&r, TxData::Inline(&data));
     }
 
     /// Response. The residual compares what the command produced (before the cut to the
     /// Expected Data Transfer Length) with that length (RFC 7143 §11.4.5).
-    fn finish(&mut self, c: ScsiCommand, mut o: Outcome, out: &mut Vec<u8>) {
+    fn finish(&mut self, c: ScsiCommand, mut o: Outcome) {
         if o.status != GOOD {
-            return self.respond(c.itt, o, 0, (false, false, 0), out);
+            return self.respond(c.itt, o, 0, (false, false, 0));
         }
         let res = Self::residual(c.expected_len, o.data_in.len() as u64);
         o.data_in.truncate(c.expected_len as usize);
         if o.data_in.is_empty() {
-            return self.respond(c.itt, o, 0, res, out);
+            return self.respond(c.itt, o, 0, res);
         }
         let (seg, burst) = {
             let n = self.neg();
@@ -879,7 +929,10 @@ impl TargetConn {
                 n.max_burst_length.max(512) as usize,
             )
         };
+        // The data goes out of the task's buffer, which the transport holds while the
+        // Data-In PDUs go (an engine sends them from host memory without a copy).
         let total = o.data_in.len();
+        self.io.open(c.itt, std::mem::take(&mut o.data_in));
         let mut data_sn = 0u32;
         let mut offset = 0usize;
         while offset < total {
@@ -905,36 +958,27 @@ impl TargetConn {
                 buffer_offset: offset as u32,
                 residual: if last && (res.0 || res.1) { res.2 } else { 0 },
             };
-            let chunk = o.data_in[offset..offset + len].to_vec();
-            self.send(&Repr::DataIn(di), &chunk, out);
+            let chunk = TxData::Task {
+                itt: c.itt,
+                offset: offset as u32,
+                len: len as u32,
+            };
+            self.send(&Repr::DataIn(di), chunk);
             data_sn += 1;
             offset += len;
         }
+        self.io.close(c.itt);
     }
 
-    fn finish_write(
-        &mut self,
-        c: ScsiCommand,
-        o: Outcome,
-        wanted: Option<u64>,
-        r2ts: u32,
-        out: &mut Vec<u8>,
-    ) {
+    fn finish_write(&mut self, c: ScsiCommand, o: Outcome, wanted: Option<u64>, r2ts: u32) {
         let res = match (o.status, wanted) {
             (GOOD, Some(w)) => Self::residual(c.expected_len, w),
             _ => (false, false, 0),
         };
-        self.respond(c.itt, o, r2ts, res, out)
+        self.respond(c.itt, o, r2ts, res)
     }
 
-    fn respond(
-        &mut self,
-        itt: u32,
-        o: Outcome,
-        exp_data_sn: u32,
-        res: (bool, bool, u32),
-        out: &mut Vec<u8>,
-    ) {
+    fn respond(&mut self, itt: u32, o: Outcome, exp_data_sn: u32, res: (bool, bool, u32)) {
         let mut data = Vec::new();
         if o.status == CHECK_CONDITION {
             if let Some(s) = o.sense {
@@ -959,7 +1003,7 @@ impl TargetConn {
             residual: if res.0 || res.1 { res.2 } else { 0 },
             ..Default::default()
         });
-        self.send(&r, &data, out);
+        self.send(&r, TxData::Inline(&data));
     }
 }
 
@@ -968,6 +1012,7 @@ mod tests {
     use super::*;
     use crate::login::{InitiatorConfig, InitiatorLogin, InitiatorStep, OpParams};
     use crate::wire::LogoutRequest;
+    use crate::wire::{Framing, BHS_LEN};
 
     fn cfg() -> TargetConfig {
         TargetConfig {
@@ -1372,7 +1417,8 @@ mod tests {
                 }
             }
         }
-        let gathering: u64 = conn.writes.values().map(|t| t.data.len() as u64).sum();
+        let gathering = conn.transport().buffered_bytes() as u64;
+        assert!(gathering > 0, "the writes that fit are gathering");
         assert!(gathering <= MAX_GATHER_BYTES_PER_CONN);
         assert_eq!(
             statuses,

@@ -1,0 +1,406 @@
+//! What a connection machine ([`crate::target::TargetConn`],
+//! [`crate::initiator::InitiatorConn`]) exchanges with the transport under it, PDU by PDU —
+//! the seam where the NIC's iSCSI engine plugs in (`DESIGN.md`, "The ULP engine slot").
+//!
+//! - In: a received PDU ([`RxPdu`]) whose data segment is either inline bytes or already
+//!   placed by the transport into the buffer of the PDU's task ([`RxData::Placed`]), with the
+//!   verdict of its data digest.
+//! - Out: PDUs to send ([`Transport::send`]) whose data is inline or a range of a task's
+//!   buffer ([`TxData::Task`]), and the task buffers themselves: the machine opens a buffer
+//!   for a task's data (to receive into, or to send from), reads it, and closes it when the
+//!   task ends. A transport that places data does it into these buffers.
+//! - Digests are computed where the transport says: [`Software`] frames PDUs over a plain
+//!   byte stream and computes CRC32C in host code (and counts the bytes it ran through it);
+//!   an engine does it in the NIC.
+//!
+//! Pure: no sockets, threads or clock.
+
+use std::collections::HashMap;
+
+use crate::wire::{DigestCheck, Framing, Repr, WireError, BHS_LEN};
+
+/// The longest data segment a side receives during login, bytes (RFC 7143 §6.1, the
+/// default MaxRecvDataSegmentLength); after it, what the side declared.
+pub const LOGIN_MAX_DATA_SEGMENT: u32 = 8192;
+
+/// The data segment of a received PDU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RxData<'a> {
+    /// The bytes themselves (software framing; or a PDU the engine had no buffer for).
+    Inline(&'a [u8]),
+    /// `len` bytes the transport already placed into the buffer of the PDU's task (its
+    /// Initiator Task Tag) at byte `offset` of it: the machine only accounts for them.
+    Placed {
+        /// Where in the task's buffer, bytes.
+        offset: u32,
+        /// How many bytes.
+        len: u32,
+    },
+}
+
+/// A received PDU as a connection machine takes it.
+#[derive(Debug, Clone, Copy)]
+pub struct RxPdu<'a> {
+    /// The Basic Header Segment (its header digest, if any, already checked).
+    pub bhs: &'a [u8; BHS_LEN],
+    /// The data segment, without padding or digest.
+    pub data: RxData<'a>,
+    /// The data digest's verdict (the data must not be used when it is bad).
+    pub data_digest: DigestCheck,
+}
+
+impl<'a> RxPdu<'a> {
+    /// The header fields.
+    pub fn repr(&self) -> Result<Repr, WireError> {
+        Repr::parse(self.bhs)
+    }
+
+    /// The data segment's length, bytes (inline or placed).
+    pub fn data_len(&self) -> usize {
+        match self.data {
+            RxData::Inline(d) => d.len(),
+            RxData::Placed { len, .. } => len as usize,
+        }
+    }
+
+    /// The inline data; empty for placed data (which only task data can be: Data-In,
+    /// Data-Out, immediate data).
+    pub fn inline(&self) -> &'a [u8] {
+        match self.data {
+            RxData::Inline(d) => d,
+            RxData::Placed { .. } => &[],
+        }
+    }
+}
+
+/// The data segment of a PDU to send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxData<'a> {
+    /// These bytes.
+    Inline(&'a [u8]),
+    /// `len` bytes at byte `offset` of task `itt`'s buffer (see [`Transport::open`]).
+    Task {
+        /// The task's Initiator Task Tag.
+        itt: u32,
+        /// Where in its buffer, bytes.
+        offset: u32,
+        /// How many bytes.
+        len: u32,
+    },
+}
+
+/// The transport of one connection, as its machine sees it.
+pub trait Transport {
+    /// The login is over: from the next PDU on, header and data digests as negotiated, and
+    /// received data segments of at most `max_recv` bytes (the MaxRecvDataSegmentLength
+    /// this side declared).
+    fn full_feature(&mut self, header_digest: bool, data_digest: bool, max_recv: u32);
+
+    /// Send the PDU of `repr` with `data` (digests and padding as the transport does them).
+    /// A [`TxData::Task`] range outside its buffer sends nothing.
+    fn send(&mut self, repr: &Repr, data: TxData<'_>);
+
+    /// Open task `itt`'s buffer: `buf` is the data to send from, or zeros to receive into
+    /// (a transport may then place the peer's data for the task there itself). A buffer
+    /// already open for `itt` is replaced.
+    fn open(&mut self, itt: u32, buf: Vec<u8>);
+
+    /// Task `itt`'s buffer, if open.
+    fn buffer(&self, itt: u32) -> Option<&[u8]>;
+
+    /// Copy inline `data` into task `itt`'s buffer at byte `offset`; false (and nothing
+    /// copied) without a buffer or past its end.
+    fn place(&mut self, itt: u32, offset: usize, data: &[u8]) -> bool;
+
+    /// Close task `itt`'s buffer and take it back.
+    fn close(&mut self, itt: u32) -> Option<Vec<u8>>;
+
+    /// Close every task buffer (a task set was aborted).
+    fn close_all(&mut self);
+
+    /// Bytes the host ran through CRC32C for digests so far, sent and received (0 where
+    /// the NIC computes them).
+    fn digest_bytes(&self) -> u64;
+}
+
+/// Why [`Software::receive`] stopped framing: the connection cannot go on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FrameError {
+    /// A PDU whose data segment (this many bytes) is longer than this side receives (RFC
+    /// 7143 §13.12: a protocol error); nothing of it was buffered beyond its header.
+    Oversized(usize),
+    /// The bytes are not a PDU (or its header digest is wrong).
+    Wire(WireError),
+}
+
+/// The software transport: PDUs framed over a plain byte stream, digests computed in host
+/// code, task buffers in host memory. Received bytes come in through
+/// [`Software::receive`]; the bytes to send collect in an output buffer the caller lends
+/// ([`Software::lend_output`]).
+#[derive(Debug)]
+pub struct Software {
+    framing: Framing,
+    /// The longest data segment received, bytes.
+    max_recv: u32,
+    out: Vec<u8>,
+    inbuf: Vec<u8>,
+    buffers: HashMap<u32, Vec<u8>>,
+    digest_bytes: u64,
+}
+
+impl Default for Software {
+    fn default() -> Self {
+        Software {
+            framing: Framing::default(),
+            max_recv: LOGIN_MAX_DATA_SEGMENT,
+            out: Vec::new(),
+            inbuf: Vec::new(),
+            buffers: HashMap::new(),
+            digest_bytes: 0,
+        }
+    }
+}
+
+impl Software {
+    /// Bytes in open task buffers (the memory the connection's tasks hold).
+    pub fn buffered_bytes(&self) -> usize {
+        self.buffers.values().map(Vec::len).sum()
+    }
+
+    /// Swap `out` with the output buffer: what is sent from now on is appended to the
+    /// caller's buffer, until the next swap gives it back.
+    pub fn lend_output(&mut self, out: &mut Vec<u8>) {
+        std::mem::swap(&mut self.out, out);
+    }
+
+    /// Frame the PDU at the start of `buf`: the PDU (its data inline) and the bytes it took,
+    /// `Ok(None)` while `buf` holds only part of one, or the error that ends the connection.
+    /// Counts the bytes its digests ran through.
+    pub fn frame<'b>(&mut self, buf: &'b [u8]) -> Result<Option<(RxPdu<'b>, usize)>, FrameError> {
+        if buf.len() >= BHS_LEN {
+            let data = u32::from_be_bytes([0, buf[5], buf[6], buf[7]]);
+            if data > self.max_recv {
+                return Err(FrameError::Oversized(data as usize));
+            }
+        }
+        let Some(pdu) = self.framing.parse(buf).map_err(FrameError::Wire)? else {
+            return Ok(None);
+        };
+        self.digest_bytes += self.framing.digested_len(pdu.ahs.len(), pdu.data.len());
+        let rx = RxPdu {
+            bhs: pdu.bhs,
+            data: RxData::Inline(pdu.data),
+            data_digest: pdu.data_digest,
+        };
+        Ok(Some((rx, pdu.len)))
+    }
+}
+
+/// Feed `bytes` received on a byte stream to machine `m`, whose software transport
+/// `io(m)` is: each whole PDU goes to `on_pdu(m, pdu)` (borrowed in place from the receive
+/// buffer, no copy of its data) until it returns false or the bytes run out (a partial PDU
+/// waits for more). A framing error stops it for good: the caller ends the connection.
+pub fn receive<M>(
+    m: &mut M,
+    io: impl Fn(&mut M) -> &mut Software,
+    bytes: &[u8],
+    mut on_pdu: impl FnMut(&mut M, RxPdu<'_>) -> bool,
+) -> Result<(), FrameError> {
+    let mut inbuf = {
+        let sw = io(m);
+        sw.inbuf.extend_from_slice(bytes);
+        std::mem::take(&mut sw.inbuf)
+    };
+    let mut at = 0;
+    let mut result = Ok(());
+    loop {
+        match io(m).frame(&inbuf[at..]) {
+            Ok(Some((pdu, len))) => {
+                at += len;
+                if !on_pdu(m, pdu) {
+                    break;
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        }
+    }
+    inbuf.drain(..at);
+    io(m).inbuf = inbuf;
+    result
+}
+
+impl Transport for Software {
+    fn full_feature(&mut self, header_digest: bool, data_digest: bool, max_recv: u32) {
+        self.framing = Framing {
+            header_digest,
+            data_digest,
+        };
+        self.max_recv = max_recv;
+    }
+
+    fn send(&mut self, repr: &Repr, data: TxData<'_>) {
+        let data = match data {
+            TxData::Inline(d) => d,
+            TxData::Task { itt, offset, len } => {
+                let range = offset as usize..offset as usize + len as usize;
+                match self.buffers.get(&itt).and_then(|b| b.get(range)) {
+                    Some(d) => d,
+                    None => return,
+                }
+            }
+        };
+        // A Repr is always well formed, and the machines keep data within limits.
+        let _ = self
+            .framing
+            .emit_counted(repr, data, &mut self.out, &mut self.digest_bytes);
+    }
+
+    fn open(&mut self, itt: u32, buf: Vec<u8>) {
+        self.buffers.insert(itt, buf);
+    }
+
+    fn buffer(&self, itt: u32) -> Option<&[u8]> {
+        self.buffers.get(&itt).map(Vec::as_slice)
+    }
+
+    fn place(&mut self, itt: u32, offset: usize, data: &[u8]) -> bool {
+        let Some(b) = self.buffers.get_mut(&itt) else {
+            return false;
+        };
+        match b.get_mut(offset..offset + data.len()) {
+            Some(dst) => {
+                dst.copy_from_slice(data);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn close(&mut self, itt: u32) -> Option<Vec<u8>> {
+        self.buffers.remove(&itt)
+    }
+
+    fn close_all(&mut self) {
+        self.buffers.clear();
+    }
+
+    /// See [`Framing::digested_len`].
+    fn digest_bytes(&self) -> u64 {
+        self.digest_bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{DataIn, Nop, RESERVED_TAG};
+
+    fn nop(itt: u32) -> Repr {
+        Repr::NopIn(Nop {
+            immediate: false,
+            lun: 0,
+            itt,
+            ttt: RESERVED_TAG,
+            sn: 1,
+            exp_sn: 1,
+            max_cmd_sn: 1,
+        })
+    }
+
+    /// What goes out is framed as negotiated; what comes in is cut into PDUs however the
+    /// bytes arrive; a task's buffer is sent from by range, and a range past it sends
+    /// nothing.
+    #[test]
+    fn software_frames_both_ways_and_sends_from_task_buffers() {
+        let mut sw = Software::default();
+        sw.full_feature(true, true, 8192);
+        let mut out = Vec::new();
+        sw.lend_output(&mut out);
+        sw.send(&nop(7), TxData::Inline(b"ping"));
+        sw.open(9, (0..100u8).collect());
+        let di = Repr::DataIn(DataIn {
+            itt: 9,
+            buffer_offset: 10,
+            ..Default::default()
+        });
+        sw.send(
+            &di,
+            TxData::Task {
+                itt: 9,
+                offset: 10,
+                len: 20,
+            },
+        );
+        sw.send(
+            &di,
+            TxData::Task {
+                itt: 9,
+                offset: 90,
+                len: 20,
+            },
+        );
+        sw.lend_output(&mut out);
+        let mut rx = Software::default();
+        rx.full_feature(true, true, 8192);
+        let mut got = Vec::new();
+        for chunk in out.chunks(7) {
+            receive(
+                &mut rx,
+                |r| r,
+                chunk,
+                |_, p| {
+                    got.push((p.repr().unwrap(), p.inline().to_vec(), p.data_digest));
+                    true
+                },
+            )
+            .unwrap();
+        }
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].1, b"ping");
+        assert_eq!(got[1].1, (10..30u8).collect::<Vec<_>>());
+        assert!(got.iter().all(|g| g.2 == DigestCheck::Good));
+        assert_eq!(sw.digest_bytes(), rx.digest_bytes());
+        // Placement is bounded by the buffer.
+        assert!(sw.place(9, 95, &[1; 5]));
+        assert!(!sw.place(9, 96, &[1; 5]));
+        assert!(!sw.place(8, 0, &[1]));
+        assert_eq!(sw.close(9).map(|b| b[99]), Some(1));
+        assert_eq!(sw.buffer(9), None);
+    }
+
+    /// A header announcing a data segment longer than the side receives ends framing
+    /// before any of the data is buffered: 8 KiB during login, then what was declared.
+    #[test]
+    fn an_oversized_pdu_stops_framing() {
+        let header = |len: u32| {
+            let mut bhs = [0u8; BHS_LEN];
+            bhs[0] = 0x21; // SCSI Response
+            bhs[5..8].copy_from_slice(&len.to_be_bytes()[1..]);
+            bhs
+        };
+        let mut rx = Software::default();
+        let r = receive(&mut rx, |r| r, &header(8193), |_, _| true);
+        assert_eq!(r, Err(FrameError::Oversized(8193)));
+        let mut rx = Software::default();
+        rx.full_feature(false, false, 65536);
+        let mut seen = 0;
+        let pdu = [&header(65536)[..], &vec![0; 65536]].concat();
+        receive(
+            &mut rx,
+            |r| r,
+            &pdu,
+            |_, _| {
+                seen += 1;
+                true
+            },
+        )
+        .unwrap();
+        assert_eq!(seen, 1);
+        let r = receive(&mut rx, |r| r, &header(65537), |_, _| true);
+        assert_eq!(r, Err(FrameError::Oversized(65537)));
+    }
+}

@@ -123,7 +123,7 @@ pub trait Transport {
     fn digest_bytes(&self) -> u64;
 }
 
-/// Why [`Software::receive`] stopped framing: the connection cannot go on.
+/// Why [`receive`] (or [`Software::frame`]) stopped framing: the connection cannot go on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FrameError {
     /// A PDU whose data segment (this many bytes) is longer than this side receives (RFC
@@ -134,9 +134,8 @@ pub enum FrameError {
 }
 
 /// The software transport: PDUs framed over a plain byte stream, digests computed in host
-/// code, task buffers in host memory. Received bytes come in through
-/// [`Software::receive`]; the bytes to send collect in an output buffer the caller lends
-/// ([`Software::lend_output`]).
+/// code, task buffers in host memory. Received bytes come in through [`receive`]; the
+/// bytes to send collect in an output buffer the caller lends ([`Software::lend_output`]).
 #[derive(Debug)]
 pub struct Software {
     framing: Framing,

@@ -7,8 +7,8 @@
 //!   host on TAP, and the hostile-peer suite.
 //! - `cargo xtask soak`: the impaired-wire integrity matrix (`tests/impair.rs`) at 1 GiB per
 //!   cell.
-//! - `cargo xtask fuzz`: the iSCSI PDU decoder, text-key parser, login machine and target
-//!   and initiator connections on a million arbitrary inputs each.
+//! - `cargo xtask fuzz`: the iSCSI PDU decoder, text-key parser, login machine, target and
+//!   initiator connections and the SCSI disk on a million arbitrary inputs each.
 //!
 //! Tests run in the `checked` profile (release with overflow checks and debug assertions)
 //! because the integration tests move hundreds of MiB. Before the tests, the system tools they
@@ -98,8 +98,9 @@ const SOAK: Step = Step {
 };
 
 /// `cargo xtask fuzz`: the iSCSI PDU decoder, text-key parser and negotiation, login
-/// machine and target and initiator connections fed a million arbitrary inputs each (the
-/// tests run 256): every `arbitrary_*` proptest of toe-iscsi.
+/// machine, target and initiator connections and the SCSI disk (command sequences from
+/// three nexuses) fed a million arbitrary inputs each (the tests run 256): every
+/// `arbitrary_*` proptest of toe-iscsi.
 const FUZZ: Step = Step {
     name: "fuzz",
     args: &[

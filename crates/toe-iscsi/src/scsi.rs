@@ -2365,4 +2365,49 @@ mod tests {
             Some(crate::pr::INSUFFICIENT_REGISTRATION_RESOURCES)
         );
     }
+
+    proptest::proptest! {
+        /// Arbitrary commands (an opcode the disk serves, or any byte; arbitrary CDB bytes,
+        /// small LBAs often; arbitrary Data-Out) from three nexuses, persistent
+        /// reservations included, never panic, and every outcome is well formed: a status
+        /// the disk gives, sense with CHECK CONDITION and only then, and no more Data-In
+        /// than the CDB lets the command move.
+        #[test]
+        fn arbitrary_commands_never_panic(
+            cmds in proptest::collection::vec(
+                (0usize..3, proptest::num::u8::ANY, proptest::bool::ANY,
+                 proptest::collection::vec(proptest::num::u8::ANY, 16),
+                 proptest::collection::vec(proptest::num::u8::ANY, 0..1100)),
+                1..40),
+        ) {
+            let mut d = disk();
+            let nexuses = [nexus("iqn.a"), nexus("iqn.b"), Nexus::LOCAL];
+            for (who, pick, small_lba, mut cdb, data) in cmds {
+                let listed = SUPPORTED_OPCODES[usize::from(pick) % SUPPORTED_OPCODES.len()];
+                cdb[0] = if pick < 200 { listed.0 } else { pick };
+                if let (true, Some(sa)) = (pick < 200, listed.1) {
+                    cdb[1] = (cdb[1] & 0xe0) | sa as u8;
+                }
+                if small_lba {
+                    cdb[2..6].fill(0);
+                }
+                let len = cdb_len(cdb[0]).unwrap_or(16);
+                let cdb = &cdb[..len];
+                let most = match d.transfer(cdb) {
+                    Transfer::In(n) => n,
+                    _ => 0,
+                };
+                let o = d.execute_as(&nexuses[who], cdb, &data);
+                proptest::prop_assert!(
+                    [GOOD, CHECK_CONDITION, RESERVATION_CONFLICT].contains(&o.status),
+                    "{cdb:02x?}: status {:#x}", o.status
+                );
+                proptest::prop_assert_eq!(o.sense.is_some(), o.status == CHECK_CONDITION);
+                proptest::prop_assert!(
+                    o.data_in.len() as u64 <= most,
+                    "{:02x?}: {} bytes of Data-In, the CDB allows {}", cdb, o.data_in.len(), most
+                );
+            }
+        }
+    }
 }

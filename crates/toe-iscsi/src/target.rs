@@ -4,6 +4,9 @@
 //! takes and gives bytes ([`TargetConn::on_bytes`]), and the caller (a std-TCP or emulated
 //! TOE shell) only moves them.
 //!
+//! Commands run in CmdSN order (one ahead of ExpCmdSN waits for those before it; one
+//! outside the window is dropped silently).
+//!
 //! Implemented: login (see [`crate::login`]), then full-feature phase with Text
 //! `SendTargets` (discovery), NOP-Out pings, Logout, Task Management, and in a normal
 //! session SCSI commands on LUN 0's [`Disk`]: reads answered with Data-In PDUs of the
@@ -160,6 +163,42 @@ pub struct TargetConn<T: Transport = Software> {
     last_heard: Option<u64>,
     /// The ping awaiting its NOP-Out: (TTT, sent at µs).
     ping: Option<(u32, u64)>,
+    /// Commands received ahead of ExpCmdSN, by CmdSN (within the window, so at most
+    /// `cmd_window` of them, each at most a data segment long).
+    held: std::collections::BTreeMap<u32, HeldPdu>,
+}
+
+/// A command PDU that came ahead of its CmdSN's turn, kept until the ones before it come.
+struct HeldPdu {
+    bhs: [u8; crate::wire::BHS_LEN],
+    inline: Vec<u8>,
+    placed: Option<(u32, u32)>,
+    data_digest: crate::wire::DigestCheck,
+}
+
+impl HeldPdu {
+    fn of(p: &RxPdu<'_>) -> HeldPdu {
+        HeldPdu {
+            bhs: *p.bhs,
+            inline: p.inline().to_vec(),
+            placed: match p.data {
+                RxData::Placed { offset, len } => Some((offset, len)),
+                RxData::Inline(_) => None,
+            },
+            data_digest: p.data_digest,
+        }
+    }
+
+    fn rx(&self) -> RxPdu<'_> {
+        RxPdu {
+            bhs: &self.bhs,
+            data: match self.placed {
+                Some((offset, len)) => RxData::Placed { offset, len },
+                None => RxData::Inline(&self.inline),
+            },
+            data_digest: self.data_digest,
+        }
+    }
 }
 
 /// How many ended writes [`TargetConn`] remembers, to drop their late Data-Out quietly.
@@ -265,6 +304,7 @@ impl<T: Transport> TargetConn<T> {
             heard: false,
             last_heard: None,
             ping: None,
+            held: std::collections::BTreeMap::new(),
         }
     }
 
@@ -438,11 +478,46 @@ impl<T: Transport> TargetConn<T> {
         }
         self.heard = true;
         self.stats.pdus_in += 1;
-        let pdu = &rx;
+        self.take_pdu(&rx);
+        // Commands that came ahead of their turn go once the ones before them have.
+        while let Some(h) = self.held.remove(&self.exp_cmd_sn) {
+            if self.ended().is_some() {
+                break;
+            }
+            self.take_pdu(&h.rx());
+        }
+    }
+
+    /// The CmdSN of a non-immediate command in `repr`.
+    fn ordered_sn(repr: &Repr) -> Option<u32> {
+        let (immediate, sn) = match repr {
+            Repr::NopOut(n) => (n.immediate, n.sn),
+            Repr::ScsiCommand(c) => (c.immediate, c.cmd_sn),
+            Repr::TaskMgmtRequest(t) => (t.immediate, t.cmd_sn),
+            Repr::TextRequest(t) => (t.immediate, t.sn),
+            Repr::LogoutRequest(l) => (l.immediate, l.cmd_sn),
+            _ => return None,
+        };
+        (!immediate).then_some(sn)
+    }
+
+    fn take_pdu(&mut self, pdu: &RxPdu<'_>) {
         let repr = match pdu.repr() {
             Ok(r) => r,
             Err(_) => return self.reject(pdu, reject_reason::INVALID_FIELD),
         };
+        // The CmdSN window (RFC 7143 §3.2.2.1): a non-immediate command outside
+        // [ExpCmdSN, MaxCmdSN] is dropped silently (ERL 0); one ahead of ExpCmdSN waits for
+        // those before it, since commands are delivered in CmdSN order.
+        if let (Phase::FullFeature(_), Some(sn)) = (&self.phase, Self::ordered_sn(&repr)) {
+            if sn != self.exp_cmd_sn {
+                let ahead = sn.wrapping_sub(self.exp_cmd_sn) as i32 > 0;
+                if ahead && sn.wrapping_sub(self.max_cmd_sn()) as i32 <= 0 {
+                    self.held.insert(sn, HeldPdu::of(pdu));
+                }
+                return;
+            }
+        }
         if matches!(pdu.data_digest, crate::wire::DigestCheck::Bad { .. }) {
             // The PDU is discarded with a Reject (RFC 7143 §7.8). Its header is sound (its
             // own digest, if any, passed), so the command it belongs to is ended at once with
@@ -498,25 +573,9 @@ impl<T: Transport> TargetConn<T> {
             return;
         };
         let discovery = neg.session_type == SessionType::Discovery;
-        // The CmdSN window (RFC 7143 §3.2.2.1): non-immediate commands advance ExpCmdSN.
-        let (immediate, cmd_sn) = match &repr {
-            Repr::NopOut(n) => (n.immediate, Some(n.sn)),
-            Repr::ScsiCommand(c) => (c.immediate, Some(c.cmd_sn)),
-            Repr::TaskMgmtRequest(t) => (t.immediate, Some(t.cmd_sn)),
-            Repr::TextRequest(t) => (t.immediate, Some(t.sn)),
-            Repr::LogoutRequest(l) => (l.immediate, Some(l.cmd_sn)),
-            _ => (true, None),
-        };
-        if let (false, Some(sn)) = (immediate, cmd_sn) {
-            if sn != self.exp_cmd_sn {
-                // Outside the window, or a gap: ERL 0 drops it silently.
-                if sn.wrapping_sub(self.exp_cmd_sn) as i32 <= 0
-                    || sn.wrapping_sub(self.max_cmd_sn()) as i32 > 0
-                {
-                    return;
-                }
-            }
-            self.exp_cmd_sn = sn.wrapping_add(1);
+        // In order (checked above): the command advances ExpCmdSN.
+        if Self::ordered_sn(&repr).is_some() {
+            self.exp_cmd_sn = self.exp_cmd_sn.wrapping_add(1);
         }
         match repr {
             Repr::TextRequest(t) => {
@@ -1267,6 +1326,54 @@ mod tests {
             out = &out[p.len..];
         }
         v
+    }
+
+    /// Commands are executed in CmdSN order: one that comes ahead of ExpCmdSN (within the
+    /// window) waits for those before it; one outside the window is dropped silently.
+    #[test]
+    fn commands_run_in_cmdsn_order() {
+        let (mut conn, f, _disk) = normal_session_with_disk();
+        let tur = |itt: u32, cmd_sn: u32| {
+            let mut bytes = Vec::new();
+            let c = ScsiCommand {
+                immediate: false,
+                final_: true,
+                read: false,
+                write: false,
+                attr: 1,
+                lun: 0,
+                itt,
+                expected_len: 0,
+                cmd_sn,
+                exp_stat_sn: 3,
+                cdb: [0; 16],
+            };
+            f.emit(&Repr::ScsiCommand(c), &[], &[], &mut bytes).unwrap();
+            bytes
+        };
+        let answered = |out: &[u8]| -> Vec<u32> {
+            pdus(&f, out)
+                .into_iter()
+                .map(|(r, _)| match r {
+                    Repr::ScsiResponse(s) => s.itt,
+                    other => panic!("{other:?}"),
+                })
+                .collect()
+        };
+        // ExpCmdSN is 7: 9 and 8 wait, 7 lets all three go, in order.
+        let mut out = Vec::new();
+        conn.on_bytes(&tur(0x19, 9), &mut out);
+        conn.on_bytes(&tur(0x18, 8), &mut out);
+        assert!(out.is_empty(), "nothing runs ahead of CmdSN 7");
+        conn.on_bytes(&tur(0x17, 7), &mut out);
+        assert_eq!(answered(&out), [0x17, 0x18, 0x19]);
+        // Behind ExpCmdSN (a duplicate) or past MaxCmdSN: silently dropped.
+        let mut out = Vec::new();
+        conn.on_bytes(&tur(0x20, 9), &mut out);
+        conn.on_bytes(&tur(0x21, 10 + 64), &mut out);
+        assert!(out.is_empty());
+        conn.on_bytes(&tur(0x22, 10), &mut out);
+        assert_eq!(answered(&out), [0x22]);
     }
 
     #[test]

@@ -135,3 +135,39 @@ fn the_bench_figures_are_bounded_by_the_model() {
         }
     }
 }
+
+/// A target asked to stop mid-run (the CLI's SIGTERM) asks its session to log out (an
+/// Async Message): the initiator issues nothing more, finishes the commands in flight
+/// without an error and logs out, and the target ends with no connection left.
+#[test]
+fn a_stopping_target_has_its_initiator_log_out_cleanly() {
+    let o = PerfOptions {
+        io_bytes: 64 << 10,
+        depth: 8,
+        write: true,
+        bytes: Some(1 << 30),
+        ..PerfOptions::default()
+    };
+    let at = toe_bus::time::Instant::from_micros(20_000);
+    let r = toemu_lab::iscsi_host::run_on_wire_stopping(
+        &Settings::default(),
+        &clean(),
+        5,
+        32 << 20,
+        (false, false),
+        o,
+        Some(at),
+    )
+    .unwrap();
+    let rep = &r.report;
+    assert_eq!(
+        rep.first_problem.as_deref(),
+        Some("the target asked for a logout mid-run"),
+        "{rep:#?}"
+    );
+    let written = rep.phases[0].bytes;
+    assert!(written > 0 && written < 1 << 30, "{rep:#?}");
+    assert_eq!(rep.phases[0].errors, 0, "the commands in flight completed");
+    assert_eq!(r.target.rejects, 0);
+    assert_eq!(r.target_open, 0, "the target has no connection left");
+}

@@ -15,11 +15,7 @@ use toemu_tests::tgt::{Tgt, CHAP_IQN, IQN};
 
 /// A tgtd for this test on a free port of 127.0.0.1.
 fn tgt(name: &str) -> Tgt {
-    let port = {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    Tgt::start(name, None, &format!("127.0.0.1:{port}"))
+    Tgt::start_on_loopback(name)
 }
 
 /// 64 MiB written with the pattern at `depth` in `io`-byte I/Os and read back: every command

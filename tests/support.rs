@@ -502,6 +502,22 @@ pub mod tgt {
             t
         }
 
+        /// Start tgtd on 127.0.0.1 (see [`Tgt::start`]) at a port below the kernel's
+        /// ephemeral range (32768 and up), so that no test binding port 0 takes it before
+        /// tgtd does: from 16 ports picked by PID, the next one that binds now (one per
+        /// call, so concurrent tests in one process get different ports).
+        pub fn start_on_loopback(name: &str) -> Tgt {
+            static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+            let base = 20_000 + (std::process::id() % 750) as u16 * 16;
+            for _ in 0..16 {
+                let port = base + NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 16;
+                if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                    return Tgt::start(name, None, &format!("127.0.0.1:{port}"));
+                }
+            }
+            panic!("no free port for tgtd in {base}..{}", base + 16);
+        }
+
         /// Runs tgtadm on this tgtd: (success, output).
         pub fn adm(&self, args: &[&str]) -> (bool, String) {
             let mut a = vec!["-C", &self.control, "--lld", "iscsi"];

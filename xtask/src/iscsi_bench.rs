@@ -92,10 +92,19 @@ fn run(cmd: &mut Command) -> Result<String, String> {
     }
 }
 
-/// A free port on 127.0.0.1 (bound and released).
+/// A free port on 127.0.0.1 for a daemon to bind, below the kernel's ephemeral range
+/// (32768 and up), so that no program binding port 0 takes it before the daemon does: from
+/// 16 ports picked by PID, the next one that binds now.
 fn free_port() -> Result<u16, String> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    Ok(l.local_addr().map_err(|e| e.to_string())?.port())
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let base = 20_000 + (std::process::id() % 750) as u16 * 16;
+    for _ in 0..16 {
+        let port = base + NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(format!("no free port in {base}..{}", base + 16))
 }
 
 /// Wait until `addr` accepts TCP connections.

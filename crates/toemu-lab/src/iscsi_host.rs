@@ -76,6 +76,8 @@ pub struct TargetApp {
     sessions: Vec<Session>,
     keepalive: Option<toe_iscsi::target::KeepAlive>,
     log: Vec<String>,
+    /// Asked to stop ([`App::stop`]): sessions were asked to log out, no new one is taken.
+    stopping: bool,
     /// Counters of the connections that ended.
     pub totals: Totals,
 }
@@ -111,8 +113,18 @@ impl TargetApp {
             sessions: Vec::new(),
             keepalive: None,
             log: Vec::new(),
+            stopping: false,
             totals: Totals::default(),
         }
+    }
+
+    /// Connections whose iSCSI connection has not ended yet, or whose last PDUs the
+    /// initiator has not acknowledged yet (their TCP close may still be under way).
+    pub fn open_connections(&self) -> usize {
+        self.sessions
+            .iter()
+            .filter(|s| s.conn.ended().is_none() || !s.out.is_empty() || s.io.outstanding() > 0)
+            .count()
     }
 
     /// The NOP-In keep-alive on every connection, timed by the host's clock.
@@ -174,7 +186,7 @@ impl App for TargetApp {
 
     fn poll(&mut self, d: &mut Driver, now: Instant) -> io::Result<bool> {
         let mut busy = false;
-        while let Some(c) = d.accept(self.port) {
+        while let Some(c) = (!self.stopping).then(|| d.accept(self.port)).flatten() {
             let s = self.session(c);
             self.sessions.push(s);
             busy = true;
@@ -225,6 +237,23 @@ impl App for TargetApp {
 
     fn take_log(&mut self) -> Vec<String> {
         std::mem::take(&mut self.log)
+    }
+
+    /// Once stopping, done when every iSCSI connection has ended and the initiator has
+    /// everything sent to it.
+    fn done(&self) -> bool {
+        self.stopping && self.open_connections() == 0
+    }
+
+    /// Ask every session in full-feature phase to log out within 5 s (an Async Message);
+    /// the target then winds down as they do.
+    fn stop(&mut self) -> bool {
+        if !std::mem::replace(&mut self.stopping, true) {
+            for s in &mut self.sessions {
+                s.conn.request_logout(5, &mut s.out);
+            }
+        }
+        true
     }
 }
 
@@ -391,6 +420,34 @@ pub struct WireRun {
     pub wire: [toe_nic::impair::ImpairStats; 2],
     /// Wall-clock seconds the emulation took.
     pub wall_seconds: f64,
+    /// The target's connections still open at the end (see
+    /// [`TargetApp::open_connections`]; 0 once every session ended).
+    pub target_open: usize,
+}
+
+/// [`App`] `inner`, asked to stop ([`App::stop`]) once the host's clock reaches `at`.
+struct StopAt<'a> {
+    inner: &'a mut dyn App,
+    at: Option<Instant>,
+}
+
+impl App for StopAt<'_> {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn poll(&mut self, d: &mut Driver, now: Instant) -> io::Result<bool> {
+        if self.at.is_some_and(|at| now >= at) {
+            self.at = None;
+            self.inner.stop();
+        }
+        self.inner.poll(d, now)
+    }
+    fn take_log(&mut self) -> Vec<String> {
+        self.inner.take_log()
+    }
+    fn done(&self) -> bool {
+        self.inner.done()
+    }
 }
 
 /// toemu's initiator on host 0 (10.0.0.1) against toemu's target on host 1 (10.0.0.2, port
@@ -404,6 +461,20 @@ pub fn run_on_wire(
     lun_bytes: usize,
     digests: (bool, bool),
     o: PerfOptions,
+) -> io::Result<WireRun> {
+    run_on_wire_stopping(settings, wire, seed, lun_bytes, digests, o, None)
+}
+
+/// [`run_on_wire`], with the target asked to stop ([`App::stop`]: it asks its sessions to
+/// log out) when the virtual clock reaches `stop_target_at`, if given.
+pub fn run_on_wire_stopping(
+    settings: &toe_host::config::Settings,
+    wire: &toe_host::wire_opts::WireOptions,
+    seed: u64,
+    lun_bytes: usize,
+    digests: (bool, bool),
+    o: PerfOptions,
+    stop_target_at: Option<Instant>,
 ) -> io::Result<WireRun> {
     let ([pa, pb], monitors) = toe_host::pair::wire_ports(wire)?;
     let sim = toe_host::pair::hosts(settings, settings, seed, pa, pb)?;
@@ -437,7 +508,11 @@ pub fn run_on_wire(
     let (mi, mt) = (mem(0), mem(1));
     let (bi, bt) = (mi.stats().snapshot(), mt.stats().snapshot());
     let t0 = std::time::Instant::now();
-    crate::serve::run_apps_sim(&sim, &mut perf, &mut target, u64::MAX)?;
+    let mut stopping = StopAt {
+        inner: &mut target,
+        at: stop_target_at,
+    };
+    crate::serve::run_apps_sim(&sim, &mut perf, &mut stopping, u64::MAX)?;
     let wall_seconds = t0.elapsed().as_secs_f64();
     let report = perf.report().map_err(io::Error::other)?;
     Ok(WireRun {
@@ -448,6 +523,7 @@ pub fn run_on_wire(
         initiator_digest_bytes: perf.digest_bytes(),
         wire: toe_host::wire_opts::wire_stats(&monitors),
         wall_seconds,
+        target_open: target.open_connections(),
     })
 }
 

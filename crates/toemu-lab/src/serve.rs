@@ -40,9 +40,14 @@ pub fn nic_for(ip: Ipv4Addr, prefix: u8, gateway: Option<Ipv4Addr>, seed: u64) -
     }
 }
 
+/// How long [`run_app_realtime`] lets an app that winds down ([`App::stop`]) take.
+pub const STOP_GRACE: StdDuration = StdDuration::from_secs(5);
+
 /// Run `app` on one host over `phy` in real time until it is done, `max` passes, `stop` is
-/// set (e.g. by a SIGTERM handler), or an error. Every log line the app produces is printed to
-/// stdout at once (flushed), for scripts; a final `stats:` line reports the NIC's counters.
+/// set (e.g. by a SIGTERM handler), or an error. When `stop` is set, an app that winds down
+/// ([`App::stop`] says so) gets up to [`STOP_GRACE`] to finish. Every log line the app
+/// produces is printed to stdout at once (flushed), for scripts; a final `stats:` line
+/// reports the NIC's counters.
 pub fn run_app_realtime(
     settings: &Settings,
     nic: NicConfig,
@@ -64,6 +69,8 @@ pub fn run_app_realtime(
     let w = rt.waiter(0);
     let started = std::time::Instant::now();
     let mut out = io::stdout();
+    // Set once asked to stop, for an app that winds down: when its grace period ends.
+    let mut winding_down: Option<std::time::Instant> = None;
     loop {
         let deadline = {
             let mut g = d.lock();
@@ -83,11 +90,27 @@ pub fn run_app_realtime(
             }
             g.poll_at()
         };
-        if max.is_some_and(|m| started.elapsed() >= m)
-            || stop.load(std::sync::atomic::Ordering::Relaxed)
-        {
+        if max.is_some_and(|m| started.elapsed() >= m) {
             break;
         }
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            match winding_down {
+                None if app.stop() => {
+                    winding_down = Some(std::time::Instant::now() + STOP_GRACE);
+                    continue;
+                }
+                Some(end) if std::time::Instant::now() < end => {}
+                _ => break,
+            }
+        }
+        // While winding down, look again at least every 100 ms (the grace period ends).
+        let deadline = match winding_down {
+            Some(_) => {
+                let soon = w.now() + toe_bus::time::Duration::from_millis(100);
+                Some(deadline.map_or(soon, |d| d.min(soon)))
+            }
+            None => deadline,
+        };
         w.wait(deadline)?;
     }
     let hosts = rt.stop();

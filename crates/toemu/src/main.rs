@@ -593,7 +593,14 @@ fn iscsi(cmd: IscsiCmd, settings: &Settings) -> Result<(), String> {
                     inner: &mut app,
                     listening: false,
                 };
+                // On SIGTERM, sessions are asked to log out and given 5 s to.
                 run_on_tap(settings, &tap, &mut l)?;
+                if app.open_connections() > 0 {
+                    eprintln!(
+                        "toemu iscsi target: {} connections did not log out in 5 s",
+                        app.open_connections()
+                    );
+                }
                 app.totals
             } else {
                 let listen = listen.unwrap_or_else(|| "127.0.0.1:3260".into());
@@ -1017,6 +1024,9 @@ impl toemu_apps::App for Listening<'_> {
     }
     fn done(&self) -> bool {
         self.inner.done()
+    }
+    fn stop(&mut self) -> bool {
+        self.inner.stop()
     }
 }
 

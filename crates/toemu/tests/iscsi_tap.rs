@@ -165,6 +165,27 @@ fn libiscsi_discovers_the_target_on_an_emulated_toe_host() {
         out.contains("Lun:0") && out.contains("DIRECT_ACCESS"),
         "{out}"
     );
+    // SIGTERM: no session is left to ask to log out, so the target flushes the disk,
+    // prints its counters and exits at once (well within its 5 s grace).
+    let mut lab = lab;
+    let mut child = lab.target.take().unwrap();
+    let t0 = Instant::now();
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(4),
+            "still running 4 s after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}: {}", lab.log());
+    assert!(lab.log().contains("stopped; flushed ok"), "{}", lab.log());
 }
 
 #[test]

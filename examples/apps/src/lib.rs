@@ -32,8 +32,15 @@ pub trait App: Send {
     fn take_log(&mut self) -> Vec<String> {
         Vec::new()
     }
-    /// A client app that finished its job (servers never finish).
+    /// A client app that finished its job (a server, once it has wound down after
+    /// [`App::stop`]).
     fn done(&self) -> bool {
+        false
+    }
+    /// Asked to stop (SIGINT, SIGTERM): true if the app winds down first (tells its peers
+    /// to leave and waits for them, up to the runtime's grace period) and reports
+    /// [`App::done`] when it has; false (the default) to be stopped at once.
+    fn stop(&mut self) -> bool {
         false
     }
 }

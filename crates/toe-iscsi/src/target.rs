@@ -235,43 +235,46 @@ impl TargetConn<Software> {
         TargetConn::over(Software::default(), cfg, targets, challenge, chap_id, tsih)
     }
 
+    /// Run `f` with what it sends appended to `out`.
+    fn lent<R>(&mut self, out: &mut Vec<u8>, f: impl FnOnce(&mut Self) -> R) -> R {
+        self.io.lend_output(out);
+        let r = f(self);
+        self.io.lend_output(out);
+        r
+    }
+
     /// Take bytes received from the initiator; append what to send to `out`.
     pub fn on_bytes(&mut self, bytes: &[u8], out: &mut Vec<u8>) {
         if self.ended().is_some() {
             return;
         }
         self.heard |= !bytes.is_empty();
-        self.io.lend_output(out);
-        let framed = transport::receive(
-            self,
-            |c| &mut c.io,
-            bytes,
-            |c, pdu| {
-                c.on_pdu(pdu);
-                c.ended().is_none()
-            },
-        );
+        let framed = self.lent(out, |c| {
+            transport::receive(
+                c,
+                |c| &mut c.io,
+                bytes,
+                |c, pdu| {
+                    c.on_pdu(pdu);
+                    c.ended().is_none()
+                },
+            )
+        });
         match framed {
             Ok(()) => {}
             Err(FrameError::Oversized(n)) => self.phase = Phase::Closed(Ended::Oversized(n)),
             Err(FrameError::Wire(e)) => self.phase = Phase::Closed(Ended::Wire(e)),
         }
-        self.io.lend_output(out);
     }
 
     /// [`TargetConn::on_time`], appending what to send to `out`.
     pub fn poll(&mut self, now_us: u64, out: &mut Vec<u8>) {
-        self.io.lend_output(out);
-        self.on_time(now_us);
-        self.io.lend_output(out);
+        self.lent(out, |c| c.on_time(now_us))
     }
 
     /// [`TargetConn::ask_logout`], appending what to send to `out`.
     pub fn request_logout(&mut self, within_s: u16, out: &mut Vec<u8>) -> bool {
-        self.io.lend_output(out);
-        let asked = self.ask_logout(within_s);
-        self.io.lend_output(out);
-        asked
+        self.lent(out, |c| c.ask_logout(within_s))
     }
 }
 

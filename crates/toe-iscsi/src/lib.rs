@@ -16,8 +16,12 @@
 //! 7. [`target`]: a target connection (login, discovery, NOP keep-alive, Logout, Task
 //!    Management, and SCSI commands on a [`scsi::Disk`]).
 //!
+//! 8. [`engine`]: the NIC's iSCSI engine for an offloaded connection (digests, placement
+//!    by task tag), and the host side of such a connection.
+//!
 //! See `DESIGN.md`, "iSCSI" and "The ULP engine slot".
 
+pub mod engine;
 pub mod initiator;
 pub mod login;
 pub mod pr;

@@ -39,7 +39,7 @@ pub enum RxData<'a> {
 }
 
 /// A received PDU as a connection machine takes it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RxPdu<'a> {
     /// The Basic Header Segment (its header digest, if any, already checked).
     pub bhs: &'a [u8; BHS_LEN],
@@ -123,6 +123,68 @@ pub trait Transport {
     fn digest_bytes(&self) -> u64;
 }
 
+/// Task buffers in host memory, by ITT: where a transport keeps what [`Transport::open`]
+/// gives it, and what an engine places into ([`crate::engine::TagMemory`]).
+#[derive(Debug, Default)]
+pub struct HostBuffers(HashMap<u32, Vec<u8>>);
+
+impl HostBuffers {
+    /// Keep `buf` for task `itt` (replacing one kept before).
+    pub fn insert(&mut self, itt: u32, buf: Vec<u8>) {
+        self.0.insert(itt, buf);
+    }
+
+    /// Task `itt`'s buffer.
+    pub fn get(&self, itt: u32) -> Option<&[u8]> {
+        self.0.get(&itt).map(Vec::as_slice)
+    }
+
+    /// Copy `data` into task `itt`'s buffer at byte `offset`; false (and nothing copied)
+    /// without a buffer or past its end.
+    pub fn copy_in(&mut self, itt: u32, offset: usize, data: &[u8]) -> bool {
+        let Some(b) = self.0.get_mut(&itt) else {
+            return false;
+        };
+        match b.get_mut(offset..offset + data.len()) {
+            Some(dst) => {
+                dst.copy_from_slice(data);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Take task `itt`'s buffer back.
+    pub fn remove(&mut self, itt: u32) -> Option<Vec<u8>> {
+        self.0.remove(&itt)
+    }
+
+    /// The tasks with a buffer.
+    pub fn tags(&self) -> Vec<u32> {
+        self.0.keys().copied().collect()
+    }
+
+    /// Drop every buffer.
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
+
+    /// Bytes in all buffers.
+    pub fn bytes(&self) -> usize {
+        self.0.values().map(Vec::len).sum()
+    }
+}
+
+impl crate::engine::TagMemory for HostBuffers {
+    fn write(&mut self, tag: u32, offset: usize, data: &[u8]) {
+        self.copy_in(tag, offset, data);
+    }
+
+    fn read(&self, tag: u32, offset: usize, len: usize) -> Option<&[u8]> {
+        self.get(tag)?.get(offset..offset + len)
+    }
+}
+
 /// Why [`receive`] (or [`Software::frame`]) stopped framing: the connection cannot go on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FrameError {
@@ -143,7 +205,7 @@ pub struct Software {
     max_recv: u32,
     out: Vec<u8>,
     inbuf: Vec<u8>,
-    buffers: HashMap<u32, Vec<u8>>,
+    buffers: HostBuffers,
     digest_bytes: u64,
 }
 
@@ -154,7 +216,7 @@ impl Default for Software {
             max_recv: LOGIN_MAX_DATA_SEGMENT,
             out: Vec::new(),
             inbuf: Vec::new(),
-            buffers: HashMap::new(),
+            buffers: HostBuffers::default(),
             digest_bytes: 0,
         }
     }
@@ -163,7 +225,7 @@ impl Default for Software {
 impl Software {
     /// Bytes in open task buffers (the memory the connection's tasks hold).
     pub fn buffered_bytes(&self) -> usize {
-        self.buffers.values().map(Vec::len).sum()
+        self.buffers.bytes()
     }
 
     /// Swap `out` with the output buffer: what is sent from now on is appended to the
@@ -246,7 +308,7 @@ impl Transport for Software {
             TxData::Inline(d) => d,
             TxData::Task { itt, offset, len } => {
                 let range = offset as usize..offset as usize + len as usize;
-                match self.buffers.get(&itt).and_then(|b| b.get(range)) {
+                match self.buffers.get(itt).and_then(|b| b.get(range)) {
                     Some(d) => d,
                     None => return,
                 }
@@ -263,24 +325,15 @@ impl Transport for Software {
     }
 
     fn buffer(&self, itt: u32) -> Option<&[u8]> {
-        self.buffers.get(&itt).map(Vec::as_slice)
+        self.buffers.get(itt)
     }
 
     fn place(&mut self, itt: u32, offset: usize, data: &[u8]) -> bool {
-        let Some(b) = self.buffers.get_mut(&itt) else {
-            return false;
-        };
-        match b.get_mut(offset..offset + data.len()) {
-            Some(dst) => {
-                dst.copy_from_slice(data);
-                true
-            }
-            None => false,
-        }
+        self.buffers.copy_in(itt, offset, data)
     }
 
     fn close(&mut self, itt: u32) -> Option<Vec<u8>> {
-        self.buffers.remove(&itt)
+        self.buffers.remove(itt)
     }
 
     fn close_all(&mut self) {

@@ -1,0 +1,990 @@
+//! The NIC's iSCSI engine for one offloaded connection (seed 004's iSCSI module), pure: what
+//! the adapter does beside its TOE once the host hands it a connection after the software
+//! login (`DESIGN.md`, "The ULP engine slot").
+//!
+//! - **Receive** ([`Engine::receive`]): the in-order TCP byte stream goes in; PDUs are framed,
+//!   their header and data digests checked (and stripped), and the data segment of a Data-In
+//!   or Data-Out (or a command's immediate data) whose task tag has a registered buffer is
+//!   placed straight into that buffer at its Buffer Offset ([`TagMemory`], DMA in the NIC).
+//!   What goes up to the host is a stream of *records* ([`parse_record`]): each PDU's header,
+//!   with where its data went and the digest verdicts, and its data inline only when it was
+//!   not placed. A placement that would run past the registered buffer is never made: the
+//!   record says so and carries the data inline. A PDU that cannot be framed (a header digest
+//!   mismatch, a data segment longer than this side receives) ends the stream with a fatal
+//!   record.
+//! - **Transmit** ([`Engine::transmit`]): a PDU header from the host with its data inline or
+//!   as a range of a registered buffer; the engine computes the digests and emits the PDU.
+//! - **Counters** ([`EngineStats`]): PDUs framed, bytes placed, digests checked and failed,
+//!   tags registered and released.
+//!
+//! Pure: no sockets, threads or clock; host memory is behind [`TagMemory`].
+
+use std::collections::HashMap;
+
+use crate::transport::{RxData, RxPdu};
+use crate::wire::{crc32c, padded, DigestCheck, BHS_LEN, DIGEST_LEN};
+
+/// The host buffers registered for task tags, as the engine reaches them (by DMA).
+pub trait TagMemory {
+    /// Write `data` at byte `offset` of tag `tag`'s buffer. The engine only calls it within
+    /// the length the tag was registered with.
+    fn write(&mut self, tag: u32, offset: usize, data: &[u8]);
+    /// `len` bytes at byte `offset` of tag `tag`'s buffer, if it has them.
+    fn read(&self, tag: u32, offset: usize, len: usize) -> Option<&[u8]>;
+}
+
+/// The engine's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// PDUs framed from the received stream.
+    pub pdus_framed: u64,
+    /// PDUs emitted.
+    pub pdus_sent: u64,
+    /// Data bytes placed into registered buffers.
+    pub bytes_placed: u64,
+    /// Data bytes that went up inline (no buffer registered, or a refused placement).
+    pub bytes_inline: u64,
+    /// Header and data digests checked on receive.
+    pub digests_checked: u64,
+    /// Digests that did not match (a header digest mismatch also ends the stream).
+    pub digests_failed: u64,
+    /// Digests computed on transmit.
+    pub digests_computed: u64,
+    /// Placements refused because they ran past the registered buffer.
+    pub placements_refused: u64,
+    /// Tags registered.
+    pub tags_registered: u64,
+    /// Tags released.
+    pub tags_released: u64,
+}
+
+/// Why the engine stopped framing the stream (the connection cannot go on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fatal {
+    /// A header digest did not match.
+    HeaderDigest,
+    /// A data segment longer than this side receives.
+    Oversized,
+    /// An opcode RFC 7143 does not define.
+    Opcode,
+}
+
+/// A record starts with this byte: a PDU.
+const RECORD_PDU: u8 = b'R';
+/// A record starts with this byte: the stream ended on a fatal error.
+const RECORD_FATAL: u8 = b'F';
+/// Bytes of a record's own header, before the PDU's BHS.
+pub const RECORD_HEADER_LEN: usize = 16;
+
+/// Record flags.
+mod flag {
+    pub const HEADER_DIGEST_CHECKED: u8 = 0x01;
+    pub const DATA_DIGEST_CHECKED: u8 = 0x02;
+    pub const DATA_DIGEST_BAD: u8 = 0x04;
+    pub const PLACED: u8 = 0x08;
+    pub const PLACEMENT_REFUSED: u8 = 0x10;
+}
+
+/// A PDU being received: its header is in, its data is coming.
+struct Incoming {
+    header: Vec<u8>,
+    data_len: usize,
+    /// Data (and padding, and digest) bytes taken so far.
+    got: usize,
+    crc: u32,
+    /// Where the data goes: (tag, offset of the PDU's first data byte in the buffer).
+    place: Option<(u32, usize)>,
+    refused: bool,
+    inline: Vec<u8>,
+    digest: [u8; DIGEST_LEN],
+}
+
+/// One offloaded connection's engine.
+#[derive(Default)]
+pub struct Engine {
+    header_digest: bool,
+    data_digest: bool,
+    max_recv: u32,
+    /// Registered tags and their buffers' lengths, bytes.
+    tags: HashMap<u32, usize>,
+    /// Header bytes gathered (BHS, AHS, header digest) while no PDU is incoming.
+    head: Vec<u8>,
+    incoming: Option<Incoming>,
+    fatal: Option<Fatal>,
+    stats: EngineStats,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("stats", &self.stats)
+            .field("tags", &self.tags.len())
+            .field("fatal", &self.fatal)
+            .finish()
+    }
+}
+
+impl Engine {
+    /// An engine for a connection offloaded with header and data digests as negotiated,
+    /// receiving data segments of at most `max_recv` bytes (the MaxRecvDataSegmentLength
+    /// this side declared).
+    pub fn new(header_digest: bool, data_digest: bool, max_recv: u32) -> Engine {
+        Engine {
+            header_digest,
+            data_digest,
+            max_recv,
+            ..Engine::default()
+        }
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> EngineStats {
+        self.stats
+    }
+
+    /// Why the stream ended, if it did.
+    pub fn fatal(&self) -> Option<Fatal> {
+        self.fatal
+    }
+
+    /// Register the buffer of task `tag`, `len` bytes: data for the tag is placed there
+    /// from now on. A tag registered again gets the new length.
+    pub fn register(&mut self, tag: u32, len: usize) {
+        self.stats.tags_registered += 1;
+        self.tags.insert(tag, len);
+    }
+
+    /// Release task `tag`'s buffer: nothing is placed there any more. Returns whether the
+    /// tag was registered.
+    pub fn release(&mut self, tag: u32) -> bool {
+        let had = self.tags.remove(&tag).is_some();
+        self.stats.tags_released += u64::from(had);
+        had
+    }
+
+    /// Tags registered now.
+    pub fn registered(&self) -> usize {
+        self.tags.len()
+    }
+
+    fn header_len(&self, bhs: &[u8]) -> usize {
+        BHS_LEN + usize::from(bhs[4]) * 4 + if self.header_digest { DIGEST_LEN } else { 0 }
+    }
+
+    /// Take in-order bytes of the received stream: data is placed through `mem`, and the
+    /// records for the host are appended to `up`. After a fatal record nothing more is
+    /// taken.
+    pub fn receive(&mut self, mut bytes: &[u8], mem: &mut dyn TagMemory, up: &mut Vec<u8>) {
+        while !bytes.is_empty() && self.fatal.is_none() {
+            if self.incoming.is_none() {
+                // The header: the BHS first (it says how long the rest is).
+                let want = if self.head.len() < BHS_LEN {
+                    BHS_LEN
+                } else {
+                    self.header_len(&self.head)
+                };
+                let n = (want - self.head.len()).min(bytes.len());
+                self.head.extend_from_slice(&bytes[..n]);
+                bytes = &bytes[n..];
+                if self.head.len() >= BHS_LEN && self.head.len() == self.header_len(&self.head) {
+                    self.start_pdu(up);
+                }
+                continue;
+            }
+            let n = self.take_data(bytes, mem);
+            bytes = &bytes[n..];
+            if self
+                .incoming
+                .as_ref()
+                .is_some_and(|i| i.got == self.data_total(i))
+            {
+                self.end_pdu(up);
+            }
+        }
+    }
+
+    /// Bytes after the header: data, padding and the data digest.
+    fn data_total(&self, i: &Incoming) -> usize {
+        if i.data_len == 0 {
+            0
+        } else {
+            padded(i.data_len) + if self.data_digest { DIGEST_LEN } else { 0 }
+        }
+    }
+
+    /// The header is in: check its digest, decide where the data goes.
+    fn start_pdu(&mut self, up: &mut Vec<u8>) {
+        let header = std::mem::take(&mut self.head);
+        let ahs_end = header.len() - if self.header_digest { DIGEST_LEN } else { 0 };
+        if self.header_digest {
+            self.stats.digests_checked += 1;
+            let received = u32::from_le_bytes(header[ahs_end..].try_into().expect("4 bytes"));
+            if crc32c(&[&header[..ahs_end]]) != received {
+                self.stats.digests_failed += 1;
+                return self.fail(Fatal::HeaderDigest, up);
+            }
+        }
+        if crate::wire::Opcode::from_byte(header[0]).is_err() {
+            return self.fail(Fatal::Opcode, up);
+        }
+        let data_len = u32::from_be_bytes([0, header[5], header[6], header[7]]);
+        if data_len > self.max_recv {
+            return self.fail(Fatal::Oversized, up);
+        }
+        let data_len = data_len as usize;
+        let tag = u32::from_be_bytes(header[16..20].try_into().expect("4 bytes"));
+        let offset = match header[0] & 0x3f {
+            // Data-Out (at a target), Data-In (at an initiator): at their Buffer Offset.
+            0x05 | 0x25 => Some(u32::from_be_bytes(header[40..44].try_into().expect("4")) as usize),
+            // A SCSI Command's immediate data: the start of the write.
+            0x01 => Some(0),
+            _ => None,
+        };
+        let (mut place, mut refused) = (None, false);
+        if let (Some(offset), Some(&len), true) = (offset, self.tags.get(&tag), data_len > 0) {
+            if offset + data_len <= len {
+                place = Some((tag, offset));
+            } else {
+                refused = true;
+                self.stats.placements_refused += 1;
+            }
+        }
+        self.stats.pdus_framed += 1;
+        self.incoming = Some(Incoming {
+            header: header[..ahs_end].to_vec(),
+            data_len,
+            got: 0,
+            crc: 0,
+            place,
+            refused,
+            inline: Vec::new(),
+            digest: [0; DIGEST_LEN],
+        });
+        if data_len == 0 {
+            self.end_pdu(up);
+        }
+    }
+
+    /// Take what of `bytes` belongs to the incoming PDU's data, padding and digest.
+    fn take_data(&mut self, bytes: &[u8], mem: &mut dyn TagMemory) -> usize {
+        let total = self.incoming.as_ref().map_or(0, |i| self.data_total(i));
+        let data_digest = self.data_digest;
+        let Some(i) = self.incoming.as_mut() else {
+            return 0;
+        };
+        let n = (total - i.got).min(bytes.len());
+        let chunk = &bytes[..n];
+        let padded_len = padded(i.data_len);
+        // The part of `chunk` that is data, then padding, then digest.
+        let data_end = i.data_len.saturating_sub(i.got).min(n);
+        let pad_end = padded_len.saturating_sub(i.got).min(n);
+        let data = &chunk[..data_end];
+        if !data.is_empty() {
+            match i.place {
+                Some((tag, base)) => {
+                    mem.write(tag, base + i.got, data);
+                    self.stats.bytes_placed += data.len() as u64;
+                }
+                None => {
+                    i.inline.extend_from_slice(data);
+                    self.stats.bytes_inline += data.len() as u64;
+                }
+            }
+        }
+        if data_digest {
+            i.crc = crc32c::crc32c_append(i.crc, &chunk[..pad_end]);
+            for (k, b) in chunk[pad_end..].iter().enumerate() {
+                i.digest[i.got + pad_end + k - padded_len] = *b;
+            }
+        }
+        i.got += n;
+        n
+    }
+
+    /// The PDU is whole: its record goes up.
+    fn end_pdu(&mut self, up: &mut Vec<u8>) {
+        let Some(i) = self.incoming.take() else {
+            return;
+        };
+        let mut flags = 0;
+        if self.header_digest {
+            flags |= flag::HEADER_DIGEST_CHECKED;
+        }
+        if self.data_digest && i.data_len > 0 {
+            flags |= flag::DATA_DIGEST_CHECKED;
+            self.stats.digests_checked += 1;
+            if u32::from_le_bytes(i.digest) != i.crc {
+                flags |= flag::DATA_DIGEST_BAD;
+                self.stats.digests_failed += 1;
+            }
+        }
+        if i.place.is_some() {
+            flags |= flag::PLACED;
+        }
+        if i.refused {
+            flags |= flag::PLACEMENT_REFUSED;
+        }
+        let offset = i.place.map_or(0, |(_, o)| o) as u32;
+        up.extend_from_slice(&[RECORD_PDU, flags, 0, 0]);
+        up.extend_from_slice(&(i.data_len as u32).to_be_bytes());
+        up.extend_from_slice(&offset.to_be_bytes());
+        up.extend_from_slice(&(i.inline.len() as u32).to_be_bytes());
+        up.extend_from_slice(&i.header);
+        up.extend_from_slice(&i.inline);
+    }
+
+    fn fail(&mut self, why: Fatal, up: &mut Vec<u8>) {
+        self.fatal = Some(why);
+        let mut r = [0u8; RECORD_HEADER_LEN];
+        r[0] = RECORD_FATAL;
+        r[1] = why as u8;
+        up.extend_from_slice(&r);
+    }
+
+    /// Emit the PDU of header `bhs` (its DataSegmentLength set here) with `data`: inline
+    /// bytes, or `len` bytes at `offset` of registered tag `tag`'s buffer read through
+    /// `mem`. Digests and padding as negotiated, appended to `wire`. Returns false (nothing
+    /// emitted) for a range outside the buffer or a data segment over the iSCSI limit.
+    pub fn transmit(
+        &mut self,
+        bhs: &[u8; BHS_LEN],
+        data: TxRef<'_>,
+        mem: &dyn TagMemory,
+        wire: &mut Vec<u8>,
+    ) -> bool {
+        let data = match data {
+            TxRef::Inline(d) => d,
+            TxRef::Tag { tag, offset, len } => {
+                match (self.tags.get(&tag), mem.read(tag, offset, len)) {
+                    (Some(&n), Some(d)) if offset + len <= n => d,
+                    _ => return false,
+                }
+            }
+        };
+        if data.len() > crate::wire::MAX_DATA_SEGMENT_LEN {
+            return false;
+        }
+        let mut h = *bhs;
+        h[4] = 0;
+        h[5..8].copy_from_slice(&(data.len() as u32).to_be_bytes()[1..]);
+        wire.extend_from_slice(&h);
+        if self.header_digest {
+            wire.extend_from_slice(&crc32c(&[&h]).to_le_bytes());
+            self.stats.digests_computed += 1;
+        }
+        if !data.is_empty() {
+            let pad = &[0u8; 3][..padded(data.len()) - data.len()];
+            wire.extend_from_slice(data);
+            wire.extend_from_slice(pad);
+            if self.data_digest {
+                wire.extend_from_slice(&crc32c(&[data, pad]).to_le_bytes());
+                self.stats.digests_computed += 1;
+            }
+        }
+        self.stats.pdus_sent += 1;
+        true
+    }
+}
+
+/// The data of a PDU the engine sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxRef<'a> {
+    /// These bytes (from the host's command).
+    Inline(&'a [u8]),
+    /// `len` bytes at `offset` of a registered tag's buffer (read from host memory by DMA).
+    Tag {
+        /// The task tag.
+        tag: u32,
+        /// Where in its buffer.
+        offset: usize,
+        /// How many bytes.
+        len: usize,
+    },
+}
+
+/// A record parsed from the engine's stream to the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Record<'a> {
+    /// A PDU, as its machine takes it.
+    Pdu {
+        /// The PDU (its data inline or placed).
+        pdu: RxPdu<'a>,
+        /// The engine did not place its data because it ran past the registered buffer.
+        placement_refused: bool,
+    },
+    /// The stream ended on this error.
+    Fatal(Fatal),
+}
+
+/// Parse the record at the start of `buf`: it and the bytes it took, or `None` while
+/// `buf` holds only part of one. Malformed records (which only a broken engine makes) are
+/// `Err`.
+pub fn parse_record(buf: &[u8]) -> Result<Option<(Record<'_>, usize)>, &'static str> {
+    if buf.len() < RECORD_HEADER_LEN {
+        return Ok(None);
+    }
+    match buf[0] {
+        RECORD_FATAL => {
+            let why = match buf[1] {
+                0 => Fatal::HeaderDigest,
+                1 => Fatal::Oversized,
+                2 => Fatal::Opcode,
+                _ => return Err("unknown fatal record"),
+            };
+            return Ok(Some((Record::Fatal(why), RECORD_HEADER_LEN)));
+        }
+        RECORD_PDU => {}
+        _ => return Err("not a record"),
+    }
+    let be = |at: usize| u32::from_be_bytes(buf[at..at + 4].try_into().expect("4 bytes"));
+    let flags = buf[1];
+    let (data_len, offset, inline_len) = (be(4), be(8), be(12) as usize);
+    if buf.len() < RECORD_HEADER_LEN + BHS_LEN {
+        return Ok(None);
+    }
+    let bhs: &[u8; BHS_LEN] = buf[RECORD_HEADER_LEN..RECORD_HEADER_LEN + BHS_LEN]
+        .try_into()
+        .expect("48 bytes");
+    let ahs = usize::from(bhs[4]) * 4;
+    let total = RECORD_HEADER_LEN + BHS_LEN + ahs + inline_len;
+    if buf.len() < total {
+        return Ok(None);
+    }
+    let placed = flags & flag::PLACED != 0;
+    let consistent = if placed {
+        inline_len == 0
+    } else {
+        inline_len == data_len as usize
+    };
+    if !consistent {
+        return Err("a record's data is neither placed nor inline");
+    }
+    let data = if placed {
+        RxData::Placed {
+            offset,
+            len: data_len,
+        }
+    } else {
+        RxData::Inline(&buf[total - inline_len..total])
+    };
+    let data_digest = match (
+        flags & flag::DATA_DIGEST_CHECKED != 0,
+        flags & flag::DATA_DIGEST_BAD != 0,
+    ) {
+        (false, _) => DigestCheck::None,
+        (true, false) => DigestCheck::Good,
+        (true, true) => DigestCheck::Bad {
+            computed: 0,
+            received: 1,
+        },
+    };
+    let pdu = RxPdu {
+        bhs,
+        data,
+        data_digest,
+    };
+    Ok(Some((
+        Record::Pdu {
+            pdu,
+            placement_refused: flags & flag::PLACEMENT_REFUSED != 0,
+        },
+        total,
+    )))
+}
+
+/// What the host side of an offloaded connection asks of its engine, in order (bus
+/// commands, in the NIC).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EngineCmd {
+    /// Take the connection over from here: digests as negotiated, received data segments
+    /// of at most `max_recv` bytes. Before it, the stream passes through untouched.
+    Offload {
+        /// Header digests.
+        header_digest: bool,
+        /// Data digests.
+        data_digest: bool,
+        /// The MaxRecvDataSegmentLength this side declared, bytes.
+        max_recv: u32,
+    },
+    /// Register task `tag`'s buffer, `len` bytes.
+    Register {
+        /// The task's ITT.
+        tag: u32,
+        /// The buffer's length, bytes.
+        len: usize,
+    },
+    /// Release task `tag`'s buffer.
+    Release {
+        /// The task's ITT.
+        tag: u32,
+    },
+    /// Send a PDU.
+    Send {
+        /// Its BHS (DataSegmentLength is the engine's to set).
+        bhs: [u8; BHS_LEN],
+        /// Its data.
+        data: SendData,
+    },
+}
+
+/// The data of an [`EngineCmd::Send`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SendData {
+    /// These bytes, carried by the command.
+    Inline(Vec<u8>),
+    /// A range of a registered buffer, which the engine reads from host memory.
+    Tag {
+        /// The task's ITT.
+        tag: u32,
+        /// Where in its buffer.
+        offset: usize,
+        /// How many bytes.
+        len: usize,
+    },
+}
+
+impl Engine {
+    /// Carry out `cmd` for the host: registrations and releases, PDUs to send (appended to
+    /// `wire`, their tag data read through `mem`). [`EngineCmd::Offload`] starts an engine
+    /// and is not for one that runs (it returns false).
+    pub fn command(&mut self, cmd: &EngineCmd, mem: &dyn TagMemory, wire: &mut Vec<u8>) -> bool {
+        match cmd {
+            EngineCmd::Offload { .. } => false,
+            EngineCmd::Register { tag, len } => {
+                self.register(*tag, *len);
+                true
+            }
+            EngineCmd::Release { tag } => self.release(*tag),
+            EngineCmd::Send { bhs, data } => {
+                let data = match data {
+                    SendData::Inline(d) => TxRef::Inline(d),
+                    SendData::Tag { tag, offset, len } => TxRef::Tag {
+                        tag: *tag,
+                        offset: *offset,
+                        len: *len,
+                    },
+                };
+                self.transmit(bhs, data, mem, wire)
+            }
+        }
+    }
+}
+
+/// The host side of a connection whose data path the engine runs: a
+/// [`Transport`](crate::transport::Transport) whose sends, buffer openings and closings
+/// become [`EngineCmd`]s (taken with [`Offloaded::take_commands`]), whose task buffers are
+/// in [`Offloaded::memory`] (where the engine places), and whose received PDUs come from the
+/// engine's records ([`receive_records`]). Until the login ends it is the software
+/// transport ([`Offloaded::software`]): the engine is not running yet, the stream is plain.
+#[derive(Debug, Default)]
+pub struct Offloaded {
+    sw: crate::transport::Software,
+    offloaded: bool,
+    /// The task buffers, in host memory.
+    pub memory: crate::transport::HostBuffers,
+    cmds: Vec<EngineCmd>,
+    records: Vec<u8>,
+    /// Closed tags whose buffers PDUs not sent yet still read: freed once the engine has
+    /// carried out their release ([`Offloaded::released`]).
+    retiring: std::collections::HashSet<u32>,
+}
+
+impl Offloaded {
+    /// Whether the engine runs the connection (the login ended).
+    pub fn offloaded(&self) -> bool {
+        self.offloaded
+    }
+
+    /// The software transport of the login phase (its output is the plain stream to send).
+    pub fn software(&mut self) -> &mut crate::transport::Software {
+        &mut self.sw
+    }
+
+    /// The commands for the engine since the last call, in order.
+    pub fn take_commands(&mut self) -> Vec<EngineCmd> {
+        std::mem::take(&mut self.cmds)
+    }
+
+    /// The engine carried out the release of `tag`: a buffer kept for PDUs it still had to
+    /// send is freed now.
+    pub fn released(&mut self, tag: u32) {
+        if self.retiring.remove(&tag) {
+            self.memory.remove(tag);
+        }
+    }
+}
+
+impl crate::transport::Transport for Offloaded {
+    fn full_feature(&mut self, header_digest: bool, data_digest: bool, max_recv: u32) {
+        self.sw.full_feature(header_digest, data_digest, max_recv);
+        self.offloaded = true;
+        self.cmds.push(EngineCmd::Offload {
+            header_digest,
+            data_digest,
+            max_recv,
+        });
+    }
+
+    fn send(&mut self, repr: &crate::wire::Repr, data: crate::transport::TxData<'_>) {
+        if !self.offloaded {
+            return self.sw.send(repr, data);
+        }
+        let mut bhs = [0u8; BHS_LEN];
+        repr.emit(&mut bhs);
+        let data = match data {
+            crate::transport::TxData::Inline(d) => SendData::Inline(d.to_vec()),
+            crate::transport::TxData::Task { itt, offset, len } => SendData::Tag {
+                tag: itt,
+                offset: offset as usize,
+                len: len as usize,
+            },
+        };
+        self.cmds.push(EngineCmd::Send { bhs, data });
+    }
+
+    fn open(&mut self, itt: u32, buf: Vec<u8>) {
+        if self.offloaded {
+            self.cmds.push(EngineCmd::Register {
+                tag: itt,
+                len: buf.len(),
+            });
+        }
+        self.memory.insert(itt, buf);
+    }
+
+    fn buffer(&self, itt: u32) -> Option<&[u8]> {
+        self.memory.get(itt)
+    }
+
+    fn place(&mut self, itt: u32, offset: usize, data: &[u8]) -> bool {
+        self.memory.copy_in(itt, offset, data)
+    }
+
+    /// A buffer that PDUs still to be sent read from stays in host memory until the
+    /// engine has released it (and `None` comes back: the machines only take back what
+    /// they read, which nothing sends from).
+    fn close(&mut self, itt: u32) -> Option<Vec<u8>> {
+        if self.memory.get(itt).is_none() || self.retiring.contains(&itt) {
+            return None;
+        }
+        let sending = self.cmds.iter().any(
+            |c| matches!(c, EngineCmd::Send { data: SendData::Tag { tag, .. }, .. } if *tag == itt),
+        );
+        if self.offloaded {
+            self.cmds.push(EngineCmd::Release { tag: itt });
+        }
+        if sending {
+            self.retiring.insert(itt);
+            return None;
+        }
+        self.memory.remove(itt)
+    }
+
+    fn close_all(&mut self) {
+        for tag in self.memory.tags() {
+            self.close(tag);
+        }
+    }
+
+    /// Only the login's (which has no digests): the engine computes the rest.
+    fn digest_bytes(&self) -> u64 {
+        crate::transport::Transport::digest_bytes(&self.sw)
+    }
+}
+
+/// Feed `bytes` of the engine's record stream to machine `m`, whose transport is
+/// `io(m)`: each whole record's PDU goes to `on_pdu(m, pdu)` until it returns false or the
+/// bytes run out (a partial record waits for more). A fatal record, or a malformed one,
+/// ends it with the error: the caller ends the connection.
+pub fn receive_records<M>(
+    m: &mut M,
+    io: impl Fn(&mut M) -> &mut Offloaded,
+    bytes: &[u8],
+    mut on_pdu: impl FnMut(&mut M, RxPdu<'_>) -> bool,
+) -> Result<(), String> {
+    let mut records = {
+        let o = io(m);
+        o.records.extend_from_slice(bytes);
+        std::mem::take(&mut o.records)
+    };
+    let mut at = 0;
+    let mut result = Ok(());
+    loop {
+        match parse_record(&records[at..]) {
+            Ok(Some((Record::Pdu { pdu, .. }, len))) => {
+                at += len;
+                if !on_pdu(m, pdu) {
+                    break;
+                }
+            }
+            Ok(Some((Record::Fatal(why), _))) => {
+                result = Err(format!("the engine ended the stream: {why:?}"));
+                break;
+            }
+            Ok(None) => break,
+            Err(e) => {
+                result = Err(e.to_string());
+                break;
+            }
+        }
+    }
+    records.drain(..at);
+    io(m).records = records;
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::HostBuffers;
+    use crate::wire::{DataIn, Framing, Nop, Repr, RESERVED_TAG};
+
+    fn data_in(itt: u32, offset: u32) -> Repr {
+        Repr::DataIn(DataIn {
+            itt,
+            buffer_offset: offset,
+            ..Default::default()
+        })
+    }
+
+    /// A stream of PDUs: Data-In for tag 5 at offsets 0 and 1000 (1000 and 600 bytes), one
+    /// for tag 6 past its 100-byte buffer, one for unregistered tag 7, and a NOP-In.
+    fn stream(f: &Framing) -> Vec<u8> {
+        let mut s = Vec::new();
+        let d = |n: usize, k: u8| -> Vec<u8> { (0..n).map(|x| (x as u8) ^ k).collect() };
+        f.emit(&data_in(5, 0), &[], &d(1000, 1), &mut s).unwrap();
+        f.emit(&data_in(5, 1000), &[], &d(600, 2), &mut s).unwrap();
+        f.emit(&data_in(6, 50), &[], &d(51, 3), &mut s).unwrap();
+        f.emit(&data_in(7, 0), &[], &d(10, 4), &mut s).unwrap();
+        let nop = Repr::NopIn(Nop {
+            immediate: false,
+            lun: 0,
+            itt: RESERVED_TAG,
+            ttt: 9,
+            sn: 1,
+            exp_sn: 1,
+            max_cmd_sn: 1,
+        });
+        f.emit(&nop, &[], &[], &mut s).unwrap();
+        s
+    }
+
+    fn records(up: &[u8]) -> Vec<(Record<'_>, usize)> {
+        let mut at = 0;
+        let mut v = Vec::new();
+        while let Some((r, n)) = parse_record(&up[at..]).unwrap() {
+            v.push((r, at));
+            at += n;
+        }
+        assert_eq!(at, up.len(), "whole records only");
+        v
+    }
+
+    /// However the stream is cut, the engine places the same bytes and sends up the same
+    /// records: data of registered tags placed at their Buffer Offset, a placement past
+    /// the buffer refused (the data inline, the buffer untouched), data of an unknown tag
+    /// inline, digests checked.
+    #[test]
+    fn placement_and_records_do_not_depend_on_how_the_stream_is_cut() {
+        for (hd, dd) in [(false, false), (true, true)] {
+            let f = Framing {
+                header_digest: hd,
+                data_digest: dd,
+            };
+            let s = stream(&f);
+            let mut first: Option<(Vec<u8>, Vec<u8>, Vec<u8>)> = None;
+            for cut in [1, 3, 47, 48, 52, 1000, s.len()] {
+                let mut e = Engine::new(hd, dd, 8192);
+                e.register(5, 1600);
+                e.register(6, 100);
+                let mut mem = HostBuffers::default();
+                mem.insert(5, vec![0; 1600]);
+                mem.insert(6, vec![0xee; 100]);
+                let mut up = Vec::new();
+                for chunk in s.chunks(cut) {
+                    e.receive(chunk, &mut mem, &mut up);
+                }
+                assert_eq!(e.fatal(), None);
+                let st = e.stats();
+                assert_eq!((st.pdus_framed, st.bytes_placed), (5, 1600), "cut {cut}");
+                assert_eq!((st.bytes_inline, st.placements_refused), (61, 1));
+                assert_eq!(st.digests_failed, 0);
+                let got = (
+                    up.clone(),
+                    mem.get(5).unwrap().to_vec(),
+                    mem.get(6).unwrap().to_vec(),
+                );
+                match &first {
+                    None => first = Some(got),
+                    Some(f) => assert!(*f == got, "cut {cut} changed the outcome"),
+                }
+            }
+            let (up, five, six) = first.unwrap();
+            let expect: Vec<u8> = (0..1000)
+                .map(|x| (x as u8) ^ 1)
+                .chain((0..600).map(|x| (x as u8) ^ 2))
+                .collect();
+            assert_eq!(five, expect);
+            assert_eq!(six, vec![0xee; 100], "never written outside the buffer");
+            let rs = records(&up);
+            assert_eq!(rs.len(), 5);
+            let Record::Pdu { pdu, .. } = rs[1].0 else {
+                panic!()
+            };
+            assert_eq!(
+                pdu.data,
+                RxData::Placed {
+                    offset: 1000,
+                    len: 600
+                }
+            );
+            let want = if dd {
+                DigestCheck::Good
+            } else {
+                DigestCheck::None
+            };
+            assert_eq!(pdu.data_digest, want);
+            let Record::Pdu {
+                pdu,
+                placement_refused,
+            } = rs[2].0
+            else {
+                panic!()
+            };
+            assert!(placement_refused);
+            assert_eq!(pdu.inline().len(), 51);
+            let Record::Pdu { pdu, .. } = rs[3].0 else {
+                panic!()
+            };
+            assert_eq!(
+                pdu.inline(),
+                (0..10).map(|x| (x as u8) ^ 4).collect::<Vec<_>>()
+            );
+        }
+    }
+
+    /// A wrong data digest is reported in the record (the data was placed: the host must
+    /// not use it); a wrong header digest, a data segment past the limit and an unknown
+    /// opcode each end the stream with a fatal record.
+    #[test]
+    fn bad_digests_and_unframable_pdus_are_reported() {
+        let f = Framing {
+            header_digest: true,
+            data_digest: true,
+        };
+        let mut s = Vec::new();
+        f.emit(&data_in(5, 0), &[], &[9; 100], &mut s).unwrap();
+        let last = s.len() - 1;
+        s[last] ^= 1;
+        let mut e = Engine::new(true, true, 8192);
+        e.register(5, 100);
+        let mut mem = HostBuffers::default();
+        mem.insert(5, vec![0; 100]);
+        let mut up = Vec::new();
+        e.receive(&s, &mut mem, &mut up);
+        let rs = records(&up);
+        let Record::Pdu { pdu, .. } = rs[0].0 else {
+            panic!()
+        };
+        assert!(matches!(pdu.data_digest, DigestCheck::Bad { .. }));
+        assert_eq!(e.stats().digests_failed, 1);
+        for (bytes, why) in [
+            (
+                {
+                    let mut s = Vec::new();
+                    f.emit(&data_in(5, 0), &[], &[1; 10], &mut s).unwrap();
+                    s[3] ^= 1;
+                    s
+                },
+                Fatal::HeaderDigest,
+            ),
+            (
+                {
+                    let mut s = Vec::new();
+                    f.emit(&data_in(5, 0), &[], &[1; 9000], &mut s).unwrap();
+                    s
+                },
+                Fatal::Oversized,
+            ),
+            (
+                {
+                    let mut s = Vec::new();
+                    f.emit(&data_in(5, 0), &[], &[], &mut s).unwrap();
+                    s[0] = 0x1e;
+                    let digest = crc32c(&[&s[..48]]).to_le_bytes();
+                    s[48..52].copy_from_slice(&digest);
+                    s
+                },
+                Fatal::Opcode,
+            ),
+        ] {
+            let mut e = Engine::new(true, true, 8192);
+            let mut up = Vec::new();
+            e.receive(&bytes, &mut mem, &mut up);
+            assert_eq!(e.fatal(), Some(why));
+            assert_eq!(records(&up)[0].0, Record::Fatal(why));
+            // Nothing more is taken.
+            e.receive(&bytes, &mut mem, &mut up);
+            assert_eq!(records(&up).len(), 1);
+        }
+    }
+
+    /// Host memory that checks every write stays inside the registered buffers.
+    struct Checked(HostBuffers, Vec<(u32, usize)>);
+
+    impl TagMemory for Checked {
+        fn write(&mut self, tag: u32, offset: usize, data: &[u8]) {
+            let len = self
+                .1
+                .iter()
+                .find(|(t, _)| *t == tag)
+                .expect("registered")
+                .1;
+            assert!(offset + data.len() <= len, "a write outside the buffer");
+            self.0.write(tag, offset, data);
+        }
+        fn read(&self, tag: u32, offset: usize, len: usize) -> Option<&[u8]> {
+            self.0.read(tag, offset, len)
+        }
+    }
+
+    proptest::proptest! {
+        /// Arbitrary bytes (often shaped like Data-In and Data-Out headers of registered
+        /// tags) never panic the engine, never write outside a registered buffer, and
+        /// every record it sends up parses.
+        #[test]
+        fn arbitrary_streams_never_escape_the_buffers(
+            pdus in proptest::collection::vec(
+                (proptest::bool::ANY, 0u32..4, 0u32..3000, 0usize..3000,
+                 proptest::collection::vec(proptest::num::u8::ANY, 0..64)),
+                0..12),
+            digests in proptest::bool::ANY,
+        ) {
+            let f = Framing { header_digest: digests, data_digest: digests };
+            let mut s = Vec::new();
+            for (shaped, tag, offset, len, junk) in pdus {
+                if shaped {
+                    let d = vec![0x5a; len];
+                    f.emit(&data_in(tag, offset), &[], &d, &mut s).unwrap();
+                } else {
+                    s.extend_from_slice(&junk);
+                }
+            }
+            let mut e = Engine::new(digests, digests, 2048);
+            let mut mem = Checked(HostBuffers::default(), vec![(1, 1000), (2, 10)]);
+            for (t, n) in [(1u32, 1000usize), (2, 10)] {
+                e.register(t, n);
+                mem.0.insert(t, vec![0; n]);
+            }
+            let mut up = Vec::new();
+            for chunk in s.chunks(37) {
+                e.receive(chunk, &mut mem, &mut up);
+            }
+            let mut at = 0;
+            while let Some((_, n)) = parse_record(&up[at..]).unwrap() {
+                at += n;
+            }
+            proptest::prop_assert_eq!(at, up.len());
+        }
+    }
+}

@@ -525,6 +525,22 @@ pub enum EngineCmd {
         /// Its data.
         data: SendData,
     },
+    /// Send a read's data: the engine cuts the Data-In PDUs itself (large PDU send).
+    SendDataIn(crate::transport::DataInBurst),
+}
+
+impl EngineCmd {
+    /// Whether the command sends data out of task `tag`'s buffer.
+    fn reads_tag(&self, tag: u32) -> bool {
+        match self {
+            EngineCmd::Send {
+                data: SendData::Tag { tag: t, .. },
+                ..
+            } => *t == tag,
+            EngineCmd::SendDataIn(b) => b.itt == tag,
+            _ => false,
+        }
+    }
 }
 
 /// The data of an [`EngineCmd::Send`].
@@ -566,6 +582,16 @@ impl Engine {
                 };
                 self.transmit(bhs, data, mem, wire)
             }
+            EngineCmd::SendDataIn(b) => b.pdus().all(|(repr, offset, len)| {
+                let mut bhs = [0u8; BHS_LEN];
+                repr.emit(&mut bhs);
+                let data = TxRef::Tag {
+                    tag: b.itt,
+                    offset: offset as usize,
+                    len: len as usize,
+                };
+                self.transmit(&bhs, data, mem, wire)
+            }),
         }
     }
 }
@@ -642,6 +668,13 @@ impl crate::transport::Transport for Offloaded {
         self.cmds.push(EngineCmd::Send { bhs, data });
     }
 
+    fn send_data_in(&mut self, burst: &crate::transport::DataInBurst) {
+        if !self.offloaded {
+            return self.sw.send_data_in(burst);
+        }
+        self.cmds.push(EngineCmd::SendDataIn(*burst));
+    }
+
     fn open(&mut self, itt: u32, buf: Vec<u8>) {
         if self.offloaded {
             self.cmds.push(EngineCmd::Register {
@@ -667,9 +700,7 @@ impl crate::transport::Transport for Offloaded {
         if self.memory.get(itt).is_none() || self.retiring.contains(&itt) {
             return None;
         }
-        let sending = self.cmds.iter().any(
-            |c| matches!(c, EngineCmd::Send { data: SendData::Tag { tag, .. }, .. } if *tag == itt),
-        );
+        let sending = self.cmds.iter().any(|c| c.reads_tag(itt));
         if self.offloaded {
             self.cmds.push(EngineCmd::Release { tag: itt });
         }

@@ -1279,6 +1279,8 @@ mod tests {
     #[derive(Default)]
     struct Nic {
         engine: Option<crate::engine::Engine>,
+        /// Reads whose Data-In the engine cut itself (large PDU send).
+        data_in_requests: u64,
     }
 
     use crate::engine::{receive_records, Engine, EngineCmd, Offloaded};
@@ -1297,6 +1299,9 @@ mod tests {
                         max_recv,
                     } => self.engine = Some(Engine::new(header_digest, data_digest, max_recv)),
                     c => {
+                        if matches!(c, EngineCmd::SendDataIn(_)) {
+                            self.data_in_requests += 1;
+                        }
                         let e = self.engine.as_mut().expect("offloaded first");
                         assert!(e.command(&c, &io.memory, &mut wire), "{c:?}");
                         if let EngineCmd::Release { tag } = c {
@@ -1437,6 +1442,10 @@ mod tests {
             }
             assert_eq!(te.bytes_placed + te.bytes_inline, total, "{te:?}");
             assert_eq!((ie.placements_refused, te.placements_refused), (0, 0));
+            // Each read's data went to the engine as one request, which it cut into Data-In
+            // PDUs of the initiator's 16 KiB limit (3 for each read).
+            assert_eq!(e.3.data_in_requests, 16);
+            assert!(te.pdus_sent >= 16 * 3 + 16, "{te:?}");
             if digests == "CRC32C" {
                 assert!(
                     ie.digests_checked > 0 && te.digests_computed > 0,

@@ -23,9 +23,9 @@ use std::sync::{Arc, Mutex};
 use crate::login::{Negotiated, SessionType, TargetConfig, TargetLogin};
 use crate::scsi::{Disk, Nexus, Outcome, Sense, Transfer, CHECK_CONDITION, GOOD};
 use crate::text;
-use crate::transport::{self, FrameError, RxData, RxPdu, Software, Transport, TxData};
+use crate::transport::{self, DataInBurst, FrameError, RxData, RxPdu, Software, Transport, TxData};
 use crate::wire::{
-    lun_index, AsyncMessage, DataIn, DataOut, LogoutResponse, Nop, R2t, Reject, Repr, ScsiCommand,
+    lun_index, AsyncMessage, DataOut, LogoutResponse, Nop, R2t, Reject, Repr, ScsiCommand,
     ScsiResponse, TaskMgmtRequest, TaskMgmtResponse, Text, WireError, RESERVED_TAG,
 };
 
@@ -986,49 +986,26 @@ impl<T: Transport> TargetConn<T> {
         }
         let (seg, burst) = {
             let n = self.neg();
-            (
-                n.initiator_max_recv.max(512) as usize,
-                n.max_burst_length.max(512) as usize,
-            )
+            (n.initiator_max_recv.max(512), n.max_burst_length.max(512))
         };
         // The data goes out of the task's buffer, which the transport holds while the
-        // Data-In PDUs go (an engine sends them from host memory without a copy).
-        let total = o.data_in.len();
+        // Data-In PDUs go, in one request (an engine cuts them itself and sends them from
+        // host memory without a copy).
+        let burst = DataInBurst {
+            lun: c.lun,
+            itt: c.itt,
+            len: o.data_in.len() as u32,
+            max_segment: seg,
+            max_burst: burst,
+            stat_sn: self.next_stat_sn(),
+            exp_cmd_sn: self.exp_cmd_sn,
+            max_cmd_sn: self.max_cmd_sn(),
+            status: GOOD,
+            residual: res,
+        };
         self.io.open(c.itt, std::mem::take(&mut o.data_in));
-        let mut data_sn = 0u32;
-        let mut offset = 0usize;
-        while offset < total {
-            let len = seg.min(total - offset).min(burst - offset % burst);
-            let last = offset + len == total;
-            let di = DataIn {
-                final_: last || (offset + len) % burst == 0,
-                ack: false,
-                overflow: last && res.0,
-                underflow: last && res.1,
-                status: last.then_some(GOOD),
-                lun: c.lun,
-                itt: c.itt,
-                ttt: RESERVED_TAG,
-                stat_sn: if last {
-                    self.next_stat_sn()
-                } else {
-                    self.stat_sn
-                },
-                exp_cmd_sn: self.exp_cmd_sn,
-                max_cmd_sn: self.max_cmd_sn(),
-                data_sn,
-                buffer_offset: offset as u32,
-                residual: if last && (res.0 || res.1) { res.2 } else { 0 },
-            };
-            let chunk = TxData::Task {
-                itt: c.itt,
-                offset: offset as u32,
-                len: len as u32,
-            };
-            self.send(&Repr::DataIn(di), chunk);
-            data_sn += 1;
-            offset += len;
-        }
+        self.stats.pdus_out += burst.pdus().count() as u64;
+        self.io.send_data_in(&burst);
         self.io.close(c.itt);
     }
 

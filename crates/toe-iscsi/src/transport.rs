@@ -89,6 +89,72 @@ pub enum TxData<'a> {
     },
 }
 
+/// A read's data as one request (large PDU send): the first `len` bytes of task `itt`'s
+/// buffer, as Data-In PDUs of at most `max_segment` bytes (the initiator's
+/// MaxRecvDataSegmentLength) in sequences of at most `max_burst` bytes (MaxBurstLength:
+/// the F bit ends each), with DataSN from 0 and Buffer Offsets in order, and the status
+/// in the last PDU (phase collapse).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataInBurst {
+    /// Logical unit.
+    pub lun: u64,
+    /// The task's Initiator Task Tag.
+    pub itt: u32,
+    /// Bytes to send (> 0).
+    pub len: u32,
+    /// Most data in one PDU, bytes (> 0).
+    pub max_segment: u32,
+    /// Most data in one sequence, bytes (> 0).
+    pub max_burst: u32,
+    /// StatSN (the last PDU takes it with the status).
+    pub stat_sn: u32,
+    /// ExpCmdSN.
+    pub exp_cmd_sn: u32,
+    /// MaxCmdSN.
+    pub max_cmd_sn: u32,
+    /// SCSI status, in the last PDU.
+    pub status: u8,
+    /// Residual overflow, underflow and count, in the last PDU.
+    pub residual: (bool, bool, u32),
+}
+
+impl DataInBurst {
+    /// The PDUs: each Data-In header with the (offset, length) of its data in the buffer.
+    pub fn pdus(&self) -> impl Iterator<Item = (Repr, u32, u32)> + '_ {
+        let (seg, burst, total) = (self.max_segment.max(1), self.max_burst.max(1), self.len);
+        let mut offset = 0u32;
+        let mut data_sn = 0u32;
+        std::iter::from_fn(move || {
+            if offset >= total {
+                return None;
+            }
+            let len = seg.min(total - offset).min(burst - offset % burst);
+            let last = offset + len == total;
+            let (o, u, count) = self.residual;
+            let di = crate::wire::DataIn {
+                final_: last || (offset + len) % burst == 0,
+                ack: false,
+                overflow: last && o,
+                underflow: last && u,
+                status: last.then_some(self.status),
+                lun: self.lun,
+                itt: self.itt,
+                ttt: crate::wire::RESERVED_TAG,
+                stat_sn: self.stat_sn,
+                exp_cmd_sn: self.exp_cmd_sn,
+                max_cmd_sn: self.max_cmd_sn,
+                data_sn,
+                buffer_offset: offset,
+                residual: if last && (o || u) { count } else { 0 },
+            };
+            let at = offset;
+            offset += len;
+            data_sn += 1;
+            Some((Repr::DataIn(di), at, len))
+        })
+    }
+}
+
 /// The transport of one connection, as its machine sees it.
 pub trait Transport {
     /// The login is over: from the next PDU on, header and data digests as negotiated, and
@@ -99,6 +165,19 @@ pub trait Transport {
     /// Send the PDU of `repr` with `data` (digests and padding as the transport does them).
     /// A [`TxData::Task`] range outside its buffer sends nothing.
     fn send(&mut self, repr: &Repr, data: TxData<'_>);
+
+    /// Send a read's data as Data-In PDUs ([`DataInBurst::pdus`]), from the task's open
+    /// buffer; a transport with an engine hands the engine the one request.
+    fn send_data_in(&mut self, burst: &DataInBurst) {
+        for (repr, offset, len) in burst.pdus() {
+            let data = TxData::Task {
+                itt: burst.itt,
+                offset,
+                len,
+            };
+            self.send(&repr, data);
+        }
+    }
 
     /// Open task `itt`'s buffer: `buf` is the data to send from, or zeros to receive into
     /// (a transport may then place the peer's data for the task there itself). A buffer

@@ -361,26 +361,15 @@ impl Engine {
                 }
             }
         };
-        if data.len() > crate::wire::MAX_DATA_SEGMENT_LEN {
+        let framing = crate::wire::Framing {
+            header_digest: self.header_digest,
+            data_digest: self.data_digest,
+        };
+        if framing.emit_bhs(*bhs, &[], data, wire).is_err() {
             return false;
         }
-        let mut h = *bhs;
-        h[4] = 0;
-        h[5..8].copy_from_slice(&(data.len() as u32).to_be_bytes()[1..]);
-        wire.extend_from_slice(&h);
-        if self.header_digest {
-            wire.extend_from_slice(&crc32c(&[&h]).to_le_bytes());
-            self.stats.digests_computed += 1;
-        }
-        if !data.is_empty() {
-            let pad = &[0u8; 3][..padded(data.len()) - data.len()];
-            wire.extend_from_slice(data);
-            wire.extend_from_slice(pad);
-            if self.data_digest {
-                wire.extend_from_slice(&crc32c(&[data, pad]).to_le_bytes());
-                self.stats.digests_computed += 1;
-            }
-        }
+        self.stats.digests_computed +=
+            u64::from(self.header_digest) + u64::from(self.data_digest && !data.is_empty());
         self.stats.pdus_sent += 1;
         true
     }

@@ -329,6 +329,20 @@ impl Framing {
         data: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<usize, WireError> {
+        let mut bhs = [0u8; BHS_LEN];
+        repr.emit(&mut bhs);
+        self.emit_bhs(bhs, ahs, data, out)
+    }
+
+    /// [`Framing::emit`] of a BHS already in bytes (its TotalAHSLength and
+    /// DataSegmentLength are set here, from `ahs` and `data`).
+    pub fn emit_bhs(
+        &self,
+        mut bhs: [u8; BHS_LEN],
+        ahs: &[u8],
+        data: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<usize, WireError> {
         if ahs.len() % 4 != 0 {
             return Err(WireError::Malformed("AHS length not a multiple of 4"));
         }
@@ -345,8 +359,6 @@ impl Framing {
             });
         }
         let start = out.len();
-        let mut bhs = [0u8; BHS_LEN];
-        repr.emit(&mut bhs);
         bhs[4] = (ahs.len() / 4) as u8;
         let dl = (data.len() as u32).to_be_bytes();
         bhs[5..8].copy_from_slice(&dl[1..]);

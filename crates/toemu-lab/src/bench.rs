@@ -26,6 +26,7 @@ use crate::bare::BarePair;
 use crate::datagen::{Check, DataGen};
 use crate::demo::{toe_bulk, toe_bulk_threaded, toe_rr_timed, DemoOptions, Mode, Receiver, Sender};
 use crate::kernel::{kernel_bulk, kernel_rr, kernel_scale};
+use crate::stats::{percentile, sorted};
 use toe_host::config::Settings;
 use toe_host::runtime::{test_nic, Host, Sim};
 
@@ -324,13 +325,6 @@ fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(|a, b| a.total_cmp(b));
     s.get(s.len() / 2).copied().unwrap_or(0.0)
-}
-
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
 fn rss_bytes() -> u64 {
@@ -703,7 +697,7 @@ pub fn run_bench(o: &BenchOptions, mut progress: impl FnMut(&str)) -> io::Result
             .zip(&names)
             .filter(|(r, _)| !matches!(r, Runner::Threaded(_)));
         for (_, name) in one_thread {
-            let (mut lat, mut vlat) = if let Some(m) = toe_modes.iter().find(|m| m.name() == name) {
+            let (lat, vlat) = if let Some(m) = toe_modes.iter().find(|m| m.name() == name) {
                 let (w, v) = toe_rr_timed(
                     *m,
                     &DemoOptions {
@@ -720,18 +714,16 @@ pub fn run_bench(o: &BenchOptions, mut progress: impl FnMut(&str)) -> io::Result
             } else {
                 (kernel_rr(iters, size)?, None)
             };
-            lat.sort_by(|a, b| a.total_cmp(b));
-            if let Some(v) = vlat.as_mut() {
-                v.sort_by(|a, b| a.total_cmp(b));
-            }
+            let lat = sorted(lat);
+            let vlat = vlat.map(sorted);
             let row = RrRow {
                 mode: name.clone(),
                 size,
-                p50_us: pct(&lat, 0.5),
-                p99_us: pct(&lat, 0.99),
-                p999_us: pct(&lat, 0.999),
-                virtual_p50_us: vlat.as_ref().map(|v| pct(v, 0.5)),
-                virtual_p99_us: vlat.as_ref().map(|v| pct(v, 0.99)),
+                p50_us: percentile(&lat, 0.5),
+                p99_us: percentile(&lat, 0.99),
+                p999_us: percentile(&lat, 0.999),
+                virtual_p50_us: vlat.as_ref().map(|v| percentile(v, 0.5)),
+                virtual_p99_us: vlat.as_ref().map(|v| percentile(v, 0.99)),
             };
             progress(&format!(
                 "rr {size:>6} B {name:<16} p50 {:.1} us p99 {:.1} us p99.9 {:.1} us (virtual p50 {:?} p99 {:?})",

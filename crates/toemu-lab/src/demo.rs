@@ -139,14 +139,7 @@ impl Default for DemoOptions {
     }
 }
 
-/// Latency percentiles in microseconds.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
-pub struct Latency {
-    /// Median.
-    pub p50: f64,
-    /// 99th percentile.
-    pub p99: f64,
-}
+pub use crate::stats::Latency;
 
 /// One mode's results.
 #[derive(Debug, Clone, Serialize)]
@@ -186,21 +179,7 @@ pub struct DemoReport {
     pub setup: serde_json::Value,
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-pub(crate) fn latency(mut v: Vec<f64>) -> Latency {
-    v.sort_by(|a, b| a.total_cmp(b));
-    Latency {
-        p50: percentile(&v, 0.50),
-        p99: percentile(&v, 0.99),
-    }
-}
+pub(crate) use crate::stats::latency;
 
 fn other(msg: impl Into<String>) -> io::Error {
     io::Error::other(msg.into())

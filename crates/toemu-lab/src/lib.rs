@@ -9,6 +9,7 @@
 //! - [`kernel`]: the kernel-TCP loopback baselines (one stream, request/response, scale).
 //! - [`serve`]: running the example apps on an emulated host (TAP in real time, or two hosts
 //!   on the virtual clock).
+//! - [`stats`]: latency percentiles, computed in one place for every figure.
 //! - [`datagen`]: deterministic payload and its digests (the example apps' generator).
 
 pub mod bare;
@@ -21,5 +22,6 @@ pub mod iscsi_perf;
 pub mod kernel;
 pub mod plot;
 pub mod serve;
+pub mod stats;
 pub mod sweep;
 pub use toemu_apps::datagen;

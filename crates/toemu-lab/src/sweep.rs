@@ -145,15 +145,6 @@ pub fn parse_w_range(s: &str) -> Result<Vec<u32>, String> {
     }
 }
 
-fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    let i = ((v.len() - 1) as f64 * p).round() as usize;
-    v[i.min(v.len() - 1)]
-}
-
 /// The settings of one point: `base` with W set (as a command-line override) and validated.
 ///
 /// # Errors
@@ -211,8 +202,8 @@ pub fn measure_point(o: &SweepOptions, mode: Mode, w: u32) -> io::Result<SweepPo
         p.indicate_acks = b.acks;
         toe_rr(mode, &demo)?
     };
-    p.rr_p50_us = percentile(lat.clone(), 0.50);
-    p.rr_p99_us = percentile(lat, 0.99);
+    let l = crate::stats::latency(lat);
+    (p.rr_p50_us, p.rr_p99_us) = (l.p50, l.p99);
     Ok(p)
 }
 

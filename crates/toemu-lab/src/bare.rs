@@ -224,13 +224,16 @@ impl BarePair {
         Ok((t0.elapsed(), hasher.finish()))
     }
 
-    /// `iters` 64-byte request/response exchanges; returns each round trip in microseconds
-    /// of wall-clock time.
+    /// `iters` request/response exchanges of `size` bytes each way; returns each round
+    /// trip in microseconds of wall-clock time. Each step, both sides take all the bytes
+    /// their socket holds (as the emulated hosts' apps do), so a large response costs no
+    /// more steps than TCP needs to carry it.
     pub fn request_response(&mut self, iters: usize, size: usize) -> io::Result<Vec<f64>> {
         let (cli, srv) = self.connect(5002)?;
         let req = vec![0x5Au8; size];
         let mut lat = Vec::with_capacity(iters);
         let mut buf = vec![0u8; size];
+        let mut answer = vec![0u8; size];
         for _ in 0..iters {
             let t = std::time::Instant::now();
             let mut sent = 0;
@@ -248,17 +251,32 @@ impl BarePair {
             let mut back = 0;
             for _ in 0..1_000_000 {
                 let s = self.hosts[1].sockets.get_mut::<tcp::Socket<'_>>(srv);
-                if got < size {
-                    got += s.recv_slice(&mut buf[got..]).map_err(io::Error::other)?;
+                // The socket buffers are rings: a slice call stops at the wrap, so take and
+                // give until nothing moves.
+                while got < size {
+                    let n = s.recv_slice(&mut buf[got..]).map_err(io::Error::other)?;
+                    if n == 0 {
+                        break;
+                    }
+                    got += n;
                 }
-                if echoed < got {
-                    echoed += s.send_slice(&buf[echoed..got]).map_err(io::Error::other)?;
+                while echoed < got {
+                    let n = s.send_slice(&buf[echoed..got]).map_err(io::Error::other)?;
+                    if n == 0 {
+                        break;
+                    }
+                    echoed += n;
                 }
                 let c = self.hosts[0].sockets.get_mut::<tcp::Socket<'_>>(cli);
-                let mut tmp = [0u8; 256];
-                back += c
-                    .recv_slice(&mut tmp[..size.min(256)])
-                    .map_err(io::Error::other)?;
+                while back < size {
+                    let n = c
+                        .recv_slice(&mut answer[back..])
+                        .map_err(io::Error::other)?;
+                    if n == 0 {
+                        break;
+                    }
+                    back += n;
+                }
                 if back >= size {
                     break;
                 }

@@ -684,6 +684,9 @@ pub fn run_bench(o: &BenchOptions, mut progress: impl FnMut(&str)) -> io::Result
         .collect();
 
     let mut rr = Vec::new();
+    /// Rounds the request/response exchanges of each size are split into, the modes
+    /// taking turns.
+    const RR_ROUNDS: usize = 5;
     for size in [64usize, 64 * 1024].into_iter().filter(|_| o.rr) {
         let iters = if size > 64 {
             (o.rr_iters / 10).max(100)
@@ -692,32 +695,54 @@ pub fn run_bench(o: &BenchOptions, mut progress: impl FnMut(&str)) -> io::Result
         };
         let mut rr_settings = o.settings.clone();
         rr_settings.bus_latency_us = o.rr_bus_latency_us;
-        let one_thread = runners
+        let one_thread: Vec<&String> = runners
             .iter()
             .zip(&names)
-            .filter(|(r, _)| !matches!(r, Runner::Threaded(_)));
-        for (_, name) in one_thread {
-            let (lat, vlat) = if let Some(m) = toe_modes.iter().find(|m| m.name() == name) {
-                let (w, v) = toe_rr_timed(
-                    *m,
-                    &DemoOptions {
-                        rr_iters: iters,
-                        rr_bytes: size,
-                        settings: rr_settings.clone(),
-                        ..demo.clone()
-                    },
-                )?;
-                (w, Some(v))
-            } else if name == "smoltcp-bare" {
-                let w = BarePair::new(&o.settings, o.seed).request_response(iters, size)?;
-                (w, None)
-            } else {
-                (kernel_rr(iters, size)?, None)
-            };
-            let lat = sorted(lat);
-            let vlat = vlat.map(sorted);
+            .filter(|(r, _)| !matches!(r, Runner::Threaded(_)))
+            .map(|(_, n)| n)
+            .collect();
+        // The modes take turns, in RR_ROUNDS rounds of a share of the exchanges each (the
+        // order reversed every other round), so that a noisy stretch of the shared machine
+        // falls on every mode alike.
+        let per_round = iters.div_ceil(RR_ROUNDS);
+        let mut wall: Vec<Vec<f64>> = vec![Vec::new(); one_thread.len()];
+        let mut virt: Vec<Option<Vec<f64>>> = vec![None; one_thread.len()];
+        for round in 0..RR_ROUNDS {
+            let mut order: Vec<usize> = (0..one_thread.len()).collect();
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            for k in order {
+                let name = one_thread[k];
+                let (w, v) = if let Some(m) = toe_modes.iter().find(|m| m.name() == name) {
+                    let (w, v) = toe_rr_timed(
+                        *m,
+                        &DemoOptions {
+                            rr_iters: per_round,
+                            rr_bytes: size,
+                            settings: rr_settings.clone(),
+                            ..demo.clone()
+                        },
+                    )?;
+                    (w, Some(v))
+                } else if name == "smoltcp-bare" {
+                    let seed = o.seed.wrapping_add(round as u64);
+                    let w = BarePair::new(&o.settings, seed).request_response(per_round, size)?;
+                    (w, None)
+                } else {
+                    (kernel_rr(per_round, size)?, None)
+                };
+                wall[k].extend(w);
+                if let Some(v) = v {
+                    virt[k].get_or_insert_with(Vec::new).extend(v);
+                }
+            }
+        }
+        for (k, name) in one_thread.iter().enumerate() {
+            let lat = sorted(std::mem::take(&mut wall[k]));
+            let vlat = virt[k].take().map(sorted);
             let row = RrRow {
-                mode: name.clone(),
+                mode: (*name).clone(),
                 size,
                 p50_us: percentile(&lat, 0.5),
                 p99_us: percentile(&lat, 0.99),

@@ -516,6 +516,8 @@ pub enum EngineCmd {
     },
     /// Send a read's data: the engine cuts the Data-In PDUs itself (large PDU send).
     SendDataIn(crate::transport::DataInBurst),
+    /// Send a write's data: the engine cuts the Data-Out PDUs itself (large PDU send).
+    SendDataOut(crate::transport::DataOutBurst),
 }
 
 impl EngineCmd {
@@ -527,6 +529,7 @@ impl EngineCmd {
                 ..
             } => *t == tag,
             EngineCmd::SendDataIn(b) => b.itt == tag,
+            EngineCmd::SendDataOut(b) => b.itt == tag,
             _ => false,
         }
     }
@@ -571,17 +574,32 @@ impl Engine {
                 };
                 self.transmit(bhs, data, mem, wire)
             }
-            EngineCmd::SendDataIn(b) => b.pdus().all(|(repr, offset, len)| {
-                let mut bhs = [0u8; BHS_LEN];
-                repr.emit(&mut bhs);
-                let data = TxRef::Tag {
-                    tag: b.itt,
-                    offset: offset as usize,
-                    len: len as usize,
-                };
-                self.transmit(&bhs, data, mem, wire)
-            }),
+            EngineCmd::SendDataIn(b) => self.transmit_burst(b.itt, b.pdus(), mem, wire),
+            EngineCmd::SendDataOut(b) => self.transmit_burst(b.itt, b.pdus(), mem, wire),
         }
+    }
+
+    /// Emit the PDUs of a burst, each header with its range of tag `tag`'s buffer.
+    fn transmit_burst(
+        &mut self,
+        tag: u32,
+        pdus: impl Iterator<Item = (crate::wire::Repr, u32, u32)>,
+        mem: &dyn TagMemory,
+        wire: &mut Vec<u8>,
+    ) -> bool {
+        for (repr, offset, len) in pdus {
+            let mut bhs = [0u8; BHS_LEN];
+            repr.emit(&mut bhs);
+            let data = TxRef::Tag {
+                tag,
+                offset: offset as usize,
+                len: len as usize,
+            };
+            if !self.transmit(&bhs, data, mem, wire) {
+                return false;
+            }
+        }
+        true
     }
 }
 
@@ -662,6 +680,13 @@ impl crate::transport::Transport for Offloaded {
             return self.sw.send_data_in(burst);
         }
         self.cmds.push(EngineCmd::SendDataIn(*burst));
+    }
+
+    fn send_data_out(&mut self, burst: &crate::transport::DataOutBurst) {
+        if !self.offloaded {
+            return self.sw.send_data_out(burst);
+        }
+        self.cmds.push(EngineCmd::SendDataOut(*burst));
     }
 
     fn open(&mut self, itt: u32, buf: Vec<u8>) {

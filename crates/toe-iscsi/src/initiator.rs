@@ -17,10 +17,10 @@ use std::collections::{HashMap, VecDeque};
 
 use crate::login::{InitiatorConfig, InitiatorLogin, InitiatorStep, LoginError, Negotiated};
 use crate::text;
-use crate::transport::{self, FrameError, RxData, RxPdu, Software, Transport, TxData};
-use crate::wire::{
-    DataOut, DigestCheck, LogoutRequest, Nop, Repr, ScsiCommand, Text, RESERVED_TAG,
+use crate::transport::{
+    self, DataOutBurst, FrameError, RxData, RxPdu, Software, Transport, TxData,
 };
+use crate::wire::{DigestCheck, LogoutRequest, Nop, Repr, ScsiCommand, Text, RESERVED_TAG};
 
 /// What the initiator connection reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -454,28 +454,19 @@ impl<T: Transport> InitiatorConn<T> {
         } else {
             0
         });
-        let mut at = from;
-        let mut data_sn = 0;
-        while at < to {
-            let n = seg.min(to - at);
-            let d = Repr::DataOut(DataOut {
-                final_: at + n == to,
-                lun: t.cmd.lun,
-                itt,
-                ttt,
-                exp_stat_sn: self.exp_stat_sn,
-                data_sn,
-                buffer_offset: at as u32,
-            });
-            let data = TxData::Task {
-                itt,
-                offset: at as u32,
-                len: n as u32,
-            };
-            self.io.send(&d, data);
-            data_sn += 1;
-            at += n;
+        if from >= to {
+            return;
         }
+        let burst = DataOutBurst {
+            lun: t.cmd.lun,
+            itt,
+            ttt,
+            exp_stat_sn: self.exp_stat_sn,
+            from: from as u32,
+            to: to as u32,
+            max_segment: seg as u32,
+        };
+        self.io.send_data_out(&burst);
     }
 
     fn update_sns(&mut self, stat_sn: Option<u32>, exp_cmd_sn: u32, max_cmd_sn: u32) {
@@ -1281,6 +1272,8 @@ mod tests {
         engine: Option<crate::engine::Engine>,
         /// Reads whose Data-In the engine cut itself (large PDU send).
         data_in_requests: u64,
+        /// Data-Out sequences the engine cut itself.
+        data_out_requests: u64,
     }
 
     use crate::engine::{receive_records, Engine, EngineCmd, Offloaded};
@@ -1299,8 +1292,10 @@ mod tests {
                         max_recv,
                     } => self.engine = Some(Engine::new(header_digest, data_digest, max_recv)),
                     c => {
-                        if matches!(c, EngineCmd::SendDataIn(_)) {
-                            self.data_in_requests += 1;
+                        match c {
+                            EngineCmd::SendDataIn(_) => self.data_in_requests += 1,
+                            EngineCmd::SendDataOut(_) => self.data_out_requests += 1,
+                            _ => {}
                         }
                         let e = self.engine.as_mut().expect("offloaded first");
                         assert!(e.command(&c, &io.memory, &mut wire), "{c:?}");
@@ -1446,6 +1441,12 @@ mod tests {
             // PDUs of the initiator's 16 KiB limit (3 for each read).
             assert_eq!(e.3.data_in_requests, 16);
             assert!(te.pdus_sent >= 16 * 3 + 16, "{te:?}");
+            // Each write's Data-Out sequences went as requests too (one per R2T, and one
+            // for the unsolicited burst without InitialR2T), each cut into PDUs of the
+            // target's 8 KiB limit.
+            let sequences = if initial_r2t { 16 } else { 32 };
+            assert_eq!(e.1.data_out_requests, sequences, "{digests}");
+            assert!(ie.pdus_sent >= 16 * 5, "{ie:?}");
             if digests == "CRC32C" {
                 assert!(
                     ie.digests_checked > 0 && te.digests_computed > 0,

@@ -155,6 +155,56 @@ impl DataInBurst {
     }
 }
 
+/// A write's data as one request (large PDU send): bytes `from..to` of task `itt`'s
+/// buffer, as the Data-Out PDUs of one sequence (for the R2T with `ttt`, or unsolicited with
+/// the reserved tag) of at most `max_segment` bytes (the target's
+/// MaxRecvDataSegmentLength), DataSN from 0, F on the last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataOutBurst {
+    /// Logical unit.
+    pub lun: u64,
+    /// The task's Initiator Task Tag.
+    pub itt: u32,
+    /// The Target Transfer Tag of the R2T answered (the reserved tag for unsolicited data).
+    pub ttt: u32,
+    /// ExpStatSN.
+    pub exp_stat_sn: u32,
+    /// First byte of the buffer to send.
+    pub from: u32,
+    /// End (exclusive) of the bytes to send.
+    pub to: u32,
+    /// Most data in one PDU, bytes (> 0).
+    pub max_segment: u32,
+}
+
+impl DataOutBurst {
+    /// The PDUs: each Data-Out header with the (offset, length) of its data in the buffer.
+    pub fn pdus(&self) -> impl Iterator<Item = (Repr, u32, u32)> + '_ {
+        let seg = self.max_segment.max(1);
+        let mut at = self.from;
+        let mut data_sn = 0u32;
+        std::iter::from_fn(move || {
+            if at >= self.to {
+                return None;
+            }
+            let n = seg.min(self.to - at);
+            let d = crate::wire::DataOut {
+                final_: at + n == self.to,
+                lun: self.lun,
+                itt: self.itt,
+                ttt: self.ttt,
+                exp_stat_sn: self.exp_stat_sn,
+                data_sn,
+                buffer_offset: at,
+            };
+            let start = at;
+            at += n;
+            data_sn += 1;
+            Some((Repr::DataOut(d), start, n))
+        })
+    }
+}
+
 /// The transport of one connection, as its machine sees it.
 pub trait Transport {
     /// The login is over: from the next PDU on, header and data digests as negotiated, and
@@ -169,6 +219,19 @@ pub trait Transport {
     /// Send a read's data as Data-In PDUs ([`DataInBurst::pdus`]), from the task's open
     /// buffer; a transport with an engine hands the engine the one request.
     fn send_data_in(&mut self, burst: &DataInBurst) {
+        for (repr, offset, len) in burst.pdus() {
+            let data = TxData::Task {
+                itt: burst.itt,
+                offset,
+                len,
+            };
+            self.send(&repr, data);
+        }
+    }
+
+    /// Send a write's data as Data-Out PDUs ([`DataOutBurst::pdus`]), from the task's open
+    /// buffer; a transport with an engine hands the engine the one request.
+    fn send_data_out(&mut self, burst: &DataOutBurst) {
         for (repr, offset, len) in burst.pdus() {
             let data = TxData::Task {
                 itt: burst.itt,

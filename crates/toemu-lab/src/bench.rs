@@ -241,6 +241,9 @@ pub struct RrRow {
     pub virtual_p50_us: Option<f64>,
     /// 99th percentile in virtual time, µs.
     pub virtual_p99_us: Option<f64>,
+    /// Threads the run used: 2 for kernel loopback (client and server), 1 for the
+    /// emulated pairs and bare smoltcp (both hosts stepped by one thread).
+    pub threads: u8,
 }
 
 /// Frames the in-memory wire of a scale point holds per direction.
@@ -695,11 +698,13 @@ pub fn run_bench(o: &BenchOptions, mut progress: impl FnMut(&str)) -> io::Result
         };
         let mut rr_settings = o.settings.clone();
         rr_settings.bus_latency_us = o.rr_bus_latency_us;
-        let one_thread: Vec<&String> = runners
+        // (name, threads): the kernel's client and server are two threads, an emulated
+        // pair or bare smoltcp one.
+        let one_thread: Vec<(&String, u8)> = runners
             .iter()
             .zip(&names)
             .filter(|(r, _)| !matches!(r, Runner::Threaded(_)))
-            .map(|(_, n)| n)
+            .map(|(r, n)| (n, if matches!(r, Runner::Kernel) { 2 } else { 1 }))
             .collect();
         // The modes take turns, in RR_ROUNDS rounds of a share of the exchanges each (the
         // order reversed every other round), so that a noisy stretch of the shared machine
@@ -713,7 +718,7 @@ pub fn run_bench(o: &BenchOptions, mut progress: impl FnMut(&str)) -> io::Result
                 order.reverse();
             }
             for k in order {
-                let name = one_thread[k];
+                let name = one_thread[k].0;
                 let (w, v) = if let Some(m) = toe_modes.iter().find(|m| m.name() == name) {
                     let (w, v) = toe_rr_timed(
                         *m,
@@ -738,17 +743,18 @@ pub fn run_bench(o: &BenchOptions, mut progress: impl FnMut(&str)) -> io::Result
                 }
             }
         }
-        for (k, name) in one_thread.iter().enumerate() {
+        for (k, &(name, threads)) in one_thread.iter().enumerate() {
             let lat = sorted(std::mem::take(&mut wall[k]));
             let vlat = virt[k].take().map(sorted);
             let row = RrRow {
-                mode: (*name).clone(),
+                mode: name.clone(),
                 size,
                 p50_us: percentile(&lat, 0.5),
                 p99_us: percentile(&lat, 0.99),
                 p999_us: percentile(&lat, 0.999),
                 virtual_p50_us: vlat.as_ref().map(|v| percentile(v, 0.5)),
                 virtual_p99_us: vlat.as_ref().map(|v| percentile(v, 0.99)),
+                threads,
             };
             progress(&format!(
                 "rr {size:>6} B {name:<16} p50 {:.1} us p99 {:.1} us p99.9 {:.1} us (virtual p50 {:?} p99 {:?})",
@@ -962,16 +968,17 @@ pub fn bench_table(r: &BenchReport) -> String {
         }
     }
     if !r.rr.is_empty() {
-        s.push_str("\nrequest/response round trip (µs; wall clock, and virtual time with the bus cost model)\n");
+        s.push_str("\nrequest/response round trip (µs; wall clock, and virtual time with the bus cost model; the modes take turns in 5 rounds)\n");
         s.push_str(&format!(
-            "{:<16} {:>7} {:>9} {:>9} {:>9} {:>10} {:>10}\n",
-            "mode", "size", "p50", "p99", "p99.9", "virt p50", "virt p99"
+            "{:<16} {:>7} {:>7} {:>9} {:>9} {:>9} {:>10} {:>10}\n",
+            "mode", "threads", "size", "p50", "p99", "p99.9", "virt p50", "virt p99"
         ));
         let opt = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.1}"));
         for x in &r.rr {
             s.push_str(&format!(
-                "{:<16} {:>7} {:>9.1} {:>9.1} {:>9.1} {:>10} {:>10}\n",
+                "{:<16} {:>7} {:>7} {:>9.1} {:>9.1} {:>9.1} {:>10} {:>10}\n",
                 x.mode,
+                x.threads,
                 x.size,
                 x.p50_us,
                 x.p99_us,

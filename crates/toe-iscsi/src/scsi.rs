@@ -6,17 +6,16 @@
 //! descriptors; VPD pages 00h, 80h, 83h, B0h, B1h, B2h), READ CAPACITY (10) and (16), READ
 //! and WRITE (6, 10, 12, 16; DPO and FUA), WRITE AND VERIFY (10, 12, 16), VERIFY (10, 12, 16;
 //! BYTCHK 0, 1 and 3), WRITE SAME (10, 16; UNMAP, NDOB), COMPARE AND WRITE, ORWRITE (16),
-//! PRE-FETCH (10, 16), SYNCHRONIZE CACHE (10, 16), MODE SENSE and MODE SELECT (6, 10) with
-//! the Caching (08h) and Control (0Ah) pages, UNMAP and GET LBA STATUS (thin provisioning),
-//! RESERVE and RELEASE (6, 10) per I_T nexus, PERSISTENT RESERVE IN and OUT (see
-//! [`crate::pr`]), REPORT LUNS, REPORT SUPPORTED OPERATION
-//! CODES, START STOP UNIT. Anything
-//! else is CHECK CONDITION, ILLEGAL REQUEST, INVALID COMMAND OPERATION CODE (20h/00h); an
-//! LBA range past the end (64-bit wrap included) is LOGICAL BLOCK ADDRESS OUT OF RANGE
-//! (21h/00h); a reserved or unsupported field is INVALID FIELD IN CDB (24h/00h). A unit
-//! attention pending for a nexus (a persistent reservation another nexus changed) is
-//! reported before its next command but INQUIRY and REPORT LUNS, or as the data of its
-//! REQUEST SENSE.
+//! PRE-FETCH (10, 16), SYNCHRONIZE CACHE (10, 16), READ DEFECT DATA (10, 12), MODE SENSE
+//! and MODE SELECT (6, 10) with the Caching (08h) and Control (0Ah) pages, UNMAP and GET LBA
+//! STATUS (thin provisioning), RESERVE and RELEASE (6, 10) per I_T nexus, PERSISTENT
+//! RESERVE IN and OUT (see [`crate::pr`]), REPORT LUNS, REPORT SUPPORTED OPERATION CODES,
+//! START STOP UNIT. Anything else is CHECK CONDITION, ILLEGAL REQUEST, INVALID COMMAND
+//! OPERATION CODE (20h/00h); an LBA range past the end (64-bit wrap included) is LOGICAL
+//! BLOCK ADDRESS OUT OF RANGE (21h/00h); a reserved or unsupported field is INVALID FIELD
+//! IN CDB (24h/00h). A unit attention pending for a nexus (a persistent reservation another
+//! nexus changed, a reset) is reported before its next command but INQUIRY and REPORT
+//! LUNS, or as the data of its REQUEST SENSE.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -512,6 +511,7 @@ const SUPPORTED_OPCODES: &[(u8, Option<u16>, &[u8])] = &[
     (0x2f, None, &[0x2f, 0x16, 0xff, 0xff, 0xff, 0xff, 0, 0xff, 0xff, 0x00]),
     (0x34, None, &[0x34, 0x02, 0xff, 0xff, 0xff, 0xff, 0, 0xff, 0xff, 0x00]),
     (0x35, None, &[0x35, 0x02, 0xff, 0xff, 0xff, 0xff, 0, 0xff, 0xff, 0x00]),
+    (0x37, None, &[0x37, 0, 0x1f, 0, 0, 0, 0, 0xff, 0xff, 0x00]),
     (0x41, None, &[0x41, 0x08, 0xff, 0xff, 0xff, 0xff, 0, 0xff, 0xff, 0x00]),
     (0x42, None, &[0x42, 0x00, 0, 0, 0, 0, 0, 0xff, 0xff, 0x00]),
     (0x55, None, &[0x55, 0x11, 0, 0, 0, 0, 0, 0xff, 0xff, 0x00]),
@@ -546,6 +546,7 @@ const SUPPORTED_OPCODES: &[(u8, Option<u16>, &[u8])] = &[
     (0xaa, None, &[0xaa, 0x18, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0x00]),
     (0xae, None, &[0xae, 0x12, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0x00]),
     (0xaf, None, &[0xaf, 0x16, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0x00]),
+    (0xb7, None, &[0xb7, 0x1f, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0x00]),
 ];
 
 /// The bits of mode page `page` that MODE SELECT changes (a mask over the page, from its
@@ -717,6 +718,8 @@ impl Disk {
             },
             0xa0 => Transfer::In(be32(cdb, 6)),
             0x5e => Transfer::In(be16(cdb, 7)),
+            0x37 => Transfer::In(be16(cdb, 7)),
+            0xb7 => Transfer::In(be32(cdb, 6)),
             0x5f => Transfer::Out(be32(cdb, 5)),
             0xa3 if cdb[1] & 0x1f == 0x0c => Transfer::In(be32(cdb, 6)),
             _ => Transfer::None,
@@ -911,6 +914,19 @@ impl Disk {
                 self.flush()
             }
             0x1a | 0x5a => self.mode_sense(cdb),
+            // READ DEFECT DATA (10) and (12) (SBC-3 §5.10, §5.11): memory and files have no
+            // defects: an empty list in the format asked for, PLISTV and GLISTV saying the
+            // lists asked for are valid.
+            0x37 => {
+                let mut d = vec![0, cdb[2] & 0x1f, 0, 0];
+                d.truncate(be16(cdb, 7) as usize);
+                Outcome::good(d)
+            }
+            0xb7 => {
+                let mut d = vec![0, cdb[1] & 0x1f, 0, 0, 0, 0, 0, 0];
+                d.truncate(be32(cdb, 6) as usize);
+                Outcome::good(d)
+            }
             0x15 | 0x55 => self.mode_select(cdb, data_out),
             // PRE-FETCH (10) and (16): the blocks are in memory (or the page cache)
             // already; only the range is checked.
@@ -1523,9 +1539,8 @@ fn access(op: u8, cdb: &[u8]) -> Access {
     match op {
         0x00 | 0x03 | 0x12 | 0x25 | 0x5e | 0x5f | 0xa0 | 0xa3 => Access::Always,
         0x9e if cdb[1] & 0x1f == 0x10 => Access::Always,
-        0x08 | 0x28 | 0xa8 | 0x88 | 0x2f | 0xaf | 0x8f | 0x1a | 0x5a | 0x34 | 0x90 | 0x9e => {
-            Access::Read
-        }
+        0x08 | 0x28 | 0xa8 | 0x88 | 0x2f | 0xaf | 0x8f | 0x1a | 0x5a | 0x34 | 0x90 | 0x9e
+        | 0x37 | 0xb7 => Access::Read,
         _ => Access::Write,
     }
 }
@@ -2364,6 +2379,19 @@ mod tests {
             one_more.sense,
             Some(crate::pr::INSUFFICIENT_REGISTRATION_RESOURCES)
         );
+    }
+
+    /// READ DEFECT DATA (10) and (12): no defects, in the format asked for, the lists
+    /// asked for valid; cut to the allocation length.
+    #[test]
+    fn the_defect_lists_are_empty() {
+        let mut d = disk();
+        let ten = d.execute(&[0x37, 0, 0x18 | 3, 0, 0, 0, 0, 0, 32, 0], &[]);
+        assert_eq!((ten.status, ten.data_in), (GOOD, vec![0, 0x1b, 0, 0]));
+        let twelve = [0xb7, 0x10 | 5, 0, 0, 0, 0, 0, 0, 0, 6, 0, 0];
+        let r = d.execute(&twelve, &[]);
+        assert_eq!((r.status, r.data_in), (GOOD, vec![0, 0x15, 0, 0, 0, 0]));
+        assert_eq!(d.transfer(&twelve), Transfer::In(6));
     }
 
     proptest::proptest! {

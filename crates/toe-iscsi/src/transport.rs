@@ -254,7 +254,9 @@ pub trait Transport {
     /// copied) without a buffer or past its end.
     fn place(&mut self, itt: u32, offset: usize, data: &[u8]) -> bool;
 
-    /// Close task `itt`'s buffer and take it back.
+    /// Close task `itt`'s buffer and take it back: `None` without one, or while the
+    /// transport still sends from it (it frees the buffer itself once it has; see
+    /// [`crate::engine::Offloaded`]). The machines only take back what a task read.
     fn close(&mut self, itt: u32) -> Option<Vec<u8>>;
 
     /// Close every task buffer (a task set was aborted).

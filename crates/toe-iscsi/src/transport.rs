@@ -219,27 +219,13 @@ pub trait Transport {
     /// Send a read's data as Data-In PDUs ([`DataInBurst::pdus`]), from the task's open
     /// buffer; a transport with an engine hands the engine the one request.
     fn send_data_in(&mut self, burst: &DataInBurst) {
-        for (repr, offset, len) in burst.pdus() {
-            let data = TxData::Task {
-                itt: burst.itt,
-                offset,
-                len,
-            };
-            self.send(&repr, data);
-        }
+        send_from_task(self, burst.itt, burst.pdus());
     }
 
     /// Send a write's data as Data-Out PDUs ([`DataOutBurst::pdus`]), from the task's open
     /// buffer; a transport with an engine hands the engine the one request.
     fn send_data_out(&mut self, burst: &DataOutBurst) {
-        for (repr, offset, len) in burst.pdus() {
-            let data = TxData::Task {
-                itt: burst.itt,
-                offset,
-                len,
-            };
-            self.send(&repr, data);
-        }
+        send_from_task(self, burst.itt, burst.pdus());
     }
 
     /// Open task `itt`'s buffer: `buf` is the data to send from, or zeros to receive into
@@ -265,6 +251,17 @@ pub trait Transport {
     /// Bytes the host ran through CRC32C for digests so far, sent and received (0 where
     /// the NIC computes them).
     fn digest_bytes(&self) -> u64;
+}
+
+/// Send each (header, offset, length) of `pdus` with that range of task `itt`'s buffer.
+fn send_from_task<T: Transport + ?Sized>(
+    io: &mut T,
+    itt: u32,
+    pdus: impl Iterator<Item = (Repr, u32, u32)>,
+) {
+    for (repr, offset, len) in pdus {
+        io.send(&repr, TxData::Task { itt, offset, len });
+    }
 }
 
 /// Task buffers in host memory, by ITT: where a transport keeps what [`Transport::open`]

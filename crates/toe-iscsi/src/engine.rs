@@ -22,7 +22,7 @@
 use std::collections::HashMap;
 
 use crate::transport::{RxData, RxPdu};
-use crate::wire::{crc32c, padded, DigestCheck, BHS_LEN, DIGEST_LEN};
+use crate::wire::{crc32c, padded, DigestCheck, Framing, BHS_LEN, DIGEST_LEN};
 
 /// The host buffers registered for task tags, as the engine reaches them (by DMA).
 pub trait TagMemory {
@@ -102,8 +102,8 @@ struct Incoming {
 /// One offloaded connection's engine.
 #[derive(Default)]
 pub struct Engine {
-    header_digest: bool,
-    data_digest: bool,
+    /// Digests as negotiated.
+    framing: Framing,
     max_recv: u32,
     /// Registered tags and their buffers' lengths, bytes.
     tags: HashMap<u32, usize>,
@@ -130,8 +130,10 @@ impl Engine {
     /// this side declared).
     pub fn new(header_digest: bool, data_digest: bool, max_recv: u32) -> Engine {
         Engine {
-            header_digest,
-            data_digest,
+            framing: Framing {
+                header_digest,
+                data_digest,
+            },
             max_recv,
             ..Engine::default()
         }
@@ -168,7 +170,13 @@ impl Engine {
     }
 
     fn header_len(&self, bhs: &[u8]) -> usize {
-        BHS_LEN + usize::from(bhs[4]) * 4 + if self.header_digest { DIGEST_LEN } else { 0 }
+        BHS_LEN
+            + usize::from(bhs[4]) * 4
+            + if self.framing.header_digest {
+                DIGEST_LEN
+            } else {
+                0
+            }
     }
 
     /// Take in-order bytes of the received stream: data is placed through `mem`, and the
@@ -208,15 +216,25 @@ impl Engine {
         if i.data_len == 0 {
             0
         } else {
-            padded(i.data_len) + if self.data_digest { DIGEST_LEN } else { 0 }
+            padded(i.data_len)
+                + if self.framing.data_digest {
+                    DIGEST_LEN
+                } else {
+                    0
+                }
         }
     }
 
     /// The header is in: check its digest, decide where the data goes.
     fn start_pdu(&mut self, up: &mut Vec<u8>) {
         let header = std::mem::take(&mut self.head);
-        let ahs_end = header.len() - if self.header_digest { DIGEST_LEN } else { 0 };
-        if self.header_digest {
+        let ahs_end = header.len()
+            - if self.framing.header_digest {
+                DIGEST_LEN
+            } else {
+                0
+            };
+        if self.framing.header_digest {
             self.stats.digests_checked += 1;
             let received = u32::from_le_bytes(header[ahs_end..].try_into().expect("4 bytes"));
             if crc32c(&[&header[..ahs_end]]) != received {
@@ -268,7 +286,7 @@ impl Engine {
     /// Take what of `bytes` belongs to the incoming PDU's data, padding and digest.
     fn take_data(&mut self, bytes: &[u8], mem: &mut dyn TagMemory) -> usize {
         let total = self.incoming.as_ref().map_or(0, |i| self.data_total(i));
-        let data_digest = self.data_digest;
+        let data_digest = self.framing.data_digest;
         let Some(i) = self.incoming.as_mut() else {
             return 0;
         };
@@ -307,10 +325,10 @@ impl Engine {
             return;
         };
         let mut flags = 0;
-        if self.header_digest {
+        if self.framing.header_digest {
             flags |= flag::HEADER_DIGEST_CHECKED;
         }
-        if self.data_digest && i.data_len > 0 {
+        if self.framing.data_digest && i.data_len > 0 {
             flags |= flag::DATA_DIGEST_CHECKED;
             self.stats.digests_checked += 1;
             if u32::from_le_bytes(i.digest) != i.crc {
@@ -361,15 +379,11 @@ impl Engine {
                 }
             }
         };
-        let framing = crate::wire::Framing {
-            header_digest: self.header_digest,
-            data_digest: self.data_digest,
-        };
-        if framing.emit_bhs(*bhs, &[], data, wire).is_err() {
+        if self.framing.emit_bhs(*bhs, &[], data, wire).is_err() {
             return false;
         }
-        self.stats.digests_computed +=
-            u64::from(self.header_digest) + u64::from(self.data_digest && !data.is_empty());
+        self.stats.digests_computed += u64::from(self.framing.header_digest)
+            + u64::from(self.framing.data_digest && !data.is_empty());
         self.stats.pdus_sent += 1;
         true
     }

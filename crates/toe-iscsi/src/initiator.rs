@@ -533,9 +533,10 @@ impl<T: Transport> InitiatorConn<T> {
                 };
                 let at = d.buffer_offset as usize;
                 let end = at + pdu.data_len();
-                let placed_elsewhere =
-                    matches!(pdu.data, RxData::Placed { offset, .. } if offset != d.buffer_offset);
-                if end > t.cmd.expected_len as usize || t.cmd.write || placed_elsewhere {
+                if end > t.cmd.expected_len as usize
+                    || t.cmd.write
+                    || pdu.placed_elsewhere(d.buffer_offset)
+                {
                     return self.fail("Data-In past the expected length".into());
                 }
                 t.read_end = t.read_end.max(end);

@@ -231,10 +231,8 @@ impl Reservations {
                 if scope != 0 {
                     return Err(Refusal::Check(Sense::INVALID_FIELD_IN_CDB));
                 }
-                match Type::from_code(code) {
-                    Some(t) => Some(t),
-                    None => return Err(Refusal::Check(Sense::INVALID_FIELD_IN_CDB)),
-                }
+                let t = Type::from_code(code);
+                Some(t.ok_or(Refusal::Check(Sense::INVALID_FIELD_IN_CDB))?)
             }
             _ => None,
         };

@@ -162,6 +162,22 @@ impl Sense {
     /// UNIT ATTENTION, POWER ON, RESET, OR BUS DEVICE RESET OCCURRED (29h/00h): after a
     /// TARGET WARM RESET.
     pub const RESET_OCCURRED: Sense = Sense::attention(0x29, 0x00);
+    /// MEDIUM ERROR, WRITE ERROR (0Ch/00h): the store refused a write or a flush.
+    pub const WRITE_ERROR: Sense = Sense {
+        key: key::MEDIUM_ERROR,
+        asc: 0x0c,
+        ascq: 0x00,
+        field: None,
+        information: None,
+    };
+    /// MEDIUM ERROR, UNRECOVERED READ ERROR (11h/00h): the store refused a read.
+    pub const READ_ERROR: Sense = Sense {
+        key: key::MEDIUM_ERROR,
+        asc: 0x11,
+        ascq: 0x00,
+        field: None,
+        information: None,
+    };
     /// WRITE PROTECTED.
     pub const WRITE_PROTECTED: Sense = Sense {
         key: key::DATA_PROTECT,
@@ -1014,24 +1030,27 @@ impl Disk {
             return self.deallocate(lba, n);
         }
         self.map(lba, n);
-        // Write in runs of up to 1 MiB.
-        let per = (1 << 20) / b;
+        match self.fill(lba, n, &block) {
+            Ok(()) => Outcome::good(Vec::new()),
+            Err(s) => Outcome::check(s),
+        }
+    }
+
+    /// Write `block` (one block long) to each of the `n` blocks at `lba` (in range), in
+    /// runs of up to 1 MiB.
+    fn fill(&mut self, lba: u64, n: u64, block: &[u8]) -> Result<(), Sense> {
+        let b = block.len();
+        let per = ((1 << 20) / b).max(1);
         let run: Vec<u8> = block.repeat(per.min(n as usize));
-        let mut at = lba;
-        let end = lba + n;
+        let (mut at, end) = (lba, lba + n);
         while at < end {
             let k = (end - at).min(per as u64) as usize;
-            if self.store.write_at(at * b as u64, &run[..k * b]).is_err() {
-                return Outcome::check(Sense {
-                    key: key::MEDIUM_ERROR,
-                    asc: 0x0c,
-                    ascq: 0x00,
-                    ..Sense::NO_SENSE
-                });
-            }
+            self.store
+                .write_at(at * b as u64, &run[..k * b])
+                .map_err(|_| Sense::WRITE_ERROR)?;
             at += k as u64;
         }
-        Outcome::good(Vec::new())
+        Ok(())
     }
 
     /// VERIFY: the range is checked; with BYTCHK 1 the blocks are compared with `data`,
@@ -1081,20 +1100,8 @@ impl Disk {
     /// Deallocate `n` blocks at `lba` (in range): they are zeroed in the store, since
     /// unmapped blocks read as zeros (LBPRZ), and recorded as unmapped.
     fn deallocate(&mut self, lba: u64, n: u64) -> Outcome {
-        let b = u64::from(self.block);
-        let zeros = vec![0u8; (1 << 20).min((n * b) as usize)];
-        let (mut at, end) = (lba * b, (lba + n) * b);
-        while at < end {
-            let k = (end - at).min(zeros.len() as u64) as usize;
-            if self.store.write_at(at, &zeros[..k]).is_err() {
-                return Outcome::check(Sense {
-                    key: key::MEDIUM_ERROR,
-                    asc: 0x0c,
-                    ascq: 0x00,
-                    ..Sense::NO_SENSE
-                });
-            }
-            at += k as u64;
+        if let Err(s) = self.fill(lba, n, &vec![0u8; self.block as usize]) {
+            return Outcome::check(s);
         }
         // Bounded memory: past MAX_UNMAPPED_RANGES separate ranges (a peer unmapping every
         // other block) the last ones are forgotten and report as mapped: the data (zeroed)
@@ -1227,12 +1234,7 @@ impl Disk {
         let mut d = vec![0u8; (n * b) as usize];
         match self.store.read_at(lba * b, &mut d) {
             Ok(()) => Outcome::good(d),
-            Err(_) => Outcome::check(Sense {
-                key: key::MEDIUM_ERROR,
-                asc: 0x11,
-                ascq: 0x00,
-                ..Sense::NO_SENSE
-            }),
+            Err(_) => Outcome::check(Sense::READ_ERROR),
         }
     }
 
@@ -1251,12 +1253,7 @@ impl Disk {
         let len = ((data.len() as u64).min(n * b) / b * b) as usize;
         self.map(lba, len as u64 / b);
         if self.store.write_at(lba * b, &data[..len]).is_err() {
-            return Outcome::check(Sense {
-                key: key::MEDIUM_ERROR,
-                asc: 0x0c,
-                ascq: 0x00,
-                ..Sense::NO_SENSE
-            });
+            return Outcome::check(Sense::WRITE_ERROR);
         }
         if fua {
             return self.flush();
@@ -1267,12 +1264,7 @@ impl Disk {
     fn flush(&mut self) -> Outcome {
         match self.store.flush() {
             Ok(()) => Outcome::good(Vec::new()),
-            Err(_) => Outcome::check(Sense {
-                key: key::MEDIUM_ERROR,
-                asc: 0x0c,
-                ascq: 0x00,
-                ..Sense::NO_SENSE
-            }),
+            Err(_) => Outcome::check(Sense::WRITE_ERROR),
         }
     }
 

@@ -855,9 +855,7 @@ impl<T: Transport> TargetConn<T> {
         }
         let len = pdu.data_len();
         let end = u64::from(d.buffer_offset) + len as u64;
-        let placed_elsewhere =
-            matches!(pdu.data, RxData::Placed { offset, .. } if offset != d.buffer_offset);
-        if end > u64::from(t.cmd.expected_len) || placed_elsewhere {
+        if end > u64::from(t.cmd.expected_len) || pdu.placed_elsewhere(d.buffer_offset) {
             return self.reject(pdu, reject_reason::PROTOCOL_ERROR);
         }
         t.received += len as u32;

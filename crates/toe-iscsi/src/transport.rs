@@ -63,6 +63,12 @@ impl<'a> RxPdu<'a> {
         }
     }
 
+    /// Whether the data was placed somewhere else than at `buffer_offset` (the PDU's Buffer
+    /// Offset): a transport that does so is broken, and the PDU a protocol error.
+    pub fn placed_elsewhere(&self, buffer_offset: u32) -> bool {
+        matches!(self.data, RxData::Placed { offset, .. } if offset != buffer_offset)
+    }
+
     /// The inline data; empty for placed data (which only task data can be: Data-In,
     /// Data-Out, immediate data).
     pub fn inline(&self) -> &'a [u8] {

@@ -224,6 +224,56 @@ pub enum Command {
         /// Connection.
         conn: ConnId,
     },
+    /// Hand the connection's data path to the NIC's upper-layer engine `engine` (a name the
+    /// NIC was built with), started with the protocol's `params`, at stream offset
+    /// `stream_offset`: the first byte the driver has NOT received. The NIC starts it only if
+    /// its own delivery position equals that offset; otherwise it answers
+    /// [`Event::UlpRefused`] with `stale: true` and suspends delivery on the connection at
+    /// its position, so that a retry with that position (once the driver has taken what was
+    /// in flight) succeeds. `carry`: bytes the host received but its software did not
+    /// consume (the start of the first PDU after the handshake); the engine takes them
+    /// before the stream. After the start, what the driver is indicated is the engine's
+    /// record stream, and the connection sends only through [`Command::UlpSend`].
+    UlpOffload {
+        /// Connection.
+        conn: ConnId,
+        /// The engine's name.
+        engine: &'static str,
+        /// The engine's start parameters (the protocol's encoding).
+        params: Vec<u8>,
+        /// Stream offset the engine starts at, bytes.
+        stream_offset: u64,
+        /// Received bytes the engine takes first.
+        carry: Vec<u8>,
+    },
+    /// Register `buf` for task tag `tag`: the engine places the tag's data into it (and
+    /// reads data to send from it). Ownership passes to the NIC until
+    /// [`Event::UlpReleased`] gives it back, exactly once.
+    UlpRegister {
+        /// Connection.
+        conn: ConnId,
+        /// The task tag.
+        tag: u32,
+        /// The buffer (its whole length is the tag's).
+        buf: HostBuf,
+    },
+    /// Release task tag `tag` once every [`Command::UlpSend`] before it has been carried
+    /// out: its buffer comes back with [`Event::UlpReleased`] (if the NIC still holds it).
+    UlpRelease {
+        /// Connection.
+        conn: ConnId,
+        /// The task tag.
+        tag: u32,
+    },
+    /// Ask the engine to send: `request` in the protocol's encoding (for iSCSI: a PDU
+    /// header with inline data or a range of a registered buffer, or "this buffer as data
+    /// PDUs"). Carried out in order, as the socket's send buffer takes the bytes.
+    UlpSend {
+        /// Connection.
+        conn: ConnId,
+        /// The request.
+        request: Vec<u8>,
+    },
 }
 
 /// NIC -> host events.
@@ -332,6 +382,48 @@ pub enum Event {
     BuffersReturned {
         /// The buffers.
         bufs: Vec<HostBuf>,
+    },
+    /// The engine runs the connection from `stream_offset` on.
+    UlpStarted {
+        /// Connection.
+        conn: ConnId,
+        /// The stream offset of the offload, bytes.
+        stream_offset: u64,
+    },
+    /// A [`Command::UlpOffload`] was refused. With `stale`, the NIC had delivered up to
+    /// `position` (past the offload's offset) and holds delivery there until the next
+    /// offload command or the connection's end; otherwise (an unknown engine, bad
+    /// parameters, an engine already running) nothing changed.
+    UlpRefused {
+        /// Connection.
+        conn: ConnId,
+        /// The NIC's delivery position, bytes.
+        position: u64,
+        /// Whether a retry at `position` can succeed.
+        stale: bool,
+        /// Human-readable cause.
+        error: String,
+    },
+    /// A registered buffer comes back: released by the host, finished by the engine (its
+    /// task's data is all in), replaced by a new registration of the same tag, or the
+    /// connection ended. Each registered buffer comes back exactly once.
+    UlpReleased {
+        /// Connection.
+        conn: ConnId,
+        /// The task tag.
+        tag: u32,
+        /// The buffer; ownership returns to the driver.
+        buf: HostBuf,
+        /// Data bytes the engine placed into it while the NIC held it.
+        placed: u32,
+    },
+    /// The engine refused a send request or an input it cannot go on from (the record
+    /// stream says what the protocol saw): the host ends the connection or the task.
+    UlpError {
+        /// Connection.
+        conn: ConnId,
+        /// Human-readable cause.
+        error: String,
     },
 }
 

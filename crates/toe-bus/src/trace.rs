@@ -130,6 +130,28 @@ pub fn describe_command(
         }
         Command::Close { conn } => ("Close", Some(*conn), None),
         Command::Abort { conn } => ("Abort", Some(*conn), None),
+        Command::UlpOffload {
+            conn,
+            engine,
+            stream_offset,
+            carry,
+            ..
+        } => {
+            f.extend([("offset", *stream_offset), ("carry", carry.len() as u64)]);
+            ("UlpOffload", Some(*conn), Some(*engine))
+        }
+        Command::UlpRegister { conn, tag, buf } => {
+            f.extend([("tag", *tag as u64), ("len", buf.len() as u64)]);
+            ("UlpRegister", Some(*conn), None)
+        }
+        Command::UlpRelease { conn, tag } => {
+            f.push(("tag", *tag as u64));
+            ("UlpRelease", Some(*conn), None)
+        }
+        Command::UlpSend { conn, request } => {
+            f.push(("len", request.len() as u64));
+            ("UlpSend", Some(*conn), None)
+        }
     }
 }
 
@@ -194,5 +216,28 @@ pub fn describe_event(
             f.push(("buffers", bufs.len() as u64));
             ("BuffersReturned", None, None)
         }
+        Event::UlpStarted {
+            conn,
+            stream_offset,
+        } => {
+            f.push(("offset", *stream_offset));
+            ("UlpStarted", Some(*conn), None)
+        }
+        Event::UlpRefused {
+            conn,
+            position,
+            stale,
+            ..
+        } => {
+            f.extend([("position", *position), ("stale", *stale as u64)]);
+            ("UlpRefused", Some(*conn), None)
+        }
+        Event::UlpReleased {
+            conn, tag, placed, ..
+        } => {
+            f.extend([("tag", *tag as u64), ("placed", *placed as u64)]);
+            ("UlpReleased", Some(*conn), None)
+        }
+        Event::UlpError { conn, .. } => ("UlpError", Some(*conn), None),
     }
 }

@@ -111,6 +111,42 @@ pub enum AppEvent {
     Closed,
     /// The NIC refused a command.
     Error(String),
+    /// The NIC's upper-layer engine slot reported something: take it with
+    /// [`Driver::take_ulp`].
+    Ulp,
+}
+
+/// What the NIC's upper-layer engine slot reported for a connection, in order
+/// ([`Driver::take_ulp`]).
+#[derive(Debug)]
+pub enum UlpNote {
+    /// The engine runs the connection from this stream offset on: what is indicated from
+    /// there is its record stream.
+    Started {
+        /// The offset, bytes.
+        stream_offset: u64,
+    },
+    /// The offload was refused. With `stale`, the NIC had delivered up to `position` and
+    /// holds delivery there: take what was indicated and offload again at `position`.
+    Refused {
+        /// The NIC's delivery position, bytes.
+        position: u64,
+        /// A retry at `position` can succeed.
+        stale: bool,
+        /// Why.
+        error: String,
+    },
+    /// A registered buffer came back (exactly once per registration).
+    Released {
+        /// The task tag.
+        tag: u32,
+        /// The buffer.
+        buf: HostBuf,
+        /// Data bytes the engine placed into it.
+        placed: u32,
+    },
+    /// The engine refused a send request, or cannot go on with the received stream.
+    Error(String),
 }
 
 /// Driver configuration.
@@ -164,8 +200,9 @@ impl News {
     const SEND_DONE: u16 = 1 << 5;
     const PEER_CLOSED: u16 = 1 << 6;
     const RESET: u16 = 1 << 7;
-    const ERROR: u16 = 1 << 8;
-    const CLOSED: u16 = 1 << 9;
+    const ULP: u16 = 1 << 8;
+    const ERROR: u16 = 1 << 9;
+    const CLOSED: u16 = 1 << 10;
 
     fn bit(e: &AppEvent) -> u16 {
         match e {
@@ -177,6 +214,7 @@ impl News {
             AppEvent::SendDone => Self::SEND_DONE,
             AppEvent::PeerClosed => Self::PEER_CLOSED,
             AppEvent::Reset => Self::RESET,
+            AppEvent::Ulp => Self::ULP,
             AppEvent::Error(_) => Self::ERROR,
             AppEvent::Closed => Self::CLOSED,
         }
@@ -198,6 +236,9 @@ struct DConn {
     timer: Option<Instant>,
     /// The listener port of a passive connection.
     listener: Option<u16>,
+    /// Reports of the NIC's engine slot not taken yet (as many as the commands and
+    /// registrations that caused them).
+    ulp: VecDeque<UlpNote>,
     /// Coalesced news not yet taken by the application.
     news: News,
     /// The latest refused command's message (for [`AppEvent::Error`]).
@@ -412,6 +453,7 @@ impl Driver {
             listener: None,
             news: News::default(),
             last_error: None,
+            ulp: VecDeque::new(),
         }
     }
 
@@ -482,8 +524,8 @@ impl Driver {
     /// and the queue is bounded by the number of connections (plus [`MAX_HOST_ERRORS`]
     /// host-wide errors, reported with connection id 0). Within one connection, kinds come
     /// in this order: `Connected`, `Incoming`, `ConnectFailed`, `DataAvailable`,
-    /// `NamedComplete`, `SendDone`, `PeerClosed`, `Reset`, `Error` (the latest message),
-    /// `Closed`. An event is news, not a count: `SendDone` means "one or more sends came
+    /// `NamedComplete`, `SendDone`, `PeerClosed`, `Reset`, `Ulp`, `Error` (the latest
+    /// message), `Closed`. An event is news, not a count: `SendDone` means "one or more sends came
     /// back", `DataAvailable` means "look at this connection's data".
     pub fn take_event(&mut self) -> Option<(ConnId, AppEvent)> {
         if let Some(msg) = self.host_errors.pop_front() {
@@ -518,6 +560,7 @@ impl Driver {
                 News::SEND_DONE => AppEvent::SendDone,
                 News::PEER_CLOSED => AppEvent::PeerClosed,
                 News::RESET => AppEvent::Reset,
+                News::ULP => AppEvent::Ulp,
                 News::ERROR => AppEvent::Error(c.last_error.clone().unwrap_or_default()),
                 _ => AppEvent::Closed,
             };
@@ -755,6 +798,67 @@ impl Driver {
         Ok(())
     }
 
+    /// Hand the connection's data path to the NIC's upper-layer engine `engine`, started
+    /// with `params`, at the first byte not received yet; `carry` are bytes received but not
+    /// consumed by the host's software (the engine takes them first). Received data must
+    /// all have been taken (it belongs in `carry`). Returns the stream offset of the
+    /// offload; the answer comes as [`UlpNote::Started`] or [`UlpNote::Refused`].
+    pub fn ulp_offload(
+        &mut self,
+        conn: ConnId,
+        engine: &'static str,
+        params: Vec<u8>,
+        carry: Vec<u8>,
+    ) -> Result<u64, DriverError> {
+        let c = self.conn(conn)?;
+        let open = matches!(c.state, ConnState::Established | ConnState::PeerClosed);
+        if !open || c.close_sent || c.rx.queued_bytes() > 0 {
+            return Err(DriverError::BadState {
+                conn,
+                state: c.state.clone(),
+                what: "an engine offload (closing, or received data not taken: it goes in carry)",
+            });
+        }
+        let stream_offset = c.rx.received_end();
+        self.send_cmd(Command::UlpOffload {
+            conn,
+            engine,
+            params,
+            stream_offset,
+            carry,
+        });
+        Ok(stream_offset)
+    }
+
+    /// Register `buf` for task tag `tag` with the connection's engine slot: it comes back
+    /// as [`UlpNote::Released`], exactly once.
+    pub fn ulp_register(&mut self, conn: ConnId, tag: u32, buf: HostBuf) -> Result<(), Refused> {
+        if let Err(error) = self.conn(conn) {
+            return Err(Refused { error, buf });
+        }
+        self.send_cmd(Command::UlpRegister { conn, tag, buf });
+        Ok(())
+    }
+
+    /// Release task tag `tag` after the send requests already given.
+    pub fn ulp_release(&mut self, conn: ConnId, tag: u32) -> Result<(), DriverError> {
+        self.conn(conn)?;
+        self.send_cmd(Command::UlpRelease { conn, tag });
+        Ok(())
+    }
+
+    /// Ask the connection's engine to send `request` (the protocol's encoding).
+    pub fn ulp_send(&mut self, conn: ConnId, request: Vec<u8>) -> Result<(), DriverError> {
+        self.conn(conn)?;
+        self.send_cmd(Command::UlpSend { conn, request });
+        Ok(())
+    }
+
+    /// The next report of the connection's engine slot.
+    pub fn take_ulp(&mut self, conn: ConnId) -> Result<Option<UlpNote>, DriverError> {
+        Ok(self.conn_mut(conn)?.ulp.pop_front())
+    }
+
     /// Take a send buffer back: `(buffer, every byte acknowledged)`.
     pub fn take_send_done(&mut self, conn: ConnId) -> Result<Option<(HostBuf, bool)>, DriverError> {
         Ok(self.conn_mut(conn)?.send_done.pop_front())
@@ -812,6 +916,11 @@ impl Driver {
         }
         for (b, _) in c.send_done.drain(..) {
             self.mem.free(b);
+        }
+        for note in c.ulp.drain(..) {
+            if let UlpNote::Released { buf, .. } = note {
+                self.mem.free(buf);
+            }
         }
         out.notes.clear();
         self.absorb(out);
@@ -889,7 +998,9 @@ impl Driver {
                     ..Outputs::default()
                 });
             }
-            Event::NamedDone { buf, .. } | Event::SendDone { buf, .. } => self.mem.free(buf),
+            Event::NamedDone { buf, .. }
+            | Event::SendDone { buf, .. }
+            | Event::UlpReleased { buf, .. } => self.mem.free(buf),
             _ => {}
         }
     }
@@ -904,7 +1015,11 @@ impl Driver {
             | Event::SendDone { conn, .. }
             | Event::PeerClosed { conn }
             | Event::Reset { conn }
-            | Event::Closed { conn } => Some(*conn),
+            | Event::Closed { conn }
+            | Event::UlpStarted { conn, .. }
+            | Event::UlpRefused { conn, .. }
+            | Event::UlpReleased { conn, .. }
+            | Event::UlpError { conn, .. } => Some(*conn),
             Event::CommandError { conn, .. } => *conn,
             Event::ListenFailed { .. } | Event::BuffersReturned { .. } => None,
         };
@@ -1061,6 +1176,33 @@ impl Driver {
             Event::CommandError { error, .. } => {
                 self.stats.nic_errors += 1;
                 Some(AppEvent::Error(error))
+            }
+            Event::UlpStarted { stream_offset, .. } => {
+                c.ulp.push_back(UlpNote::Started { stream_offset });
+                Some(AppEvent::Ulp)
+            }
+            Event::UlpRefused {
+                position,
+                stale,
+                error,
+                ..
+            } => {
+                c.ulp.push_back(UlpNote::Refused {
+                    position,
+                    stale,
+                    error,
+                });
+                Some(AppEvent::Ulp)
+            }
+            Event::UlpReleased {
+                tag, buf, placed, ..
+            } => {
+                c.ulp.push_back(UlpNote::Released { tag, buf, placed });
+                Some(AppEvent::Ulp)
+            }
+            Event::UlpError { error, .. } => {
+                c.ulp.push_back(UlpNote::Error(error));
+                Some(AppEvent::Ulp)
             }
             Event::ListenFailed { .. } | Event::BuffersReturned { .. } => None,
         };

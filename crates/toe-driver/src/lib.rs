@@ -14,6 +14,6 @@ pub mod stream;
 pub use conn::{AckPolicy, ConnRx, ConnRxStats, NamedCompletion, NamedId, Note, Outputs, RxConfig};
 pub use driver::{
     AppEvent, ConnInfo, ConnState, Driver, DriverConfig, DriverError, DriverStats, Refused,
-    MAX_HOST_ERRORS,
+    UlpNote, MAX_HOST_ERRORS,
 };
 pub use stream::{SharedDriver, Stream, Waiter};

@@ -7,6 +7,8 @@
 //! - [`impair`]: phy middleware that impairs a port (delay, rate limit with a bounded queue,
 //!   loss, reordering, duplication, corruption), seeded and reproducible.
 //! - [`pcap`]: phy middleware that records a port's frames in a libpcap file.
+//! - [`ulp`]: the upper-layer engine slot of an offload context (the interface protocol
+//!   crates implement, and the pure per-connection state the NIC keeps for it).
 
 pub mod impair;
 pub mod nic;
@@ -14,9 +16,11 @@ pub mod offload;
 pub mod pcap;
 pub mod phy;
 mod sockets;
+pub mod ulp;
 
 pub use impair::{ImpairConfig, ImpairError, ImpairMonitor, ImpairStats, Impaired};
 pub use nic::{Nic, NicConfig, NicStats};
 pub use offload::{OffloadCtx, OffloadStats, Plan};
 pub use pcap::{Pcap, PcapWriter, SharedPcap};
 pub use phy::{wire, Frame, Ingress, NicDevice, Phy, PhyStats, WirePort};
+pub use ulp::{TagMemory, UlpConn, UlpEngine, UlpFactory, UlpStats};

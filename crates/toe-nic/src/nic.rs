@@ -24,6 +24,7 @@ use toe_bus::{
 use crate::offload::{OffloadCtx, OffloadStats, Plan};
 use crate::phy::{FlowKey, Ingress, NicDevice, Phy, PhyStats};
 use crate::sockets::{Owner, SockId, Sockets, SynAck};
+use crate::ulp::{UlpConn, UlpFactory, UlpStats};
 
 /// NIC configuration.
 #[derive(Debug, Clone)]
@@ -157,6 +158,17 @@ struct NicConn {
     fin_seen: bool,
     /// Waiting in [`Nic`]'s starved list for an anonymous buffer.
     starved: bool,
+    /// The upper-layer engine slot, once the host registered a tag or asked for an engine.
+    ulp: Option<Box<UlpConn>>,
+}
+
+impl NicConn {
+    /// Whether an engine runs the connection, or delivery is held for one.
+    fn ulp_active(&self) -> bool {
+        self.ulp
+            .as_ref()
+            .is_some_and(|u| u.running() || u.frozen().is_some())
+    }
 }
 
 /// How long a half-open socket whose SYN-ACK went out is safe from recycling: RFC 6298's
@@ -212,6 +224,10 @@ pub struct Nic<P: Phy> {
     finished: Vec<ConnId>,
     scratch_socks: Vec<SockId>,
     scratch_flows: Vec<FlowKey>,
+    /// The upper-layer engines this NIC carries.
+    engines: Vec<Arc<dyn UlpFactory>>,
+    /// The time of the poll in progress.
+    now: Instant,
 }
 
 impl<P: Phy> std::fmt::Debug for Nic<P> {
@@ -335,7 +351,22 @@ impl<P: Phy> Nic<P> {
             finished: Vec::new(),
             scratch_socks: Vec::new(),
             scratch_flows: Vec::new(),
+            engines: Vec::new(),
+            now,
         }
+    }
+
+    /// Carry the upper-layer engine `factory` makes: hosts ask for it by its name in
+    /// [`Command::UlpOffload`]. A factory of the same name is replaced.
+    pub fn add_engine(&mut self, factory: Arc<dyn UlpFactory>) {
+        self.engines.retain(|f| f.name() != factory.name());
+        self.engines.push(factory);
+    }
+
+    /// The ULP slot of a connection: its counters and its engine's, if it has a slot.
+    pub fn ulp_state(&self, conn: ConnId) -> Option<(UlpStats, Vec<(&'static str, u64)>)> {
+        let u = self.conns.get(&conn)?.ulp.as_ref()?;
+        Some((u.stats(), u.engine_counters()))
     }
 
     /// Configuration.
@@ -415,6 +446,7 @@ impl<P: Phy> Nic<P> {
     /// what arrived (commands, frames) and to the sockets it touched or whose timers are due,
     /// not to the number of connections.
     pub fn poll(&mut self, now: Instant) -> bool {
+        self.now = now;
         let mut progress = self.bus.flush();
         while let Some(cmd) = self.bus.try_recv(now) {
             progress = true;
@@ -616,6 +648,12 @@ impl<P: Phy> Nic<P> {
             if c.phase == Phase::Connecting {
                 continue;
             }
+            if c.ulp_active() {
+                // The engine's records are the delivered stream: the segments' PSH marks
+                // do not apply to it (the slot marks record boundaries instead).
+                self.dev.take_psh(&key);
+                continue;
+            }
             let span = self.cfg.socket_rx_bytes as u64;
             self.stats.psh_out_of_window += apply_psh(&mut c.ctx, self.dev.take_psh(&key), span);
             self.socks.mark(id);
@@ -639,14 +677,18 @@ impl<P: Phy> Nic<P> {
         }
     }
 
-    fn command(&mut self, cmd: Command, _now: Instant) {
+    fn command(&mut self, cmd: Command, now: Instant) {
         let conn = match &cmd {
             Command::PostNamed { conn, .. }
             | Command::ReturnNamed { conn, .. }
             | Command::IndicateAck { conn, .. }
             | Command::Send { conn, .. }
             | Command::Close { conn }
-            | Command::Abort { conn } => Some(*conn),
+            | Command::Abort { conn }
+            | Command::UlpOffload { conn, .. }
+            | Command::UlpRegister { conn, .. }
+            | Command::UlpRelease { conn, .. }
+            | Command::UlpSend { conn, .. } => Some(*conn),
             _ => None,
         };
         if let Some(conn) = conn {
@@ -742,7 +784,12 @@ impl<P: Phy> Nic<P> {
                 ),
             },
             Command::Send { conn, buf, len } => match self.conns.get_mut(&conn) {
-                Some(c) if !c.close_requested && (len as usize) <= buf.len() && len > 0 => {
+                Some(c)
+                    if !c.close_requested
+                        && !c.ulp_active()
+                        && (len as usize) <= buf.len()
+                        && len > 0 =>
+                {
                     c.tx_queue.push_back(TxBuf {
                         buf,
                         len: len as usize,
@@ -758,7 +805,10 @@ impl<P: Phy> Nic<P> {
                     });
                     self.refuse(
                         Some(conn),
-                        format!("Send: connection {conn} unknown, closing, or bad length {len}"),
+                        format!(
+                            "Send: connection {conn} unknown, closing, offloaded to an engine, \
+                             or bad length {len}"
+                        ),
                     );
                 }
             },
@@ -776,6 +826,84 @@ impl<P: Phy> Nic<P> {
                 }
                 None => self.refuse(Some(conn), format!("Abort: unknown connection {conn}")),
             },
+            Command::UlpOffload {
+                conn,
+                engine,
+                params,
+                stream_offset,
+                carry,
+            } => {
+                let factory = self.engines.iter().find(|f| f.name() == engine).cloned();
+                match self.conns.get_mut(&conn) {
+                    Some(c) if c.phase == Phase::Open && !c.close_requested => {
+                        let position = c.ctx.position();
+                        let u = c.ulp.get_or_insert_with(Box::default);
+                        let started = u.offload(
+                            conn,
+                            factory.as_deref(),
+                            &params,
+                            stream_offset,
+                            &carry,
+                            position,
+                            now,
+                            &self.dma,
+                            &mut self.out,
+                        );
+                        if started {
+                            // PSH marks of the raw stream mean nothing in the records.
+                            c.ctx.clear_psh_marks();
+                            if u.available() > 0 {
+                                c.ctx.add_psh_mark(position + u.available() as u64);
+                            }
+                        }
+                    }
+                    _ => self.out.push_back(Event::UlpRefused {
+                        conn,
+                        position: 0,
+                        stale: false,
+                        error: format!(
+                            "UlpOffload: connection {conn} unknown, not open, or closing"
+                        ),
+                    }),
+                }
+            }
+            Command::UlpRegister { conn, tag, buf } => match self.conns.get_mut(&conn) {
+                Some(c) => {
+                    c.ulp
+                        .get_or_insert_with(Box::default)
+                        .register(conn, tag, buf, &mut self.out)
+                }
+                None => {
+                    self.out.push_back(Event::UlpReleased {
+                        conn,
+                        tag,
+                        buf,
+                        placed: 0,
+                    });
+                    self.refuse(
+                        Some(conn),
+                        format!("UlpRegister: unknown connection {conn}"),
+                    );
+                }
+            },
+            Command::UlpRelease { conn, tag } => {
+                match self.conns.get_mut(&conn).and_then(|c| c.ulp.as_mut()) {
+                    Some(u) => u.release(conn, tag, &mut self.out),
+                    None => self.refuse(
+                        Some(conn),
+                        format!("UlpRelease: connection {conn} unknown or without tags"),
+                    ),
+                }
+            }
+            Command::UlpSend { conn, request } => {
+                match self.conns.get_mut(&conn).and_then(|c| c.ulp.as_mut()) {
+                    Some(u) if u.running() => u.send(request),
+                    _ => self.refuse(
+                        Some(conn),
+                        format!("UlpSend: no engine runs connection {conn}"),
+                    ),
+                }
+            }
         }
     }
 
@@ -854,6 +982,7 @@ impl<P: Phy> Nic<P> {
             eof_sent: false,
             fin_seen: false,
             starved: false,
+            ulp: None,
         }
     }
 
@@ -1064,14 +1193,27 @@ impl<P: Phy> Nic<P> {
             }
         }
 
-        // Receive: stack -> host memory.
+        // Receive: stack -> host memory (through the engine, if one runs: stack -> engine
+        // -> records -> host memory).
+        let now = self.now;
         loop {
-            let avail = sock.recv_queue();
+            let avail = match c.ulp.as_deref_mut() {
+                Some(u) if u.running() => {
+                    moved |= feed_engine(sock, u, &mut c.ctx, id, now, &self.dma, &mut self.out);
+                    u.available()
+                }
+                Some(u) if u.frozen().is_some() => 0,
+                _ => sock.recv_queue(),
+            };
+            let ulp = c.ulp.as_deref_mut().filter(|u| u.running());
             match c.ctx.plan(avail, self.anon_len) {
                 Plan::Hold => break,
                 Plan::Named { at, max } => {
                     let buf = c.ctx.head_named_mut().expect("plan said named");
-                    let n = recv_into(sock, &self.dma, buf, at, max);
+                    let n = match ulp {
+                        Some(u) => u.deliver(&self.dma, buf, at, max),
+                        None => recv_into(sock, &self.dma, buf, at, max),
+                    };
                     if n == 0 {
                         break;
                     }
@@ -1088,7 +1230,10 @@ impl<P: Phy> Nic<P> {
                         break;
                     };
                     let max = max.min(buf.len());
-                    let n = recv_into(sock, &self.dma, &mut buf, 0, max);
+                    let n = match ulp {
+                        Some(u) => u.deliver(&self.dma, &mut buf, 0, max),
+                        None => recv_into(sock, &self.dma, &mut buf, 0, max),
+                    };
                     if n == 0 {
                         self.anon.push(buf);
                         break;
@@ -1100,7 +1245,13 @@ impl<P: Phy> Nic<P> {
         }
 
         // End of the peer's stream: everything before the FIN is delivered.
-        if !c.eof_sent && sock.recv_queue() == 0 && !sock.may_recv() && rx_finished(sock) {
+        let records_waiting = c.ulp.as_ref().is_some_and(|u| u.available() > 0);
+        if !c.eof_sent
+            && sock.recv_queue() == 0
+            && !records_waiting
+            && !sock.may_recv()
+            && rx_finished(sock)
+        {
             c.eof_sent = true;
             c.ctx.return_all(ReturnReason::Eof, &mut self.out);
             self.out.push_back(Event::PeerClosed { conn: id });
@@ -1131,6 +1282,23 @@ impl<P: Phy> Nic<P> {
                 c.tx_wait.push_back((c.tx_enqueued, t.buf, t.len));
             }
         }
+        // The engine's output, once the host's own sends before the offload are in.
+        if let (true, Some(u)) = (c.tx_queue.is_empty(), c.ulp.as_deref_mut()) {
+            loop {
+                u.pump(id, now, &self.dma, &mut self.out);
+                let pending = u.wire_pending();
+                if pending.is_empty() || !sock.can_send() {
+                    break;
+                }
+                let n = sock.send_slice(pending).unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                u.wire_sent(n);
+                c.tx_enqueued += n as u64;
+                moved = true;
+            }
+        }
         let acked = c.tx_enqueued - sock.send_queue() as u64;
         while c.tx_wait.front().is_some_and(|(end, _, _)| *end <= acked) {
             let (_, buf, len) = c.tx_wait.pop_front().expect("front exists");
@@ -1142,7 +1310,11 @@ impl<P: Phy> Nic<P> {
             });
             moved = true;
         }
-        if c.close_requested && !c.closed_local && c.tx_queue.is_empty() {
+        if c.close_requested
+            && !c.closed_local
+            && c.tx_queue.is_empty()
+            && c.ulp.as_ref().is_none_or(|u| u.tx_idle())
+        {
             sock.close();
             c.closed_local = true;
             moved = true;
@@ -1170,6 +1342,9 @@ impl<P: Phy> Nic<P> {
                 ReturnReason::Cancelled
             };
             c.ctx.return_all(why, &mut self.out);
+            if let Some(u) = c.ulp.as_mut() {
+                u.teardown(id, &mut self.out);
+            }
             for t in c.tx_queue.drain(..) {
                 self.out.push_back(Event::SendDone {
                     conn: id,
@@ -1214,6 +1389,45 @@ fn apply_psh(ctx: &mut OffloadCtx, marks: Option<(u32, Vec<u32>)>, span: u64) ->
         }
     }
     ignored
+}
+
+/// Give the engine of `u` what the socket holds, while the slot has room; a push is marked
+/// at the end of the records each step produced (records are whole). Returns whether
+/// anything was taken.
+fn feed_engine(
+    sock: &mut tcp::Socket<'_>,
+    u: &mut UlpConn,
+    ctx: &mut OffloadCtx,
+    conn: ConnId,
+    now: Instant,
+    dma: &Dma,
+    out: &mut VecDeque<Event>,
+) -> bool {
+    let mut any = false;
+    loop {
+        let room = u.room();
+        if room == 0 {
+            break;
+        }
+        let mut produced = false;
+        let n = sock
+            .recv(|data| {
+                let k = data.len().min(room);
+                if k > 0 {
+                    produced = u.feed(conn, now, &data[..k], dma, out);
+                }
+                (k, k)
+            })
+            .unwrap_or(0);
+        if produced {
+            ctx.add_psh_mark(ctx.position() + u.available() as u64);
+        }
+        if n == 0 {
+            break;
+        }
+        any = true;
+    }
+    any
 }
 
 fn rx_finished(sock: &mut tcp::Socket<'_>) -> bool {

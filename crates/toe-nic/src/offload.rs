@@ -188,6 +188,12 @@ impl OffloadCtx {
         }
     }
 
+    /// Forget every PSH boundary not reached yet (the delivered stream changes meaning: an
+    /// upper-layer engine takes it over).
+    pub fn clear_psh_marks(&mut self) {
+        self.psh_marks.clear();
+    }
+
     fn psh_limit(&self) -> usize {
         match self.psh_marks.front() {
             Some(&m) => usize::try_from(m - self.pos).unwrap_or(usize::MAX),

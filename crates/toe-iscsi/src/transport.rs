@@ -322,14 +322,33 @@ impl HostBuffers {
     }
 }
 
+/// Every buffer kept is registered (the engine stand-ins of the tests place into them);
+/// finishing a tag changes nothing (the buffer stays until the machine closes it).
 impl crate::engine::TagMemory for HostBuffers {
-    fn write(&mut self, tag: u32, offset: usize, data: &[u8]) {
-        self.copy_in(tag, offset, data);
+    fn write(&mut self, tag: u32, offset: usize, data: &[u8]) -> bool {
+        self.copy_in(tag, offset, data)
     }
 
-    fn read(&self, tag: u32, offset: usize, len: usize) -> Option<&[u8]> {
-        self.get(tag)?.get(offset..offset + len)
+    fn read(&self, tag: u32, offset: usize, out: &mut [u8]) -> bool {
+        let end = offset.checked_add(out.len());
+        match self
+            .get(tag)
+            .zip(end)
+            .and_then(|(b, end)| b.get(offset..end))
+        {
+            Some(src) => {
+                out.copy_from_slice(src);
+                true
+            }
+            None => false,
+        }
     }
+
+    fn len(&self, tag: u32) -> Option<usize> {
+        self.get(tag).map(<[u8]>::len)
+    }
+
+    fn finish(&mut self, _: u32) {}
 }
 
 /// Why [`receive`] (or [`Software::frame`]) stopped framing: the connection cannot go on.

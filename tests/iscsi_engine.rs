@@ -6,14 +6,15 @@
 use toe_bus::ConnId;
 use toe_driver::UlpNote;
 use toe_host::config::Settings;
-use toe_host::pair::connected_pair;
+use toe_host::pair::{connected_pair, connected_pair_on};
 use toe_host::runtime::Sim;
+use toe_host::wire_opts::WireOptions;
 use toe_iscsi::engine::{
     parse_record, EngineCmd, Fatal, IscsiEngineFactory, OffloadParams, Record, ENGINE_NAME,
 };
 use toe_iscsi::transport::{DataInBurst, RxData};
 use toe_iscsi::wire::{DataIn, DigestCheck, Framing, Nop, Repr, RESERVED_TAG};
-use toemu_tests::{recv_exact, send_bytes};
+use toemu_tests::{impaired, recv_exact, send_bytes};
 
 const DIGESTS: Framing = Framing {
     header_digest: true,
@@ -79,10 +80,32 @@ fn records(sim: &Sim, cb: ConnId, want: usize, notes: &mut Vec<UlpNote>) -> Vec<
 /// Data-In of a registered task is placed at its offsets and its buffer comes back when
 /// the status arrives; an unregistered PDU and a bad data digest come up inline with the
 /// verdict; a bad header digest ends the stream. The host digests and copies nothing of
-/// the placed data.
+/// the placed data. On a perfect wire and on one that loses, reorders and duplicates
+/// frames below TCP: the engine sees TCP's in-order stream, so placement is the same.
 #[test]
 fn engine_places_by_task_tag_checks_digests_and_ends_on_a_bad_header() {
-    let (sim, ca, cb) = connected_pair(&Settings::default(), 21, 7500).unwrap();
+    placement_case(&WireOptions::default(), 21);
+    let (mut lost, mut reordered, mut duplicated) = (0, 0, 0);
+    for seed in [1, 2, 3] {
+        let w = placement_case(&impaired(0.05, 0.05, 0.05, 0.0, seed), 21 + seed);
+        (lost, reordered, duplicated) = (
+            lost + w.dropped_loss,
+            reordered + w.reordered,
+            duplicated + w.duplicated,
+        );
+    }
+    assert!(
+        lost > 0 && reordered > 0 && duplicated > 0,
+        "the wire impaired the stream: {lost} lost, {reordered} reordered, {duplicated} duplicated"
+    );
+}
+
+/// One run on `wire`; returns the impairment of the direction into the engine.
+fn placement_case(wire: &WireOptions, seed: u64) -> toe_nic::ImpairStats {
+    let mut settings = Settings::default();
+    // Standard frames: more of them for the impairment to hit.
+    settings.apply_override("mtu", "1500").unwrap();
+    let (sim, ca, cb, monitors) = connected_pair_on(&settings, seed, 7500, wire).unwrap();
     sim.with_host(1, |h| {
         h.nic.add_engine(std::sync::Arc::new(IscsiEngineFactory))
     });
@@ -209,6 +232,7 @@ fn engine_places_by_task_tag_checks_digests_and_ends_on_a_bad_header() {
     assert_eq!(get("bytes_placed"), len as u64);
     assert_eq!(get("digests_failed"), 2);
     assert_eq!(get("pdus_framed"), 11);
+    toe_host::wire_opts::wire_stats(&monitors)[1]
 }
 
 fn at_start(login: &[u8]) -> u64 {

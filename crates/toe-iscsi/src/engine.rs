@@ -356,23 +356,20 @@ impl Engine {
         mem: &dyn TagMemory,
         wire: &mut Vec<u8>,
     ) -> bool {
-        let mut read = Vec::new();
-        let data = match data {
-            TxRef::Inline(d) => d,
+        let (len, emitted) = match data {
+            TxRef::Inline(d) => (d.len(), self.framing.emit_bhs(*bhs, &[], d, wire).is_ok()),
+            // Read from host memory (DMA) straight into the PDU being framed.
             TxRef::Tag { tag, offset, len } => {
-                // From host memory (DMA) into the NIC, then framed.
-                read.resize(len, 0);
-                if !mem.read(tag, offset, &mut read) {
-                    return false;
-                }
-                &read[..]
+                let fill = |dst: &mut [u8]| mem.read(tag, offset, dst);
+                let framed = self.framing.emit_filled(*bhs, &[], len, wire, fill);
+                (len, matches!(framed, Ok(Some(_))))
             }
         };
-        if self.framing.emit_bhs(*bhs, &[], data, wire).is_err() {
+        if !emitted {
             return false;
         }
-        self.stats.digests_computed += u64::from(self.framing.header_digest)
-            + u64::from(self.framing.data_digest && !data.is_empty());
+        self.stats.digests_computed +=
+            u64::from(self.framing.header_digest) + u64::from(self.framing.data_digest && len > 0);
         self.stats.pdus_sent += 1;
         true
     }

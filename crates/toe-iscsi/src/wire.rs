@@ -338,11 +338,29 @@ impl Framing {
     /// DataSegmentLength are set here, from `ahs` and `data`).
     pub fn emit_bhs(
         &self,
-        mut bhs: [u8; BHS_LEN],
+        bhs: [u8; BHS_LEN],
         ahs: &[u8],
         data: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<usize, WireError> {
+        self.emit_filled(bhs, ahs, data.len(), out, |dst| {
+            dst.copy_from_slice(data);
+            true
+        })
+        .map(|n| n.expect("a copy always fills"))
+    }
+
+    /// [`Framing::emit_bhs`] of a data segment of `len` bytes that `fill` writes straight
+    /// into `out` (a DMA read from host memory, with no staging copy). `Ok(None)`, and
+    /// nothing appended, if `fill` says it could not.
+    pub fn emit_filled(
+        &self,
+        mut bhs: [u8; BHS_LEN],
+        ahs: &[u8],
+        len: usize,
+        out: &mut Vec<u8>,
+        fill: impl FnOnce(&mut [u8]) -> bool,
+    ) -> Result<Option<usize>, WireError> {
         if ahs.len() % 4 != 0 {
             return Err(WireError::Malformed("AHS length not a multiple of 4"));
         }
@@ -352,30 +370,35 @@ impl Framing {
                 len: ahs.len(),
             });
         }
-        if data.len() > MAX_DATA_SEGMENT_LEN {
+        if len > MAX_DATA_SEGMENT_LEN {
             return Err(WireError::TooLong {
                 what: "data segment",
-                len: data.len(),
+                len,
             });
         }
         let start = out.len();
         bhs[4] = (ahs.len() / 4) as u8;
-        let dl = (data.len() as u32).to_be_bytes();
+        let dl = (len as u32).to_be_bytes();
         bhs[5..8].copy_from_slice(&dl[1..]);
         out.extend_from_slice(&bhs);
         out.extend_from_slice(ahs);
         if self.header_digest {
             out.extend_from_slice(&crc32c(&[&bhs, ahs]).to_le_bytes());
         }
-        if !data.is_empty() {
-            let pad = &[0u8; 3][..padded(data.len()) - data.len()];
-            out.extend_from_slice(data);
-            out.extend_from_slice(pad);
+        if len > 0 {
+            let at = out.len();
+            // Padding bytes are zero.
+            out.resize(at + padded(len), 0);
+            if !fill(&mut out[at..at + len]) {
+                out.truncate(start);
+                return Ok(None);
+            }
             if self.data_digest {
-                out.extend_from_slice(&crc32c(&[data, pad]).to_le_bytes());
+                let digest = crc32c(&[&out[at..]]);
+                out.extend_from_slice(&digest.to_le_bytes());
             }
         }
-        Ok(out.len() - start)
+        Ok(Some(out.len() - start))
     }
 }
 

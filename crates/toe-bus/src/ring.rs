@@ -228,9 +228,9 @@ pub enum Command {
     /// NIC was built with), started with the protocol's `params`, at stream offset
     /// `stream_offset`: the first byte the driver has NOT received. The NIC starts it only if
     /// its own delivery position equals that offset; otherwise it answers
-    /// [`Event::UlpRefused`] with `stale: true` and suspends delivery on the connection at
-    /// its position, so that a retry with that position (once the driver has taken what was
-    /// in flight) succeeds. `carry`: bytes the host received but its software did not
+    /// [`Event::UlpRefused`] with `stale: true` (after returning the named buffers it holds,
+    /// `Cancelled`) and suspends delivery on the connection at its position, so that a retry
+    /// with that position (once the driver has taken what was in flight) succeeds. `carry`: bytes the host received but its software did not
     /// consume (the start of the first PDU after the handshake); the engine takes them
     /// before the stream. After the start, what the driver is indicated is the engine's
     /// record stream, and the connection sends only through [`Command::UlpSend`].

@@ -127,7 +127,8 @@ pub enum UlpNote {
         stream_offset: u64,
     },
     /// The offload was refused. With `stale`, the NIC had delivered up to `position` and
-    /// holds delivery there: take what was indicated and offload again at `position`.
+    /// holds delivery there (its named buffers came back `Cancelled` first): take what was
+    /// indicated and offload again at `position`.
     Refused {
         /// The NIC's delivery position, bytes.
         position: u64,

@@ -786,7 +786,7 @@ impl<P: Phy> Nic<P> {
             Command::Send { conn, buf, len } => match self.conns.get_mut(&conn) {
                 Some(c)
                     if !c.close_requested
-                        && !c.ulp_active()
+                        && !c.ulp.as_ref().is_some_and(|u| u.running())
                         && (len as usize) <= buf.len()
                         && len > 0 =>
                 {
@@ -837,6 +837,11 @@ impl<P: Phy> Nic<P> {
                 match self.conns.get_mut(&conn) {
                     Some(c) if c.phase == Phase::Open && !c.close_requested => {
                         let position = c.ctx.position();
+                        if stream_offset < position {
+                            // Stale: what the held named buffers took goes to the driver
+                            // first, so that the retry finds everything delivered there.
+                            c.ctx.return_all(ReturnReason::Cancelled, &mut self.out);
+                        }
                         let u = c.ulp.get_or_insert_with(Box::default);
                         let started = u.offload(
                             conn,

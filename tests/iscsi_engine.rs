@@ -324,6 +324,17 @@ fn engine_cuts_a_large_send_into_digested_data_in() {
     let (tag, buf) = back.unwrap();
     assert_eq!(tag, 9);
     db.lock().free(buf);
+    // Once the engine runs, the stream is its own: a plain send is refused, not mixed in.
+    send_bytes(&sim, 1, cb, b"stray");
+    let mut done = None;
+    sim.run_until(100_000, || {
+        done = db.lock().take_send_done(cb).unwrap();
+        done.is_some()
+    })
+    .unwrap();
+    let (buf, ok) = done.unwrap();
+    assert!(!ok, "refused");
+    db.lock().free(buf);
     let (stats, counters) = sim.with_host(1, |h| h.nic.ulp_state(cb)).unwrap();
     assert_eq!((stats.requests, stats.requests_refused), (1, 0));
     let get = |k: &str| counters.iter().find(|(n, _)| *n == k).unwrap().1;

@@ -614,3 +614,96 @@ proptest! {
         run(&c);
     }
 }
+
+/// An offload that finds a named buffer holding data the driver has not received yet is
+/// stale: the buffer comes back first (`Cancelled`, with the data), then the refusal; the
+/// retry at the NIC's position starts the engine, and the stream goes on as records.
+#[test]
+fn stale_offload_returns_the_named_buffer_and_the_retry_starts_in_place() {
+    let (sim, ca, cb, _) =
+        connected_pair_on(&settings(16384, 0), 31, 7401, &WireOptions::default()).unwrap();
+    sim.with_host(1, |h| h.nic.add_engine(std::sync::Arc::new(TlvFactory)));
+    let db = sim.driver(1);
+    let prefix: Vec<u8> = (0..1000).map(|i| (i % 253) as u8).collect();
+    // Larger than W, so the driver posts it to the NIC rather than filling it itself.
+    let b = db.lock().alloc(65536).unwrap();
+    db.lock().post_named(sim.now(), cb, b, false).unwrap();
+    toemu_tests::send_bytes(&sim, 0, ca, &prefix);
+    let r = sim.run_until(10_000, || {
+        sim.with_host(1, |h| h.nic.offload_state(cb))
+            .unwrap()
+            .2
+            .placed_bytes
+            == 1000
+    });
+    assert!(
+        r.is_ok(),
+        "{:?} {:?}",
+        sim.with_host(1, |h| h.nic.offload_state(cb)),
+        db.lock().conn_info(cb)
+    );
+    let off = db
+        .lock()
+        .ulp_offload(cb, "tlv", b"tlv1".to_vec(), Vec::new())
+        .unwrap();
+    assert_eq!(off, 0, "the driver has received nothing yet");
+    let mut got = None;
+    let mut refused = None;
+    sim.run_until(100_000, || {
+        let mut d = db.lock();
+        if got.is_none() {
+            got = d.take_completion(cb).unwrap();
+            // The buffer comes back before the refusal.
+            assert!(got.is_some() || d.take_ulp(cb).unwrap().is_none());
+        } else if let Some(n) = d.take_ulp(cb).unwrap() {
+            refused = Some(n);
+        }
+        refused.is_some()
+    })
+    .unwrap();
+    let done = got.unwrap();
+    assert_eq!(done.why, toe_bus::ReturnReason::Cancelled);
+    assert_eq!(done.filled, 1000);
+    let m = db.lock().memory().clone();
+    assert!(m.slice(&done.buf)[..1000] == prefix[..]);
+    db.lock().free(done.buf);
+    match refused.unwrap() {
+        UlpNote::Refused {
+            position, stale, ..
+        } => assert_eq!((position, stale), (1000, true)),
+        n => panic!("{n:?}"),
+    }
+    // The retry at the NIC's position starts the engine; a frame comes up as its record.
+    let off = db
+        .lock()
+        .ulp_offload(cb, "tlv", b"tlv1".to_vec(), Vec::new())
+        .unwrap();
+    assert_eq!(off, 1000);
+    let mut frame = header(0, 0, 0, 5, 0).to_vec();
+    frame.extend_from_slice(b"hello");
+    toemu_tests::send_bytes(&sim, 0, ca, &frame);
+    let mut started = false;
+    let mut up = Vec::new();
+    sim.run_until(100_000, || {
+        if let Some(n) = db.lock().take_ulp(cb).unwrap() {
+            assert!(
+                matches!(
+                    n,
+                    UlpNote::Started {
+                        stream_offset: 1000
+                    }
+                ),
+                "{n:?}"
+            );
+            started = true;
+        }
+        let mut buf = [0u8; 64];
+        let n = db.lock().read(sim.now(), cb, &mut buf).unwrap();
+        up.extend_from_slice(&buf[..n]);
+        started && up.len() == REC + 5
+    })
+    .unwrap();
+    assert_eq!(&up[REC..], b"hello");
+    let (stats, _) = sim.with_host(1, |h| h.nic.ulp_state(cb)).unwrap();
+    assert_eq!(stats.stale_offloads, 1);
+}

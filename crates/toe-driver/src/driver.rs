@@ -802,7 +802,9 @@ impl Driver {
     /// Hand the connection's data path to the NIC's upper-layer engine `engine`, started
     /// with `params`, at the first byte not received yet; `carry` are bytes received but not
     /// consumed by the host's software (the engine takes them first). Received data must
-    /// all have been taken (it belongs in `carry`). Returns the stream offset of the
+    /// all have been taken (it belongs in `carry`), and so must the bytes of named buffers
+    /// the driver fills itself (complete or cancel them first); named buffers at the NIC
+    /// come back `Cancelled` with a stale refusal. Returns the stream offset of the
     /// offload; the answer comes as [`UlpNote::Started`] or [`UlpNote::Refused`].
     pub fn ulp_offload(
         &mut self,

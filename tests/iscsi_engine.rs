@@ -10,7 +10,7 @@ use toe_host::pair::{connected_pair, connected_pair_on};
 use toe_host::runtime::Sim;
 use toe_host::wire_opts::WireOptions;
 use toe_iscsi::engine::{
-    parse_record, EngineCmd, Fatal, IscsiEngineFactory, OffloadParams, Record, ENGINE_NAME,
+    parse_record, EngineCmd, EngineParams, Fatal, IscsiEngineFactory, Record, ENGINE_NAME,
 };
 use toe_iscsi::transport::{DataInBurst, RxData};
 use toe_iscsi::wire::{DataIn, DigestCheck, Framing, Nop, Repr, RESERVED_TAG};
@@ -120,7 +120,7 @@ fn placement_case(wire: &WireOptions, seed: u64) -> toe_nic::ImpairStats {
     let len = 65_536;
     let buf = db.lock().alloc(len).unwrap();
     db.lock().ulp_register(cb, 5, buf).unwrap();
-    let params = OffloadParams {
+    let params = EngineParams {
         header_digest: true,
         data_digest: true,
         max_recv: 8192,
@@ -249,7 +249,7 @@ fn engine_cuts_a_large_send_into_digested_data_in() {
         h.nic.add_engine(std::sync::Arc::new(IscsiEngineFactory))
     });
     let db = sim.driver(1);
-    let params = OffloadParams {
+    let params = EngineParams {
         header_digest: true,
         data_digest: true,
         max_recv: 8192,

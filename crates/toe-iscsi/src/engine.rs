@@ -23,7 +23,7 @@
 //!
 //! On the emulated NIC it sits in the ULP slot of `toe-nic` ([`IscsiEngineFactory`], name
 //! [`ENGINE_NAME`]): the host sends [`EngineCmd`]s as bus commands (offload parameters with
-//! [`OffloadParams::encode`], send requests with [`EngineCmd::encode`]).
+//! [`EngineParams::encode`], send requests with [`EngineCmd::encode`]).
 //!
 //! Pure: no sockets, threads or clock; host memory is behind [`TagMemory`] (whose owner
 //! keeps the registrations).
@@ -788,7 +788,7 @@ pub const ENGINE_NAME: &str = "iscsi";
 /// The parameters an offload starts the engine with (the bus encoding of
 /// [`EngineCmd::Offload`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct OffloadParams {
+pub struct EngineParams {
     /// Header digests (CRC32C).
     pub header_digest: bool,
     /// Data digests (CRC32C).
@@ -797,7 +797,7 @@ pub struct OffloadParams {
     pub max_recv: u32,
 }
 
-impl OffloadParams {
+impl EngineParams {
     /// Six bytes: header digest, data digest (0 or 1), MaxRecvDataSegmentLength (big-endian).
     pub fn encode(&self) -> Vec<u8> {
         let mut v = vec![u8::from(self.header_digest), u8::from(self.data_digest)];
@@ -805,10 +805,10 @@ impl OffloadParams {
         v
     }
 
-    /// The parameters of [`OffloadParams::encode`]'s bytes.
-    pub fn decode(b: &[u8]) -> Result<OffloadParams, String> {
+    /// The parameters of [`EngineParams::encode`]'s bytes.
+    pub fn decode(b: &[u8]) -> Result<EngineParams, String> {
         match *b {
-            [hd @ (0 | 1), dd @ (0 | 1), a, b2, c, d] => Ok(OffloadParams {
+            [hd @ (0 | 1), dd @ (0 | 1), a, b2, c, d] => Ok(EngineParams {
                 header_digest: hd == 1,
                 data_digest: dd == 1,
                 max_recv: u32::from_be_bytes([a, b2, c, d]),
@@ -828,7 +828,7 @@ impl toe_nic::UlpFactory for IscsiEngineFactory {
     }
 
     fn start(&self, params: &[u8]) -> Result<Box<dyn toe_nic::UlpEngine>, String> {
-        let p = OffloadParams::decode(params)?;
+        let p = EngineParams::decode(params)?;
         if p.max_recv == 0 || p.max_recv as usize > crate::wire::MAX_DATA_SEGMENT_LEN {
             return Err(format!(
                 "MaxRecvDataSegmentLength {} out of range",
@@ -1270,16 +1270,16 @@ mod tests {
         }
         assert!(EngineCmd::Release { tag: 1 }.encode().is_none());
         assert!(EngineCmd::decode(&[9]).is_err());
-        let p = OffloadParams {
+        let p = EngineParams {
             header_digest: true,
             data_digest: false,
             max_recv: 262_144,
         };
-        assert_eq!(OffloadParams::decode(&p.encode()), Ok(p));
-        assert!(OffloadParams::decode(&[2, 0, 0, 0, 0, 1]).is_err());
+        assert_eq!(EngineParams::decode(&p.encode()), Ok(p));
+        assert!(EngineParams::decode(&[2, 0, 0, 0, 0, 1]).is_err());
         use toe_nic::UlpFactory;
         assert!(IscsiEngineFactory.start(&p.encode()).is_ok());
-        let zero = OffloadParams { max_recv: 0, ..p };
+        let zero = EngineParams { max_recv: 0, ..p };
         assert!(IscsiEngineFactory.start(&zero.encode()).is_err());
     }
 

@@ -202,7 +202,7 @@ fn placement_case(wire: &WireOptions, seed: u64) -> toe_nic::ImpairStats {
     let mut errors = 0;
     for n in notes {
         match n {
-            UlpNote::Started { stream_offset } => assert_eq!(stream_offset, at_start(&login)),
+            UlpNote::Started { stream_offset } => assert_eq!(stream_offset, login.len() as u64),
             UlpNote::Released { tag, buf, placed } => {
                 assert_eq!((tag, placed), (5, len as u32));
                 let m = db.lock().memory().clone();
@@ -233,10 +233,6 @@ fn placement_case(wire: &WireOptions, seed: u64) -> toe_nic::ImpairStats {
     assert_eq!(get("digests_failed"), 2);
     assert_eq!(get("pdus_framed"), 11);
     toe_host::wire_opts::wire_stats(&monitors)[1]
-}
-
-fn at_start(login: &[u8]) -> u64 {
-    login.len() as u64
 }
 
 /// One request sends a read's data as Data-In PDUs of the peer's segment size, with

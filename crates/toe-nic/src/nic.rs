@@ -857,9 +857,7 @@ impl<P: Phy> Nic<P> {
                         if started {
                             // PSH marks of the raw stream mean nothing in the records.
                             c.ctx.clear_psh_marks();
-                            if u.available() > 0 {
-                                c.ctx.add_psh_mark(position + u.available() as u64);
-                            }
+                            mark_records_end(&mut c.ctx, u);
                         }
                     }
                     _ => self.out.push_back(Event::UlpRefused {
@@ -1425,7 +1423,7 @@ fn feed_engine(
             })
             .unwrap_or(0);
         if produced {
-            ctx.add_psh_mark(ctx.position() + u.available() as u64);
+            mark_records_end(ctx, u);
         }
         if n == 0 {
             break;
@@ -1433,6 +1431,14 @@ fn feed_engine(
         any = true;
     }
     any
+}
+
+/// Mark a push where the records waiting in `u` end (they are whole): a push-mode named
+/// buffer comes back on a record boundary. Nothing to mark without records.
+fn mark_records_end(ctx: &mut OffloadCtx, u: &UlpConn) {
+    if u.available() > 0 {
+        ctx.add_psh_mark(ctx.position() + u.available() as u64);
+    }
 }
 
 fn rx_finished(sock: &mut tcp::Socket<'_>) -> bool {

@@ -120,6 +120,13 @@ struct Tag {
     placed: u32,
 }
 
+impl Tag {
+    /// Whether `len` bytes at byte `offset` lie inside the buffer.
+    fn fits(&self, offset: usize, len: usize) -> bool {
+        offset.checked_add(len).is_some_and(|e| e <= self.buf.len())
+    }
+}
+
 #[derive(Debug)]
 enum Request {
     Send(Vec<u8>),
@@ -139,11 +146,7 @@ struct Tags<'a> {
 impl TagMemory for Tags<'_> {
     fn write(&mut self, tag: u32, offset: usize, data: &[u8]) -> bool {
         match self.tags.get_mut(&tag) {
-            Some(t)
-                if offset
-                    .checked_add(data.len())
-                    .is_some_and(|e| e <= t.buf.len()) =>
-            {
+            Some(t) if t.fits(offset, data.len()) => {
                 self.dma.write(&mut t.buf, offset, data);
                 t.placed = t.placed.saturating_add(data.len() as u32);
                 self.stats.placed_bytes += data.len() as u64;
@@ -156,7 +159,13 @@ impl TagMemory for Tags<'_> {
         }
     }
     fn read(&self, tag: u32, offset: usize, out: &mut [u8]) -> bool {
-        read_tag(self.tags, self.dma, tag, offset, out)
+        match self.tags.get(&tag) {
+            Some(t) if t.fits(offset, out.len()) => {
+                self.dma.read(&t.buf, offset, out);
+                true
+            }
+            _ => false,
+        }
     }
     fn len(&self, tag: u32) -> Option<usize> {
         self.tags.get(&tag).map(|t| t.buf.len())
@@ -166,39 +175,6 @@ impl TagMemory for Tags<'_> {
             self.finished.push((tag, t));
         }
     }
-}
-
-fn read_tag(tags: &BTreeMap<u32, Tag>, dma: &Dma, tag: u32, offset: usize, out: &mut [u8]) -> bool {
-    match tags.get(&tag) {
-        Some(t)
-            if offset
-                .checked_add(out.len())
-                .is_some_and(|e| e <= t.buf.len()) =>
-        {
-            dma.read(&t.buf, offset, out);
-            true
-        }
-        _ => false,
-    }
-}
-
-/// Read-only view for [`UlpEngine::send`].
-struct TagsRead<'a> {
-    tags: &'a BTreeMap<u32, Tag>,
-    dma: &'a Dma,
-}
-
-impl TagMemory for TagsRead<'_> {
-    fn write(&mut self, _: u32, _: usize, _: &[u8]) -> bool {
-        false
-    }
-    fn read(&self, tag: u32, offset: usize, out: &mut [u8]) -> bool {
-        read_tag(self.tags, self.dma, tag, offset, out)
-    }
-    fn len(&self, tag: u32) -> Option<usize> {
-        self.tags.get(&tag).map(|t| t.buf.len())
-    }
-    fn finish(&mut self, _: u32) {}
 }
 
 /// One connection's ULP slot, NIC side: the engine (once started), the registered buffers,
@@ -462,9 +438,12 @@ impl UlpConn {
                 self.wire_at = 0;
             }
             let before = self.wire.len();
-            let mem = TagsRead {
-                tags: &self.tags,
+            // Read-only to the engine: `send` takes the memory shared.
+            let mem = Tags {
+                tags: &mut self.tags,
                 dma,
+                finished: &mut self.finished,
+                stats: &mut self.stats,
             };
             match engine.send(now, &request, &mem, &mut self.wire) {
                 Ok(()) => {

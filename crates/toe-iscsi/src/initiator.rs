@@ -18,7 +18,7 @@ use std::collections::{HashMap, VecDeque};
 use crate::login::{InitiatorConfig, InitiatorLogin, InitiatorStep, LoginError, Negotiated};
 use crate::text;
 use crate::transport::{
-    self, DataOutBurst, FrameError, RxData, RxPdu, Software, Transport, TxData,
+    DataOutBurst, FrameError, RxData, RxPdu, Software, Stream, Transport, TxData,
 };
 use crate::wire::{DigestCheck, LogoutRequest, Nop, Repr, ScsiCommand, Text, RESERVED_TAG};
 
@@ -129,7 +129,9 @@ impl InitiatorConn<Software> {
     pub fn new(cfg: InitiatorConfig, challenge: [u8; 16], chap_id: u8) -> Self {
         InitiatorConn::over(Software::default(), cfg, challenge, chap_id)
     }
+}
 
+impl<T: Stream> InitiatorConn<T> {
     /// Run `f` with what it sends appended to `out`.
     fn lent<R>(&mut self, out: &mut Vec<u8>, f: impl FnOnce(&mut Self) -> R) -> R {
         self.io.lend_output(out);
@@ -176,7 +178,7 @@ impl InitiatorConn<Software> {
             return;
         }
         let framed = self.lent(out, |c| {
-            transport::receive(
+            T::receive(
                 c,
                 |c| &mut c.io,
                 bytes,
@@ -192,6 +194,7 @@ impl InitiatorConn<Software> {
                 "a PDU from the target with {n} bytes of data, more than this side receives"
             )),
             Err(FrameError::Wire(e)) => self.fail(format!("bad PDU from the target: {e}")),
+            Err(FrameError::Engine(e)) => self.fail(format!("the NIC's engine: {e}")),
         }
     }
 }
@@ -1266,52 +1269,122 @@ mod tests {
         }
     }
 
-    /// A stand-in for the NIC of one side: its iSCSI engine once the host offloads the
-    /// connection.
-    #[derive(Default)]
+    /// A NIC's upper-layer slot with the iSCSI engine, for one connection: what the
+    /// emulated NIC does with the host's ULP commands, without TCP.
     struct Nic {
-        engine: Option<crate::engine::Engine>,
+        mem: Arc<toe_bus::HostMemory>,
+        dma: toe_bus::Dma,
+        ulp: toe_nic::UlpConn,
+        /// Stream bytes delivered to the host.
+        delivered: u64,
         /// Reads whose Data-In the engine cut itself (large PDU send).
         data_in_requests: u64,
         /// Data-Out sequences the engine cut itself.
         data_out_requests: u64,
     }
 
-    use crate::engine::{receive_records, Engine, EngineCmd, Offloaded};
+    use crate::offload::{NicOp, Offloaded};
+    use crate::transport::Stream;
+    use toe_bus::Event;
+    use toe_nic::UlpFactory;
+
+    const CONN: toe_bus::ConnId = toe_bus::ConnId(1);
 
     impl Nic {
+        fn new() -> Nic {
+            let mem = Arc::new(toe_bus::HostMemory::anonymous(64 << 20).unwrap());
+            Nic {
+                dma: toe_bus::Dma::new(mem.clone()),
+                mem,
+                ulp: toe_nic::UlpConn::default(),
+                delivered: 0,
+                data_in_requests: 0,
+                data_out_requests: 0,
+            }
+        }
+
+        /// A counter of the engine.
+        fn counter(&self, name: &str) -> u64 {
+            let c = self.ulp.engine_counters();
+            c.iter().find(|(n, _)| *n == name).map_or(0, |(_, v)| *v)
+        }
+
+        /// The slot's reports, to the host side.
+        fn notify(&self, io: &mut Offloaded, events: VecDeque<Event>) {
+            for e in events {
+                match e {
+                    Event::UlpStarted { stream_offset, .. } => io.started(stream_offset),
+                    Event::UlpRefused {
+                        position,
+                        stale,
+                        error,
+                        ..
+                    } => io.refused(position, stale, &error),
+                    Event::UlpReleased { tag, buf, .. } => {
+                        if let Some(b) = io.released(tag, buf) {
+                            self.mem.free(b);
+                        }
+                    }
+                    Event::UlpError { error, .. } => io.engine_error(&error),
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+
         /// What the host sends: the plain stream of the login, then the engine's PDUs for
-        /// its commands.
+        /// its requests.
         fn wire_out(&mut self, io: &mut Offloaded) -> Vec<u8> {
+            let now = toe_bus::time::Instant::ZERO;
             let mut wire = Vec::new();
-            io.software().lend_output(&mut wire);
-            for cmd in io.take_commands() {
-                match cmd {
-                    EngineCmd::Offload {
-                        header_digest,
-                        data_digest,
-                        max_recv,
-                    } => self.engine = Some(Engine::new(header_digest, data_digest, max_recv)),
-                    c => {
-                        match c {
-                            EngineCmd::SendDataIn(_) => self.data_in_requests += 1,
-                            EngineCmd::SendDataOut(_) => self.data_out_requests += 1,
+            io.lend_output(&mut wire);
+            let mut events = VecDeque::new();
+            for op in io.take_ops() {
+                match op {
+                    NicOp::Offload { params, carry } => {
+                        let f = crate::engine::IscsiEngineFactory;
+                        let (d, dma) = (self.delivered, &self.dma);
+                        let f: &dyn UlpFactory = &f;
+                        self.ulp.offload(
+                            CONN,
+                            Some(f),
+                            &params,
+                            d,
+                            &carry,
+                            d,
+                            now,
+                            dma,
+                            &mut events,
+                        );
+                    }
+                    NicOp::Register { tag, buf } => self.ulp.register(CONN, tag, buf, &mut events),
+                    NicOp::Release { tag } => self.ulp.release(CONN, tag, &mut events),
+                    NicOp::Send(r) => {
+                        match crate::engine::EngineCmd::decode(&r).unwrap() {
+                            crate::engine::EngineCmd::SendDataIn(_) => self.data_in_requests += 1,
+                            crate::engine::EngineCmd::SendDataOut(_) => self.data_out_requests += 1,
                             _ => {}
                         }
-                        let e = self.engine.as_mut().expect("offloaded first");
-                        assert!(e.command(&c, &io.memory, &mut wire), "{c:?}");
-                        if let EngineCmd::Release { tag } = c {
-                            io.released(tag);
-                        }
+                        self.ulp.send(r);
                     }
                 }
             }
+            loop {
+                self.ulp.pump(CONN, now, &self.dma, &mut events);
+                let n = self.ulp.wire_pending().len();
+                if n == 0 {
+                    break;
+                }
+                wire.extend_from_slice(self.ulp.wire_pending());
+                self.ulp.wire_sent(n);
+            }
+            self.notify(io, events);
             wire
         }
     }
 
     /// Deliver `bytes` from the wire to machine `m` through its NIC: plain during login,
-    /// records from the engine after. An error ends the connection.
+    /// records from the engine after (the buffers the engine hands back reach the host
+    /// before the records). An error ends the connection.
     fn wire_in<M>(
         nic: &mut Nic,
         m: &mut M,
@@ -1319,24 +1392,46 @@ mod tests {
         bytes: &[u8],
         mut on_pdu: impl FnMut(&mut M, RxPdu<'_>),
     ) -> Result<(), String> {
-        match nic.engine.as_mut() {
-            None => transport::receive(
-                m,
-                |m| io(m).software(),
-                bytes,
-                |m, p| {
-                    on_pdu(m, p);
-                    true
-                },
-            )
-            .map_err(|e| format!("{e:?}")),
-            Some(e) => {
-                let mut up = Vec::new();
-                e.receive(bytes, &mut io(m).memory, &mut up);
-                receive_records(m, &io, &up, |m, p| {
-                    on_pdu(m, p);
-                    true
-                })
+        let mut deliver = |m: &mut M, b: &[u8]| {
+            Offloaded::receive(m, &io, b, |m, p| {
+                on_pdu(m, p);
+                true
+            })
+            .map_err(|e| format!("{e:?}"))
+        };
+        if !nic.ulp.running() {
+            nic.delivered += bytes.len() as u64;
+            return deliver(m, bytes);
+        }
+        let now = toe_bus::time::Instant::ZERO;
+        let mut rest = bytes;
+        loop {
+            let mut events = VecDeque::new();
+            let k = nic.ulp.room().min(rest.len());
+            nic.ulp.feed(CONN, now, &rest[..k], &nic.dma, &mut events);
+            rest = &rest[k..];
+            nic.notify(io(m), events);
+            let n = nic.ulp.available();
+            let mut up = Vec::new();
+            if n > 0 {
+                let mut b = nic.mem.alloc(n).unwrap();
+                nic.ulp.deliver(&nic.dma, &mut b, 0, n);
+                up = nic.mem.slice(&b).to_vec();
+                nic.mem.free(b);
+            }
+            nic.delivered += up.len() as u64;
+            deliver(m, &up)?;
+            // Records held for a buffer: the release goes to the NIC, the buffer comes
+            // back, the records go on.
+            while io(m).needs_delivery() || !io(m).wants_input() {
+                let _ = nic.wire_out(io(m));
+                if !io(m).needs_delivery() && !io(m).wants_input() {
+                    return Err("the records wait for a buffer that does not come back".into());
+                }
+                deliver(m, &[])?;
+            }
+            if rest.is_empty() && nic.ulp.available() == 0 {
+                return Ok(());
             }
         }
     }
@@ -1347,16 +1442,17 @@ mod tests {
     /// bytes on the wire towards the target.
     fn engined(digests: &str, initial_r2t: bool) -> Engined {
         let targets = vec![("iqn.t".into(), "127.0.0.1:3260,1".into())];
+        let (ni, nt) = (Nic::new(), Nic::new());
         let (i, t, _) = pair_over(
-            Offloaded::default(),
-            Offloaded::default(),
+            Offloaded::engine(ni.mem.clone()),
+            Offloaded::engine(nt.mem.clone()),
             digests,
             initial_r2t,
             8,
             targets,
             Some("iqn.t"),
         );
-        (i, Nic::default(), t, Nic::default())
+        (i, ni, t, nt)
     }
 
     /// Move PDUs both ways until neither side has anything to send; `tamper` may change
@@ -1422,39 +1518,40 @@ mod tests {
                     "{digests}: block {k} reads back"
                 );
             }
-            let (ie, te) = (
-                e.1.engine.as_ref().unwrap().stats(),
-                e.3.engine.as_ref().unwrap().stats(),
-            );
+            let (ni, nt) = (&e.1, &e.3);
             let total = 16 * len as u64;
-            assert_eq!(ie.bytes_placed, total, "every read byte placed");
+            assert_eq!(ni.counter("bytes_placed"), total, "every read byte placed");
             // What the target placed: all but the immediate data and, without InitialR2T,
             // the unsolicited Data-Out that came before the buffer was registered.
             let immediate = 16 * 8192;
+            let placed = nt.counter("bytes_placed");
             if initial_r2t {
-                assert_eq!(te.bytes_placed, total - immediate, "{digests}");
+                assert_eq!(placed, total - immediate, "{digests}");
             } else {
-                assert!(te.bytes_placed < total - immediate, "{te:?}");
+                assert!(placed < total - immediate, "{placed}");
             }
-            assert_eq!(te.bytes_placed + te.bytes_inline, total, "{te:?}");
-            assert_eq!((ie.placements_refused, te.placements_refused), (0, 0));
+            assert_eq!(placed + nt.counter("bytes_inline"), total);
+            assert_eq!(
+                ni.counter("placements_refused") + nt.counter("placements_refused"),
+                0
+            );
             // Each read's data went to the engine as one request, which it cut into Data-In
             // PDUs of the initiator's 16 KiB limit (3 for each read).
             assert_eq!(e.3.data_in_requests, 16);
-            assert!(te.pdus_sent >= 16 * 3 + 16, "{te:?}");
+            assert!(nt.counter("pdus_sent") >= 16 * 3 + 16);
             // Each write's Data-Out sequences went as requests too (one per R2T, and one
             // for the unsolicited burst without InitialR2T), each cut into PDUs of the
             // target's 8 KiB limit.
             let sequences = if initial_r2t { 16 } else { 32 };
             assert_eq!(e.1.data_out_requests, sequences, "{digests}");
-            assert!(ie.pdus_sent >= 16 * 5, "{ie:?}");
+            assert!(ni.counter("pdus_sent") >= 16 * 5);
             if digests == "CRC32C" {
-                assert!(
-                    ie.digests_checked > 0 && te.digests_computed > 0,
-                    "{ie:?} {te:?}"
-                );
+                assert!(ni.counter("digests_checked") > 0 && nt.counter("digests_computed") > 0);
             }
-            assert_eq!((ie.digests_failed, te.digests_failed), (0, 0));
+            assert_eq!(
+                ni.counter("digests_failed") + nt.counter("digests_failed"),
+                0
+            );
             assert_eq!(
                 e.0.digest_bytes(),
                 0,
@@ -1465,11 +1562,13 @@ mod tests {
                 0,
                 "the target's host digested nothing"
             );
-            for stats in [ie, te] {
-                assert_eq!(stats.tags_registered, stats.tags_released, "{stats:?}");
+            for nic in [ni, nt] {
+                let s = nic.ulp.stats();
+                assert!(s.tags_registered > 0);
+                assert_eq!(s.tags_registered, s.tags_returned, "{s:?}");
+                assert_eq!(nic.ulp.registered(), 0);
+                assert_eq!(nic.mem.used_bytes(), 0, "every task buffer freed");
             }
-            assert_eq!(e.0.transport().memory.bytes(), 0);
-            assert_eq!(e.2.transport().memory.bytes(), 0);
         }
     }
 
@@ -1505,15 +1604,15 @@ mod tests {
             (c.sense[2] & 0x0f, c.sense[12], c.sense[13]),
             (0x0b, 0x47, 0x05)
         );
-        assert_eq!(e.3.engine.as_ref().unwrap().stats().digests_failed, 1);
+        assert_eq!(e.3.counter("digests_failed"), 1);
         // A header digest error ends the stream.
         e.0.submit(0, &[0; 6], 0, Vec::new());
         let r = settle_engined(&mut e, |b| b[10] ^= 1);
-        assert!(r.is_err_and(|why| why.contains("HeaderDigest")));
-        assert_eq!(
-            e.3.engine.as_ref().unwrap().fatal(),
-            Some(crate::engine::Fatal::HeaderDigest)
+        assert!(
+            r.as_ref().is_err_and(|why| why.contains("HeaderDigest")),
+            "{r:?}"
         );
+        assert!(e.3.ulp.stats().requests > 0);
     }
 
     #[test]

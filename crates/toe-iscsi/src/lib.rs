@@ -17,13 +17,16 @@
 //!    Management, and SCSI commands on a [`scsi::Disk`]).
 //!
 //! 8. [`engine`]: the NIC's iSCSI engine for an offloaded connection (digests, placement
-//!    by task tag), and the host side of such a connection.
+//!    by task tag, large PDU send);
+//! 9. [`offload`]: the host side of a connection on a TOE (software login, then the
+//!    engine; task buffers moving between application memory, host memory and the NIC).
 //!
 //! See `DESIGN.md`, "iSCSI" and "The ULP engine slot".
 
 pub mod engine;
 pub mod initiator;
 pub mod login;
+pub mod offload;
 pub mod pr;
 pub mod scsi;
 pub mod target;

@@ -23,7 +23,9 @@ use std::sync::{Arc, Mutex};
 use crate::login::{Negotiated, SessionType, TargetConfig, TargetLogin};
 use crate::scsi::{Disk, Nexus, Outcome, Sense, Transfer, CHECK_CONDITION, GOOD};
 use crate::text;
-use crate::transport::{self, DataInBurst, FrameError, RxData, RxPdu, Software, Transport, TxData};
+use crate::transport::{
+    DataInBurst, FrameError, RxData, RxPdu, Software, Stream, Transport, TxData,
+};
 use crate::wire::{
     lun_index, AsyncMessage, DataOut, LogoutResponse, Nop, R2t, Reject, Repr, ScsiCommand,
     ScsiResponse, TaskMgmtRequest, TaskMgmtResponse, Text, WireError, RESERVED_TAG,
@@ -79,6 +81,9 @@ pub enum Ended {
     /// A PDU whose data segment (this many bytes) is longer than the target's
     /// MaxRecvDataSegmentLength.
     Oversized(usize),
+    /// The NIC's engine ended the received stream (see
+    /// [`crate::transport::FrameError::Engine`]).
+    Engine(String),
     /// The initiator left a NOP-In ping unanswered for the keep-alive timeout (its host or
     /// the path is gone).
     PeerSilent,
@@ -234,7 +239,9 @@ impl TargetConn<Software> {
     ) -> Self {
         TargetConn::over(Software::default(), cfg, targets, challenge, chap_id, tsih)
     }
+}
 
+impl<T: Stream> TargetConn<T> {
     /// Run `f` with what it sends appended to `out`.
     fn lent<R>(&mut self, out: &mut Vec<u8>, f: impl FnOnce(&mut Self) -> R) -> R {
         self.io.lend_output(out);
@@ -250,7 +257,7 @@ impl TargetConn<Software> {
         }
         self.heard |= !bytes.is_empty();
         let framed = self.lent(out, |c| {
-            transport::receive(
+            T::receive(
                 c,
                 |c| &mut c.io,
                 bytes,
@@ -264,6 +271,7 @@ impl TargetConn<Software> {
             Ok(()) => {}
             Err(FrameError::Oversized(n)) => self.phase = Phase::Closed(Ended::Oversized(n)),
             Err(FrameError::Wire(e)) => self.phase = Phase::Closed(Ended::Wire(e)),
+            Err(FrameError::Engine(e)) => self.phase = Phase::Closed(Ended::Engine(e)),
         }
     }
 
@@ -769,15 +777,16 @@ impl<T: Transport> TargetConn<T> {
         if t.received >= expected {
             let t = self.writes.remove(&itt).expect("present");
             let disk = self.disk.clone().expect("a disk");
+            // The data comes out of the transport's buffer (out of host memory, where an
+            // engine placed it) into the disk's.
+            let data = self.io.close(itt).unwrap_or_default();
             let (o, want) = {
                 let mut d = disk.lock().expect("disk lock");
-                let data = self.io.buffer(itt).unwrap_or(&[]);
                 (
-                    d.execute_as(&self.nexus, &t.cmd.cdb, data),
+                    d.execute_as(&self.nexus, &t.cmd.cdb, &data),
                     d.transfer(&t.cmd.cdb),
                 )
             };
-            self.io.close(itt);
             let wanted = match want {
                 Transfer::Out(n) => Some(n),
                 _ => None,

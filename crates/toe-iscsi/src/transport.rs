@@ -248,7 +248,7 @@ pub trait Transport {
 
     /// Close task `itt`'s buffer and take it back: `None` without one, or while the
     /// transport still sends from it (it frees the buffer itself once it has; see
-    /// [`crate::engine::Offloaded`]). The machines only take back what a task read.
+    /// [`crate::offload::Offloaded`]). The machines only take back what a task read.
     fn close(&mut self, itt: u32) -> Option<Vec<u8>>;
 
     /// Close every task buffer (a task set was aborted).
@@ -257,6 +257,34 @@ pub trait Transport {
     /// Bytes the host ran through CRC32C for digests so far, sent and received (0 where
     /// the NIC computes them).
     fn digest_bytes(&self) -> u64;
+
+    /// Data bytes the transport copied between buffers of the application's own memory so
+    /// far (a task's data into or out of a PDU, into a task's buffer). Copies into or out of
+    /// the driver's host memory are not here: that region counts them itself
+    /// ([`toe_bus::CopyStats`]).
+    fn copy_bytes(&self) -> u64 {
+        0
+    }
+}
+
+/// A transport under the byte-level entry points of the machines (`on_bytes`, and the calls
+/// that append what they send to an output buffer): what the shell receives goes in
+/// through [`Stream::receive`], and the plain bytes to send come out of the buffer it lends
+/// ([`Stream::lend_output`]).
+pub trait Stream: Transport + Sized {
+    /// Swap `out` with the buffer of plain bytes to send: what is sent as bytes from now on
+    /// is appended to the caller's buffer, until the next swap gives it back.
+    fn lend_output(&mut self, out: &mut Vec<u8>);
+
+    /// Feed `bytes` received on the connection to machine `m`, whose transport `io(m)`
+    /// is: each whole PDU goes to `on_pdu(m, pdu)` until it returns false or the bytes run
+    /// out (a partial PDU waits for more). An error ends the connection.
+    fn receive<M>(
+        m: &mut M,
+        io: impl Fn(&mut M) -> &mut Self,
+        bytes: &[u8],
+        on_pdu: impl FnMut(&mut M, RxPdu<'_>) -> bool,
+    ) -> Result<(), FrameError>;
 }
 
 /// Send each (header, offset, length) of `pdus` with that range of task `itt`'s buffer.
@@ -359,6 +387,9 @@ pub enum FrameError {
     Oversized(usize),
     /// The bytes are not a PDU (or its header digest is wrong).
     Wire(WireError),
+    /// The NIC's engine ended the stream (a header digest it found wrong, a data segment
+    /// too long), or broke its record format: the reason.
+    Engine(String),
 }
 
 /// The software transport: PDUs framed over a plain byte stream, digests computed in host
@@ -373,6 +404,7 @@ pub struct Software {
     inbuf: Vec<u8>,
     buffers: HostBuffers,
     digest_bytes: u64,
+    copy_bytes: u64,
 }
 
 impl Default for Software {
@@ -384,6 +416,7 @@ impl Default for Software {
             inbuf: Vec::new(),
             buffers: HostBuffers::default(),
             digest_bytes: 0,
+            copy_bytes: 0,
         }
     }
 }
@@ -394,10 +427,10 @@ impl Software {
         self.buffers.bytes()
     }
 
-    /// Swap `out` with the output buffer: what is sent from now on is appended to the
-    /// caller's buffer, until the next swap gives it back.
-    pub fn lend_output(&mut self, out: &mut Vec<u8>) {
-        std::mem::swap(&mut self.out, out);
+    /// Received bytes not framed yet (the start of a PDU), taken: where the stream goes
+    /// on from when another transport takes over.
+    pub fn take_input(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.inbuf)
     }
 
     /// Frame the PDU at the start of `buf`: the PDU (its data inline) and the bytes it took,
@@ -423,10 +456,8 @@ impl Software {
     }
 }
 
-/// Feed `bytes` received on a byte stream to machine `m`, whose software transport
-/// `io(m)` is: each whole PDU goes to `on_pdu(m, pdu)` (borrowed in place from the receive
-/// buffer, no copy of its data) until it returns false or the bytes run out (a partial PDU
-/// waits for more). A framing error stops it for good: the caller ends the connection.
+/// [`Stream::receive`] of the software transport: each whole PDU is borrowed in place from
+/// the receive buffer (no copy of its data). A framing error stops it for good.
 pub fn receive<M>(
     m: &mut M,
     io: impl Fn(&mut M) -> &mut Software,
@@ -460,6 +491,21 @@ pub fn receive<M>(
     result
 }
 
+impl Stream for Software {
+    fn lend_output(&mut self, out: &mut Vec<u8>) {
+        std::mem::swap(&mut self.out, out);
+    }
+
+    fn receive<M>(
+        m: &mut M,
+        io: impl Fn(&mut M) -> &mut Self,
+        bytes: &[u8],
+        on_pdu: impl FnMut(&mut M, RxPdu<'_>) -> bool,
+    ) -> Result<(), FrameError> {
+        receive(m, io, bytes, on_pdu)
+    }
+}
+
 impl Transport for Software {
     fn full_feature(&mut self, header_digest: bool, data_digest: bool, max_recv: u32) {
         self.framing = Framing {
@@ -475,7 +521,10 @@ impl Transport for Software {
             TxData::Task { itt, offset, len } => {
                 let range = offset as usize..offset as usize + len as usize;
                 match self.buffers.get(itt).and_then(|b| b.get(range)) {
-                    Some(d) => d,
+                    Some(d) => {
+                        self.copy_bytes += d.len() as u64;
+                        d
+                    }
                     None => return,
                 }
             }
@@ -495,7 +544,11 @@ impl Transport for Software {
     }
 
     fn place(&mut self, itt: u32, offset: usize, data: &[u8]) -> bool {
-        self.buffers.copy_in(itt, offset, data)
+        let placed = self.buffers.copy_in(itt, offset, data);
+        if placed {
+            self.copy_bytes += data.len() as u64;
+        }
+        placed
     }
 
     fn close(&mut self, itt: u32) -> Option<Vec<u8>> {
@@ -509,6 +562,11 @@ impl Transport for Software {
     /// See [`Framing::digested_len`].
     fn digest_bytes(&self) -> u64 {
         self.digest_bytes
+    }
+
+    /// Task data framed into PDUs, and inline data placed into task buffers.
+    fn copy_bytes(&self) -> u64 {
+        self.copy_bytes
     }
 }
 

@@ -1,0 +1,702 @@
+//! The host side of an iSCSI connection on a TOE: [`Offloaded`], the transport under the
+//! connection machines when the NIC's iSCSI engine ([`crate::engine`]) may run the data path
+//! (`DESIGN.md`, "The ULP engine slot").
+//!
+//! - **Login** is software ([`Software`]): a plain byte stream, no digests.
+//! - **At full-feature phase** the transport asks the NIC to offload the connection to the
+//!   engine ([`NicOp::Offload`]) at the first byte the software has not framed (the bytes
+//!   it holds of a partial PDU go along as `carry`). Until the NIC answers, nothing else goes
+//!   to it and nothing is read. A *stale* refusal (the NIC had delivered more) means: take
+//!   what was delivered up to the NIC's position as more carry, then offload again there.
+//! - **Then** the stream is the engine's records: PDU headers, with their data inline or
+//!   already placed into the task's buffer, digests checked. Sends become engine requests
+//!   ([`crate::engine::EngineCmd::encode`]): Data-In and Data-Out bursts are one request
+//!   each (large PDU send), read by the NIC from the task's buffer.
+//! - **Task buffers** live in application memory (a `Vec`) until the first PDU naming
+//!   their task goes out (a command, an R2T, a burst); then they move into host memory (a
+//!   [`HostBuf`]) and on to the NIC ([`NicOp::Register`]). The NIC hands a buffer back
+//!   exactly once ([`Offloaded::released`]): when the engine has all of its data (it
+//!   finished the task), on a release, or at teardown. Data that must be read or placed
+//!   by the host while the NIC holds the buffer (a response for a short read, a Data-Out
+//!   that arrived before the registration) holds the record stream: the transport releases
+//!   the buffer and goes on once it is back, so the machines never see a buffer missing.
+//! - **Copies** are the ones a TOE cannot avoid: application memory into host memory for
+//!   data sent, host memory into application memory for data received, counted in the
+//!   region's [`toe_bus::CopyStats`]; inline data placed by the host is counted by
+//!   [`Transport::copy_bytes`].
+//!
+//! [`Offloaded::software`] never offloads: the same machines and shell, software data path.
+//!
+//! Pure: no sockets, threads or clock; the shell carries [`NicOp`]s to the driver and the
+//! driver's notes back.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use toe_bus::{HostBuf, HostMemory};
+
+use crate::engine::{parse_record, EngineCmd, EngineParams, Record, SendData};
+use crate::transport::{
+    DataInBurst, DataOutBurst, FrameError, RxData, RxPdu, Software, Stream, Transport, TxData,
+};
+use crate::wire::{Repr, BHS_LEN};
+
+/// What the host side asks of the NIC, in order: the shell turns each into a driver call.
+#[derive(Debug)]
+pub enum NicOp {
+    /// Offload the connection to the engine named [`crate::engine::ENGINE_NAME`] with
+    /// these parameters ([`EngineParams::encode`]) at the first byte the driver has not
+    /// received yet; `carry` are the bytes before it the host has not framed.
+    Offload {
+        /// The engine's parameters.
+        params: Vec<u8>,
+        /// Received bytes the engine takes first.
+        carry: Vec<u8>,
+    },
+    /// Register `buf` (in host memory) for task `tag`: the NIC owns it until it comes
+    /// back ([`Offloaded::released`]).
+    Register {
+        /// The task's ITT.
+        tag: u32,
+        /// The buffer.
+        buf: HostBuf,
+    },
+    /// Release task `tag`'s buffer after the sends before it.
+    Release {
+        /// The task's ITT.
+        tag: u32,
+    },
+    /// A send request for the engine ([`EngineCmd::encode`]).
+    Send(Vec<u8>),
+}
+
+/// Where the engine stands on the connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Phase {
+    /// Login (or never offloading): the software transport does everything.
+    Software,
+    /// The login ended: the offload goes with the next [`Offloaded::take_ops`].
+    Offer(EngineParams),
+    /// The offload was asked for; waiting for the NIC.
+    Asked(EngineParams),
+    /// Refused as stale: delivery up to `until` (a stream offset) is plain carry, then the
+    /// offload is asked again.
+    Carrying { params: EngineParams, until: u64 },
+    /// The engine runs the connection.
+    Running,
+    /// The offload failed for good.
+    Failed(String),
+}
+
+/// Where a task's buffer is.
+#[derive(Debug)]
+enum Store {
+    /// In application memory, never registered (or host memory was short).
+    Plain(Vec<u8>),
+    /// In host memory, with the host.
+    Host(HostBuf),
+    /// At the NIC.
+    Away,
+}
+
+#[derive(Debug)]
+struct TaskBuf {
+    store: Store,
+    len: usize,
+    /// A PDU was sent from it: it holds data to send, not data to receive.
+    sent_from: bool,
+    /// Register it with the next PDU naming its task (set when opened, and when it came
+    /// back because the host needed it before its data was all in).
+    register: bool,
+    /// The host asked for it back to read or place into it; records wait for it.
+    recalled: bool,
+}
+
+/// Counters of an [`Offloaded`] transport.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct OffloadStats {
+    /// Offload requests sent (a stale refusal makes two).
+    pub offloads: u64,
+    /// Buffers registered with the NIC.
+    pub registered: u64,
+    /// Buffers the NIC handed back.
+    pub returned: u64,
+    /// Times the record stream waited for a buffer the host needed back.
+    pub recalls: u64,
+    /// Buffers kept in application memory because host memory was short.
+    pub host_memory_short: u64,
+    /// Send requests given to the engine.
+    pub requests: u64,
+}
+
+/// The transport of an iSCSI connection on a TOE host: software through the login, then
+/// the NIC's engine (see the module documentation). The NIC's side of the exchange goes
+/// out as [`NicOp`]s ([`Offloaded::take_ops`]) and comes back through
+/// [`Offloaded::started`], [`Offloaded::refused`], [`Offloaded::released`] and
+/// [`Offloaded::engine_error`].
+pub struct Offloaded {
+    sw: Software,
+    mem: Arc<HostMemory>,
+    engine: bool,
+    phase: Phase,
+    ops: VecDeque<NicOp>,
+    tasks: HashMap<u32, TaskBuf>,
+    /// Releases whose buffers have not come back yet, per tag (they come back first).
+    retiring: HashMap<u32, u32>,
+    /// Record bytes not delivered yet.
+    records: Vec<u8>,
+    /// Plain bytes received after a stale refusal, for the next offload.
+    carry: Vec<u8>,
+    /// Stream bytes received so far (plain and records), the stream offset of the next.
+    received: u64,
+    /// The records wait for this task's buffer to come back.
+    waiting: Option<u32>,
+    copy_bytes: u64,
+    stats: OffloadStats,
+}
+
+impl std::fmt::Debug for Offloaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Offloaded")
+            .field("engine", &self.engine)
+            .field("phase", &self.phase)
+            .field("tasks", &self.tasks.len())
+            .field("waiting", &self.waiting)
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+impl Drop for Offloaded {
+    fn drop(&mut self) {
+        for (_, t) in self.tasks.drain() {
+            if let Store::Host(b) = t.store {
+                self.mem.free(b);
+            }
+        }
+        for op in self.ops.drain(..) {
+            if let NicOp::Register { buf, .. } = op {
+                self.mem.free(buf);
+            }
+        }
+    }
+}
+
+/// Whether a record for a task whose buffer is at the NIC makes the machine read or take
+/// the buffer: the end of a read (a SCSI Response, a Data-In with status) on a buffer that
+/// receives, or of a sequence of write data (a Data-Out with F).
+fn ends_receiving(bhs: &[u8; BHS_LEN]) -> bool {
+    match bhs[0] & 0x3f {
+        0x21 => true,
+        0x25 => bhs[1] & 0x01 != 0,
+        0x05 => bhs[1] & 0x80 != 0,
+        _ => false,
+    }
+}
+
+impl Offloaded {
+    /// The transport of a connection whose data path the NIC's engine takes at
+    /// full-feature phase; task buffers go into `mem` (the driver's host memory) when they
+    /// are registered.
+    pub fn engine(mem: Arc<HostMemory>) -> Self {
+        Offloaded::new(mem, true)
+    }
+
+    /// The same machines and shell with the software data path throughout (the
+    /// comparison run): it never asks for an offload.
+    pub fn software(mem: Arc<HostMemory>) -> Self {
+        Offloaded::new(mem, false)
+    }
+
+    fn new(mem: Arc<HostMemory>, engine: bool) -> Self {
+        Offloaded {
+            sw: Software::default(),
+            mem,
+            engine,
+            phase: Phase::Software,
+            ops: VecDeque::new(),
+            tasks: HashMap::new(),
+            retiring: HashMap::new(),
+            records: Vec::new(),
+            carry: Vec::new(),
+            received: 0,
+            waiting: None,
+            copy_bytes: 0,
+            stats: OffloadStats::default(),
+        }
+    }
+
+    /// Whether the engine runs the data path now.
+    pub fn offloaded(&self) -> bool {
+        self.phase == Phase::Running
+    }
+
+    /// Why the offload failed, if it did (the connection cannot go on).
+    pub fn failure(&self) -> Option<&str> {
+        match &self.phase {
+            Phase::Failed(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> OffloadStats {
+        self.stats
+    }
+
+    /// Whether the shell should read received bytes now: not while the NIC's answer to an
+    /// offload is awaited, nor while the records wait for a buffer to come back (what is
+    /// received then stays with the driver and TCP's window closes).
+    pub fn wants_input(&self) -> bool {
+        match self.phase {
+            Phase::Software | Phase::Carrying { .. } => true,
+            Phase::Running => self.waiting.is_none(),
+            Phase::Offer(_) | Phase::Asked(_) | Phase::Failed(_) => false,
+        }
+    }
+
+    /// Whether [`Stream::receive`] has something to do without new bytes: records that
+    /// waited for a buffer can go on, or a failure must reach the machine.
+    pub fn needs_delivery(&self) -> bool {
+        match self.phase {
+            Phase::Running => self.waiting.is_none() && !self.records.is_empty(),
+            Phase::Failed(_) => true,
+            _ => false,
+        }
+    }
+
+    /// What to ask of the NIC now, in order. Nothing but the offload goes before the NIC
+    /// has started the engine.
+    pub fn take_ops(&mut self) -> Vec<NicOp> {
+        if let Phase::Offer(params) = self.phase {
+            let mut carry = std::mem::take(&mut self.carry);
+            carry.extend_from_slice(&self.sw.take_input());
+            self.stats.offloads += 1;
+            self.phase = Phase::Asked(params);
+            return vec![NicOp::Offload {
+                params: params.encode(),
+                carry,
+            }];
+        }
+        if self.phase != Phase::Running {
+            return Vec::new();
+        }
+        self.ops.drain(..).collect()
+    }
+
+    /// The NIC started the engine at `stream_offset`: what it delivers from there is
+    /// records.
+    pub fn started(&mut self, stream_offset: u64) {
+        if !matches!(self.phase, Phase::Asked(_)) {
+            return self.fail("the NIC started an engine nobody asked for".into());
+        }
+        if stream_offset != self.received {
+            return self.fail(format!(
+                "the engine started at stream offset {stream_offset}, the host is at {}",
+                self.received
+            ));
+        }
+        self.phase = Phase::Running;
+    }
+
+    /// The NIC refused the offload: with `stale`, it delivered up to `position` and
+    /// holds there (those bytes are taken as carry, then the offload goes again);
+    /// otherwise the connection cannot go on.
+    pub fn refused(&mut self, position: u64, stale: bool, error: &str) {
+        let Phase::Asked(params) = self.phase else {
+            return self.fail(format!("a refusal of no offload: {error}"));
+        };
+        if !stale || position < self.received {
+            return self.fail(format!("the NIC refused the engine: {error}"));
+        }
+        self.phase = Phase::Carrying {
+            params,
+            until: position,
+        };
+        self.carried();
+    }
+
+    /// The NIC reports that the engine failed, or that it refused a request: the
+    /// connection cannot go on.
+    pub fn engine_error(&mut self, error: &str) {
+        self.fail(format!("the NIC's engine: {error}"));
+    }
+
+    fn fail(&mut self, why: String) {
+        if !matches!(self.phase, Phase::Failed(_)) {
+            self.phase = Phase::Failed(why);
+        }
+    }
+
+    /// The carry is complete: offload again.
+    fn carried(&mut self) {
+        if let Phase::Carrying { params, until } = self.phase {
+            if self.received >= until {
+                self.phase = Phase::Offer(params);
+            }
+        }
+    }
+
+    /// The NIC handed back task `tag`'s buffer `buf`. Returns the buffer if the transport
+    /// has no use for it (the caller frees it); a buffer of a closed task is freed here.
+    pub fn released(&mut self, tag: u32, buf: HostBuf) -> Option<HostBuf> {
+        self.stats.returned += 1;
+        if let Some(n) = self.retiring.get_mut(&tag) {
+            *n -= 1;
+            if *n == 0 {
+                self.retiring.remove(&tag);
+            }
+            self.mem.free(buf);
+            return None;
+        }
+        match self.tasks.get_mut(&tag) {
+            Some(t) if matches!(t.store, Store::Away) => {
+                t.store = Store::Host(buf);
+                // Taken back before its data was all in: it goes again with the next PDU
+                // naming the task, if any. Finished by the engine: its data is all in.
+                t.register = std::mem::take(&mut t.recalled) && !t.sent_from;
+                if self.waiting == Some(tag) {
+                    self.waiting = None;
+                }
+                None
+            }
+            _ => Some(buf),
+        }
+    }
+
+    /// Move every buffer of task `itt` that should go to the NIC with the next PDU naming
+    /// it; `sending` says whether that PDU sends from it.
+    fn register(&mut self, itt: u32, sending: bool) {
+        let Some(t) = self.tasks.get_mut(&itt) else {
+            return;
+        };
+        t.sent_from |= sending;
+        if !t.register || t.len == 0 {
+            return;
+        }
+        t.register = false;
+        let (Store::Plain(_) | Store::Host(_)) = &t.store else {
+            return;
+        };
+        let buf = match std::mem::replace(&mut t.store, Store::Away) {
+            Store::Host(b) => b,
+            Store::Plain(v) => match self.mem.alloc(v.len()) {
+                Ok(mut b) => {
+                    // What it holds: all of it to send from; to receive into, up to its
+                    // last byte that is not zero (what the host placed so far). The rest
+                    // is zeroed: never stale host memory.
+                    let keep = if t.sent_from {
+                        v.len()
+                    } else {
+                        v.iter().rposition(|&x| x != 0).map_or(0, |i| i + 1)
+                    };
+                    let dst = self.mem.slice_mut(&mut b);
+                    dst[..keep].copy_from_slice(&v[..keep]);
+                    dst[keep..].fill(0);
+                    self.mem.count_copy_in(keep);
+                    b
+                }
+                Err(_) => {
+                    self.stats.host_memory_short += 1;
+                    t.store = Store::Plain(v);
+                    return;
+                }
+            },
+            Store::Away => unreachable!("matched above"),
+        };
+        self.stats.registered += 1;
+        self.ops.push_back(NicOp::Register { tag: itt, buf });
+    }
+
+    fn request(&mut self, cmd: EngineCmd) {
+        if let Some(r) = cmd.encode() {
+            self.stats.requests += 1;
+            self.ops.push_back(NicOp::Send(r));
+        }
+    }
+
+    /// Whether the software does everything (the login, or never offloading).
+    fn soft(&self) -> bool {
+        !self.engine || self.phase == Phase::Software
+    }
+}
+
+impl Stream for Offloaded {
+    fn lend_output(&mut self, out: &mut Vec<u8>) {
+        self.sw.lend_output(out);
+    }
+
+    /// Plain bytes through the login (and as carry after a stale refusal); records once
+    /// the engine runs. A record that needs a buffer the NIC holds stops delivery until
+    /// the buffer is back (the bytes wait in the transport).
+    fn receive<M>(
+        m: &mut M,
+        io: impl Fn(&mut M) -> &mut Self,
+        bytes: &[u8],
+        mut on_pdu: impl FnMut(&mut M, RxPdu<'_>) -> bool,
+    ) -> Result<(), FrameError> {
+        let o = io(m);
+        o.received += bytes.len() as u64;
+        match &o.phase {
+            Phase::Software => {
+                return crate::transport::receive(m, |m| &mut io(m).sw, bytes, on_pdu);
+            }
+            Phase::Carrying { .. } => {
+                o.carry.extend_from_slice(bytes);
+                o.carried();
+                return Ok(());
+            }
+            Phase::Running => {}
+            Phase::Failed(e) => return Err(FrameError::Engine(e.clone())),
+            Phase::Offer(_) | Phase::Asked(_) => {
+                return Err(FrameError::Engine(
+                    "bytes received while the offload was being asked for".into(),
+                ))
+            }
+        }
+        o.records.extend_from_slice(bytes);
+        let mut records = std::mem::take(&mut o.records);
+        let mut at = 0;
+        let mut result = Ok(());
+        while io(m).waiting.is_none() {
+            let pdu = match parse_record(&records[at..]) {
+                Ok(Some((Record::Pdu { pdu, .. }, len))) => (pdu, len),
+                Ok(Some((Record::Fatal(why), _))) => {
+                    result = Err(FrameError::Engine(format!("the stream ended: {why:?}")));
+                    break;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    result = Err(FrameError::Engine(e.to_string()));
+                    break;
+                }
+            };
+            let (pdu, len) = pdu;
+            let itt = u32::from_be_bytes(pdu.bhs[16..20].try_into().expect("4 bytes"));
+            let o = io(m);
+            if let Some(t) = o.tasks.get_mut(&itt) {
+                let inline = matches!(pdu.data, RxData::Inline(d) if !d.is_empty());
+                let needs_home = inline || (!t.sent_from && ends_receiving(pdu.bhs));
+                if matches!(t.store, Store::Away) && needs_home {
+                    if !t.recalled {
+                        t.recalled = true;
+                        o.stats.recalls += 1;
+                        o.ops.push_back(NicOp::Release { tag: itt });
+                    }
+                    o.waiting = Some(itt);
+                    break;
+                }
+            }
+            at += len;
+            if !on_pdu(m, pdu) {
+                break;
+            }
+        }
+        records.drain(..at);
+        io(m).records = records;
+        result
+    }
+}
+
+impl Transport for Offloaded {
+    fn full_feature(&mut self, header_digest: bool, data_digest: bool, max_recv: u32) {
+        self.sw.full_feature(header_digest, data_digest, max_recv);
+        if self.engine && self.phase == Phase::Software {
+            self.phase = Phase::Offer(EngineParams {
+                header_digest,
+                data_digest,
+                max_recv,
+            });
+        }
+    }
+
+    fn send(&mut self, repr: &Repr, data: TxData<'_>) {
+        if self.soft() {
+            return self.sw.send(repr, data);
+        }
+        let mut bhs = [0u8; BHS_LEN];
+        repr.emit(&mut bhs);
+        let itt = u32::from_be_bytes(bhs[16..20].try_into().expect("4 bytes"));
+        let data = match data {
+            TxData::Inline(d) => {
+                self.register(itt, false);
+                SendData::Inline(d.to_vec())
+            }
+            TxData::Task { itt, offset, len } => {
+                self.register(itt, true);
+                let (offset, len) = (offset as usize, len as usize);
+                match self.tasks.get(&itt).map(|t| &t.store) {
+                    Some(Store::Away) => SendData::Tag {
+                        tag: itt,
+                        offset,
+                        len,
+                    },
+                    Some(Store::Plain(v)) => match v.get(offset..offset + len) {
+                        Some(d) => {
+                            self.copy_bytes += d.len() as u64;
+                            SendData::Inline(d.to_vec())
+                        }
+                        None => return,
+                    },
+                    Some(Store::Host(b)) => match self.mem.slice(b).get(offset..offset + len) {
+                        Some(d) => {
+                            self.mem.count_copy_out(d.len());
+                            SendData::Inline(d.to_vec())
+                        }
+                        None => return,
+                    },
+                    None => return,
+                }
+            }
+        };
+        self.request(EngineCmd::Send { bhs, data });
+    }
+
+    fn send_data_in(&mut self, burst: &DataInBurst) {
+        if self.soft() {
+            return self.sw.send_data_in(burst);
+        }
+        self.register(burst.itt, true);
+        match self.tasks.get(&burst.itt).map(|t| &t.store) {
+            Some(Store::Away) => self.request(EngineCmd::SendDataIn(*burst)),
+            // Not at the NIC (host memory was short): PDU by PDU, the data inline.
+            _ => {
+                for (repr, offset, len) in burst.pdus() {
+                    let data = TxData::Task {
+                        itt: burst.itt,
+                        offset,
+                        len,
+                    };
+                    self.send(&repr, data);
+                }
+            }
+        }
+    }
+
+    fn send_data_out(&mut self, burst: &DataOutBurst) {
+        if self.soft() {
+            return self.sw.send_data_out(burst);
+        }
+        self.register(burst.itt, true);
+        match self.tasks.get(&burst.itt).map(|t| &t.store) {
+            Some(Store::Away) => self.request(EngineCmd::SendDataOut(*burst)),
+            _ => {
+                for (repr, offset, len) in burst.pdus() {
+                    let data = TxData::Task {
+                        itt: burst.itt,
+                        offset,
+                        len,
+                    };
+                    self.send(&repr, data);
+                }
+            }
+        }
+    }
+
+    /// The buffer stays in application memory until the first PDU naming the task goes
+    /// out. A task whose buffer the NIC still holds gets a new one (the old comes back
+    /// first and is freed).
+    fn open(&mut self, itt: u32, buf: Vec<u8>) {
+        if self.soft() {
+            return self.sw.open(itt, buf);
+        }
+        self.close(itt);
+        let len = buf.len();
+        self.tasks.insert(
+            itt,
+            TaskBuf {
+                store: Store::Plain(buf),
+                len,
+                sent_from: false,
+                register: true,
+                recalled: false,
+            },
+        );
+    }
+
+    fn buffer(&self, itt: u32) -> Option<&[u8]> {
+        if self.soft() {
+            return self.sw.buffer(itt);
+        }
+        match &self.tasks.get(&itt)?.store {
+            Store::Plain(v) => Some(v),
+            Store::Host(b) => Some(self.mem.slice(b)),
+            Store::Away => None,
+        }
+    }
+
+    fn place(&mut self, itt: u32, offset: usize, data: &[u8]) -> bool {
+        if self.soft() {
+            return self.sw.place(itt, offset, data);
+        }
+        let Some(t) = self.tasks.get_mut(&itt) else {
+            return false;
+        };
+        let Some(end) = offset.checked_add(data.len()).filter(|&e| e <= t.len) else {
+            return false;
+        };
+        match &mut t.store {
+            Store::Plain(v) => {
+                v[offset..end].copy_from_slice(data);
+                self.copy_bytes += data.len() as u64;
+            }
+            Store::Host(b) => {
+                self.mem.slice_mut(b)[offset..end].copy_from_slice(data);
+                self.mem.count_copy_in(data.len());
+            }
+            Store::Away => return false,
+        }
+        true
+    }
+
+    /// A buffer the NIC holds is released (after the sends before it) and freed when it
+    /// comes back: `None`. A buffer that was sent from comes back only in software.
+    /// Received data in host memory is copied out (the one copy of received data).
+    fn close(&mut self, itt: u32) -> Option<Vec<u8>> {
+        if self.soft() {
+            return self.sw.close(itt);
+        }
+        let t = self.tasks.remove(&itt)?;
+        if self.waiting == Some(itt) {
+            // The machine has no more use for it: the records need not wait.
+            self.waiting = None;
+        }
+        match t.store {
+            Store::Plain(v) => (!t.sent_from).then_some(v),
+            Store::Host(b) => {
+                let out = (!t.sent_from).then(|| {
+                    self.mem.count_copy_out(b.len());
+                    self.mem.slice(&b).to_vec()
+                });
+                self.mem.free(b);
+                out
+            }
+            Store::Away => {
+                *self.retiring.entry(itt).or_default() += 1;
+                if !t.recalled {
+                    self.ops.push_back(NicOp::Release { tag: itt });
+                }
+                None
+            }
+        }
+    }
+
+    fn close_all(&mut self) {
+        if self.soft() {
+            return self.sw.close_all();
+        }
+        let tags: Vec<u32> = self.tasks.keys().copied().collect();
+        for tag in tags {
+            self.close(tag);
+        }
+    }
+
+    /// Only the software's (the login, or everything when never offloading).
+    fn digest_bytes(&self) -> u64 {
+        self.sw.digest_bytes()
+    }
+
+    fn copy_bytes(&self) -> u64 {
+        self.sw.copy_bytes() + self.copy_bytes
+    }
+}

@@ -8,7 +8,7 @@ use toe_bus::time::Duration;
 use toe_host::config::Settings;
 use toe_host::wire_opts::WireOptions;
 use toe_nic::impair::ImpairConfig;
-use toemu_lab::iscsi_host::run_on_wire;
+use toemu_lab::iscsi_host::{run_on_wire, Offload, WireSpec};
 use toemu_lab::iscsi_perf::PerfOptions;
 
 fn verify(bytes: u64, io: u32, depth: usize, seed: u64) -> PerfOptions {
@@ -27,9 +27,16 @@ fn check(
     what: &str,
     wire: &WireOptions,
     digests: (bool, bool),
+    offload: Offload,
     o: PerfOptions,
 ) -> [toe_nic::impair::ImpairStats; 2] {
-    let r = run_on_wire(&Settings::default(), wire, 7, 32 << 20, digests, o.clone())
+    let spec = WireSpec {
+        digests,
+        offload,
+        ..WireSpec::default()
+    };
+    let what = &format!("{what}, {}", offload.name());
+    let r = run_on_wire(&Settings::default(), wire, spec, o.clone())
         .unwrap_or_else(|e| panic!("{what}: {e}"));
     let rep = &r.report;
     assert!(rep.ok(), "{what}: {rep:#?}");
@@ -40,6 +47,12 @@ fn check(
     assert_eq!(rep.phases[1].errors, 0, "{what}");
     assert_eq!(r.target.data_digest_errors, 0, "{what}");
     assert_eq!(r.target.rejects, 0, "{what}");
+    // Digests are the NIC's work with the engine, the host's without.
+    let host_digests = r.target.digest_bytes + r.initiator_digest_bytes;
+    match offload {
+        Offload::Engine => assert_eq!(host_digests, 0, "{what}"),
+        Offload::Software => assert_eq!(host_digests > 0, digests != (false, false), "{what}"),
+    }
     // Virtual time moved, and the figures are the virtual clock's.
     assert!(
         rep.phases.iter().all(|p| p.seconds > 0.0 && p.iops > 0.0),
@@ -62,15 +75,13 @@ fn clean() -> WireOptions {
 
 #[test]
 fn written_data_reads_back_on_a_clean_wire_with_and_without_digests() {
-    for digests in [(false, false), (true, false), (true, true)] {
-        for (io, depth) in [(4096, 32), (64 << 10, 1), (128 << 10, 32)] {
-            let what = format!("{io} B at QD{depth}, digests {digests:?}");
-            check(
-                &what,
-                &clean(),
-                digests,
-                verify(4 << 20, io, depth, io as u64),
-            );
+    for offload in [Offload::Engine, Offload::Software] {
+        for digests in [(false, false), (true, false), (true, true)] {
+            for (io, depth) in [(4096, 32), (64 << 10, 1), (128 << 10, 32)] {
+                let what = format!("{io} B at QD{depth}, digests {digests:?}");
+                let o = verify(4 << 20, io, depth, io as u64);
+                check(&what, &clean(), digests, offload, o);
+            }
         }
     }
 }
@@ -86,9 +97,14 @@ fn written_data_reads_back_through_the_impairment_matrix() {
     ];
     for (name, loss, reorder, dup, corrupt) in cells {
         let wire = toemu_tests::impaired(loss, reorder, dup, corrupt, 3);
-        for digests in [(false, false), (true, true)] {
+        for (digests, offload) in [
+            ((false, false), Offload::Software),
+            ((true, true), Offload::Software),
+            ((true, true), Offload::Engine),
+        ] {
             let what = format!("{name}, digests {digests:?}");
-            let w = check(&what, &wire, digests, verify(2 << 20, 64 << 10, 8, 5));
+            let o = verify(2 << 20, 64 << 10, 8, 5);
+            let w = check(&what, &wire, digests, offload, o);
             // The impairments happened (both directions summed).
             let sum = |f: fn(&toe_nic::impair::ImpairStats) -> u64| f(&w[0]) + f(&w[1]);
             for (p, n, kind) in [
@@ -149,16 +165,12 @@ fn a_stopping_target_has_its_initiator_log_out_cleanly() {
         ..PerfOptions::default()
     };
     let at = toe_bus::time::Instant::from_micros(20_000);
-    let r = toemu_lab::iscsi_host::run_on_wire_stopping(
-        &Settings::default(),
-        &clean(),
-        5,
-        32 << 20,
-        (false, false),
-        o,
-        Some(at),
-    )
-    .unwrap();
+    let spec = WireSpec {
+        seed: 5,
+        stop_target_at: Some(at),
+        ..WireSpec::default()
+    };
+    let r = run_on_wire(&Settings::default(), &clean(), spec, o).unwrap();
     let rep = &r.report;
     assert_eq!(
         rep.first_problem.as_deref(),

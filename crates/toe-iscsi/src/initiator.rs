@@ -261,6 +261,12 @@ impl<T: Transport> InitiatorConn<T> {
         self.io.digest_bytes()
     }
 
+    /// Data bytes the transport copied within application memory so far (see
+    /// [`Transport::copy_bytes`]).
+    pub fn copy_bytes(&self) -> u64 {
+        self.io.copy_bytes()
+    }
+
     /// The next completion or other event.
     pub fn poll_event(&mut self) -> Option<InitiatorEvent> {
         self.events.pop_front()

@@ -116,6 +116,9 @@ pub struct ConnStats {
     /// Bytes run through CRC32C for digests, sent and received (see
     /// [`Framing::digested_len`](crate::wire::Framing::digested_len)).
     pub digest_bytes: u64,
+    /// Data bytes the transport copied within application memory (see
+    /// [`Transport::copy_bytes`]).
+    pub copy_bytes: u64,
 }
 
 impl std::ops::AddAssign for ConnStats {
@@ -127,6 +130,7 @@ impl std::ops::AddAssign for ConnStats {
         self.data_digest_errors += o.data_digest_errors;
         self.data_sequence_errors += o.data_sequence_errors;
         self.digest_bytes += o.digest_bytes;
+        self.copy_bytes += o.copy_bytes;
     }
 }
 
@@ -449,6 +453,7 @@ impl<T: Transport> TargetConn<T> {
     pub fn stats(&self) -> ConnStats {
         ConnStats {
             digest_bytes: self.io.digest_bytes(),
+            copy_bytes: self.io.copy_bytes(),
             ..self.stats
         }
     }

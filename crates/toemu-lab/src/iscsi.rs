@@ -374,6 +374,16 @@ pub fn initiator_conn(
     target: Option<&str>,
     r: [u8; 23],
 ) -> toe_iscsi::initiator::InitiatorConn {
+    initiator_conn_over(toe_iscsi::transport::Software::default(), url, target, r)
+}
+
+/// [`initiator_conn`] over transport `io`.
+pub fn initiator_conn_over<T: toe_iscsi::transport::Transport>(
+    io: T,
+    url: &IscsiUrl,
+    target: Option<&str>,
+    r: [u8; 23],
+) -> toe_iscsi::initiator::InitiatorConn<T> {
     use toe_iscsi::login::{Credentials, InitiatorConfig, OpParams};
     let mut isid = [0x80, 0, 0, 0, 0, 0];
     isid[2..6].copy_from_slice(&r[17..21]);
@@ -400,7 +410,7 @@ pub fn initiator_conn(
     };
     let mut challenge = [0u8; 16];
     challenge.copy_from_slice(&r[..16]);
-    toe_iscsi::initiator::InitiatorConn::new(cfg, challenge, r[16])
+    toe_iscsi::initiator::InitiatorConn::over(io, cfg, challenge, r[16])
 }
 
 /// toemu's initiator on std TCP: one connection, calls that block until their answer.

@@ -3,26 +3,125 @@
 //! machines that run on std TCP ([`TargetConn`], [`PerfMachine`]) run on a TAP device (real
 //! Linux peers in a namespace) and on the in-memory wire on the virtual clock.
 //!
-//! The data path is software (`--offload software`): the driver indicates the received
-//! stream, the app copies it into the machine, digests are computed on the host, and what the
-//! machine emits is copied into send buffers. The NIC's iSCSI engine (the next step) takes
-//! digests and data placement off the host.
+//! Two data paths ([`Offload`]), the session code the same on both
+//! ([`toe_iscsi::offload::Offloaded`] under the machines):
+//!
+//! - `engine` (the default): after the software login the connection is offloaded to the
+//!   NIC's iSCSI engine, which checks and computes the digests, places Data-In, Data-Out and
+//!   R2T-solicited data straight into the task's buffer, and cuts a read's or a write's data
+//!   into PDUs itself. The host copies each data byte once, between its application buffer
+//!   and host memory.
+//! - `software`: the driver indicates the received stream, the app copies it into the
+//!   machine, digests are computed on the host, and what the machine emits is copied into
+//!   send buffers.
 
 use std::io;
 use std::net::SocketAddrV4;
 use std::sync::{Arc, Mutex};
 
 use toe_bus::time::Instant;
-use toe_driver::ConnState;
-use toe_driver::Driver;
+use toe_bus::ConnId;
+use toe_driver::{ConnState, Driver, UlpNote};
 use toe_iscsi::initiator::InitiatorConn;
 use toe_iscsi::login::TargetConfig;
+use toe_iscsi::offload::{NicOp, Offloaded};
 use toe_iscsi::scsi::Disk;
 use toe_iscsi::target::TargetConn;
 use toemu_apps::{App, ConnIo, RxMode};
 
-use crate::iscsi::{initiator_conn, IscsiUrl, Totals};
+use crate::iscsi::{initiator_conn_over, IscsiUrl, Totals};
 use crate::iscsi_perf::{PerfMachine, PerfOptions, PerfReport};
+
+/// The data path of an emulated host's iSCSI connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Offload {
+    /// The NIC's iSCSI engine after the software login.
+    #[default]
+    Engine,
+    /// Host software throughout.
+    Software,
+}
+
+impl Offload {
+    /// The transport of a new connection on a host with memory `mem`.
+    fn transport(self, mem: Arc<toe_bus::HostMemory>) -> Offloaded {
+        match self {
+            Offload::Engine => Offloaded::engine(mem),
+            Offload::Software => Offloaded::software(mem),
+        }
+    }
+
+    /// The name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Offload::Engine => "engine",
+            Offload::Software => "software",
+        }
+    }
+}
+
+impl std::str::FromStr for Offload {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "engine" => Ok(Offload::Engine),
+            "software" => Ok(Offload::Software),
+            _ => Err(format!("{s}: the data path is engine or software")),
+        }
+    }
+}
+
+/// Carry the NIC's side of connection `conn`'s transport `t`: the slot's notes in, then
+/// (unless `plain_first`: plain bytes the machine emitted before them still wait to be
+/// handed to the driver) its requests out. Returns whether anything happened.
+fn nic_exchange(
+    t: &mut Offloaded,
+    d: &mut Driver,
+    conn: ConnId,
+    plain_first: bool,
+) -> io::Result<bool> {
+    let err = |e: toe_driver::DriverError| io::Error::other(e.to_string());
+    let mut any = false;
+    while let Some(n) = d.take_ulp(conn).map_err(err)? {
+        any = true;
+        match n {
+            UlpNote::Started { stream_offset } => t.started(stream_offset),
+            UlpNote::Refused {
+                position,
+                stale,
+                error,
+            } => t.refused(position, stale, &error),
+            UlpNote::Released { tag, buf, .. } => {
+                if let Some(b) = t.released(tag, buf) {
+                    d.free(b);
+                }
+            }
+            UlpNote::Error(e) => t.engine_error(&e),
+        }
+    }
+    if plain_first {
+        return Ok(any);
+    }
+    for op in t.take_ops() {
+        any = true;
+        let done = match op {
+            NicOp::Offload { params, carry } => d
+                .ulp_offload(conn, toe_iscsi::engine::ENGINE_NAME, params, carry)
+                .map(|_| ()),
+            NicOp::Register { tag, buf } => d.ulp_register(conn, tag, buf).map_err(|r| {
+                d.free(r.buf);
+                r.error
+            }),
+            NicOp::Release { tag } => d.ulp_release(conn, tag),
+            NicOp::Send(request) => d.ulp_send(conn, request),
+        };
+        if let Err(e) = done {
+            t.engine_error(&e.to_string());
+        }
+    }
+    Ok(any)
+}
 
 /// Output a connection may have waiting before the app stops reading its input (the
 /// machine answers a read with its whole data: this bounds the host memory one initiator
@@ -34,7 +133,7 @@ const SEND_CHUNK: usize = 256 << 10;
 
 struct Session {
     io: ConnIo,
-    conn: TargetConn,
+    conn: TargetConn<Offloaded>,
     out: Vec<u8>,
     sent: usize,
 }
@@ -62,6 +161,18 @@ impl Session {
     fn flush(&mut self, d: &mut Driver) -> io::Result<bool> {
         flush(&mut self.io, d, &mut self.out, &mut self.sent)
     }
+
+    /// The NIC's side of the connection (see [`nic_exchange`]), and records that waited
+    /// for a buffer, or a failure of the engine, to the machine.
+    fn exchange(&mut self, d: &mut Driver) -> io::Result<bool> {
+        let plain_first = !self.out.is_empty();
+        let mut any = nic_exchange(self.conn.transport_mut(), d, self.io.conn, plain_first)?;
+        if self.conn.transport().needs_delivery() {
+            self.conn.on_bytes(&[], &mut self.out);
+            any = true;
+        }
+        Ok(any)
+    }
 }
 
 /// The iSCSI target app: LUN 0 of every normal session is `disk`; discovery offers the
@@ -71,6 +182,7 @@ pub struct TargetApp {
     cfg: TargetConfig,
     portal: String,
     disk: Arc<Mutex<Disk>>,
+    offload: Offload,
     rng: u64,
     next_tsih: u16,
     sessions: Vec<Session>,
@@ -108,6 +220,7 @@ impl TargetApp {
             cfg,
             portal,
             disk,
+            offload: Offload::default(),
             rng: seed | 1,
             next_tsih: 1,
             sessions: Vec::new(),
@@ -125,6 +238,12 @@ impl TargetApp {
             .iter()
             .filter(|s| s.conn.ended().is_none() || !s.out.is_empty() || s.io.outstanding() > 0)
             .count()
+    }
+
+    /// The data path of its connections (the NIC's engine by default).
+    pub fn with_offload(mut self, o: Offload) -> Self {
+        self.offload = o;
+        self
     }
 
     /// The NOP-In keep-alive on every connection, timed by the host's clock.
@@ -157,7 +276,7 @@ impl TargetApp {
         x.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
 
-    fn session(&mut self, conn: toe_bus::ConnId) -> Session {
+    fn session(&mut self, conn: ConnId, mem: Arc<toe_bus::HostMemory>) -> Session {
         let mut challenge = [0u8; 16];
         challenge[..8].copy_from_slice(&self.random().to_le_bytes());
         challenge[8..].copy_from_slice(&self.random().to_le_bytes());
@@ -165,7 +284,8 @@ impl TargetApp {
         let tsih = self.next_tsih;
         self.next_tsih = self.next_tsih.wrapping_add(1).max(1);
         let targets = vec![(self.cfg.target_name.clone(), self.portal.clone())];
-        let mut conn_machine = TargetConn::new(self.cfg.clone(), targets, challenge, id, tsih)
+        let io = self.offload.transport(mem);
+        let mut conn_machine = TargetConn::over(io, self.cfg.clone(), targets, challenge, id, tsih)
             .with_disk(self.disk.clone());
         if let Some(k) = self.keepalive {
             conn_machine = conn_machine.with_keepalive(k);
@@ -187,7 +307,7 @@ impl App for TargetApp {
     fn poll(&mut self, d: &mut Driver, now: Instant) -> io::Result<bool> {
         let mut busy = false;
         while let Some(c) = (!self.stopping).then(|| d.accept(self.port)).flatten() {
-            let s = self.session(c);
+            let s = self.session(c, d.memory().clone());
             self.sessions.push(s);
             busy = true;
         }
@@ -195,9 +315,13 @@ impl App for TargetApp {
         while i < self.sessions.len() {
             let s = &mut self.sessions[i];
             s.io.reap(d)?;
+            busy |= s.exchange(d)?;
             s.conn.poll(now.total_micros() as u64, &mut s.out);
             busy |= s.flush(d)?;
-            if s.out.len() - s.sent < MAX_PENDING_OUT && s.conn.ended().is_none() {
+            if s.out.len() - s.sent < MAX_PENDING_OUT
+                && s.conn.ended().is_none()
+                && s.conn.transport().wants_input()
+            {
                 let Session { io, conn, out, .. } = s;
                 let mem = d.memory().clone();
                 let took = io.recv(d, now, |data| {
@@ -209,6 +333,8 @@ impl App for TargetApp {
                 busy |= took > 0;
                 busy |= s.flush(d)?;
             }
+            busy |= s.exchange(d)?;
+            busy |= s.flush(d)?;
             let drained = s.out.is_empty() && s.io.outstanding() == 0;
             if (s.conn.ended().is_some() || s.io.eof(d)) && drained {
                 s.io.close(d)?;
@@ -264,8 +390,9 @@ pub struct PerfApp {
     to: SocketAddrV4,
     random: [u8; 23],
     machine: PerfMachine,
+    offload: Offload,
     io: Option<ConnIo>,
-    init: Option<InitiatorConn>,
+    init: Option<InitiatorConn<Offloaded>>,
     out: Vec<u8>,
     sent: usize,
     finished: bool,
@@ -303,6 +430,7 @@ impl PerfApp {
             to,
             random,
             machine: PerfMachine::new(o, target, url.lun.unwrap_or(0)),
+            offload: Offload::default(),
             io: None,
             init: None,
             out: Vec::new(),
@@ -313,9 +441,20 @@ impl PerfApp {
         })
     }
 
+    /// The data path (the NIC's engine by default).
+    pub fn with_offload(mut self, o: Offload) -> Self {
+        self.offload = o;
+        self
+    }
+
     /// Bytes the initiator ran through CRC32C for digests (host software).
     pub fn digest_bytes(&self) -> u64 {
         self.init.as_ref().map_or(0, InitiatorConn::digest_bytes)
+    }
+
+    /// Data bytes the initiator's transport copied within application memory.
+    pub fn copy_bytes(&self) -> u64 {
+        self.init.as_ref().map_or(0, InitiatorConn::copy_bytes)
     }
 
     /// The figures (once done).
@@ -359,7 +498,9 @@ impl App for PerfApp {
         let init = match &mut self.init {
             Some(i) => i,
             None => {
-                let mut i = initiator_conn(&self.url, self.url.target.as_deref(), self.random);
+                let t = self.offload.transport(d.memory().clone());
+                let target = self.url.target.as_deref();
+                let mut i = initiator_conn_over(t, &self.url, target, self.random);
                 i.start(&mut self.out);
                 busy = true;
                 self.init.insert(i)
@@ -367,18 +508,36 @@ impl App for PerfApp {
         };
         io.reap(d)?;
         let out = &mut self.out;
-        let mem = d.memory().clone();
-        busy |= io.recv(d, now, |data| {
-            // The machine gathers PDUs in its own buffer: a copy out of host memory.
-            mem.count_copy_out(data.len());
-            init.on_bytes(data, out);
-            data.len()
-        })? > 0;
+        let conn = io.conn;
+        let exchange = move |init: &mut InitiatorConn<Offloaded>,
+                        d: &mut Driver,
+                        out: &mut Vec<u8>|
+         -> io::Result<bool> {
+            let mut any = nic_exchange(init.transport_mut(), d, conn, !out.is_empty())?;
+            if init.transport().needs_delivery() {
+                init.on_bytes(&[], out);
+                any = true;
+            }
+            Ok(any)
+        };
+        busy |= exchange(init, d, out)?;
+        if init.transport().wants_input() {
+            let mem = d.memory().clone();
+            busy |= io.recv(d, now, |data| {
+                // The machine gathers PDUs (or the engine's records) in its own buffer: a
+                // copy out of host memory.
+                mem.count_copy_out(data.len());
+                init.on_bytes(data, out);
+                data.len()
+            })? > 0;
+        }
         while let Some(e) = init.poll_event() {
             self.machine.on_event(e, init, us, &mut self.out);
             busy = true;
         }
         self.machine.poll(init, us, &mut self.out);
+        busy |= flush(io, d, &mut self.out, &mut self.sent)?;
+        busy |= exchange(init, d, &mut self.out)?;
         busy |= flush(io, d, &mut self.out, &mut self.sent)?;
         if self.machine.done() && self.out.is_empty() && io.outstanding() == 0 {
             io.close(d)?;
@@ -416,6 +575,9 @@ pub struct WireRun {
     pub target: toe_iscsi::target::ConnStats,
     /// Bytes the initiator ran through CRC32C for digests.
     pub initiator_digest_bytes: u64,
+    /// Data bytes the initiator's transport copied within application memory (the
+    /// target's are in [`WireRun::target`]).
+    pub initiator_copy_bytes: u64,
     /// The wire's impairment counters, per receiving side (entry 1: initiator → target).
     pub wire: [toe_nic::impair::ImpairStats; 2],
     /// Wall-clock seconds the emulation took.
@@ -450,34 +612,59 @@ impl App for StopAt<'_> {
     }
 }
 
+/// How [`run_on_wire`] sets the two hosts up.
+#[derive(Debug, Clone, Copy)]
+pub struct WireSpec {
+    /// Seeds everything random (deterministic runs).
+    pub seed: u64,
+    /// LUN 0's size, bytes (a memory disk).
+    pub lun_bytes: usize,
+    /// Header and data digests (CRC32C) asked for.
+    pub digests: (bool, bool),
+    /// The data path of both ends.
+    pub offload: Offload,
+    /// Ask the target to stop ([`App::stop`]: it asks its sessions to log out) when the
+    /// virtual clock reaches this.
+    pub stop_target_at: Option<Instant>,
+}
+
+impl Default for WireSpec {
+    fn default() -> Self {
+        WireSpec {
+            seed: 7,
+            lun_bytes: 32 << 20,
+            digests: (false, false),
+            offload: Offload::default(),
+            stop_target_at: None,
+        }
+    }
+}
+
 /// toemu's initiator on host 0 (10.0.0.1) against toemu's target on host 1 (10.0.0.2, port
-/// 3260, LUN 0 a memory disk of `lun_bytes`) on the in-memory wire `wire`, on the virtual
-/// clock: the load `o`, with header and data digests as `digests` says. Deterministic for a
-/// given `seed`.
+/// 3260, LUN 0 a memory disk) on the in-memory wire `wire`, on the virtual clock: the load
+/// `o`, set up as `spec` says (both NICs carry the iSCSI engine). Deterministic for a given
+/// seed.
 pub fn run_on_wire(
     settings: &toe_host::config::Settings,
     wire: &toe_host::wire_opts::WireOptions,
-    seed: u64,
-    lun_bytes: usize,
-    digests: (bool, bool),
+    spec: WireSpec,
     o: PerfOptions,
 ) -> io::Result<WireRun> {
-    run_on_wire_stopping(settings, wire, seed, lun_bytes, digests, o, None)
-}
-
-/// [`run_on_wire`], with the target asked to stop ([`App::stop`]: it asks its sessions to
-/// log out) when the virtual clock reaches `stop_target_at`, if given.
-pub fn run_on_wire_stopping(
-    settings: &toe_host::config::Settings,
-    wire: &toe_host::wire_opts::WireOptions,
-    seed: u64,
-    lun_bytes: usize,
-    digests: (bool, bool),
-    o: PerfOptions,
-    stop_target_at: Option<Instant>,
-) -> io::Result<WireRun> {
+    let WireSpec {
+        seed,
+        lun_bytes,
+        digests,
+        offload,
+        stop_target_at,
+    } = spec;
     let ([pa, pb], monitors) = toe_host::pair::wire_ports(wire)?;
     let sim = toe_host::pair::hosts(settings, settings, seed, pa, pb)?;
+    for i in 0..2 {
+        sim.with_host(i, |h| {
+            h.nic
+                .add_engine(Arc::new(toe_iscsi::engine::IscsiEngineFactory))
+        });
+    }
     sim.driver(1)
         .lock()
         .listen(3260, 16, None)
@@ -489,7 +676,8 @@ pub fn run_on_wire_stopping(
         512,
         "TOEMU0001",
     )));
-    let mut target = TargetApp::new(3260, cfg, "10.0.0.2:3260", disk, seed ^ 0x7a);
+    let mut target =
+        TargetApp::new(3260, cfg, "10.0.0.2:3260", disk, seed ^ 0x7a).with_offload(offload);
     let query = match digests {
         (false, false) => "",
         (true, false) => "?header_digest=crc32c",
@@ -503,7 +691,9 @@ pub fn run_on_wire_stopping(
     for (i, b) in random.iter_mut().enumerate() {
         *b = (seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (i % 8 * 8)) as u8 ^ i as u8;
     }
-    let mut perf = PerfApp::new(&url, o, random).map_err(io::Error::other)?;
+    let mut perf = PerfApp::new(&url, o, random)
+        .map_err(io::Error::other)?
+        .with_offload(offload);
     let mem = |i: usize| sim.with_host(i, |h| h.mem.clone());
     let (mi, mt) = (mem(0), mem(1));
     let (bi, bt) = (mi.stats().snapshot(), mt.stats().snapshot());
@@ -521,6 +711,7 @@ pub fn run_on_wire_stopping(
         target_copies: mt.stats().snapshot().since(&bt),
         target: target.stats(),
         initiator_digest_bytes: perf.digest_bytes(),
+        initiator_copy_bytes: perf.copy_bytes(),
         wire: toe_host::wire_opts::wire_stats(&monitors),
         wall_seconds,
         target_open: target.open_connections(),
@@ -538,6 +729,8 @@ pub struct BenchRow {
     pub depth: usize,
     /// Header and data digests (CRC32C) on.
     pub digests: bool,
+    /// The data path of both ends.
+    pub offload: Offload,
     /// Commands completed.
     pub ios: u64,
     /// Commands per second of modeled (virtual) time.
@@ -545,18 +738,27 @@ pub struct BenchRow {
     /// Data megabytes (10^6) per second of modeled time.
     pub modeled_mb_per_s: f64,
     /// Command latency in modeled time, µs.
-    pub modeled_latency_us: crate::demo::Latency,
-    /// Host memory traffic of the initiator's host per data byte: DMA into and out of host
-    /// memory, driver copies, and copies between host buffers and the iSCSI machine.
+    pub modeled_latency_us: crate::stats::Latency,
+    /// Bytes the initiator's host CPU copied per data byte: driver copies, copies between
+    /// host memory and application memory, and the transport's copies within application
+    /// memory (PDU headers included).
     pub initiator_copies_per_byte: f64,
     /// The same on the target's host.
     pub target_copies_per_byte: f64,
+    /// Bytes the NIC moved into and out of the initiator's host memory by DMA per data
+    /// byte (no host CPU).
+    pub initiator_dma_per_byte: f64,
+    /// The same on the target's host.
+    pub target_dma_per_byte: f64,
     /// Bytes the initiator's host ran through CRC32C per data byte.
     pub initiator_digest_bytes_per_byte: f64,
     /// The same on the target's host.
     pub target_digest_bytes_per_byte: f64,
     /// Wall-clock seconds the emulation took (the emulator's speed, not the model's).
     pub wall_seconds: f64,
+    /// Wall-clock µs of the emulation per I/O: both hosts, both NICs and the wire on one
+    /// thread (an upper bound on host CPU per I/O, measured, not modeled).
+    pub wall_us_per_io: f64,
 }
 
 /// What the bench models: the machine its figures describe.
@@ -572,13 +774,36 @@ pub struct BenchModel {
     pub not_modeled: &'static str,
 }
 
+/// How much `toemu iscsi bench` moves.
+#[derive(Debug, Clone, Copy)]
+pub struct BenchOptions {
+    /// Bytes moved by each 4 KiB run.
+    pub small_bytes: u64,
+    /// Bytes moved by each 128 KiB run.
+    pub large_bytes: u64,
+    /// Also run without digests.
+    pub without_digests: bool,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions {
+            small_bytes: 32 << 20,
+            large_bytes: 256 << 20,
+            without_digests: true,
+        }
+    }
+}
+
 /// `toemu iscsi bench`: toemu's initiator against toemu's target on two emulated hosts on
-/// the in-memory wire, on the virtual clock, software data path: 4 KiB and 128 KiB at QD32,
-/// reads and writes, without and with header and data digests. `base` supplies the host
-/// settings (its bus latency is raised to the model's 2 µs if lower). `each` sees every row
-/// as it is measured.
+/// the in-memory wire, on the virtual clock, the NIC's engine beside the software data
+/// path (one after the other for each case, which goes first alternating): 4 KiB and 128
+/// KiB at QD32, reads and writes, with header and data digests (and without, if asked).
+/// `base` supplies the host settings (its bus latency is raised to the model's 2 µs if
+/// lower). `each` sees every row as it is measured.
 pub fn bench(
     base: &toe_host::config::Settings,
+    opts: BenchOptions,
     mut each: impl FnMut(&BenchRow),
 ) -> io::Result<(BenchModel, Vec<BenchRow>)> {
     let model = BenchModel {
@@ -598,97 +823,132 @@ pub fn bench(
         },
         pcap: None,
     };
+    let digest_cases: &[bool] = if opts.without_digests {
+        &[true, false]
+    } else {
+        &[true]
+    };
     let mut rows = Vec::new();
-    for digests in [false, true] {
-        for (io, bytes) in [(4096u32, 32u64 << 20), (128 << 10, 256 << 20)] {
+    let mut case = 0;
+    for &digests in digest_cases {
+        for (io, bytes) in [(4096u32, opts.small_bytes), (128 << 10, opts.large_bytes)] {
             for write in [false, true] {
-                let o = PerfOptions {
-                    io_bytes: io,
-                    depth: 32,
-                    bytes: Some(bytes),
-                    write,
-                    ..PerfOptions::default()
-                };
-                let r = run_on_wire(&settings, &wire, 11, 256 << 20, (digests, digests), o)?;
-                let p = r
-                    .report
-                    .phases
-                    .first()
-                    .ok_or_else(|| io::Error::other("no phase"))?;
-                let data = p.bytes.max(1) as f64;
-                let traffic = |c: &toe_bus::CopySnapshot| {
-                    (c.dma_write_bytes
-                        + c.dma_read_bytes
-                        + c.host_copy_bytes
-                        + c.copy_out_bytes
-                        + c.copy_in_bytes) as f64
-                        / data
-                };
-                let row = BenchRow {
-                    op: p.op,
-                    io_bytes: io,
-                    depth: 32,
-                    digests,
-                    ios: p.ios,
-                    modeled_iops: p.iops,
-                    modeled_mb_per_s: p.mb_per_s,
-                    modeled_latency_us: p.latency_us,
-                    initiator_copies_per_byte: traffic(&r.initiator_copies),
-                    target_copies_per_byte: traffic(&r.target_copies),
-                    initiator_digest_bytes_per_byte: r.initiator_digest_bytes as f64 / data,
-                    target_digest_bytes_per_byte: r.target.digest_bytes as f64 / data,
-                    wall_seconds: r.wall_seconds,
-                };
-                each(&row);
-                rows.push(row);
+                let mut order = [Offload::Engine, Offload::Software];
+                if case % 2 == 1 {
+                    order.reverse();
+                }
+                case += 1;
+                let mut pair = Vec::new();
+                for offload in order {
+                    let o = PerfOptions {
+                        io_bytes: io,
+                        depth: 32,
+                        bytes: Some(bytes),
+                        write,
+                        ..PerfOptions::default()
+                    };
+                    let spec = WireSpec {
+                        seed: 11,
+                        lun_bytes: 256 << 20,
+                        digests: (digests, digests),
+                        offload,
+                        stop_target_at: None,
+                    };
+                    let r = run_on_wire(&settings, &wire, spec, o)?;
+                    let row = bench_row(&r, io, digests, offload)?;
+                    each(&row);
+                    pair.push(row);
+                }
+                // The engine's row first in the table.
+                pair.sort_by_key(|r| r.offload != Offload::Engine);
+                rows.extend(pair);
             }
         }
     }
     Ok((model, rows))
 }
 
+/// The row of run `r`.
+fn bench_row(r: &WireRun, io: u32, digests: bool, offload: Offload) -> io::Result<BenchRow> {
+    let p = r
+        .report
+        .phases
+        .first()
+        .ok_or_else(|| io::Error::other("no phase"))?;
+    let data = p.bytes.max(1) as f64;
+    let copies = |c: &toe_bus::CopySnapshot, own: u64| {
+        (c.host_copy_bytes + c.copy_out_bytes + c.copy_in_bytes + own) as f64 / data
+    };
+    let dma = |c: &toe_bus::CopySnapshot| (c.dma_write_bytes + c.dma_read_bytes) as f64 / data;
+    Ok(BenchRow {
+        op: p.op,
+        io_bytes: io,
+        depth: 32,
+        digests,
+        offload,
+        ios: p.ios,
+        modeled_iops: p.iops,
+        modeled_mb_per_s: p.mb_per_s,
+        modeled_latency_us: p.latency_us,
+        initiator_copies_per_byte: copies(&r.initiator_copies, r.initiator_copy_bytes),
+        target_copies_per_byte: copies(&r.target_copies, r.target.copy_bytes),
+        initiator_dma_per_byte: dma(&r.initiator_copies),
+        target_dma_per_byte: dma(&r.target_copies),
+        initiator_digest_bytes_per_byte: r.initiator_digest_bytes as f64 / data,
+        target_digest_bytes_per_byte: r.target.digest_bytes as f64 / data,
+        wall_seconds: r.wall_seconds,
+        wall_us_per_io: r.wall_seconds * 1e6 / p.ios.max(1) as f64,
+    })
+}
+
 /// The bench's rows as a table.
 pub fn bench_table(model: &BenchModel, rows: &[BenchRow]) -> String {
     let mut t = format!(
-        "toemu iscsi bench: initiator and target on emulated TOE hosts, software data path; modeled: {} Gbit/s wire, {} us one way, bus {} us\n\
-         ({})\n\n",
+        "toemu iscsi bench: initiator and target on emulated TOE hosts, the NIC's iSCSI engine beside the software data path; modeled: {} Gbit/s wire, {} us one way, bus {} us\n\
+         ({}; copy/B is host CPU copies, DMA/B the NIC's, per data byte; wall us/IO is the whole emulation on one thread)\n\n",
         model.wire_bits_per_s / 1_000_000_000,
         model.wire_delay_us,
         model.bus_latency_us,
         model.not_modeled
     );
     t.push_str(&format!(
-        "{:<6} {:>7} {:>3} {:>8} {:>11} {:>10} {:>9} {:>9} {:>12} {:>12} {:>12} {:>12} {:>7}\n",
+        "{:<6} {:>5} {:>3} {:>8} {:>8} {:>10} {:>10} {:>8} {:>8} {:>9} {:>9} {:>8} {:>8} {:>9} {:>9} {:>8}\n",
         "op",
         "I/O",
         "QD",
         "digests",
+        "path",
         "IOPS (mod)",
         "MB/s (mod)",
         "p50 us",
         "p99 us",
-        "init copy/B",
-        "tgt copy/B",
-        "init crc/B",
-        "tgt crc/B",
-        "wall s"
+        "i copy/B",
+        "t copy/B",
+        "i DMA/B",
+        "t DMA/B",
+        "i crc/B",
+        "t crc/B",
+        "wall us/IO"
     ));
     for r in rows {
         t.push_str(&format!(
-            "{:<6} {:>7} {:>3} {:>8} {:>11.0} {:>10.1} {:>9.1} {:>9.1} {:>12.2} {:>12.2} {:>12.2} {:>12.2} {:>7.2}\n",
+            "{:<6} {:>5} {:>3} {:>8} {:>8} {:>10.0} {:>10.1} {:>8.1} {:>8.1} {:>9.2} {:>9.2} {:>8.2} {:>8.2} {:>9.2} {:>9.2} {:>8.1}\n",
             r.op,
             if r.io_bytes >= 1024 { format!("{}K", r.io_bytes / 1024) } else { r.io_bytes.to_string() },
             r.depth,
             if r.digests { "hdr+data" } else { "none" },
+            r.offload.name(),
             r.modeled_iops,
             r.modeled_mb_per_s,
             r.modeled_latency_us.p50,
             r.modeled_latency_us.p99,
             r.initiator_copies_per_byte,
             r.target_copies_per_byte,
+            r.initiator_dma_per_byte,
+            r.target_dma_per_byte,
             r.initiator_digest_bytes_per_byte,
             r.target_digest_bytes_per_byte,
-            r.wall_seconds
+            r.wall_us_per_io
         ));
     }
     t

@@ -18,6 +18,7 @@ use crate::datagen::DataGen;
 use crate::demo::{latency, Latency};
 use crate::iscsi::{capacity16, read_capacity16, IscsiUrl, TcpInitiator};
 use toe_iscsi::initiator::{Completion, InitiatorConn, InitiatorEvent};
+use toe_iscsi::transport::Stream;
 use toe_iscsi::login::Negotiated;
 
 /// What `perf` does.
@@ -312,7 +313,7 @@ impl PerfMachine {
             .and_then(|r| r.deadline)
     }
 
-    fn fail(&mut self, why: String, conn: &mut InitiatorConn, out: &mut Vec<u8>) {
+    fn fail<T: Stream>(&mut self, why: String, conn: &mut InitiatorConn<T>, out: &mut Vec<u8>) {
         self.failed.get_or_insert(why);
         self.cur = None;
         if !conn.ended() && !matches!(self.stage, Stage::Logout | Stage::Done | Stage::Login) {
@@ -324,10 +325,10 @@ impl PerfMachine {
     }
 
     /// One event of the connection, at `now` (µs).
-    pub fn on_event(
+    pub fn on_event<T: Stream>(
         &mut self,
         e: InitiatorEvent,
-        conn: &mut InitiatorConn,
+        conn: &mut InitiatorConn<T>,
         now: u64,
         out: &mut Vec<u8>,
     ) {
@@ -372,16 +373,16 @@ impl PerfMachine {
     }
 
     /// Start, if the connection is logged in already (`perf` on std TCP logs in first).
-    pub fn logged_in(&mut self, n: &Negotiated, conn: &mut InitiatorConn, out: &mut Vec<u8>) {
+    pub fn logged_in<T: Stream>(&mut self, n: &Negotiated, conn: &mut InitiatorConn<T>, out: &mut Vec<u8>) {
         self.digests = (n.header_digest, n.data_digest);
         let tag = conn.command(lun_of(self.lun), &read_capacity16(), 32, Vec::new(), out);
         self.stage = Stage::Capacity { tag, tries: 0 };
     }
 
-    fn capacity_known(
+    fn capacity_known<T: Stream>(
         &mut self,
         rc: &Completion,
-        conn: &mut InitiatorConn,
+        conn: &mut InitiatorConn<T>,
         now: u64,
         out: &mut Vec<u8>,
     ) {
@@ -461,7 +462,7 @@ impl PerfMachine {
         self.next_phase(conn, now, out);
     }
 
-    fn next_phase(&mut self, conn: &mut InitiatorConn, now: u64, out: &mut Vec<u8>) {
+    fn next_phase<T: Stream>(&mut self, conn: &mut InitiatorConn<T>, now: u64, out: &mut Vec<u8>) {
         let Some(plan) = self.plans.pop_front() else {
             conn.logout(out);
             self.stage = Stage::Logout;
@@ -483,7 +484,7 @@ impl PerfMachine {
     }
 
     /// Issue what the queue depth allows at `now`, and move on when a phase is over.
-    pub fn poll(&mut self, conn: &mut InitiatorConn, now: u64, out: &mut Vec<u8>) {
+    pub fn poll<T: Stream>(&mut self, conn: &mut InitiatorConn<T>, now: u64, out: &mut Vec<u8>) {
         if !matches!(self.stage, Stage::Io) {
             return;
         }

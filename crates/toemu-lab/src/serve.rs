@@ -64,6 +64,11 @@ pub fn run_app_realtime(
         toe_bus::time::Instant::from_micros(0),
     )
     .map_err(|e| io::Error::other(e.to_string()))?;
+    // The NIC's firmware carries the iSCSI engine (a connection uses it only if its host
+    // asks: `--offload engine`).
+    let mut host = host;
+    host.nic
+        .add_engine(std::sync::Arc::new(toe_iscsi::engine::IscsiEngineFactory));
     let rt = Threaded::start(vec![host]);
     let d = rt.driver(0);
     let w = rt.waiter(0);

@@ -358,6 +358,10 @@ enum IscsiCmd {
         json: Option<PathBuf>,
         #[command(flatten)]
         on: IscsiTap,
+        /// Where the data path runs: `engine` (the NIC's iSCSI engine; the default with
+        /// --tap) or `software` (the only one on std TCP).
+        #[arg(long)]
+        offload: Option<String>,
     },
     /// toemu's initiator against toemu's target on two emulated TOE hosts on the in-memory
     /// wire, on the virtual clock: 4 KiB and 128 KiB QD32 reads and writes, without and with
@@ -410,11 +414,29 @@ enum IscsiCmd {
         /// ... and drop it if it does not answer within this many seconds.
         #[arg(long, default_value_t = 30.0)]
         nop_timeout: f64,
-        /// Where the data path runs: `software` (today the only one; `engine`, the NIC's
-        /// iSCSI engine, comes with the emulated TOE transport).
-        #[arg(long, default_value = "software")]
-        offload: String,
+        /// Where the data path runs: `engine` (the NIC's iSCSI engine: digests, placement
+        /// by task tag, large PDU send; the default with --tap) or `software` (the only
+        /// one on std TCP).
+        #[arg(long)]
+        offload: Option<String>,
     },
+}
+
+/// The data path of `--offload`: the NIC's engine by default on an emulated TOE host
+/// (`tap`), and software, the only one there is, on std TCP.
+fn data_path(
+    offload: Option<&str>,
+    tap: bool,
+) -> Result<toemu_lab::iscsi_host::Offload, String> {
+    use toemu_lab::iscsi_host::Offload;
+    match (offload.map(str::parse::<Offload>).transpose()?, tap) {
+        (Some(Offload::Engine), false) => Err(
+            "--offload engine: the NIC's iSCSI engine needs an emulated TOE host (--tap); std TCP has only `software`".into(),
+        ),
+        (Some(o), _) => Ok(o),
+        (None, true) => Ok(Offload::Engine),
+        (None, false) => Ok(Offload::Software),
+    }
 }
 
 /// `toemu iscsi ...`; `settings` configure the emulated host of `--tap`.
@@ -427,10 +449,17 @@ fn iscsi(cmd: IscsiCmd, settings: &Settings) -> Result<(), String> {
             Ok(())
         }
         IscsiCmd::Bench { json } => {
-            let (model, rows) = toemu_lab::iscsi_host::bench(settings, |r| {
+            let opts = toemu_lab::iscsi_host::BenchOptions::default();
+            let (model, rows) = toemu_lab::iscsi_host::bench(settings, opts, |r| {
                 eprintln!(
-                    "  {} {} B QD{} digests {}: {:.0} IOPS modeled ({:.2} s wall)",
-                    r.op, r.io_bytes, r.depth, r.digests, r.modeled_iops, r.wall_seconds
+                    "  {} {} B QD{} digests {} {}: {:.0} IOPS modeled ({:.2} s wall)",
+                    r.op,
+                    r.io_bytes,
+                    r.depth,
+                    r.digests,
+                    r.offload.name(),
+                    r.modeled_iops,
+                    r.wall_seconds
                 )
             })
             .map_err(|e| e.to_string())?;
@@ -455,6 +484,7 @@ fn iscsi(cmd: IscsiCmd, settings: &Settings) -> Result<(), String> {
             check,
             json,
             on,
+            offload,
         } => {
             let u: toemu_lab::iscsi::IscsiUrl = url.parse()?;
             let io_bytes = parse_size(&block).map_err(|e| format!("--block: {e}"))?;
@@ -474,11 +504,14 @@ fn iscsi(cmd: IscsiCmd, settings: &Settings) -> Result<(), String> {
                 sync,
                 check_only: check,
             };
-            let r = match on.tap_args() {
+            let on = on.tap_args();
+            let offload = data_path(offload.as_deref(), on.is_some())?;
+            let r = match on {
                 Some(tap) => {
                     let random = toemu_lab::iscsi::random_bytes()
                         .map_err(|e| format!("/dev/urandom: {e}"))?;
-                    let mut app = toemu_lab::iscsi_host::PerfApp::new(&u, o, random)?;
+                    let mut app =
+                        toemu_lab::iscsi_host::PerfApp::new(&u, o, random)?.with_offload(offload);
                     run_on_tap(settings, &tap, &mut app)?;
                     app.report().map_err(|e| format!("{}: {e}", u.portal))?
                 }
@@ -533,12 +566,8 @@ fn iscsi(cmd: IscsiCmd, settings: &Settings) -> Result<(), String> {
             offload,
         } => {
             use toe_iscsi::login::{Credentials, TargetConfig};
-            if offload != "software" {
-                return Err(format!(
-                    "--offload {offload}: only `software` exists on std TCP (the NIC engine \
-                     needs the emulated TOE transport, not built yet)"
-                ));
-            }
+            let on = on.tap_args();
+            let offload = data_path(offload.as_deref(), on.is_some())?;
             if block != 512 && block != 4096 {
                 return Err(format!("--block {block}: 512 or 4096"));
             }
@@ -572,18 +601,20 @@ fn iscsi(cmd: IscsiCmd, settings: &Settings) -> Result<(), String> {
             });
             let announce = |portal: &dyn std::fmt::Display, on: &str| {
                 println!(
-                    "toemu iscsi target: portal {portal}{on}, {iqn}, LUN 0 = {} ({bytes} bytes, {block}-byte blocks), authentication {auth}, offload software",
+                    "toemu iscsi target: portal {portal}{on}, {iqn}, LUN 0 = {} ({bytes} bytes, {block}-byte blocks), authentication {auth}, offload {}",
                     lun.display(),
+                    offload.name(),
                 );
             };
-            let totals = if let Some(tap) = on.tap_args() {
+            let totals = if let Some(tap) = on {
                 let (ip, _) = toemu_lab::serve::parse_cidr(&tap.ip)?;
                 let portal = format!("{ip}:{port}");
                 let seed = u64::from_le_bytes(
                     toemu_lab::iscsi::random_bytes().map_err(|e| format!("/dev/urandom: {e}"))?,
                 );
                 let mut app =
-                    toemu_lab::iscsi_host::TargetApp::new(port, cfg, &portal, disk.clone(), seed);
+                    toemu_lab::iscsi_host::TargetApp::new(port, cfg, &portal, disk.clone(), seed)
+                        .with_offload(offload);
                 if let Some(k) = keepalive {
                     app = app.with_keepalive(k);
                 }

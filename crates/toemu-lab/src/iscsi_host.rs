@@ -72,6 +72,18 @@ impl std::str::FromStr for Offload {
     }
 }
 
+/// How a connection's data path went, for the log.
+fn data_path(t: &Offloaded) -> String {
+    let s = t.stats();
+    if s.offloads == 0 {
+        return "data path software".into();
+    }
+    format!(
+        "data path engine ({} offload requests, {} buffers registered, {} returned, {} recalled, {} send requests)",
+        s.offloads, s.registered, s.returned, s.recalls, s.requests
+    )
+}
+
 /// Carry the NIC's side of connection `conn`'s transport `t`: the slot's notes in, then
 /// (unless `plain_first`: plain bytes the machine emitted before them still wait to be
 /// handed to the driver) its requests out. Returns whether anything happened.
@@ -344,14 +356,15 @@ impl App for TargetApp {
                 self.totals.connections += 1;
                 self.totals.stats += s.conn.stats();
                 self.log.push(format!(
-                    "iscsi-target: connection {} done ({}), {} bytes in, {} bytes out",
+                    "iscsi-target: connection {} done ({}), {} bytes in, {} bytes out, {}",
                     s.io.conn,
                     match s.conn.ended() {
                         Some(e) => format!("{e:?}"),
                         None => "closed by the initiator".into(),
                     },
                     s.io.rx_bytes,
-                    s.io.tx_bytes
+                    s.io.tx_bytes,
+                    data_path(s.conn.transport())
                 ));
                 busy = true;
                 continue;
@@ -544,8 +557,10 @@ impl App for PerfApp {
             if io.try_release(d) {
                 self.finished = true;
                 self.log.push(format!(
-                    "iscsi-perf: done, {} bytes out, {} bytes in",
-                    io.tx_bytes, io.rx_bytes
+                    "iscsi-perf: done, {} bytes out, {} bytes in, {}",
+                    io.tx_bytes,
+                    io.rx_bytes,
+                    data_path(init.transport())
                 ));
                 busy = true;
             }

@@ -531,6 +531,7 @@ fn iscsi(cmd: IscsiCmd, settings: &Settings) -> Result<(), String> {
                 if r.header_digest { "CRC32C" } else { "none" },
                 if r.data_digest { "CRC32C" } else { "none" },
             );
+            println!("  data path {}", offload.name());
             for p in &r.phases {
                 println!(
                     "  {:5} {:>9} I/Os {:>12} bytes in {:.2} s: {:.0} IOPS, {:.1} MB/s, latency p50 {:.0} us p99 {:.0} us, errors {}",

@@ -55,7 +55,8 @@ impl Lab {
             .args([
                 "netns", "exec", &lab.ns, TOEMU, "iscsi", "target", "--size", "64MiB",
             ])
-            .args(["--tap", "tap0", "--ip", &format!("{HOST}/24"), "--lun"])
+            .args(["--tap", "tap0", "--ip", &format!("{HOST}/24"), "--offload", "engine"])
+            .arg("--lun")
             .arg(&lun)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -196,11 +197,21 @@ fn iscsi_test_cu_minimal_disk_profile_passes_on_an_emulated_toe_host() {
         let url = format!("iscsi://{HOST}/{IQN}/0{query}");
         toemu_tests::assert_minimal_profile_passes(&url, |args| lab.run("iscsi-test-cu", args).1);
     }
+    // The connections ran on the engine: each read's and write's buffer went to the NIC.
+    let log = lab.log();
+    assert!(log.contains("offload engine"), "{log}");
+    let registered = |l: &str| {
+        let (_, rest) = l.split_once("offload requests, ")?;
+        rest.split_once(' ')?.0.parse::<u64>().ok()
+    };
+    let total: u64 = log.lines().filter_map(registered).sum();
+    assert!(total > 1000, "{total} buffers registered: {log}");
 }
 
 /// Our initiator on an emulated TOE host (`toemu iscsi perf --tap`) against tgtd on the Linux
 /// side of the TAP device, in the namespace: 64 MiB written with a pattern and read back
-/// identical at QD1 and QD32, with header and data digests, and with CHAP.
+/// identical at QD1, QD16 and QD32, with header and data digests, and with CHAP; on the
+/// NIC's iSCSI engine, and once on the software data path.
 #[test]
 fn our_initiator_on_an_emulated_toe_host_writes_and_reads_back_on_tgt() {
     let lab = Lab::new("tgt");
@@ -209,28 +220,26 @@ fn our_initiator_on_an_emulated_toe_host_writes_and_reads_back_on_tgt() {
     ));
     let tgt = toemu_tests::tgt::Tgt::start("tap", Some(&lab.ns), &format!("{LINUX}:3260"));
     let ip = format!("{HOST}/24");
-    for (auth, iqn, query, depth, block) in [
-        ("", toemu_tests::tgt::IQN, "", "1", "64KiB"),
-        ("", toemu_tests::tgt::IQN, "", "32", "128KiB"),
-        (
-            "",
-            toemu_tests::tgt::IQN,
-            "?header_digest=crc32c&data_digest=crc32c",
-            "32",
-            "128KiB",
-        ),
+    let digests = "?header_digest=crc32c&data_digest=crc32c";
+    for (auth, iqn, query, depth, block, offload) in [
+        ("", toemu_tests::tgt::IQN, "", "1", "64KiB", "engine"),
+        ("", toemu_tests::tgt::IQN, "", "32", "128KiB", "engine"),
+        ("", toemu_tests::tgt::IQN, digests, "16", "128KiB", "engine"),
+        ("", toemu_tests::tgt::IQN, digests, "32", "128KiB", "software"),
         (
             "alice%secret-of-alice@",
             toemu_tests::tgt::CHAP_IQN,
             "",
             "32",
             "4KiB",
+            "engine",
         ),
     ] {
         let url = format!("iscsi://{auth}{}/{iqn}/1{query}", tgt.portal);
         let args = [
             "netns", "exec", &lab.ns, TOEMU, "iscsi", "perf", &url, "--tap", "tap0", "--ip", &ip,
-            "--verify", "--bytes", "64MiB", "--depth", depth, "--block", block,
+            "--verify", "--bytes", "64MiB", "--depth", depth, "--block", block, "--offload",
+            offload,
         ];
         let o = Command::new("ip").args(args).output().unwrap();
         let out = format!(
@@ -251,5 +260,9 @@ fn our_initiator_on_an_emulated_toe_host_writes_and_reads_back_on_tgt() {
         };
         assert!(out.contains(digests), "{out}");
         assert!(out.contains("67108864 bytes"), "{out}");
+        assert!(out.contains(&format!("data path {offload}")), "{out}");
+        if offload == "engine" {
+            assert!(out.contains("buffers registered"), "{out}");
+        }
     }
 }

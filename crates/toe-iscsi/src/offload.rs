@@ -110,6 +110,10 @@ struct TaskBuf {
     register: bool,
     /// The host asked for it back to read or place into it; records wait for it.
     recalled: bool,
+    /// Its first bytes, received before it went to the NIC, kept in application memory
+    /// (the buffer in host memory has zeros there): the application buffer and how many
+    /// of its bytes count. Closing the task puts the rest behind them.
+    prefix: Option<(Vec<u8>, usize)>,
 }
 
 /// Counters of an [`Offloaded`] transport.
@@ -382,18 +386,21 @@ impl Offloaded {
             Store::Host(b) => b,
             Store::Plain(v) => match self.mem.alloc(v.len()) {
                 Ok(mut b) => {
-                    // What it holds: all of it to send from; to receive into, up to its
-                    // last byte that is not zero (what the host placed so far). The rest
-                    // is zeroed: never stale host memory.
-                    let keep = if t.sent_from {
-                        v.len()
-                    } else {
-                        v.iter().rposition(|&x| x != 0).map_or(0, |i| i + 1)
-                    };
                     let dst = self.mem.slice_mut(&mut b);
-                    dst[..keep].copy_from_slice(&v[..keep]);
-                    dst[keep..].fill(0);
-                    self.mem.count_copy_in(keep);
+                    if t.sent_from {
+                        // Data to send: into host memory, where the NIC reads it.
+                        dst.copy_from_slice(&v);
+                        self.mem.count_copy_in(v.len());
+                    } else {
+                        // Room to receive into, zeroed (never stale host memory); what the
+                        // host placed so far (up to the last byte that is not zero) stays
+                        // where it is and is joined with the rest at the end.
+                        dst.fill(0);
+                        let keep = v.iter().rposition(|&x| x != 0).map_or(0, |i| i + 1);
+                        if keep > 0 {
+                            t.prefix = Some((v, keep));
+                        }
+                    }
                     b
                 }
                 Err(_) => {
@@ -427,8 +434,10 @@ impl Stream for Offloaded {
     }
 
     /// Plain bytes through the login (and as carry after a stale refusal); records once
-    /// the engine runs. A record that needs a buffer the NIC holds stops delivery until
-    /// the buffer is back (the bytes wait in the transport).
+    /// the engine runs, parsed where they are (`bytes` may be the driver's buffer in host
+    /// memory): only a record cut at the end, or records held back, are copied. A record
+    /// that needs a buffer the NIC holds stops delivery until the buffer is back. Bytes
+    /// copied out of `bytes` are counted as copies out of host memory.
     fn receive<M>(
         m: &mut M,
         io: impl Fn(&mut M) -> &mut Self,
@@ -439,9 +448,12 @@ impl Stream for Offloaded {
         o.received += bytes.len() as u64;
         match &o.phase {
             Phase::Software => {
+                // The software frames in a buffer of its own.
+                o.mem.count_copy_out(bytes.len());
                 return crate::transport::receive(m, |m| &mut io(m).sw, bytes, on_pdu);
             }
             Phase::Carrying { .. } => {
+                o.mem.count_copy_out(bytes.len());
                 o.carry.extend_from_slice(bytes);
                 o.carried();
                 return Ok(());
@@ -454,48 +466,64 @@ impl Stream for Offloaded {
                 ))
             }
         }
+        if o.records.is_empty() {
+            let (n, result) = deliver_records(m, &io, bytes, &mut on_pdu);
+            let o = io(m);
+            o.mem.count_copy_out(bytes.len() - n);
+            o.records.extend_from_slice(&bytes[n..]);
+            return result;
+        }
+        o.mem.count_copy_out(bytes.len());
         o.records.extend_from_slice(bytes);
         let mut records = std::mem::take(&mut o.records);
-        let mut at = 0;
-        let mut result = Ok(());
-        while io(m).waiting.is_none() {
-            let pdu = match parse_record(&records[at..]) {
-                Ok(Some((Record::Pdu { pdu, .. }, len))) => (pdu, len),
-                Ok(Some((Record::Fatal(why), _))) => {
-                    result = Err(FrameError::Engine(format!("the stream ended: {why:?}")));
-                    break;
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    result = Err(FrameError::Engine(e.to_string()));
-                    break;
-                }
-            };
-            let (pdu, len) = pdu;
-            let itt = u32::from_be_bytes(pdu.bhs[16..20].try_into().expect("4 bytes"));
-            let o = io(m);
-            if let Some(t) = o.tasks.get_mut(&itt) {
-                let inline = matches!(pdu.data, RxData::Inline(d) if !d.is_empty());
-                let needs_home = inline || (!t.sent_from && ends_receiving(pdu.bhs));
-                if matches!(t.store, Store::Away) && needs_home {
-                    if !t.recalled {
-                        t.recalled = true;
-                        o.stats.recalls += 1;
-                        o.ops.push_back(NicOp::Release { tag: itt });
-                    }
-                    o.waiting = Some(itt);
-                    break;
-                }
-            }
-            at += len;
-            if !on_pdu(m, pdu) {
-                break;
-            }
-        }
-        records.drain(..at);
+        let (n, result) = deliver_records(m, &io, &records, &mut on_pdu);
+        records.drain(..n);
         io(m).records = records;
         result
     }
+}
+
+/// Deliver the records at the start of `buf` to machine `m` (transport `io(m)`) until one
+/// needs a buffer the NIC holds (its release is asked for), `on_pdu` returns false, or the
+/// bytes run out: the bytes taken, and the error that ends the stream, if any.
+fn deliver_records<M>(
+    m: &mut M,
+    io: &impl Fn(&mut M) -> &mut Offloaded,
+    buf: &[u8],
+    on_pdu: &mut impl FnMut(&mut M, RxPdu<'_>) -> bool,
+) -> (usize, Result<(), FrameError>) {
+    let mut at = 0;
+    while io(m).waiting.is_none() {
+        let (pdu, len) = match parse_record(&buf[at..]) {
+            Ok(Some((Record::Pdu { pdu, .. }, len))) => (pdu, len),
+            Ok(Some((Record::Fatal(why), _))) => {
+                let e = format!("the stream ended: {why:?}");
+                return (at, Err(FrameError::Engine(e)));
+            }
+            Ok(None) => break,
+            Err(e) => return (at, Err(FrameError::Engine(e.to_string()))),
+        };
+        let itt = u32::from_be_bytes(pdu.bhs[16..20].try_into().expect("4 bytes"));
+        let o = io(m);
+        if let Some(t) = o.tasks.get_mut(&itt) {
+            let inline = matches!(pdu.data, RxData::Inline(d) if !d.is_empty());
+            let needs_home = inline || (!t.sent_from && ends_receiving(pdu.bhs));
+            if matches!(t.store, Store::Away) && needs_home {
+                if !t.recalled {
+                    t.recalled = true;
+                    o.stats.recalls += 1;
+                    o.ops.push_back(NicOp::Release { tag: itt });
+                }
+                o.waiting = Some(itt);
+                break;
+            }
+        }
+        at += len;
+        if !on_pdu(m, pdu) {
+            break;
+        }
+    }
+    (at, Ok(()))
 }
 
 impl Transport for Offloaded {
@@ -610,6 +638,7 @@ impl Transport for Offloaded {
                 sent_from: false,
                 register: true,
                 recalled: false,
+                prefix: None,
             },
         );
     }
@@ -618,10 +647,12 @@ impl Transport for Offloaded {
         if self.soft() {
             return self.sw.buffer(itt);
         }
-        match &self.tasks.get(&itt)?.store {
+        let t = self.tasks.get(&itt)?;
+        match &t.store {
             Store::Plain(v) => Some(v),
-            Store::Host(b) => Some(self.mem.slice(b)),
-            Store::Away => None,
+            // Whole only once closed when part of it is in application memory.
+            Store::Host(b) if t.prefix.is_none() => Some(self.mem.slice(b)),
+            Store::Host(_) | Store::Away => None,
         }
     }
 
@@ -641,8 +672,19 @@ impl Transport for Offloaded {
                 self.copy_bytes += data.len() as u64;
             }
             Store::Host(b) => {
-                self.mem.slice_mut(b)[offset..end].copy_from_slice(data);
-                self.mem.count_copy_in(data.len());
+                // Below the kept prefix into the application buffer, the rest into host
+                // memory.
+                let split = match &mut t.prefix {
+                    Some((v, keep)) => {
+                        let k = (*keep).clamp(offset, end);
+                        v[offset..k].copy_from_slice(&data[..k - offset]);
+                        self.copy_bytes += (k - offset) as u64;
+                        k
+                    }
+                    None => offset,
+                };
+                self.mem.slice_mut(b)[split..end].copy_from_slice(&data[split - offset..]);
+                self.mem.count_copy_in(end - split);
             }
             Store::Away => return false,
         }
@@ -665,8 +707,18 @@ impl Transport for Offloaded {
             Store::Plain(v) => (!t.sent_from).then_some(v),
             Store::Host(b) => {
                 let out = (!t.sent_from).then(|| {
-                    self.mem.count_copy_out(b.len());
-                    self.mem.slice(&b).to_vec()
+                    let host = self.mem.slice(&b);
+                    match t.prefix {
+                        Some((mut v, keep)) => {
+                            v[keep..].copy_from_slice(&host[keep..]);
+                            self.mem.count_copy_out(host.len() - keep);
+                            v
+                        }
+                        None => {
+                            self.mem.count_copy_out(host.len());
+                            host.to_vec()
+                        }
+                    }
                 });
                 self.mem.free(b);
                 out

@@ -335,10 +335,8 @@ impl App for TargetApp {
                 && s.conn.transport().wants_input()
             {
                 let Session { io, conn, out, .. } = s;
-                let mem = d.memory().clone();
                 let took = io.recv(d, now, |data| {
-                    // The machine gathers PDUs in its own buffer: a copy out of host memory.
-                    mem.count_copy_out(data.len());
+                    // In place: the transport counts what it copies out of host memory.
                     conn.on_bytes(data, out);
                     data.len()
                 })?;
@@ -523,9 +521,9 @@ impl App for PerfApp {
         let out = &mut self.out;
         let conn = io.conn;
         let exchange = move |init: &mut InitiatorConn<Offloaded>,
-                        d: &mut Driver,
-                        out: &mut Vec<u8>|
-         -> io::Result<bool> {
+                             d: &mut Driver,
+                             out: &mut Vec<u8>|
+              -> io::Result<bool> {
             let mut any = nic_exchange(init.transport_mut(), d, conn, !out.is_empty())?;
             if init.transport().needs_delivery() {
                 init.on_bytes(&[], out);
@@ -535,11 +533,8 @@ impl App for PerfApp {
         };
         busy |= exchange(init, d, out)?;
         if init.transport().wants_input() {
-            let mem = d.memory().clone();
             busy |= io.recv(d, now, |data| {
-                // The machine gathers PDUs (or the engine's records) in its own buffer: a
-                // copy out of host memory.
-                mem.count_copy_out(data.len());
+                // In place: the transport counts what it copies out of host memory.
                 init.on_bytes(data, out);
                 data.len()
             })? > 0;

@@ -18,8 +18,8 @@ use crate::datagen::DataGen;
 use crate::demo::{latency, Latency};
 use crate::iscsi::{capacity16, read_capacity16, IscsiUrl, TcpInitiator};
 use toe_iscsi::initiator::{Completion, InitiatorConn, InitiatorEvent};
-use toe_iscsi::transport::Stream;
 use toe_iscsi::login::Negotiated;
+use toe_iscsi::transport::Stream;
 
 /// What `perf` does.
 #[derive(Debug, Clone)]
@@ -373,7 +373,12 @@ impl PerfMachine {
     }
 
     /// Start, if the connection is logged in already (`perf` on std TCP logs in first).
-    pub fn logged_in<T: Stream>(&mut self, n: &Negotiated, conn: &mut InitiatorConn<T>, out: &mut Vec<u8>) {
+    pub fn logged_in<T: Stream>(
+        &mut self,
+        n: &Negotiated,
+        conn: &mut InitiatorConn<T>,
+        out: &mut Vec<u8>,
+    ) {
         self.digests = (n.header_digest, n.data_digest);
         let tag = conn.command(lun_of(self.lun), &read_capacity16(), 32, Vec::new(), out);
         self.stage = Stage::Capacity { tag, tries: 0 };

@@ -424,10 +424,7 @@ enum IscsiCmd {
 
 /// The data path of `--offload`: the NIC's engine by default on an emulated TOE host
 /// (`tap`), and software, the only one there is, on std TCP.
-fn data_path(
-    offload: Option<&str>,
-    tap: bool,
-) -> Result<toemu_lab::iscsi_host::Offload, String> {
+fn data_path(offload: Option<&str>, tap: bool) -> Result<toemu_lab::iscsi_host::Offload, String> {
     use toemu_lab::iscsi_host::Offload;
     match (offload.map(str::parse::<Offload>).transpose()?, tap) {
         (Some(Offload::Engine), false) => Err(

@@ -55,7 +55,14 @@ impl Lab {
             .args([
                 "netns", "exec", &lab.ns, TOEMU, "iscsi", "target", "--size", "64MiB",
             ])
-            .args(["--tap", "tap0", "--ip", &format!("{HOST}/24"), "--offload", "engine"])
+            .args([
+                "--tap",
+                "tap0",
+                "--ip",
+                &format!("{HOST}/24"),
+                "--offload",
+                "engine",
+            ])
             .arg("--lun")
             .arg(&lun)
             .stdin(Stdio::null())
@@ -225,7 +232,14 @@ fn our_initiator_on_an_emulated_toe_host_writes_and_reads_back_on_tgt() {
         ("", toemu_tests::tgt::IQN, "", "1", "64KiB", "engine"),
         ("", toemu_tests::tgt::IQN, "", "32", "128KiB", "engine"),
         ("", toemu_tests::tgt::IQN, digests, "16", "128KiB", "engine"),
-        ("", toemu_tests::tgt::IQN, digests, "32", "128KiB", "software"),
+        (
+            "",
+            toemu_tests::tgt::IQN,
+            digests,
+            "32",
+            "128KiB",
+            "software",
+        ),
         (
             "alice%secret-of-alice@",
             toemu_tests::tgt::CHAP_IQN,
@@ -237,8 +251,25 @@ fn our_initiator_on_an_emulated_toe_host_writes_and_reads_back_on_tgt() {
     ] {
         let url = format!("iscsi://{auth}{}/{iqn}/1{query}", tgt.portal);
         let args = [
-            "netns", "exec", &lab.ns, TOEMU, "iscsi", "perf", &url, "--tap", "tap0", "--ip", &ip,
-            "--verify", "--bytes", "64MiB", "--depth", depth, "--block", block, "--offload",
+            "netns",
+            "exec",
+            &lab.ns,
+            TOEMU,
+            "iscsi",
+            "perf",
+            &url,
+            "--tap",
+            "tap0",
+            "--ip",
+            &ip,
+            "--verify",
+            "--bytes",
+            "64MiB",
+            "--depth",
+            depth,
+            "--block",
+            block,
+            "--offload",
             offload,
         ];
         let o = Command::new("ip").args(args).output().unwrap();

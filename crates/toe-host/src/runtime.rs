@@ -35,6 +35,9 @@ pub struct Host {
     pub driver: SharedDriver,
     /// The host memory.
     pub mem: Arc<HostMemory>,
+    /// Wall-clock time spent in the driver's polls by [`Host::poll`] (host CPU, measured:
+    /// the NIC's work is not in it).
+    pub driver_cpu: std::time::Duration,
 }
 
 impl std::fmt::Debug for Host {
@@ -93,13 +96,16 @@ impl Host {
             nic,
             driver: Arc::new(Mutex::new(driver)),
             mem,
+            driver_cpu: std::time::Duration::ZERO,
         })
     }
 
     /// Poll NIC then driver at `now`; true if anything moved.
     pub fn poll(&mut self, now: Instant) -> bool {
         let a = self.nic.poll(now);
+        let t0 = std::time::Instant::now();
         let b = self.driver.lock().poll(now);
+        self.driver_cpu += t0.elapsed();
         // Commands the driver just queued reach the NIC in the same step.
         let c = b && self.nic.poll(now);
         a || b || c

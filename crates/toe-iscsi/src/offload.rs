@@ -110,6 +110,9 @@ struct TaskBuf {
     register: bool,
     /// The host asked for it back to read or place into it; records wait for it.
     recalled: bool,
+    /// The end of what the host placed into it (a buffer to receive into is opened
+    /// zeroed).
+    dirty: usize,
     /// Its first bytes, received before it went to the NIC, kept in application memory
     /// (the buffer in host memory has zeros there): the application buffer and how many
     /// of its bytes count. Closing the task puts the rest behind them.
@@ -184,6 +187,11 @@ impl Drop for Offloaded {
             }
         }
     }
+}
+
+/// Whether `bhs` is a SCSI Command that writes (opcode 01h, W bit).
+fn is_write_command(bhs: &[u8; BHS_LEN]) -> bool {
+    bhs[0] & 0x3f == 0x01 && bhs[1] & 0x20 != 0
 }
 
 /// Whether a record for a task whose buffer is at the NIC makes the machine read or take
@@ -393,12 +401,11 @@ impl Offloaded {
                         self.mem.count_copy_in(v.len());
                     } else {
                         // Room to receive into, zeroed (never stale host memory); what the
-                        // host placed so far (up to the last byte that is not zero) stays
-                        // where it is and is joined with the rest at the end.
+                        // host placed so far stays where it is and is joined with the rest
+                        // at the end.
                         dst.fill(0);
-                        let keep = v.iter().rposition(|&x| x != 0).map_or(0, |i| i + 1);
-                        if keep > 0 {
-                            t.prefix = Some((v, keep));
+                        if t.dirty > 0 {
+                            t.prefix = Some((v, t.dirty));
                         }
                     }
                     b
@@ -547,7 +554,9 @@ impl Transport for Offloaded {
         let itt = u32::from_be_bytes(bhs[16..20].try_into().expect("4 bytes"));
         let data = match data {
             TxData::Inline(d) => {
-                self.register(itt, false);
+                // A write command names a buffer to send from (its data goes in Data-Out
+                // PDUs later); any other PDU naming a task, one to receive into.
+                self.register(itt, is_write_command(&bhs));
                 SendData::Inline(d.to_vec())
             }
             TxData::Task { itt, offset, len } => {
@@ -638,6 +647,7 @@ impl Transport for Offloaded {
                 sent_from: false,
                 register: true,
                 recalled: false,
+                dirty: 0,
                 prefix: None,
             },
         );
@@ -688,6 +698,7 @@ impl Transport for Offloaded {
             }
             Store::Away => return false,
         }
+        t.dirty = t.dirty.max(end);
         true
     }
 
@@ -750,5 +761,216 @@ impl Transport for Offloaded {
 
     fn copy_bytes(&self) -> u64 {
         self.sw.copy_bytes() + self.copy_bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Engine;
+    use crate::transport::HostBuffers;
+    use crate::wire::{DataOut, Framing, R2t, RESERVED_TAG};
+
+    fn mem(bytes: usize) -> Arc<HostMemory> {
+        Arc::new(HostMemory::anonymous(bytes).unwrap())
+    }
+
+    /// A transport whose engine runs (the login skipped).
+    fn running(mem: Arc<HostMemory>) -> Offloaded {
+        let mut o = Offloaded::engine(mem);
+        o.full_feature(false, false, 8192);
+        assert!(matches!(o.take_ops()[..], [NicOp::Offload { .. }]));
+        o.started(0);
+        assert!(o.offloaded());
+        o
+    }
+
+    fn r2t(itt: u32, offset: u32, len: u32) -> Repr {
+        Repr::R2t(R2t {
+            lun: 0,
+            itt,
+            ttt: 9,
+            stat_sn: 1,
+            exp_cmd_sn: 1,
+            max_cmd_sn: 1,
+            r2t_sn: 0,
+            buffer_offset: offset,
+            desired_len: len,
+        })
+    }
+
+    /// The engine's records of a Data-Out for `itt` carrying `data` at `offset` (F set),
+    /// for a tag the engine has no buffer for: its data inline.
+    fn data_out_record(itt: u32, offset: u32, data: &[u8]) -> Vec<u8> {
+        let mut wire = Vec::new();
+        let d = Repr::DataOut(DataOut {
+            final_: true,
+            lun: 0,
+            itt,
+            ttt: 9,
+            exp_stat_sn: 1,
+            data_sn: 0,
+            buffer_offset: offset,
+        });
+        Framing::default().emit(&d, &[], data, &mut wire).unwrap();
+        let mut up = Vec::new();
+        Engine::new(false, false, 8192).receive(&wire, &mut HostBuffers::default(), &mut up);
+        up
+    }
+
+    /// Take every PDU `o` delivers: (ITT, inline data).
+    fn take(o: &mut Offloaded, bytes: &[u8]) -> Vec<(u32, Vec<u8>)> {
+        let mut got = Vec::new();
+        let mut m = (o, &mut got);
+        Offloaded::receive(
+            &mut m,
+            |m| &mut *m.0,
+            bytes,
+            |m, p| {
+                let itt = u32::from_be_bytes(p.bhs[16..20].try_into().unwrap());
+                m.1.push((itt, p.inline().to_vec()));
+                true
+            },
+        )
+        .unwrap();
+        got
+    }
+
+    /// A stale refusal: what the NIC delivered up to its position is carry, and the
+    /// offload goes again with it, from where the software stopped; nothing else goes to
+    /// the NIC before the engine runs.
+    #[test]
+    fn a_stale_offload_goes_again_with_what_was_delivered_as_carry() {
+        let mut o = Offloaded::engine(mem(1 << 20));
+        assert!(take(&mut o, b"").is_empty());
+        o.full_feature(true, true, 8192);
+        o.send(&r2t(3, 0, 10), TxData::Inline(&[]));
+        let NicOp::Offload { carry, .. } = &o.take_ops()[0] else {
+            panic!()
+        };
+        assert!(carry.is_empty());
+        assert!(!o.wants_input() && o.take_ops().is_empty());
+        o.refused(7, true, "delivered up to 7");
+        assert!(o.wants_input());
+        take(&mut o, b"abcd");
+        assert!(o.take_ops().is_empty(), "4 of 7 bytes");
+        take(&mut o, b"efg");
+        let ops = o.take_ops();
+        let [NicOp::Offload { carry, .. }] = &ops[..] else {
+            panic!("{ops:?}")
+        };
+        assert_eq!(carry, b"abcdefg");
+        o.started(7);
+        assert!(o.offloaded());
+        assert!(
+            matches!(o.take_ops()[..], [NicOp::Send(_)]),
+            "the R2T, held"
+        );
+        assert_eq!(o.stats().offloads, 2);
+        // A refusal that is not stale, or an engine started elsewhere, ends it.
+        let mut o = Offloaded::engine(mem(1 << 20));
+        o.full_feature(false, false, 8192);
+        o.take_ops();
+        o.refused(0, false, "no such engine");
+        assert!(o.failure().is_some_and(|e| e.contains("no such engine")));
+        assert!(o.needs_delivery());
+    }
+
+    /// Data that arrives inline for a task whose buffer the NIC holds waits until the
+    /// buffer is back (its release asked for), then is placed; bytes placed before the
+    /// registration stay in application memory and are joined with the rest at close;
+    /// the buffer in host memory is freed.
+    #[test]
+    fn inline_data_for_a_buffer_at_the_nic_waits_for_it() {
+        let m = mem(1 << 20);
+        let mut o = running(m.clone());
+        o.open(5, vec![0; 100]);
+        assert!(o.place(5, 0, b"immediate"));
+        o.send(&r2t(5, 9, 91), TxData::Inline(&[]));
+        let ops = o.take_ops();
+        let [NicOp::Register { tag: 5, .. }, NicOp::Send(_)] = &ops[..] else {
+            panic!("{ops:?}")
+        };
+        let Some(NicOp::Register { buf, .. }) = ops.into_iter().next() else {
+            panic!()
+        };
+        assert!(m.slice(&buf).iter().all(|&b| b == 0), "zeroed, no copy");
+        assert_eq!(o.buffer(5), None, "at the NIC");
+        let rec = data_out_record(5, 50, b"late");
+        assert!(take(&mut o, &rec).is_empty(), "held");
+        assert!(!o.wants_input() && !o.needs_delivery());
+        assert!(matches!(o.take_ops()[..], [NicOp::Release { tag: 5 }]));
+        assert!(o.released(5, buf).is_none());
+        assert!(o.needs_delivery());
+        let got = take(&mut o, &[]);
+        assert_eq!(got, vec![(5, b"late".to_vec())]);
+        assert!(o.place(5, 50, b"late"));
+        let v = o.close(5).unwrap();
+        assert_eq!(&v[..9], b"immediate");
+        assert_eq!(&v[50..54], b"late");
+        assert_eq!(m.used_bytes(), 0);
+        assert_eq!(o.stats().recalls, 1);
+        // A stray buffer goes back to the caller; a closed task's is freed.
+        o.open(6, vec![1; 10]);
+        o.send_data_in(&DataInBurst {
+            lun: 0,
+            itt: 6,
+            len: 10,
+            max_segment: 8192,
+            max_burst: 8192,
+            stat_sn: 1,
+            exp_cmd_sn: 1,
+            max_cmd_sn: 1,
+            status: 0,
+            residual: (false, false, 0),
+        });
+        assert_eq!(o.close(6), None);
+        let ops = o.take_ops();
+        let [NicOp::Register { .. }, NicOp::Send(_), NicOp::Release { tag: 6 }] = &ops[..] else {
+            panic!("{ops:?}")
+        };
+        let Some(NicOp::Register { buf, .. }) = ops.into_iter().next() else {
+            panic!()
+        };
+        assert_eq!(m.slice(&buf), &[1; 10], "data to send is copied in");
+        assert!(o.released(6, buf).is_none());
+        assert_eq!(m.used_bytes(), 0);
+        let stray = m.alloc(8).unwrap();
+        let back = o.released(77, stray).unwrap();
+        m.free(back);
+    }
+
+    /// Host memory short: the buffer stays in application memory, and what is sent from
+    /// it goes to the engine inline, PDU by PDU.
+    #[test]
+    fn without_host_memory_a_task_is_sent_inline() {
+        let mut o = running(mem(4096));
+        o.open(8, (0..20_000u32).map(|x| x as u8).collect());
+        o.send_data_out(&DataOutBurst {
+            lun: 0,
+            itt: 8,
+            ttt: RESERVED_TAG,
+            exp_stat_sn: 1,
+            from: 0,
+            to: 20_000,
+            max_segment: 8192,
+        });
+        let ops = o.take_ops();
+        assert_eq!(ops.len(), 3, "{ops:?}");
+        let mut sent = Vec::new();
+        for op in ops {
+            let NicOp::Send(r) = op else { panic!() };
+            let EngineCmd::Send {
+                data: SendData::Inline(d),
+                ..
+            } = EngineCmd::decode(&r).unwrap()
+            else {
+                panic!()
+            };
+            sent.extend(d);
+        }
+        assert_eq!(sent, (0..20_000u32).map(|x| x as u8).collect::<Vec<_>>());
+        assert_eq!(o.stats().host_memory_short, 1);
+        assert_eq!(o.close(8), None, "sent from");
     }
 }

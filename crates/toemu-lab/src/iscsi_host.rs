@@ -592,18 +592,23 @@ pub struct WireRun {
     pub wire: [toe_nic::impair::ImpairStats; 2],
     /// Wall-clock seconds the emulation took.
     pub wall_seconds: f64,
+    /// Wall-clock seconds each host spent in its driver and its application (initiator,
+    /// target): host CPU, measured; the NICs' and the wire's emulation is not in it.
+    pub host_cpu_seconds: [f64; 2],
     /// The target's connections still open at the end (see
     /// [`TargetApp::open_connections`]; 0 once every session ended).
     pub target_open: usize,
 }
 
-/// [`App`] `inner`, asked to stop ([`App::stop`]) once the host's clock reaches `at`.
-struct StopAt<'a> {
+/// [`App`] `inner`, asked to stop ([`App::stop`]) once the host's clock reaches `at`, with
+/// the wall-clock time its polls take added up in `cpu` (host CPU, measured).
+struct Measured<'a> {
     inner: &'a mut dyn App,
     at: Option<Instant>,
+    cpu: std::time::Duration,
 }
 
-impl App for StopAt<'_> {
+impl App for Measured<'_> {
     fn name(&self) -> &'static str {
         self.inner.name()
     }
@@ -612,7 +617,10 @@ impl App for StopAt<'_> {
             self.at = None;
             self.inner.stop();
         }
-        self.inner.poll(d, now)
+        let t0 = std::time::Instant::now();
+        let r = self.inner.poll(d, now);
+        self.cpu += t0.elapsed();
+        r
     }
     fn take_log(&mut self) -> Vec<String> {
         self.inner.take_log()
@@ -708,12 +716,22 @@ pub fn run_on_wire(
     let (mi, mt) = (mem(0), mem(1));
     let (bi, bt) = (mi.stats().snapshot(), mt.stats().snapshot());
     let t0 = std::time::Instant::now();
-    let mut stopping = StopAt {
+    let mut stopping = Measured {
         inner: &mut target,
         at: stop_target_at,
+        cpu: std::time::Duration::ZERO,
     };
-    crate::serve::run_apps_sim(&sim, &mut perf, &mut stopping, u64::MAX)?;
+    let mut client = Measured {
+        inner: &mut perf,
+        at: None,
+        cpu: std::time::Duration::ZERO,
+    };
+    crate::serve::run_apps_sim(&sim, &mut client, &mut stopping, u64::MAX)?;
     let wall_seconds = t0.elapsed().as_secs_f64();
+    let host_cpu = |i: usize, app: std::time::Duration| {
+        (app + sim.with_host(i, |h| h.driver_cpu)).as_secs_f64()
+    };
+    let host_cpu_seconds = [host_cpu(0, client.cpu), host_cpu(1, stopping.cpu)];
     let report = perf.report().map_err(io::Error::other)?;
     Ok(WireRun {
         report,
@@ -724,6 +742,7 @@ pub fn run_on_wire(
         initiator_copy_bytes: perf.copy_bytes(),
         wire: toe_host::wire_opts::wire_stats(&monitors),
         wall_seconds,
+        host_cpu_seconds,
         target_open: target.open_connections(),
     })
 }
@@ -767,8 +786,16 @@ pub struct BenchRow {
     /// Wall-clock seconds the emulation took (the emulator's speed, not the model's).
     pub wall_seconds: f64,
     /// Wall-clock µs of the emulation per I/O: both hosts, both NICs and the wire on one
-    /// thread (an upper bound on host CPU per I/O, measured, not modeled).
+    /// thread.
     pub wall_us_per_io: f64,
+    /// Host CPU µs per I/O of the initiator's host (its driver and application, measured
+    /// in wall-clock time; the NIC's work is not in it).
+    pub initiator_cpu_us_per_io: f64,
+    /// The same on the target's host.
+    pub target_cpu_us_per_io: f64,
+    /// The I/O rate one core of the busier host could sustain: 10^6 / the larger of the
+    /// two CPU figures (measured, not modeled).
+    pub cpu_bound_iops: f64,
 }
 
 /// What the bench models: the machine its figures describe.
@@ -890,6 +917,8 @@ fn bench_row(r: &WireRun, io: u32, digests: bool, offload: Offload) -> io::Resul
         (c.host_copy_bytes + c.copy_out_bytes + c.copy_in_bytes + own) as f64 / data
     };
     let dma = |c: &toe_bus::CopySnapshot| (c.dma_write_bytes + c.dma_read_bytes) as f64 / data;
+    let ios = p.ios.max(1) as f64;
+    let cpu = r.host_cpu_seconds.map(|s| s * 1e6 / ios);
     Ok(BenchRow {
         op: p.op,
         io_bytes: io,
@@ -907,7 +936,10 @@ fn bench_row(r: &WireRun, io: u32, digests: bool, offload: Offload) -> io::Resul
         initiator_digest_bytes_per_byte: r.initiator_digest_bytes as f64 / data,
         target_digest_bytes_per_byte: r.target.digest_bytes as f64 / data,
         wall_seconds: r.wall_seconds,
-        wall_us_per_io: r.wall_seconds * 1e6 / p.ios.max(1) as f64,
+        wall_us_per_io: r.wall_seconds * 1e6 / ios,
+        initiator_cpu_us_per_io: cpu[0],
+        target_cpu_us_per_io: cpu[1],
+        cpu_bound_iops: 1e6 / cpu[0].max(cpu[1]).max(1e-9),
     })
 }
 
@@ -915,14 +947,14 @@ fn bench_row(r: &WireRun, io: u32, digests: bool, offload: Offload) -> io::Resul
 pub fn bench_table(model: &BenchModel, rows: &[BenchRow]) -> String {
     let mut t = format!(
         "toemu iscsi bench: initiator and target on emulated TOE hosts, the NIC's iSCSI engine beside the software data path; modeled: {} Gbit/s wire, {} us one way, bus {} us\n\
-         ({}; copy/B is host CPU copies, DMA/B the NIC's, per data byte; wall us/IO is the whole emulation on one thread)\n\n",
+         ({}; copy/B is host CPU copies, DMA/B the NIC's, per data byte; cpu us is each host's driver and application per I/O, measured in wall-clock time, cpu IOPS what one core of the busier host sustains; wall us is the whole emulation per I/O)\n\n",
         model.wire_bits_per_s / 1_000_000_000,
         model.wire_delay_us,
         model.bus_latency_us,
         model.not_modeled
     );
     t.push_str(&format!(
-        "{:<6} {:>5} {:>3} {:>8} {:>8} {:>10} {:>10} {:>8} {:>8} {:>9} {:>9} {:>8} {:>8} {:>9} {:>9} {:>8}\n",
+        "{:<6} {:>5} {:>3} {:>8} {:>8} {:>10} {:>10} {:>8} {:>8} {:>9} {:>9} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>10} {:>8}\n",
         "op",
         "I/O",
         "QD",
@@ -938,11 +970,14 @@ pub fn bench_table(model: &BenchModel, rows: &[BenchRow]) -> String {
         "t DMA/B",
         "i crc/B",
         "t crc/B",
-        "wall us/IO"
+        "i cpu us",
+        "t cpu us",
+        "cpu IOPS",
+        "wall us"
     ));
     for r in rows {
         t.push_str(&format!(
-            "{:<6} {:>5} {:>3} {:>8} {:>8} {:>10.0} {:>10.1} {:>8.1} {:>8.1} {:>9.2} {:>9.2} {:>8.2} {:>8.2} {:>9.2} {:>9.2} {:>8.1}\n",
+            "{:<6} {:>5} {:>3} {:>8} {:>8} {:>10.0} {:>10.1} {:>8.1} {:>8.1} {:>9.2} {:>9.2} {:>8.2} {:>8.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>10.0} {:>8.1}\n",
             r.op,
             if r.io_bytes >= 1024 { format!("{}K", r.io_bytes / 1024) } else { r.io_bytes.to_string() },
             r.depth,
@@ -958,6 +993,9 @@ pub fn bench_table(model: &BenchModel, rows: &[BenchRow]) -> String {
             r.target_dma_per_byte,
             r.initiator_digest_bytes_per_byte,
             r.target_digest_bytes_per_byte,
+            r.initiator_cpu_us_per_io,
+            r.target_cpu_us_per_io,
+            r.cpu_bound_iops,
             r.wall_us_per_io
         ));
     }

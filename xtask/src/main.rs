@@ -142,6 +142,10 @@ tasks:
          (root) iscsi-perf and toemu iscsi perf against toemu's target and tgt on 127.0.0.1,
          alternating runs of SECONDS (default 5, 3 rounds): 4 KiB and 128 KiB QD32 reads,
          4 KiB with header digests; medians and ratios, target/iscsi-bench.json
+  iscsi-tap-bench [SECONDS] [ROUNDS]
+         (root) iscsi-perf 128 KiB QD32 reads from toemu's target on a TAP host, with the NIC's
+         iSCSI engine and with software, beside curl from the http app on the same TAP (the
+         ceiling), alternating (default 5 s, 3 rounds); medians, target/iscsi-tap-bench.json
   tap-bench [BYTES] [ROUNDS]
          (root) socat into the TOE sink and into a bare-smoltcp sink on the same TAP,
          alternating rounds (default 1 GiB, 3 rounds); medians and ratios, target/tap-bench.json
@@ -330,6 +334,20 @@ fn main() -> ExitCode {
                 (Ok(s), Ok(r)) if r > 0 => iscsi_bench::bench(&workspace_root(), s, r),
                 (Err(e), _) | (_, Err(e)) => Err(e),
                 _ => Err("iscsi-bench: ROUNDS must be at least 1".into()),
+            }
+        }
+        ["iscsi-tap-bench", rest @ ..] => {
+            let num = |i: usize, default: usize, what: &str| {
+                rest.get(i).map_or(Ok(default), |s| {
+                    s.parse::<usize>()
+                        .map_err(|_| format!("iscsi-tap-bench: {what} must be a number, got {s:?}"))
+                })
+            };
+            match (num(0, 5, "SECONDS"), num(1, 3, "ROUNDS")) {
+                (Ok(s), Ok(r)) => {
+                    tap_test::iscsi_bench(&workspace_root(), s.max(1) as u32, r.max(1))
+                }
+                (Err(e), _) | (_, Err(e)) => Err(e),
             }
         }
         ["tap-bench", rest @ ..] => {

@@ -786,3 +786,130 @@ pub fn bench(root: &Path, bytes: u64, rounds: usize) -> Result<(), String> {
     let _ = std::fs::remove_dir_all(&work);
     Ok(())
 }
+
+/// `cargo xtask iscsi-tap-bench [SECONDS] [ROUNDS]`: libiscsi's `iscsi-perf` in the namespace
+/// reading 128 KiB at QD32 from toemu's target on an emulated TOE host on the TAP, with the
+/// NIC's iSCSI engine and with the software data path, beside the TAP's ceiling (`curl` of
+/// `/bytes/N` from the http app on the same TAP), alternating in each round; medians,
+/// `target/iscsi-tap-bench.json`.
+pub fn iscsi_bench(root: &Path, seconds: u32, rounds: usize) -> Result<(), String> {
+    let toemu = prepare(root)?;
+    crate::ensure_tools("iscsi-tap-bench", &[("iscsi-perf", "libiscsi-bin")])?;
+    let work = std::env::temp_dir().join(format!("toemu-iscsi-tap-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work).map_err(|e| e.to_string())?;
+    let mut ns = Netns::create_named("iscsi")?;
+    let ip = format!("{HOST_IP}/24");
+    let img = work.join("lun.img");
+    let img_s = img.to_str().ok_or("non-UTF-8 path")?.to_string();
+    let iqn = "iqn.2026-12.org.toemu:disk";
+    let url = format!("iscsi://{HOST_IP}/{iqn}/0");
+    let probe = format!(
+        "python3 -c 'import socket; socket.create_connection((\"{HOST_IP}\", 3260), 1).close()'"
+    );
+    let names = ["iscsi engine", "iscsi software", "http (TAP ceiling)"];
+    let mut mbps: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+    for round in 0..rounds {
+        // Which goes first alternates.
+        let mut order = [0usize, 1, 2];
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for which in order {
+            let log = work.join(format!("{which}-{round}.log"));
+            let v = if which < 2 {
+                let offload = if which == 0 { "engine" } else { "software" };
+                let args = [
+                    "iscsi",
+                    "target",
+                    "--tap",
+                    "tap0",
+                    "--ip",
+                    &ip,
+                    "--size",
+                    "256MiB",
+                    "--iqn",
+                    iqn,
+                    "--offload",
+                    offload,
+                    "--lun",
+                    &img_s,
+                ];
+                let h = ns.toemu(&toemu, &args, &log)?;
+                let t0 = Instant::now();
+                while ns.sh(&probe).is_err() {
+                    if t0.elapsed() > Duration::from_secs(20) {
+                        return Err(format!("the target never answered: {}", read_log(&log)));
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                // iscsi-perf runs until interrupted (and then exits non-zero): its output
+                // is what counts. 256 blocks of 512 bytes: 128 KiB.
+                let out = ns
+                    .cmd("timeout")
+                    .args(["-s", "INT", &seconds.to_string(), "iscsi-perf", "-m", "32"])
+                    .args(["-b", "256", &url])
+                    .output()
+                    .map_err(|e| format!("iscsi-perf: {e}"))?;
+                ns.stop(h);
+                let out = String::from_utf8_lossy(&out.stdout).into_owned();
+                let iops: f64 = out
+                    .rsplit("iops average ")
+                    .next()
+                    .filter(|_| out.contains("iops average "))
+                    .and_then(|s| s.split_whitespace().next())
+                    .and_then(|n| n.parse().ok())
+                    .ok_or_else(|| format!("iscsi-perf printed no average: {out}"))?;
+                iops * 131_072.0 / 1e6
+            } else {
+                let args = ["serve", "--tap", "tap0", "--ip", &ip, "--app", "http"];
+                let h = ns.toemu(&toemu, &args, &log)?;
+                std::thread::sleep(Duration::from_millis(200));
+                let bytes: u64 = 1 << 30;
+                let out = ns.sh(&format!(
+                    "curl -sS --max-time 300 -o /dev/null -w '%{{speed_download}}' http://{HOST_IP}/bytes/{bytes}"
+                ))?;
+                ns.stop(h);
+                out.trim()
+                    .parse::<f64>()
+                    .map_err(|_| format!("curl printed {out:?}"))?
+                    / 1e6
+            };
+            eprintln!(
+                "iscsi-tap-bench: round {} {:<20} {v:>8.1} MB/s",
+                round + 1,
+                names[which]
+            );
+            mbps[which].push(v);
+        }
+    }
+    let median = |v: &[f64]| {
+        let mut s = v.to_vec();
+        s.sort_by(|a, b| a.total_cmp(b));
+        s[s.len() / 2]
+    };
+    let m: Vec<f64> = mbps.iter().map(|v| median(v)).collect();
+    println!(
+        "iscsi-perf 128 KiB QD32 reads over TAP, {seconds} s per run, {rounds} rounds (medians)"
+    );
+    println!("{:<20} {:>10} {:>14}", "", "MB/s", "vs TAP ceiling");
+    let mut runs = Vec::new();
+    for (i, n) in names.iter().enumerate() {
+        println!("{n:<20} {:>10.1} {:>13.2}x", m[i], m[i] / m[2]);
+        runs.push(format!(
+            "{{\"run\": \"{n}\", \"median_mb_per_s\": {:.1}, \"ratio_to_tap_ceiling\": {:.3}, \"samples_mb_per_s\": {:?}}}",
+            m[i],
+            m[i] / m[2],
+            mbps[i]
+        ));
+    }
+    let json = format!(
+        "{{\"seconds\": {seconds}, \"rounds\": {rounds}, \"io_bytes\": 131072, \"depth\": 32, \"runs\": [{}]}}\n",
+        runs.join(", ")
+    );
+    let out = root.join("target/iscsi-tap-bench.json");
+    std::fs::write(&out, json).map_err(|e| e.to_string())?;
+    eprintln!("iscsi-tap-bench: wrote {}", out.display());
+    drop(ns);
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}

@@ -422,6 +422,23 @@ impl Offloaded {
         self.ops.push_back(NicOp::Register { tag: itt, buf });
     }
 
+    /// A burst of PDUs from task `itt`'s buffer: the one request `cmd` when the NIC holds
+    /// the buffer, otherwise (host memory was short) PDU by PDU with the data inline.
+    fn send_burst(
+        &mut self,
+        itt: u32,
+        cmd: EngineCmd,
+        pdus: impl Iterator<Item = (Repr, u32, u32)>,
+    ) {
+        self.register(itt, true);
+        if matches!(self.tasks.get(&itt).map(|t| &t.store), Some(Store::Away)) {
+            return self.request(cmd);
+        }
+        for (repr, offset, len) in pdus {
+            self.send(&repr, TxData::Task { itt, offset, len });
+        }
+    }
+
     fn request(&mut self, cmd: EngineCmd) {
         if let Some(r) = cmd.encode() {
             self.stats.requests += 1;
@@ -593,41 +610,14 @@ impl Transport for Offloaded {
         if self.soft() {
             return self.sw.send_data_in(burst);
         }
-        self.register(burst.itt, true);
-        match self.tasks.get(&burst.itt).map(|t| &t.store) {
-            Some(Store::Away) => self.request(EngineCmd::SendDataIn(*burst)),
-            // Not at the NIC (host memory was short): PDU by PDU, the data inline.
-            _ => {
-                for (repr, offset, len) in burst.pdus() {
-                    let data = TxData::Task {
-                        itt: burst.itt,
-                        offset,
-                        len,
-                    };
-                    self.send(&repr, data);
-                }
-            }
-        }
+        self.send_burst(burst.itt, EngineCmd::SendDataIn(*burst), burst.pdus());
     }
 
     fn send_data_out(&mut self, burst: &DataOutBurst) {
         if self.soft() {
             return self.sw.send_data_out(burst);
         }
-        self.register(burst.itt, true);
-        match self.tasks.get(&burst.itt).map(|t| &t.store) {
-            Some(Store::Away) => self.request(EngineCmd::SendDataOut(*burst)),
-            _ => {
-                for (repr, offset, len) in burst.pdus() {
-                    let data = TxData::Task {
-                        itt: burst.itt,
-                        offset,
-                        len,
-                    };
-                    self.send(&repr, data);
-                }
-            }
-        }
+        self.send_burst(burst.itt, EngineCmd::SendDataOut(*burst), burst.pdus());
     }
 
     /// The buffer stays in application memory until the first PDU naming the task goes

@@ -179,7 +179,7 @@ impl Session {
     fn exchange(&mut self, d: &mut Driver) -> io::Result<bool> {
         let plain_first = !self.out.is_empty();
         let mut any = nic_exchange(self.conn.transport_mut(), d, self.io.conn, plain_first)?;
-        if self.conn.transport().needs_delivery() {
+        if self.conn.ended().is_none() && self.conn.transport().needs_delivery() {
             self.conn.on_bytes(&[], &mut self.out);
             any = true;
         }
@@ -525,7 +525,7 @@ impl App for PerfApp {
                              out: &mut Vec<u8>|
               -> io::Result<bool> {
             let mut any = nic_exchange(init.transport_mut(), d, conn, !out.is_empty())?;
-            if init.transport().needs_delivery() {
+            if !init.ended() && init.transport().needs_delivery() {
                 init.on_bytes(&[], out);
                 any = true;
             }

@@ -387,10 +387,9 @@ impl Offloaded {
             return;
         }
         t.register = false;
-        let (Store::Plain(_) | Store::Host(_)) = &t.store else {
-            return;
-        };
         let buf = match std::mem::replace(&mut t.store, Store::Away) {
+            // Already at the NIC.
+            Store::Away => return,
             Store::Host(b) => b,
             Store::Plain(v) => match self.mem.alloc(v.len()) {
                 Ok(mut b) => {
@@ -416,7 +415,6 @@ impl Offloaded {
                     return;
                 }
             },
-            Store::Away => unreachable!("matched above"),
         };
         self.stats.registered += 1;
         self.ops.push_back(NicOp::Register { tag: itt, buf });

@@ -547,6 +547,29 @@ mod tests {
         }
     }
 
+    /// A slot with the fill engine started at stream offset 0: its host memory, DMA
+    /// engine and slot, and the events so far (cleared).
+    fn started() -> (Arc<HostMemory>, Dma, UlpConn, VecDeque<Event>) {
+        let mem = Arc::new(HostMemory::anonymous(1 << 20).unwrap());
+        let dma = Dma::new(mem.clone());
+        let mut u = UlpConn::default();
+        let mut out = VecDeque::new();
+        let t = Instant::ZERO;
+        assert!(u.offload(
+            ConnId(1),
+            Some(&FillFactory),
+            &[],
+            0,
+            &[],
+            0,
+            t,
+            &dma,
+            &mut out
+        ));
+        out.clear();
+        (mem, dma, u, out)
+    }
+
     fn refusal(out: &mut VecDeque<Event>) -> (u64, bool) {
         match out.pop_front() {
             Some(Event::UlpRefused {
@@ -620,12 +643,8 @@ mod tests {
     /// does not make the record buffer grow with the stream.
     #[test]
     fn records_stay_bounded_when_never_fully_taken() {
-        let mem = Arc::new(HostMemory::anonymous(1 << 20).unwrap());
-        let dma = Dma::new(mem.clone());
+        let (mem, dma, mut u, mut out) = started();
         let (conn, t) = (ConnId(1), Instant::ZERO);
-        let mut u = UlpConn::default();
-        let mut out = VecDeque::new();
-        assert!(u.offload(conn, Some(&FillFactory), &[], 0, &[], 0, t, &dma, &mut out));
         let mut host = mem.alloc(FEED_CHUNK).unwrap();
         let chunk = vec![7u8; FEED_CHUNK];
         let mut most = 0;
@@ -644,13 +663,8 @@ mod tests {
     /// A release waits for the sends before it; teardown returns what is still held.
     #[test]
     fn releases_follow_the_sends_before_them() {
-        let mem = Arc::new(HostMemory::anonymous(1 << 20).unwrap());
-        let dma = Dma::new(mem.clone());
+        let (mem, dma, mut u, mut out) = started();
         let (conn, t) = (ConnId(1), Instant::ZERO);
-        let mut u = UlpConn::default();
-        let mut out = VecDeque::new();
-        assert!(u.offload(conn, Some(&FillFactory), &[], 0, &[], 0, t, &dma, &mut out));
-        out.clear();
         u.register(conn, 7, mem.alloc(4).unwrap(), &mut out);
         u.register(conn, 8, mem.alloc(4).unwrap(), &mut out);
         u.send(b"one".to_vec());

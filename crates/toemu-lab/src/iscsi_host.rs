@@ -680,7 +680,8 @@ pub fn run_on_wire(
     for i in 0..2 {
         sim.with_host(i, |h| {
             h.nic
-                .add_engine(Arc::new(toe_iscsi::engine::IscsiEngineFactory))
+                .add_engine(Arc::new(toe_iscsi::engine::IscsiEngineFactory));
+            h.driver_cpu = Some(std::time::Duration::ZERO);
         });
     }
     sim.driver(1)
@@ -729,7 +730,7 @@ pub fn run_on_wire(
     crate::serve::run_apps_sim(&sim, &mut client, &mut stopping, u64::MAX)?;
     let wall_seconds = t0.elapsed().as_secs_f64();
     let host_cpu = |i: usize, app: std::time::Duration| {
-        (app + sim.with_host(i, |h| h.driver_cpu)).as_secs_f64()
+        (app + sim.with_host(i, |h| h.driver_cpu.unwrap_or_default())).as_secs_f64()
     };
     let host_cpu_seconds = [host_cpu(0, client.cpu), host_cpu(1, stopping.cpu)];
     let report = perf.report().map_err(io::Error::other)?;

@@ -441,6 +441,8 @@ fn server_with_injection(
     let s = Settings::default();
     let sim = hosts_with(&s, &s, seed, Box::new(pa), Box::new(mb)).unwrap();
     sim.driver(1).lock().listen(80, backlog, None).unwrap();
+    // The listen command crosses the bus (the cost model) before the first injected frame.
+    sim.advance(Duration::from_millis(1)).unwrap();
     (sim, inject)
 }
 

@@ -120,8 +120,9 @@ fn written_data_reads_back_through_the_impairment_matrix() {
 }
 
 /// `toemu iscsi bench`'s figures obey what they measure, and the NIC's engine takes the
-/// data path off the host: for each case the engine's row and the software's, the same
-/// modeled figures within the wire's rate; with the engine, no host digest work and each
+/// data path off the host: for each case the engine's row and the software's within the
+/// wire's rate, the engine ahead where the host's software digests bound the software path
+/// (the cost model charges them); with the engine, no host digest work and each
 /// data byte copied once by each host (1.0 per byte; 128 KiB writes at the target 1.5: its
 /// immediate data arrives inline in a record longer than the driver's indicate buffers,
 /// which is reassembled before it is placed), and once moved by DMA; without it, about one
@@ -189,8 +190,27 @@ fn the_bench_figures_are_bounded_by_the_model_and_the_engine_copies_once() {
             (pair[1].op, pair[1].io_bytes)
         );
         let ratio = pair[0].modeled_iops / pair[1].modeled_iops;
-        assert!((0.9..1.1).contains(&ratio), "{pair:?}");
+        if pair[0].digests && pair[0].io_bytes > 64 << 10 {
+            // The cost model charges the host's software CRC32C: at a size where the wire
+            // and the host's CPU are the bounds, the engine, which takes it off the host, wins.
+            assert!(ratio > 1.0, "{pair:?}");
+        } else {
+            assert!((0.7..1.3).contains(&ratio), "{pair:?}");
+        }
     }
+    // Software digests cost modeled time: the same case without them is faster.
+    let software = |digests: bool| {
+        rows.iter()
+            .find(|r| {
+                r.offload == Offload::Software
+                    && r.digests == digests
+                    && r.op == "read"
+                    && r.io_bytes > 64 << 10
+            })
+            .map(|r| r.modeled_iops)
+            .unwrap()
+    };
+    assert!(software(false) > 1.01 * software(true));
 }
 
 /// A target asked to stop mid-run (the CLI's SIGTERM) asks its session to log out (an

@@ -51,6 +51,23 @@ fn many(conns: usize) -> (Sim, Vec<ConnId>, Vec<ConnId>) {
         .unwrap();
     }
     sim.advance(Duration::from_millis(200)).unwrap();
+    // Pair each server connection with its client (accepts need not come in connect order:
+    // handshakes take bus and NIC time).
+    let remote = |d: &toe_driver::SharedDriver, c: ConnId| {
+        let info = d.lock().conn_info(c).unwrap();
+        (info.local, info.remote)
+    };
+    let mut by_client: std::collections::BTreeMap<_, ConnId> = servers
+        .iter()
+        .map(|&s| {
+            let (local, remote) = remote(&db, s);
+            ((remote, local), s)
+        })
+        .collect();
+    let servers = clients
+        .iter()
+        .map(|&c| by_client.remove(&remote(&da, c)).expect("accepted"))
+        .collect();
     (sim, clients, servers)
 }
 

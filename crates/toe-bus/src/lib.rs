@@ -1,5 +1,7 @@
 //! toe-bus: the emulated PCI bus between a toemu host driver and its simulated NIC.
 //!
+//! - [`cost`]: the cost model of the emulated machine in virtual time (NIC and host CPU
+//!   timelines).
 //! - [`mem`]: host memory (one memmap2 region), buffer tokens ([`HostBuf`]) and the counted
 //!   DMA engine ([`Dma`]).
 //! - [`ring`]: the command (host -> NIC) and event (NIC -> host) rings and their messages.
@@ -10,6 +12,7 @@
 //! This is the only crate of toemu with `unsafe` code: the two slice accessors of
 //! [`HostMemory`], each with its SAFETY argument.
 
+pub mod cost;
 pub mod mem;
 pub mod ring;
 pub mod trace;

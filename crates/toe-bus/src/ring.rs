@@ -450,20 +450,44 @@ pub fn bus_with_latency(depth: usize, latency: Duration) -> (HostEnd, NicEnd) {
     )
 }
 
-/// A ring receiver that delivers each message `latency` after it was taken from the ring.
+/// A message on a ring with the instant it leaves its sender: `None` for "when the receiver
+/// takes it", or the instant the sender's work that produced it is done (the cost model).
+pub type Stamped<T> = (Option<Instant>, T);
+
+/// A ring receiver that delivers each message `latency` after it left: after the later of
+/// its departure stamp and the time it was taken from the ring.
 #[derive(Debug)]
 struct Delayed<T> {
-    chan: Receiver<T>,
+    chan: Receiver<Stamped<T>>,
     latency: Duration,
     held: VecDeque<(Instant, T)>,
+    gone: bool,
 }
 
 impl<T> Delayed<T> {
-    fn new(chan: Receiver<T>, latency: Duration) -> Self {
+    fn new(chan: Receiver<Stamped<T>>, latency: Duration) -> Self {
         Delayed {
             chan,
             latency,
             held: VecDeque::new(),
+            gone: false,
+        }
+    }
+
+    /// Take everything off the ring at `now` and hold it until due (in order).
+    fn pump(&mut self, now: Instant) {
+        loop {
+            match self.chan.try_recv() {
+                Ok((at, m)) => {
+                    let left = at.map_or(now, |a| a.max(now));
+                    self.held.push_back((left + self.latency, m));
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    self.gone = true;
+                    break;
+                }
+            }
         }
     }
 
@@ -471,25 +495,19 @@ impl<T> Delayed<T> {
     fn recv(&mut self, now: Instant) -> Result<Option<T>, ()> {
         if self.latency == Duration::ZERO && self.held.is_empty() {
             return match self.chan.try_recv() {
-                Ok(m) => Ok(Some(m)),
+                Ok((at, m)) if at.is_none_or(|a| a <= now) => Ok(Some(m)),
+                Ok((at, m)) => {
+                    self.held.push_back((at.unwrap_or(now), m));
+                    self.recv(now)
+                }
                 Err(TryRecvError::Empty) => Ok(None),
                 Err(TryRecvError::Disconnected) => Err(()),
             };
         }
-        let mut gone = false;
-        loop {
-            match self.chan.try_recv() {
-                Ok(m) => self.held.push_back((now + self.latency, m)),
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => {
-                    gone = true;
-                    break;
-                }
-            }
-        }
+        self.pump(now);
         match self.held.front() {
             Some((due, _)) if *due <= now => Ok(self.held.pop_front().map(|(_, m)| m)),
-            None if gone => Err(()),
+            None if self.gone => Err(()),
             _ => Ok(None),
         }
     }
@@ -502,14 +520,14 @@ impl<T> Delayed<T> {
 /// A sender that never blocks: what the ring cannot take waits in a local queue.
 #[derive(Debug)]
 struct Staged<T> {
-    chan: Sender<T>,
-    staged: VecDeque<T>,
+    chan: Sender<Stamped<T>>,
+    staged: VecDeque<Stamped<T>>,
     sent: u64,
     disconnected: bool,
 }
 
 impl<T> Staged<T> {
-    fn new(chan: Sender<T>) -> Self {
+    fn new(chan: Sender<Stamped<T>>) -> Self {
         Staged {
             chan,
             staged: VecDeque::new(),
@@ -518,7 +536,7 @@ impl<T> Staged<T> {
         }
     }
 
-    fn push(&mut self, item: T) {
+    fn push(&mut self, item: Stamped<T>) {
         if self.staged.is_empty() {
             match self.chan.try_send(item) {
                 Ok(()) => self.sent += 1,
@@ -561,9 +579,14 @@ pub struct HostEnd {
 }
 
 impl HostEnd {
-    /// Queue a command (never blocks).
+    /// Queue a command (never blocks); it leaves when the NIC takes it.
     pub fn send(&mut self, cmd: Command) {
-        self.tx.push(cmd);
+        self.tx.push((None, cmd));
+    }
+    /// Queue a command that leaves the host at `at` (the cost model: when the work that
+    /// produced it is done); it reaches the NIC a bus latency later.
+    pub fn send_at(&mut self, cmd: Command, at: Instant) {
+        self.tx.push((Some(at), cmd));
     }
     /// Move staged commands into the ring; true if any moved.
     pub fn flush(&mut self) -> bool {
@@ -586,8 +609,13 @@ impl HostEnd {
     pub fn next_due(&self) -> Option<Instant> {
         self.rx.next_due()
     }
+    /// Take arrived events off the ring at `now` without delivering any (a busy host does
+    /// this, so that bus latency runs from arrival, not from when the host is free).
+    pub fn pump(&mut self, now: Instant) {
+        self.rx.pump(now);
+    }
     /// The raw event receiver, for runtimes that wait on it (e.g. with `crossbeam::Select`).
-    pub fn event_receiver(&self) -> &Receiver<Event> {
+    pub fn event_receiver(&self) -> &Receiver<Stamped<Event>> {
         &self.rx.chan
     }
 }
@@ -600,9 +628,14 @@ pub struct NicEnd {
 }
 
 impl NicEnd {
-    /// Queue an event (never blocks).
+    /// Queue an event (never blocks); it leaves when the host takes it.
     pub fn send(&mut self, evt: Event) {
-        self.tx.push(evt);
+        self.tx.push((None, evt));
+    }
+    /// Queue an event that leaves the NIC at `at` (the cost model: when the work that
+    /// produced it, its DMA included, is done); it reaches the host a bus latency later.
+    pub fn send_at(&mut self, evt: Event, at: Instant) {
+        self.tx.push((Some(at), evt));
     }
     /// Move staged events into the ring; true if any moved.
     pub fn flush(&mut self) -> bool {
@@ -624,8 +657,13 @@ impl NicEnd {
     pub fn next_due(&self) -> Option<Instant> {
         self.rx.next_due()
     }
+    /// Take arrived commands off the ring at `now` without delivering any (a busy NIC does
+    /// this, so that bus latency runs from arrival, not from when the NIC is free).
+    pub fn pump(&mut self, now: Instant) {
+        self.rx.pump(now);
+    }
     /// The raw command receiver, for runtimes that wait on it.
-    pub fn command_receiver(&self) -> &Receiver<Command> {
+    pub fn command_receiver(&self) -> &Receiver<Stamped<Command>> {
         &self.rx.chan
     }
 }

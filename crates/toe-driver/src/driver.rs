@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddrV4;
 use std::sync::Arc;
 
+use toe_bus::cost::{transfer_ps, Busy, HostCost};
 use toe_bus::time::Instant;
 use toe_bus::{
     Command, ConnId, Event, HostBuf, HostEnd, HostMemory, MemError, OffloadParams, ReturnReason,
@@ -160,6 +161,10 @@ pub struct DriverConfig {
     /// Total anonymous pool, in bytes (a whole number of buffers is allocated). Sized from W
     /// and the connection limit by the caller.
     pub anon_pool_bytes: usize,
+    /// What the driver's work costs in virtual time (events handled, commands issued, host
+    /// copies); while busy the driver does not poll, and its commands leave when the work is
+    /// done. [`HostCost::FREE`] for none.
+    pub cost: HostCost,
 }
 
 /// Driver-wide counters.
@@ -291,6 +296,10 @@ pub struct Driver {
     timers: BTreeSet<(Instant, ConnId)>,
     last_now: Instant,
     scratch: Vec<(&'static str, u64)>,
+    /// The host CPU's timeline under the cost model.
+    cpu: Busy,
+    /// Copy bytes of host memory already charged to `cpu`.
+    copies_charged: u64,
 }
 
 impl std::fmt::Debug for Driver {
@@ -332,6 +341,12 @@ impl Driver {
             timers: BTreeSet::new(),
             last_now: Instant::from_micros(0),
             scratch: Vec::new(),
+            cpu: Busy::default(),
+            copies_charged: 0,
+        };
+        d.copies_charged = {
+            let s = d.mem.stats().snapshot();
+            s.host_copy_bytes + s.copy_out_bytes + s.copy_in_bytes
         };
         d.check_rx(&cfg.rx)?;
         let mut batch = Vec::new();
@@ -363,7 +378,7 @@ impl Driver {
 
     /// A clone of the event ring's receiver, for runtimes that sleep until the NIC raises an
     /// event (never take events from it: [`Driver::poll`] does).
-    pub fn event_waitable(&self) -> crossbeam_channel::Receiver<Event> {
+    pub fn event_waitable(&self) -> crossbeam_channel::Receiver<toe_bus::ring::Stamped<Event>> {
         self.bus.event_receiver().clone()
     }
 
@@ -655,7 +670,45 @@ impl Driver {
                 why,
             });
         }
-        self.bus.send(c);
+        if self.cfg.cost.is_free() {
+            self.bus.send(c);
+        } else {
+            self.charge_copies();
+            self.cpu
+                .charge(self.last_now, u128::from(self.cfg.cost.command_ns) * 1000);
+            self.bus.send_at(c, self.cpu.departs(self.last_now));
+        }
+    }
+
+    /// Charge the host copies counted in host memory since the last charge (the driver's
+    /// own, and those of application handles reading and writing through it).
+    fn charge_copies(&mut self) {
+        let s = self.mem.stats().snapshot();
+        let total = s.host_copy_bytes + s.copy_out_bytes + s.copy_in_bytes;
+        let new = total - self.copies_charged.min(total);
+        self.copies_charged = total;
+        self.cpu.charge(
+            self.last_now,
+            transfer_ps(new, self.cfg.cost.copy_bytes_per_s),
+        );
+    }
+
+    /// The host CPU's timeline under the cost model: when it is free, and the work charged
+    /// so far (events, commands, copies, and what applications charged).
+    pub fn cpu(&self) -> Busy {
+        self.cpu
+    }
+
+    /// Charge work an application did on the host CPU at `now` outside the driver:
+    /// `crc_bytes` run through CRC32C in software and `copy_bytes` copied within
+    /// application memory (host memory copies through the driver are charged already). The
+    /// commands the driver sends next leave after it.
+    pub fn charge_app(&mut self, now: Instant, crc_bytes: u64, copy_bytes: u64) {
+        let c = self.cfg.cost;
+        self.cpu.charge(
+            now.max(self.last_now),
+            transfer_ps(crc_bytes, c.crc_bytes_per_s) + transfer_ps(copy_bytes, c.copy_bytes_per_s),
+        );
     }
 
     fn absorb(&mut self, out: Outputs) {
@@ -932,13 +985,16 @@ impl Driver {
 
     /// When [`Driver::poll`] must run next for timers, if ever.
     pub fn poll_at(&self) -> Option<Instant> {
-        if self.bus.staged() > 0 || !self.released.is_empty() {
-            return Some(Instant::from_micros(0));
+        let free = self.cpu.free_at();
+        // Busy: what arrived meanwhile is looked at when the CPU is free.
+        if self.bus.staged() > 0 || !self.released.is_empty() || free > self.last_now {
+            return Some(free);
         }
         match (self.timers.first().map(|(t, _)| *t), self.bus.next_due()) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
+        .map(|t| t.max(free))
     }
 
     /// Send queued commands to the NIC (anonymous buffers drained since the last call
@@ -955,10 +1011,20 @@ impl Driver {
     /// true if anything happened.
     pub fn poll(&mut self, now: Instant) -> bool {
         self.last_now = self.last_now.max(now);
+        let metered = !self.cfg.cost.is_free();
+        if metered && self.cpu.is_busy(now) {
+            // Still paying for earlier work: events that arrive start their bus latency.
+            self.bus.pump(now);
+            return self.flush();
+        }
         let mut progress = self.bus.flush();
         while let Ok(Some(e)) = self.bus.try_recv(now) {
             progress = true;
             self.stats.events += 1;
+            if metered {
+                self.cpu
+                    .charge(now, u128::from(self.cfg.cost.event_ns) * 1000);
+            }
             if let Some(t) = self.trace.as_mut() {
                 self.scratch.clear();
                 let (kind, conn, why) = describe_event(&e, &mut self.scratch);
@@ -988,6 +1054,9 @@ impl Driver {
             progress = true;
         }
         progress |= self.flush();
+        if metered {
+            self.charge_copies();
+        }
         progress
     }
 

@@ -22,6 +22,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use toe_bus::cost::{HostCost, NicCost};
 use toe_bus::time::Duration;
 use toe_bus::RxPolicy;
 use toe_driver::{AckPolicy, RxConfig};
@@ -44,6 +45,45 @@ pub const MIN_RING_DEPTH: u32 = 16;
 pub const MIN_MTU: u32 = 576;
 /// Largest MTU accepted by [`Settings::validate`], in bytes.
 pub const MAX_MTU: u32 = 65_000;
+/// Largest bandwidth of the cost model, in MB/s.
+pub const MAX_COST_MB_PER_S: u64 = 10_000_000;
+/// Largest per-operation cost of the cost model, in nanoseconds (1 s).
+pub const MAX_COST_NS: u64 = 1_000_000_000;
+
+/// The cost model's defaults: one concrete machine, a 25 Gbit/s TOE NIC on PCIe Gen3 x8 in a
+/// server whose core copies memory at 10 GB/s. Every field is the default of the setting of
+/// the same name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MachineCosts {
+    /// One-way bus latency, µs.
+    pub bus_latency_us: u64,
+    /// DMA bandwidth, MB/s.
+    pub dma_mb_per_s: u64,
+    /// Host copy bandwidth, MB/s.
+    pub host_copy_mb_per_s: u64,
+    /// Host CPU per event, ns.
+    pub host_event_ns: u64,
+    /// Host CPU per command, ns.
+    pub host_command_ns: u64,
+    /// NIC processing per frame, ns.
+    pub nic_segment_ns: u64,
+    /// Host software CRC32C bandwidth, MB/s.
+    pub host_crc_mb_per_s: u64,
+}
+
+/// The default machine of the cost model (see [`MachineCosts`]).
+pub const DEFAULT_COSTS: MachineCosts = MachineCosts {
+    bus_latency_us: 1,
+    dma_mb_per_s: 7_000,
+    host_copy_mb_per_s: 10_000,
+    host_event_ns: 250,
+    host_command_ns: 250,
+    nic_segment_ns: 100,
+    host_crc_mb_per_s: 8_000,
+};
+
+/// The wire rate of the default machine, in Mbit/s (25 Gbit/s Ethernet).
+pub const DEFAULT_WIRE_RATE_MBIT: u64 = 25_000;
 
 /// Parses a byte size: a non-negative integer, optionally followed (with or without spaces)
 /// by a unit.
@@ -114,6 +154,18 @@ pub enum Setting {
     SocketBufBytes,
     /// [`Settings::bus_latency_us`].
     BusLatencyUs,
+    /// [`Settings::dma_mb_per_s`].
+    DmaMbPerS,
+    /// [`Settings::host_copy_mb_per_s`].
+    HostCopyMbPerS,
+    /// [`Settings::host_event_ns`].
+    HostEventNs,
+    /// [`Settings::host_command_ns`].
+    HostCommandNs,
+    /// [`Settings::nic_segment_ns`].
+    NicSegmentNs,
+    /// [`Settings::host_crc_mb_per_s`].
+    HostCrcMbPerS,
     /// [`Settings::keepalive_ms`].
     KeepaliveMs,
     /// [`Settings::idle_timeout_ms`].
@@ -124,7 +176,7 @@ pub enum Setting {
 
 impl Setting {
     /// Every setting, in the order of the [`Settings`] fields.
-    pub const ALL: [Setting; 14] = [
+    pub const ALL: [Setting; 20] = [
         Setting::IndicateWindowBytes,
         Setting::Policy,
         Setting::Ack,
@@ -136,6 +188,12 @@ impl Setting {
         Setting::Mtu,
         Setting::SocketBufBytes,
         Setting::BusLatencyUs,
+        Setting::DmaMbPerS,
+        Setting::HostCopyMbPerS,
+        Setting::HostEventNs,
+        Setting::HostCommandNs,
+        Setting::NicSegmentNs,
+        Setting::HostCrcMbPerS,
         Setting::KeepaliveMs,
         Setting::IdleTimeoutMs,
         Setting::SynTimeoutMs,
@@ -155,6 +213,12 @@ impl Setting {
             Setting::Mtu => "mtu",
             Setting::SocketBufBytes => "socket_buf_bytes",
             Setting::BusLatencyUs => "bus_latency_us",
+            Setting::DmaMbPerS => "dma_mb_per_s",
+            Setting::HostCopyMbPerS => "host_copy_mb_per_s",
+            Setting::HostEventNs => "host_event_ns",
+            Setting::HostCommandNs => "host_command_ns",
+            Setting::NicSegmentNs => "nic_segment_ns",
+            Setting::HostCrcMbPerS => "host_crc_mb_per_s",
             Setting::KeepaliveMs => "keepalive_ms",
             Setting::IdleTimeoutMs => "idle_timeout_ms",
             Setting::SynTimeoutMs => "syn_timeout_ms",
@@ -175,6 +239,12 @@ impl Setting {
             Setting::Mtu => "TOEMU_MTU",
             Setting::SocketBufBytes => "TOEMU_SOCKET_BUF",
             Setting::BusLatencyUs => "TOEMU_BUS_LATENCY_US",
+            Setting::DmaMbPerS => "TOEMU_DMA_MB_PER_S",
+            Setting::HostCopyMbPerS => "TOEMU_HOST_COPY_MB_PER_S",
+            Setting::HostEventNs => "TOEMU_HOST_EVENT_NS",
+            Setting::HostCommandNs => "TOEMU_HOST_COMMAND_NS",
+            Setting::NicSegmentNs => "TOEMU_NIC_SEGMENT_NS",
+            Setting::HostCrcMbPerS => "TOEMU_HOST_CRC_MB_PER_S",
             Setting::KeepaliveMs => "TOEMU_KEEPALIVE_MS",
             Setting::IdleTimeoutMs => "TOEMU_IDLE_TIMEOUT_MS",
             Setting::SynTimeoutMs => "TOEMU_SYN_TIMEOUT_MS",
@@ -426,9 +496,30 @@ pub struct Settings {
     /// Default 512 KiB.
     pub socket_buf_bytes: u32,
     /// Cost model of the emulated PCI bus: every command and event takes this long to cross,
-    /// in microseconds (0 ..= 1 000 000). Default 0 (free). On the virtual clock it shows up in
-    /// latencies measured in virtual time, not in wall time.
+    /// in microseconds (0 ..= 1 000 000). Default 1 (PCIe Gen3: about 1 µs one way for a
+    /// posted write plus the doorbell). On the virtual clock it shows up in latencies measured
+    /// in virtual time, not in wall time.
     pub bus_latency_us: u64,
+    /// Cost model: DMA bandwidth between NIC and host memory, in MB/s (10^6 bytes per
+    /// second; 0 = free, at most 10 000 000). Default 7 000 (PCIe Gen3 x8: 7.88 GB/s raw,
+    /// less TLP headers). Received payload written and sent payload read share it.
+    pub dma_mb_per_s: u64,
+    /// Cost model: host memory copy bandwidth of one core, in MB/s (0 = free, at most
+    /// 10 000 000). Default 10 000. Charged for every copy the driver makes and every copy
+    /// between host memory and application memory through the driver.
+    pub host_copy_mb_per_s: u64,
+    /// Cost model: host CPU time to handle one bus event (interrupt share, completion), in
+    /// nanoseconds (at most 1 000 000 000). Default 250.
+    pub host_event_ns: u64,
+    /// Cost model: host CPU time to issue one bus command (descriptor, doorbell share), in
+    /// nanoseconds (at most 1 000 000 000). Default 250.
+    pub host_command_ns: u64,
+    /// Cost model: NIC processing time per frame received or sent, in nanoseconds (at most
+    /// 1 000 000 000). Default 100 (a 25 Gbit/s NIC must handle a 1500-byte frame in 480 ns).
+    pub nic_segment_ns: u64,
+    /// Cost model: CRC32C bandwidth of host software (iSCSI digests the host computes), in
+    /// MB/s (0 = free, at most 10 000 000). Default 8 000 (SSE4.2 `crc32` on one core).
+    pub host_crc_mb_per_s: u64,
     /// Keep-alive interval of open connections, in milliseconds (>= 1), or `None` (config
     /// form `off`): an idle connection probes its peer this often. Default 60 000.
     pub keepalive_ms: Option<u64>,
@@ -459,7 +550,13 @@ impl Default for Settings {
             ring_depth: 1024,
             mtu: 9000,
             socket_buf_bytes: 512 * KIB as u32,
-            bus_latency_us: 0,
+            bus_latency_us: DEFAULT_COSTS.bus_latency_us,
+            dma_mb_per_s: DEFAULT_COSTS.dma_mb_per_s,
+            host_copy_mb_per_s: DEFAULT_COSTS.host_copy_mb_per_s,
+            host_event_ns: DEFAULT_COSTS.host_event_ns,
+            host_command_ns: DEFAULT_COSTS.host_command_ns,
+            nic_segment_ns: DEFAULT_COSTS.nic_segment_ns,
+            host_crc_mb_per_s: DEFAULT_COSTS.host_crc_mb_per_s,
             keepalive_ms: Some(60_000),
             idle_timeout_ms: Some(180_000),
             syn_timeout_ms: Some(5_000),
@@ -528,6 +625,38 @@ impl Settings {
             ms(self.idle_timeout_ms),
             ms(self.syn_timeout_ms),
         )
+    }
+
+    /// The NIC's part of the cost model (DMA bandwidth, per-frame processing).
+    pub fn nic_cost(&self) -> NicCost {
+        NicCost {
+            dma_bytes_per_s: self.dma_mb_per_s.saturating_mul(1_000_000),
+            segment_ns: self.nic_segment_ns,
+        }
+    }
+
+    /// The host CPU's part of the cost model (copies, events, commands).
+    pub fn host_cost(&self) -> HostCost {
+        HostCost {
+            copy_bytes_per_s: self.host_copy_mb_per_s.saturating_mul(1_000_000),
+            event_ns: self.host_event_ns,
+            command_ns: self.host_command_ns,
+            crc_bytes_per_s: self.host_crc_mb_per_s.saturating_mul(1_000_000),
+        }
+    }
+
+    /// The same settings with every cost of the model zero (bus latency included): work takes
+    /// no virtual time, as in an ideal machine. For tests of logic that must not depend on
+    /// the cost model, and for the real-time runtimes.
+    pub fn without_costs(mut self) -> Settings {
+        self.bus_latency_us = 0;
+        self.dma_mb_per_s = 0;
+        self.host_copy_mb_per_s = 0;
+        self.host_event_ns = 0;
+        self.host_command_ns = 0;
+        self.nic_segment_ns = 0;
+        self.host_crc_mb_per_s = 0;
+        self
     }
 
     /// The push timer period as a [`Duration`].
@@ -697,6 +826,12 @@ impl Settings {
                 self.socket_buf_bytes = raw.size().and_then(narrow).map_err(fail)?;
             }
             Setting::BusLatencyUs => self.bus_latency_us = raw.count().map_err(fail)?,
+            Setting::DmaMbPerS => self.dma_mb_per_s = raw.count().map_err(fail)?,
+            Setting::HostCopyMbPerS => self.host_copy_mb_per_s = raw.count().map_err(fail)?,
+            Setting::HostEventNs => self.host_event_ns = raw.count().map_err(fail)?,
+            Setting::HostCommandNs => self.host_command_ns = raw.count().map_err(fail)?,
+            Setting::NicSegmentNs => self.nic_segment_ns = raw.count().map_err(fail)?,
+            Setting::HostCrcMbPerS => self.host_crc_mb_per_s = raw.count().map_err(fail)?,
             Setting::KeepaliveMs => self.keepalive_ms = raw.count_or_off().map_err(fail)?,
             Setting::IdleTimeoutMs => self.idle_timeout_ms = raw.count_or_off().map_err(fail)?,
             Setting::SynTimeoutMs => self.syn_timeout_ms = raw.count_or_off().map_err(fail)?,
@@ -794,6 +929,22 @@ impl Settings {
                 self.bus_latency_us,
                 "at most 1000000 (1 s)".into(),
             ));
+        }
+        for (setting, value, max) in [
+            (S::DmaMbPerS, self.dma_mb_per_s, MAX_COST_MB_PER_S),
+            (
+                S::HostCopyMbPerS,
+                self.host_copy_mb_per_s,
+                MAX_COST_MB_PER_S,
+            ),
+            (S::HostEventNs, self.host_event_ns, MAX_COST_NS),
+            (S::HostCommandNs, self.host_command_ns, MAX_COST_NS),
+            (S::NicSegmentNs, self.nic_segment_ns, MAX_COST_NS),
+            (S::HostCrcMbPerS, self.host_crc_mb_per_s, MAX_COST_MB_PER_S),
+        ] {
+            if value > max {
+                return Err(self.invalid(setting, value, format!("at most {max}")));
+            }
         }
         for (setting, value) in [
             (S::KeepaliveMs, self.keepalive_ms),
@@ -961,6 +1112,12 @@ mod tests {
             ("TOEMU_MTU", "1500"),
             ("TOEMU_SOCKET_BUF", "64KiB"),
             ("TOEMU_BUS_LATENCY_US", "3"),
+            ("TOEMU_DMA_MB_PER_S", "3000"),
+            ("TOEMU_HOST_COPY_MB_PER_S", "0"),
+            ("TOEMU_HOST_EVENT_NS", "1000"),
+            ("TOEMU_HOST_COMMAND_NS", "2000"),
+            ("TOEMU_NIC_SEGMENT_NS", "50"),
+            ("TOEMU_HOST_CRC_MB_PER_S", "1"),
             ("TOEMU_KEEPALIVE_MS", "off"),
             ("TOEMU_IDLE_TIMEOUT_MS", "9000"),
             ("TOEMU_SYN_TIMEOUT_MS", "250"),
@@ -980,6 +1137,21 @@ mod tests {
         assert_eq!(s.mtu, 1500);
         assert_eq!(s.socket_buf_bytes, 65536);
         assert_eq!(s.bus_latency_us, 3);
+        assert_eq!(
+            (s.nic_cost(), s.host_cost()),
+            (
+                NicCost {
+                    dma_bytes_per_s: 3_000_000_000,
+                    segment_ns: 50
+                },
+                HostCost {
+                    copy_bytes_per_s: 0,
+                    event_ns: 1000,
+                    command_ns: 2000,
+                    crc_bytes_per_s: 1_000_000
+                }
+            )
+        );
         for setting in Setting::ALL {
             assert_eq!(s.origin(setting), &Origin::Env(setting.env_var()));
         }

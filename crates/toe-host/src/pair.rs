@@ -94,6 +94,8 @@ pub fn threaded_pair(
     wire_opts: &WireOptions,
 ) -> io::Result<ThreadedPair> {
     let ([pa, pb], monitors) = wire_ports(wire_opts)?;
+    // Real time is the real machine's speed: the cost model is for the virtual clock.
+    let settings = &settings.clone().without_costs();
     let hosts = host_pair(settings, settings, seed, pa, pb)?;
     let mem = [hosts[0].mem.clone(), hosts[1].mem.clone()];
     let rt = Threaded::start(hosts.into());

@@ -76,6 +76,7 @@ impl Host {
         // Exactly the connections the anonymous pool has a buffer share for.
         nic.max_conns = settings.max_conns as usize;
         (nic.keepalive, nic.idle_timeout, nic.syn_timeout) = settings.timers();
+        nic.cost = settings.nic_cost();
         let pool = settings.anon_pool_bytes() as usize;
         let mem = Arc::new(HostMemory::anonymous(pool + DEFAULT_APP_MEMORY_BYTES)?);
         let (host_end, nic_end) = bus_with_latency(
@@ -89,6 +90,7 @@ impl Host {
                 rx: settings.rx_config(),
                 anon_buf_bytes: settings.anon_buf_bytes as usize,
                 anon_pool_bytes: pool,
+                cost: settings.host_cost(),
             },
         )?;
         let nic = Nic::new(nic, phy, nic_end, mem.clone(), now);
@@ -133,6 +135,11 @@ pub fn test_nic(i: u8, seed: u64) -> NicConfig {
         ..NicConfig::default()
     }
 }
+
+/// Clock jumps shorter than this are, by convention, a processor of the cost model finishing
+/// its work rather than an idle world: loops that stop "when nothing moves" should not stop
+/// at them. (The cost model's waits are microseconds; protocol timers are milliseconds.)
+pub const COST_WAIT: Duration = Duration::from_millis(1);
 
 struct SimInner {
     hosts: Vec<Host>,
@@ -347,7 +354,7 @@ impl RealClock {
 /// Waiter of a real-time host: sleeps on the host's event ring until a deadline.
 struct RingWaiter {
     clock: RealClock,
-    events: Receiver<toe_bus::Event>,
+    events: Receiver<toe_bus::ring::Stamped<toe_bus::Event>>,
     stopped: Arc<AtomicBool>,
 }
 
@@ -376,7 +383,10 @@ pub struct Threaded {
     clock: RealClock,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<Vec<Host>>>,
-    drivers: Vec<(SharedDriver, Receiver<toe_bus::Event>)>,
+    drivers: Vec<(
+        SharedDriver,
+        Receiver<toe_bus::ring::Stamped<toe_bus::Event>>,
+    )>,
 }
 
 impl std::fmt::Debug for Threaded {

@@ -17,6 +17,7 @@ use smoltcp::socket::tcp;
 use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, IpEndpoint};
 
+use toe_bus::cost::{Busy, NicCost};
 use toe_bus::{
     Command, ConnId, Dma, Event, HostBuf, HostMemory, NicEnd, OffloadParams, ReturnReason, RxPolicy,
 };
@@ -62,6 +63,9 @@ pub struct NicConfig {
     /// A handshake (SYN-RECEIVED on a listener, SYN-SENT of an active open) that does not
     /// complete within this time is abandoned; `None`: never (not recommended).
     pub syn_timeout: Option<Duration>,
+    /// What the NIC's work costs in virtual time (frames processed, DMA bytes moved); while
+    /// busy the NIC does not poll, and its events leave when the work is done. Default free.
+    pub cost: NicCost,
 }
 
 impl Default for NicConfig {
@@ -80,6 +84,7 @@ impl Default for NicConfig {
             keepalive: Some(Duration::from_secs(60)),
             idle_timeout: Some(Duration::from_secs(180)),
             syn_timeout: Some(Duration::from_secs(5)),
+            cost: NicCost::FREE,
         }
     }
 }
@@ -228,6 +233,8 @@ pub struct Nic<P: Phy> {
     engines: Vec<Arc<dyn UlpFactory>>,
     /// The time of the poll in progress.
     now: Instant,
+    /// The NIC's timeline under the cost model.
+    busy: Busy,
 }
 
 impl<P: Phy> std::fmt::Debug for Nic<P> {
@@ -353,6 +360,7 @@ impl<P: Phy> Nic<P> {
             scratch_flows: Vec::new(),
             engines: Vec::new(),
             now,
+            busy: Busy::default(),
         }
     }
 
@@ -406,7 +414,7 @@ impl<P: Phy> Nic<P> {
             .map(|c| self.socks.get(c.handle).recv_queue())
     }
     /// A clone of the command ring's receiver, for runtimes that sleep until there is work.
-    pub fn command_waitable(&self) -> crossbeam_channel::Receiver<Command> {
+    pub fn command_waitable(&self) -> crossbeam_channel::Receiver<toe_bus::ring::Stamped<Command>> {
         self.bus.command_receiver().clone()
     }
     /// Local TCP port of an established connection.
@@ -429,8 +437,10 @@ impl<P: Phy> Nic<P> {
     /// The latest time `poll` must run again (smoltcp timers); `None` if only new input can
     /// create work. O(1) amortized: the sockets' deadlines are kept in a heap.
     pub fn poll_at(&mut self, now: Instant) -> Option<Instant> {
-        if !self.out.is_empty() || self.bus.staged() > 0 || self.socks.any_dirty() {
-            return Some(now);
+        let free = self.busy.free_at();
+        // Busy: whatever arrived meanwhile (frames, commands) is looked at when it is free.
+        if free > now || !self.out.is_empty() || self.bus.staged() > 0 || self.socks.any_dirty() {
+            return Some(now.max(free));
         }
         [
             self.socks.next_deadline(),
@@ -440,13 +450,26 @@ impl<P: Phy> Nic<P> {
         .into_iter()
         .flatten()
         .min()
+        .map(|t| t.max(free))
+    }
+
+    /// The NIC's timeline under the cost model: when it is free, and the work charged so far.
+    pub fn busy(&self) -> Busy {
+        self.busy
     }
 
     /// Run the NIC once at `now`. Returns true if anything happened. Work is proportional to
     /// what arrived (commands, frames) and to the sockets it touched or whose timers are due,
     /// not to the number of connections.
     pub fn poll(&mut self, now: Instant) -> bool {
+        if self.busy.is_busy(now) {
+            // Still paying for earlier work: commands that arrive start their bus latency.
+            self.bus.pump(now);
+            return self.bus.flush();
+        }
         self.now = now;
+        let metered = !self.cfg.cost.is_free();
+        let before = metered.then(|| (self.dev.stats(), self.dma.memory().stats().snapshot()));
         let mut progress = self.bus.flush();
         while let Some(cmd) = self.bus.try_recv(now) {
             progress = true;
@@ -486,8 +509,16 @@ impl<P: Phy> Nic<P> {
             }
         }
         self.scratch_socks = work;
+        if let Some((phy0, mem0)) = before {
+            let (phy, mem) = (self.dev.stats(), self.dma.memory().stats().snapshot());
+            let frames = phy.rx_frames - phy0.rx_frames + phy.tx_frames - phy0.tx_frames;
+            let dma = mem.dma_write_bytes - mem0.dma_write_bytes + mem.dma_read_bytes
+                - mem0.dma_read_bytes;
+            self.busy.charge(now, self.cfg.cost.work_ps(frames, dma));
+        }
+        let at = self.busy.departs(now);
         while let Some(e) = self.out.pop_front() {
-            self.bus.send(e);
+            self.bus.send_at(e, at);
         }
         progress |= self.bus.flush();
         progress

@@ -73,15 +73,26 @@ fn small_sweep_writes_table_json_and_svgs() {
         rr_iters: 200,
         settings: Settings::default(),
         seed: 7,
+        ..SweepOptions::default()
     };
     let mut lines = Vec::new();
     let points = run_sweep(&o, |l| lines.push(l.to_string())).unwrap();
     assert_eq!(points.len(), w_values.len() * modes.len());
     assert_eq!(lines.len(), points.len());
     for p in &points {
-        assert!(p.throughput_bytes_per_s > 0.0, "{p:?}");
-        assert!(p.rr_p50_us > 0.0 && p.rr_p99_us >= p.rr_p50_us, "{p:?}");
+        assert!(p.modeled_throughput_bytes_per_s > 0.0, "{p:?}");
+        assert!(p.wall_throughput_bytes_per_s > 0.0, "{p:?}");
+        assert!(
+            p.modeled_rr_64b_p50_us > 0.0 && p.modeled_rr_64b_p99_us >= p.modeled_rr_64b_p50_us,
+            "{p:?}"
+        );
+        assert!(
+            p.modeled_rr_64k_p50_us > p.modeled_rr_64b_p50_us,
+            "64 KiB takes longer than 64 B: {p:?}"
+        );
         assert!(p.host_copies_per_byte >= 1.0, "{p:?}");
+        assert!(p.modeled_host_cpu_ns_per_byte > 0.0, "{p:?}");
+        assert_eq!(p.config, "base");
     }
     // The indicate window bounds the anonymous memory: at most W, plus one partly used buffer.
     let anon_buf = u64::from(Settings::default().anon_buf_bytes);
@@ -92,35 +103,44 @@ fn small_sweep_writes_table_json_and_svgs() {
     assert_eq!(iw.len(), 2);
     for p in &iw {
         assert!(
-            p.anon_pool_high_water_bytes <= u64::from(p.w_bytes) + anon_buf,
+            p.anon_pool_high_water_bytes <= u64::from(p.w) + anon_buf,
             "{p:?}"
         );
         assert!(p.anon_pool_high_water_bytes > 0, "{p:?}");
     }
+    // At 16 KiB the window binds (the NIC stalls at P == W and waits for the bus round
+    // trip); at 256 KiB the 25 Gbit/s wire binds and the receiver keeps up, never stalling.
+    assert!(iw[0].indicate_stalls > 0, "{iw:?}");
+    assert_eq!(iw[1].indicate_stalls, 0, "{iw:?}");
     assert!(
-        iw[1].anon_pool_high_water_bytes > iw[0].anon_pool_high_water_bytes,
-        "anonymous high water does not grow with W: {iw:?}"
+        iw[1].modeled_throughput_bytes_per_s > iw[0].modeled_throughput_bytes_per_s,
+        "{iw:?}"
     );
 
     let table = sweep_table(&points);
     eprintln!("{table}");
-    assert_eq!(table.lines().count(), points.len() + 1);
+    // A header, a row per point, a knee per line.
+    assert_eq!(table.lines().count(), 1 + points.len() + modes.len());
     assert!(table.contains("indicate-window") && table.contains("mss-holdoff"));
 
     let dir = scratch("sweep");
-    let files = write_sweep(&dir, &points).unwrap();
-    assert_eq!(files.len(), 4);
+    let files = write_sweep(&dir, &o, &points).unwrap();
+    assert_eq!(files.len(), 6);
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&files[0]).unwrap()).unwrap();
     let arr = json["points"].as_array().unwrap();
     assert_eq!(arr.len(), points.len());
     for (j, p) in arr.iter().zip(&points) {
         assert_eq!(j["mode"], p.mode);
-        assert_eq!(j["w_bytes"], p.w_bytes);
+        assert_eq!(j["w"], p.w);
         for key in [
-            "throughput_bytes_per_s",
-            "rr_p50_us",
-            "rr_p99_us",
+            "modeled_throughput_bytes_per_s",
+            "modeled_rr_64b_p50_us",
+            "modeled_rr_64b_p99_us",
+            "modeled_rr_64k_p50_us",
+            "modeled_rr_64k_p99_us",
+            "modeled_host_cpu_ns_per_byte",
+            "wall_throughput_bytes_per_s",
             "host_copies_per_byte",
             "anon_pool_high_water_bytes",
             "copy_buffer_high_water_bytes",
@@ -130,6 +150,9 @@ fn small_sweep_writes_table_json_and_svgs() {
             assert!(j[key].is_number(), "{key} missing in {j}");
         }
     }
+    assert_eq!(json["machine"]["wire_rate_mbit"], 25_000);
+    assert_eq!(json["machine"]["cost_model"]["base"]["bus_latency_us"], 1);
+    assert_eq!(json["knees"].as_array().unwrap().len(), modes.len());
     for svg in &files[1..] {
         assert_svg(svg);
         let text = std::fs::read_to_string(svg).unwrap();
@@ -208,8 +231,77 @@ fn bare_baseline_point_has_no_offload_counters() {
         rr_iters: 50,
         ..SweepOptions::default()
     };
-    let p = toemu_lab::sweep::measure_point(&o, Mode::SmoltcpBare, 64 << 10).unwrap();
+    let p = toemu_lab::sweep::measure_point(&o, "base", &o.settings, Mode::SmoltcpBare, 64 << 10)
+        .unwrap();
     assert_eq!(p.mode, "smoltcp-bare");
-    assert!(p.throughput_bytes_per_s > 0.0 && p.rr_p50_us > 0.0, "{p:?}");
+    assert!(
+        p.modeled_throughput_bytes_per_s > 0.0 && p.wall_rr_64b_p50_us > 0.0,
+        "{p:?}"
+    );
+    // The stack alone on the modeled 25 Gbit/s wire: wire-bound.
+    assert!(p.modeled_throughput_bytes_per_s > 2.9e9, "{p:?}");
     assert_eq!(p.memory_high_water_bytes(), 0);
+    assert_eq!(p.modeled_host_cpu_ns_per_byte, 0.0);
+}
+
+/// The check: on the modeled 25 Gbit/s wire with a 2 µs bus and `window-full`
+/// acknowledgements, the indicate window at 4 KiB is bus-bound (at most half of what 1 MiB
+/// reaches, which is wire-bound), and the one-MSS hold-off is bus-bound at every W. A
+/// comparison with a slower bus is measured beside it and is slower where the bus binds.
+#[test]
+fn the_sweep_shows_the_bus_bound_knee_and_compares_a_second_bus() {
+    let mut base = Settings::default();
+    base.apply_override("ack", "window-full").unwrap();
+    base.apply_override("bus_latency_us", "2").unwrap();
+    let mut slow = base.clone();
+    slow.apply_override("bus_latency_us", "8").unwrap();
+    let o = SweepOptions {
+        w_values: parse_w_range("4KiB,64KiB,1MiB").unwrap(),
+        modes: vec![Mode::IndicateWindow, Mode::MssHoldoff],
+        bytes: 16 << 20,
+        rr_iters: 40,
+        settings: base,
+        compare: Some(("bus_latency_us=8".into(), slow)),
+        ..SweepOptions::default()
+    };
+    let points = run_sweep(&o, |_| {}).unwrap();
+    assert_eq!(points.len(), 3 * 2 * 2);
+    let at = |config: &str, mode: &str, w: u32| {
+        points
+            .iter()
+            .find(|p| p.config == config && p.mode == mode && p.w == w)
+            .unwrap()
+            .modeled_throughput_bytes_per_s
+    };
+    let wire = 25e9 / 8.0;
+    let iw_small = at("base", "indicate-window", 4 << 10);
+    let iw_large = at("base", "indicate-window", 1 << 20);
+    assert!(iw_small <= 0.5 * iw_large, "{iw_small} vs {iw_large}");
+    assert!(iw_large > 0.9 * wire, "1 MiB is wire-bound: {iw_large}");
+    for w in [4 << 10, 64 << 10, 1 << 20] {
+        let m = at("base", "mss-holdoff", w);
+        // One MSS (8960 B at MTU 9000) per bus round trip of 4 µs and costs: bus-bound.
+        assert!(
+            m < 0.8 * wire && m < 8960.0 / 4e-6,
+            "mss-holdoff at {w}: {m}"
+        );
+        assert!(at("bus_latency_us=8", "mss-holdoff", w) < 0.5 * m);
+    }
+    assert!(at("bus_latency_us=8", "indicate-window", 4 << 10) < 0.5 * iw_small);
+    let ks = toemu_lab::sweep::knees(&points);
+    let knee = |config: &str| {
+        ks.iter()
+            .find(|k| k.config == config && k.mode == "indicate-window")
+            .unwrap()
+            .w
+    };
+    assert!(knee("base") > 4 << 10, "{ks:?}");
+    assert!(knee("bus_latency_us=8") >= knee("base"), "{ks:?}");
+    let dir = scratch("sweep-compare");
+    let files = write_sweep(&dir, &o, &points).unwrap();
+    let svg = std::fs::read_to_string(&files[1]).unwrap();
+    assert!(
+        svg.contains("indicate-window (bus_latency_us=8)"),
+        "overlay drawn"
+    );
 }

@@ -645,6 +645,28 @@ impl Settings {
         }
     }
 
+    /// The cost model's settings as `(name, value)` pairs, in table order (for reports).
+    pub fn cost_model(&self) -> [(&'static str, u64); 7] {
+        [
+            (Setting::BusLatencyUs.name(), self.bus_latency_us),
+            (Setting::DmaMbPerS.name(), self.dma_mb_per_s),
+            (Setting::HostCopyMbPerS.name(), self.host_copy_mb_per_s),
+            (Setting::HostEventNs.name(), self.host_event_ns),
+            (Setting::HostCommandNs.name(), self.host_command_ns),
+            (Setting::NicSegmentNs.name(), self.nic_segment_ns),
+            (Setting::HostCrcMbPerS.name(), self.host_crc_mb_per_s),
+        ]
+    }
+
+    /// The cost model as a JSON object (setting name to value), for reports.
+    pub fn cost_model_json(&self) -> serde_json::Value {
+        self.cost_model()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), serde_json::Value::from(v)))
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    }
+
     /// The same settings with every cost of the model zero (bus latency included): work takes
     /// no virtual time, as in an ideal machine. For tests of logic that must not depend on
     /// the cost model, and for the real-time runtimes.

@@ -166,6 +166,15 @@ pub struct RunReport {
     pub direct_placed_bytes: u64,
     /// Request/response round trip, wall-clock microseconds.
     pub rr_latency_us: Latency,
+    /// Virtual seconds of the transfer (the modeled machine: cost model and wire).
+    pub modeled_seconds: f64,
+    /// bytes / modeled_seconds.
+    pub modeled_throughput_bytes_per_s: f64,
+    /// The receiving host's CPU time per received byte under the cost model, ns (0 for
+    /// bare smoltcp, which has no host model).
+    pub modeled_host_cpu_ns_per_byte: f64,
+    /// Request/response round trip in virtual microseconds.
+    pub modeled_rr_latency_us: Latency,
     /// The receiver's SHA-256 matched the sender's stream.
     pub integrity_ok: bool,
 }
@@ -355,9 +364,22 @@ impl Sender {
     }
 }
 
+/// A run's figures in modeled time: the emulated machine's virtual clock under the cost model
+/// (`toe_host::config::Settings`' cost settings and the wire's rate and delay).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Modeled {
+    /// Virtual seconds from the first byte offered to the receiver's end of stream.
+    pub seconds: f64,
+    /// The receiving host's CPU time charged by the cost model (driver events and
+    /// commands, copies) per received byte, in nanoseconds.
+    pub host_cpu_ns_per_byte: f64,
+}
+
 /// Bulk-transfer outcome of one TOE mode.
 #[derive(Debug, Clone)]
 pub struct Bulk {
+    /// The transfer in modeled (virtual) time; zeros on the real-time runtime.
+    pub modeled: Modeled,
     /// Wall-clock seconds from the first byte offered to the receiver's end of stream.
     pub seconds: f64,
     /// SHA-256 the receiver computed.
@@ -394,14 +416,18 @@ pub fn toe_bulk(mode: Mode, o: &DemoOptions) -> io::Result<Bulk> {
     let (mut tx, mut rx) = bulk_ends(mode, o, (&da, ca), (&db, cb), sim.now())?;
     let mem_b = sim.with_host(1, |h| h.mem.clone());
     let before = mem_b.stats().snapshot();
+    let cpu0 = db.lock().cpu().total_ps();
+    let v0 = sim.now();
     let t0 = WallInstant::now();
     let mut idle = 0u64;
+    // The sender offers its first bytes before the first step: a step of an idle world
+    // jumps the clock to its next timer, which must not count as transfer time.
     loop {
-        let moved = sim.step_or_idle()?;
         tx.service(&mut da.lock())?;
         if rx.service(&mut db.lock(), sim.now())? {
             break;
         }
+        let moved = sim.step_or_idle()?;
         idle = if moved { 0 } else { idle + 1 };
         if idle > 100_000 {
             return Err(other(format!(
@@ -412,6 +438,12 @@ pub fn toe_bulk(mode: Mode, o: &DemoOptions) -> io::Result<Bulk> {
         }
     }
     let seconds = t0.elapsed().as_secs_f64();
+    let modeled = Modeled {
+        seconds: (sim.now() - v0).total_micros() as f64 / 1e6,
+        host_cpu_ns_per_byte: (db.lock().cpu().total_ps() - cpu0) as f64
+            / 1000.0
+            / rx.received.max(1) as f64,
+    };
     let nic_counters = sim.with_host(1, |h| h.nic.offload_state(cb).map(|(_, _, s)| s));
     let (copies, info, anon_high) = receiver_figures(&db, cb, &mem_b, &before, rx.received)?;
     // finish the exchange cleanly: both sides closed, every send acknowledged
@@ -422,6 +454,7 @@ pub fn toe_bulk(mode: Mode, o: &DemoOptions) -> io::Result<Bulk> {
         mode.name(),
         o.bytes,
         seconds,
+        modeled,
         rx,
         copies,
         info,
@@ -488,6 +521,7 @@ impl Bulk {
         label: &str,
         expected: u64,
         seconds: f64,
+        modeled: Modeled,
         rx: Receiver,
         copies: f64,
         info: toe_driver::ConnInfo,
@@ -506,6 +540,7 @@ impl Bulk {
             .unwrap_or((0, 0));
         Ok(Bulk {
             seconds,
+            modeled,
             digest: rx.digest(),
             copies,
             stalls,
@@ -565,6 +600,7 @@ pub fn toe_bulk_threaded(mode: Mode, o: &DemoOptions) -> io::Result<Bulk> {
         &label,
         o.bytes,
         seconds,
+        Modeled::default(),
         rx,
         copies,
         info,
@@ -640,17 +676,33 @@ pub fn toe_rr_timed(mode: Mode, o: &DemoOptions) -> io::Result<(Vec<f64>, Vec<f6
     Ok((lat, vlat))
 }
 
-/// One bulk run of any mode: wall seconds, digest, TOE details (none for bare smoltcp).
-type BulkRun = (f64, [u8; 32], Option<Bulk>);
+/// One bulk run of any mode: wall seconds, digest, modeled figures, TOE details (none for
+/// bare smoltcp).
+type BulkRun = (f64, [u8; 32], Modeled, Option<Bulk>);
 
 fn bulk_any(mode: Mode, o: &DemoOptions) -> io::Result<BulkRun> {
     if mode == Mode::SmoltcpBare {
         let mut pair = BarePair::with_wire(&o.settings, o.seed, &o.wire)?;
         let (elapsed, digest) = pair.bulk_checked(o.bytes, o.seed, o.check)?;
-        Ok((elapsed.as_secs_f64(), digest, None))
+        let modeled = Modeled {
+            seconds: pair.modeled_seconds,
+            host_cpu_ns_per_byte: 0.0,
+        };
+        Ok((elapsed.as_secs_f64(), digest, modeled, None))
     } else {
         let b = toe_bulk(mode, o)?;
-        Ok((b.seconds, b.digest, Some(b)))
+        Ok((b.seconds, b.digest, b.modeled, Some(b)))
+    }
+}
+
+/// Request/response round trips of any mode: (wall µs, virtual µs) per exchange.
+pub fn rr_any(mode: Mode, o: &DemoOptions) -> io::Result<(Vec<f64>, Vec<f64>)> {
+    if mode == Mode::SmoltcpBare {
+        let mut pair = BarePair::with_wire(&o.settings, o.seed, &o.wire)?;
+        let wall = pair.request_response(o.rr_iters, o.rr_bytes)?;
+        Ok((wall, std::mem::take(&mut pair.modeled_rr_us)))
+    } else {
+        toe_rr_timed(mode, o)
     }
 }
 
@@ -664,10 +716,11 @@ pub fn run_demo(o: &DemoOptions, mut progress: impl FnMut(&str)) -> io::Result<V
         for (i, &mode) in o.modes.iter().enumerate() {
             let r = bulk_any(mode, o)?;
             progress(&format!(
-                "bulk {}/{} {:<16} {:>8.1} MB/s  integrity {}",
+                "bulk {}/{} {:<16} modeled {:>8.1} MB/s  wall {:>8.1} MB/s  integrity {}",
                 round + 1,
                 o.repeat.max(1),
                 mode.name(),
+                o.bytes as f64 / r.2.seconds.max(1e-9) / 1e6,
                 o.bytes as f64 / r.0 / 1e6,
                 if r.1 == expected { "ok" } else { "FAILED" }
             ));
@@ -679,15 +732,11 @@ pub fn run_demo(o: &DemoOptions, mut progress: impl FnMut(&str)) -> io::Result<V
         let mut all = std::mem::take(&mut bulks[i]);
         let integrity_ok = all.iter().all(|r| r.1 == expected);
         all.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let (seconds, _, toe) = all.swap_remove(all.len() / 2);
-        let lat = if mode == Mode::SmoltcpBare {
-            BarePair::with_wire(&o.settings, o.seed, &o.wire)?
-                .request_response(o.rr_iters, o.rr_bytes)?
-        } else {
-            toe_rr(mode, o)?
-        };
+        let (seconds, _, modeled, toe) = all.swap_remove(all.len() / 2);
+        let (lat, vlat) = rr_any(mode, o)?;
         let b = toe.unwrap_or(Bulk {
             seconds,
+            modeled,
             digest: expected,
             copies: 0.0,
             stalls: 0,
@@ -711,11 +760,19 @@ pub fn run_demo(o: &DemoOptions, mut progress: impl FnMut(&str)) -> io::Result<V
             copy_buffer_high_water_bytes: b.copy_high,
             direct_placed_bytes: b.placed,
             rr_latency_us: latency(lat),
+            modeled_seconds: modeled.seconds,
+            modeled_throughput_bytes_per_s: o.bytes as f64 / modeled.seconds.max(1e-9),
+            modeled_host_cpu_ns_per_byte: modeled.host_cpu_ns_per_byte,
+            modeled_rr_latency_us: latency(vlat),
             integrity_ok,
         };
         progress(&format!(
-            "rr   {:<16} p50 {:.1} us  p99 {:.1} us",
-            report.mode, report.rr_latency_us.p50, report.rr_latency_us.p99
+            "rr   {:<16} modeled p50 {:.1} us p99 {:.1} us  wall p50 {:.1} us p99 {:.1} us",
+            report.mode,
+            report.modeled_rr_latency_us.p50,
+            report.modeled_rr_latency_us.p99,
+            report.rr_latency_us.p50,
+            report.rr_latency_us.p99
         ));
         if let Some(line) = counters_line(mode, &b) {
             progress(&line);
@@ -752,42 +809,59 @@ pub fn counters_line(mode: Mode, b: &Bulk) -> Option<String> {
     ))
 }
 
-/// A readable table of `runs`, with throughput also as a ratio to the bare-smoltcp run.
+/// A readable table of `runs`: the modeled machine's figures first (virtual time under the
+/// cost model), then the emulator's own wall-clock speed, each throughput also as a ratio to
+/// the bare-smoltcp run.
 pub fn table(runs: &[RunReport]) -> String {
-    let bare = runs
-        .iter()
-        .find(|r| r.mode == Mode::SmoltcpBare.name())
-        .map(|r| r.throughput_bytes_per_s);
+    let bare = runs.iter().find(|r| r.mode == Mode::SmoltcpBare.name());
+    let ratio = |v: f64, b: Option<f64>| {
+        b.map(|b| format!("{:.2}x", v / b))
+            .unwrap_or_else(|| "-".into())
+    };
     let mut s = format!(
-        "{:<16} {:>10} {:>9} {:>10} {:>8} {:>8} {:>12} {:>9} {:>9} {:>9}\n",
-        "mode",
-        "MB/s",
+        "{:<16} | {:>10} {:>8} {:>8} {:>9} {:>9} | {:>9} {:>8} {:>9} {:>9} | {:>8} {:>6} {:>6} {:>8} {:>9}\n",
+        "",
+        "modeled",
         "vs bare",
-        "copies/B",
+        "cpu",
+        "rr p50",
+        "rr p99",
+        "wall",
+        "vs bare",
+        "rr p50",
+        "rr p99",
+        "copies",
         "stalls",
         "acks",
-        "anon-hw KiB",
-        "rr p50us",
-        "rr p99us",
-        "integrity"
+        "anon-hw",
+        ""
     );
+    s.push_str(&format!(
+        "{:<16} | {:>10} {:>8} {:>8} {:>9} {:>9} | {:>9} {:>8} {:>9} {:>9} | {:>8} {:>6} {:>6} {:>8} {:>9}\n",
+        "mode", "MB/s", "", "ns/B", "us", "us", "MB/s", "", "us", "us", "/B", "", "", "KiB", "integrity"
+    ));
     for r in runs {
-        let ratio = bare
-            .map(|b| format!("{:.2}x", r.throughput_bytes_per_s / b))
-            .unwrap_or_else(|| "-".into());
         s.push_str(&format!(
-            "{:<16} {:>10.1} {:>9} {:>10.2} {:>8} {:>8} {:>12} {:>9.1} {:>9.1} {:>9}\n",
+            "{:<16} | {:>10.1} {:>8} {:>8.3} {:>9.1} {:>9.1} | {:>9.1} {:>8} {:>9.1} {:>9.1} | {:>8.2} {:>6} {:>6} {:>8} {:>9}\n",
             r.mode,
+            r.modeled_throughput_bytes_per_s / 1e6,
+            ratio(
+                r.modeled_throughput_bytes_per_s,
+                bare.map(|b| b.modeled_throughput_bytes_per_s)
+            ),
+            r.modeled_host_cpu_ns_per_byte,
+            r.modeled_rr_latency_us.p50,
+            r.modeled_rr_latency_us.p99,
             r.throughput_bytes_per_s / 1e6,
-            ratio,
+            ratio(r.throughput_bytes_per_s, bare.map(|b| b.throughput_bytes_per_s)),
+            r.rr_latency_us.p50,
+            r.rr_latency_us.p99,
             r.host_copies_per_byte,
             r.indicate_stalls,
             r.indicate_acks,
             r.anon_pool_high_water_bytes
                 .max(r.copy_buffer_high_water_bytes)
                 / 1024,
-            r.rr_latency_us.p50,
-            r.rr_latency_us.p99,
             if r.integrity_ok { "ok" } else { "FAILED" }
         ));
     }

@@ -225,6 +225,15 @@ enum Cmd {
         /// Output directory.
         #[arg(long, default_value = "sweep-out")]
         out: PathBuf,
+        /// Rate of the modeled wire, each direction, in Mbit/s (default: the default
+        /// machine's 25 Gbit/s).
+        #[arg(long = "rate-mbit", default_value_t = toe_host::config::DEFAULT_WIRE_RATE_MBIT)]
+        rate_mbit: u64,
+        /// A second configuration measured at every point and overlaid (dashed) on the
+        /// charts: settings overrides on top of the base ones, `KEY=VALUE[,KEY=VALUE...]`,
+        /// e.g. `bus_latency_us=8`.
+        #[arg(long, value_name = "SETTINGS")]
+        compare: Option<String>,
     },
     /// An SVG timeline of P (NIC) and I (driver) for one indicate-window connection with a
     /// slow receiver.
@@ -856,12 +865,33 @@ fn run(cli: Cli) -> Result<(), String> {
             rr_iters,
             modes,
             out,
+            rate_mbit,
+            compare,
         } => {
+            if rate_mbit == 0 {
+                return Err("--rate-mbit: the modeled wire needs a rate above 0".into());
+            }
+            let compare = compare
+                .map(|spec| -> Result<_, String> {
+                    let mut s = settings.clone();
+                    for kv in spec.split(',').filter(|kv| !kv.trim().is_empty()) {
+                        let (k, v) = kv
+                            .split_once('=')
+                            .ok_or_else(|| format!("--compare: {kv:?} is not KEY=VALUE"))?;
+                        s.apply_override(k.trim(), v.trim())
+                            .map_err(|e| format!("--compare: {e}"))?;
+                    }
+                    s.validate().map_err(|e| format!("--compare: {e}"))?;
+                    Ok((spec, s))
+                })
+                .transpose()?;
             let mut o = toemu_lab::sweep::SweepOptions {
                 w_values: toemu_lab::sweep::parse_w_range(&w).map_err(|e| format!("--w: {e}"))?,
                 bytes: parse_size(&bytes).map_err(|e| format!("--bytes: {e}"))?,
                 rr_iters,
                 settings,
+                wire_rate_mbit: rate_mbit,
+                compare,
                 ..toemu_lab::sweep::SweepOptions::default()
             };
             if !modes.is_empty() {
@@ -873,7 +903,8 @@ fn run(cli: Cli) -> Result<(), String> {
             let points = toemu_lab::sweep::run_sweep(&o, |l| eprintln!("  {l}"))
                 .map_err(|e| e.to_string())?;
             print!("{}", toemu_lab::sweep::sweep_table(&points));
-            let files = toemu_lab::sweep::write_sweep(&out, &points).map_err(|e| e.to_string())?;
+            let files =
+                toemu_lab::sweep::write_sweep(&out, &o, &points).map_err(|e| e.to_string())?;
             for f in files {
                 eprintln!("wrote {}", f.display());
             }
@@ -999,7 +1030,8 @@ fn run(cli: Cli) -> Result<(), String> {
                         "named_buf_bytes": named_buf_bytes,
                         "named_bufs": named_bufs,
                         "seed": seed,
-                        "clock": "virtual (single thread); seconds and latencies are wall-clock",
+                        "clock": "virtual (single thread): modeled_* figures are virtual time under the cost model; seconds, throughput_bytes_per_s and rr_latency_us are the emulator's wall clock",
+                        "cost_model": settings.cost_model_json(),
                         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
                         "wire": wire.describe(),
                     }),

@@ -304,4 +304,25 @@ fn the_sweep_shows_the_bus_bound_knee_and_compares_a_second_bus() {
         svg.contains("indicate-window (bus_latency_us=8)"),
         "overlay drawn"
     );
+    // The report: one file with every chart inline, both configurations' settings and
+    // every point.
+    let report = toemu_lab::report::write_sweep_report(&dir, &o, &points, "toemu sweep").unwrap();
+    let html = std::fs::read_to_string(report).unwrap();
+    assert!(html.starts_with("<!DOCTYPE html>") && html.trim_end().ends_with("</html>"));
+    assert_eq!(
+        html.matches("<svg").count(),
+        files.len() - 1,
+        "every chart inline"
+    );
+    assert!(
+        !html.contains("<img") && !html.contains("href=\"sweep"),
+        "self-contained"
+    );
+    assert!(html.contains("<td class=\"l\">bus_latency_us</td><td class=\"l\">2</td>"));
+    assert!(
+        html.contains("<td class=\"l\">8</td>"),
+        "the comparison's bus latency"
+    );
+    // A row per base point and a knee per base line.
+    assert_eq!(html.matches("<tr><td class=\"l\">base</td>").count(), 6 + 2);
 }

@@ -645,6 +645,42 @@ impl Settings {
         }
     }
 
+    /// Every setting as `(name, value as text, origin)`, in table order (for reports).
+    pub fn table(&self) -> Vec<(&'static str, String, String)> {
+        let off = |v: Option<u64>| v.map_or("off".to_string(), |v| v.to_string());
+        Setting::ALL
+            .into_iter()
+            .map(|s| {
+                let v = match s {
+                    Setting::IndicateWindowBytes => self.indicate_window_bytes.to_string(),
+                    Setting::Policy => self.policy.name().to_string(),
+                    Setting::Ack => match self.ack {
+                        AckPolicy::WindowFull => "window-full".to_string(),
+                        AckPolicy::KeepOpen { min_bytes } => format!("keep-open:{min_bytes}"),
+                    },
+                    Setting::PushTimeoutMs => self.push_timeout_ms.to_string(),
+                    Setting::AnonBufBytes => self.anon_buf_bytes.to_string(),
+                    Setting::MaxConns => self.max_conns.to_string(),
+                    Setting::CopyCapBytes => self.copy_cap_bytes.to_string(),
+                    Setting::RingDepth => self.ring_depth.to_string(),
+                    Setting::Mtu => self.mtu.to_string(),
+                    Setting::SocketBufBytes => self.socket_buf_bytes.to_string(),
+                    Setting::BusLatencyUs => self.bus_latency_us.to_string(),
+                    Setting::DmaMbPerS => self.dma_mb_per_s.to_string(),
+                    Setting::HostCopyMbPerS => self.host_copy_mb_per_s.to_string(),
+                    Setting::HostEventNs => self.host_event_ns.to_string(),
+                    Setting::HostCommandNs => self.host_command_ns.to_string(),
+                    Setting::NicSegmentNs => self.nic_segment_ns.to_string(),
+                    Setting::HostCrcMbPerS => self.host_crc_mb_per_s.to_string(),
+                    Setting::KeepaliveMs => off(self.keepalive_ms),
+                    Setting::IdleTimeoutMs => off(self.idle_timeout_ms),
+                    Setting::SynTimeoutMs => off(self.syn_timeout_ms),
+                };
+                (s.name(), v, self.origin(s).to_string())
+            })
+            .collect()
+    }
+
     /// The cost model's settings as `(name, value)` pairs, in table order (for reports).
     pub fn cost_model(&self) -> [(&'static str, u64); 7] {
         [

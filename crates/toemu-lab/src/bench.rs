@@ -221,6 +221,13 @@ pub struct BulkRow {
     pub copy_buffer_high_water_bytes: Option<u64>,
     /// Every run, bytes per second.
     pub samples: Vec<f64>,
+    /// Throughput in modeled time (the virtual clock under the cost model, on the bench's
+    /// perfect wire, so the NIC, bus and host costs bound it), bytes per second; `None` for
+    /// the real-time runners and for bare smoltcp (no costs and no wire rate: no virtual
+    /// time passes).
+    pub modeled_bytes_per_s: Option<f64>,
+    /// The receiving host's CPU per byte under the cost model, ns (TOE modes, virtual clock).
+    pub modeled_host_cpu_ns_per_byte: Option<f64>,
 }
 
 /// One request/response row.
@@ -236,11 +243,11 @@ pub struct RrRow {
     pub p99_us: f64,
     /// 99.9th percentile.
     pub p999_us: f64,
-    /// Median round trip in virtual time (emulated cost: bus latency, stack timers), µs;
-    /// `None` for kernel loopback.
-    pub virtual_p50_us: Option<f64>,
-    /// 99th percentile in virtual time, µs.
-    pub virtual_p99_us: Option<f64>,
+    /// Median round trip in modeled time (the virtual clock under the cost model, the bus at
+    /// [`BenchOptions::rr_bus_latency_us`]), µs; `None` for kernel loopback (real time).
+    pub modeled_p50_us: Option<f64>,
+    /// 99th percentile in modeled time, µs.
+    pub modeled_p99_us: Option<f64>,
     /// Threads the run used: 2 for kernel loopback (client and server), 1 for the
     /// emulated pairs and bare smoltcp (both hosts stepped by one thread).
     pub threads: u8,
@@ -682,6 +689,14 @@ pub fn run_bench(o: &BenchOptions, mut progress: impl FnMut(&str)) -> io::Result
                 anon_high_water_bytes: details[i].as_ref().map(|b| b.anon_high),
                 copy_buffer_high_water_bytes: details[i].as_ref().map(|b| b.copy_high),
                 samples: s.clone(),
+                modeled_bytes_per_s: details[i]
+                    .as_ref()
+                    .filter(|b| b.modeled.seconds > 0.0)
+                    .map(|b| o.bytes as f64 / b.modeled.seconds),
+                modeled_host_cpu_ns_per_byte: details[i]
+                    .as_ref()
+                    .filter(|b| b.modeled.seconds > 0.0)
+                    .map(|b| b.modeled.host_cpu_ns_per_byte),
             }
         })
         .collect();
@@ -732,8 +747,9 @@ pub fn run_bench(o: &BenchOptions, mut progress: impl FnMut(&str)) -> io::Result
                     (w, Some(v))
                 } else if name == "smoltcp-bare" {
                     let seed = o.seed.wrapping_add(round as u64);
-                    let w = BarePair::new(&o.settings, seed).request_response(per_round, size)?;
-                    (w, None)
+                    let mut pair = BarePair::new(&o.settings, seed);
+                    let w = pair.request_response(per_round, size)?;
+                    (w, Some(std::mem::take(&mut pair.modeled_rr_us)))
                 } else {
                     (kernel_rr(per_round, size)?, None)
                 };
@@ -752,13 +768,13 @@ pub fn run_bench(o: &BenchOptions, mut progress: impl FnMut(&str)) -> io::Result
                 p50_us: percentile(&lat, 0.5),
                 p99_us: percentile(&lat, 0.99),
                 p999_us: percentile(&lat, 0.999),
-                virtual_p50_us: vlat.as_ref().map(|v| percentile(v, 0.5)),
-                virtual_p99_us: vlat.as_ref().map(|v| percentile(v, 0.99)),
+                modeled_p50_us: vlat.as_ref().map(|v| percentile(v, 0.5)),
+                modeled_p99_us: vlat.as_ref().map(|v| percentile(v, 0.99)),
                 threads,
             };
             progress(&format!(
-                "rr {size:>6} B {name:<16} p50 {:.1} us p99 {:.1} us p99.9 {:.1} us (virtual p50 {:?} p99 {:?})",
-                row.p50_us, row.p99_us, row.p999_us, row.virtual_p50_us, row.virtual_p99_us
+                "rr {size:>6} B {name:<16} wall p50 {:.1} us p99 {:.1} us p99.9 {:.1} us (modeled p50 {:?} p99 {:?})",
+                row.p50_us, row.p99_us, row.p999_us, row.modeled_p50_us, row.modeled_p99_us
             ));
             rr.push(row);
         }
@@ -830,7 +846,7 @@ pub fn run_bench(o: &BenchOptions, mut progress: impl FnMut(&str)) -> io::Result
     let rr_p99 = |m: &str, size: usize| {
         rr.iter()
             .find(|r| r.mode == m && r.size == size)
-            .and_then(|r| r.virtual_p99_us)
+            .and_then(|r| r.modeled_p99_us)
             .unwrap_or(0.0)
     };
     let mut goals = Vec::new();
@@ -944,15 +960,28 @@ pub fn run_bench(o: &BenchOptions, mut progress: impl FnMut(&str)) -> io::Result
 pub fn bench_table(r: &BenchReport) -> String {
     let mut s = String::new();
     if !r.bulk.is_empty() {
-        s.push_str("bulk throughput (median of alternating runs; TOE modes and smoltcp-bare on one thread and the virtual clock, kernel-loopback on two threads, MODE/threaded on three threads in real time)\n");
+        s.push_str("bulk throughput: modeled (the virtual clock under the cost model on a perfect wire: NIC, bus and host bound it) and the emulator's wall-clock speed (median of alternating runs; TOE modes and smoltcp-bare on one thread and the virtual clock, kernel-loopback on two threads, MODE/threaded on three threads in real time)\n");
         s.push_str(&format!(
-            "{:<24} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>12}\n",
-            "mode", "MB/s", "min", "max", "vs kern", "vs bare", "copies/B", "anon-hw KiB"
+            "{:<24} {:>12} {:>9} | {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>12}\n",
+            "mode",
+            "modeled MB/s",
+            "cpu ns/B",
+            "wall MB/s",
+            "min",
+            "max",
+            "vs kern",
+            "vs bare",
+            "copies/B",
+            "anon-hw KiB"
         ));
         for b in &r.bulk {
             s.push_str(&format!(
-                "{:<24} {:>9.1} {:>9.1} {:>9.1} {:>7.2}x {:>7.2}x {:>9} {:>12}\n",
+                "{:<24} {:>12} {:>9} | {:>9.1} {:>9.1} {:>9.1} {:>7.2}x {:>7.2}x {:>9} {:>12}\n",
                 b.mode,
+                b.modeled_bytes_per_s
+                    .map_or("-".into(), |v| format!("{:.1}", v / 1e6)),
+                b.modeled_host_cpu_ns_per_byte
+                    .map_or("-".into(), |v| format!("{v:.3}")),
                 b.median_bytes_per_s / 1e6,
                 b.min_bytes_per_s / 1e6,
                 b.max_bytes_per_s / 1e6,
@@ -968,23 +997,30 @@ pub fn bench_table(r: &BenchReport) -> String {
         }
     }
     if !r.rr.is_empty() {
-        s.push_str("\nrequest/response round trip (µs; wall clock, and virtual time with the bus cost model; the modes take turns in 5 rounds)\n");
+        s.push_str("\nrequest/response round trip (µs; modeled: the virtual clock under the cost model; wall: the emulator; the modes take turns in 5 rounds)\n");
         s.push_str(&format!(
-            "{:<16} {:>7} {:>7} {:>9} {:>9} {:>9} {:>10} {:>10}\n",
-            "mode", "threads", "size", "p50", "p99", "p99.9", "virt p50", "virt p99"
+            "{:<16} {:>7} {:>7} {:>9} {:>9} {:>9} {:>12} {:>12}\n",
+            "mode",
+            "threads",
+            "size",
+            "wall p50",
+            "wall p99",
+            "p99.9",
+            "modeled p50",
+            "modeled p99"
         ));
         let opt = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.1}"));
         for x in &r.rr {
             s.push_str(&format!(
-                "{:<16} {:>7} {:>7} {:>9.1} {:>9.1} {:>9.1} {:>10} {:>10}\n",
+                "{:<16} {:>7} {:>7} {:>9.1} {:>9.1} {:>9.1} {:>12} {:>12}\n",
                 x.mode,
                 x.threads,
                 x.size,
                 x.p50_us,
                 x.p99_us,
                 x.p999_us,
-                opt(x.virtual_p50_us),
-                opt(x.virtual_p99_us)
+                opt(x.modeled_p50_us),
+                opt(x.modeled_p99_us)
             ));
         }
     }

@@ -761,7 +761,12 @@ pub fn run_demo(o: &DemoOptions, mut progress: impl FnMut(&str)) -> io::Result<V
             direct_placed_bytes: b.placed,
             rr_latency_us: latency(lat),
             modeled_seconds: modeled.seconds,
-            modeled_throughput_bytes_per_s: o.bytes as f64 / modeled.seconds.max(1e-9),
+            // A perfect wire and no costs take no virtual time: no modeled rate then.
+            modeled_throughput_bytes_per_s: if modeled.seconds > 0.0 {
+                o.bytes as f64 / modeled.seconds
+            } else {
+                0.0
+            },
             modeled_host_cpu_ns_per_byte: modeled.host_cpu_ns_per_byte,
             modeled_rr_latency_us: latency(vlat),
             integrity_ok,
@@ -815,7 +820,8 @@ pub fn counters_line(mode: Mode, b: &Bulk) -> Option<String> {
 pub fn table(runs: &[RunReport]) -> String {
     let bare = runs.iter().find(|r| r.mode == Mode::SmoltcpBare.name());
     let ratio = |v: f64, b: Option<f64>| {
-        b.map(|b| format!("{:.2}x", v / b))
+        b.filter(|b| *b > 0.0)
+            .map(|b| format!("{:.2}x", v / b))
             .unwrap_or_else(|| "-".into())
     };
     let mut s = format!(

@@ -21,6 +21,7 @@ pub mod iscsi_host;
 pub mod iscsi_perf;
 pub mod kernel;
 pub mod plot;
+pub mod report;
 pub mod serve;
 pub mod stats;
 pub mod sweep;

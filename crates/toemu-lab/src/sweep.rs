@@ -369,8 +369,14 @@ pub fn run_sweep(o: &SweepOptions, mut progress: impl FnMut(&str)) -> io::Result
 /// A readable table of `points`, one row per point in the given order: modeled figures
 /// first, the emulator's wall-clock speed last; then the knee of each line.
 pub fn sweep_table(points: &[SweepPoint]) -> String {
+    let cw = points
+        .iter()
+        .map(|p| p.config.len())
+        .max()
+        .unwrap_or(0)
+        .max("config".len());
     let mut s = format!(
-        "{:<10} {:>9} {:<16} | {:>10} {:>9} {:>9} {:>10} {:>10} {:>8} | {:>8} {:>10} {:>10} {:>7} {:>7} | {:>9}\n",
+        "{:<cw$} {:>9} {:<16} | {:>10} {:>9} {:>9} {:>10} {:>10} {:>8} | {:>8} {:>10} {:>10} {:>7} {:>7} | {:>9}\n",
         "config",
         "W",
         "mode",
@@ -389,7 +395,7 @@ pub fn sweep_table(points: &[SweepPoint]) -> String {
     );
     for p in points {
         s.push_str(&format!(
-            "{:<10} {:>9} {:<16} | {:>10.1} {:>9.1} {:>9.1} {:>10.1} {:>10.1} {:>8.3} | {:>8.2} {:>10} {:>10} {:>7} {:>7} | {:>9.1}\n",
+            "{:<cw$} {:>9} {:<16} | {:>10.1} {:>9.1} {:>9.1} {:>10.1} {:>10.1} {:>8.3} | {:>8.2} {:>10} {:>10} {:>7} {:>7} | {:>9.1}\n",
             p.config,
             format_bytes(f64::from(p.w)),
             p.mode,

@@ -234,6 +234,10 @@ enum Cmd {
         /// e.g. `bus_latency_us=8`.
         #[arg(long, value_name = "SETTINGS")]
         compare: Option<String>,
+        /// Also write report.html into --out: one self-contained page with the charts, the
+        /// table, the knees, the settings and the machine.
+        #[arg(long)]
+        report: bool,
     },
     /// An SVG timeline of P (NIC) and I (driver) for one indicate-window connection with a
     /// slow receiver.
@@ -272,7 +276,9 @@ enum Cmd {
         cmd: IscsiCmd,
     },
     /// Two emulated hosts on the in-memory wire: bulk transfer with a SHA-256 check and
-    /// 64-byte request/response per receive mode, plus the bare-smoltcp baseline.
+    /// 64-byte request/response per receive mode, plus the bare-smoltcp baseline; figures in
+    /// modeled time (the cost model; the wire at 25 Gbit/s unless --rate-mbit) first, the
+    /// emulator's wall-clock speed second.
     Demo {
         /// Bytes per bulk transfer (suffixes K, KiB, M, MiB, G, GiB).
         #[arg(long, default_value = "1GiB")]
@@ -867,6 +873,7 @@ fn run(cli: Cli) -> Result<(), String> {
             out,
             rate_mbit,
             compare,
+            report,
         } => {
             if rate_mbit == 0 {
                 return Err("--rate-mbit: the modeled wire needs a rate above 0".into());
@@ -903,8 +910,15 @@ fn run(cli: Cli) -> Result<(), String> {
             let points = toemu_lab::sweep::run_sweep(&o, |l| eprintln!("  {l}"))
                 .map_err(|e| e.to_string())?;
             print!("{}", toemu_lab::sweep::sweep_table(&points));
-            let files =
+            let mut files =
                 toemu_lab::sweep::write_sweep(&out, &o, &points).map_err(|e| e.to_string())?;
+            if report {
+                let command = std::env::args().collect::<Vec<_>>().join(" ");
+                files.push(
+                    toemu_lab::report::write_sweep_report(&out, &o, &points, &command)
+                        .map_err(|e| format!("--report: {e}"))?,
+                );
+            }
             for f in files {
                 eprintln!("wrote {}", f.display());
             }
@@ -962,7 +976,12 @@ fn run(cli: Cli) -> Result<(), String> {
             trace,
             wire,
         } => {
-            let wire = wire_args::wire_options(&wire)?;
+            let mut wire = wire_args::wire_options(&wire)?;
+            // Modeled figures need a wire rate: without --rate-mbit, the default machine's.
+            if wire.impair.rate_bits_per_s.is_none() {
+                wire.impair.rate_bits_per_s =
+                    Some(toe_host::config::DEFAULT_WIRE_RATE_MBIT * 1_000_000);
+            }
             let trace_writer = trace
                 .as_ref()
                 .map(|p| {

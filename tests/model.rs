@@ -127,3 +127,92 @@ fn host_copy_bandwidth_bounds_a_copying_receiver() {
         "indicate-window with 1500 MB/s host copies",
     );
 }
+
+/// `toemu demo`'s report: every mode, bare smoltcp included, carries its figures in modeled
+/// time and on the wall clock, and the JSON names them `modeled_*`.
+#[test]
+fn demo_reports_modeled_and_wall_clock_figures_for_every_mode() {
+    let o = DemoOptions {
+        bytes: 4 << 20,
+        rr_iters: 50,
+        repeat: 1,
+        wire: sweep_wire(25_000),
+        ..DemoOptions::default()
+    };
+    let runs = toemu_lab::demo::run_demo(&o, |_| {}).unwrap();
+    assert_eq!(runs.len(), 5);
+    for r in &runs {
+        assert!(r.integrity_ok, "{r:?}");
+        assert!(r.modeled_seconds > 0.0 && r.seconds > 0.0, "{r:?}");
+        // Nothing outruns the 25 Gbit/s wire in modeled time.
+        assert!(
+            r.modeled_throughput_bytes_per_s > 0.0 && r.modeled_throughput_bytes_per_s < 3.2e9,
+            "{r:?}"
+        );
+        assert!(r.modeled_rr_latency_us.p50 > 0.0, "{r:?}");
+        assert!(r.rr_latency_us.p50 > 0.0, "{r:?}");
+        let j = serde_json::to_value(r).unwrap();
+        for key in [
+            "modeled_seconds",
+            "modeled_throughput_bytes_per_s",
+            "modeled_host_cpu_ns_per_byte",
+            "throughput_bytes_per_s",
+            "seconds",
+        ] {
+            assert!(j[key].is_number(), "{key} missing in {j}");
+        }
+        assert!(j["modeled_rr_latency_us"]["p99"].is_number(), "{j}");
+        if r.mode == "smoltcp-bare" {
+            assert_eq!(r.modeled_host_cpu_ns_per_byte, 0.0);
+        } else {
+            assert!(r.modeled_host_cpu_ns_per_byte > 0.0, "{r:?}");
+        }
+    }
+    // The one-MSS hold-off pays a bus round trip per MSS: slower than the window in
+    // modeled time, whatever the emulator's own speed.
+    let at = |m: &str| {
+        runs.iter()
+            .find(|r| r.mode == m)
+            .unwrap()
+            .modeled_throughput_bytes_per_s
+    };
+    assert!(at("mss-holdoff") < 0.8 * at("indicate-window"));
+}
+
+/// `toemu bench`'s report: the runners on the virtual clock carry modeled figures beside
+/// the wall clock's; the real-time runners (kernel loopback, threaded) carry none.
+#[test]
+fn bench_reports_modeled_figures_beside_the_wall_clock() {
+    let mut o = toemu_lab::bench::BenchOptions::quick(Settings::default());
+    o.bytes = 4 << 20;
+    o.rounds = 1;
+    o.rr_iters = 100;
+    o.scale.clear();
+    let r = toemu_lab::bench::run_bench(&o, |_| {}).unwrap();
+    assert!(!r.bulk.is_empty() && !r.rr.is_empty());
+    for b in &r.bulk {
+        assert!(b.median_bytes_per_s > 0.0, "{b:?}");
+        let toe_one_thread = b.runtime == "one thread, virtual clock" && b.mode != "smoltcp-bare";
+        if toe_one_thread {
+            assert!(b.modeled_bytes_per_s.is_some_and(|v| v > 0.0), "{b:?}");
+            assert!(b.modeled_host_cpu_ns_per_byte.is_some(), "{b:?}");
+        } else {
+            assert_eq!(b.modeled_bytes_per_s, None, "{b:?}");
+        }
+    }
+    for x in &r.rr {
+        if x.mode == "kernel-loopback" || x.mode == "smoltcp-bare" {
+            // Real time; and no costs on the bench's perfect wire (no virtual time passes).
+            assert_eq!(x.modeled_p50_us, None, "{x:?}");
+        } else {
+            assert!(x.modeled_p50_us.is_some_and(|v| v > 0.0), "{x:?}");
+        }
+    }
+    let j = serde_json::to_value(&r).unwrap();
+    assert!(
+        j["bulk"][0]["modeled_bytes_per_s"].is_number(),
+        "{}",
+        j["bulk"][0]
+    );
+    assert!(j["rr"][0]["modeled_p99_us"].is_number(), "{}", j["rr"][0]);
+}

@@ -244,7 +244,8 @@ pub struct RrRow {
     /// 99.9th percentile.
     pub p999_us: f64,
     /// Median round trip in modeled time (the virtual clock under the cost model, the bus at
-    /// [`BenchOptions::rr_bus_latency_us`]), µs; `None` for kernel loopback (real time).
+    /// [`BenchOptions::rr_bus_latency_us`]), µs; `None` for kernel loopback (real time) and
+    /// where no virtual time passes (bare smoltcp on the bench's perfect wire).
     pub modeled_p50_us: Option<f64>,
     /// 99th percentile in modeled time, µs.
     pub modeled_p99_us: Option<f64>,
@@ -749,7 +750,9 @@ pub fn run_bench(o: &BenchOptions, mut progress: impl FnMut(&str)) -> io::Result
                     let seed = o.seed.wrapping_add(round as u64);
                     let mut pair = BarePair::new(&o.settings, seed);
                     let w = pair.request_response(per_round, size)?;
-                    (w, Some(std::mem::take(&mut pair.modeled_rr_us)))
+                    // No costs on a perfect wire: no virtual time passes, nothing to report.
+                    let v = std::mem::take(&mut pair.modeled_rr_us);
+                    (w, v.iter().any(|t| *t > 0.0).then_some(v))
                 } else {
                     (kernel_rr(per_round, size)?, None)
                 };

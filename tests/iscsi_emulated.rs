@@ -190,6 +190,21 @@ fn the_bench_figures_are_bounded_by_the_model_and_the_engine_copies_once() {
             (pair[1].op, pair[1].io_bytes)
         );
         let ratio = pair[0].modeled_iops / pair[1].modeled_iops;
+        for r in pair {
+            assert!(
+                r.initiator_modeled_cpu_us_per_io > 0.0 && r.target_modeled_nic_us_per_io > 0.0,
+                "{r:?}"
+            );
+        }
+        if pair[0].io_bytes > 64 << 10 {
+            // At 128 KiB the engine takes the digests and a copy off each host: less modeled
+            // host CPU per I/O at both ends.
+            assert!(
+                pair[0].initiator_modeled_cpu_us_per_io < pair[1].initiator_modeled_cpu_us_per_io
+                    && pair[0].target_modeled_cpu_us_per_io < pair[1].target_modeled_cpu_us_per_io,
+                "{pair:?}"
+            );
+        }
         if pair[0].digests && pair[0].io_bytes > 64 << 10 {
             // The cost model charges the host's software CRC32C: at a size where the wire
             // and the host's CPU are the bounds, the engine, which takes it off the host, wins.

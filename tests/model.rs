@@ -179,16 +179,27 @@ fn demo_reports_modeled_and_wall_clock_figures_for_every_mode() {
     assert!(at("mss-holdoff") < 0.8 * at("indicate-window"));
 }
 
-/// `toemu bench`'s report: the runners on the virtual clock carry modeled figures beside
-/// the wall clock's; the real-time runners (kernel loopback, threaded) carry none.
+/// `toemu bench`'s report: the runners on the virtual clock (bulk, request/response, scale)
+/// carry modeled figures beside the wall clock's; the real-time runners (kernel loopback,
+/// threaded) carry none.
 #[test]
 fn bench_reports_modeled_figures_beside_the_wall_clock() {
     let mut o = toemu_lab::bench::BenchOptions::quick(Settings::default());
     o.bytes = 4 << 20;
     o.rounds = 1;
     o.rr_iters = 100;
-    o.scale.clear();
+    o.scale = vec![toemu_lab::bench::ScalePoint::all_active(4)];
+    o.scale_bytes = 4 << 20;
+    o.scale_baselines = false;
     let r = toemu_lab::bench::run_bench(&o, |_| {}).unwrap();
+    assert_eq!(r.scale.len(), 1);
+    assert!(
+        r.scale[0]
+            .modeled_aggregate_bytes_per_s
+            .is_some_and(|v| v > 0.0),
+        "{:?}",
+        r.scale[0]
+    );
     assert!(!r.bulk.is_empty() && !r.rr.is_empty());
     for b in &r.bulk {
         assert!(b.median_bytes_per_s > 0.0, "{b:?}");

@@ -722,6 +722,36 @@ mod tests {
     }
 
     #[test]
+    fn a_stamped_message_crosses_after_it_leaves() {
+        // Latency 3 µs: a command that leaves at 110 µs (its sender was busy) and is taken
+        // at 100 µs is due at 113 µs; one sent without a stamp and taken at 100 µs follows
+        // it in order (FIFO), due at 103 µs but delivered after the first.
+        let (mut host, mut nic) = bus_with_latency(8, Duration::from_micros(3));
+        host.send_at(Command::Unlisten { port: 1 }, Instant::from_micros(110));
+        host.send(Command::Unlisten { port: 2 });
+        nic.pump(Instant::from_micros(100));
+        assert_eq!(nic.next_due(), Some(Instant::from_micros(113)));
+        assert!(nic.try_recv(Instant::from_micros(112)).is_none());
+        assert!(matches!(
+            nic.try_recv(Instant::from_micros(113)),
+            Some(Command::Unlisten { port: 1 })
+        ));
+        assert!(matches!(
+            nic.try_recv(Instant::from_micros(113)),
+            Some(Command::Unlisten { port: 2 })
+        ));
+        // Without latency a future stamp is still held until it leaves.
+        let (mut host, mut nic) = bus(8);
+        host.send_at(Command::Unlisten { port: 3 }, Instant::from_micros(50));
+        assert!(nic.try_recv(Instant::from_micros(49)).is_none());
+        assert_eq!(nic.next_due(), Some(Instant::from_micros(50)));
+        assert!(matches!(
+            nic.try_recv(Instant::from_micros(50)),
+            Some(Command::Unlisten { port: 3 })
+        ));
+    }
+
+    #[test]
     fn policy_names_round_trip() {
         for p in RxPolicy::ALL {
             assert_eq!(p.name().parse::<RxPolicy>().unwrap(), p);

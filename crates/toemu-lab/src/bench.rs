@@ -269,8 +269,11 @@ pub struct ScaleRow {
     /// Connections that move data (the others stay open and idle).
     pub active: usize,
     /// Aggregate throughput of the active connections after their warm-up, bytes per second
-    /// (wall clock).
+    /// (wall clock: the emulator's speed).
     pub aggregate_bytes_per_s: f64,
+    /// The same in modeled time (the virtual clock under the cost model, on the scale
+    /// point's perfect wire), bytes per second; `None` if no virtual time passed.
+    pub modeled_aggregate_bytes_per_s: Option<f64>,
     /// Aggregate / a 1-connection point measured right before this one (alternating, so
     /// drifting load hits both); for a partly active point this is also one connection's
     /// cost per delivered byte over this point's.
@@ -491,6 +494,7 @@ pub fn scale_point(
     // part: `per` more bytes each, to the last end of stream.
     let mut warming = active;
     let mut t0: Option<WallInstant> = None;
+    let mut v0 = None;
     let mut faults0 = 0;
     let mut done = vec![false; active];
     let mut left = active;
@@ -534,6 +538,7 @@ pub fn scale_point(
         if warming == 0 && t0.is_none() {
             perf_control("enable");
             t0 = Some(WallInstant::now());
+            v0 = Some(sim.now());
             faults0 = minor_faults();
             let mut d = da.lock();
             for s in senders.iter_mut() {
@@ -549,6 +554,7 @@ pub fn scale_point(
         }
     }
     let secs = t0.map_or(0.0, |t| t.elapsed().as_secs_f64());
+    let modeled_secs = v0.map_or(0.0, |v| (sim.now() - v).total_micros() as f64 / 1e6);
     perf_control("disable");
     let faults = minor_faults().saturating_sub(faults0);
     // Marginal heap per connection: past the first batch, so that fixed costs (the
@@ -562,6 +568,8 @@ pub fn scale_point(
         conns,
         active,
         aggregate_bytes_per_s: timed_bytes as f64 / secs.max(1e-9),
+        modeled_aggregate_bytes_per_s: (modeled_secs > 0.0)
+            .then(|| timed_bytes as f64 / modeled_secs),
         vs_one_connection: 0.0,
         rss_per_conn_bytes: rss1.saturating_sub(rss0) as f64 / conns as f64,
         heap_per_conn_bytes: heap,
@@ -1030,10 +1038,11 @@ pub fn bench_table(r: &BenchReport) -> String {
     if !r.scale.is_empty() {
         s.push_str("\nscale (indicate-window, W 64 KiB, 64 KiB socket buffers; one thread, virtual clock; kernel: loopback TCP, same buffers, sender and receiver threads on epoll)\n");
         s.push_str(&format!(
-            "{:>7} {:>7} {:>10} {:>8} {:>11} {:>8} {:>13} {:>13} {:>12} {:>12}\n",
+            "{:>7} {:>7} {:>12} {:>10} {:>8} {:>11} {:>8} {:>13} {:>13} {:>12} {:>12}\n",
             "conns",
             "active",
-            "MB/s",
+            "modeled MB/s",
+            "wall MB/s",
             "vs one",
             "kernel MB/s",
             "vs one",
@@ -1044,9 +1053,11 @@ pub fn bench_table(r: &BenchReport) -> String {
         ));
         for x in &r.scale {
             s.push_str(&format!(
-                "{:>7} {:>7} {:>10.1} {:>7.2}x {:>11} {:>8} {:>13} {:>13.1} {:>12} {:>12.2}\n",
+                "{:>7} {:>7} {:>12} {:>10.1} {:>7.2}x {:>11} {:>8} {:>13} {:>13.1} {:>12} {:>12.2}\n",
                 x.conns,
                 x.active,
+                x.modeled_aggregate_bytes_per_s
+                    .map_or("-".into(), |v| format!("{:.1}", v / 1e6)),
                 x.aggregate_bytes_per_s / 1e6,
                 x.vs_one_connection,
                 x.kernel_bytes_per_s

@@ -600,6 +600,9 @@ impl App for PerfApp {
 /// What [`run_on_wire`] measured.
 #[derive(Debug, Clone)]
 pub struct WireRun {
+    /// Work charged by the cost model over the whole run (login included), µs: per host
+    /// (initiator, target), its host CPU and its NIC.
+    pub modeled_busy_us: [[f64; 2]; 2],
     /// The initiator's figures, in virtual time.
     pub report: PerfReport,
     /// Host memory traffic of the initiator's host over the run.
@@ -781,6 +784,12 @@ pub fn run_on_wire(
         (app + sim.with_host(i, |h| h.driver_cpu.unwrap_or_default())).as_secs_f64()
     };
     let host_cpu_seconds = [host_cpu(0, client.cpu), host_cpu(1, stopping.cpu)];
+    let busy = |i: usize| {
+        sim.with_host(i, |h| {
+            [h.driver.lock().cpu().total_us(), h.nic.busy().total_us()]
+        })
+    };
+    let modeled_busy_us = [busy(0), busy(1)];
     let report = perf.report().map_err(io::Error::other)?;
     Ok(WireRun {
         report,
@@ -792,6 +801,7 @@ pub fn run_on_wire(
         wire: toe_host::wire_opts::wire_stats(&monitors),
         wall_seconds,
         host_cpu_seconds,
+        modeled_busy_us,
         target_open: target.open_connections(),
     })
 }
@@ -845,6 +855,15 @@ pub struct BenchRow {
     /// The I/O rate one core of the busier host could sustain: 10^6 / the larger of the
     /// two CPU figures (measured, not modeled).
     pub cpu_bound_iops: f64,
+    /// The initiator's host CPU per I/O charged by the cost model (driver events,
+    /// commands, copies, software digests), modeled µs.
+    pub initiator_modeled_cpu_us_per_io: f64,
+    /// The target's host CPU per I/O charged by the cost model, modeled µs.
+    pub target_modeled_cpu_us_per_io: f64,
+    /// The initiator NIC's work per I/O (frames, DMA) charged by the cost model, µs.
+    pub initiator_modeled_nic_us_per_io: f64,
+    /// The target NIC's work per I/O charged by the cost model, µs.
+    pub target_modeled_nic_us_per_io: f64,
 }
 
 /// What the bench models: the machine its figures describe.
@@ -989,6 +1008,10 @@ fn bench_row(r: &WireRun, io: u32, digests: bool, offload: Offload) -> io::Resul
         initiator_cpu_us_per_io: cpu[0],
         target_cpu_us_per_io: cpu[1],
         cpu_bound_iops: 1e6 / cpu[0].max(cpu[1]).max(1e-9),
+        initiator_modeled_cpu_us_per_io: r.modeled_busy_us[0][0] / ios,
+        target_modeled_cpu_us_per_io: r.modeled_busy_us[1][0] / ios,
+        initiator_modeled_nic_us_per_io: r.modeled_busy_us[0][1] / ios,
+        target_modeled_nic_us_per_io: r.modeled_busy_us[1][1] / ios,
     })
 }
 
@@ -996,14 +1019,14 @@ fn bench_row(r: &WireRun, io: u32, digests: bool, offload: Offload) -> io::Resul
 pub fn bench_table(model: &BenchModel, rows: &[BenchRow]) -> String {
     let mut t = format!(
         "toemu iscsi bench: initiator and target on emulated TOE hosts, the NIC's iSCSI engine beside the software data path; modeled: {} Gbit/s wire, {} us one way, bus {} us\n\
-         ({}; copy/B is host CPU copies, DMA/B the NIC's, per data byte; cpu us is each host's driver and application per I/O, measured in wall-clock time, cpu IOPS what one core of the busier host sustains; wall us is the whole emulation per I/O)\n\n",
+         ({}; copy/B is host CPU copies, DMA/B the NIC's, per data byte; mcpu and mnic us are each host's CPU and NIC work per I/O charged by the cost model (modeled); cpu us is each host's driver and application per I/O measured in wall-clock time on this machine, cpu IOPS what one core of the busier host sustains at that; wall us is the whole emulation per I/O)\n\n",
         model.wire_bits_per_s / 1_000_000_000,
         model.wire_delay_us,
         model.bus_latency_us,
         model.not_modeled
     );
     t.push_str(&format!(
-        "{:<6} {:>5} {:>3} {:>8} {:>8} {:>10} {:>10} {:>8} {:>8} {:>9} {:>9} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>10} {:>8}\n",
+        "{:<6} {:>5} {:>3} {:>8} {:>8} {:>10} {:>10} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>10} {:>8}\n",
         "op",
         "I/O",
         "QD",
@@ -1013,6 +1036,10 @@ pub fn bench_table(model: &BenchModel, rows: &[BenchRow]) -> String {
         "MB/s (mod)",
         "p50 us",
         "p99 us",
+        "i mcpu us",
+        "t mcpu us",
+        "i mnic us",
+        "t mnic us",
         "i copy/B",
         "t copy/B",
         "i DMA/B",
@@ -1026,7 +1053,7 @@ pub fn bench_table(model: &BenchModel, rows: &[BenchRow]) -> String {
     ));
     for r in rows {
         t.push_str(&format!(
-            "{:<6} {:>5} {:>3} {:>8} {:>8} {:>10.0} {:>10.1} {:>8.1} {:>8.1} {:>9.2} {:>9.2} {:>8.2} {:>8.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>10.0} {:>8.1}\n",
+            "{:<6} {:>5} {:>3} {:>8} {:>8} {:>10.0} {:>10.1} {:>8.1} {:>8.1} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>8.2} {:>8.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>10.0} {:>8.1}\n",
             r.op,
             if r.io_bytes >= 1024 { format!("{}K", r.io_bytes / 1024) } else { r.io_bytes.to_string() },
             r.depth,
@@ -1036,6 +1063,10 @@ pub fn bench_table(model: &BenchModel, rows: &[BenchRow]) -> String {
             r.modeled_mb_per_s,
             r.modeled_latency_us.p50,
             r.modeled_latency_us.p99,
+            r.initiator_modeled_cpu_us_per_io,
+            r.target_modeled_cpu_us_per_io,
+            r.initiator_modeled_nic_us_per_io,
+            r.target_modeled_nic_us_per_io,
             r.initiator_copies_per_byte,
             r.target_copies_per_byte,
             r.initiator_dma_per_byte,

@@ -123,15 +123,14 @@ fn written_data_reads_back_through_the_impairment_matrix() {
 /// data path off the host: for each case the engine's row and the software's within the
 /// wire's rate, the engine ahead where the host's software digests bound the software path
 /// (the cost model charges them); with the engine, no host digest work and each
-/// data byte copied once by each host (1.0 per byte; 128 KiB writes at the target 1.5: its
-/// immediate data arrives inline in a record longer than the driver's indicate buffers,
-/// which is reassembled before it is placed), and once moved by DMA; without it, about one
+/// data byte copied once by each host (1.0 per byte, 128 KiB writes' immediate data too:
+/// the bench's indicate buffers hold a whole 64 KiB burst record), and once moved by DMA; without it, about one
 /// byte of digest work per data byte with digests, and two copies.
 #[test]
 fn the_bench_figures_are_bounded_by_the_model_and_the_engine_copies_once() {
     let opts = toemu_lab::iscsi_host::BenchOptions {
         small_bytes: 4 << 20,
-        large_bytes: 16 << 20,
+        large_bytes: 64 << 20,
         without_digests: true,
     };
     let (model, rows) = toemu_lab::iscsi_host::bench(&Settings::default(), opts, |_| {}).unwrap();
@@ -156,16 +155,9 @@ fn the_bench_figures_are_bounded_by_the_model_and_the_engine_copies_once() {
         match r.offload {
             Offload::Engine => {
                 assert_eq!(crc, [0.0, 0.0], "{what}");
-                let target_write = if r.op == "write" && r.io_bytes > 64 << 10 {
-                    1.5
-                } else {
-                    1.0
-                };
-                assert!((1.0..1.01).contains(&copies[0]), "{what}");
-                assert!(
-                    (target_write..target_write + 0.01).contains(&copies[1]),
-                    "{what}"
-                );
+                for c in copies {
+                    assert!((1.0..1.01).contains(&c), "{what}");
+                }
             }
             Offload::Software => {
                 for c in crc {

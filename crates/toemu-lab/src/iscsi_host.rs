@@ -875,6 +875,11 @@ pub struct BenchModel {
     pub wire_delay_us: u64,
     /// One-way bus latency of commands and events, µs.
     pub bus_latency_us: u64,
+    /// Each host's anonymous (indicate) buffer, bytes: large enough that a PDU record of a
+    /// 64 KiB burst with its header arrives whole in one buffer (the NIC ends a buffer at
+    /// each PSH, and senders push at each PDU's end), so the host parses it in place. With
+    /// smaller buffers such records are reassembled: one more copy of their data.
+    pub anon_buf_bytes: u32,
     /// What the model leaves out.
     pub not_modeled: &'static str,
 }
@@ -900,12 +905,17 @@ impl Default for BenchOptions {
     }
 }
 
+/// The smallest anonymous buffer `toemu iscsi bench` gives its hosts, bytes (see
+/// [`BenchModel::anon_buf_bytes`]).
+pub const BENCH_ANON_BUF_BYTES: u32 = 128 << 10;
+
 /// `toemu iscsi bench`: toemu's initiator against toemu's target on two emulated hosts on
 /// the in-memory wire, on the virtual clock, the NIC's engine beside the software data
 /// path (one after the other for each case, which goes first alternating): 4 KiB and 128
 /// KiB at QD32, reads and writes, with header and data digests (and without, if asked).
-/// `base` supplies the host settings (its bus latency is raised to the model's 2 µs if
-/// lower). `each` sees every row as it is measured.
+/// `base` supplies the host settings (its bus latency is raised to the model's 2 µs and its
+/// anonymous buffers to [`BENCH_ANON_BUF_BYTES`] if lower). `each` sees every row as it is
+/// measured.
 pub fn bench(
     base: &toe_host::config::Settings,
     opts: BenchOptions,
@@ -915,11 +925,16 @@ pub fn bench(
         wire_bits_per_s: 25_000_000_000,
         wire_delay_us: 2,
         bus_latency_us: base.bus_latency_us.max(2),
+        anon_buf_bytes: base.anon_buf_bytes.max(BENCH_ANON_BUF_BYTES),
         not_modeled: "the host CPU is charged for driver events and commands, copies and \
                       software CRC32C (the cost model); its protocol processing per PDU is not",
     };
     let mut settings = base.clone();
     settings.bus_latency_us = model.bus_latency_us;
+    settings.anon_buf_bytes = model.anon_buf_bytes;
+    settings
+        .validate()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
     let wire = toe_host::wire_opts::WireOptions {
         impair: toe_nic::impair::ImpairConfig {
             delay: toe_bus::time::Duration::from_micros(model.wire_delay_us),
@@ -1018,11 +1033,12 @@ fn bench_row(r: &WireRun, io: u32, digests: bool, offload: Offload) -> io::Resul
 /// The bench's rows as a table.
 pub fn bench_table(model: &BenchModel, rows: &[BenchRow]) -> String {
     let mut t = format!(
-        "toemu iscsi bench: initiator and target on emulated TOE hosts, the NIC's iSCSI engine beside the software data path; modeled: {} Gbit/s wire, {} us one way, bus {} us\n\
+        "toemu iscsi bench: initiator and target on emulated TOE hosts, the NIC's iSCSI engine beside the software data path; modeled: {} Gbit/s wire, {} us one way, bus {} us, {} KiB indicate buffers\n\
          ({}; copy/B is host CPU copies, DMA/B the NIC's, per data byte; mcpu and mnic us are each host's CPU and NIC work per I/O charged by the cost model (modeled); cpu us is each host's driver and application per I/O measured in wall-clock time on this machine, cpu IOPS what one core of the busier host sustains at that; wall us is the whole emulation per I/O)\n\n",
         model.wire_bits_per_s / 1_000_000_000,
         model.wire_delay_us,
         model.bus_latency_us,
+        model.anon_buf_bytes / 1024,
         model.not_modeled
     );
     t.push_str(&format!(

@@ -50,39 +50,9 @@ pub const MAX_COST_MB_PER_S: u64 = 10_000_000;
 /// Largest per-operation cost of the cost model, in nanoseconds (1 s).
 pub const MAX_COST_NS: u64 = 1_000_000_000;
 
-/// The cost model's defaults: one concrete machine, a 25 Gbit/s TOE NIC on PCIe Gen3 x8 in a
-/// server whose core copies memory at 10 GB/s. Every field is the default of the setting of
-/// the same name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MachineCosts {
-    /// One-way bus latency, µs.
-    pub bus_latency_us: u64,
-    /// DMA bandwidth, MB/s.
-    pub dma_mb_per_s: u64,
-    /// Host copy bandwidth, MB/s.
-    pub host_copy_mb_per_s: u64,
-    /// Host CPU per event, ns.
-    pub host_event_ns: u64,
-    /// Host CPU per command, ns.
-    pub host_command_ns: u64,
-    /// NIC processing per frame, ns.
-    pub nic_segment_ns: u64,
-    /// Host software CRC32C bandwidth, MB/s.
-    pub host_crc_mb_per_s: u64,
-}
-
-/// The default machine of the cost model (see [`MachineCosts`]).
-pub const DEFAULT_COSTS: MachineCosts = MachineCosts {
-    bus_latency_us: 1,
-    dma_mb_per_s: 7_000,
-    host_copy_mb_per_s: 10_000,
-    host_event_ns: 250,
-    host_command_ns: 250,
-    nic_segment_ns: 100,
-    host_crc_mb_per_s: 8_000,
-};
-
-/// The wire rate of the default machine, in Mbit/s (25 Gbit/s Ethernet).
+/// The wire rate of the cost model's default machine, in Mbit/s (25 Gbit/s Ethernet). The
+/// machine: a 25 Gbit/s TOE NIC on PCIe Gen3 x8 in a server whose core copies memory at
+/// 10 GB/s; its other costs are the defaults of the cost settings of [`Settings`].
 pub const DEFAULT_WIRE_RATE_MBIT: u64 = 25_000;
 
 /// Parses a byte size: a non-negative integer, optionally followed (with or without spaces)
@@ -550,13 +520,13 @@ impl Default for Settings {
             ring_depth: 1024,
             mtu: 9000,
             socket_buf_bytes: 512 * KIB as u32,
-            bus_latency_us: DEFAULT_COSTS.bus_latency_us,
-            dma_mb_per_s: DEFAULT_COSTS.dma_mb_per_s,
-            host_copy_mb_per_s: DEFAULT_COSTS.host_copy_mb_per_s,
-            host_event_ns: DEFAULT_COSTS.host_event_ns,
-            host_command_ns: DEFAULT_COSTS.host_command_ns,
-            nic_segment_ns: DEFAULT_COSTS.nic_segment_ns,
-            host_crc_mb_per_s: DEFAULT_COSTS.host_crc_mb_per_s,
+            bus_latency_us: 1,
+            dma_mb_per_s: 7_000,
+            host_copy_mb_per_s: 10_000,
+            host_event_ns: 250,
+            host_command_ns: 250,
+            nic_segment_ns: 100,
+            host_crc_mb_per_s: 8_000,
             keepalive_ms: Some(60_000),
             idle_timeout_ms: Some(180_000),
             syn_timeout_ms: Some(5_000),

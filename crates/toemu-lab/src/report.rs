@@ -7,7 +7,9 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::plot::format_bytes;
-use crate::sweep::{knees, SweepOptions, SweepPoint, SWEEP_FILES};
+use crate::sweep::{
+    knees, SweepOptions, SweepPoint, SWEEP_COLUMNS, SWEEP_FILES, SWEEP_TEXT_COLUMNS,
+};
 
 /// Escape `s` for HTML text and attribute values.
 fn esc(s: &str) -> String {
@@ -102,27 +104,24 @@ pub fn sweep_report(
     }
     h.push_str("</table>\n");
 
-    h.push_str("<h2>Points</h2>\n<table><tr><th class=\"l\">configuration</th><th>W</th><th class=\"l\">mode</th><th>MB/s</th><th>rr 64 B p50 µs</th><th>rr 64 B p99 µs</th><th>rr 64 KiB p50 µs</th><th>rr 64 KiB p99 µs</th><th>host CPU ns/B</th><th>copies/B</th><th>anon high water</th><th>copy high water</th><th>stalls</th><th>acks</th><th>wall MB/s</th></tr>\n");
+    h.push_str("<h2>Points</h2>\n<table><tr>");
+    let class = |i: usize| {
+        if SWEEP_TEXT_COLUMNS.contains(&i) {
+            " class=\"l\""
+        } else {
+            ""
+        }
+    };
+    for (i, c) in SWEEP_COLUMNS.iter().enumerate() {
+        let _ = write!(h, "<th{}>{}</th>", class(i), esc(c));
+    }
+    h.push_str("</tr>\n");
     for p in points {
-        let _ = writeln!(
-            h,
-            "<tr><td class=\"l\">{}</td><td>{}</td><td class=\"l\">{}</td><td>{:.1}</td><td>{:.1}</td><td>{:.1}</td><td>{:.1}</td><td>{:.1}</td><td>{:.3}</td><td>{:.2}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.1}</td></tr>",
-            esc(&p.config),
-            format_bytes(f64::from(p.w)),
-            p.mode,
-            p.modeled_throughput_bytes_per_s / 1e6,
-            p.modeled_rr_64b_p50_us,
-            p.modeled_rr_64b_p99_us,
-            p.modeled_rr_64k_p50_us,
-            p.modeled_rr_64k_p99_us,
-            p.modeled_host_cpu_ns_per_byte,
-            p.host_copies_per_byte,
-            format_bytes(p.anon_pool_high_water_bytes as f64),
-            format_bytes(p.copy_buffer_high_water_bytes as f64),
-            p.indicate_stalls,
-            p.indicate_acks,
-            p.wall_throughput_bytes_per_s / 1e6
-        );
+        h.push_str("<tr>");
+        for (i, c) in p.cells().iter().enumerate() {
+            let _ = write!(h, "<td{}>{}</td>", class(i), esc(c));
+        }
+        h.push_str("</tr>\n");
     }
     h.push_str("</table>\n");
 

@@ -366,52 +366,79 @@ pub fn run_sweep(o: &SweepOptions, mut progress: impl FnMut(&str)) -> io::Result
     Ok(points)
 }
 
-/// A readable table of `points`, one row per point in the given order: modeled figures
-/// first, the emulator's wall-clock speed last; then the knee of each line.
+/// The columns of a sweep's table (text and HTML): modeled figures first, the emulator's
+/// wall-clock speed last.
+pub const SWEEP_COLUMNS: [&str; 15] = [
+    "config",
+    "W",
+    "mode",
+    "MB/s",
+    "rr64 p50 us",
+    "rr64 p99 us",
+    "rr64K p50 us",
+    "rr64K p99 us",
+    "cpu ns/B",
+    "copies/B",
+    "anon-hw",
+    "copy-hw",
+    "stalls",
+    "acks",
+    "wall MB/s",
+];
+
+/// The columns of [`SWEEP_COLUMNS`] that hold text (left-aligned).
+pub const SWEEP_TEXT_COLUMNS: [usize; 2] = [0, 2];
+
+impl SweepPoint {
+    /// This point's cells under [`SWEEP_COLUMNS`].
+    pub fn cells(&self) -> [String; 15] {
+        [
+            self.config.clone(),
+            format_bytes(f64::from(self.w)),
+            self.mode.to_string(),
+            format!("{:.1}", self.modeled_throughput_bytes_per_s / 1e6),
+            format!("{:.1}", self.modeled_rr_64b_p50_us),
+            format!("{:.1}", self.modeled_rr_64b_p99_us),
+            format!("{:.1}", self.modeled_rr_64k_p50_us),
+            format!("{:.1}", self.modeled_rr_64k_p99_us),
+            format!("{:.3}", self.modeled_host_cpu_ns_per_byte),
+            format!("{:.2}", self.host_copies_per_byte),
+            format_bytes(self.anon_pool_high_water_bytes as f64),
+            format_bytes(self.copy_buffer_high_water_bytes as f64),
+            self.indicate_stalls.to_string(),
+            self.indicate_acks.to_string(),
+            format!("{:.1}", self.wall_throughput_bytes_per_s / 1e6),
+        ]
+    }
+}
+
+/// A readable table of `points`, one row per point in the given order ([`SWEEP_COLUMNS`]);
+/// then the knee of each line.
 pub fn sweep_table(points: &[SweepPoint]) -> String {
-    let cw = points
-        .iter()
-        .map(|p| p.config.len())
-        .max()
-        .unwrap_or(0)
-        .max("config".len());
-    let mut s = format!(
-        "{:<cw$} {:>9} {:<16} | {:>10} {:>9} {:>9} {:>10} {:>10} {:>8} | {:>8} {:>10} {:>10} {:>7} {:>7} | {:>9}\n",
-        "config",
-        "W",
-        "mode",
-        "MB/s",
-        "rr64 p50",
-        "rr64 p99",
-        "rr64K p50",
-        "rr64K p99",
-        "cpu ns/B",
-        "copies/B",
-        "anon-hw KiB",
-        "copy-hw KiB",
-        "stalls",
-        "acks",
-        "wall MB/s"
-    );
-    for p in points {
-        s.push_str(&format!(
-            "{:<cw$} {:>9} {:<16} | {:>10.1} {:>9.1} {:>9.1} {:>10.1} {:>10.1} {:>8.3} | {:>8.2} {:>10} {:>10} {:>7} {:>7} | {:>9.1}\n",
-            p.config,
-            format_bytes(f64::from(p.w)),
-            p.mode,
-            p.modeled_throughput_bytes_per_s / 1e6,
-            p.modeled_rr_64b_p50_us,
-            p.modeled_rr_64b_p99_us,
-            p.modeled_rr_64k_p50_us,
-            p.modeled_rr_64k_p99_us,
-            p.modeled_host_cpu_ns_per_byte,
-            p.host_copies_per_byte,
-            p.anon_pool_high_water_bytes / 1024,
-            p.copy_buffer_high_water_bytes / 1024,
-            p.indicate_stalls,
-            p.indicate_acks,
-            p.wall_throughput_bytes_per_s / 1e6,
-        ));
+    let rows: Vec<[String; 15]> = points.iter().map(SweepPoint::cells).collect();
+    let mut width = SWEEP_COLUMNS.map(str::len);
+    for r in &rows {
+        for (w, c) in width.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: &[String]| {
+        let mut l = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i > 0 {
+                l.push(' ');
+            }
+            if SWEEP_TEXT_COLUMNS.contains(&i) {
+                l.push_str(&format!("{c:<w$}", w = width[i]));
+            } else {
+                l.push_str(&format!("{c:>w$}", w = width[i]));
+            }
+        }
+        l.trim_end().to_string() + "\n"
+    };
+    let mut s = line(&SWEEP_COLUMNS.map(String::from));
+    for r in &rows {
+        s.push_str(&line(r));
     }
     for k in knees(points) {
         s.push_str(&format!(

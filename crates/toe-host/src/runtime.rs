@@ -116,6 +116,17 @@ impl Host {
         a || b || c
     }
 
+    /// When the later of NIC and host CPU is free of work charged by the cost model, if
+    /// either is still busy at `now`.
+    pub fn busy_until(&self, now: Instant) -> Option<Instant> {
+        let t = self
+            .nic
+            .busy()
+            .free_at()
+            .max(self.driver.lock().cpu().free_at());
+        (t > now).then_some(t)
+    }
+
     /// Earliest deadline of NIC or driver.
     pub fn poll_at(&mut self, now: Instant) -> Option<Instant> {
         let d = self.driver.lock().poll_at();
@@ -135,11 +146,6 @@ pub fn test_nic(i: u8, seed: u64) -> NicConfig {
         ..NicConfig::default()
     }
 }
-
-/// Clock jumps shorter than this are, by convention, a processor of the cost model finishing
-/// its work rather than an idle world: loops that stop "when nothing moves" should not stop
-/// at them. (The cost model's waits are microseconds; protocol timers are milliseconds.)
-pub const COST_WAIT: Duration = Duration::from_millis(1);
 
 struct SimInner {
     hosts: Vec<Host>,
@@ -203,7 +209,8 @@ impl Sim {
     }
 
     /// One step: poll everything at the current time; if nothing moved, jump the clock to the
-    /// next deadline. Returns whether anything moved. An error means nothing can ever move
+    /// next deadline. Returns whether anything moved; a jump to the instant a busy processor
+    /// of the cost model finishes its work counts as moving (the world is working, not idle). An error means nothing can ever move
     /// again (no work and no deadline) or the step limit was hit.
     pub fn step(&self) -> io::Result<bool> {
         self.step_bounded(None)
@@ -244,8 +251,9 @@ impl Sim {
                     now + Duration::from_millis(1)
                 };
                 g.jumps += 1;
+                let working = g.hosts.iter().any(|h| h.busy_until(now) == Some(t));
                 self.now_us.store(t.total_micros(), Ordering::Relaxed);
-                Ok(false)
+                Ok(working)
             }
         }
     }

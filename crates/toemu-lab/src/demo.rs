@@ -611,12 +611,7 @@ pub fn toe_bulk_threaded(mode: Mode, o: &DemoOptions) -> io::Result<Bulk> {
 }
 
 /// `o.rr_iters` request/response exchanges of `o.rr_bytes` in `mode` (not `smoltcp-bare`) on
-/// the virtual clock; returns each round trip in wall-clock microseconds.
-pub fn toe_rr(mode: Mode, o: &DemoOptions) -> io::Result<Vec<f64>> {
-    toe_rr_timed(mode, o).map(|(wall, _)| wall)
-}
-
-/// [`toe_rr`], returning each round trip both in wall-clock microseconds and in virtual
+/// the virtual clock, returning each round trip both in wall-clock microseconds and in virtual
 /// microseconds (what the round trip costs in the emulated system: bus latency, the stack's
 /// timers; 0 on a free bus and a perfect wire).
 pub fn toe_rr_timed(mode: Mode, o: &DemoOptions) -> io::Result<(Vec<f64>, Vec<f64>)> {

@@ -160,13 +160,10 @@ pub fn run_apps_sim(
         if client.done() {
             // let the server see the end of the connection too
             for _ in 0..10_000 {
-                let before = sim.now();
                 let moved = sim.step_or_idle()?;
                 let busy = server.poll(&mut db.lock(), sim.now())?;
                 log.extend(server.take_log());
-                // A short clock jump is a processor of the cost model finishing its work,
-                // not an idle world.
-                if !moved && !busy && sim.now() - before >= toe_host::runtime::COST_WAIT {
+                if !moved && !busy {
                     break;
                 }
             }

@@ -25,6 +25,6 @@ pub mod time {
 
 pub use mem::{CopySnapshot, CopyStats, Dma, HostBuf, HostMemory, MemError};
 pub use ring::{
-    buffer_share, bus, bus_with_latency, Command, ConnId, Event, HostEnd, NicEnd, OffloadParams,
-    ReturnReason, RxPolicy,
+    buffer_share, bus, bus_with_latency, AckHold, Command, ConnId, Event, HostEnd, NicEnd,
+    OffloadParams, ReturnReason, RxPolicy,
 };

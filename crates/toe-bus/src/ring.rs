@@ -113,6 +113,13 @@ pub fn buffer_share(window: u32, anon_len: usize) -> u32 {
         .max(1)
 }
 
+/// How a connection's pure ACKs are held ([`Command::AckHold`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AckHold {
+    /// The acknowledgement window: the longest an owed ACK waits, µs (> 0).
+    pub window_us: u32,
+}
+
 /// Why a named buffer came back from the NIC or the driver.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ReturnReason {
@@ -264,6 +271,20 @@ pub enum Command {
         conn: ConnId,
         /// The task tag.
         tag: u32,
+    },
+    /// Hold (or stop holding) the pure TCP ACKs of `conn` (seed 000's combined
+    /// acknowledgement): an ACK owed for received data waits up to `hold.window_us` for a
+    /// data segment of ours (an upper-layer response) to carry it, and goes out as a pure
+    /// ACK only when that time expires or once more than half the receive window is
+    /// unacknowledged (the sender would stall on its window). ACKs for out-of-order
+    /// segments are not held, but after three duplicates for one hole (what the sender's
+    /// fast retransmit needs) the rest are thinned out. `None` restores the NIC's ordinary
+    /// delayed ACK.
+    AckHold {
+        /// Connection.
+        conn: ConnId,
+        /// The hold, or `None` to stop holding.
+        hold: Option<AckHold>,
     },
     /// Ask the engine to send: `request` in the protocol's encoding (for iSCSI: a PDU
     /// header with inline data or a range of a registered buffer, or "this buffer as data

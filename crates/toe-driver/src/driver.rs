@@ -19,7 +19,8 @@ use std::sync::Arc;
 use toe_bus::cost::{transfer_ps, Busy, HostCost};
 use toe_bus::time::Instant;
 use toe_bus::{
-    Command, ConnId, Event, HostBuf, HostEnd, HostMemory, MemError, OffloadParams, ReturnReason,
+    AckHold, Command, ConnId, Event, HostBuf, HostEnd, HostMemory, MemError, OffloadParams,
+    ReturnReason,
 };
 
 use toe_bus::trace::{describe_command, describe_event, Dir, TraceRecord, TraceSink};
@@ -907,6 +908,15 @@ impl Driver {
     pub fn ulp_send(&mut self, conn: ConnId, request: Vec<u8>) -> Result<(), DriverError> {
         self.conn(conn)?;
         self.send_cmd(Command::UlpSend { conn, request });
+        Ok(())
+    }
+
+    /// Hold the connection's pure TCP ACKs on the NIC for up to `hold`'s acknowledgement
+    /// window so that a later segment of ours carries them (see [`Command::AckHold`]), or,
+    /// with `None`, stop holding them.
+    pub fn set_ack_hold(&mut self, conn: ConnId, hold: Option<AckHold>) -> Result<(), DriverError> {
+        self.conn(conn)?;
+        self.send_cmd(Command::AckHold { conn, hold });
         Ok(())
     }
 

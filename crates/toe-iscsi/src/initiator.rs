@@ -15,6 +15,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
+use crate::accel::{FillMeter, InitiatorAccel};
 use crate::login::{InitiatorConfig, InitiatorLogin, InitiatorStep, LoginError, Negotiated};
 use crate::text;
 use crate::transport::{
@@ -71,6 +72,8 @@ struct Task {
     cmd: ScsiCommand,
     /// The end of the Data-In received so far (the read's length), bytes.
     read_end: usize,
+    /// When it (last) went out, µs of [`InitiatorConn::on_time`]'s clock.
+    sent_us: u64,
 }
 
 /// An initiator connection over transport `T` (by default the software one, over a byte
@@ -94,7 +97,39 @@ pub struct InitiatorConn<T: Transport = Software> {
     logout_asked: bool,
     /// A Logout Request went out.
     logging_out: bool,
+    /// Write acceleration: its settings, and its state.
+    accel: InitiatorAccel,
+    /// The latest time given to [`InitiatorConn::on_time`], µs.
+    now_us: u64,
+    /// The target asked for R2Ts (dynamic R2T): writes go without unsolicited data.
+    r2t_required: bool,
+    /// The back-off the target asked for, ms beyond the round-trip time.
+    backoff_ms: u16,
+    /// Writes the target refused for lack of buffer, to go again at (µs, ITT).
+    resend: Vec<(u64, u32)>,
+    /// The shortest command round trip seen, µs (the round-trip time estimate).
+    min_rtt_us: Option<u64>,
+    /// The write buffer's fill meter (congestion reports).
+    fill: FillMeter,
+    /// Tags of our congestion reports, whose (empty) Text Responses are not events.
+    reports: Vec<u32>,
+    /// Counters of write acceleration.
+    accel_stats: AccelStats,
 }
+
+/// What an initiator's write acceleration did. Counts only grow.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AccelStats {
+    /// Writes the target refused (TASK SET FULL) that went again after the back-off.
+    pub resent: u64,
+    /// Dynamic-R2T messages received.
+    pub r2t_signals: u64,
+    /// Congestion reports sent.
+    pub congestion_reports: u64,
+}
+
+/// SCSI status TASK SET FULL.
+const TASK_SET_FULL: u8 = 0x28;
 
 /// The longest Text Response the initiator gathers (over continued PDUs), bytes; a target
 /// that sends more ends the connection.
@@ -148,6 +183,11 @@ impl<T: Stream> InitiatorConn<T> {
     /// [`InitiatorConn::send_text`], the bytes to `out`.
     pub fn text(&mut self, pairs: &[(&str, &str)], out: &mut Vec<u8>) -> u32 {
         self.lent(out, |c| c.send_text(pairs))
+    }
+
+    /// [`InitiatorConn::on_time`], the bytes to `out`.
+    pub fn poll(&mut self, now_us: u64, out: &mut Vec<u8>) {
+        self.lent(out, |c| c.on_time(now_us))
     }
 
     /// [`InitiatorConn::send_ping`], the bytes to `out`.
@@ -218,7 +258,81 @@ impl<T: Transport> InitiatorConn<T> {
             text_in: Vec::new(),
             logout_asked: false,
             logging_out: false,
+            accel: InitiatorAccel::default(),
+            now_us: 0,
+            r2t_required: false,
+            backoff_ms: 0,
+            resend: Vec::new(),
+            min_rtt_us: None,
+            fill: FillMeter::default(),
+            reports: Vec::new(),
+            accel_stats: AccelStats::default(),
         }
+    }
+
+    /// The initiator's write-acceleration settings (used once a session negotiated it:
+    /// offer it with [`crate::login::OpParams`]'s `write_acceleration`).
+    pub fn with_accel(mut self, a: InitiatorAccel) -> Self {
+        self.accel = a;
+        self
+    }
+
+    /// Whether this session runs with write acceleration.
+    pub fn accelerated(&self) -> bool {
+        self.neg.as_ref().is_some_and(|n| n.write_acceleration)
+    }
+
+    /// Counters of write acceleration.
+    pub fn accel_stats(&self) -> AccelStats {
+        self.accel_stats
+    }
+
+    /// Time passes (`now_us`, µs of the caller's clock; it never goes back): refused writes
+    /// go again once their back-off is over, and an accelerated session reports its write
+    /// buffer's congestion.
+    pub fn on_time(&mut self, now_us: u64) {
+        self.now_us = self.now_us.max(now_us);
+        if self.ended || self.neg.is_none() {
+            return;
+        }
+        let now = self.now_us;
+        let mut due = Vec::new();
+        self.resend.retain(|&(t, itt)| {
+            if t <= now {
+                due.push(itt);
+            }
+            t > now
+        });
+        if !due.is_empty() {
+            self.accel_stats.resent += due.len() as u64;
+            self.waiting.extend(due);
+            self.flush_waiting();
+        }
+        if self.accelerated() {
+            let held: u64 = self
+                .tasks
+                .values()
+                .filter(|t| t.cmd.write)
+                .map(|t| u64::from(t.cmd.expected_len))
+                .sum();
+            if let Some(v) = self.fill.sample(&self.accel, now, held) {
+                self.accel_stats.congestion_reports += 1;
+                let itt = self.tag();
+                let mut data = Vec::new();
+                text::encode_pairs(&[(crate::accel::CONGESTION_KEY, v.as_str())], &mut data);
+                self.reports.push(itt);
+                self.text_request(itt, RESERVED_TAG, &data);
+            }
+        }
+    }
+
+    /// When [`InitiatorConn::on_time`] has something to do next (a refused write to send
+    /// again, a fill sample), µs.
+    pub fn next_deadline(&self) -> Option<u64> {
+        let resend = self.resend.iter().map(|r| r.0).min();
+        let sample = (self.accelerated() && !self.tasks.is_empty())
+            .then(|| self.now_us + self.accel.sample_us);
+        resend.into_iter().chain(sample).min()
     }
 
     /// Send the first Login Request.
@@ -369,7 +483,14 @@ impl<T: Transport> InitiatorConn<T> {
         } else if read_len > 0 {
             self.io.open(itt, vec![0; read_len as usize]);
         }
-        self.tasks.insert(itt, Task { cmd, read_end: 0 });
+        self.tasks.insert(
+            itt,
+            Task {
+                cmd,
+                read_end: 0,
+                sent_us: self.now_us,
+            },
+        );
         self.waiting.push_back(itt);
         self.flush_waiting();
         itt
@@ -413,13 +534,14 @@ impl<T: Transport> InitiatorConn<T> {
             };
             t.cmd.cmd_sn = self.cmd_sn;
             t.cmd.exp_stat_sn = self.exp_stat_sn;
+            t.sent_us = self.now_us;
             self.cmd_sn = self.cmd_sn.wrapping_add(1);
             let len = if t.cmd.write {
                 t.cmd.expected_len as usize
             } else {
                 0
             };
-            let first_burst = if neg.initial_r2t && !neg.immediate_data {
+            let first_burst = if (neg.initial_r2t && !neg.immediate_data) || self.r2t_required {
                 0
             } else {
                 (neg.first_burst_length as usize).min(len)
@@ -430,7 +552,11 @@ impl<T: Transport> InitiatorConn<T> {
                 0
             };
             // F: no unsolicited Data-Out follows the command.
-            let unsolicited_end = if neg.initial_r2t { imm } else { first_burst };
+            let unsolicited_end = if neg.initial_r2t || self.r2t_required {
+                imm
+            } else {
+                first_burst
+            };
             t.cmd.final_ = unsolicited_end == imm;
             let cmd = t.cmd;
             let data = if imm > 0 {
@@ -568,8 +694,20 @@ impl<T: Transport> InitiatorConn<T> {
             }
             Repr::ScsiResponse(r) => {
                 self.update_sns(Some(r.stat_sn), r.exp_cmd_sn, r.max_cmd_sn);
-                if !self.tasks.contains_key(&r.itt) {
+                let Some(t) = self.tasks.get(&r.itt) else {
                     return self.fail(format!("SCSI Response for unknown task {:#x}", r.itt));
+                };
+                let rtt = self.now_us.saturating_sub(t.sent_us);
+                if r.status == TASK_SET_FULL && t.cmd.write && self.backoff_ms > 0 {
+                    // Refused for lack of buffer, with a back-off: the write goes again
+                    // after the round-trip time plus the back-off; its buffer stays.
+                    let wait = self.min_rtt_us.unwrap_or(0) + u64::from(self.backoff_ms) * 1000;
+                    self.resend.push((self.now_us + wait, r.itt));
+                    self.flush_waiting();
+                    return;
+                }
+                if r.status != TASK_SET_FULL {
+                    self.min_rtt_us = Some(self.min_rtt_us.map_or(rtt, |m| m.min(rtt)));
                 }
                 let read = self.finish_task(r.itt);
                 let sense = if data.len() >= 2 {
@@ -593,6 +731,11 @@ impl<T: Transport> InitiatorConn<T> {
                 self.update_sns(None, r.exp_cmd_sn, r.max_cmd_sn);
                 let from = r.buffer_offset as usize;
                 self.send_data_out(r.itt, r.ttt, from, from + r.desired_len as usize);
+            }
+            Repr::TextResponse(t) if self.reports.contains(&t.itt) => {
+                // The answer to a congestion report (a declaration: nothing in it).
+                self.update_sns(Some(t.sn), t.exp_sn, t.max_cmd_sn);
+                self.reports.retain(|&i| i != t.itt);
             }
             Repr::TextResponse(t) => {
                 self.update_sns(Some(t.sn), t.exp_sn, t.max_cmd_sn);
@@ -663,6 +806,21 @@ impl<T: Transport> InitiatorConn<T> {
                 // within Parameter3 seconds (RFC 7143 §11.9.1): once its commands are done.
                 if a.event == 1 {
                     self.logout_asked = true;
+                }
+                // Write acceleration's vendor messages, in a session that negotiated it.
+                if a.event == crate::accel::ASYNC_VENDOR && self.accelerated() {
+                    match a.vcode {
+                        crate::accel::vcode::R2T_REQUIRED => {
+                            self.accel_stats.r2t_signals += 1;
+                            self.r2t_required = true;
+                        }
+                        crate::accel::vcode::UNSOLICITED_OK => {
+                            self.accel_stats.r2t_signals += 1;
+                            self.r2t_required = false;
+                        }
+                        crate::accel::vcode::BACK_OFF => self.backoff_ms = a.param1.max(1),
+                        _ => {}
+                    }
                 }
             }
             Repr::TaskMgmtResponse(t) => {

@@ -21,8 +21,12 @@
 //! 9. [`offload`]: the host side of a connection on a TOE (software login, then the
 //!    engine; task buffers moving between application memory, host memory and the NIC).
 //!
+//! 10. [`accel`]: write acceleration over asymmetric WANs (seed 000): a private login
+//!     key, dynamic R2T, combined SCSI/TCP acknowledgements, batched responses, back-off.
+//!
 //! See `DESIGN.md`, "iSCSI" and "The ULP engine slot".
 
+pub mod accel;
 pub mod engine;
 pub mod initiator;
 pub mod login;

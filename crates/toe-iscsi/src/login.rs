@@ -87,6 +87,10 @@ pub struct OpParams {
     pub max_outstanding_r2t: u32,
     /// ErrorRecoveryLevel (toemu implements 0).
     pub error_recovery_level: u32,
+    /// Offer (initiator) or accept (target) toemu's write acceleration, the private key
+    /// [`crate::accel::WRITE_ACCELERATION_KEY`]. An initiator that is not asked to sends
+    /// no private key at all.
+    pub write_acceleration: bool,
 }
 
 impl Default for OpParams {
@@ -102,6 +106,7 @@ impl Default for OpParams {
             immediate_data: true,
             max_outstanding_r2t: 1,
             error_recovery_level: 0,
+            write_acceleration: false,
         }
     }
 }
@@ -158,6 +163,8 @@ pub struct Negotiated {
     pub isid: [u8; 6],
     /// The target's session handle.
     pub tsih: u16,
+    /// Both sides agreed to toemu's write acceleration (see [`crate::accel`]).
+    pub write_acceleration: bool,
 }
 
 impl Negotiated {
@@ -183,6 +190,7 @@ impl Negotiated {
             max_connections: 1,
             isid: [0; 6],
             tsih: 0,
+            write_acceleration: false,
         }
     }
 
@@ -205,6 +213,7 @@ impl Negotiated {
             "DefaultTime2Wait" => self.default_time2wait = num(),
             "DefaultTime2Retain" => self.default_time2retain = num(),
             "MaxConnections" => self.max_connections = num(),
+            crate::accel::WRITE_ACCELERATION_KEY => self.write_acceleration = yes,
             _ => {}
         }
     }
@@ -264,8 +273,9 @@ pub struct TargetConfig {
 
 impl TargetConfig {
     /// toemu's target `target_name` as it serves by default: alias `toemu`, portal group 1,
-    /// no authentication, header and data digests offered (`CRC32C,None`), the other keys at
-    /// their defaults, a command window of 32.
+    /// no authentication, header and data digests offered (`CRC32C,None`), write
+    /// acceleration accepted from initiators that offer it, the other keys at their
+    /// defaults, a command window of 32.
     pub fn offering_digests(target_name: &str) -> TargetConfig {
         TargetConfig {
             target_name: target_name.into(),
@@ -276,6 +286,8 @@ impl TargetConfig {
             params: OpParams {
                 header_digest: "CRC32C,None".into(),
                 data_digest: "CRC32C,None".into(),
+                // Accepted when offered; initiators that do not offer it are unaffected.
+                write_acceleration: true,
                 ..OpParams::default()
             },
             cmd_window: 32,
@@ -581,6 +593,7 @@ impl TargetLogin {
                 "ErrorRecoveryLevel" => p.error_recovery_level.to_string(),
                 "MaxConnections" => "1".into(),
                 "DataPDUInOrder" | "DataSequenceInOrder" => "Yes".into(),
+                crate::accel::WRITE_ACCELERATION_KEY => yes_no(p.write_acceleration).into(),
                 _ => def.default.into(),
             };
             let a = text::respond(def, v, &ours);
@@ -803,6 +816,9 @@ impl InitiatorLogin {
                     p.error_recovery_level.to_string(),
                 ),
             ]);
+            if p.write_acceleration {
+                v.push((crate::accel::WRITE_ACCELERATION_KEY.into(), "Yes".into()));
+            }
         }
         v
     }
@@ -981,6 +997,7 @@ mod tests {
                     immediate_data: true,
                     max_outstanding_r2t: 4,
                     error_recovery_level: 0,
+                    write_acceleration: true,
                 },
                 isid: [0x80, 0, 0, 0, 0, 1],
                 cmd_sn: 1,
@@ -1036,6 +1053,24 @@ mod tests {
         assert_eq!(tn.initiator_max_recv, 65_536, "the initiator's declaration");
         assert_eq!((tn.tsih, tn.session_type), (5, SessionType::Normal));
         assert_eq!(tn.initiator_name, "iqn.2026-12.org.toemu:init");
+        assert_eq!(
+            tn.write_acceleration, t.cfg.params.write_acceleration,
+            "the private key is ANDed: offered by the initiator, the target's choice"
+        );
+    }
+
+    #[test]
+    fn write_acceleration_needs_both_sides() {
+        for (offer, accept) in [(true, true), (true, false), (false, true)] {
+            let mut t = target(None, None);
+            t.cfg.params.write_acceleration = accept;
+            let mut i = initiator(None, None);
+            i.cfg.params.write_acceleration = offer;
+            let (tn, inn, _) = run(&mut t, &mut i);
+            let (tn, inn) = (tn.unwrap(), inn.unwrap());
+            assert_eq!(tn, inn);
+            assert_eq!(tn.write_acceleration, offer && accept, "{offer} {accept}");
+        }
     }
 
     #[test]

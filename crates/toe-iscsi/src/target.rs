@@ -20,6 +20,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
+use crate::accel::AccelConfig;
 use crate::login::{Negotiated, SessionType, TargetConfig, TargetLogin};
 use crate::scsi::{Disk, Nexus, Outcome, Sense, Transfer, CHECK_CONDITION, GOOD};
 use crate::text;
@@ -119,6 +120,18 @@ pub struct ConnStats {
     /// Data bytes the transport copied within application memory (see
     /// [`Transport::copy_bytes`]).
     pub copy_bytes: u64,
+    /// R2Ts sent.
+    pub r2t_sent: u64,
+    /// Write responses that were held and went out in a batch of two or more.
+    pub responses_batched: u64,
+    /// Batches of held write responses sent.
+    pub response_batches: u64,
+    /// Writes refused for lack of buffer room with a back-off message (write acceleration).
+    pub backoffs: u64,
+    /// Dynamic-R2T messages sent (R2T required, or unsolicited data allowed again).
+    pub r2t_signals: u64,
+    /// Congestion reports received from the initiator.
+    pub congestion_reports: u64,
 }
 
 impl std::ops::AddAssign for ConnStats {
@@ -131,6 +144,12 @@ impl std::ops::AddAssign for ConnStats {
         self.data_sequence_errors += o.data_sequence_errors;
         self.digest_bytes += o.digest_bytes;
         self.copy_bytes += o.copy_bytes;
+        self.r2t_sent += o.r2t_sent;
+        self.responses_batched += o.responses_batched;
+        self.response_batches += o.response_batches;
+        self.backoffs += o.backoffs;
+        self.r2t_signals += o.r2t_signals;
+        self.congestion_reports += o.congestion_reports;
     }
 }
 
@@ -175,6 +194,20 @@ pub struct TargetConn<T: Transport = Software> {
     /// Commands received ahead of ExpCmdSN, by CmdSN (within the window, so at most
     /// `cmd_window` of them, each at most a data segment long).
     held: std::collections::BTreeMap<u32, HeldPdu>,
+    /// The write-acceleration policy (used once a session negotiated it).
+    accel: AccelConfig,
+    /// The latest time [`TargetConn::on_time`] was given, µs.
+    now_us: u64,
+    /// Dynamic R2T: the initiator was told to wait for R2Ts.
+    r2t_required: bool,
+    /// The initiator reports congestion: no held ACKs, no delayed responses.
+    congested: bool,
+    /// Write responses held for a batch (at most `accel.batch_max`), and when the first
+    /// was held, µs.
+    batch: Vec<(Repr, Vec<u8>)>,
+    batch_since: u64,
+    /// When the latest write completed, µs.
+    last_write_done: Option<u64>,
 }
 
 /// A command PDU that came ahead of its CmdSN's turn, kept until the ones before it come.
@@ -320,7 +353,36 @@ impl<T: Transport> TargetConn<T> {
             last_heard: None,
             ping: None,
             held: std::collections::BTreeMap::new(),
+            accel: AccelConfig::default(),
+            now_us: 0,
+            r2t_required: false,
+            congested: false,
+            batch: Vec::new(),
+            batch_since: 0,
+            last_write_done: None,
         }
+    }
+
+    /// The write-acceleration policy for sessions that negotiate it (see [`crate::accel`];
+    /// whether the target accepts the key at all is [`crate::login::OpParams`]'s
+    /// `write_acceleration`). Default: [`AccelConfig::default`].
+    pub fn with_accel(mut self, a: AccelConfig) -> Self {
+        self.accel = a;
+        self
+    }
+
+    /// Whether this session runs with write acceleration (negotiated and enabled).
+    pub fn accelerated(&self) -> bool {
+        self.accel.enabled && self.negotiated().is_some_and(|n| n.write_acceleration)
+    }
+
+    /// The acknowledgement window in µs while the NIC should hold this connection's pure
+    /// TCP ACKs for the SCSI Responses to carry (write acceleration with the combined
+    /// acknowledgement, and no congestion reported); `None` while it should not. The shell
+    /// applies changes to the NIC.
+    pub fn ack_hold_us(&self) -> Option<u32> {
+        (self.accelerated() && self.accel.combined_ack && !self.congested)
+            .then_some(self.accel.ack_window_us.max(1))
     }
 
     /// The transport.
@@ -344,6 +406,12 @@ impl<T: Transport> TargetConn<T> {
     /// keep-alive pings an idle initiator or ends the connection of one that did not
     /// answer. Nothing without [`TargetConn::with_keepalive`].
     pub fn on_time(&mut self, now_us: u64) {
+        self.now_us = self.now_us.max(now_us);
+        if !self.batch.is_empty()
+            && self.now_us.saturating_sub(self.batch_since) >= self.accel.batch_delay_us
+        {
+            self.flush_batch();
+        }
         let Some(k) = self.keepalive else {
             return;
         };
@@ -403,14 +471,15 @@ impl<T: Transport> TargetConn<T> {
     /// When [`TargetConn::on_time`] has something to do next, in µs of the caller's clock (a
     /// ping, or the end of its wait); `None` without keep-alive or before the first poll.
     pub fn next_deadline(&self) -> Option<u64> {
-        let k = self.keepalive?;
         if !matches!(self.phase, Phase::FullFeature(_)) {
             return None;
         }
-        match self.ping {
+        let batch = (!self.batch.is_empty()).then(|| self.batch_since + self.accel.batch_delay_us);
+        let keepalive = self.keepalive.and_then(|k| match self.ping {
             Some((_, sent)) => Some(sent + k.timeout_us),
             None => self.last_heard.map(|t| t + k.interval_us),
-        }
+        });
+        batch.into_iter().chain(keepalive).min()
     }
 
     /// End this session's reservation on the disk, if it holds one (logout, or the
@@ -459,8 +528,67 @@ impl<T: Transport> TargetConn<T> {
     }
 
     fn send(&mut self, repr: &Repr, data: TxData<'_>) {
+        // Held write responses go first: StatSN order is kept on the wire.
+        self.flush_batch();
         self.stats.pdus_out += 1;
         self.io.send(repr, data);
+    }
+
+    /// Send the held write responses, together.
+    fn flush_batch(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.batch);
+        if batch.len() > 1 {
+            self.stats.responses_batched += batch.len() as u64;
+            self.stats.response_batches += 1;
+        }
+        for (r, data) in batch {
+            self.stats.pdus_out += 1;
+            self.io.send(&r, TxData::Inline(&data));
+        }
+    }
+
+    /// A vendor-specific Async Message of write acceleration (see [`crate::accel::vcode`]).
+    fn send_vendor_async(&mut self, vcode: u8, param1: u16) {
+        let r = Repr::AsyncMessage(AsyncMessage {
+            lun: 0,
+            stat_sn: self.next_stat_sn(),
+            exp_cmd_sn: self.exp_cmd_sn,
+            max_cmd_sn: self.max_cmd_sn(),
+            event: crate::accel::ASYNC_VENDOR,
+            vcode,
+            param1,
+            param2: 0,
+            param3: 0,
+        });
+        self.send(&r, TxData::Inline(&[]));
+    }
+
+    /// Bytes the writes in progress hold (their whole lengths, as allocated).
+    fn gathering(&self) -> u64 {
+        self.writes
+            .values()
+            .map(|t| u64::from(t.cmd.expected_len))
+            .sum()
+    }
+
+    /// Dynamic R2T: tell the initiator when the write buffer crosses a threshold.
+    fn check_buffer(&mut self) {
+        if !self.accelerated() {
+            return;
+        }
+        if let Some(required) = self.accel.r2t_change(self.r2t_required, self.gathering()) {
+            self.r2t_required = required;
+            self.stats.r2t_signals += 1;
+            let v = if required {
+                crate::accel::vcode::R2T_REQUIRED
+            } else {
+                crate::accel::vcode::UNSOLICITED_OK
+            };
+            self.send_vendor_async(v, 0);
+        }
     }
 
     fn max_cmd_sn(&self) -> u32 {
@@ -624,6 +752,15 @@ impl<T: Transport> TargetConn<T> {
                                 answer.push(("TargetAddress".into(), addr.clone()));
                             }
                         }
+                    } else if k == crate::accel::CONGESTION_KEY && self.accelerated() {
+                        // A declaration: no answer. Malformed, it is ignored.
+                        if let Some((congested, _, _)) = crate::accel::parse_congestion(v) {
+                            self.stats.congestion_reports += 1;
+                            self.congested = congested;
+                            if congested {
+                                self.flush_batch();
+                            }
+                        }
                     } else {
                         // Renegotiation in full-feature phase is not offered.
                         answer.push((k.into(), "NotUnderstood".into()));
@@ -700,12 +837,24 @@ impl<T: Transport> TargetConn<T> {
             if c.expected_len > MAX_WRITE_BYTES {
                 return self.finish(c, Outcome::check(crate::scsi::Sense::INVALID_FIELD_IN_CDB));
             }
-            let gathering: u64 = self
-                .writes
-                .values()
-                .map(|t| u64::from(t.cmd.expected_len))
-                .sum();
-            if gathering + u64::from(c.expected_len) > MAX_GATHER_BYTES_PER_CONN {
+            let gathering = self.gathering();
+            let backoff = self.accelerated() && self.accel.backoff;
+            let limit = if backoff {
+                self.accel.buffer_bytes.min(MAX_GATHER_BYTES_PER_CONN)
+            } else {
+                MAX_GATHER_BYTES_PER_CONN
+            };
+            // A write always fits an empty buffer.
+            if gathering > 0 && gathering + u64::from(c.expected_len) > limit {
+                if backoff {
+                    self.stats.backoffs += 1;
+                    self.send_vendor_async(
+                        crate::accel::vcode::BACK_OFF,
+                        self.accel.backoff_extra_ms,
+                    );
+                    // Its unsolicited Data-Out PDUs may follow: dropped as the write's.
+                    self.remember_ended(c.itt);
+                }
                 let o = Outcome {
                     status: TASK_SET_FULL,
                     data_in: Vec::new(),
@@ -754,6 +903,7 @@ impl<T: Transport> TargetConn<T> {
                 }
             }
             self.writes.insert(c.itt, t);
+            self.check_buffer();
             return self.advance_write(c.itt);
         }
         let mut o = disk
@@ -796,6 +946,7 @@ impl<T: Transport> TargetConn<T> {
                 Transfer::Out(n) => Some(n),
                 _ => None,
             };
+            self.check_buffer();
             return self.finish_write(t.cmd, o, wanted, t.r2t_sn);
         }
         let mut r2ts = Vec::new();
@@ -812,6 +963,7 @@ impl<T: Transport> TargetConn<T> {
             if let Some(t) = self.writes.get_mut(&itt) {
                 t.data_sn.insert(ttt, 0);
             }
+            self.stats.r2t_sent += 1;
             let r = Repr::R2t(R2t {
                 lun,
                 itt,
@@ -1026,7 +1178,42 @@ impl<T: Transport> TargetConn<T> {
             (GOOD, Some(w)) => Self::residual(c.expected_len, w),
             _ => (false, false, 0),
         };
-        self.respond(c.itt, o, r2ts, res)
+        // Delayed and batched responses, for a stream of writes: a good write that completes
+        // within the batch delay of the previous one waits for the next ones to join it, up
+        // to a full batch or the delay. A lone write (queue depth 1) is answered at once.
+        let streaming = self
+            .last_write_done
+            .is_some_and(|t| self.now_us.saturating_sub(t) < self.accel.batch_delay_us);
+        self.last_write_done = Some(self.now_us);
+        let batching = self.accelerated()
+            && self.accel.batch_responses
+            && !self.congested
+            && o.status == GOOD
+            && self.accel.batch_max > 1
+            && (streaming || !self.batch.is_empty());
+        if !batching {
+            return self.respond(c.itt, o, r2ts, res);
+        }
+        let r = Repr::ScsiResponse(ScsiResponse {
+            overflow: res.0,
+            underflow: res.1,
+            status: o.status,
+            itt: c.itt,
+            stat_sn: self.next_stat_sn(),
+            exp_cmd_sn: self.exp_cmd_sn,
+            max_cmd_sn: self.max_cmd_sn(),
+            exp_data_sn: r2ts,
+            residual: if res.0 || res.1 { res.2 } else { 0 },
+            ..Default::default()
+        });
+        if self.batch.is_empty() {
+            self.batch_since = self.now_us;
+        }
+        self.batch.push((r, Vec::new()));
+        let aged = self.now_us.saturating_sub(self.batch_since) >= self.accel.batch_delay_us;
+        if self.batch.len() >= self.accel.batch_max || aged {
+            self.flush_batch();
+        }
     }
 
     fn respond(&mut self, itt: u32, o: Outcome, exp_data_sn: u32, res: (bool, bool, u32)) {

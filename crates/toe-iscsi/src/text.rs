@@ -277,6 +277,14 @@ pub const KEYS: &[KeyDef] = &[
         "Normal",
     ),
     key("iSCSIProtocolLevel", Kind::Min(0, 31), Scope::Session, "0"),
+    // toemu's private key (RFC 7143 §13.26: `X-` and the reversed domain): write
+    // acceleration (seed 000; see `crate::accel`). Offered only by initiators that ask.
+    key(
+        crate::accel::WRITE_ACCELERATION_KEY,
+        Kind::And,
+        Scope::Session,
+        "No",
+    ),
     key(
         "TaskReporting",
         Kind::List(&["RFC3720", "ResponseFence", "FastAbort"]),

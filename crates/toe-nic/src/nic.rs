@@ -130,6 +130,19 @@ pub struct NicStats {
     pub psh_out_of_window: u64,
     /// Passive connection ids skipped because they were still in use (after a wrap).
     pub ids_skipped: u64,
+    /// ACKs owed for received data and held back (the stack's delayed ACK, or a longer
+    /// [`Command::AckHold`]).
+    pub acks_delayed: u64,
+    /// Held ACKs that a data segment of ours carried (superseded: no pure ACK sent).
+    pub acks_carried: u64,
+    /// Held ACKs sent as pure ACKs when their delay (or acknowledgement window) expired.
+    pub acks_expired: u64,
+    /// Held ACKs sent as pure ACKs early: more than one MSS unacknowledged, or under
+    /// [`Command::AckHold`] more than half the receive window.
+    pub acks_forced: u64,
+    /// Duplicate ACKs not sent under [`Command::AckHold`]: after the first three for one
+    /// hole, the rest of the duplicates carry no news for the sender.
+    pub acks_thinned: u64,
 }
 
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
@@ -165,6 +178,18 @@ struct NicConn {
     starved: bool,
     /// The upper-layer engine slot, once the host registered a tag or asked for an engine.
     ulp: Option<Box<UlpConn>>,
+    /// The socket's delayed-ACK counters already added to [`NicStats`].
+    acks_seen: tcp::AckStats,
+}
+
+/// Add what `now` (a socket's delayed-ACK counters) grew by since `seen` to `stats`.
+fn harvest_acks(stats: &mut NicStats, seen: &mut tcp::AckStats, now: tcp::AckStats) {
+    stats.acks_delayed += now.delayed - seen.delayed;
+    stats.acks_carried += now.carried - seen.carried;
+    stats.acks_expired += now.expired - seen.expired;
+    stats.acks_forced += now.forced - seen.forced;
+    stats.acks_thinned += now.thinned - seen.thinned;
+    *seen = now;
 }
 
 impl NicConn {
@@ -719,7 +744,8 @@ impl<P: Phy> Nic<P> {
             | Command::UlpOffload { conn, .. }
             | Command::UlpRegister { conn, .. }
             | Command::UlpRelease { conn, .. }
-            | Command::UlpSend { conn, .. } => Some(*conn),
+            | Command::UlpSend { conn, .. }
+            | Command::AckHold { conn, .. } => Some(*conn),
             _ => None,
         };
         if let Some(conn) = conn {
@@ -929,6 +955,23 @@ impl<P: Phy> Nic<P> {
                     ),
                 }
             }
+            Command::AckHold { conn, hold } => match self.conns.get(&conn) {
+                Some(c) => {
+                    let s = self.socks.get_mut(c.handle);
+                    match hold {
+                        Some(h) => {
+                            let us = u64::from(h.window_us.max(1));
+                            s.set_ack_delay(Some(Duration::from_micros(us)));
+                            s.set_ack_hold(Some(s.recv_capacity() / 2));
+                        }
+                        None => {
+                            s.set_ack_delay(self.cfg.ack_delay);
+                            s.set_ack_hold(None);
+                        }
+                    }
+                }
+                None => self.refuse(Some(conn), format!("AckHold: unknown connection {conn}")),
+            },
             Command::UlpSend { conn, request } => {
                 match self.conns.get_mut(&conn).and_then(|c| c.ulp.as_mut()) {
                     Some(u) if u.running() => u.send(request),
@@ -1017,6 +1060,7 @@ impl<P: Phy> Nic<P> {
             fin_seen: false,
             starved: false,
             ulp: None,
+            acks_seen: self.socks.get(handle).ack_stats(),
         }
     }
 
@@ -1152,9 +1196,11 @@ impl<P: Phy> Nic<P> {
     /// Release a finished connection: its socket, its flow, its slot (a held backlog socket
     /// may take it).
     fn release(&mut self, conn: ConnId) {
-        let Some(c) = self.conns.remove(&conn) else {
+        let Some(mut c) = self.conns.remove(&conn) else {
             return;
         };
+        let acks = self.socks.get(c.handle).ack_stats();
+        harvest_acks(&mut self.stats, &mut c.acks_seen, acks);
         if let Some(k) = self.socks.flow(c.handle) {
             self.dev.forget(&k);
         }
@@ -1174,6 +1220,7 @@ impl<P: Phy> Nic<P> {
     fn service_conn(&mut self, id: ConnId) -> (bool, bool) {
         let c = self.conns.get_mut(&id).expect("id from keys");
         let sock = self.socks.get_mut(c.handle);
+        harvest_acks(&mut self.stats, &mut c.acks_seen, sock.ack_stats());
         let mut moved = false;
         let state = sock.state();
 

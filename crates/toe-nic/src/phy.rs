@@ -192,6 +192,9 @@ pub struct PhyStats {
     pub tx_frames: u64,
     /// Bytes sent.
     pub tx_bytes: u64,
+    /// Frames sent that were pure TCP ACKs: IPv4 TCP segments with no payload and no SYN,
+    /// FIN or RST (window updates, keep-alive probes and duplicate ACKs included).
+    pub tx_pure_acks: u64,
     /// Frames dropped as malformed (truncated, bad lengths, bad header fields).
     pub rx_malformed: u64,
     /// Frames dropped for a bad IPv4 or TCP checksum.
@@ -442,6 +445,25 @@ impl<P: Phy> NicDevice<P> {
     }
 }
 
+/// Whether Ethernet frame `f` is a pure TCP ACK over IPv4: no payload, ACK set, none of
+/// SYN, FIN and RST. Anything unparsable is not.
+pub fn is_pure_ack(f: &[u8]) -> bool {
+    const ETH: usize = 14;
+    if f.len() < ETH + 20 || f[12..14] != [0x08, 0x00] || f[ETH + 9] != 6 {
+        return false;
+    }
+    let ihl = usize::from(f[ETH] & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([f[ETH + 2], f[ETH + 3]]));
+    let tcp = ETH + ihl;
+    if ihl < 20 || f.len() < tcp + 20 {
+        return false;
+    }
+    let doff = usize::from(f[tcp + 12] >> 4) * 4;
+    let flags = f[tcp + 13];
+    let (fin, syn, rst, ack) = (0x01, 0x02, 0x04, 0x10);
+    total == ihl + doff && flags & ack != 0 && flags & (fin | syn | rst) == 0
+}
+
 /// smoltcp receive token.
 pub struct RxTok(Frame);
 /// smoltcp transmit token.
@@ -465,6 +487,7 @@ impl<P: Phy> phy::TxToken for TxTok<'_, P> {
         let r = f(&mut frame);
         self.stats.tx_frames += 1;
         self.stats.tx_bytes += len as u64;
+        self.stats.tx_pure_acks += u64::from(is_pure_ack(&frame));
         if self.phy.send(self.now, frame).is_err() {
             // `transmit` checked `can_send`; a port that still refuses loses the frame, as a
             // full hardware queue would. TCP retransmits.

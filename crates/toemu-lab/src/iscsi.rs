@@ -384,6 +384,18 @@ pub fn initiator_conn_over<T: toe_iscsi::transport::Transport>(
     target: Option<&str>,
     r: [u8; 23],
 ) -> toe_iscsi::initiator::InitiatorConn<T> {
+    initiator_conn_with(io, url, target, r, None)
+}
+
+/// [`initiator_conn_over`] offering `params` at login in place of toemu's usual offer
+/// (the URL's digests replace its digest offers).
+pub fn initiator_conn_with<T: toe_iscsi::transport::Transport>(
+    io: T,
+    url: &IscsiUrl,
+    target: Option<&str>,
+    r: [u8; 23],
+    params: Option<toe_iscsi::login::OpParams>,
+) -> toe_iscsi::initiator::InitiatorConn<T> {
     use toe_iscsi::login::{Credentials, InitiatorConfig, OpParams};
     let mut isid = [0x80, 0, 0, 0, 0, 0];
     isid[2..6].copy_from_slice(&r[17..21]);
@@ -396,14 +408,21 @@ pub fn initiator_conn_over<T: toe_iscsi::transport::Transport>(
             secret: s.clone().into_bytes(),
         }),
         mutual: None,
-        params: OpParams {
-            header_digest: digest(url.header_digest),
-            data_digest: digest(url.data_digest),
-            initial_r2t: false,
-            max_outstanding_r2t: 8,
-            max_burst_length: 1 << 20,
-            first_burst_length: 256 << 10,
-            ..OpParams::default()
+        params: match params {
+            Some(p) => OpParams {
+                header_digest: digest(url.header_digest),
+                data_digest: digest(url.data_digest),
+                ..p
+            },
+            None => OpParams {
+                header_digest: digest(url.header_digest),
+                data_digest: digest(url.data_digest),
+                initial_r2t: false,
+                max_outstanding_r2t: 8,
+                max_burst_length: 1 << 20,
+                first_burst_length: 256 << 10,
+                ..OpParams::default()
+            },
         },
         isid,
         cmd_sn: u32::from_be_bytes([r[21], r[22], 0, 1]),

@@ -29,7 +29,7 @@ use toe_iscsi::scsi::Disk;
 use toe_iscsi::target::TargetConn;
 use toemu_apps::{App, ConnIo, RxMode};
 
-use crate::iscsi::{initiator_conn_over, IscsiUrl, Totals};
+use crate::iscsi::{initiator_conn_with, IscsiUrl, Totals};
 use crate::iscsi_perf::{PerfMachine, PerfOptions, PerfReport};
 
 /// The data path of an emulated host's iSCSI connections.
@@ -148,6 +148,8 @@ struct Session {
     conn: TargetConn<Offloaded>,
     out: Vec<u8>,
     sent: usize,
+    /// The ACK hold the NIC was last asked for (write acceleration).
+    ack_hold: Option<u32>,
 }
 
 /// Send what a machine emitted (`out` from `*sent` on), as far as the send budget of `io`
@@ -206,6 +208,8 @@ pub struct TargetApp {
     pub totals: Totals,
     /// Host software work already charged to the host CPU (cost model).
     charged: HostWork,
+    /// Write acceleration for sessions that negotiate it.
+    accel: toe_iscsi::accel::AccelConfig,
 }
 
 impl std::fmt::Debug for TargetApp {
@@ -243,7 +247,15 @@ impl TargetApp {
             stopping: false,
             totals: Totals::default(),
             charged: HostWork::default(),
+            accel: toe_iscsi::accel::AccelConfig::default(),
         }
+    }
+
+    /// The write-acceleration policy of sessions that negotiate it (the target accepts
+    /// the key if its configuration's `write_acceleration` says so).
+    pub fn with_accel(mut self, a: toe_iscsi::accel::AccelConfig) -> Self {
+        self.accel = a;
+        self
     }
 
     /// Connections whose iSCSI connection has not ended yet, or whose last PDUs the
@@ -301,7 +313,8 @@ impl TargetApp {
         let targets = vec![(self.cfg.target_name.clone(), self.portal.clone())];
         let io = self.offload.transport(mem);
         let mut conn_machine = TargetConn::over(io, self.cfg.clone(), targets, challenge, id, tsih)
-            .with_disk(self.disk.clone());
+            .with_disk(self.disk.clone())
+            .with_accel(self.accel);
         if let Some(k) = self.keepalive {
             conn_machine = conn_machine.with_keepalive(k);
         }
@@ -310,6 +323,7 @@ impl TargetApp {
             conn: conn_machine,
             out: Vec::new(),
             sent: 0,
+            ack_hold: None,
         }
     }
 }
@@ -345,6 +359,14 @@ impl TargetApp {
             }
             busy |= s.exchange(d)?;
             busy |= s.flush(d)?;
+            // Write acceleration: the NIC holds pure ACKs while the session wants it.
+            let hold = s.conn.ack_hold_us();
+            if hold != s.ack_hold && s.conn.ended().is_none() {
+                s.ack_hold = hold;
+                let h = hold.map(|window_us| toe_bus::AckHold { window_us });
+                d.set_ack_hold(s.io.conn, h)
+                    .map_err(|e| io::Error::other(e.to_string()))?;
+            }
             let drained = s.out.is_empty() && s.io.outstanding() == 0;
             if (s.conn.ended().is_some() || s.io.eof(d)) && drained {
                 s.io.close(d)?;
@@ -389,6 +411,15 @@ impl App for TargetApp {
         std::mem::take(&mut self.log)
     }
 
+    fn poll_at(&self) -> Option<Instant> {
+        let t = self
+            .sessions
+            .iter()
+            .filter_map(|s| s.conn.next_deadline())
+            .min()?;
+        Some(Instant::from_micros(t as i64))
+    }
+
     /// Once stopping, done when every iSCSI connection has ended and the initiator has
     /// everything sent to it.
     fn done(&self) -> bool {
@@ -425,6 +456,10 @@ pub struct PerfApp {
     pub error: Option<String>,
     /// Host software work already charged to the host CPU (cost model).
     charged: HostWork,
+    /// What the initiator offers at login, if not toemu's usual offer.
+    params: Option<toe_iscsi::login::OpParams>,
+    /// The initiator's write-acceleration settings.
+    accel: toe_iscsi::accel::InitiatorAccel,
 }
 
 impl std::fmt::Debug for PerfApp {
@@ -465,7 +500,29 @@ impl PerfApp {
             log: Vec::new(),
             error: None,
             charged: HostWork::default(),
+            params: None,
+            accel: toe_iscsi::accel::InitiatorAccel::default(),
         })
+    }
+
+    /// Offer `p` at login in place of toemu's usual offer (the URL's digests still
+    /// apply); with `p.write_acceleration`, `a` sets the initiator's side of it.
+    pub fn with_params(
+        mut self,
+        p: toe_iscsi::login::OpParams,
+        a: toe_iscsi::accel::InitiatorAccel,
+    ) -> Self {
+        self.params = Some(p);
+        self.accel = a;
+        self
+    }
+
+    /// The initiator's write-acceleration counters.
+    pub fn accel_stats(&self) -> toe_iscsi::initiator::AccelStats {
+        self.init
+            .as_ref()
+            .map(InitiatorConn::accel_stats)
+            .unwrap_or_default()
     }
 
     /// The data path (the NIC's engine by default).
@@ -524,13 +581,16 @@ impl PerfApp {
             None => {
                 let t = self.offload.transport(d.memory().clone());
                 let target = self.url.target.as_deref();
-                let mut i = initiator_conn_over(t, &self.url, target, self.random);
+                let mut i =
+                    initiator_conn_with(t, &self.url, target, self.random, self.params.clone())
+                        .with_accel(self.accel);
                 i.start(&mut self.out);
                 busy = true;
                 self.init.insert(i)
             }
         };
         io.reap(d)?;
+        init.poll(us, &mut self.out);
         let out = &mut self.out;
         let conn = io.conn;
         let exchange = move |init: &mut InitiatorConn<Offloaded>,
@@ -580,6 +640,15 @@ impl PerfApp {
 impl App for PerfApp {
     fn name(&self) -> &'static str {
         "iscsi-perf"
+    }
+
+    fn poll_at(&self) -> Option<Instant> {
+        let init = self.init.as_ref().and_then(InitiatorConn::next_deadline);
+        let t = [init, self.machine.deadline()]
+            .into_iter()
+            .flatten()
+            .min()?;
+        Some(Instant::from_micros(t as i64))
     }
 
     fn poll(&mut self, d: &mut Driver, now: Instant) -> io::Result<bool> {
@@ -678,6 +747,9 @@ impl App for Measured<'_> {
     }
     fn done(&self) -> bool {
         self.inner.done()
+    }
+    fn poll_at(&self) -> Option<Instant> {
+        [self.inner.poll_at(), self.at].into_iter().flatten().min()
     }
 }
 

@@ -129,7 +129,7 @@ impl PerfReport {
 /// Fill `buf` (which starts at logical block `lba`) with the pattern: each block of
 /// `block` bytes is the [`DataGen`] stream of `seed` mixed with its LBA, so a block's content
 /// does not depend on the I/O that wrote it.
-fn pattern(seed: u64, lba: u64, block: usize, buf: &mut [u8]) {
+pub fn pattern(seed: u64, lba: u64, block: usize, buf: &mut [u8]) {
     for (i, b) in buf.chunks_mut(block).enumerate() {
         let l = lba + i as u64;
         DataGen::new(seed ^ l.wrapping_mul(0x2545_F491_4F6C_DD1D)).fill(b);

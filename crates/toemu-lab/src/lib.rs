@@ -25,4 +25,5 @@ pub mod report;
 pub mod serve;
 pub mod stats;
 pub mod sweep;
+pub mod wan;
 pub use toemu_apps::datagen;

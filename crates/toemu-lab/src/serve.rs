@@ -151,7 +151,15 @@ pub fn run_apps_sim(
     let mut log = Vec::new();
     let mut idle = 0u32;
     for _ in 0..max_steps {
-        let moved = sim.step_or_idle()?;
+        // The clock does not jump past an app's own timer.
+        let limit = [client.poll_at(), server.poll_at()]
+            .into_iter()
+            .flatten()
+            .min();
+        let moved = match sim.step_bounded(limit) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+            r => r?,
+        };
         let now = sim.now();
         let b = server.poll(&mut db.lock(), now)?;
         let a = client.poll(&mut da.lock(), now)?;

@@ -387,6 +387,35 @@ enum IscsiCmd {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Backup-style 256 KiB writes from toemu's initiator to toemu's target over an
+    /// emulated asymmetric WAN (1 Gbit/s forward, 10 Mbit/s reverse, 50 ms RTT, 0.01% loss,
+    /// MTU 1500), on the virtual clock, at queue depth 1, 8 and 32, in three modes:
+    /// `classic` (RFC defaults), `unsolicited` (data with the command) and `accelerated`
+    /// (seed 000's write acceleration). Prints a table; writes JSON and an SVG chart.
+    WanBench {
+        /// Write the figures as JSON to this path.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Write the chart of throughput against depth (SVG) to this path.
+        #[arg(long)]
+        svg: Option<PathBuf>,
+        /// Fewer writes per run (a quick look; the figures are noisier).
+        #[arg(long)]
+        quick: bool,
+        /// Turn parts of the target's write acceleration off, comma-separated:
+        /// combined-ack, dynamic-r2t, batching, backoff.
+        #[arg(long, value_delimiter = ',')]
+        without: Vec<String>,
+        /// Turn on parts that are off by default, comma-separated: batching.
+        #[arg(long, value_delimiter = ',')]
+        with: Vec<String>,
+        /// Frame loss probability of each direction (default 0.0001).
+        #[arg(long, value_parser = toe_host::wire_opts::parse_probability)]
+        loss: Option<f64>,
+        /// Queue depths to run, comma-separated (default 1,8,32).
+        #[arg(long, value_delimiter = ',')]
+        depth: Vec<usize>,
+    },
     /// An iSCSI target whose LUN 0 is a disk in a file, on std TCP or on an emulated TOE
     /// host on a TAP device; runs until SIGINT or
     /// SIGTERM, then flushes the disk and prints its counters.
@@ -478,6 +507,71 @@ fn iscsi(cmd: IscsiCmd, settings: &Settings) -> Result<(), String> {
             print!("{}", toemu_lab::iscsi_host::bench_table(&model, &rows));
             if let Some(path) = json {
                 write_json(&path, &serde_json::json!({ "model": model, "rows": rows }))?;
+            }
+            Ok(())
+        }
+        IscsiCmd::WanBench {
+            json,
+            svg,
+            quick,
+            without,
+            with,
+            loss,
+            depth,
+        } => {
+            let mut o = toemu_lab::wan::WanOptions::default();
+            if let Some(l) = loss {
+                o.link.loss = l;
+            }
+            if !depth.is_empty() {
+                o.depths = depth;
+            }
+            if quick {
+                o.writes_per_depth = 4;
+                o.min_writes = 16;
+            }
+            for part in &with {
+                match part.as_str() {
+                    "batching" => o.accel.batch_responses = true,
+                    other => return Err(format!("--with {other}: expected batching")),
+                }
+            }
+            for part in &without {
+                match part.as_str() {
+                    "combined-ack" => o.accel.combined_ack = false,
+                    "dynamic-r2t" => o.accel.dynamic_r2t = false,
+                    "batching" => o.accel.batch_responses = false,
+                    "backoff" => o.accel.backoff = false,
+                    other => {
+                        return Err(format!(
+                            "--without {other}: expected combined-ack, dynamic-r2t, batching \
+                             or backoff"
+                        ))
+                    }
+                }
+            }
+            let report = toemu_lab::wan::wan_bench(&o, |r| {
+                eprintln!(
+                    "  {} QD{}: {:.1} MB/s modeled, {:.1} reverse packets/MiB ({:.2} s wall)",
+                    r.mode.name(),
+                    r.depth,
+                    r.throughput_bytes_per_s / 1e6,
+                    r.reverse_packets_per_mib,
+                    r.wall_seconds
+                )
+            })
+            .map_err(|e| e.to_string())?;
+            print!("{}", toemu_lab::wan::wan_table(&report));
+            if let Some(path) = json {
+                write_json(&path, &report)?;
+            }
+            if let Some(path) = svg {
+                toemu_lab::wan::wan_chart(&report, &path)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+            }
+            let bad = report.runs.iter().filter(|r| !r.integrity_ok).count();
+            if bad > 0 {
+                return Err(format!("{bad} run(s) failed their integrity check"));
             }
             Ok(())
         }

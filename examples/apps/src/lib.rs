@@ -43,4 +43,10 @@ pub trait App: Send {
     fn stop(&mut self) -> bool {
         false
     }
+    /// The latest time the app must be polled again even if nothing arrives (a timer of
+    /// its own), on the host's clock; `None` (the default) if only input makes work. A
+    /// virtual-clock runtime does not jump past it.
+    fn poll_at(&self) -> Option<Instant> {
+        None
+    }
 }

@@ -427,6 +427,22 @@ impl Timer {
     }
 }
 
+/// toemu: what became of a socket's delayed ACKs. Counts only grow.
+#[derive(Debug, Default, PartialEq, Eq, Clone, Copy)]
+pub struct AckStats {
+    /// Delayed-ACK timers started: an ACK was owed and held back.
+    pub delayed: u64,
+    /// Held ACKs a data (or control) segment carried: no pure ACK was needed.
+    pub carried: u64,
+    /// Held ACKs sent as pure ACKs when their timer expired.
+    pub expired: u64,
+    /// Held ACKs sent as pure ACKs early, because too many bytes were unacknowledged.
+    pub forced: u64,
+    /// Duplicate ACKs for out-of-order segments not sent on a socket that holds ACKs
+    /// (after the first three for the same hole).
+    pub thinned: u64,
+}
+
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
 enum AckDelayTimer {
     Idle,
@@ -523,12 +539,24 @@ pub struct Socket<'a> {
     local_rx_dup_acks: u8,
     /// If a fast retransmit needs to occur
     pending_fast_retransmit: bool,
+    /// toemu: the NewReno recovery point (RFC 6582): the highest sequence number sent when
+    /// fast retransmit began; ACKs below it are partial.
+    recover: Option<TcpSeqNumber>,
 
     /// Duration for Delayed ACK. If None no ACKs will be delayed.
     ack_delay: Option<Duration>,
     /// Delayed ack timer. If set, packets containing exclusively
     /// ACK or window updates (ie, no data) won't be sent until expiry.
     ack_delay_timer: AckDelayTimer,
+    /// toemu: ACK holding. When set, a delayed ACK is forced out early only once more than
+    /// this many received bytes are unacknowledged (in place of one MSS), so that a later
+    /// data segment can carry it.
+    ack_hold: Option<usize>,
+    /// toemu: what became of delayed ACKs (never reset).
+    ack_stats: AckStats,
+    /// toemu: the cumulative ACK of the latest duplicate ACKs sent, and how many went.
+    dup_ack_at: Option<(TcpSeqNumber, usize)>,
+    dup_acks_sent: u8,
 
     /// Used for rate-limiting: No more challenge ACKs will be sent until this instant.
     challenge_ack_timer: Instant,
@@ -614,8 +642,13 @@ impl<'a> Socket<'a> {
             local_rx_last_seq: None,
             local_rx_dup_acks: 0,
             pending_fast_retransmit: false,
+            recover: None,
             ack_delay: Some(ACK_DELAY_DEFAULT),
             ack_delay_timer: AckDelayTimer::Idle,
+            ack_hold: None,
+            ack_stats: AckStats::default(),
+            dup_ack_at: None,
+            dup_acks_sent: 0,
             challenge_ack_timer: Instant::from_secs(0),
             nagle: true,
             tsval_generator: None,
@@ -806,6 +839,20 @@ impl<'a> Socket<'a> {
         self.ack_delay = duration
     }
 
+    /// toemu: hold delayed ACKs. With `Some(bytes)`, a delayed ACK goes out before its timer
+    /// (see [set_ack_delay](#method.set_ack_delay)) only once more than `bytes` received bytes
+    /// are unacknowledged, or when a data segment carries it; with `None` (the default), once
+    /// more than one MSS is. ACKs for out-of-order segments are never held.
+    pub fn set_ack_hold(&mut self, bytes: Option<usize>) {
+        self.ack_hold = bytes
+    }
+
+    /// toemu: what became of this socket's delayed ACKs so far (counts only grow, across
+    /// resets).
+    pub fn ack_stats(&self) -> AckStats {
+        self.ack_stats
+    }
+
     /// Enable or disable Nagle's Algorithm.
     ///
     /// Also known as "tinygram prevention". By default, it is enabled.
@@ -925,6 +972,7 @@ impl<'a> Socket<'a> {
         self.local_seq_no = TcpSeqNumber::default();
         self.remote_seq_no = TcpSeqNumber::default();
         self.remote_last_seq = TcpSeqNumber::default();
+        self.recover = None;
         self.remote_last_ack = None;
         self.remote_last_win = 0;
         self.remote_win_len = 0;
@@ -933,6 +981,9 @@ impl<'a> Socket<'a> {
         self.remote_mss = DEFAULT_MSS;
         self.remote_last_ts = None;
         self.ack_delay_timer = AckDelayTimer::Idle;
+        self.ack_hold = None;
+        self.dup_ack_at = None;
+        self.dup_acks_sent = 0;
         self.challenge_ack_timer = Instant::from_secs(0);
 
         #[cfg(feature = "async")]
@@ -1544,6 +1595,28 @@ impl<'a> Socket<'a> {
         (ip_reply_repr, reply_repr)
     }
 
+    /// toemu: whether to leave out a duplicate ACK (at the current cumulative ACK) on a
+    /// socket that holds ACKs: after three for the same cumulative ACK, yes.
+    fn thin_dup_ack(&mut self) -> bool {
+        if self.ack_hold.is_none() {
+            return false;
+        }
+        // A duplicate counts for the sender only with the same window (RFC 5681 §2): the
+        // window is part of what is compared.
+        let at = (self.remote_seq_no, self.rx_buffer.window());
+        if self.dup_ack_at == Some(at) {
+            if self.dup_acks_sent >= 3 {
+                self.ack_stats.thinned += 1;
+                return true;
+            }
+        } else {
+            self.dup_ack_at = Some(at);
+            self.dup_acks_sent = 0;
+        }
+        self.dup_acks_sent += 1;
+        false
+    }
+
     fn challenge_ack_reply(
         &mut self,
         cx: &mut Context,
@@ -1832,6 +1905,11 @@ impl<'a> Socket<'a> {
                             TcpControl::None | TcpControl::Psh | TcpControl::Fin
                         )
                     {
+                        // toemu: old data again (a go-back-N retransmission) is a duplicate
+                        // ACK too, thinned on a socket that holds ACKs.
+                        if self.thin_dup_ack() {
+                            return None;
+                        }
                         return Some(self.ack_reply(ip_repr, repr));
                     }
 
@@ -2127,6 +2205,8 @@ impl<'a> Socket<'a> {
 
                     if self.local_rx_dup_acks == 3 {
                         self.timer.set_for_fast_retransmit();
+                        // toemu: NewReno (RFC 6582) recovery point.
+                        self.recover = Some(self.remote_last_seq);
                         net_debug!("started fast retransmit");
                     }
 
@@ -2147,6 +2227,18 @@ impl<'a> Socket<'a> {
                         net_debug!("reset duplicate ACK count");
                     }
                     self.local_rx_last_ack = Some(ack_number);
+
+                    // toemu: NewReno (RFC 6582): an ACK below the recovery point is partial,
+                    // another segment of the window was lost too: retransmit it at once
+                    // rather than wait for duplicates that may never come (the sender may
+                    // have nothing new to send) or for the retransmission timeout.
+                    if let Some(r) = self.recover {
+                        if ack_len > 0 && ack_number < r {
+                            self.timer.set_for_fast_retransmit();
+                        } else {
+                            self.recover = None;
+                        }
+                    }
 
                     // Notify of fresh ACK
                     self.rtte.on_ack(cx.now(), ack_number);
@@ -2267,6 +2359,7 @@ impl<'a> Socket<'a> {
             self.ack_delay_timer = match self.ack_delay_timer {
                 AckDelayTimer::Idle => {
                     tcp_trace!("starting delayed ack timer");
+                    self.ack_stats.delayed += 1;
                     AckDelayTimer::Waiting(cx.now() + ack_delay)
                 }
                 AckDelayTimer::Waiting(_) if self.immediate_ack_to_transmit() => {
@@ -2288,6 +2381,13 @@ impl<'a> Socket<'a> {
         //  1) an out-of-order segment is received, or
         //  2) a segment arrives that fills in all or part of a gap in sequence space.
         if !self.assembler.is_empty() || !assembler_was_empty {
+            // toemu: on a socket that holds ACKs, a hole gets three duplicate ACKs (what the
+            // sender's fast retransmit needs); the rest of the duplicates carry no news and
+            // are thinned out, so that they do not flood a thin return path. A segment that
+            // fills the hole (the cumulative ACK moves) is always acknowledged.
+            if assembler_was_empty == self.assembler.is_empty() && self.thin_dup_ack() {
+                return None;
+            }
             // Note that we change the transmitter state here.
             // This is fine because smoltcp assumes that it can always transmit zero or one
             // packets for every packet it receives.
@@ -2409,7 +2509,8 @@ impl<'a> Socket<'a> {
     /// <https://elixir.bootlin.com/linux/v6.11.4/source/net/ipv4/tcp_input.c#L5747>.
     fn immediate_ack_to_transmit(&self) -> bool {
         if let Some(remote_last_ack) = self.remote_last_ack {
-            remote_last_ack + self.remote_mss < self.remote_seq_no + self.rx_buffer.len()
+            let allowed = self.ack_hold.unwrap_or(self.remote_mss);
+            remote_last_ack + allowed < self.remote_seq_no + self.rx_buffer.len()
         } else {
             false
         }
@@ -2495,6 +2596,7 @@ impl<'a> Socket<'a> {
                 // had sent them. This will cause all data in the queue
                 // to be sent again.
                 self.remote_last_seq = self.local_seq_no;
+                self.recover = None;
 
                 // Inform RTTE, so that it can can handle RTO backoff
                 self.rtte.on_rto();
@@ -2797,6 +2899,8 @@ impl<'a> Socket<'a> {
         // to not waste time waiting for the retransmit timer on packets that we know
         // for sure will not be successfully transmitted.
         ip_repr.set_payload_len(repr.buffer_len());
+        let carries = !repr.payload.is_empty()
+            || !matches!(repr.control, TcpControl::None | TcpControl::Psh);
         emit(cx, packet_meta, (ip_repr, repr))?;
 
         // We've sent something, whether useful data or a keep-alive packet, so rewind
@@ -2807,10 +2911,20 @@ impl<'a> Socket<'a> {
         match self.ack_delay_timer {
             AckDelayTimer::Idle => {}
             AckDelayTimer::Waiting(_) => {
-                tcp_trace!("stop delayed ack timer")
+                tcp_trace!("stop delayed ack timer");
+                if carries {
+                    self.ack_stats.carried += 1;
+                } else {
+                    self.ack_stats.expired += 1;
+                }
             }
             AckDelayTimer::Immediate => {
-                tcp_trace!("stop delayed ack timer (was force-expired)")
+                tcp_trace!("stop delayed ack timer (was force-expired)");
+                if carries {
+                    self.ack_stats.carried += 1;
+                } else {
+                    self.ack_stats.forced += 1;
+                }
             }
         }
         self.ack_delay_timer = AckDelayTimer::Idle;

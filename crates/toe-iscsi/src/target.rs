@@ -1167,6 +1167,8 @@ impl<T: Transport> TargetConn<T> {
             status: GOOD,
             residual: res,
         };
+        // Held write responses first (StatSN order on the wire).
+        self.flush_batch();
         self.io.open(c.itt, std::mem::take(&mut o.data_in));
         self.stats.pdus_out += burst.pdus().count() as u64;
         self.io.send_data_in(&burst);
@@ -1194,22 +1196,11 @@ impl<T: Transport> TargetConn<T> {
         if !batching {
             return self.respond(c.itt, o, r2ts, res);
         }
-        let r = Repr::ScsiResponse(ScsiResponse {
-            overflow: res.0,
-            underflow: res.1,
-            status: o.status,
-            itt: c.itt,
-            stat_sn: self.next_stat_sn(),
-            exp_cmd_sn: self.exp_cmd_sn,
-            max_cmd_sn: self.max_cmd_sn(),
-            exp_data_sn: r2ts,
-            residual: if res.0 || res.1 { res.2 } else { 0 },
-            ..Default::default()
-        });
+        let held = self.response(c.itt, o, r2ts, res);
         if self.batch.is_empty() {
             self.batch_since = self.now_us;
         }
-        self.batch.push((r, Vec::new()));
+        self.batch.push(held);
         let aged = self.now_us.saturating_sub(self.batch_since) >= self.accel.batch_delay_us;
         if self.batch.len() >= self.accel.batch_max || aged {
             self.flush_batch();
@@ -1217,6 +1208,18 @@ impl<T: Transport> TargetConn<T> {
     }
 
     fn respond(&mut self, itt: u32, o: Outcome, exp_data_sn: u32, res: (bool, bool, u32)) {
+        let (r, data) = self.response(itt, o, exp_data_sn, res);
+        self.send(&r, TxData::Inline(&data));
+    }
+
+    /// The SCSI Response for `itt` (taking the next StatSN) and its sense data.
+    fn response(
+        &mut self,
+        itt: u32,
+        o: Outcome,
+        exp_data_sn: u32,
+        res: (bool, bool, u32),
+    ) -> (Repr, Vec<u8>) {
         let mut data = Vec::new();
         if o.status == CHECK_CONDITION {
             if let Some(s) = o.sense {
@@ -1241,7 +1244,7 @@ impl<T: Transport> TargetConn<T> {
             residual: if res.0 || res.1 { res.2 } else { 0 },
             ..Default::default()
         });
-        self.send(&r, TxData::Inline(&data));
+        (r, data)
     }
 }
 

@@ -81,3 +81,49 @@ fn batched_responses_go_out_together_and_the_data_is_intact() {
         "{r:?}"
     );
 }
+
+#[test]
+fn a_slow_store_turns_on_r2ts_and_back_off_and_nothing_is_lost() {
+    // A write-back target whose store takes 40 MB/s behind a 4 MiB buffer, fed at 16
+    // writes of 256 KiB in flight over a fast wire: the buffer fills, the initiator is told
+    // to wait for R2Ts, writes without room are refused with a back-off and sent again
+    // after it; the data all arrives, at about the store's rate.
+    let mut o = perfect();
+    o.accel.buffer_bytes = 4 << 20;
+    o.destage_bytes_per_s = Some(40_000_000);
+    let r = wan_run(&o, WanMode::Accelerated, 16, 96).unwrap();
+    assert!(r.integrity_ok, "{:?}", r.problem);
+    assert!(
+        r.r2t_signals >= 2,
+        "R2Ts required, then allowed again: {r:?}"
+    );
+    assert!(r.r2t_sent > 0, "writes waited for R2Ts: {r:?}");
+    assert!(r.backoffs > 0, "writes refused with a back-off: {r:?}");
+    assert!(
+        r.throughput_bytes_per_s < 50e6,
+        "bounded by the store: {r:?}"
+    );
+}
+
+#[test]
+fn a_congested_initiator_stops_the_target_holding_its_acks() {
+    // The initiator's write buffer is 1 MiB and it keeps 8 writes of 256 KiB waiting: at
+    // 75% and filling it reports congestion, and the target then sends its ACKs at once
+    // (no hold), as the seed asks; the data is intact either way.
+    let o = WanOptions::default();
+    let calm = wan_run(&o, WanMode::Accelerated, 8, 32).unwrap();
+    let mut o2 = WanOptions::default();
+    o2.initiator.buffer_bytes = 1 << 20;
+    let congested = wan_run(&o2, WanMode::Accelerated, 8, 32).unwrap();
+    for r in [&calm, &congested] {
+        assert!(r.integrity_ok, "{:?}", r.problem);
+    }
+    assert_eq!(calm.congestion_reports, 0, "{calm:?}");
+    assert!(congested.congestion_reports >= 1, "{congested:?}");
+    assert!(
+        congested.pure_acks_sent > 10 * calm.pure_acks_sent.max(1),
+        "no hold while congested: {} pure ACKs against {}",
+        congested.pure_acks_sent,
+        calm.pure_acks_sent
+    );
+}

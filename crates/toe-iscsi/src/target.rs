@@ -208,6 +208,13 @@ pub struct TargetConn<T: Transport = Software> {
     batch_since: u64,
     /// When the latest write completed, µs.
     last_write_done: Option<u64>,
+    /// The write-back model: completed writes stay in the write buffer until the backing
+    /// store takes them at this rate, bytes per second (`None`: at once).
+    destage_rate: Option<u64>,
+    /// Bytes of completed writes not destaged yet, and when that was last brought up to
+    /// date (µs).
+    destaging: u64,
+    destaged_at: u64,
 }
 
 /// A command PDU that came ahead of its CmdSN's turn, kept until the ones before it come.
@@ -360,7 +367,19 @@ impl<T: Transport> TargetConn<T> {
             batch: Vec::new(),
             batch_since: 0,
             last_write_done: None,
+            destage_rate: None,
+            destaging: 0,
+            destaged_at: 0,
         }
+    }
+
+    /// Model a write-back target whose backing store is slower than the network: the data
+    /// of each completed write (answered at once) stays in the write buffer and drains at
+    /// `bytes_per_s`. Write acceleration's dynamic R2T and back-off watch that buffer. Only
+    /// the accounting is modelled: the data is on the disk at once.
+    pub fn with_destage(mut self, bytes_per_s: u64) -> Self {
+        self.destage_rate = Some(bytes_per_s.max(1));
+        self
     }
 
     /// The write-acceleration policy for sessions that negotiate it (see [`crate::accel`];
@@ -407,6 +426,19 @@ impl<T: Transport> TargetConn<T> {
     /// answer. Nothing without [`TargetConn::with_keepalive`].
     pub fn on_time(&mut self, now_us: u64) {
         self.now_us = self.now_us.max(now_us);
+        if let Some(rate) = self.destage_rate {
+            let dt = self.now_us.saturating_sub(self.destaged_at);
+            let drained = u128::from(rate) * u128::from(dt) / 1_000_000;
+            if drained > 0 || self.destaging == 0 {
+                self.destaging = self
+                    .destaging
+                    .saturating_sub(drained.min(u128::from(u64::MAX)) as u64);
+                self.destaged_at = self.now_us;
+            }
+            if matches!(self.phase, Phase::FullFeature(_)) {
+                self.check_buffer();
+            }
+        }
         if !self.batch.is_empty()
             && self.now_us.saturating_sub(self.batch_since) >= self.accel.batch_delay_us
         {
@@ -475,11 +507,13 @@ impl<T: Transport> TargetConn<T> {
             return None;
         }
         let batch = (!self.batch.is_empty()).then(|| self.batch_since + self.accel.batch_delay_us);
+        // While the buffer drains, its thresholds are looked at every millisecond.
+        let destage = (self.destaging > 0).then(|| self.now_us + 1_000);
         let keepalive = self.keepalive.and_then(|k| match self.ping {
             Some((_, sent)) => Some(sent + k.timeout_us),
             None => self.last_heard.map(|t| t + k.interval_us),
         });
-        batch.into_iter().chain(keepalive).min()
+        batch.into_iter().chain(keepalive).chain(destage).min()
     }
 
     /// End this session's reservation on the disk, if it holds one (logout, or the
@@ -566,12 +600,15 @@ impl<T: Transport> TargetConn<T> {
         self.send(&r, TxData::Inline(&[]));
     }
 
-    /// Bytes the writes in progress hold (their whole lengths, as allocated).
+    /// Bytes the write buffer holds: the writes in progress (their whole lengths, as
+    /// allocated) and, with [`TargetConn::with_destage`], completed writes not destaged yet.
     fn gathering(&self) -> u64 {
-        self.writes
+        let open: u64 = self
+            .writes
             .values()
             .map(|t| u64::from(t.cmd.expected_len))
-            .sum()
+            .sum();
+        open + self.destaging
     }
 
     /// Dynamic R2T: tell the initiator when the write buffer crosses a threshold.
@@ -935,6 +972,12 @@ impl<T: Transport> TargetConn<T> {
             // The data comes out of the transport's buffer (out of host memory, where an
             // engine placed it) into the disk's.
             let data = self.io.close(itt).unwrap_or_default();
+            if self.destage_rate.is_some() {
+                if self.destaging == 0 {
+                    self.destaged_at = self.now_us;
+                }
+                self.destaging += data.len() as u64;
+            }
             let (o, want) = {
                 let mut d = disk.lock().expect("disk lock");
                 (

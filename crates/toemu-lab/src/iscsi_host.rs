@@ -210,6 +210,8 @@ pub struct TargetApp {
     charged: HostWork,
     /// Write acceleration for sessions that negotiate it.
     accel: toe_iscsi::accel::AccelConfig,
+    /// The write-back model's destage rate, bytes per second, if any.
+    destage: Option<u64>,
 }
 
 impl std::fmt::Debug for TargetApp {
@@ -248,7 +250,15 @@ impl TargetApp {
             totals: Totals::default(),
             charged: HostWork::default(),
             accel: toe_iscsi::accel::AccelConfig::default(),
+            destage: None,
         }
+    }
+
+    /// A write-back target whose store takes `bytes_per_s` (see
+    /// [`TargetConn::with_destage`]).
+    pub fn with_destage(mut self, bytes_per_s: u64) -> Self {
+        self.destage = Some(bytes_per_s);
+        self
     }
 
     /// The write-acceleration policy of sessions that negotiate it (the target accepts
@@ -315,6 +325,9 @@ impl TargetApp {
         let mut conn_machine = TargetConn::over(io, self.cfg.clone(), targets, challenge, id, tsih)
             .with_disk(self.disk.clone())
             .with_accel(self.accel);
+        if let Some(rate) = self.destage {
+            conn_machine = conn_machine.with_destage(rate);
+        }
         if let Some(k) = self.keepalive {
             conn_machine = conn_machine.with_keepalive(k);
         }

@@ -152,6 +152,8 @@ pub struct WanRun {
     pub backoffs: u64,
     /// Dynamic-R2T messages the target sent (R2T required, unsolicited allowed again).
     pub r2t_signals: u64,
+    /// Congestion reports the target received from the initiator.
+    pub congestion_reports: u64,
     /// Frames lost or dropped on the reverse path (loss and queue).
     pub reverse_drops: u64,
     /// Frames dropped at the forward bottleneck queue.
@@ -181,6 +183,11 @@ pub struct WanOptions {
     pub min_writes: u64,
     /// The target's write-acceleration policy.
     pub accel: AccelConfig,
+    /// The initiator's side of write acceleration (its write buffer's congestion reports).
+    pub initiator: InitiatorAccel,
+    /// A write-back target whose store takes this many bytes per second (see
+    /// `TargetConn::with_destage`); `None`: the store keeps up.
+    pub destage_bytes_per_s: Option<u64>,
     /// Seeds the wire and the data.
     pub seed: u64,
 }
@@ -194,6 +201,8 @@ impl Default for WanOptions {
             writes_per_depth: 16,
             min_writes: 48,
             accel: AccelConfig::default(),
+            destage_bytes_per_s: None,
+            initiator: InitiatorAccel::default(),
             seed: 3,
         }
     }
@@ -265,6 +274,9 @@ pub fn wan_run(o: &WanOptions, mode: WanMode, depth: usize, writes: u64) -> io::
     cfg.params.write_acceleration = o.accel.enabled;
     let mut target =
         TargetApp::new(3260, cfg, "10.0.0.2:3260", disk.clone(), o.seed).with_accel(o.accel);
+    if let Some(rate) = o.destage_bytes_per_s {
+        target = target.with_destage(rate);
+    }
     let url: IscsiUrl = format!("iscsi://10.0.0.2:3260/{iqn}/0")
         .parse()
         .map_err(io::Error::other)?;
@@ -282,7 +294,7 @@ pub fn wan_run(o: &WanOptions, mode: WanMode, depth: usize, writes: u64) -> io::
     }
     let mut perf = PerfApp::new(&url, po.clone(), random)
         .map_err(io::Error::other)?
-        .with_params(mode.params(o.io_bytes), InitiatorAccel::default());
+        .with_params(mode.params(o.io_bytes), o.initiator);
     let t0 = std::time::Instant::now();
     crate::serve::run_apps_sim(&sim, &mut perf, &mut target, u64::MAX)?;
     let wall_seconds = t0.elapsed().as_secs_f64();
@@ -323,6 +335,7 @@ pub fn wan_run(o: &WanOptions, mode: WanMode, depth: usize, writes: u64) -> io::
         response_batches: st.response_batches,
         backoffs: st.backoffs,
         r2t_signals: st.r2t_signals,
+        congestion_reports: st.congestion_reports,
         reverse_drops: rev.dropped_loss + rev.dropped_queue,
         forward_queue_drops: fwd.dropped_queue,
         integrity_ok: problem.is_none(),

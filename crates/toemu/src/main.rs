@@ -415,6 +415,13 @@ enum IscsiCmd {
         /// Queue depths to run, comma-separated (default 1,8,32).
         #[arg(long, value_delimiter = ',')]
         depth: Vec<usize>,
+        /// A write-back target whose store takes this many MB/s (10^6 bytes), so that its
+        /// write buffer fills (default: the store keeps up).
+        #[arg(long)]
+        destage_mb_per_s: Option<u64>,
+        /// The target's write buffer that dynamic R2T and back-off watch, MiB (default 32).
+        #[arg(long)]
+        buffer_mib: Option<u64>,
     },
     /// An iSCSI target whose LUN 0 is a disk in a file, on std TCP or on an emulated TOE
     /// host on a TAP device; runs until SIGINT or
@@ -518,8 +525,16 @@ fn iscsi(cmd: IscsiCmd, settings: &Settings) -> Result<(), String> {
             with,
             loss,
             depth,
+            destage_mb_per_s,
+            buffer_mib,
         } => {
-            let mut o = toemu_lab::wan::WanOptions::default();
+            let mut o = toemu_lab::wan::WanOptions {
+                destage_bytes_per_s: destage_mb_per_s.map(|m| m * 1_000_000),
+                ..toemu_lab::wan::WanOptions::default()
+            };
+            if let Some(b) = buffer_mib {
+                o.accel.buffer_bytes = b << 20;
+            }
             if let Some(l) = loss {
                 o.link.loss = l;
             }

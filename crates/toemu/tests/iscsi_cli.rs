@@ -233,3 +233,62 @@ fn sigterm_asks_every_session_to_log_out() {
     assert!(!out.contains("did not log out"), "{out}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `toemu iscsi wan-bench --quick`: the JSON has the link and, for every mode at every
+/// depth, the figures the issue names, each run's data checked; the chart is an SVG.
+#[test]
+fn wan_bench_writes_its_json_and_chart() {
+    let d = scratch("wan");
+    let (json, svg) = (d.join("wan.json"), d.join("wan.svg"));
+    let out = Command::new(TOEMU)
+        .args(["iscsi", "wan-bench", "--quick", "--depth", "1,8", "--json"])
+        .arg(&json)
+        .arg("--svg")
+        .arg(&svg)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("accelerated") && text.contains("latency p50"),
+        "{text}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    for k in [
+        "forward_bytes_per_s",
+        "reverse_bytes_per_s",
+        "rtt_ms",
+        "loss",
+    ] {
+        assert!(v["link"][k].is_number(), "link.{k}: {v}");
+    }
+    let runs = v["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 6, "3 modes × 2 depths");
+    for r in runs {
+        for k in [
+            "depth",
+            "throughput_bytes_per_s",
+            "reverse_packets_per_mib",
+            "reverse_bytes_per_mib",
+            "r2t_sent",
+        ] {
+            assert!(r[k].is_number(), "{k}: {r}");
+        }
+        assert!(
+            r["write_latency_us"]["p50"].is_number() && r["write_latency_us"]["p99"].is_number()
+        );
+        assert_eq!(r["integrity_ok"], true, "{r}");
+        assert!(["classic", "unsolicited", "accelerated"].contains(&r["mode"].as_str().unwrap()));
+    }
+    let chart = std::fs::read_to_string(&svg).unwrap();
+    assert!(
+        chart.starts_with("<svg") || chart.contains("<svg"),
+        "not an SVG"
+    );
+    assert!(chart.contains("accelerated") && chart.contains("classic"));
+    std::fs::remove_dir_all(&d).unwrap();
+}

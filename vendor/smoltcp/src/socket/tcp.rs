@@ -152,7 +152,8 @@ const RTTE_K: u32 = 4;
 
 // RFC 6298 (2.4): Whenever RTO is computed, if it is less than 1 second, then the
 // RTO SHOULD be rounded up to 1 second.
-const RTTE_MIN_RTO: u32 = 1000;
+// toemu: 200 ms, Linux's TCP_RTO_MIN, as the stacks toemu is compared with use.
+const RTTE_MIN_RTO: u32 = 200;
 
 // RFC 6298 (2.5) A maximum value MAY be placed on RTO provided it is at least 60
 // seconds
@@ -2174,6 +2175,7 @@ impl<'a> Socket<'a> {
             self.tx_waker.wake();
         }
 
+        let mut partial_ack = false;
         if let Some(ack_number) = repr.ack_number {
             // TODO: When flow control is implemented,
             // refractor the following block within that implementation
@@ -2234,7 +2236,7 @@ impl<'a> Socket<'a> {
                     // have nothing new to send) or for the retransmission timeout.
                     if let Some(r) = self.recover {
                         if ack_len > 0 && ack_number < r {
-                            self.timer.set_for_fast_retransmit();
+                            partial_ack = true;
                         } else {
                             self.recover = None;
                         }
@@ -2288,6 +2290,11 @@ impl<'a> Socket<'a> {
                 self.timer.set_for_idle(cx.now(), self.keep_alive);
             }
             _ => {}
+        }
+        // toemu: a NewReno partial ACK retransmits the next hole now (after the timer
+        // update above, which would otherwise turn it back into a plain retransmit timer).
+        if partial_ack && !self.tx_buffer.is_empty() {
+            self.timer.set_for_fast_retransmit();
         }
 
         // start/stop the Zero Window Probe timer.

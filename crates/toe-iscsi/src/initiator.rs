@@ -74,6 +74,8 @@ struct Task {
     read_end: usize,
     /// When it (last) went out, µs of [`InitiatorConn::on_time`]'s clock.
     sent_us: u64,
+    /// Times it was refused with a back-off and sent again.
+    resends: u8,
 }
 
 /// An initiator connection over transport `T` (by default the software one, over a byte
@@ -130,6 +132,13 @@ pub struct AccelStats {
 
 /// SCSI status TASK SET FULL.
 const TASK_SET_FULL: u8 = 0x28;
+
+/// Most times one write refused with a back-off is sent again before its refusal is
+/// reported to the application.
+pub const MAX_RESENDS: u8 = 16;
+
+/// Most congestion reports awaiting their Text Response at once.
+const MAX_OPEN_REPORTS: usize = 8;
 
 /// The longest Text Response the initiator gathers (over continued PDUs), bytes; a target
 /// that sends more ends the connection.
@@ -320,6 +329,11 @@ impl<T: Transport> InitiatorConn<T> {
                 let itt = self.tag();
                 let mut data = Vec::new();
                 text::encode_pairs(&[(crate::accel::CONGESTION_KEY, v.as_str())], &mut data);
+                // Answers normally come at once; a target that never answers cannot make
+                // the list grow past a few entries.
+                if self.reports.len() >= MAX_OPEN_REPORTS {
+                    self.reports.remove(0);
+                }
                 self.reports.push(itt);
                 self.text_request(itt, RESERVED_TAG, &data);
             }
@@ -489,6 +503,7 @@ impl<T: Transport> InitiatorConn<T> {
                 cmd,
                 read_end: 0,
                 sent_us: self.now_us,
+                resends: 0,
             },
         );
         self.waiting.push_back(itt);
@@ -694,13 +709,19 @@ impl<T: Transport> InitiatorConn<T> {
             }
             Repr::ScsiResponse(r) => {
                 self.update_sns(Some(r.stat_sn), r.exp_cmd_sn, r.max_cmd_sn);
-                let Some(t) = self.tasks.get(&r.itt) else {
+                let Some(t) = self.tasks.get_mut(&r.itt) else {
                     return self.fail(format!("SCSI Response for unknown task {:#x}", r.itt));
                 };
                 let rtt = self.now_us.saturating_sub(t.sent_us);
-                if r.status == TASK_SET_FULL && t.cmd.write && self.backoff_ms > 0 {
+                if r.status == TASK_SET_FULL
+                    && t.cmd.write
+                    && self.backoff_ms > 0
+                    && t.resends < MAX_RESENDS
+                {
                     // Refused for lack of buffer, with a back-off: the write goes again
-                    // after the round-trip time plus the back-off; its buffer stays.
+                    // after the round-trip time plus the back-off; its buffer stays. After
+                    // MAX_RESENDS refusals the application sees the TASK SET FULL.
+                    t.resends += 1;
                     let wait = self.min_rtt_us.unwrap_or(0) + u64::from(self.backoff_ms) * 1000;
                     self.resend.push((self.now_us + wait, r.itt));
                     self.flush_waiting();

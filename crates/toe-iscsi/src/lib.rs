@@ -22,7 +22,9 @@
 //!    engine; task buffers moving between application memory, host memory and the NIC).
 //!
 //! 10. [`accel`]: write acceleration over asymmetric WANs (seed 000): a private login
-//!     key, dynamic R2T, combined SCSI/TCP acknowledgements, batched responses, back-off.
+//!     key, dynamic R2T, combined SCSI/TCP acknowledgements, batched responses, back-off;
+//! 11. [`proxy`]: proxy I/O in a target cluster (seed 001): the LBA map and the primary's
+//!     command contexts by proxy task ID (the cluster's runtime is not built yet).
 //!
 //! See `DESIGN.md`, "iSCSI" and "The ULP engine slot".
 
@@ -32,6 +34,7 @@ pub mod initiator;
 pub mod login;
 pub mod offload;
 pub mod pr;
+pub mod proxy;
 pub mod scsi;
 pub mod target;
 pub mod text;

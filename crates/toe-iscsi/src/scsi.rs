@@ -149,6 +149,14 @@ impl Sense {
         ascq: 0x05,
         ..Sense::NO_SENSE
     };
+    /// ABORTED COMMAND, LOGICAL UNIT COMMUNICATION FAILURE (08h/00h): a cluster member
+    /// holding part of the command's blocks did not answer in time (proxy I/O).
+    pub const MEMBER_UNREACHABLE: Sense = Sense {
+        key: key::ABORTED_COMMAND,
+        asc: 0x08,
+        ascq: 0x00,
+        ..Sense::NO_SENSE
+    };
     /// MISCOMPARE DURING VERIFY OPERATION.
     pub const MISCOMPARE: Sense = Sense {
         key: key::MISCOMPARE,

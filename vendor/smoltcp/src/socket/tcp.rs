@@ -439,8 +439,8 @@ pub struct AckStats {
     pub expired: u64,
     /// Held ACKs sent as pure ACKs early, because too many bytes were unacknowledged.
     pub forced: u64,
-    /// Duplicate ACKs for out-of-order segments not sent on a socket that holds ACKs
-    /// (after the first three for the same hole).
+    /// Duplicate ACKs (for out-of-order segments, or for old data sent again) not sent on a
+    /// socket that holds ACKs: after the first three for the same hole.
     pub thinned: u64,
 }
 
@@ -843,7 +843,8 @@ impl<'a> Socket<'a> {
     /// toemu: hold delayed ACKs. With `Some(bytes)`, a delayed ACK goes out before its timer
     /// (see [set_ack_delay](#method.set_ack_delay)) only once more than `bytes` received bytes
     /// are unacknowledged, or when a data segment carries it; with `None` (the default), once
-    /// more than one MSS is. ACKs for out-of-order segments are never held.
+    /// more than one MSS is. ACKs for out-of-order segments are not held, but with
+    /// `Some`, only three duplicates go for one hole (same cumulative ACK and window).
     pub fn set_ack_hold(&mut self, bytes: Option<usize>) {
         self.ack_hold = bytes
     }

@@ -277,7 +277,12 @@ impl Sim {
     /// Like [`Sim::step`], but an idle world is not an error (an application driven from
     /// outside the simulation may be about to act): returns `Ok(false)` then.
     pub fn step_or_idle(&self) -> io::Result<bool> {
-        match self.step() {
+        self.step_or_idle_bounded(None)
+    }
+
+    /// [`Sim::step_or_idle`] whose clock jump stops at `limit`, as [`Sim::step_bounded`].
+    pub fn step_or_idle_bounded(&self, limit: Option<Instant>) -> io::Result<bool> {
+        match self.step_bounded(limit) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
             r => r,
         }

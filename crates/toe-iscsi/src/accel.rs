@@ -172,17 +172,22 @@ pub struct FillMeter {
 }
 
 impl FillMeter {
+    /// Whether a sample at `now_us` would be taken (the sample interval has passed).
+    pub fn due(&self, cfg: &InitiatorAccel, now_us: u64) -> bool {
+        self.last
+            .is_none_or(|(t, _)| now_us.saturating_sub(t) >= cfg.sample_us)
+    }
+
     /// Take a sample: `held` bytes of writes waiting at `now_us`. Returns `Some(report)`
     /// (the value of [`CONGESTION_KEY`] to send) when the congestion state changes.
     pub fn sample(&mut self, cfg: &InitiatorAccel, now_us: u64, held: u64) -> Option<String> {
-        match self.last {
-            Some((t, _)) if now_us.saturating_sub(t) < cfg.sample_us => return None,
-            Some((t, h)) => {
-                let dt = (now_us - t).max(1) as i128;
-                let d = i128::from(held) - i128::from(h);
-                self.rate = (d * 1_000_000 / dt).clamp(i64::MIN.into(), i64::MAX.into()) as i64;
-            }
-            None => {}
+        if !self.due(cfg, now_us) {
+            return None;
+        }
+        if let Some((t, h)) = self.last {
+            let dt = now_us.saturating_sub(t).max(1) as i128;
+            let d = i128::from(held) - i128::from(h);
+            self.rate = (d * 1_000_000 / dt).clamp(i64::MIN.into(), i64::MAX.into()) as i64;
         }
         self.last = Some((now_us, held));
         let cap = u128::from(cfg.buffer_bytes.max(1));

@@ -317,7 +317,7 @@ impl<T: Transport> InitiatorConn<T> {
             self.waiting.extend(due);
             self.flush_waiting();
         }
-        if self.accelerated() {
+        if self.accelerated() && self.fill.due(&self.accel, now) {
             let held: u64 = self
                 .tasks
                 .values()

@@ -429,15 +429,14 @@ impl<T: Transport> TargetConn<T> {
         if let Some(rate) = self.destage_rate {
             let dt = self.now_us.saturating_sub(self.destaged_at);
             let drained = u128::from(rate) * u128::from(dt) / 1_000_000;
-            if drained > 0 || self.destaging == 0 {
-                self.destaging = self
-                    .destaging
-                    .saturating_sub(drained.min(u128::from(u64::MAX)) as u64);
+            // Less than a byte's worth of time keeps accruing (the close of a write into an
+            // empty buffer restarts the clock).
+            if drained > 0 {
+                let drained = u64::try_from(drained).unwrap_or(u64::MAX);
+                self.destaging = self.destaging.saturating_sub(drained);
                 self.destaged_at = self.now_us;
             }
-            if matches!(self.phase, Phase::FullFeature(_)) {
-                self.check_buffer();
-            }
+            self.check_buffer();
         }
         if !self.batch.is_empty()
             && self.now_us.saturating_sub(self.batch_since) >= self.accel.batch_delay_us

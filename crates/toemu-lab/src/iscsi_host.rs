@@ -794,6 +794,39 @@ impl Default for WireSpec {
     }
 }
 
+/// Two hosts on `ports` for an iSCSI run on the virtual clock: host 0 (10.0.0.1) for the
+/// initiator, host 1 (10.0.0.2) listening on port 3260 for the target, both NICs carrying
+/// the iSCSI engine, both measuring their driver's wall-clock CPU time.
+pub fn iscsi_hosts(
+    settings: &toe_host::config::Settings,
+    [pa, pb]: [toe_host::runtime::BoxPhy; 2],
+    seed: u64,
+) -> io::Result<toe_host::runtime::Sim> {
+    let sim = toe_host::pair::hosts(settings, settings, seed, pa, pb)?;
+    for i in 0..2 {
+        sim.with_host(i, |h| {
+            h.nic
+                .add_engine(Arc::new(toe_iscsi::engine::IscsiEngineFactory));
+            h.driver_cpu = Some(std::time::Duration::ZERO);
+        });
+    }
+    sim.driver(1)
+        .lock()
+        .listen(3260, 16, None)
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    Ok(sim)
+}
+
+/// The 23 random bytes an initiator needs (ISID, first CmdSN, CHAP challenge), derived
+/// from `seed` for replays.
+pub fn seeded_random(seed: u64) -> [u8; 23] {
+    let mut random = [0u8; 23];
+    for (i, b) in random.iter_mut().enumerate() {
+        *b = (seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (i % 8 * 8)) as u8 ^ i as u8;
+    }
+    random
+}
+
 /// toemu's initiator on host 0 (10.0.0.1) against toemu's target on host 1 (10.0.0.2, port
 /// 3260, LUN 0 a memory disk) on the in-memory wire `wire`, on the virtual clock: the load
 /// `o`, set up as `spec` says (both NICs carry the iSCSI engine). Deterministic for a given
@@ -811,19 +844,8 @@ pub fn run_on_wire(
         offload,
         stop_target_at,
     } = spec;
-    let ([pa, pb], monitors) = toe_host::pair::wire_ports(wire)?;
-    let sim = toe_host::pair::hosts(settings, settings, seed, pa, pb)?;
-    for i in 0..2 {
-        sim.with_host(i, |h| {
-            h.nic
-                .add_engine(Arc::new(toe_iscsi::engine::IscsiEngineFactory));
-            h.driver_cpu = Some(std::time::Duration::ZERO);
-        });
-    }
-    sim.driver(1)
-        .lock()
-        .listen(3260, 16, None)
-        .map_err(|e| io::Error::other(e.to_string()))?;
+    let (ports, monitors) = toe_host::pair::wire_ports(wire)?;
+    let sim = iscsi_hosts(settings, ports, seed)?;
     let iqn = "iqn.2026-12.org.toemu:disk";
     let cfg = TargetConfig::offering_digests(iqn);
     let disk = Arc::new(Mutex::new(Disk::new(
@@ -842,11 +864,7 @@ pub fn run_on_wire(
     let url: IscsiUrl = format!("iscsi://10.0.0.2:3260/{iqn}/0{query}")
         .parse()
         .map_err(io::Error::other)?;
-    let mut random = [0u8; 23];
-    for (i, b) in random.iter_mut().enumerate() {
-        *b = (seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (i % 8 * 8)) as u8 ^ i as u8;
-    }
-    let mut perf = PerfApp::new(&url, o, random)
+    let mut perf = PerfApp::new(&url, o, seeded_random(seed))
         .map_err(io::Error::other)?
         .with_offload(offload);
     let mem = |i: usize| sim.with_host(i, |h| h.mem.clone());

@@ -156,10 +156,7 @@ pub fn run_apps_sim(
             .into_iter()
             .flatten()
             .min();
-        let moved = match sim.step_bounded(limit) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
-            r => r?,
-        };
+        let moved = sim.step_or_idle_bounded(limit)?;
         let now = sim.now();
         let b = server.poll(&mut db.lock(), now)?;
         let a = client.poll(&mut da.lock(), now)?;
@@ -168,7 +165,7 @@ pub fn run_apps_sim(
         if client.done() {
             // let the server see the end of the connection too
             for _ in 0..10_000 {
-                let moved = sim.step_or_idle()?;
+                let moved = sim.step_or_idle_bounded(server.poll_at())?;
                 let busy = server.poll(&mut db.lock(), sim.now())?;
                 log.extend(server.take_log());
                 if !moved && !busy {

@@ -26,7 +26,7 @@ use toe_iscsi::scsi::{Disk, MemStore};
 use toe_nic::impair::{ImpairConfig, ImpairStats, Impaired};
 
 use crate::iscsi::IscsiUrl;
-use crate::iscsi_host::{PerfApp, TargetApp};
+use crate::iscsi_host::{iscsi_hosts, seeded_random, PerfApp, TargetApp};
 use crate::iscsi_perf::PerfOptions;
 use crate::plot::{write_svg, Axis, Chart, Scale, Series, Ticks};
 use crate::stats::Latency;
@@ -247,17 +247,7 @@ pub fn wan_run(o: &WanOptions, mode: WanMode, depth: usize, writes: u64) -> io::
     )
     .map_err(|e| io::Error::other(e.to_string()))?;
     let (mon_rev, mon_fwd) = (rev.monitor(), fwd.monitor());
-    let sim = toe_host::pair::hosts(&settings, &settings, o.seed, Box::new(rev), Box::new(fwd))?;
-    for i in 0..2 {
-        sim.with_host(i, |h| {
-            h.nic
-                .add_engine(Arc::new(toe_iscsi::engine::IscsiEngineFactory));
-        });
-    }
-    sim.driver(1)
-        .lock()
-        .listen(3260, 16, None)
-        .map_err(|e| io::Error::other(e.to_string()))?;
+    let sim = iscsi_hosts(&settings, [Box::new(rev), Box::new(fwd)], o.seed)?;
     let bytes = writes * u64::from(o.io_bytes);
     let lun_bytes = bytes as usize;
     let disk = Arc::new(Mutex::new(Disk::new(
@@ -288,11 +278,7 @@ pub fn wan_run(o: &WanOptions, mode: WanMode, depth: usize, writes: u64) -> io::
         seed: o.seed,
         ..PerfOptions::default()
     };
-    let mut random = [0u8; 23];
-    for (i, b) in random.iter_mut().enumerate() {
-        *b = (o.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (i % 8 * 8)) as u8 ^ i as u8;
-    }
-    let mut perf = PerfApp::new(&url, po.clone(), random)
+    let mut perf = PerfApp::new(&url, po.clone(), seeded_random(o.seed))
         .map_err(io::Error::other)?
         .with_params(mode.params(o.io_bytes), o.initiator);
     let t0 = std::time::Instant::now();

@@ -500,7 +500,11 @@ pub struct Settings {
     pub idle_timeout_ms: Option<u64>,
     /// Handshake timeout, in milliseconds (>= 1), or `None` (`off`): a half-open connection
     /// (SYN-RECEIVED, e.g. from a spoofed SYN) or an active open without answer is abandoned
-    /// after this long. Default 5 000.
+    /// after this long. Default 30 000: with smoltcp's doubling handshake RTO (1 s, 2 s, 4 s,
+    /// 8 s) that leaves room for four retransmissions of a SYN or SYN-ACK, so a lossy wire
+    /// does not end handshakes that Linux would complete (its SYN-ACK is retried five times).
+    /// The long wait costs no memory under a SYN flood: half-open sockets are recycled when
+    /// the backlog is full.
     pub syn_timeout_ms: Option<u64>,
     provenance: Provenance,
 }
@@ -529,7 +533,7 @@ impl Default for Settings {
             host_crc_mb_per_s: 8_000,
             keepalive_ms: Some(60_000),
             idle_timeout_ms: Some(180_000),
-            syn_timeout_ms: Some(5_000),
+            syn_timeout_ms: Some(30_000),
             provenance: Provenance::default(),
         }
     }
@@ -1557,7 +1561,7 @@ mod tests {
             (
                 Some(Duration::from_secs(60)),
                 Some(Duration::from_secs(180)),
-                Some(Duration::from_secs(5))
+                Some(Duration::from_secs(30))
             )
         );
         s.apply_override("keepalive_ms", "off").unwrap();

@@ -83,7 +83,7 @@ impl Default for NicConfig {
             ack_delay: Some(Duration::from_millis(10)),
             keepalive: Some(Duration::from_secs(60)),
             idle_timeout: Some(Duration::from_secs(180)),
-            syn_timeout: Some(Duration::from_secs(5)),
+            syn_timeout: Some(Duration::from_secs(30)),
             cost: NicCost::FREE,
         }
     }

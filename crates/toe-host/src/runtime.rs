@@ -66,9 +66,36 @@ impl Host {
     pub fn new(
         name: &str,
         settings: &Settings,
+        nic: NicConfig,
+        phy: BoxPhy,
+        now: Instant,
+    ) -> Result<Host, HostError> {
+        let pool = settings.anon_pool_bytes() as usize;
+        let mem = Arc::new(HostMemory::anonymous(pool + DEFAULT_APP_MEMORY_BYTES)?);
+        Host::on_memory(name, settings, nic, phy, now, mem)
+    }
+
+    /// Another NIC of the machine whose host memory is `self`'s: its own driver and pools,
+    /// the same memory (so an application may move data between the two NICs' connections
+    /// within one memory). The memory must have room for a second anonymous pool.
+    pub fn second_nic(
+        &self,
+        name: &str,
+        settings: &Settings,
+        nic: NicConfig,
+        phy: BoxPhy,
+        now: Instant,
+    ) -> Result<Host, HostError> {
+        Host::on_memory(name, settings, nic, phy, now, self.mem.clone())
+    }
+
+    fn on_memory(
+        name: &str,
+        settings: &Settings,
         mut nic: NicConfig,
         phy: BoxPhy,
         now: Instant,
+        mem: Arc<HostMemory>,
     ) -> Result<Host, HostError> {
         nic.mtu = settings.mtu as usize;
         nic.socket_rx_bytes = settings.socket_buf_bytes as usize;
@@ -78,7 +105,6 @@ impl Host {
         (nic.keepalive, nic.idle_timeout, nic.syn_timeout) = settings.timers();
         nic.cost = settings.nic_cost();
         let pool = settings.anon_pool_bytes() as usize;
-        let mem = Arc::new(HostMemory::anonymous(pool + DEFAULT_APP_MEMORY_BYTES)?);
         let (host_end, nic_end) = bus_with_latency(
             settings.ring_depth as usize,
             Duration::from_micros(settings.bus_latency_us),

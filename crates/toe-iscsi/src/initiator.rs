@@ -21,7 +21,9 @@ use crate::text;
 use crate::transport::{
     DataOutBurst, FrameError, RxData, RxPdu, Software, Stream, Transport, TxData,
 };
-use crate::wire::{DigestCheck, LogoutRequest, Nop, Repr, ScsiCommand, Text, RESERVED_TAG};
+use crate::wire::{
+    DigestCheck, LogoutRequest, Nop, Repr, ScsiCommand, TaskMgmtRequest, Text, RESERVED_TAG,
+};
 
 /// What the initiator connection reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +43,17 @@ pub enum InitiatorEvent {
     Done(Completion),
     /// The Logout Response came.
     LoggedOut,
+    /// The answer to a Task Management Function Request
+    /// ([`InitiatorConn::task_mgmt`]). The tasks it ended are gone without a completion.
+    TaskMgmt {
+        /// The request's tag.
+        itt: u32,
+        /// Its function.
+        function: u8,
+        /// The target's response (0 function complete, 1 task does not exist, 5 function
+        /// not supported, ...; RFC 7143 §11.6.1).
+        response: u8,
+    },
     /// The connection ended on a protocol error.
     Failed(String),
 }
@@ -117,6 +130,8 @@ pub struct InitiatorConn<T: Transport = Software> {
     reports: Vec<u32>,
     /// Counters of write acceleration.
     accel_stats: AccelStats,
+    /// Task management requests awaiting their answer: tag → (function, referenced task).
+    tmf: HashMap<u32, (u8, u32)>,
 }
 
 /// What an initiator's write acceleration did. Counts only grow.
@@ -276,7 +291,40 @@ impl<T: Transport> InitiatorConn<T> {
             fill: FillMeter::default(),
             reports: Vec::new(),
             accel_stats: AccelStats::default(),
+            tmf: HashMap::new(),
         }
+    }
+
+    /// Send a Task Management Function Request (immediate) for `lun`: ABORT TASK (1) of
+    /// task `ref_itt`, or a function of the whole task set or logical unit (2 ABORT TASK
+    /// SET, 3 CLEAR TASK SET, 5 LOGICAL UNIT RESET, 6 TARGET WARM RESET; `ref_itt` is
+    /// then ignored). Returns its tag; the answer comes as [`InitiatorEvent::TaskMgmt`],
+    /// and with it the tasks it ended go (without completions). A task not sent yet (the
+    /// CmdSN window was closed) is dropped at once.
+    pub fn task_mgmt(&mut self, function: u8, lun: u64, ref_itt: u32) -> u32 {
+        let itt = self.tag();
+        if function == 1 && self.waiting.contains(&ref_itt) {
+            self.waiting.retain(|&w| w != ref_itt);
+            self.finish_task(ref_itt);
+        }
+        let ref_cmd_sn = match self.tasks.get(&ref_itt) {
+            Some(t) if function == 1 => t.cmd.cmd_sn,
+            _ => self.cmd_sn,
+        };
+        self.tmf.insert(itt, (function, ref_itt));
+        let r = Repr::TaskMgmtRequest(TaskMgmtRequest {
+            immediate: true,
+            function,
+            lun,
+            itt,
+            ref_task_tag: if function == 1 { ref_itt } else { RESERVED_TAG },
+            cmd_sn: self.cmd_sn,
+            exp_stat_sn: self.exp_stat_sn,
+            ref_cmd_sn,
+            exp_data_sn: 0,
+        });
+        self.io.send(&r, TxData::Inline(&[]));
+        itt
     }
 
     /// The initiator's write-acceleration settings (used once a session negotiated it:
@@ -845,7 +893,27 @@ impl<T: Transport> InitiatorConn<T> {
                 }
             }
             Repr::TaskMgmtResponse(t) => {
-                self.update_sns(Some(t.stat_sn), t.exp_cmd_sn, t.max_cmd_sn)
+                self.update_sns(Some(t.stat_sn), t.exp_cmd_sn, t.max_cmd_sn);
+                if let Some((function, ref_itt)) = self.tmf.remove(&t.itt) {
+                    // Function complete, or the task is not (no longer) at the target:
+                    // no answer of the tasks it names will come.
+                    if t.response <= 1 {
+                        let ended: Vec<u32> = if function == 1 {
+                            vec![ref_itt]
+                        } else {
+                            self.tasks.keys().copied().collect()
+                        };
+                        for itt in ended {
+                            self.waiting.retain(|&w| w != itt);
+                            self.finish_task(itt);
+                        }
+                    }
+                    self.events.push_back(InitiatorEvent::TaskMgmt {
+                        itt: t.itt,
+                        function,
+                        response: t.response,
+                    });
+                }
             }
             other => return self.fail(format!("unexpected {:?} from the target", other.opcode())),
         }

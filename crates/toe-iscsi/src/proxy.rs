@@ -13,12 +13,15 @@
 //! GOOD); residuals add up. A piece whose member does not answer by its deadline ends the
 //! command with CHECK CONDITION (so a member that is down never hangs the initiator).
 //!
-//! The cluster's runtime (two NICs per member, the proxy initiator's sessions) is not
-//! here: this module decides, the shells move bytes.
+//! [`Primary`] puts these together for the primary's shell: a front connection's
+//! [`crate::target::ProxyRequest`] becomes back tasks (READ (16) or WRITE (16) at the
+//! member's blocks, one per piece), their completions become the front command's one
+//! answer. The cluster's runtime (two NICs per member, the proxy initiator's sessions)
+//! is not here: this module decides, the shells move bytes.
 
 use std::collections::HashMap;
 
-use crate::scsi::{Sense, CHECK_CONDITION, GOOD};
+use crate::scsi::{Outcome, RwRange, Sense, CHECK_CONDITION, GOOD};
 
 /// One extent of the volume: `blocks` blocks from volume block `lba`, held by member
 /// `member` from its block `member_lba`.
@@ -212,12 +215,32 @@ fn rank(status: u8) -> u8 {
     }
 }
 
+/// A front command: the front connection (a number the shell gives each) and the
+/// initiator's task tag on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FrontTag {
+    /// The front connection.
+    pub conn: u64,
+    /// The initiator's task tag.
+    pub itt: u32,
+}
+
+/// A back task, the proxy task ID: the member whose back session carries it and that
+/// session's own task tag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackTag {
+    /// The member.
+    pub member: usize,
+    /// The back session's task tag.
+    pub itt: u32,
+}
+
 /// One proxied command on the primary: its pieces, which of them are still out (and
 /// until when), and their outcomes so far.
 #[derive(Debug, Clone)]
 pub struct ProxyCmd {
-    /// The front (initiator's) task tag.
-    pub front_itt: u32,
+    /// The front command.
+    pub front: FrontTag,
     /// The pieces, in volume order.
     pub pieces: Vec<Piece>,
     outcomes: Vec<Option<PieceOutcome>>,
@@ -225,11 +248,11 @@ pub struct ProxyCmd {
 }
 
 impl ProxyCmd {
-    /// Command `front_itt` split into `pieces`, each to be answered by `deadline_us`.
-    pub fn new(front_itt: u32, pieces: Vec<Piece>, deadline_us: u64) -> ProxyCmd {
+    /// Command `front` split into `pieces`, each to be answered by `deadline_us`.
+    pub fn new(front: FrontTag, pieces: Vec<Piece>, deadline_us: u64) -> ProxyCmd {
         let n = pieces.len();
         ProxyCmd {
-            front_itt,
+            front,
             pieces,
             outcomes: vec![None; n],
             deadlines: vec![deadline_us; n],
@@ -302,41 +325,59 @@ impl ProxyCmd {
     }
 }
 
-/// The primary's command contexts, indexed by proxy task ID: each back-session task it
-/// sends names (front command, piece).
+/// The primary's command contexts, indexed by proxy task ID: each back task it sends
+/// names (front command, piece).
 #[derive(Debug, Default)]
 pub struct Contexts {
-    by_proxy: HashMap<u32, (u32, usize)>,
-    cmds: HashMap<u32, ProxyCmd>,
+    by_proxy: HashMap<BackTag, (FrontTag, usize)>,
+    cmds: HashMap<FrontTag, ProxyCmd>,
 }
 
 impl Contexts {
     /// Track command `c`.
     pub fn insert(&mut self, c: ProxyCmd) {
-        self.cmds.insert(c.front_itt, c);
+        self.cmds.insert(c.front, c);
     }
 
-    /// Piece `piece` of front command `front_itt` went to a member as back task
-    /// `proxy_itt`.
-    pub fn bind(&mut self, proxy_itt: u32, front_itt: u32, piece: usize) {
-        self.by_proxy.insert(proxy_itt, (front_itt, piece));
+    /// Piece `piece` of front command `front` went to a member as back task `back`.
+    pub fn bind(&mut self, back: BackTag, front: FrontTag, piece: usize) {
+        self.by_proxy.insert(back, (front, piece));
     }
 
-    /// The (front ITT, piece) of back task `proxy_itt`.
-    pub fn lookup(&self, proxy_itt: u32) -> Option<(u32, usize)> {
-        self.by_proxy.get(&proxy_itt).copied()
+    /// The (front command, piece) of back task `back`.
+    pub fn lookup(&self, back: BackTag) -> Option<(FrontTag, usize)> {
+        self.by_proxy.get(&back).copied()
     }
 
-    /// Back task `proxy_itt` ended with `o`: its context is dropped, and the front command
-    /// is returned once all its pieces have ended (it leaves the table).
-    pub fn answer(&mut self, proxy_itt: u32, o: PieceOutcome) -> Option<ProxyCmd> {
-        let (front, piece) = self.by_proxy.remove(&proxy_itt)?;
+    /// The command `front`, if in progress.
+    pub fn get_mut(&mut self, front: FrontTag) -> Option<&mut ProxyCmd> {
+        self.cmds.get_mut(&front)
+    }
+
+    /// Back task `back` ended with `o`: its context is dropped, and the front command is
+    /// returned once all its pieces have ended (it leaves the table).
+    pub fn answer(&mut self, back: BackTag, o: PieceOutcome) -> Option<ProxyCmd> {
+        let (front, piece) = self.by_proxy.remove(&back)?;
         let c = self.cmds.get_mut(&front)?;
         c.answer(piece, o);
         if c.done() {
             return self.cmds.remove(&front);
         }
         None
+    }
+
+    /// Forget front command `front` (aborted): returns the back tasks still out for it.
+    pub fn remove(&mut self, front: FrontTag) -> Vec<BackTag> {
+        self.cmds.remove(&front);
+        let mut out: Vec<BackTag> = self
+            .by_proxy
+            .iter()
+            .filter(|(_, (f, _))| *f == front)
+            .map(|(b, _)| *b)
+            .collect();
+        out.sort_unstable();
+        self.by_proxy.retain(|_, (f, _)| *f != front);
+        out
     }
 
     /// End the pieces whose deadline passed: returns the front commands now complete
@@ -346,9 +387,10 @@ impl Contexts {
         for c in self.cmds.values_mut() {
             c.expire(now_us, block_bytes);
             if c.done() {
-                done.push(c.front_itt);
+                done.push(c.front);
             }
         }
+        done.sort_unstable();
         let out: Vec<ProxyCmd> = done.iter().filter_map(|f| self.cmds.remove(f)).collect();
         self.by_proxy.retain(|_, (f, _)| !done.contains(f));
         out
@@ -367,6 +409,218 @@ impl Contexts {
     /// No command in progress.
     pub fn is_empty(&self) -> bool {
         self.cmds.is_empty()
+    }
+}
+
+/// A back task the primary's shell is to run: piece `piece` of front command `front`,
+/// on member `member` (the primary itself when it is [`Primary::me`]: the shell runs it on
+/// its own disk and answers at once).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackTask {
+    /// The front command.
+    pub front: FrontTag,
+    /// Which of its pieces.
+    pub piece: usize,
+    /// The member that holds the blocks.
+    pub member: usize,
+    /// READ (16) or WRITE (16) of the piece's blocks on the member (FUA as the front
+    /// command had it).
+    pub cdb: [u8; 16],
+    /// Bytes a read moves (0 for a write).
+    pub read_len: u32,
+    /// A write's data for the piece (empty for a read).
+    pub data: Vec<u8>,
+}
+
+/// The primary's proxy: splits front commands over the members by the LBA map, tracks
+/// them by proxy task ID, gathers a read's pieces into one buffer and merges the answers.
+/// Bounded: one context per proxied front command (each front connection holds at most
+/// [`crate::target::MAX_PROXIED_PER_CONN`]).
+#[derive(Debug)]
+pub struct Primary {
+    map: LbaMap,
+    me: usize,
+    block: u32,
+    timeout_us: u64,
+    contexts: Contexts,
+    /// The read buffers of front commands in progress (the whole read long).
+    reads: HashMap<FrontTag, Vec<u8>>,
+}
+
+/// The default bound on a member's answer, µs: a piece not answered within it ends the
+/// command with CHECK CONDITION (the member is taken to be down).
+pub const DEFAULT_MEMBER_TIMEOUT_US: u64 = 2_000_000;
+
+impl Primary {
+    /// The proxy of member `me` for a volume mapped by `map`, of `block`-byte blocks;
+    /// members answer within `timeout_us` or their piece fails.
+    pub fn new(map: LbaMap, me: usize, block: u32, timeout_us: u64) -> Primary {
+        Primary {
+            map,
+            me,
+            block,
+            timeout_us,
+            contexts: Contexts::default(),
+            reads: HashMap::new(),
+        }
+    }
+
+    /// The member this proxy runs on.
+    pub fn me(&self) -> usize {
+        self.me
+    }
+
+    /// The LBA map.
+    pub fn map(&self) -> &LbaMap {
+        &self.map
+    }
+
+    /// Front commands in progress.
+    pub fn in_flight(&self) -> usize {
+        self.contexts.len()
+    }
+
+    /// Start front command `front`, admitted for blocks `range` (a write's `data`, whole
+    /// blocks, at most `range.blocks`), at `now_us`: the back tasks to run, one per piece,
+    /// in volume order. `Err` with the front command's outcome if the range is not in the
+    /// volume (the volume's disk admitted it, so only a map smaller than the disk).
+    pub fn start(
+        &mut self,
+        front: FrontTag,
+        range: RwRange,
+        data: &[u8],
+        now_us: u64,
+    ) -> Result<Vec<BackTask>, Outcome> {
+        let pieces = self
+            .map
+            .split(range.lba, range.blocks)
+            .map_err(|_| Outcome::check(Sense::LBA_OUT_OF_RANGE))?;
+        let b = self.block as usize;
+        let tasks = pieces
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let at = p.offset_blocks as usize * b;
+                let len = p.blocks as usize * b;
+                let mut cdb = [0u8; 16];
+                cdb[0] = if range.write { 0x8a } else { 0x88 };
+                if range.fua {
+                    cdb[1] = 0x08;
+                }
+                cdb[2..10].copy_from_slice(&p.member_lba.to_be_bytes());
+                cdb[10..14].copy_from_slice(&(p.blocks as u32).to_be_bytes());
+                BackTask {
+                    front,
+                    piece: i,
+                    member: p.member,
+                    cdb,
+                    read_len: if range.write { 0 } else { len as u32 },
+                    data: if range.write {
+                        data.get(at..(at + len).min(data.len()))
+                            .unwrap_or_default()
+                            .to_vec()
+                    } else {
+                        Vec::new()
+                    },
+                }
+            })
+            .collect();
+        if !range.write {
+            self.reads.insert(front, vec![0; range.blocks as usize * b]);
+        }
+        self.contexts
+            .insert(ProxyCmd::new(front, pieces, now_us + self.timeout_us));
+        Ok(tasks)
+    }
+
+    /// Piece `piece` of `front` went out as back task `back`.
+    pub fn bind(&mut self, back: BackTag, front: FrontTag, piece: usize) {
+        self.contexts.bind(back, front, piece);
+    }
+
+    /// Back task `back` ended (status, sense bytes as the member sent them, what it read,
+    /// its residual underflow in bytes). Returns the front command and its one outcome
+    /// once every piece has ended; `None` for a piece of a command still waiting for
+    /// others, or for an unknown back task (a late answer, an aborted command).
+    pub fn answer(
+        &mut self,
+        back: BackTag,
+        status: u8,
+        sense: Vec<u8>,
+        data: &[u8],
+        residual: u32,
+    ) -> Option<(FrontTag, Outcome)> {
+        let (front, piece) = self.contexts.lookup(back)?;
+        if let (Some(buf), Some(c)) = (self.reads.get_mut(&front), self.contexts.get_mut(front)) {
+            let at = c.pieces[piece].offset_blocks as usize * self.block as usize;
+            let n = data.len().min(buf.len().saturating_sub(at));
+            buf[at..at + n].copy_from_slice(&data[..n]);
+        }
+        let done = self.contexts.answer(
+            back,
+            PieceOutcome {
+                status,
+                sense,
+                residual,
+            },
+        )?;
+        Some(self.outcome(done))
+    }
+
+    /// End the pieces whose member did not answer by `now_us`: the front commands now
+    /// complete, with their outcomes (CHECK CONDITION), and the back tasks they leave
+    /// behind (for the shell to abort).
+    pub fn expire(&mut self, now_us: u64) -> Vec<(FrontTag, Outcome)> {
+        self.contexts
+            .expire(now_us, self.block)
+            .into_iter()
+            .map(|c| self.outcome(c))
+            .collect()
+    }
+
+    /// Forget front command `front` (the initiator aborted it): the back tasks still out
+    /// for it, for the shell to abort on their members.
+    pub fn abort(&mut self, front: FrontTag) -> Vec<BackTag> {
+        self.reads.remove(&front);
+        self.contexts.remove(front)
+    }
+
+    /// Forget every command of front connection `conn` (it ended): the back tasks still
+    /// out for them.
+    pub fn forget_conn(&mut self, conn: u64) -> Vec<BackTag> {
+        let fronts: Vec<FrontTag> = self
+            .contexts
+            .cmds
+            .keys()
+            .filter(|f| f.conn == conn)
+            .copied()
+            .collect();
+        fronts.into_iter().flat_map(|f| self.abort(f)).collect()
+    }
+
+    /// The earliest member deadline of a command in progress, µs.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.contexts.next_deadline()
+    }
+
+    /// The one outcome of finished command `c`: the worst status (the first CHECK
+    /// CONDITION's sense), a read's data less the pieces' summed residual.
+    fn outcome(&mut self, c: ProxyCmd) -> (FrontTag, Outcome) {
+        let m = c.merged().expect("done");
+        let mut data = self.reads.remove(&c.front).unwrap_or_default();
+        let o = if m.status == GOOD {
+            let keep = (data.len() as u64).saturating_sub(m.residual) as usize;
+            data.truncate(keep);
+            Outcome::good(data)
+        } else {
+            Outcome {
+                status: m.status,
+                data_in: Vec::new(),
+                sense: (m.status == CHECK_CONDITION)
+                    .then(|| Sense::parse(&m.sense).unwrap_or(Sense::MEMBER_UNREACHABLE)),
+            }
+        };
+        (c.front, o)
     }
 }
 
@@ -466,6 +720,14 @@ mod tests {
         }
     }
 
+    fn front(itt: u32) -> FrontTag {
+        FrontTag { conn: 1, itt }
+    }
+
+    fn back(member: usize, itt: u32) -> BackTag {
+        BackTag { member, itt }
+    }
+
     fn good() -> PieceOutcome {
         PieceOutcome {
             status: GOOD,
@@ -477,7 +739,7 @@ mod tests {
     #[test]
     fn the_worst_status_wins_and_residuals_add_up() {
         let m = LbaMap::striped(3, 100, 10).unwrap();
-        let mut c = ProxyCmd::new(7, m.split(0, 30).unwrap(), 1_000);
+        let mut c = ProxyCmd::new(front(7), m.split(0, 30).unwrap(), 1_000);
         assert!(c.answer(
             1,
             PieceOutcome {
@@ -511,11 +773,16 @@ mod tests {
     fn a_silent_member_ends_the_command_by_its_deadline() {
         let m = LbaMap::striped(2, 100, 10).unwrap();
         let mut t = Contexts::default();
-        t.insert(ProxyCmd::new(9, m.split(5, 10).unwrap(), 5_000_000));
-        t.bind(100, 9, 0);
-        t.bind(101, 9, 1);
-        assert_eq!(t.lookup(101), Some((9, 1)));
-        assert!(t.answer(100, good()).is_none(), "piece 1 still out");
+        t.insert(ProxyCmd::new(front(9), m.split(5, 10).unwrap(), 5_000_000));
+        t.bind(back(0, 100), front(9), 0);
+        // The same task tag on another member's session is another proxy task.
+        t.bind(back(1, 100), front(9), 1);
+        assert_eq!(t.lookup(back(1, 100)), Some((front(9), 1)));
+        assert!(t.lookup(back(1, 101)).is_none());
+        assert!(
+            t.answer(back(0, 100), good()).is_none(),
+            "piece 1 still out"
+        );
         assert_eq!(t.next_deadline(), Some(5_000_000));
         assert!(t.expire(4_999_999, 512).is_empty());
         let done = t.expire(5_000_000, 512);
@@ -523,7 +790,99 @@ mod tests {
         let r = done[0].merged().unwrap();
         assert_eq!(r.status, CHECK_CONDITION);
         assert_eq!(r.residual, 5 * 512, "the silent piece moved nothing");
-        assert!(t.is_empty() && t.lookup(101).is_none());
-        assert!(t.answer(101, good()).is_none(), "a late answer is ignored");
+        assert!(t.is_empty() && t.lookup(back(1, 100)).is_none());
+        assert!(
+            t.answer(back(1, 100), good()).is_none(),
+            "a late answer is ignored"
+        );
+    }
+    /// A write over three members becomes one WRITE (16) per piece at the member's
+    /// blocks with its part of the data; a read's pieces, answered out of order, land at
+    /// their offsets; a silent member fails its command with CHECK CONDITION by the
+    /// deadline; an abort names the back tasks still out.
+    #[test]
+    fn the_primary_splits_gathers_and_fails_a_silent_member() {
+        let map = LbaMap::striped(3, 100, 10).unwrap();
+        let mut p = Primary::new(map, 0, 512, 1_000);
+        let f = front(5);
+        let range = |write, lba, blocks| RwRange {
+            write,
+            lba,
+            blocks,
+            fua: true,
+        };
+        let data: Vec<u8> = (0..25 * 512).map(|i| (i % 251) as u8).collect();
+        let tasks = p.start(f, range(true, 5, 25), &data, 0).unwrap();
+        let got: Vec<(usize, u64, u32, usize)> = tasks
+            .iter()
+            .map(|t| {
+                assert_eq!(t.cdb[0], 0x8a);
+                assert_eq!(t.cdb[1], 0x08, "FUA kept");
+                let lba = u64::from_be_bytes(t.cdb[2..10].try_into().unwrap());
+                let n = u32::from_be_bytes(t.cdb[10..14].try_into().unwrap());
+                (t.member, lba, n, t.data.len())
+            })
+            .collect();
+        // [5,10) on m0 at 5, [10,20) m1 at 0, [20,30) m2 at 0
+        assert_eq!(got, [(0, 5, 5, 2560), (1, 0, 10, 5120), (2, 0, 10, 5120)]);
+        assert_eq!(tasks[1].data[..], data[2560..7680]);
+        for (i, t) in tasks.iter().enumerate() {
+            p.bind(back(t.member, 40 + i as u32), f, t.piece);
+        }
+        assert!(p.answer(back(1, 41), GOOD, vec![], &[], 0).is_none());
+        assert!(
+            p.answer(back(1, 99), GOOD, vec![], &[], 0).is_none(),
+            "unknown"
+        );
+        assert!(p.answer(back(0, 40), GOOD, vec![], &[], 0).is_none());
+        let (done, o) = p.answer(back(2, 42), GOOD, vec![], &[], 0).unwrap();
+        assert_eq!((done, o.status), (f, GOOD));
+        assert_eq!(p.in_flight(), 0);
+        // A read of the same blocks, answered last piece first.
+        let g = front(6);
+        let tasks = p.start(g, range(false, 5, 25), &[], 10).unwrap();
+        for (i, t) in tasks.iter().enumerate().rev() {
+            p.bind(back(t.member, 50 + i as u32), g, t.piece);
+        }
+        let at = [0usize, 2560, 7680];
+        let mut answer = None;
+        for (i, t) in tasks.iter().enumerate().rev() {
+            let part = &data[at[i]..at[i] + t.read_len as usize];
+            answer = p.answer(back(t.member, 50 + i as u32), GOOD, vec![], part, 0);
+        }
+        let (_, o) = answer.unwrap();
+        assert!(o.data_in == data, "pieces at their offsets");
+        // A read whose member 2 stays silent: CHECK CONDITION at the deadline.
+        let h = front(7);
+        let tasks = p.start(h, range(false, 15, 10), &[], 100).unwrap();
+        assert_eq!(tasks.len(), 2);
+        p.bind(back(1, 60), h, 0);
+        p.bind(back(2, 61), h, 1);
+        p.answer(back(1, 60), GOOD, vec![], &[0; 2560], 0);
+        assert_eq!(p.next_deadline(), Some(1_100));
+        assert!(p.expire(1_099).is_empty());
+        let ended = p.expire(1_100);
+        assert_eq!(ended.len(), 1);
+        assert_eq!(ended[0].1.status, CHECK_CONDITION);
+        assert_eq!(ended[0].1.sense, Some(Sense::MEMBER_UNREACHABLE));
+        // An aborted command names its back tasks still out.
+        let k = front(8);
+        p.start(k, range(false, 0, 30), &[], 0).unwrap();
+        p.bind(back(0, 70), k, 0);
+        p.bind(back(1, 71), k, 1);
+        p.bind(back(2, 72), k, 2);
+        p.answer(back(1, 71), GOOD, vec![], &[0; 5120], 0);
+        assert_eq!(p.abort(k), [back(0, 70), back(2, 72)]);
+        assert_eq!(p.in_flight(), 0);
+        assert!(p.answer(back(0, 70), GOOD, vec![], &[], 0).is_none());
+        // A member's sense data comes through.
+        let m = front(9);
+        p.start(m, range(false, 0, 1), &[], 0).unwrap();
+        p.bind(back(0, 80), m, 0);
+        let sense = Sense::LBA_OUT_OF_RANGE.bytes(false);
+        let (_, o) = p
+            .answer(back(0, 80), CHECK_CONDITION, sense, &[], 512)
+            .unwrap();
+        assert_eq!(o.sense, Some(Sense::LBA_OUT_OF_RANGE));
     }
 }

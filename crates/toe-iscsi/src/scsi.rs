@@ -267,6 +267,55 @@ impl Sense {
             self.fixed().to_vec()
         }
     }
+
+    /// Read sense data another device sent, fixed (70h, 71h) or descriptor (72h, 73h)
+    /// format: key, codes, the INFORMATION field (if it fits 32 bits) and an ILLEGAL
+    /// REQUEST field pointer, as [`Sense::bytes`] writes them. `None` for anything else
+    /// or too short.
+    pub fn parse(b: &[u8]) -> Option<Sense> {
+        let field = |k: &[u8]| {
+            (k[0] & 0x80 != 0).then(|| FieldPointer {
+                in_cdb: k[0] & 0x40 != 0,
+                byte: u16::from_be_bytes([k[1], k[2]]),
+                bit: (k[0] & 0x08 != 0).then_some(k[0] & 0x07),
+            })
+        };
+        match b.first()? & 0x7f {
+            0x70 | 0x71 if b.len() >= 14 => Some(Sense {
+                key: b[2] & 0x0f,
+                asc: b[12],
+                ascq: b[13],
+                field: b.get(15..18).and_then(field),
+                information: (b[0] & 0x80 != 0)
+                    .then(|| u32::from_be_bytes([b[3], b[4], b[5], b[6]])),
+            }),
+            0x72 | 0x73 if b.len() >= 8 => {
+                let mut s = Sense {
+                    key: b[1] & 0x0f,
+                    asc: b[2],
+                    ascq: b[3],
+                    field: None,
+                    information: None,
+                };
+                let end = (8 + usize::from(b[7])).min(b.len());
+                let mut d = &b[8..end];
+                while d.len() >= 2 {
+                    let n = (2 + usize::from(d[1])).min(d.len());
+                    match d[0] {
+                        0x00 if n >= 12 => {
+                            let v = u64::from_be_bytes(d[4..12].try_into().expect("8 bytes"));
+                            s.information = u32::try_from(v).ok();
+                        }
+                        0x02 if n >= 7 => s.field = field(&d[4..7]),
+                        _ => {}
+                    }
+                    d = &d[n..];
+                }
+                Some(s)
+            }
+            _ => None,
+        }
+    }
 }
 
 /// Ranges of blocks, `[start, end)`, disjoint and merged: the deallocated (unmapped) blocks
@@ -463,6 +512,19 @@ pub enum Transfer {
     In(u64),
     /// Data from the initiator, this many bytes.
     Out(u64),
+}
+
+/// The blocks a READ or WRITE moves, as [`Disk::admit_rw`] admitted them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RwRange {
+    /// A WRITE (otherwise a READ).
+    pub write: bool,
+    /// First block.
+    pub lba: u64,
+    /// Blocks (0: none moves).
+    pub blocks: u64,
+    /// Force Unit Access: the write is durable before it completes.
+    pub fua: bool,
 }
 
 /// A disk logical unit.
@@ -756,6 +818,65 @@ impl Disk {
         self.execute_as(&Nexus::LOCAL, cdb, data_out)
     }
 
+    /// The checks every command passes before it runs (see [`Disk::execute_as`]): a CDB
+    /// of its opcode's length, a pending unit attention of `nexus`, the reservations.
+    /// Returns the opcode, or the outcome the command ends with instead.
+    fn gate(&mut self, nexus: &Nexus, cdb: &[u8]) -> Result<u8, Outcome> {
+        let Some(&op) = cdb.first() else {
+            return Err(Outcome::check(Sense::INVALID_OPCODE));
+        };
+        match cdb_len(op) {
+            Some(n) if cdb.len() >= n => {}
+            _ => return Err(Outcome::check(Sense::INVALID_OPCODE)),
+        }
+        if !matches!(op, 0x12 | 0xa0) {
+            if let Some(s) = self.take_attention(nexus) {
+                return Err(if op == 0x03 {
+                    self.request_sense(cdb, s)
+                } else {
+                    Outcome::check(s)
+                });
+            }
+        }
+        let conflict = self.reserved_by.as_ref().is_some_and(|h| h != nexus)
+            && !matches!(op, 0x12 | 0xa0 | 0x03 | 0xa3 | 0x17 | 0x57);
+        let reserve_or_release = matches!(op, 0x16 | 0x17 | 0x56 | 0x57);
+        if conflict
+            || self.pr.conflicts(nexus, access(op, cdb))
+            || (reserve_or_release && self.pr.any_registered())
+        {
+            return Err(Outcome::conflict());
+        }
+        Ok(op)
+    }
+
+    /// A READ or WRITE (6, 10, 12 or 16) of `nexus` admitted without touching the medium,
+    /// for a caller that moves the blocks itself (the primary of a cluster, whose blocks
+    /// live on other members): `Ok(Some(range))` once it passed every check
+    /// [`Disk::execute_as`] would make (unit attention, reservations, protection field,
+    /// LBA range, transfer limit, write protection); `Err(outcome)` with the outcome it
+    /// gets instead; `Ok(None)`, with nothing checked or consumed, for any other command.
+    pub fn admit_rw(&mut self, nexus: &Nexus, cdb: &[u8]) -> Result<Option<RwRange>, Outcome> {
+        let write = match cdb.first() {
+            Some(0x08 | 0x28 | 0xa8 | 0x88) => false,
+            Some(0x0a | 0x2a | 0xaa | 0x8a) => true,
+            _ => return Ok(None),
+        };
+        let op = self.gate(nexus, cdb)?;
+        if op != 0x08 && op != 0x0a && cdb[1] & 0xe0 != 0 {
+            return Err(Outcome::check(Sense::INVALID_FIELD_IN_CDB));
+        }
+        let (lba, blocks) = rw_range(cdb);
+        self.rw_check(lba, blocks, write).map_err(Outcome::check)?;
+        let fua = op != 0x08 && op != 0x0a && cdb[1] & 0x08 != 0;
+        Ok(Some(RwRange {
+            write,
+            lba,
+            blocks,
+            fua,
+        }))
+    }
+
     /// Execute `cdb` on LUN 0 for `nexus`, with the Data-Out bytes `data_out` (as many as
     /// [`Disk::transfer`] asked for, or fewer if the initiator sent fewer).
     ///
@@ -766,31 +887,10 @@ impl Disk {
     /// nexus without access conflict ([`Reservations::conflicts`]); while any nexus is
     /// registered, RESERVE and RELEASE conflict.
     pub fn execute_as(&mut self, nexus: &Nexus, cdb: &[u8], data_out: &[u8]) -> Outcome {
-        let Some(&op) = cdb.first() else {
-            return Outcome::check(Sense::INVALID_OPCODE);
+        let op = match self.gate(nexus, cdb) {
+            Ok(op) => op,
+            Err(o) => return o,
         };
-        match cdb_len(op) {
-            Some(n) if cdb.len() >= n => {}
-            _ => return Outcome::check(Sense::INVALID_OPCODE),
-        }
-        if !matches!(op, 0x12 | 0xa0) {
-            if let Some(s) = self.take_attention(nexus) {
-                return if op == 0x03 {
-                    self.request_sense(cdb, s)
-                } else {
-                    Outcome::check(s)
-                };
-            }
-        }
-        let conflict = self.reserved_by.as_ref().is_some_and(|h| h != nexus)
-            && !matches!(op, 0x12 | 0xa0 | 0x03 | 0xa3 | 0x17 | 0x57);
-        let reserve_or_release = matches!(op, 0x16 | 0x17 | 0x56 | 0x57);
-        if conflict
-            || self.pr.conflicts(nexus, access(op, cdb))
-            || (reserve_or_release && self.pr.any_registered())
-        {
-            return Outcome::conflict();
-        }
         match op {
             // RESERVE (6) and (10): the logical unit, for this nexus (again: no change).
             // The 10-byte form's third-party and LONGID fields are not supported.
@@ -1231,12 +1331,22 @@ impl Disk {
         self.write(lba, n, &new, fua)
     }
 
-    fn read(&mut self, lba: u64, n: u64) -> Outcome {
-        if let Err(s) = self.range(lba, n) {
-            return Outcome::check(s);
-        }
+    /// The checks of a READ or WRITE of `n` blocks from `lba`: within the medium, within
+    /// the transfer limit, and for a write, not write-protected.
+    fn rw_check(&self, lba: u64, n: u64, write: bool) -> Result<(), Sense> {
+        self.range(lba, n)?;
         if n > u64::from(self.max_transfer_blocks) {
-            return Outcome::check(Sense::INVALID_FIELD_IN_CDB);
+            return Err(Sense::INVALID_FIELD_IN_CDB);
+        }
+        if write && self.swp {
+            return Err(Sense::WRITE_PROTECTED);
+        }
+        Ok(())
+    }
+
+    fn read(&mut self, lba: u64, n: u64) -> Outcome {
+        if let Err(s) = self.rw_check(lba, n, false) {
+            return Outcome::check(s);
         }
         let b = u64::from(self.block);
         let mut d = vec![0u8; (n * b) as usize];
@@ -1247,14 +1357,8 @@ impl Disk {
     }
 
     fn write(&mut self, lba: u64, n: u64, data: &[u8], fua: bool) -> Outcome {
-        if let Err(s) = self.range(lba, n) {
+        if let Err(s) = self.rw_check(lba, n, true) {
             return Outcome::check(s);
-        }
-        if n > u64::from(self.max_transfer_blocks) {
-            return Outcome::check(Sense::INVALID_FIELD_IN_CDB);
-        }
-        if self.swp {
-            return Outcome::check(Sense::WRITE_PROTECTED);
         }
         let b = u64::from(self.block);
         // Fewer bytes than the CDB asks for: write the whole blocks that came.
@@ -1575,6 +1679,30 @@ fn rw_range(cdb: &[u8]) -> (u64, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sense_data_reads_back_in_both_formats() {
+        let s = Sense {
+            field: Some(FieldPointer {
+                in_cdb: true,
+                byte: 1,
+                bit: Some(5),
+            }),
+            information: Some(77),
+            ..Sense::INVALID_FIELD_IN_CDB
+        };
+        for d in [false, true] {
+            assert_eq!(Sense::parse(&s.bytes(d)), Some(s), "descriptor {d}");
+        }
+        assert_eq!(
+            Sense::parse(&Sense::LBA_OUT_OF_RANGE.bytes(true)),
+            Some(Sense::LBA_OUT_OF_RANGE)
+        );
+        assert_eq!(Sense::parse(&[0x70, 0, 5]), None, "too short");
+        assert_eq!(Sense::parse(&[0x00; 18]), None, "not sense data");
+        // A descriptor whose length runs past the end is not read past it.
+        assert!(Sense::parse(&[0x72, 5, 0x24, 0, 0, 0, 0, 9, 0x02, 0x20]).is_some());
+    }
 
     fn nexus(name: &str) -> Nexus {
         Nexus::iscsi(name, [0x80, 0, 0, 0, 0, 1])

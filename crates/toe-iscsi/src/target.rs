@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::accel::AccelConfig;
 use crate::login::{Negotiated, SessionType, TargetConfig, TargetLogin};
-use crate::scsi::{Disk, Nexus, Outcome, Sense, Transfer, CHECK_CONDITION, GOOD};
+use crate::scsi::{Disk, Nexus, Outcome, RwRange, Sense, Transfer, CHECK_CONDITION, GOOD};
 use crate::text;
 use crate::transport::{
     DataInBurst, FrameError, RxData, RxPdu, Software, Stream, Transport, TxData,
@@ -43,6 +43,68 @@ pub const MAX_GATHER_BYTES_PER_CONN: u64 = 64 << 20;
 /// SCSI status TASK SET FULL.
 const TASK_SET_FULL: u8 = 0x28;
 
+/// Most proxied commands one connection has waiting for their members at once; one more
+/// gets TASK SET FULL (the initiator retries), so members that answer slowly cannot make
+/// the primary's memory grow.
+pub const MAX_PROXIED_PER_CONN: usize = 256;
+
+/// A READ or WRITE a connection in proxy mode ([`TargetConn::with_proxy`]) hands to the
+/// primary instead of running it on its disk: admitted by the volume's [`Disk`] (unit
+/// attention, reservations, range, limits), its blocks still to be moved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyRequest {
+    /// The initiator's task tag.
+    pub itt: u32,
+    /// The command as the initiator sent it.
+    pub cdb: [u8; 16],
+    /// Its blocks.
+    pub range: RwRange,
+    /// A write's data (at most `range.blocks` blocks; fewer if the initiator sent fewer
+    /// whole blocks); empty for a read.
+    pub data: Vec<u8>,
+}
+
+/// What a connection in proxy mode asks of the primary ([`TargetConn::take_proxy_events`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProxyEvent {
+    /// Move this command's blocks; answer with [`TargetConn::proxy_done`].
+    Command(ProxyRequest),
+    /// The initiator aborted task `itt` (ABORT TASK, or its whole task set): forget it, and
+    /// abort what went to members for it. The connection has answered the initiator.
+    Abort {
+        /// The aborted task's tag.
+        itt: u32,
+    },
+    /// A LOGICAL UNIT RESET (function 5) or TARGET WARM RESET (6) the members should see
+    /// too; every proxied command of the connection was aborted first ([`ProxyEvent::Abort`]).
+    Reset {
+        /// The task management function.
+        function: u8,
+    },
+}
+
+/// Whether `op` is a medium-access command a proxy-mode connection does not run: its
+/// blocks are on members, and only READ and WRITE are proxied (the others would act on
+/// the volume's placeholder medium).
+fn proxy_refuses(op: u8) -> bool {
+    matches!(
+        op,
+        0x04 | 0x2e
+            | 0xae
+            | 0x8e
+            | 0x2f
+            | 0xaf
+            | 0x8f
+            | 0x41
+            | 0x93
+            | 0x42
+            | 0x89
+            | 0x8b
+            | 0x34
+            | 0x90
+    )
+}
+
 /// A write gathering its data (into the transport's buffer for its ITT).
 struct WriteTask {
     cmd: ScsiCommand,
@@ -57,6 +119,10 @@ struct WriteTask {
     /// tag for unsolicited data).
     data_sn: HashMap<u32, u32>,
 }
+
+/// What a proxied write's answer needs: the bytes its CDB asked for (for the residual)
+/// and the R2Ts it took (the response's ExpDataSN).
+type WriteDone = (Option<u64>, u32);
 
 /// Reject reasons (RFC 7143 §11.17.1).
 pub mod reject_reason {
@@ -215,6 +281,14 @@ pub struct TargetConn<T: Transport = Software> {
     /// date (µs).
     destaging: u64,
     destaged_at: u64,
+    /// Proxy mode: READs and WRITEs go to the primary ([`TargetConn::with_proxy`]).
+    proxied: bool,
+    /// What the primary has to do, oldest first (bounded: at most one event per proxied
+    /// command, abort and reset, and [`MAX_PROXIED_PER_CONN`] commands).
+    proxy_out: VecDeque<ProxyEvent>,
+    /// Proxied commands awaiting [`TargetConn::proxy_done`]: the command, and for a write
+    /// the bytes its CDB asked for and the R2Ts it took.
+    deferred: HashMap<u32, (ScsiCommand, Option<WriteDone>)>,
 }
 
 /// A command PDU that came ahead of its CmdSN's turn, kept until the ones before it come.
@@ -248,6 +322,11 @@ impl HeldPdu {
             data_digest: self.data_digest,
         }
     }
+}
+
+/// The block size of `disk`, bytes.
+fn block_of(disk: &Arc<Mutex<Disk>>) -> u32 {
+    disk.lock().expect("disk lock").block_size()
 }
 
 /// How many ended writes [`TargetConn`] remembers, to drop their late Data-Out quietly.
@@ -324,6 +403,12 @@ impl<T: Stream> TargetConn<T> {
         self.lent(out, |c| c.on_time(now_us))
     }
 
+    /// [`TargetConn::answer_proxied`] over a byte stream: what it sends is appended to
+    /// `out`.
+    pub fn proxy_done(&mut self, itt: u32, o: Outcome, out: &mut Vec<u8>) -> bool {
+        self.lent(out, |m| m.answer_proxied(itt, o))
+    }
+
     /// [`TargetConn::ask_logout`], appending what to send to `out`.
     pub fn request_logout(&mut self, within_s: u16, out: &mut Vec<u8>) -> bool {
         self.lent(out, |c| c.ask_logout(within_s))
@@ -370,7 +455,78 @@ impl<T: Transport> TargetConn<T> {
             destage_rate: None,
             destaging: 0,
             destaged_at: 0,
+            proxied: false,
+            proxy_out: VecDeque::new(),
+            deferred: HashMap::new(),
         }
+    }
+
+    /// Proxy mode, for the front connections of a cluster's primary: the disk given with
+    /// [`TargetConn::with_disk`] is the volume's (its capacity, inquiry data, mode pages and
+    /// reservations answer the initiator), but the blocks of READs and WRITEs are moved by
+    /// the primary: each admitted one becomes a [`ProxyEvent::Command`], answered later
+    /// with [`TargetConn::proxy_done`]. Other medium-access commands (WRITE SAME, UNMAP,
+    /// VERIFY, COMPARE AND WRITE, PRE-FETCH, FORMAT UNIT, WRITE AND VERIFY) end in CHECK
+    /// CONDITION, INVALID COMMAND OPERATION CODE.
+    pub fn with_proxy(mut self) -> Self {
+        self.proxied = true;
+        self
+    }
+
+    /// What the primary has to do since the last call, oldest first (proxy mode).
+    pub fn take_proxy_events(&mut self) -> impl Iterator<Item = ProxyEvent> + '_ {
+        self.proxy_out.drain(..)
+    }
+
+    /// Proxied commands waiting for their answer.
+    pub fn proxied_in_flight(&self) -> usize {
+        self.deferred.len()
+    }
+
+    /// The answer to proxied command `itt`: a read's data in `o.data_in` (all of it, in
+    /// order), the status and sense as merged from the members. Sent at once to the
+    /// transport (a read's data as Data-In PDUs of the initiator's
+    /// MaxRecvDataSegmentLength, the status in the last). False, and nothing sent, if no
+    /// such command waits (it was aborted, or the connection ended). Over a byte stream,
+    /// use [`TargetConn::proxy_done`].
+    pub fn answer_proxied(&mut self, itt: u32, o: Outcome) -> bool {
+        let Some((c, write)) = self.deferred.remove(&itt) else {
+            return false;
+        };
+        if self.ended().is_some() {
+            return false;
+        }
+        match write {
+            Some((wanted, r2ts)) => self.finish_write(c, o, wanted, r2ts),
+            None => self.finish(c, o),
+        }
+        true
+    }
+
+    /// Hand admitted command `c` (with a write's `data`) to the primary, or refuse it with
+    /// TASK SET FULL while too many wait.
+    fn defer(
+        &mut self,
+        c: ScsiCommand,
+        range: RwRange,
+        data: Vec<u8>,
+        write: Option<(Option<u64>, u32)>,
+    ) {
+        if self.deferred.len() >= MAX_PROXIED_PER_CONN {
+            let o = Outcome {
+                status: TASK_SET_FULL,
+                data_in: Vec::new(),
+                sense: None,
+            };
+            return self.respond(c.itt, o, write.map_or(0, |w| w.1), (false, false, 0));
+        }
+        self.proxy_out.push_back(ProxyEvent::Command(ProxyRequest {
+            itt: c.itt,
+            cdb: c.cdb,
+            range,
+            data,
+        }));
+        self.deferred.insert(c.itt, (c, write));
     }
 
     /// Model a write-back target whose backing store is slower than the network: the data
@@ -868,6 +1024,12 @@ impl<T: Transport> TargetConn<T> {
         if !lun0 && c.cdb[0] != 0xa0 && c.cdb[0] != 0x12 {
             return self.finish(c, Outcome::check(crate::scsi::Sense::LUN_NOT_SUPPORTED));
         }
+        if self.proxied && proxy_refuses(c.cdb[0]) {
+            // Its unsolicited Data-Out PDUs may follow: dropped as the command's.
+            self.remember_ended(c.itt);
+            let o = Outcome::check(Sense::INVALID_OPCODE);
+            return self.respond(c.itt, o, 0, (false, false, 0));
+        }
         let want = disk.lock().expect("disk lock").transfer(&c.cdb);
         if c.write || matches!(want, Transfer::Out(_)) {
             if c.expected_len > MAX_WRITE_BYTES {
@@ -942,6 +1104,18 @@ impl<T: Transport> TargetConn<T> {
             self.check_buffer();
             return self.advance_write(c.itt);
         }
+        if self.proxied {
+            let admitted = disk
+                .lock()
+                .expect("disk lock")
+                .admit_rw(&self.nexus, &c.cdb);
+            match admitted {
+                Ok(Some(r)) if r.blocks > 0 => return self.defer(c, r, Vec::new(), None),
+                Ok(Some(_)) => return self.finish(c, Outcome::good(Vec::new())),
+                Ok(None) => {}
+                Err(o) => return self.finish(c, o),
+            }
+        }
         let mut o = disk
             .lock()
             .expect("disk lock")
@@ -971,6 +1145,36 @@ impl<T: Transport> TargetConn<T> {
             // The data comes out of the transport's buffer (out of host memory, where an
             // engine placed it) into the disk's.
             let data = self.io.close(itt).unwrap_or_default();
+            if self.proxied {
+                let (admitted, want) = {
+                    let mut d = disk.lock().expect("disk lock");
+                    (d.admit_rw(&self.nexus, &t.cmd.cdb), d.transfer(&t.cmd.cdb))
+                };
+                let wanted = match want {
+                    Transfer::Out(n) => Some(n),
+                    _ => None,
+                };
+                match admitted {
+                    Ok(Some(r)) if r.blocks > 0 => {
+                        // Fewer bytes than the CDB asks for: the whole blocks that came.
+                        let b = u64::from(block_of(&disk));
+                        let whole = (data.len() as u64).min(r.blocks * b) / b * b;
+                        let mut data = data;
+                        data.truncate(whole as usize);
+                        return self.defer(t.cmd, r, data, Some((wanted, t.r2t_sn)));
+                    }
+                    Ok(Some(_)) => {
+                        return self.finish_write(
+                            t.cmd,
+                            Outcome::good(Vec::new()),
+                            wanted,
+                            t.r2t_sn,
+                        )
+                    }
+                    Ok(None) => {}
+                    Err(o) => return self.finish_write(t.cmd, o, wanted, t.r2t_sn),
+                }
+            }
             if self.destage_rate.is_some() {
                 if self.destaging == 0 {
                     self.destaged_at = self.now_us;
@@ -1093,6 +1297,11 @@ impl<T: Transport> TargetConn<T> {
                 if self.writes.remove(&t.ref_task_tag).is_some() {
                     self.io.close(t.ref_task_tag);
                     0
+                } else if self.deferred.remove(&t.ref_task_tag).is_some() {
+                    self.proxy_out.push_back(ProxyEvent::Abort {
+                        itt: t.ref_task_tag,
+                    });
+                    0
                 } else {
                     1
                 }
@@ -1101,6 +1310,7 @@ impl<T: Transport> TargetConn<T> {
             2 | 3 => {
                 self.writes.clear();
                 self.io.close_all();
+                self.abort_deferred();
                 0
             }
             // The resets also end the logical unit's RESERVE reservation and are reported
@@ -1108,6 +1318,12 @@ impl<T: Transport> TargetConn<T> {
             5 | 6 => {
                 self.writes.clear();
                 self.io.close_all();
+                self.abort_deferred();
+                if self.proxied {
+                    self.proxy_out.push_back(ProxyEvent::Reset {
+                        function: t.function,
+                    });
+                }
                 if let Some(d) = &self.disk {
                     let why = if t.function == 5 {
                         Sense::LUN_RESET_OCCURRED
@@ -1128,6 +1344,14 @@ impl<T: Transport> TargetConn<T> {
             max_cmd_sn: self.max_cmd_sn(),
         });
         self.send(&r, TxData::Inline(&[]));
+    }
+
+    /// Every proxied command of this connection is aborted.
+    fn abort_deferred(&mut self) {
+        let mut itts: Vec<u32> = self.deferred.drain().map(|(itt, _)| itt).collect();
+        itts.sort_unstable();
+        self.proxy_out
+            .extend(itts.into_iter().map(|itt| ProxyEvent::Abort { itt }));
     }
 
     /// Residual flags and count for `moved` bytes against `expected`.
@@ -1525,7 +1749,7 @@ mod tests {
         }
     }
 
-    fn normal_session_with_disk() -> (TargetConn, Framing, Arc<Mutex<Disk>>) {
+    pub(super) fn normal_session_with_disk() -> (TargetConn, Framing, Arc<Mutex<Disk>>) {
         let disk = Arc::new(Mutex::new(Disk::new(
             Box::new(crate::scsi::MemStore::new(8 << 20)),
             512,
@@ -1543,7 +1767,7 @@ mod tests {
         (conn, f, disk)
     }
 
-    fn pdus(f: &Framing, mut out: &[u8]) -> Vec<(Repr, Vec<u8>)> {
+    pub(super) fn pdus(f: &Framing, mut out: &[u8]) -> Vec<(Repr, Vec<u8>)> {
         let mut v = Vec::new();
         while let Some(p) = f.parse(out).unwrap() {
             v.push((p.repr().unwrap(), p.data.to_vec()));
@@ -1756,5 +1980,198 @@ mod tests {
             vec![TASK_SET_FULL; 4],
             "the writes past 64 MiB are refused"
         );
+    }
+}
+
+#[cfg(test)]
+mod proxy_tests {
+    use super::tests::{normal_session_with_disk, pdus};
+    use super::*;
+    use crate::wire::{DataIn, Framing};
+
+    fn cmd(itt: u32, cmd_sn: u32, cdb: [u8; 16], write: bool, len: u32) -> ScsiCommand {
+        ScsiCommand {
+            immediate: false,
+            final_: true,
+            read: !write && len > 0,
+            write,
+            attr: 1,
+            lun: 0,
+            itt,
+            expected_len: len,
+            cmd_sn,
+            exp_stat_sn: 3,
+            cdb,
+        }
+    }
+
+    fn rw10(op: u8, lba: u32, blocks: u16) -> [u8; 16] {
+        let mut c = [0u8; 16];
+        c[0] = op;
+        c[2..6].copy_from_slice(&lba.to_be_bytes());
+        c[7..9].copy_from_slice(&blocks.to_be_bytes());
+        c
+    }
+
+    fn send(
+        conn: &mut TargetConn,
+        f: &Framing,
+        c: ScsiCommand,
+        data: &[u8],
+    ) -> Vec<(Repr, Vec<u8>)> {
+        let mut bytes = Vec::new();
+        f.emit(&Repr::ScsiCommand(c), &[], data, &mut bytes)
+            .unwrap();
+        let mut out = Vec::new();
+        conn.on_bytes(&bytes, &mut out);
+        pdus(f, &out)
+    }
+
+    /// A proxy-mode connection hands admitted READs and WRITEs to the primary, answers
+    /// what the volume refuses at once, sends the primary's answer as Data-In of the
+    /// initiator's MaxRecvDataSegmentLength with continuous DataSN, and forwards aborts
+    /// and resets.
+    #[test]
+    fn proxy_mode_defers_reads_and_writes_and_forwards_task_management() {
+        let (conn, f, _disk) = normal_session_with_disk();
+        let mut conn = conn.with_proxy();
+        // A read of 16 blocks: nothing sent yet, one request for the primary.
+        let out = send(
+            &mut conn,
+            &f,
+            cmd(0x10, 7, rw10(0x28, 8, 16), false, 8192),
+            &[],
+        );
+        assert!(out.is_empty(), "{out:?}");
+        let ev: Vec<ProxyEvent> = conn.take_proxy_events().collect();
+        let [ProxyEvent::Command(r)] = &ev[..] else {
+            panic!("{ev:?}")
+        };
+        assert_eq!(
+            (r.itt, r.range.write, r.range.lba, r.range.blocks),
+            (0x10, false, 8, 16)
+        );
+        assert_eq!(conn.proxied_in_flight(), 1);
+        // Past the end of the volume (8 MiB = 16384 blocks): refused by the volume at once.
+        let out = send(
+            &mut conn,
+            &f,
+            cmd(0x11, 8, rw10(0x28, 16380, 8), false, 4096),
+            &[],
+        );
+        let [(Repr::ScsiResponse(s), sense)] = &out[..] else {
+            panic!("{out:?}")
+        };
+        assert_eq!((s.itt, s.status), (0x11, CHECK_CONDITION));
+        assert_eq!(Sense::parse(&sense[2..]), Some(Sense::LBA_OUT_OF_RANGE));
+        // WRITE SAME is not proxied: INVALID COMMAND OPERATION CODE.
+        let mut ws = rw10(0x41, 0, 4);
+        ws[0] = 0x41;
+        let out = send(&mut conn, &f, cmd(0x12, 9, ws, true, 512), &[0; 512]);
+        let [(Repr::ScsiResponse(s), sense)] = &out[..] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(s.itt, 0x12);
+        assert_eq!(Sense::parse(&sense[2..]), Some(Sense::INVALID_OPCODE));
+        assert_eq!(conn.take_proxy_events().count(), 0);
+        // A write with all its data immediate: gathered, then handed over with its data.
+        let data: Vec<u8> = (0..1024).map(|i| (i % 253) as u8).collect();
+        let out = send(
+            &mut conn,
+            &f,
+            cmd(0x13, 10, rw10(0x2a, 100, 2), true, 1024),
+            &data,
+        );
+        assert!(out.is_empty(), "{out:?}");
+        let ev: Vec<ProxyEvent> = conn.take_proxy_events().collect();
+        let [ProxyEvent::Command(w)] = &ev[..] else {
+            panic!("{ev:?}")
+        };
+        assert_eq!((w.range.write, w.range.lba, w.range.blocks), (true, 100, 2));
+        assert_eq!(w.data, data);
+        // The read's answer: 8 KiB in Data-In PDUs, status in the last.
+        let read: Vec<u8> = (0..8192).map(|i| (i % 241) as u8).collect();
+        let mut out = Vec::new();
+        assert!(conn.proxy_done(0x10, Outcome::good(read.clone()), &mut out));
+        let mut got = vec![0u8; 8192];
+        let mut sns = Vec::new();
+        let mut status = None;
+        let seg = conn.negotiated().unwrap().initiator_max_recv as usize;
+        for (r, d) in pdus(&f, &out) {
+            let Repr::DataIn(DataIn {
+                itt,
+                data_sn,
+                buffer_offset,
+                status: st,
+                ..
+            }) = r
+            else {
+                panic!("{r:?}")
+            };
+            assert_eq!(itt, 0x10);
+            assert!(d.len() <= seg);
+            got[buffer_offset as usize..][..d.len()].copy_from_slice(&d);
+            sns.push(data_sn);
+            status = st;
+        }
+        assert!(got == read, "the read's data in place");
+        assert_eq!(sns, (0..sns.len() as u32).collect::<Vec<_>>());
+        assert_eq!(status, Some(GOOD));
+        assert!(
+            !conn.proxy_done(0x10, Outcome::good(read), &mut out),
+            "answered once"
+        );
+        // ABORT TASK of the write: answered here, forwarded to the primary.
+        let tmf = |itt: u32, function: u8, r: u32, cmd_sn: u32| {
+            let mut b = Vec::new();
+            f.emit(
+                &Repr::TaskMgmtRequest(TaskMgmtRequest {
+                    immediate: true,
+                    function,
+                    lun: 0,
+                    itt,
+                    ref_task_tag: r,
+                    cmd_sn,
+                    exp_stat_sn: 3,
+                    ref_cmd_sn: 10,
+                    exp_data_sn: 0,
+                }),
+                &[],
+                &[],
+                &mut b,
+            )
+            .unwrap();
+            b
+        };
+        let mut out = Vec::new();
+        conn.on_bytes(&tmf(0x20, 1, 0x13, 11), &mut out);
+        let [(Repr::TaskMgmtResponse(t), _)] = &pdus(&f, &out)[..] else {
+            panic!()
+        };
+        assert_eq!(t.response, 0, "function complete");
+        assert_eq!(
+            conn.take_proxy_events().collect::<Vec<_>>(),
+            [ProxyEvent::Abort { itt: 0x13 }]
+        );
+        assert!(!conn.proxy_done(0x13, Outcome::good(Vec::new()), &mut out));
+        // A LUN RESET aborts what waits and goes to the members.
+        send(
+            &mut conn,
+            &f,
+            cmd(0x14, 11, rw10(0x28, 0, 1), false, 512),
+            &[],
+        );
+        let mut out = Vec::new();
+        conn.on_bytes(&tmf(0x21, 5, 0, 12), &mut out);
+        let ev: Vec<ProxyEvent> = conn.take_proxy_events().collect();
+        assert!(matches!(ev[0], ProxyEvent::Command(_)));
+        assert_eq!(
+            ev[1..],
+            [
+                ProxyEvent::Abort { itt: 0x14 },
+                ProxyEvent::Reset { function: 5 }
+            ]
+        );
+        assert_eq!(conn.proxied_in_flight(), 0);
     }
 }

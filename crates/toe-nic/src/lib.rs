@@ -22,5 +22,7 @@ pub use impair::{ImpairConfig, ImpairError, ImpairMonitor, ImpairStats, Impaired
 pub use nic::{Nic, NicConfig, NicStats};
 pub use offload::{OffloadCtx, OffloadStats, Plan};
 pub use pcap::{Pcap, PcapWriter, SharedPcap};
-pub use phy::{wire, Frame, Ingress, NicDevice, Phy, PhyStats, WirePort};
+pub use phy::{
+    switch, wire, Frame, Ingress, NicDevice, Phy, PhyStats, SwitchControl, SwitchPort, WirePort,
+};
 pub use ulp::{TagMemory, UlpConn, UlpEngine, UlpFactory, UlpStats};

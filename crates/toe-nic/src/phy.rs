@@ -136,6 +136,117 @@ impl Phy for WirePort {
     }
 }
 
+/// An in-memory Ethernet switch of `ports` ports, each egress queue holding at most
+/// `depth` frames: a frame goes to the port its destination MAC was last seen on (learned
+/// from source addresses), or to every other port (broadcast, or not learned yet). Like
+/// [`wire`] it is lossless for unicast: a port reports it cannot send while any other
+/// port's queue is full. Flooded frames that find a queue full are lost there. The
+/// [`SwitchControl`] cuts a port's cable and mends it.
+pub fn switch(ports: usize, depth: usize) -> (Vec<SwitchPort>, SwitchControl) {
+    let (txs, rxs): (Vec<_>, Vec<_>) = (0..ports).map(|_| bounded(depth)).unzip();
+    let core = std::sync::Arc::new(std::sync::Mutex::new(SwitchCore {
+        txs,
+        macs: BTreeMap::new(),
+        cut: vec![false; ports],
+    }));
+    let ports = rxs
+        .into_iter()
+        .enumerate()
+        .map(|(i, rx)| SwitchPort {
+            index: i,
+            rx,
+            core: core.clone(),
+        })
+        .collect();
+    (ports, SwitchControl { core })
+}
+
+#[derive(Debug)]
+struct SwitchCore {
+    txs: Vec<Sender<Frame>>,
+    macs: BTreeMap<[u8; 6], usize>,
+    cut: Vec<bool>,
+}
+
+/// One port of a [`switch`].
+#[derive(Debug)]
+pub struct SwitchPort {
+    index: usize,
+    rx: Receiver<Frame>,
+    core: std::sync::Arc<std::sync::Mutex<SwitchCore>>,
+}
+
+/// Cuts and mends the cables of a [`switch`]'s ports.
+#[derive(Debug, Clone)]
+pub struct SwitchControl {
+    core: std::sync::Arc<std::sync::Mutex<SwitchCore>>,
+}
+
+impl SwitchControl {
+    /// Cut (`true`) or mend port `port`'s cable: while cut, nothing it sends and nothing
+    /// sent to it is delivered (as a host that died or was unplugged).
+    pub fn set_cut(&self, port: usize, cut: bool) {
+        if let Some(c) = self.core.lock().expect("switch lock").cut.get_mut(port) {
+            *c = cut;
+        }
+    }
+}
+
+impl Phy for SwitchPort {
+    fn recv(&mut self, _now: Instant) -> Option<Frame> {
+        loop {
+            let f = self.rx.try_recv().ok()?;
+            // Frames queued before the cable was cut are lost with it.
+            if !self.core.lock().expect("switch lock").cut[self.index] {
+                return Some(f);
+            }
+        }
+    }
+
+    fn send(&mut self, _now: Instant, frame: Frame) -> Result<(), Frame> {
+        let mut core = self.core.lock().expect("switch lock");
+        if core.cut[self.index] || frame.len() < 14 {
+            return Ok(()); // lost on the cut cable (or a runt)
+        }
+        let dst: [u8; 6] = frame[..6].try_into().expect("6 bytes");
+        let src: [u8; 6] = frame[6..12].try_into().expect("6 bytes");
+        if src[0] & 1 == 0 {
+            core.macs.insert(src, self.index);
+        }
+        match core.macs.get(&dst).copied() {
+            Some(to) if dst[0] & 1 == 0 => {
+                if to == self.index || core.cut[to] {
+                    return Ok(());
+                }
+                match core.txs[to].try_send(frame) {
+                    Ok(()) | Err(TrySendError::Disconnected(_)) => Ok(()),
+                    Err(TrySendError::Full(f)) => Err(f),
+                }
+            }
+            _ => {
+                for (i, tx) in core.txs.iter().enumerate() {
+                    if i != self.index && !core.cut[i] {
+                        let _ = tx.try_send(frame.clone());
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn can_send(&self) -> bool {
+        let core = self.core.lock().expect("switch lock");
+        core.txs
+            .iter()
+            .enumerate()
+            .all(|(i, tx)| i == self.index || !tx.is_full())
+    }
+
+    fn waitable(&self) -> Option<Receiver<Frame>> {
+        Some(self.rx.clone())
+    }
+}
+
 /// Identifies a TCP flow as seen from this host: (peer address, peer port, local port).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct FlowKey {

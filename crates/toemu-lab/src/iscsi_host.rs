@@ -454,121 +454,77 @@ impl App for TargetApp {
 /// `toemu iscsi perf` on an emulated host: connects to the URL's portal, logs in, runs a
 /// [`PerfMachine`] timed by the host's clock (virtual on the in-memory wire), logs out.
 pub struct PerfApp {
-    url: IscsiUrl,
-    to: SocketAddrV4,
-    random: [u8; 23],
+    link: InitiatorLink,
     machine: PerfMachine,
-    offload: Offload,
-    io: Option<ConnIo>,
-    init: Option<InitiatorConn<Offloaded>>,
-    out: Vec<u8>,
-    sent: usize,
     finished: bool,
     log: Vec<String>,
     /// Why the run could not complete, if it could not.
     pub error: Option<String>,
     /// Host software work already charged to the host CPU (cost model).
     charged: HostWork,
+}
+
+/// One initiator connection of an emulated host to a portal: connects, logs in (the
+/// software login), offloads to the NIC's engine if asked, and moves the bytes between
+/// the machine and the driver.
+pub(crate) struct InitiatorLink {
+    url: IscsiUrl,
+    pub(crate) to: SocketAddrV4,
+    random: [u8; 23],
+    offload: Offload,
+    io: Option<ConnIo>,
+    pub(crate) init: Option<InitiatorConn<Offloaded>>,
+    out: Vec<u8>,
+    sent: usize,
     /// What the initiator offers at login, if not toemu's usual offer.
     params: Option<toe_iscsi::login::OpParams>,
     /// The initiator's write-acceleration settings.
     accel: toe_iscsi::accel::InitiatorAccel,
 }
 
-impl std::fmt::Debug for PerfApp {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PerfApp")
-            .field("to", &self.to)
-            .field("finished", &self.finished)
-            .field("error", &self.error)
-            .finish()
-    }
+/// Where an [`InitiatorLink`]'s connection stands after a pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LinkState {
+    /// The TCP handshake is under way.
+    Connecting,
+    /// The TCP connection failed or was reset.
+    Broken,
+    /// Connected; the machine runs.
+    Up,
 }
 
-impl PerfApp {
-    /// The load `o` against `url` (which names the target; the portal must be an IPv4
-    /// `ADDR:PORT`). `random` supplies the ISID and CHAP challenge (seeded for replays).
-    pub fn new(url: &IscsiUrl, o: PerfOptions, random: [u8; 23]) -> Result<Self, String> {
+impl InitiatorLink {
+    /// A link to `url`'s portal (an IPv4 `ADDR:PORT`), logging in to `target`.
+    pub(crate) fn new(url: &IscsiUrl, random: [u8; 23]) -> Result<Self, String> {
         let to: SocketAddrV4 = url.portal.parse().map_err(|_| {
             format!(
                 "{}: an emulated host needs an IPv4 ADDR:PORT portal",
                 url.portal
             )
         })?;
-        let target = url
-            .target
-            .clone()
-            .ok_or("the URL names no target (iscsi://host[:port]/IQN/LUN)")?;
-        Ok(PerfApp {
+        Ok(InitiatorLink {
             url: url.clone(),
             to,
             random,
-            machine: PerfMachine::new(o, target, url.lun.unwrap_or(0)),
             offload: Offload::default(),
             io: None,
             init: None,
             out: Vec::new(),
             sent: 0,
-            finished: false,
-            log: Vec::new(),
-            error: None,
-            charged: HostWork::default(),
             params: None,
             accel: toe_iscsi::accel::InitiatorAccel::default(),
         })
     }
 
-    /// Offer `p` at login in place of toemu's usual offer (the URL's digests still
-    /// apply); with `p.write_acceleration`, `a` sets the initiator's side of it.
-    pub fn with_params(
-        mut self,
-        p: toe_iscsi::login::OpParams,
-        a: toe_iscsi::accel::InitiatorAccel,
-    ) -> Self {
-        self.params = Some(p);
-        self.accel = a;
-        self
-    }
-
-    /// The initiator's write-acceleration counters.
-    pub fn accel_stats(&self) -> toe_iscsi::initiator::AccelStats {
-        self.init
-            .as_ref()
-            .map(InitiatorConn::accel_stats)
-            .unwrap_or_default()
-    }
-
-    /// The data path (the NIC's engine by default).
-    pub fn with_offload(mut self, o: Offload) -> Self {
-        self.offload = o;
-        self
-    }
-
-    /// Bytes the initiator ran through CRC32C for digests (host software).
-    pub fn digest_bytes(&self) -> u64 {
-        self.init.as_ref().map_or(0, InitiatorConn::digest_bytes)
-    }
-
-    /// Data bytes the initiator's transport copied within application memory.
-    pub fn copy_bytes(&self) -> u64 {
-        self.init.as_ref().map_or(0, InitiatorConn::copy_bytes)
-    }
-
-    /// The figures (once done).
-    pub fn report(&self) -> Result<PerfReport, String> {
-        match &self.error {
-            Some(e) => Err(e.clone()),
-            None => self.machine.report(),
-        }
-    }
-}
-
-impl PerfApp {
-    /// One pass: connect, log in, run the machine, log out.
-    fn run(&mut self, d: &mut Driver, now: Instant) -> io::Result<bool> {
-        if self.finished {
-            return Ok(false);
-        }
+    /// One pass: connect (first), start the login once connected, then move bytes, with
+    /// `drive` called in the middle to handle the machine's events and feed it (it is
+    /// given the machine, the time in µs and the output buffer).
+    pub(crate) fn pump(
+        &mut self,
+        d: &mut Driver,
+        now: Instant,
+        drive: impl FnOnce(&mut InitiatorConn<Offloaded>, u64, &mut Vec<u8>),
+    ) -> io::Result<(LinkState, bool)> {
         let us = now.total_micros() as u64;
         let io = match &mut self.io {
             Some(io) => io,
@@ -580,11 +536,9 @@ impl PerfApp {
             }
         };
         match d.state(io.conn) {
-            Ok(ConnState::Connecting) => return Ok(false),
-            Ok(ConnState::Reset | ConnState::Failed(_)) | Err(_) if !self.machine.done() => {
-                self.error = Some(format!("the connection to {} failed or was reset", self.to));
-                self.finished = io.try_release(d);
-                return Ok(true);
+            Ok(ConnState::Connecting) => return Ok((LinkState::Connecting, false)),
+            Ok(ConnState::Reset | ConnState::Failed(_)) | Err(_) => {
+                return Ok((LinkState::Broken, false))
             }
             _ => {}
         }
@@ -625,26 +579,155 @@ impl PerfApp {
                 data.len()
             })? > 0;
         }
-        while let Some(e) = init.poll_event() {
-            self.machine.on_event(e, init, us, &mut self.out);
-            busy = true;
-        }
-        self.machine.poll(init, us, &mut self.out);
+        drive(init, us, &mut self.out);
         busy |= flush(io, d, &mut self.out, &mut self.sent)?;
         busy |= exchange(init, d, &mut self.out)?;
         busy |= flush(io, d, &mut self.out, &mut self.sent)?;
-        if self.machine.done() && self.out.is_empty() && io.outstanding() == 0 {
-            io.close(d)?;
-            if io.try_release(d) {
-                self.finished = true;
-                self.log.push(format!(
-                    "iscsi-perf: done, {} bytes out, {} bytes in, {}",
-                    io.tx_bytes,
-                    io.rx_bytes,
-                    data_path(init.transport())
-                ));
-                busy = true;
+        Ok((LinkState::Up, busy))
+    }
+
+    /// Close the connection once everything sent was acknowledged; true once it is
+    /// released (the link is over).
+    pub(crate) fn close(&mut self, d: &mut Driver) -> io::Result<bool> {
+        let Some(io) = &mut self.io else {
+            return Ok(true);
+        };
+        if !self.out.is_empty() || io.outstanding() > 0 {
+            return Ok(false);
+        }
+        io.close(d)?;
+        Ok(io.try_release(d))
+    }
+
+    /// Release a broken connection's resources; true once released.
+    pub(crate) fn release(&mut self, d: &mut Driver) -> bool {
+        self.io.as_mut().is_none_or(|io| io.try_release(d))
+    }
+
+    /// Bytes out and in, and the data path, for the log.
+    pub(crate) fn summary(&self) -> String {
+        let (tx, rx) = self
+            .io
+            .as_ref()
+            .map_or((0, 0), |io| (io.tx_bytes, io.rx_bytes));
+        let path = self
+            .init
+            .as_ref()
+            .map_or_else(|| "no session".into(), |i| data_path(i.transport()));
+        format!("{tx} bytes out, {rx} bytes in, {path}")
+    }
+}
+
+impl std::fmt::Debug for PerfApp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PerfApp")
+            .field("to", &self.link.to)
+            .field("finished", &self.finished)
+            .field("error", &self.error)
+            .finish()
+    }
+}
+
+impl PerfApp {
+    /// The load `o` against `url` (which names the target; the portal must be an IPv4
+    /// `ADDR:PORT`). `random` supplies the ISID and CHAP challenge (seeded for replays).
+    pub fn new(url: &IscsiUrl, o: PerfOptions, random: [u8; 23]) -> Result<Self, String> {
+        let link = InitiatorLink::new(url, random)?;
+        let target = url
+            .target
+            .clone()
+            .ok_or("the URL names no target (iscsi://host[:port]/IQN/LUN)")?;
+        Ok(PerfApp {
+            link,
+            machine: PerfMachine::new(o, target, url.lun.unwrap_or(0)),
+            finished: false,
+            log: Vec::new(),
+            error: None,
+            charged: HostWork::default(),
+        })
+    }
+
+    /// Offer `p` at login in place of toemu's usual offer (the URL's digests still
+    /// apply); with `p.write_acceleration`, `a` sets the initiator's side of it.
+    pub fn with_params(
+        mut self,
+        p: toe_iscsi::login::OpParams,
+        a: toe_iscsi::accel::InitiatorAccel,
+    ) -> Self {
+        self.link.params = Some(p);
+        self.link.accel = a;
+        self
+    }
+
+    /// The initiator's write-acceleration counters.
+    pub fn accel_stats(&self) -> toe_iscsi::initiator::AccelStats {
+        self.link
+            .init
+            .as_ref()
+            .map(InitiatorConn::accel_stats)
+            .unwrap_or_default()
+    }
+
+    /// The data path (the NIC's engine by default).
+    pub fn with_offload(mut self, o: Offload) -> Self {
+        self.link.offload = o;
+        self
+    }
+
+    /// Bytes the initiator ran through CRC32C for digests (host software).
+    pub fn digest_bytes(&self) -> u64 {
+        self.link
+            .init
+            .as_ref()
+            .map_or(0, InitiatorConn::digest_bytes)
+    }
+
+    /// Data bytes the initiator's transport copied within application memory.
+    pub fn copy_bytes(&self) -> u64 {
+        self.link.init.as_ref().map_or(0, InitiatorConn::copy_bytes)
+    }
+
+    /// The figures (once done).
+    pub fn report(&self) -> Result<PerfReport, String> {
+        match &self.error {
+            Some(e) => Err(e.clone()),
+            None => self.machine.report(),
+        }
+    }
+}
+
+impl PerfApp {
+    /// One pass: connect, log in, run the machine, log out.
+    fn run(&mut self, d: &mut Driver, now: Instant) -> io::Result<bool> {
+        if self.finished {
+            return Ok(false);
+        }
+        let machine = &mut self.machine;
+        let (state, mut busy) = self.link.pump(d, now, |init, us, out| {
+            while let Some(e) = init.poll_event() {
+                machine.on_event(e, init, us, out);
             }
+            machine.poll(init, us, out);
+        })?;
+        match state {
+            LinkState::Connecting => return Ok(false),
+            LinkState::Broken => {
+                if !self.machine.done() {
+                    self.error = Some(format!(
+                        "the connection to {} failed or was reset",
+                        self.link.to
+                    ));
+                }
+                self.finished = self.link.release(d);
+                return Ok(true);
+            }
+            _ => {}
+        }
+        if self.machine.done() && self.link.close(d)? {
+            self.finished = true;
+            self.log
+                .push(format!("iscsi-perf: done, {}", self.link.summary()));
+            busy = true;
         }
         Ok(busy)
     }
@@ -656,7 +739,11 @@ impl App for PerfApp {
     }
 
     fn poll_at(&self) -> Option<Instant> {
-        let init = self.init.as_ref().and_then(InitiatorConn::next_deadline);
+        let init = self
+            .link
+            .init
+            .as_ref()
+            .and_then(InitiatorConn::next_deadline);
         let t = [init, self.machine.deadline()]
             .into_iter()
             .flatten()

@@ -568,14 +568,46 @@ impl Primary {
     }
 
     /// End the pieces whose member did not answer by `now_us`: the front commands now
-    /// complete, with their outcomes (CHECK CONDITION), and the back tasks they leave
-    /// behind (for the shell to abort).
-    pub fn expire(&mut self, now_us: u64) -> Vec<(FrontTag, Outcome)> {
-        self.contexts
+    /// complete, with their outcomes (CHECK CONDITION), and the members that were late
+    /// (the shell takes them to be down).
+    pub fn expire(&mut self, now_us: u64) -> (Vec<(FrontTag, Outcome)>, Vec<usize>) {
+        let mut late = std::collections::BTreeSet::new();
+        for c in self.contexts.cmds.values() {
+            for (i, p) in c.pieces.iter().enumerate() {
+                if c.outcomes[i].is_none() && now_us >= c.deadlines[i] {
+                    late.insert(p.member);
+                }
+            }
+        }
+        let done = self
+            .contexts
             .expire(now_us, self.block)
             .into_iter()
             .map(|c| self.outcome(c))
+            .collect();
+        (done, late.into_iter().collect())
+    }
+
+    /// Member `member` is down (its back session broke): every piece out on it ends with
+    /// CHECK CONDITION now; returns the front commands that completed.
+    pub fn fail_member(&mut self, member: usize) -> Vec<(FrontTag, Outcome)> {
+        let mut tags: Vec<BackTag> = self
+            .contexts
+            .by_proxy
+            .keys()
+            .filter(|b| b.member == member)
+            .copied()
+            .collect();
+        tags.sort_unstable();
+        let sense = Sense::MEMBER_UNREACHABLE.bytes(false);
+        tags.into_iter()
+            .filter_map(|b| self.answer(b, CHECK_CONDITION, sense.clone(), &[], 0))
             .collect()
+    }
+
+    /// Whether front command `front` is in progress (not answered, expired or aborted).
+    pub fn contains(&self, front: FrontTag) -> bool {
+        self.contexts.cmds.contains_key(&front)
     }
 
     /// Forget front command `front` (the initiator aborted it): the back tasks still out
@@ -860,8 +892,9 @@ mod tests {
         p.bind(back(2, 61), h, 1);
         p.answer(back(1, 60), GOOD, vec![], &[0; 2560], 0);
         assert_eq!(p.next_deadline(), Some(1_100));
-        assert!(p.expire(1_099).is_empty());
-        let ended = p.expire(1_100);
+        assert!(p.expire(1_099).0.is_empty());
+        let (ended, late) = p.expire(1_100);
+        assert_eq!(late, [2]);
         assert_eq!(ended.len(), 1);
         assert_eq!(ended[0].1.status, CHECK_CONDITION);
         assert_eq!(ended[0].1.sense, Some(Sense::MEMBER_UNREACHABLE));

@@ -212,6 +212,8 @@ pub struct TargetApp {
     accel: toe_iscsi::accel::AccelConfig,
     /// The write-back model's destage rate, bytes per second, if any.
     destage: Option<u64>,
+    /// Proxy mode (the front of a cluster's primary): READs and WRITEs go to the hub.
+    proxy: Option<crate::cluster::SharedHub>,
 }
 
 impl std::fmt::Debug for TargetApp {
@@ -251,7 +253,16 @@ impl TargetApp {
             charged: HostWork::default(),
             accel: toe_iscsi::accel::AccelConfig::default(),
             destage: None,
+            proxy: None,
         }
+    }
+
+    /// The front of a cluster's primary: `disk` (given to [`TargetApp::new`]) is the
+    /// volume's, and the blocks of READs and WRITEs are moved by the proxy behind `hub`
+    /// (see [`toe_iscsi::target::TargetConn::with_proxy`]).
+    pub fn with_proxy(mut self, hub: crate::cluster::SharedHub) -> Self {
+        self.proxy = Some(hub);
+        self
     }
 
     /// A write-back target whose store takes `bytes_per_s` (see
@@ -331,6 +342,9 @@ impl TargetApp {
         if let Some(k) = self.keepalive {
             conn_machine = conn_machine.with_keepalive(k);
         }
+        if self.proxy.is_some() {
+            conn_machine = conn_machine.with_proxy();
+        }
         Session {
             io: ConnIo::new(conn, RxMode::InPlace),
             conn: conn_machine,
@@ -370,6 +384,16 @@ impl TargetApp {
                 busy |= took > 0;
                 busy |= s.flush(d)?;
             }
+            if let Some(hub) = &self.proxy {
+                // Requests to the proxy, its answers back (their Data-In goes out now).
+                let id = u64::from(s.io.conn.0);
+                let mut h = hub.lock().expect("hub lock");
+                h.from_front(id, s.conn.take_proxy_events());
+                for (itt, o) in h.take_answers(id) {
+                    s.conn.proxy_done(itt, o, &mut s.out);
+                    busy = true;
+                }
+            }
             busy |= s.exchange(d)?;
             busy |= s.flush(d)?;
             // Write acceleration: the NIC holds pure ACKs while the session wants it.
@@ -386,6 +410,11 @@ impl TargetApp {
             }
             if s.io.try_release(d) {
                 let s = self.sessions.swap_remove(i);
+                if let Some(hub) = &self.proxy {
+                    hub.lock()
+                        .expect("hub lock")
+                        .front_ended(u64::from(s.io.conn.0));
+                }
                 self.totals.connections += 1;
                 self.totals.stats += s.conn.stats();
                 self.log.push(format!(
@@ -425,6 +454,12 @@ impl App for TargetApp {
     }
 
     fn poll_at(&self) -> Option<Instant> {
+        // The proxy's answers go out at once.
+        if let Some(hub) = &self.proxy {
+            if hub.lock().expect("hub lock").has_answers() {
+                return Some(Instant::from_micros(0));
+            }
+        }
         let t = self
             .sessions
             .iter()
@@ -597,6 +632,13 @@ impl InitiatorLink {
         }
         io.close(d)?;
         Ok(io.try_release(d))
+    }
+
+    /// Drop the connection at once (a reset to the peer); what was in flight is gone.
+    pub(crate) fn abort(&self, d: &mut Driver) {
+        if let Some(io) = &self.io {
+            let _ = d.abort(io.conn);
+        }
     }
 
     /// Release a broken connection's resources; true once released.

@@ -89,8 +89,7 @@ fn default_timeout() -> u64 {
 impl ClusterConfig {
     /// Read and check a TOML file.
     pub fn from_file(path: &std::path::Path) -> Result<Self, String> {
-        let text =
-            std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let c: ClusterConfig =
             toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
         c.map().map_err(|e| format!("{}: {e}", path.display()))?;
@@ -298,7 +297,10 @@ impl ProxyApp {
                 itt: self.local_itt | 1 << 31,
             };
             hub.primary.bind(tag, t.front, t.piece);
-            failed.extend(hub.primary.answer(tag, CHECK_CONDITION, sense.clone(), &[], 0));
+            failed.extend(
+                hub.primary
+                    .answer(tag, CHECK_CONDITION, sense.clone(), &[], 0),
+            );
         }
         self.tmf[m].clear();
         self.stats.member_failures += failed.len() as u64;
@@ -365,7 +367,11 @@ impl ProxyApp {
             itt: self.local_itt,
         };
         hub.primary.bind(tag, t.front, t.piece);
-        let o = self.disk.lock().expect("disk lock").execute(&t.cdb, &t.data);
+        let o = self
+            .disk
+            .lock()
+            .expect("disk lock")
+            .execute(&t.cdb, &t.data);
         let sense = o.sense.map(|s| s.bytes(false)).unwrap_or_default();
         if let Some((f, o)) = hub.primary.answer(tag, o.status, sense, &o.data_in, 0) {
             hub.answer(f, o);
@@ -704,11 +710,7 @@ impl Cluster {
         let mut log = Vec::new();
         let mut idle = 0u32;
         let d0 = self.sim.driver(0);
-        let drivers: Vec<_> = self
-            .apps
-            .iter()
-            .map(|(h, _)| self.sim.driver(*h))
-            .collect();
+        let drivers: Vec<_> = self.apps.iter().map(|(h, _)| self.sim.driver(*h)).collect();
         for _ in 0..max_steps {
             let limit = self
                 .apps

@@ -15,6 +15,7 @@
 //!   machine, digests are computed on the host, and what the machine emits is copied into
 //!   send buffers.
 
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddrV4;
 use std::sync::{Arc, Mutex};
@@ -22,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use toe_bus::time::Instant;
 use toe_bus::ConnId;
 use toe_driver::{ConnState, Driver, UlpNote};
-use toe_iscsi::initiator::InitiatorConn;
+use toe_iscsi::initiator::{InitiatorConn, InitiatorEvent};
 use toe_iscsi::login::TargetConfig;
 use toe_iscsi::offload::{NicOp, Offloaded};
 use toe_iscsi::scsi::Disk;
@@ -1328,4 +1329,211 @@ pub fn bench_table(model: &BenchModel, rows: &[BenchRow]) -> String {
         ));
     }
     t
+}
+
+/// One step of a [`ScriptApp`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScriptStep {
+    /// A SCSI command on LUN 0: its CDB, the bytes it reads (0 for none), the data it
+    /// writes (empty for none).
+    Command {
+        /// The CDB (at most 16 bytes).
+        cdb: Vec<u8>,
+        /// Bytes to read.
+        read_len: u32,
+        /// Bytes to write.
+        write: Vec<u8>,
+    },
+    /// A task management request on LUN 0: `function`, and for ABORT TASK the step (its
+    /// index in the same batch) whose command it aborts.
+    TaskMgmt {
+        /// The function (1 ABORT TASK, 5 LOGICAL UNIT RESET, ...).
+        function: u8,
+        /// The aborted step, for ABORT TASK.
+        aborts: Option<usize>,
+    },
+}
+
+/// How one step of a [`ScriptApp`] ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScriptResult {
+    /// Its batch and its index in it.
+    pub batch: usize,
+    /// Its index in the batch.
+    pub index: usize,
+    /// SCSI status (a command), or the task management response.
+    pub status: u8,
+    /// Sense data (without its length), with CHECK CONDITION.
+    pub sense: Vec<u8>,
+    /// What it read.
+    pub data: Vec<u8>,
+    /// When it was sent and when it ended, µs of the host's clock.
+    pub sent_us: u64,
+    /// When it ended.
+    pub done_us: u64,
+}
+
+/// A scripted initiator for tests and experiments: logs in to a URL, runs batches of
+/// steps (a batch goes once every step of the one before ended; the steps of a batch go
+/// at once), records how each ended and when ([`ScriptApp::results`], shared so that a
+/// runner's callback can watch the progress), then logs out. An aborted command records
+/// nothing; the session ending early records why in [`ScriptApp::error`].
+pub struct ScriptApp {
+    link: InitiatorLink,
+    batches: VecDeque<Vec<ScriptStep>>,
+    batch: usize,
+    /// Tag → (step index, sent at µs) of steps in flight.
+    waiting: HashMap<u32, (usize, u64)>,
+    results: Arc<Mutex<Vec<ScriptResult>>>,
+    logging_out: bool,
+    /// The session is over (logged out, failed): the connection closes.
+    over: bool,
+    finished: bool,
+    /// Why the script could not complete, if it could not.
+    pub error: Option<String>,
+}
+
+impl std::fmt::Debug for ScriptApp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScriptApp")
+            .field("batch", &self.batch)
+            .field("finished", &self.finished)
+            .finish()
+    }
+}
+
+impl ScriptApp {
+    /// The script `batches` against `url`'s target; `random` as for [`PerfApp::new`].
+    pub fn new(
+        url: &IscsiUrl,
+        batches: Vec<Vec<ScriptStep>>,
+        random: [u8; 23],
+    ) -> Result<Self, String> {
+        Ok(ScriptApp {
+            link: InitiatorLink::new(url, random)?,
+            batches: batches.into(),
+            batch: 0,
+            waiting: HashMap::new(),
+            results: Arc::new(Mutex::new(Vec::new())),
+            logging_out: false,
+            over: false,
+            finished: false,
+            error: None,
+        })
+    }
+
+    /// How the steps ended so far, in the order they did.
+    pub fn results(&self) -> Arc<Mutex<Vec<ScriptResult>>> {
+        self.results.clone()
+    }
+
+    fn run(&mut self, d: &mut Driver, now: Instant) -> io::Result<bool> {
+        if self.finished {
+            return Ok(false);
+        }
+        let ScriptApp {
+            batches,
+            batch,
+            waiting,
+            results,
+            logging_out,
+            error,
+            over,
+            ..
+        } = self;
+        let (state, busy) = self.link.pump(d, now, |init, us, _out| {
+            while let Some(e) = init.poll_event() {
+                let (itt, status, sense, data) = match e {
+                    InitiatorEvent::Done(c) => (c.itt, c.status, c.sense, c.data),
+                    InitiatorEvent::TaskMgmt { itt, response, .. } => {
+                        (itt, response, Vec::new(), Vec::new())
+                    }
+                    InitiatorEvent::LoggedOut => {
+                        *over = true;
+                        continue;
+                    }
+                    InitiatorEvent::LoginFailed(e) => {
+                        *error = Some(format!("login failed: {e:?}"));
+                        *over = true;
+                        continue;
+                    }
+                    InitiatorEvent::Failed(e) => {
+                        *error = Some(e);
+                        *over = true;
+                        continue;
+                    }
+                    InitiatorEvent::LoggedIn(_) | InitiatorEvent::Text { .. } => continue,
+                };
+                if let Some((index, sent_us)) = waiting.remove(&itt) {
+                    results.lock().expect("results lock").push(ScriptResult {
+                        batch: *batch - 1,
+                        index,
+                        status,
+                        sense,
+                        data,
+                        sent_us,
+                        done_us: us,
+                    });
+                }
+            }
+            if init.negotiated().is_none() || !waiting.is_empty() || *logging_out {
+                return;
+            }
+            // Aborted commands end without an answer: the batch is over once every
+            // task management request and every command not aborted has ended.
+            let Some(steps) = batches.pop_front() else {
+                *logging_out = true;
+                init.send_logout();
+                return;
+            };
+            *batch += 1;
+            let mut tags = Vec::new();
+            for (i, s) in steps.into_iter().enumerate() {
+                let itt = match s {
+                    ScriptStep::Command {
+                        cdb,
+                        read_len,
+                        write,
+                    } => init.submit(0, &cdb, read_len, write),
+                    ScriptStep::TaskMgmt { function, aborts } => {
+                        let r = aborts.and_then(|k| tags.get(k).copied()).unwrap_or(0);
+                        if function == 1 {
+                            waiting.remove(&r);
+                        }
+                        init.task_mgmt(function, 0, r)
+                    }
+                };
+                tags.push(itt);
+                waiting.insert(itt, (i, us));
+            }
+        })?;
+        if state == LinkState::Broken && !self.over {
+            self.error
+                .get_or_insert_with(|| "the connection broke".into());
+            self.over = true;
+        }
+        if self.over && self.link.close(d)? {
+            self.finished = true;
+        }
+        Ok(busy || self.finished)
+    }
+}
+
+impl App for ScriptApp {
+    fn name(&self) -> &'static str {
+        "iscsi-script"
+    }
+
+    fn poll(&mut self, d: &mut Driver, now: Instant) -> io::Result<bool> {
+        self.run(d, now)
+    }
+
+    fn poll_at(&self) -> Option<Instant> {
+        let t = self.link.init.as_ref()?.next_deadline()?;
+        Some(Instant::from_micros(t as i64))
+    }
+
+    fn done(&self) -> bool {
+        self.finished
+    }
 }

@@ -287,6 +287,20 @@ impl ProxyApp {
     /// Member `m` is down: what waits for it fails now, its session goes, and it is
     /// dialled again in a second.
     fn member_down(&mut self, m: usize, d: &mut Driver, now_us: u64, hub: &mut Hub) {
+        self.fail_waiting(m, hub);
+        if let Some(Back::Link(l)) = self.backs[m].take() {
+            l.abort(d);
+            self.log.push(format!(
+                "iscsi-proxy: member {m} does not answer; its session is dropped ({})",
+                l.summary()
+            ));
+        }
+        self.stats.redials += 1;
+        self.backs[m] = Some(Back::Down(now_us + 1_000_000));
+    }
+
+    /// Every piece out on member `m` or waiting for it fails now with CHECK CONDITION.
+    fn fail_waiting(&mut self, m: usize, hub: &mut Hub) {
         let mut failed = hub.primary.fail_member(m);
         let sense = Sense::MEMBER_UNREACHABLE.bytes(false);
         for t in self.pending[m].drain(..) {
@@ -307,15 +321,6 @@ impl ProxyApp {
         for (f, o) in failed {
             hub.answer(f, o);
         }
-        if let Some(Back::Link(l)) = self.backs[m].take() {
-            l.abort(d);
-            self.log.push(format!(
-                "iscsi-proxy: member {m} does not answer; its session is dropped ({})",
-                l.summary()
-            ));
-        }
-        self.stats.redials += 1;
-        self.backs[m] = Some(Back::Down(now_us + 1_000_000));
     }
 
     /// Take the front's requests: pieces to members queue, the primary's own run now.
@@ -352,6 +357,7 @@ impl ProxyApp {
             }
         }
         for conn in std::mem::take(&mut hub.ended) {
+            hub.answers.remove(&conn);
             for b in hub.primary.forget_conn(conn) {
                 self.tmf[b.member].push((1, b.itt));
             }
@@ -392,9 +398,11 @@ impl ProxyApp {
                         self.dial(m).map_err(io::Error::other)?;
                         busy = true;
                     } else {
-                        // Nothing is sent to a member that is down: it fails at once.
+                        // Nothing is sent to a member that is down: it fails at once
+                        // (and the redial stays due when it was).
                         if !self.pending[m].is_empty() {
-                            self.member_down(m, d, us, &mut hub);
+                            self.fail_waiting(m, &mut hub);
+                            busy = true;
                         }
                         continue;
                     }

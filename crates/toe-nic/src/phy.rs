@@ -662,3 +662,44 @@ impl<P: Phy> phy::Device for NicDevice<P> {
         caps
     }
 }
+
+#[cfg(test)]
+mod switch_tests {
+    use super::*;
+
+    fn frame(dst: u8, src: u8) -> Frame {
+        let mut f = vec![0u8; 60];
+        f[..6].copy_from_slice(&[2, 0, 0, 0, 0, dst]);
+        f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, src]);
+        f
+    }
+
+    /// Unknown destinations flood, learned ones go to their port only, a full queue
+    /// refuses unicast (lossless), and a cut cable loses both ways.
+    #[test]
+    fn the_switch_learns_floods_pushes_back_and_cuts() {
+        let t = Instant::from_micros(0);
+        let (mut p, ctl) = switch(3, 2);
+        p[0].send(t, frame(2, 1)).unwrap(); // 2 not learned yet: to ports 1 and 2
+        assert!(p[1].recv(t).is_some() && p[2].recv(t).is_some());
+        p[2].send(t, frame(1, 3)).unwrap(); // learned: MAC 1 is on port 0
+        assert!(p[0].recv(t).is_some());
+        assert!(p[1].recv(t).is_none(), "not flooded once learned");
+        for _ in 0..2 {
+            p[0].send(t, frame(3, 1)).unwrap();
+        }
+        assert!(!p[0].can_send(), "port 2's queue is full");
+        assert!(p[0].send(t, frame(3, 1)).is_err(), "refused, not lost");
+        assert_eq!(
+            (p[2].recv(t).is_some(), p[2].recv(t).is_some()),
+            (true, true)
+        );
+        ctl.set_cut(2, true);
+        p[0].send(t, frame(3, 1)).unwrap();
+        p[2].send(t, frame(1, 3)).unwrap();
+        assert!(p[2].recv(t).is_none() && p[0].recv(t).is_none());
+        ctl.set_cut(2, false);
+        p[0].send(t, frame(3, 1)).unwrap();
+        assert!(p[2].recv(t).is_some(), "mended");
+    }
+}

@@ -37,6 +37,7 @@ fn volume_url(digests: bool) -> IscsiUrl {
 fn data_written_through_the_primary_lands_on_the_members_and_reads_back() {
     let cfg = config(96);
     let mut c = Cluster::new(&Settings::default(), &cfg, true, 7).unwrap();
+    assert!(c.wait_ready(5_000_000).unwrap(), "back sessions up");
     let bytes = 256u64 << 20;
     let o = PerfOptions {
         io_bytes: 128 << 10,

@@ -136,6 +136,8 @@ pub struct Hub {
     primary: Primary,
     /// The proxy's counters (kept here, where both sides and the caller reach them).
     pub stats: ProxyStats,
+    /// Back sessions logged in now.
+    pub backs_up: usize,
     to_back: VecDeque<(u64, ProxyEvent)>,
     answers: HashMap<u64, Vec<(u32, Outcome)>>,
     ended: Vec<u64>,
@@ -150,6 +152,7 @@ impl Hub {
         Arc::new(Mutex::new(Hub {
             primary,
             stats: ProxyStats::default(),
+            backs_up: 0,
             to_back: VecDeque::new(),
             answers: HashMap::new(),
             ended: Vec::new(),
@@ -486,6 +489,15 @@ impl ProxyApp {
             }
         }
         hub.stats = self.stats;
+        hub.backs_up = self
+            .backs
+            .iter()
+            .flatten()
+            .filter(|b| match b {
+                Back::Link(l) => l.init.as_ref().is_some_and(|i| i.negotiated().is_some()),
+                Back::Down(_) => false,
+            })
+            .count();
         Ok(busy)
     }
 }
@@ -677,6 +689,28 @@ impl Cluster {
             apps,
             hub,
         })
+    }
+
+    /// Run the servers alone until the primary's back sessions to every other member
+    /// are logged in (the members answer ARP one after another: smoltcp sends at most one
+    /// request a second, so the second member is reached a second later). At most
+    /// `max_us` of virtual time; false if not all came up.
+    pub fn wait_ready(&mut self, max_us: u64) -> io::Result<bool> {
+        let want = self.config.members - 1;
+        let end = self.sim.now() + toe_bus::time::Duration::from_micros(max_us);
+        let drivers: Vec<_> = self.apps.iter().map(|(h, _)| self.sim.driver(*h)).collect();
+        while self.hub.lock().expect("hub lock").backs_up < want {
+            if self.sim.now() >= end {
+                return Ok(false);
+            }
+            let limit = self.apps.iter().filter_map(|(_, a)| a.poll_at()).min();
+            self.sim.step_or_idle_bounded(limit)?;
+            let now = self.sim.now();
+            for ((_, app), d) in self.apps.iter_mut().zip(&drivers) {
+                app.poll(&mut d.lock(), now)?;
+            }
+        }
+        Ok(true)
     }
 
     /// The proxy's counters.

@@ -25,7 +25,7 @@ use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 
 use toe_bus::time::Instant;
-use toe_driver::Driver;
+use toe_driver::{Driver, SharedDriver};
 use toe_host::config::Settings;
 use toe_host::runtime::{Host, Sim};
 use toe_iscsi::initiator::InitiatorEvent;
@@ -698,19 +698,53 @@ impl Cluster {
     pub fn wait_ready(&mut self, max_us: u64) -> io::Result<bool> {
         let want = self.config.members - 1;
         let end = self.sim.now() + toe_bus::time::Duration::from_micros(max_us);
-        let drivers: Vec<_> = self.apps.iter().map(|(h, _)| self.sim.driver(*h)).collect();
+        let drivers = self.drivers();
         while self.hub.lock().expect("hub lock").backs_up < want {
             if self.sim.now() >= end {
                 return Ok(false);
             }
-            let limit = self.apps.iter().filter_map(|(_, a)| a.poll_at()).min();
-            self.sim.step_or_idle_bounded(limit)?;
-            let now = self.sim.now();
-            for ((_, app), d) in self.apps.iter_mut().zip(&drivers) {
-                app.poll(&mut d.lock(), now)?;
-            }
+            self.step(&drivers, None)?;
         }
         Ok(true)
+    }
+
+    /// The driver of each server's host, in the order of [`Cluster::apps`].
+    fn drivers(&self) -> Vec<SharedDriver> {
+        self.apps.iter().map(|(h, _)| self.sim.driver(*h)).collect()
+    }
+
+    /// One step of the virtual clock (not past any app's own timer), then `client` (with
+    /// its host's driver) and every server (`drivers` from [`Cluster::drivers`]) polled
+    /// until they settle: an answer the proxy hands the front goes out now, not after the
+    /// clock moved on. Returns whether the hosts moved and whether an app did anything.
+    fn step(
+        &mut self,
+        drivers: &[SharedDriver],
+        mut client: Option<(&mut dyn App, &SharedDriver)>,
+    ) -> io::Result<(bool, bool)> {
+        let limit = self
+            .apps
+            .iter()
+            .filter_map(|(_, a)| a.poll_at())
+            .chain(client.as_ref().and_then(|(c, _)| c.poll_at()))
+            .min();
+        let moved = self.sim.step_or_idle_bounded(limit)?;
+        let now = self.sim.now();
+        let mut any = false;
+        for _ in 0..8 {
+            let mut b = false;
+            if let Some((c, d)) = client.as_mut() {
+                b |= c.poll(&mut d.lock(), now)?;
+            }
+            for ((_, app), d) in self.apps.iter_mut().zip(drivers) {
+                b |= app.poll(&mut d.lock(), now)?;
+            }
+            any |= b;
+            if !b {
+                break;
+            }
+        }
+        Ok((moved, any))
     }
 
     /// The proxy's counters.
@@ -752,29 +786,10 @@ impl Cluster {
         let mut log = Vec::new();
         let mut idle = 0u32;
         let d0 = self.sim.driver(0);
-        let drivers: Vec<_> = self.apps.iter().map(|(h, _)| self.sim.driver(*h)).collect();
+        let drivers = self.drivers();
         for _ in 0..max_steps {
-            let limit = self
-                .apps
-                .iter()
-                .filter_map(|(_, a)| a.poll_at())
-                .chain(client.poll_at())
-                .min();
-            let moved = self.sim.step_or_idle_bounded(limit)?;
+            let (moved, any) = self.step(&drivers, Some((&mut *client, &d0)))?;
             let now = self.sim.now();
-            // Until the apps settle: an answer the proxy hands the front goes out now,
-            // not after the clock moved on.
-            let mut any = false;
-            for _ in 0..8 {
-                let mut b = client.poll(&mut d0.lock(), now)?;
-                for ((_, app), d) in self.apps.iter_mut().zip(&drivers) {
-                    b |= app.poll(&mut d.lock(), now)?;
-                }
-                any |= b;
-                if !b {
-                    break;
-                }
-            }
             log.extend(client.take_log());
             for (_, app) in &mut self.apps {
                 log.extend(app.take_log());

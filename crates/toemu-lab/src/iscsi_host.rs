@@ -1357,7 +1357,7 @@ pub enum ScriptStep {
 /// How one step of a [`ScriptApp`] ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScriptResult {
-    /// Its batch and its index in it.
+    /// Its batch (0 the first).
     pub batch: usize,
     /// Its index in the batch.
     pub index: usize,
@@ -1367,9 +1367,9 @@ pub struct ScriptResult {
     pub sense: Vec<u8>,
     /// What it read.
     pub data: Vec<u8>,
-    /// When it was sent and when it ended, µs of the host's clock.
+    /// When it was sent, µs of the host's clock.
     pub sent_us: u64,
-    /// When it ended.
+    /// When it ended, µs of the host's clock.
     pub done_us: u64,
 }
 

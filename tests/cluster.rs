@@ -186,3 +186,42 @@ fn a_member_killed_during_a_read_fails_it_in_bounded_time_and_the_rest_goes_on()
         "the LUN RESET went to the live members: {s:?}"
     );
 }
+
+/// Not a check: the figures of 128 KiB QD32 reads and writes (64 MiB each, virtual time)
+/// directly to member 1 and through the primary, until `toemu iscsi cluster-bench`
+/// reports them. Run with `--ignored --nocapture`.
+#[test]
+#[ignore]
+fn proxy_against_direct_figures() {
+    use toemu_lab::cluster::member_iqn;
+    for (name, url) in [
+        (
+            "direct",
+            format!("iscsi://{}:3260/{}/0", front_addr(1), member_iqn(1)),
+        ),
+        (
+            "proxy",
+            format!("iscsi://{}:{VOLUME_PORT}/{VOLUME_IQN}/0", front_addr(0)),
+        ),
+    ] {
+        for write in [false, true] {
+            let mut c = Cluster::new(&Settings::default(), &config(96), false, 7).unwrap();
+            assert!(c.wait_ready(5_000_000).unwrap());
+            let o = PerfOptions {
+                io_bytes: 128 << 10,
+                depth: 32,
+                bytes: Some(64 << 20),
+                write,
+                ..PerfOptions::default()
+            };
+            let url: IscsiUrl = url.parse().unwrap();
+            let mut perf = PerfApp::new(&url, o, [5; 23]).unwrap();
+            c.run(&mut perf, u64::MAX).unwrap();
+            let p = &perf.report().unwrap().phases[0];
+            eprintln!(
+                "{name} {}: {:.0} MB/s, p50 {} µs, p99 {} µs",
+                p.op, p.mb_per_s, p.latency_us.p50, p.latency_us.p99
+            );
+        }
+    }
+}

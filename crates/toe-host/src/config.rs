@@ -711,7 +711,9 @@ impl Settings {
     /// Applies the TOML document `text`; `origin` labels it in errors and in
     /// [`Settings::origin`] (normally the file's path). Keys are field names, at the top level
     /// or in a `[host]` table (applied after the top level). Sizes may be integers or strings
-    /// such as `"256KiB"`. Keys not present keep their values.
+    /// such as `"256KiB"`. Keys not present keep their values. A `[cluster]` table (the
+    /// layout `toemu iscsi cluster` reads from the same file) is not a setting and is
+    /// skipped.
     ///
     /// # Errors
     /// [`ConfigError::Syntax`] for malformed TOML, [`ConfigError::UnknownKey`] for any key
@@ -739,6 +741,9 @@ impl Settings {
                         })
                     }
                 }
+                continue;
+            }
+            if key == "cluster" && value.is_table() {
                 continue;
             }
             self.apply_toml_value(key, key, value, &origin)?;

@@ -390,10 +390,10 @@ impl RealClock {
     }
 }
 
-/// Waiter of a real-time host: sleeps on the host's event ring until a deadline.
+/// Waiter of real-time hosts: sleeps on their event rings until a deadline (at most 5 ms).
 struct RingWaiter {
     clock: RealClock,
-    events: Receiver<toe_bus::ring::Stamped<toe_bus::Event>>,
+    events: Vec<Receiver<toe_bus::ring::Stamped<toe_bus::Event>>>,
     stopped: Arc<AtomicBool>,
 }
 
@@ -411,7 +411,9 @@ impl Waiter for RingWaiter {
             .map(|d| std::time::Duration::from_micros((d - now.min(d)).total_micros()).min(max))
             .unwrap_or(max);
         let mut sel = Select::new();
-        sel.recv(&self.events);
+        for e in &self.events {
+            sel.recv(e);
+        }
         let _ = sel.ready_timeout(timeout);
         Ok(())
     }
@@ -473,7 +475,17 @@ impl Threaded {
     pub fn waiter(&self, i: usize) -> Arc<dyn Waiter> {
         Arc::new(RingWaiter {
             clock: self.clock,
-            events: self.drivers[i].1.clone(),
+            events: vec![self.drivers[i].1.clone()],
+            stopped: self.stop.clone(),
+        })
+    }
+
+    /// A waiter that wakes on an event of any host (for one thread serving apps on
+    /// several hosts).
+    pub fn waiter_any(&self) -> Arc<dyn Waiter> {
+        Arc::new(RingWaiter {
+            clock: self.clock,
+            events: self.drivers.iter().map(|(_, e)| e.clone()).collect(),
             stopped: self.stop.clone(),
         })
     }

@@ -445,6 +445,8 @@ pub struct Primary {
     contexts: Contexts,
     /// The read buffers of front commands in progress (the whole read long).
     reads: HashMap<FrontTag, Vec<u8>>,
+    /// Data bytes copied between buffers so far (see [`Primary::copy_bytes`]).
+    copied: u64,
 }
 
 /// The default bound on a member's answer, µs: a piece not answered within it ends the
@@ -462,7 +464,15 @@ impl Primary {
             timeout_us,
             contexts: Contexts::default(),
             reads: HashMap::new(),
+            copied: 0,
         }
+    }
+
+    /// Data bytes this proxy copied so far: a write's data cut into the pieces of
+    /// several members, and the pieces of a read gathered into one answer. A command
+    /// that is one piece moves its buffer and copies nothing.
+    pub fn copy_bytes(&self) -> u64 {
+        self.copied
     }
 
     /// The member this proxy runs on.
@@ -488,7 +498,7 @@ impl Primary {
         &mut self,
         front: FrontTag,
         range: RwRange,
-        data: &[u8],
+        data: Vec<u8>,
         now_us: u64,
     ) -> Result<Vec<BackTask>, Outcome> {
         let pieces = self
@@ -496,6 +506,9 @@ impl Primary {
             .split(range.lba, range.blocks)
             .map_err(|_| Outcome::check(Sense::LBA_OUT_OF_RANGE))?;
         let b = self.block as usize;
+        let single = pieces.len() == 1;
+        let mut data = Some(data);
+        let mut copied = 0;
         let tasks = pieces
             .iter()
             .enumerate()
@@ -515,16 +528,21 @@ impl Primary {
                     member: p.member,
                     cdb,
                     read_len: if range.write { 0 } else { len as u32 },
-                    data: if range.write {
-                        data.get(at..(at + len).min(data.len()))
-                            .unwrap_or_default()
-                            .to_vec()
-                    } else {
-                        Vec::new()
+                    data: match (range.write, single) {
+                        (false, _) => Vec::new(),
+                        // The one piece: the buffer moves.
+                        (true, true) => data.take().unwrap_or_default(),
+                        (true, false) => {
+                            let d = data.as_deref().unwrap_or_default();
+                            let part = d.get(at..(at + len).min(d.len())).unwrap_or_default();
+                            copied += part.len() as u64;
+                            part.to_vec()
+                        }
                     },
                 }
             })
             .collect();
+        self.copied += copied;
         if !range.write {
             self.reads.insert(front, vec![0; range.blocks as usize * b]);
         }
@@ -547,14 +565,20 @@ impl Primary {
         back: BackTag,
         status: u8,
         sense: Vec<u8>,
-        data: &[u8],
+        data: Vec<u8>,
         residual: u32,
     ) -> Option<(FrontTag, Outcome)> {
         let (front, piece) = self.contexts.lookup(back)?;
         if let (Some(buf), Some(c)) = (self.reads.get_mut(&front), self.contexts.get_mut(front)) {
-            let at = c.pieces[piece].offset_blocks as usize * self.block as usize;
-            let n = data.len().min(buf.len().saturating_sub(at));
-            buf[at..at + n].copy_from_slice(&data[..n]);
+            if c.pieces.len() == 1 && data.len() == buf.len() {
+                // The whole read in one piece: its buffer is the answer.
+                *buf = data;
+            } else {
+                let at = c.pieces[piece].offset_blocks as usize * self.block as usize;
+                let n = data.len().min(buf.len().saturating_sub(at));
+                buf[at..at + n].copy_from_slice(&data[..n]);
+                self.copied += n as u64;
+            }
         }
         let done = self.contexts.answer(
             back,
@@ -601,7 +625,7 @@ impl Primary {
         tags.sort_unstable();
         let sense = Sense::MEMBER_UNREACHABLE.bytes(false);
         tags.into_iter()
-            .filter_map(|b| self.answer(b, CHECK_CONDITION, sense.clone(), &[], 0))
+            .filter_map(|b| self.answer(b, CHECK_CONDITION, sense.clone(), Vec::new(), 0))
             .collect()
     }
 
@@ -844,7 +868,7 @@ mod tests {
             fua: true,
         };
         let data: Vec<u8> = (0..25 * 512).map(|i| (i % 251) as u8).collect();
-        let tasks = p.start(f, range(true, 5, 25), &data, 0).unwrap();
+        let tasks = p.start(f, range(true, 5, 25), data.clone(), 0).unwrap();
         let got: Vec<(usize, u64, u32, usize)> = tasks
             .iter()
             .map(|t| {
@@ -858,21 +882,22 @@ mod tests {
         // [5,10) on m0 at 5, [10,20) m1 at 0, [20,30) m2 at 0
         assert_eq!(got, [(0, 5, 5, 2560), (1, 0, 10, 5120), (2, 0, 10, 5120)]);
         assert_eq!(tasks[1].data[..], data[2560..7680]);
+        assert_eq!(p.copy_bytes(), 25 * 512, "the data cut into three pieces");
         for (i, t) in tasks.iter().enumerate() {
             p.bind(back(t.member, 40 + i as u32), f, t.piece);
         }
-        assert!(p.answer(back(1, 41), GOOD, vec![], &[], 0).is_none());
+        assert!(p.answer(back(1, 41), GOOD, vec![], Vec::new(), 0).is_none());
         assert!(
-            p.answer(back(1, 99), GOOD, vec![], &[], 0).is_none(),
+            p.answer(back(1, 99), GOOD, vec![], Vec::new(), 0).is_none(),
             "unknown"
         );
-        assert!(p.answer(back(0, 40), GOOD, vec![], &[], 0).is_none());
-        let (done, o) = p.answer(back(2, 42), GOOD, vec![], &[], 0).unwrap();
+        assert!(p.answer(back(0, 40), GOOD, vec![], Vec::new(), 0).is_none());
+        let (done, o) = p.answer(back(2, 42), GOOD, vec![], Vec::new(), 0).unwrap();
         assert_eq!((done, o.status), (f, GOOD));
         assert_eq!(p.in_flight(), 0);
         // A read of the same blocks, answered last piece first.
         let g = front(6);
-        let tasks = p.start(g, range(false, 5, 25), &[], 10).unwrap();
+        let tasks = p.start(g, range(false, 5, 25), Vec::new(), 10).unwrap();
         for (i, t) in tasks.iter().enumerate().rev() {
             p.bind(back(t.member, 50 + i as u32), g, t.piece);
         }
@@ -880,17 +905,39 @@ mod tests {
         let mut answer = None;
         for (i, t) in tasks.iter().enumerate().rev() {
             let part = &data[at[i]..at[i] + t.read_len as usize];
-            answer = p.answer(back(t.member, 50 + i as u32), GOOD, vec![], part, 0);
+            answer = p.answer(
+                back(t.member, 50 + i as u32),
+                GOOD,
+                vec![],
+                part.to_vec(),
+                0,
+            );
         }
         let (_, o) = answer.unwrap();
         assert!(o.data_in == data, "pieces at their offsets");
+        assert_eq!(p.copy_bytes(), 2 * 25 * 512, "and gathered from three");
+        // One piece: the buffer moves both ways, nothing is copied.
+        let one = front(10);
+        let tasks = p
+            .start(one, range(true, 10, 10), data[..5120].to_vec(), 0)
+            .unwrap();
+        assert!(tasks.len() == 1 && tasks[0].data[..] == data[..5120]);
+        p.bind(back(1, 90), one, 0);
+        p.answer(back(1, 90), GOOD, vec![], Vec::new(), 0).unwrap();
+        p.start(one, range(false, 10, 10), Vec::new(), 0).unwrap();
+        p.bind(back(1, 91), one, 0);
+        let (_, o) = p
+            .answer(back(1, 91), GOOD, vec![], data[..5120].to_vec(), 0)
+            .unwrap();
+        assert!(o.data_in[..] == data[..5120]);
+        assert_eq!(p.copy_bytes(), 2 * 25 * 512, "nothing copied for one piece");
         // A read whose member 2 stays silent: CHECK CONDITION at the deadline.
         let h = front(7);
-        let tasks = p.start(h, range(false, 15, 10), &[], 100).unwrap();
+        let tasks = p.start(h, range(false, 15, 10), Vec::new(), 100).unwrap();
         assert_eq!(tasks.len(), 2);
         p.bind(back(1, 60), h, 0);
         p.bind(back(2, 61), h, 1);
-        p.answer(back(1, 60), GOOD, vec![], &[0; 2560], 0);
+        p.answer(back(1, 60), GOOD, vec![], vec![0; 2560], 0);
         assert_eq!(p.next_deadline(), Some(1_100));
         assert!(p.expire(1_099).0.is_empty());
         let (ended, late) = p.expire(1_100);
@@ -900,21 +947,21 @@ mod tests {
         assert_eq!(ended[0].1.sense, Some(Sense::MEMBER_UNREACHABLE));
         // An aborted command names its back tasks still out.
         let k = front(8);
-        p.start(k, range(false, 0, 30), &[], 0).unwrap();
+        p.start(k, range(false, 0, 30), Vec::new(), 0).unwrap();
         p.bind(back(0, 70), k, 0);
         p.bind(back(1, 71), k, 1);
         p.bind(back(2, 72), k, 2);
-        p.answer(back(1, 71), GOOD, vec![], &[0; 5120], 0);
+        p.answer(back(1, 71), GOOD, vec![], vec![0; 5120], 0);
         assert_eq!(p.abort(k), [back(0, 70), back(2, 72)]);
         assert_eq!(p.in_flight(), 0);
-        assert!(p.answer(back(0, 70), GOOD, vec![], &[], 0).is_none());
+        assert!(p.answer(back(0, 70), GOOD, vec![], Vec::new(), 0).is_none());
         // A member's sense data comes through.
         let m = front(9);
-        p.start(m, range(false, 0, 1), &[], 0).unwrap();
+        p.start(m, range(false, 0, 1), Vec::new(), 0).unwrap();
         p.bind(back(0, 80), m, 0);
         let sense = Sense::LBA_OUT_OF_RANGE.bytes(false);
         let (_, o) = p
-            .answer(back(0, 80), CHECK_CONDITION, sense, &[], 512)
+            .answer(back(0, 80), CHECK_CONDITION, sense, Vec::new(), 512)
             .unwrap();
         assert_eq!(o.sense, Some(Sense::LBA_OUT_OF_RANGE));
     }

@@ -850,7 +850,9 @@ impl Disk {
         Ok(op)
     }
 
-    /// A READ or WRITE (6, 10, 12 or 16) of `nexus` admitted without touching the medium,
+    /// A READ, WRITE (6, 10, 12 or 16) or WRITE AND VERIFY (10, 12, 16; a write that is
+    /// durable before it completes, as [`Disk::execute_as`] runs it) of `nexus` admitted
+    /// without touching the medium,
     /// for a caller that moves the blocks itself (the primary of a cluster, whose blocks
     /// live on other members): `Ok(Some(range))` once it passed every check
     /// [`Disk::execute_as`] would make (unit attention, reservations, protection field,
@@ -859,7 +861,7 @@ impl Disk {
     pub fn admit_rw(&mut self, nexus: &Nexus, cdb: &[u8]) -> Result<Option<RwRange>, Outcome> {
         let write = match cdb.first() {
             Some(0x08 | 0x28 | 0xa8 | 0x88) => false,
-            Some(0x0a | 0x2a | 0xaa | 0x8a) => true,
+            Some(0x0a | 0x2a | 0xaa | 0x8a | 0x2e | 0xae | 0x8e) => true,
             _ => return Ok(None),
         };
         let op = self.gate(nexus, cdb)?;
@@ -868,7 +870,8 @@ impl Disk {
         }
         let (lba, blocks) = rw_range(cdb);
         self.rw_check(lba, blocks, write).map_err(Outcome::check)?;
-        let fua = op != 0x08 && op != 0x0a && cdb[1] & 0x08 != 0;
+        let verify = matches!(op, 0x2e | 0xae | 0x8e);
+        let fua = verify || (op != 0x08 && op != 0x0a && cdb[1] & 0x08 != 0);
         Ok(Some(RwRange {
             write,
             lba,

@@ -84,24 +84,12 @@ pub enum ProxyEvent {
 }
 
 /// Whether `op` is a medium-access command a proxy-mode connection does not run: its
-/// blocks are on members, and only READ and WRITE are proxied (the others would act on
-/// the volume's placeholder medium).
+/// blocks are on members, and only READ, WRITE and WRITE AND VERIFY are proxied (the
+/// others would act on the volume's placeholder medium).
 fn proxy_refuses(op: u8) -> bool {
     matches!(
         op,
-        0x04 | 0x2e
-            | 0xae
-            | 0x8e
-            | 0x2f
-            | 0xaf
-            | 0x8f
-            | 0x41
-            | 0x93
-            | 0x42
-            | 0x89
-            | 0x8b
-            | 0x34
-            | 0x90
+        0x04 | 0x2f | 0xaf | 0x8f | 0x41 | 0x93 | 0x42 | 0x89 | 0x8b | 0x34 | 0x90
     )
 }
 
@@ -2088,6 +2076,7 @@ mod proxy_tests {
             panic!("{ev:?}")
         };
         assert_eq!((w.range.write, w.range.lba, w.range.blocks), (true, 100, 2));
+        assert!(!w.range.fua);
         assert_eq!(w.data, data);
         // The read's answer: 8 KiB in Data-In PDUs, status in the last.
         let read: Vec<u8> = (0..8192).map(|i| (i % 241) as u8).collect();
@@ -2173,5 +2162,36 @@ mod proxy_tests {
             ]
         );
         assert_eq!(conn.proxied_in_flight(), 0);
+        // The reset's unit attention comes first (and nothing goes to the proxy) ...
+        let out = send(
+            &mut conn,
+            &f,
+            cmd(0x15, 12, rw10(0x2e, 200, 2), true, 1024),
+            &data,
+        );
+        let [(Repr::ScsiResponse(s), sense)] = &out[..] else {
+            panic!("{out:?}")
+        };
+        assert_eq!((s.itt, s.status), (0x15, CHECK_CONDITION));
+        assert_eq!(sense[4], 0x06, "UNIT ATTENTION: {sense:?}");
+        assert_eq!(conn.take_proxy_events().count(), 0);
+        // ... then WRITE AND VERIFY (10) is proxied as a write that is durable before it
+        // completes.
+        let out = send(
+            &mut conn,
+            &f,
+            cmd(0x15, 13, rw10(0x2e, 200, 2), true, 1024),
+            &data,
+        );
+        assert!(out.is_empty(), "{out:?}");
+        let ev: Vec<ProxyEvent> = conn.take_proxy_events().collect();
+        let [ProxyEvent::Command(v)] = &ev[..] else {
+            panic!("{ev:?}")
+        };
+        assert_eq!(
+            (v.itt, v.range.write, v.range.lba, v.range.fua),
+            (0x15, true, 200, true)
+        );
+        assert_eq!(v.data, data);
     }
 }

@@ -22,12 +22,13 @@
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::Ipv4Addr;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 use toe_bus::time::Instant;
 use toe_driver::{Driver, SharedDriver};
 use toe_host::config::Settings;
-use toe_host::runtime::{Host, Sim};
+use toe_host::runtime::{Host, Sim, Threaded};
 use toe_iscsi::initiator::InitiatorEvent;
 use toe_iscsi::login::TargetConfig;
 use toe_iscsi::proxy::{BackTag, BackTask, Extent, FrontTag, LbaMap, Primary};
@@ -50,7 +51,8 @@ pub fn member_iqn(m: usize) -> String {
     format!("iqn.2026-12.org.toemu:member{m}")
 }
 
-/// A cluster's layout, as read from TOML (`toemu iscsi cluster --config FILE`).
+/// A cluster's layout, as read from the `[cluster]` table of a TOML file (`toemu iscsi
+/// cluster --config FILE`; the file's other keys are host settings).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
@@ -87,12 +89,21 @@ fn default_timeout() -> u64 {
 }
 
 impl ClusterConfig {
-    /// Read and check a TOML file.
+    /// Read and check the `[cluster]` table of a TOML file.
     pub fn from_file(path: &std::path::Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let c: ClusterConfig =
-            toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-        c.map().map_err(|e| format!("{}: {e}", path.display()))?;
+        Self::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Parse and check the `[cluster]` table of TOML `text`.
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        #[derive(serde::Deserialize)]
+        struct File {
+            cluster: Option<ClusterConfig>,
+        }
+        let f: File = toml::from_str(text).map_err(|e| e.to_string())?;
+        let c = f.cluster.ok_or("no [cluster] table")?;
+        c.map()?;
         Ok(c)
     }
 
@@ -210,6 +221,8 @@ pub struct ProxyApp {
     urls: Vec<Option<IscsiUrl>>,
     seed: u64,
     local_itt: u32,
+    /// Copies counted by back sessions that were dropped.
+    retired_copy_bytes: u64,
     /// Counters (copied to the hub after each pass).
     stats: ProxyStats,
     log: Vec<String>,
@@ -232,6 +245,10 @@ pub struct ProxyStats {
     pub tmf_forwarded: u64,
     /// Back sessions dropped and dialled again.
     pub redials: u64,
+    /// Data bytes the proxy copied in application memory: its back sessions' transports
+    /// ([`toe_iscsi::transport::Transport::copy_bytes`]) and [`Primary::copy_bytes`].
+    /// Copies into and out of host memory are the memory's own count.
+    pub copy_bytes: u64,
 }
 
 impl ProxyApp {
@@ -270,6 +287,7 @@ impl ProxyApp {
             urls,
             seed,
             local_itt: 0,
+            retired_copy_bytes: 0,
             stats: ProxyStats::default(),
             log: Vec::new(),
         };
@@ -292,6 +310,7 @@ impl ProxyApp {
     fn member_down(&mut self, m: usize, d: &mut Driver, now_us: u64, hub: &mut Hub) {
         self.fail_waiting(m, hub);
         if let Some(Back::Link(l)) = self.backs[m].take() {
+            self.retired_copy_bytes += l.init.as_ref().map_or(0, |i| i.copy_bytes());
             l.abort(d);
             self.log.push(format!(
                 "iscsi-proxy: member {m} does not answer; its session is dropped ({})",
@@ -316,7 +335,7 @@ impl ProxyApp {
             hub.primary.bind(tag, t.front, t.piece);
             failed.extend(
                 hub.primary
-                    .answer(tag, CHECK_CONDITION, sense.clone(), &[], 0),
+                    .answer(tag, CHECK_CONDITION, sense.clone(), Vec::new(), 0),
             );
         }
         self.tmf[m].clear();
@@ -333,7 +352,7 @@ impl ProxyApp {
                 ProxyEvent::Command(r) => {
                     let front = FrontTag { conn, itt: r.itt };
                     self.stats.commands += 1;
-                    match hub.primary.start(front, r.range, &r.data, now_us) {
+                    match hub.primary.start(front, r.range, r.data, now_us) {
                         Err(o) => hub.answer(front, o),
                         Ok(tasks) => {
                             for t in tasks {
@@ -382,7 +401,7 @@ impl ProxyApp {
             .expect("disk lock")
             .execute(&t.cdb, &t.data);
         let sense = o.sense.map(|s| s.bytes(false)).unwrap_or_default();
-        if let Some((f, o)) = hub.primary.answer(tag, o.status, sense, &o.data_in, 0) {
+        if let Some((f, o)) = hub.primary.answer(tag, o.status, sense, o.data_in, 0) {
             hub.answer(f, o);
         }
     }
@@ -435,7 +454,7 @@ impl ProxyApp {
                             stats.member_read_bytes += c.data.len() as u64;
                             let residual = if c.underflow { c.residual } else { 0 };
                             if let Some((f, o)) =
-                                h.primary.answer(tag, c.status, c.sense, &c.data, residual)
+                                h.primary.answer(tag, c.status, c.sense, c.data, residual)
                             {
                                 h.answer(f, o);
                             }
@@ -488,6 +507,16 @@ impl ProxyApp {
                 self.member_down(m, d, us, &mut hub);
             }
         }
+        let live: u64 = self
+            .backs
+            .iter()
+            .flatten()
+            .filter_map(|b| match b {
+                Back::Link(l) => l.init.as_ref().map(|i| i.copy_bytes()),
+                Back::Down(_) => None,
+            })
+            .sum();
+        self.stats.copy_bytes = self.retired_copy_bytes + live + hub.primary.copy_bytes();
         hub.stats = self.stats;
         hub.backs_up = self
             .backs
@@ -542,6 +571,8 @@ pub struct Cluster {
     pub apps: Vec<(usize, Box<dyn App>)>,
     /// The hub between the primary's front target and its proxy.
     pub hub: SharedHub,
+    /// As [`Parts::copies`].
+    pub copies: Vec<Arc<AtomicU64>>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -571,123 +602,238 @@ fn nic(i: u8, ip: Ipv4Addr, seed: u64) -> toe_nic::NicConfig {
     }
 }
 
+/// The parts of a cluster before a runtime takes its hosts: [`Cluster::new`] puts them on
+/// the virtual clock, [`run_realtime`] in real time.
+pub struct Parts {
+    /// The hosts: 0 the initiator, then each member's front NIC, then each back NIC.
+    pub hosts: Vec<Host>,
+    /// The layout.
+    pub config: ClusterConfig,
+    /// Each member's own LUN.
+    pub disks: Vec<Arc<Mutex<Disk>>>,
+    /// The cables of the front switch (port 0 the initiator, `1 + m` member `m`).
+    pub front: SwitchControl,
+    /// The cables of the back switch (port `m` member `m`).
+    pub back: SwitchControl,
+    /// The servers: (host index, app).
+    pub apps: Vec<(usize, Box<dyn App>)>,
+    /// The hub between the primary's front target and its proxy.
+    pub hub: SharedHub,
+    /// The copy counters ([`TargetApp::copy_counter`]) of each member's own-LUN target
+    /// on its front NIC, then of the volume's target.
+    pub copies: Vec<Arc<AtomicU64>>,
+}
+
+/// The primary's front NIC on a port of its own (a TAP device for real clients) instead
+/// of the in-memory front switch.
+pub struct FrontPort {
+    /// Its identity (address, prefix, gateway).
+    pub nic: toe_nic::NicConfig,
+    /// The port.
+    pub phy: toe_host::runtime::BoxPhy,
+}
+
+/// Build the cluster `config` on `settings`, with header and data digests on the back
+/// sessions if `digests`. Host 0 is the initiator's (10.0.0.1), nothing running on it.
+/// With `primary_front`, the primary's front NIC is on that port (its address there
+/// serves the volume and member 0's own LUN); otherwise on the front switch at
+/// [`front_addr`]`(0)`.
+pub fn build(
+    settings: &Settings,
+    config: &ClusterConfig,
+    digests: bool,
+    seed: u64,
+    primary_front: Option<FrontPort>,
+) -> io::Result<Parts> {
+    let map = config.map().map_err(io::Error::other)?;
+    let n = config.members;
+    let other = |e: toe_host::runtime::HostError| io::Error::other(e.to_string());
+    let (mut fronts, front) = toe_nic::switch(n + 1, 4096);
+    let (mut backs, back) = toe_nic::switch(n, 4096);
+    let now = Instant::from_micros(0);
+    let mut hosts = Vec::new();
+    fronts.reverse();
+    backs.reverse();
+    let port = |p: toe_nic::SwitchPort| -> toe_host::runtime::BoxPhy { Box::new(p) };
+    hosts.push(
+        Host::new(
+            "initiator",
+            settings,
+            nic(1, Ipv4Addr::new(10, 0, 0, 1), seed),
+            port(fronts.pop().expect("port")),
+            now,
+        )
+        .map_err(other)?,
+    );
+    let mut primary_front = primary_front;
+    let primary_addr = primary_front.as_ref().map_or(front_addr(0), |f| f.nic.ip);
+    for m in 0..n {
+        let switch_port = fronts.pop().expect("port");
+        let (cfg, phy) = match primary_front.take().filter(|_| m == 0) {
+            // The switch's port stays unplugged (frames flooded to it are dropped).
+            Some(f) => (f.nic, f.phy),
+            None => (nic(10 + m as u8, front_addr(m), seed), port(switch_port)),
+        };
+        hosts.push(Host::new(&format!("m{m}-front"), settings, cfg, phy, now).map_err(other)?);
+    }
+    for m in 0..n {
+        let h = hosts[1 + m]
+            .second_nic(
+                &format!("m{m}-back"),
+                settings,
+                nic(100 + m as u8, back_addr(m), seed),
+                port(backs.pop().expect("port")),
+                now,
+            )
+            .map_err(other)?;
+        hosts.push(h);
+    }
+    for h in &mut hosts {
+        h.nic
+            .add_engine(Arc::new(toe_iscsi::engine::IscsiEngineFactory));
+    }
+    let disks: Vec<Arc<Mutex<Disk>>> = (0..n)
+        .map(|m| {
+            Arc::new(Mutex::new(Disk::new(
+                Box::new(MemStore::new(config.member_bytes())),
+                config.block_bytes,
+                &format!("TOEMUM{m:03}"),
+            )))
+        })
+        .collect();
+    let listen = |hosts: &[Host], i: usize, port: u16| {
+        hosts[i]
+            .driver
+            .lock()
+            .listen(port, 16, None)
+            .map_err(|e| io::Error::other(e.to_string()))
+    };
+    let mut apps: Vec<(usize, Box<dyn App>)> = Vec::new();
+    let mut copies = Vec::new();
+    for (m, disk) in disks.iter().enumerate() {
+        let front = if m == 0 { primary_addr } else { front_addr(m) };
+        for (host, addr) in [(1 + m, front), (1 + n + m, back_addr(m))] {
+            listen(&hosts, host, 3260)?;
+            let app = TargetApp::new(
+                3260,
+                TargetConfig::offering_digests(&member_iqn(m)),
+                &format!("{addr}:3260"),
+                disk.clone(),
+                seed ^ (host as u64) << 8,
+            );
+            if host == 1 + m {
+                copies.push(app.copy_counter());
+            }
+            apps.push((host, Box::new(app)));
+        }
+    }
+    // The volume: its capacity, inquiry data and reservations on the primary; its
+    // blocks on the members (the placeholder medium is never read or written).
+    let volume = Arc::new(Mutex::new(Disk::new(
+        Box::new(Placeholder(map.blocks() * u64::from(config.block_bytes))),
+        config.block_bytes,
+        "TOEMUVOL1",
+    )));
+    let primary = Primary::new(map, 0, config.block_bytes, config.member_timeout_ms * 1000);
+    let hub = Hub::new(primary);
+    listen(&hosts, 1, VOLUME_PORT)?;
+    let front_app = TargetApp::new(
+        VOLUME_PORT,
+        TargetConfig::offering_digests(VOLUME_IQN),
+        &format!("{primary_addr}:{VOLUME_PORT}"),
+        volume,
+        seed ^ 0x5151,
+    )
+    .with_proxy(hub.clone());
+    copies.push(front_app.copy_counter());
+    apps.push((1, Box::new(front_app)));
+    let addrs: Vec<Ipv4Addr> = (0..n).map(back_addr).collect();
+    let proxy = ProxyApp::new(hub.clone(), disks[0].clone(), 0, &addrs, digests, seed)
+        .map_err(io::Error::other)?;
+    apps.push((1 + n, Box::new(proxy)));
+    Ok(Parts {
+        hosts,
+        config: config.clone(),
+        disks,
+        front,
+        back,
+        apps,
+        hub,
+        copies,
+    })
+}
+
+/// Run the servers of `parts` in real time (the NICs on the adapter thread of
+/// [`Threaded`], the apps on this one) until `stop` is set or `max` has passed. Each log
+/// line goes to `log` at once; `cluster ready` is logged once the primary's back
+/// sessions to every other member are up. Returns the hosts.
+pub fn run_realtime(
+    parts: Parts,
+    max: Option<std::time::Duration>,
+    stop: &std::sync::atomic::AtomicBool,
+    mut log: impl FnMut(String),
+) -> io::Result<Vec<Host>> {
+    let Parts {
+        hosts,
+        config,
+        mut apps,
+        hub,
+        ..
+    } = parts;
+    let rt = Threaded::start(hosts);
+    let drivers: Vec<SharedDriver> = apps.iter().map(|(h, _)| rt.driver(*h)).collect();
+    let waiter = rt.waiter_any();
+    let started = std::time::Instant::now();
+    let mut ready = false;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed)
+        && max.is_none_or(|m| started.elapsed() < m)
+    {
+        let now = waiter.now();
+        let mut busy = false;
+        let mut next: Option<Instant> = None;
+        for ((_, app), d) in apps.iter_mut().zip(&drivers) {
+            let mut g = d.lock();
+            g.poll(now);
+            busy |= app.poll(&mut g, now)?;
+            g.flush();
+            next = [next, g.poll_at(), app.poll_at()]
+                .into_iter()
+                .flatten()
+                .min();
+            for line in app.take_log() {
+                log(line);
+            }
+        }
+        if !ready && hub.lock().expect("hub lock").backs_up + 1 >= config.members {
+            ready = true;
+            log(format!("cluster ready: {} members", config.members));
+        }
+        if !busy {
+            waiter.wait(next)?;
+        }
+    }
+    Ok(rt.stop())
+}
+
 impl Cluster {
-    /// Build the cluster `config` on `settings`, with header and data digests on the back
-    /// sessions if `digests`. Host 0 is the initiator's (10.0.0.1), nothing running on it.
+    /// Build the cluster `config` on `settings` ([`build`], every NIC on the in-memory
+    /// switches) on the virtual clock.
     pub fn new(
         settings: &Settings,
         config: &ClusterConfig,
         digests: bool,
         seed: u64,
     ) -> io::Result<Cluster> {
-        let map = config.map().map_err(io::Error::other)?;
-        let n = config.members;
-        let other = |e: toe_host::runtime::HostError| io::Error::other(e.to_string());
-        let (mut fronts, front) = toe_nic::switch(n + 1, 4096);
-        let (mut backs, back) = toe_nic::switch(n, 4096);
-        let now = Instant::from_micros(0);
-        let mut hosts = Vec::new();
-        fronts.reverse();
-        backs.reverse();
-        let port = |p: toe_nic::SwitchPort| -> toe_host::runtime::BoxPhy { Box::new(p) };
-        hosts.push(
-            Host::new(
-                "initiator",
-                settings,
-                nic(1, Ipv4Addr::new(10, 0, 0, 1), seed),
-                port(fronts.pop().expect("port")),
-                now,
-            )
-            .map_err(other)?,
-        );
-        for m in 0..n {
-            let h = Host::new(
-                &format!("m{m}-front"),
-                settings,
-                nic(10 + m as u8, front_addr(m), seed),
-                port(fronts.pop().expect("port")),
-                now,
-            )
-            .map_err(other)?;
-            hosts.push(h);
-        }
-        for m in 0..n {
-            let h = hosts[1 + m]
-                .second_nic(
-                    &format!("m{m}-back"),
-                    settings,
-                    nic(100 + m as u8, back_addr(m), seed),
-                    port(backs.pop().expect("port")),
-                    now,
-                )
-                .map_err(other)?;
-            hosts.push(h);
-        }
-        for h in &mut hosts {
-            h.nic
-                .add_engine(Arc::new(toe_iscsi::engine::IscsiEngineFactory));
-        }
-        let sim = Sim::new(hosts);
-        let disks: Vec<Arc<Mutex<Disk>>> = (0..n)
-            .map(|m| {
-                Arc::new(Mutex::new(Disk::new(
-                    Box::new(MemStore::new(config.member_bytes())),
-                    config.block_bytes,
-                    &format!("TOEMUM{m:03}"),
-                )))
-            })
-            .collect();
-        let listen = |i: usize, port: u16| {
-            sim.driver(i)
-                .lock()
-                .listen(port, 16, None)
-                .map_err(|e| io::Error::other(e.to_string()))
-        };
-        let mut apps: Vec<(usize, Box<dyn App>)> = Vec::new();
-        for (m, disk) in disks.iter().enumerate() {
-            for (host, addr) in [(1 + m, front_addr(m)), (1 + n + m, back_addr(m))] {
-                listen(host, 3260)?;
-                let app = TargetApp::new(
-                    3260,
-                    TargetConfig::offering_digests(&member_iqn(m)),
-                    &format!("{addr}:3260"),
-                    disk.clone(),
-                    seed ^ (host as u64) << 8,
-                );
-                apps.push((host, Box::new(app)));
-            }
-        }
-        // The volume: its capacity, inquiry data and reservations on the primary; its
-        // blocks on the members (the placeholder medium is never read or written).
-        let volume = Arc::new(Mutex::new(Disk::new(
-            Box::new(Placeholder(map.blocks() * u64::from(config.block_bytes))),
-            config.block_bytes,
-            "TOEMUVOL1",
-        )));
-        let primary = Primary::new(map, 0, config.block_bytes, config.member_timeout_ms * 1000);
-        let hub = Hub::new(primary);
-        listen(1, VOLUME_PORT)?;
-        let front_app = TargetApp::new(
-            VOLUME_PORT,
-            TargetConfig::offering_digests(VOLUME_IQN),
-            &format!("{}:{VOLUME_PORT}", front_addr(0)),
-            volume,
-            seed ^ 0x5151,
-        )
-        .with_proxy(hub.clone());
-        apps.push((1, Box::new(front_app)));
-        let addrs: Vec<Ipv4Addr> = (0..n).map(back_addr).collect();
-        let proxy = ProxyApp::new(hub.clone(), disks[0].clone(), 0, &addrs, digests, seed)
-            .map_err(io::Error::other)?;
-        apps.push((1 + n, Box::new(proxy)));
+        let p = build(settings, config, digests, seed, None)?;
         Ok(Cluster {
-            sim,
-            config: config.clone(),
-            disks,
-            front,
-            back,
-            apps,
-            hub,
+            sim: Sim::new(p.hosts),
+            config: p.config,
+            disks: p.disks,
+            front: p.front,
+            back: p.back,
+            apps: p.apps,
+            hub: p.hub,
+            copies: p.copies,
         })
     }
 

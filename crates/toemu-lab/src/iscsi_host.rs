@@ -215,6 +215,9 @@ pub struct TargetApp {
     destage: Option<u64>,
     /// Proxy mode (the front of a cluster's primary): READs and WRITEs go to the hub.
     proxy: Option<crate::cluster::SharedHub>,
+    /// Its connections' [`toe_iscsi::target::ConnStats::copy_bytes`], for readers on
+    /// other threads (updated each pass).
+    copies: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for TargetApp {
@@ -255,6 +258,7 @@ impl TargetApp {
             accel: toe_iscsi::accel::AccelConfig::default(),
             destage: None,
             proxy: None,
+            copies: Arc::default(),
         }
     }
 
@@ -287,6 +291,12 @@ impl TargetApp {
             .iter()
             .filter(|s| s.conn.ended().is_none() || !s.out.is_empty() || s.io.outstanding() > 0)
             .count()
+    }
+
+    /// Data bytes its connections' transports copied in application memory so far
+    /// ([`toe_iscsi::target::ConnStats::copy_bytes`]), readable while it runs elsewhere.
+    pub fn copy_counter(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.copies.clone()
     }
 
     /// The data path of its connections (the NIC's engine by default).
@@ -447,6 +457,8 @@ impl App for TargetApp {
         let r = self.serve(d, now);
         let st = self.stats();
         self.charged.charge(d, now, st.digest_bytes, st.copy_bytes);
+        self.copies
+            .store(st.copy_bytes, std::sync::atomic::Ordering::Relaxed);
         r
     }
 

@@ -423,6 +423,48 @@ enum IscsiCmd {
         #[arg(long)]
         buffer_mib: Option<u64>,
     },
+    /// A target cluster with proxy I/O (seed 001) laid out by a TOML file: every member an
+    /// emulated TOE host with a front and a back NIC, the volume served by the primary on
+    /// port 3261 (each member's own LUN on 3260). With --tap the primary's front NIC is on
+    /// that TAP device for real initiators and the cluster runs in real time until SIGINT
+    /// or SIGTERM; without it, on the virtual clock, toemu's initiator writes --bytes of
+    /// seeded data through the primary and reads them back (exit non-zero on a mismatch).
+    /// The layout is the `[cluster]` table of the global `--config FILE` (whose other keys
+    /// are the hosts' settings): `members`, `member_blocks`, optional `block_bytes`,
+    /// `stripe_blocks`, `extents` ([{lba, blocks, member, member_lba}]) and
+    /// `member_timeout_ms`.
+    Cluster {
+        /// Header and data digests (CRC32C) on the primary's back sessions (and, without
+        /// --tap, on the initiator's session).
+        #[arg(long)]
+        digests: bool,
+        /// Without --tap: bytes to write and read back (K, KiB, M, MiB, ...).
+        #[arg(long, default_value = "64MiB")]
+        bytes: String,
+        /// With --tap: stop after this many seconds.
+        #[arg(long)]
+        max_seconds: Option<f64>,
+        #[command(flatten)]
+        on: IscsiTap,
+    },
+    /// 128 KiB QD32 writes and reads through the primary of a three-member cluster
+    /// against the same load sent directly to one member, on the virtual clock, same run,
+    /// alternating: throughput, latency, host copies per byte on the serving machine and
+    /// an integrity check. Exits non-zero if any data came back wrong.
+    ClusterBench {
+        /// Write the figures as JSON to this path.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Bytes per run (K, KiB, M, MiB, ...; a multiple of 128 KiB).
+        #[arg(long, default_value = "64MiB")]
+        bytes: String,
+        /// Rounds of (direct, proxy), the order alternating.
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+        /// Header and data digests (CRC32C) on every connection.
+        #[arg(long)]
+        digests: bool,
+    },
     /// An iSCSI target whose LUN 0 is a disk in a file, on std TCP or on an emulated TOE
     /// host on a TAP device; runs until SIGINT or
     /// SIGTERM, then flushes the disk and prints its counters.
@@ -488,7 +530,11 @@ fn data_path(offload: Option<&str>, tap: bool) -> Result<toemu_lab::iscsi_host::
 }
 
 /// `toemu iscsi ...`; `settings` configure the emulated host of `--tap`.
-fn iscsi(cmd: IscsiCmd, settings: &Settings) -> Result<(), String> {
+fn iscsi(
+    cmd: IscsiCmd,
+    settings: &Settings,
+    config_file: Option<&std::path::Path>,
+) -> Result<(), String> {
     match cmd {
         IscsiCmd::Ls { url, show_luns } => {
             let u: toemu_lab::iscsi::IscsiUrl = url.parse()?;
@@ -589,6 +635,39 @@ fn iscsi(cmd: IscsiCmd, settings: &Settings) -> Result<(), String> {
                 return Err(format!("{bad} run(s) failed their integrity check"));
             }
             Ok(())
+        }
+        IscsiCmd::Cluster {
+            digests,
+            bytes,
+            max_seconds,
+            on,
+        } => {
+            let config = config_file
+                .ok_or("toemu iscsi cluster needs --config FILE with a [cluster] table")?;
+            cluster(settings, config, digests, &bytes, max_seconds, on)
+        }
+        IscsiCmd::ClusterBench {
+            json,
+            bytes,
+            rounds,
+            digests,
+        } => {
+            let o = toemu_lab::cluster_bench::BenchOptions {
+                bytes: parse_size(&bytes).map_err(|e| format!("--bytes: {e}"))?,
+                rounds,
+                digests,
+                ..toemu_lab::cluster_bench::BenchOptions::default()
+            };
+            let r = toemu_lab::cluster_bench::run(settings, &o).map_err(|e| e.to_string())?;
+            print!("{}", r.table());
+            if let Some(path) = json {
+                write_json(&path, &r)?;
+            }
+            if r.integrity_ok() {
+                Ok(())
+            } else {
+                Err("data came back different from what was written".into())
+            }
         }
         IscsiCmd::Perf {
             url,
@@ -801,6 +880,115 @@ fn iscsi(cmd: IscsiCmd, settings: &Settings) -> Result<(), String> {
     }
 }
 
+/// `toemu iscsi cluster`.
+fn cluster(
+    settings: &Settings,
+    config: &std::path::Path,
+    digests: bool,
+    bytes: &str,
+    max_seconds: Option<f64>,
+    on: IscsiTap,
+) -> Result<(), String> {
+    use toemu_lab::cluster::{self, ClusterConfig, VOLUME_IQN, VOLUME_PORT};
+    let cfg = ClusterConfig::from_file(config)?;
+    let map = cfg.map()?;
+    let layout = |portal: &dyn std::fmt::Display| {
+        println!(
+            "toemu iscsi cluster: {} members, volume {VOLUME_IQN} at {portal} ({} blocks of {} bytes) in {} extents; member m's own LUN {}<m> on port 3260",
+            cfg.members,
+            map.blocks(),
+            cfg.block_bytes,
+            map.extents().len(),
+            cluster::member_iqn(0).trim_end_matches('0'),
+        );
+    };
+    let Some(mut tap) = on.tap_args() else {
+        // On the virtual clock: toemu's initiator writes through the primary and reads back.
+        let bytes = parse_size(bytes).map_err(|e| format!("--bytes: {e}"))?;
+        let mut c = cluster::Cluster::new(settings, &cfg, digests, 1).map_err(|e| e.to_string())?;
+        layout(&format!("{}:{VOLUME_PORT}", cluster::front_addr(0)));
+        if !c.wait_ready(10_000_000).map_err(|e| e.to_string())? {
+            return Err("the primary's back sessions did not come up".into());
+        }
+        let q = if digests {
+            "?header_digest=crc32c&data_digest=crc32c"
+        } else {
+            ""
+        };
+        let url: toemu_lab::iscsi::IscsiUrl = format!(
+            "iscsi://{}:{VOLUME_PORT}/{VOLUME_IQN}/0{q}",
+            cluster::front_addr(0)
+        )
+        .parse()?;
+        let o = toemu_lab::iscsi_perf::PerfOptions {
+            io_bytes: 128 << 10,
+            depth: 32,
+            bytes: Some(bytes),
+            write: true,
+            verify: true,
+            ..toemu_lab::iscsi_perf::PerfOptions::default()
+        };
+        let mut perf = toemu_lab::iscsi_host::PerfApp::new(&url, o, [1; 23])?;
+        for line in c.run(&mut perf, u64::MAX).map_err(|e| e.to_string())? {
+            println!("{line}");
+        }
+        let r = perf.report()?;
+        for p in &r.phases {
+            println!(
+                "  {:5} {:>12} bytes in {:.3} s (virtual): {:.1} MB/s, latency p50 {:.0} us p99 {:.0} us, errors {}",
+                p.op, p.bytes, p.seconds, p.mb_per_s, p.latency_us.p50, p.latency_us.p99, p.errors
+            );
+        }
+        println!("  proxy: {:?}", c.proxy_stats());
+        return match (r.ok(), r.first_problem) {
+            (true, _) => Ok(()),
+            (false, p) => Err(format!("read back wrong: {}", p.unwrap_or_default())),
+        };
+    };
+    tap.max_seconds = max_seconds;
+    let (ip, prefix) = toemu_lab::serve::parse_cidr(&tap.ip)?;
+    let (phy, wire) = tap.open()?;
+    let nic = toemu_lab::serve::nic_for(ip, prefix, tap.gateway, tap.stack_seed);
+    let seed = u64::from_le_bytes(
+        toemu_lab::iscsi::random_bytes().map_err(|e| format!("/dev/urandom: {e}"))?,
+    );
+    // Real time is the machine's own speed: the cost model is for the virtual clock.
+    let parts = cluster::build(
+        &settings.clone().without_costs(),
+        &cfg,
+        digests,
+        seed,
+        Some(cluster::FrontPort { nic, phy }),
+    )
+    .map_err(|e| e.to_string())?;
+    let hub = parts.hub.clone();
+    layout(&format!(
+        "{ip}:{VOLUME_PORT} (emulated TOE host on {}, {})",
+        tap.tap,
+        wire.describe()
+    ));
+    let max = tap.max_seconds.map(std::time::Duration::from_secs_f64);
+    let mut out = std::io::stdout();
+    let hosts = cluster::run_realtime(parts, max, stop_flag(), |line| {
+        use std::io::Write as _;
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    })
+    .map_err(|e| e.to_string())?;
+    if let Some(p) = &wire.pcap {
+        p.flush().map_err(|e| format!("--pcap: {e}"))?;
+    }
+    let s = hub
+        .lock()
+        .map_err(|_| "hub lock poisoned".to_string())?
+        .stats;
+    println!(
+        "toemu iscsi cluster: stopped; {} hosts; proxy {s:?}",
+        hosts.len()
+    );
+    Ok(())
+}
+
 fn settings(cli: &Cli) -> Result<Settings, String> {
     let mut overrides = Vec::new();
     if let Some(w) = &cli.indicate_window {
@@ -863,7 +1051,7 @@ fn run_on_tap(
 fn run(cli: Cli) -> Result<(), String> {
     let settings = settings(&cli)?;
     match cli.cmd {
-        Cmd::Iscsi { cmd } => iscsi(cmd, &settings),
+        Cmd::Iscsi { cmd } => iscsi(cmd, &settings, cli.config.as_deref()),
         Cmd::Serve {
             tap,
             app,

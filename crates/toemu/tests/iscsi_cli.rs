@@ -289,3 +289,103 @@ fn wan_bench_writes_its_json_and_chart() {
     assert!(chart.contains("accelerated") && chart.contains("classic"));
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// `toemu iscsi cluster-bench`: the JSON has a write and a read for each mode of each
+/// round, direct first in round 0 and proxy first in round 1, every run's data checked;
+/// the copies are counted (the proxy's are the primary's: more than the member's own).
+#[test]
+fn cluster_bench_writes_its_json() {
+    let d = scratch("cluster-bench");
+    let json = d.join("cluster.json");
+    let out = Command::new(TOEMU)
+        .args(["iscsi", "cluster-bench", "--bytes", "8MiB", "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("proxy / direct: read"), "{text}");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let runs = v["runs"].as_array().unwrap();
+    let order: Vec<(&str, &str)> = runs
+        .iter()
+        .map(|r| (r["mode"].as_str().unwrap(), r["op"].as_str().unwrap()))
+        .collect();
+    let (dw, dr, pw, pr) = (
+        ("direct", "write"),
+        ("direct", "read"),
+        ("proxy", "write"),
+        ("proxy", "read"),
+    );
+    assert_eq!(
+        order,
+        [dw, dr, pw, pr, pw, pr, dw, dr],
+        "alternating rounds"
+    );
+    for r in runs {
+        assert!(r["throughput_bytes_per_s"].as_f64().unwrap() > 0.0, "{r}");
+        assert_eq!(r["bytes"], 8 << 20, "{r}");
+        assert_eq!(r["integrity_ok"], true, "{r}");
+    }
+    let copies = |mode: &str, op: &str| {
+        runs.iter()
+            .find(|r| r["mode"] == mode && r["op"] == op)
+            .unwrap()["host_copies_per_proxied_byte"]
+            .as_f64()
+            .unwrap()
+    };
+    // A member's target copies each byte once into application memory (its disk).
+    assert!((copies("direct", "read") - 1.0).abs() < 0.01, "{v}");
+    assert!(copies("proxy", "read") > copies("direct", "read"), "{v}");
+    std::fs::remove_dir_all(&d).unwrap();
+}
+
+/// `toemu --config FILE iscsi cluster` on the in-memory wire: the `[cluster]` table lays
+/// it out, the file's `[host]` table sets the hosts; toemu's initiator writes through the
+/// primary and reads the data back intact. A file without `[cluster]` is refused.
+#[test]
+fn the_cluster_command_runs_a_layout_from_toml() {
+    let d = scratch("cluster");
+    let cfg = d.join("cluster.toml");
+    std::fs::write(
+        &cfg,
+        "[cluster]\nmembers = 2\nmember_blocks = 16384\nstripe_blocks = 256\n\n[host]\nmtu = 9000\n",
+    )
+    .unwrap();
+    let out = Command::new(TOEMU)
+        .arg("--config")
+        .arg(&cfg)
+        .args(["iscsi", "cluster", "--bytes", "4MiB"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("2 members"), "{text}");
+    assert!(
+        text.contains("read ") && text.contains("errors 0"),
+        "{text}"
+    );
+    assert!(!text.contains("member_pieces: 0,"), "{text}");
+    std::fs::write(&cfg, "[host]\nmtu = 9000\n").unwrap();
+    let out = Command::new(TOEMU)
+        .arg("--config")
+        .arg(&cfg)
+        .args(["iscsi", "cluster"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no [cluster] table"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_dir_all(&d).unwrap();
+}

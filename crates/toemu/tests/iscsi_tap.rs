@@ -1,7 +1,8 @@
 //! toemu's iSCSI target on an emulated TOE host on a TAP device, inside a network namespace
 //! this test creates and deletes, against libiscsi's tools running in the namespace (real
 //! Linux initiators): discovery with `iscsi-ls`, and the minimal disk profile of
-//! `iscsi-test-cu` without and with header digests.
+//! `iscsi-test-cu` without and with header digests, also against the primary of a target
+//! cluster.
 //!
 //! Needs root (namespaces and TAP devices): without it the test fails and says why.
 
@@ -49,22 +50,22 @@ impl Lab {
     /// A namespace with toemu's target on `tap0`, answering on port 3260.
     fn start(name: &str) -> Lab {
         let mut lab = Lab::new(name);
+        let lun = lab.dir.join("lun.img").display().to_string();
+        let args = ["iscsi", "target", "--size", "64MiB", "--offload", "engine"];
+        lab.spawn(&args, &["--lun", &lun], 3260);
+        lab
+    }
+
+    /// Run `toemu ARGS --tap tap0 --ip HOST/24 MORE` in the namespace, its output to
+    /// `target.log`; return once `tap0` is up and HOST answers on `port`.
+    fn spawn(&mut self, args: &[&str], more: &[&str], port: u16) {
+        let lab = self;
         let log = std::fs::File::create(lab.dir.join("target.log")).unwrap();
-        let lun = lab.dir.join("lun.img");
         let child = Command::new("ip")
-            .args([
-                "netns", "exec", &lab.ns, TOEMU, "iscsi", "target", "--size", "64MiB",
-            ])
-            .args([
-                "--tap",
-                "tap0",
-                "--ip",
-                &format!("{HOST}/24"),
-                "--offload",
-                "engine",
-            ])
-            .arg("--lun")
-            .arg(&lun)
+            .args(["netns", "exec", &lab.ns, TOEMU])
+            .args(args)
+            .args(["--tap", "tap0", "--ip", &format!("{HOST}/24")])
+            .args(more)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -85,18 +86,38 @@ impl Lab {
             "ip addr add {LINUX}/24 dev tap0 && ip link set tap0 up"
         ));
         let probe = format!(
-            "python3 -c 'import socket; socket.create_connection((\"{HOST}\", 3260), 1).close()'"
+            "python3 -c 'import socket; socket.create_connection((\"{HOST}\", {port}), 1).close()'"
         );
         while !lab.try_sh(&probe) {
             lab.alive();
             assert!(
                 t0.elapsed() < Duration::from_secs(20),
-                "the target does not answer on {HOST}:3260: {}",
+                "the target does not answer on {HOST}:{port}: {}",
                 lab.log()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        lab
+    }
+
+    /// Stop toemu by PID (SIGTERM) and wait for it to exit: its status, and how long it
+    /// took (more than `max` fails the test).
+    fn stop(&mut self, max: Duration) -> (std::process::ExitStatus, Duration) {
+        let mut c = self.target.take().expect("started");
+        Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status()
+            .unwrap();
+        let t0 = Instant::now();
+        loop {
+            if let Some(s) = c.try_wait().unwrap() {
+                return (s, t0.elapsed());
+            }
+            if t0.elapsed() > max {
+                let _ = c.kill();
+                panic!("still running {max:?} after SIGTERM: {}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn alive(&mut self) {
@@ -176,22 +197,7 @@ fn libiscsi_discovers_the_target_on_an_emulated_toe_host() {
     // SIGTERM: no session is left to ask to log out, so the target flushes the disk,
     // prints its counters and exits at once (well within its 5 s grace).
     let mut lab = lab;
-    let mut child = lab.target.take().unwrap();
-    let t0 = Instant::now();
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(4),
-            "still running 4 s after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let (status, _) = lab.stop(Duration::from_secs(4));
     assert!(status.success(), "{status}: {}", lab.log());
     assert!(lab.log().contains("stopped; flushed ok"), "{}", lab.log());
 }
@@ -213,6 +219,62 @@ fn iscsi_test_cu_minimal_disk_profile_passes_on_an_emulated_toe_host() {
     };
     let total: u64 = log.lines().filter_map(registered).sum();
     assert!(total > 1000, "{total} buffers registered: {log}");
+}
+
+/// The primary of a three-member cluster on the TAP device (`toemu iscsi cluster --tap`,
+/// the proxy I/O of seed 001), its volume striped over all three members: libiscsi's
+/// minimal disk profile passes against the volume, and the proxy sent pieces to the other
+/// members over its back NIC, none of them failed.
+#[test]
+fn iscsi_test_cu_minimal_disk_profile_passes_against_a_cluster_primary() {
+    need_libiscsi();
+    let mut lab = Lab::new("cluster");
+    let config = lab.dir.join("cluster.toml");
+    // 32 MiB per member, striped in 1 MiB stripes: every suite's I/O crosses members.
+    std::fs::write(
+        &config,
+        "[cluster]\nmembers = 3\nmember_blocks = 65536\nstripe_blocks = 2048\n",
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    lab.spawn(&["--config", &config, "iscsi", "cluster"], &[], 3261);
+    let t0 = Instant::now();
+    while !lab.log().contains("cluster ready: 3 members") {
+        lab.alive();
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the primary's back sessions did not come up: {}",
+            lab.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let url = format!("iscsi://{HOST}:3261/iqn.2026-12.org.toemu:volume/0");
+    toemu_tests::assert_minimal_profile_passes(&url, |args| lab.run("iscsi-test-cu", args).1);
+    let (status, _) = lab.stop(Duration::from_secs(10));
+    let log = lab.log();
+    assert!(status.success(), "{status}: {log}");
+    let stats = log
+        .lines()
+        .find_map(|l| {
+            l.split_once("toemu iscsi cluster: stopped; ")
+                .map(|(_, s)| s)
+        })
+        .unwrap_or_else(|| panic!("no final counters: {log}"));
+    let count = |key: &str| -> u64 {
+        let (_, rest) = stats
+            .split_once(&format!("{key}: "))
+            .unwrap_or_else(|| panic!("{key} not in {stats}"));
+        rest.split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert!(
+        count("member_pieces") > 1000 && count("local_pieces") > 1000,
+        "the volume's I/O went to all members: {stats}"
+    );
+    assert_eq!(count("member_failures"), 0, "{stats}");
 }
 
 /// Our initiator on an emulated TOE host (`toemu iscsi perf --tap`) against tgtd on the Linux

@@ -8,7 +8,8 @@
 //! - `cargo xtask soak`: the impaired-wire integrity matrix (`tests/impair.rs`) at 1 GiB per
 //!   cell.
 //! - `cargo xtask fuzz`: the iSCSI PDU decoder, text-key parser, login machine, target and
-//!   initiator connections and the SCSI disk on a million arbitrary inputs each.
+//!   initiator connections and the SCSI disk, and toe-msg's frame decoder, on a million
+//!   arbitrary inputs each.
 //!
 //! Tests run in the `checked` profile (release with overflow checks and debug assertions)
 //! because the integration tests move hundreds of MiB. Before the tests, the system tools they
@@ -114,6 +115,20 @@ const FUZZ: Step = Step {
     env: &[("PROPTEST_CASES", "1000000")],
 };
 
+/// `cargo xtask fuzz`, second part: toe-msg's frame decoder on a million arbitrary inputs.
+const FUZZ_MSG: Step = Step {
+    name: "fuzz-msg",
+    args: &[
+        "test",
+        "--profile",
+        "checked",
+        "-p",
+        "toe-msg",
+        "arbitrary_",
+    ],
+    env: &[("PROPTEST_CASES", "1000000")],
+};
+
 /// The gates of `cargo xtask ci`, in order.
 const CI: &[&Step] = &[&FMT, &CLIPPY, &DOC, &TEST];
 
@@ -153,8 +168,8 @@ tasks:
            -- --include-ignored --nocapture
          the impaired-wire integrity matrix at 1 GiB per transfer (24 cells x 4 modes)
   fuzz   PROPTEST_CASES=1000000 cargo test --profile checked -p toe-iscsi arbitrary_
-         toe-iscsi's decoder, text keys, login and connections on a million arbitrary
-         inputs each
+         (and -p toe-msg): toe-iscsi's decoder, text keys, login and connections, and
+         toe-msg's frame decoder, on a million arbitrary inputs each
   help   print this message";
 
 /// The workspace root: the parent of this crate's manifest directory.
@@ -302,7 +317,7 @@ fn main() -> ExitCode {
         ["ci"] => run_all(CI),
         ["test"] => run_all(&[&TEST]),
         ["soak"] => run_all(&[&SOAK]),
-        ["fuzz"] => run_all(&[&FUZZ]),
+        ["fuzz"] => run_all(&[&FUZZ, &FUZZ_MSG]),
         ["tap-test"] => tap_test::run(&workspace_root(), tap_test::Suite::All, &[]),
         ["tap-test", "basic"] => tap_test::run(&workspace_root(), tap_test::Suite::Basic, &[]),
         ["tap-test", "hostile", only @ ..] => {

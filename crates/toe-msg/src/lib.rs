@@ -1,0 +1,15 @@
+//! toemu's message-based bulk transport (seeds 002 and 003), pure layers: the frame wire
+//! format ([`frame`]), the session machine ([`session`]) and the pipe that multiplexes
+//! sessions over many connections ([`pipe`]). TLS, the shells on the emulated TOE and std
+//! TCP, and bulk transfer build on these.
+//!
+//! Nothing here owns a socket, a thread or a clock: bytes and frames go in and out through
+//! calls, and time (µs of the caller's clock, virtual or real) is an argument.
+
+pub mod frame;
+pub mod pipe;
+pub mod session;
+
+pub use frame::{decode, Frame, FrameError, RefuseReason, Window};
+pub use pipe::{ConnId, Pipe, PipeConfig, PipeEvent};
+pub use session::{Config, Event, MsgId, SendError, Session, SessionError, State};

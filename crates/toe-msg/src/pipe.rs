@@ -1,0 +1,257 @@
+//! A pipe (seed 002): many sessions multiplexed over many connections to one peer. The
+//! dispatcher here is the pipe's [`Pipe::fill`]: whichever connection has room carries the
+//! next frame of the next session with something to send (round robin over sessions), so
+//! one large message goes out over every free connection at once and the receiving session
+//! reassembles it (see [`crate::session`]).
+//!
+//! Pure: the shell hands each connection's received bytes to [`Pipe::on_bytes`] and asks
+//! [`Pipe::fill`] for bytes to write when a connection can take more. Connections are
+//! numbered by the pipe ([`Pipe::add_conn`]); the shell says when one is gone
+//! ([`Pipe::conn_down`]). TLS, when used, sits between the shell and the pipe.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use crate::frame::{decode, Frame, FrameError, RefuseReason, HEADER_LEN};
+use crate::session::{Config, Event, Session};
+
+/// A pipe's settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PipeConfig {
+    /// Every session's settings.
+    pub session: Config,
+    /// Sessions a pipe holds at once (an acceptor refuses more with
+    /// [`RefuseReason::Busy`]).
+    pub max_sessions: usize,
+}
+
+impl Default for PipeConfig {
+    fn default() -> Self {
+        PipeConfig {
+            session: Config::default(),
+            max_sessions: 1024,
+        }
+    }
+}
+
+/// A connection of the pipe, by number.
+pub type ConnId = usize;
+
+/// What the pipe reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PipeEvent {
+    /// A session's completion notification.
+    Session {
+        /// The session.
+        id: u32,
+        /// What happened.
+        event: Event,
+    },
+    /// Connection `conn` carried bytes that are not frames of this protocol: it is
+    /// dropped from the pipe (the shell closes it); the sessions go on over the others.
+    ConnBroken {
+        /// The connection.
+        conn: ConnId,
+        /// What was wrong.
+        error: FrameError,
+    },
+}
+
+#[derive(Debug, Default)]
+struct Conn {
+    /// Received bytes not yet framed (at most one frame's worth).
+    inbuf: Vec<u8>,
+    up: bool,
+}
+
+/// Sessions over connections, one end.
+#[derive(Debug)]
+pub struct Pipe {
+    cfg: PipeConfig,
+    conns: Vec<Conn>,
+    sessions: BTreeMap<u32, Session>,
+    /// Sessions in the order they take turns sending.
+    turn: VecDeque<u32>,
+    events: VecDeque<PipeEvent>,
+    next_id: u32,
+    /// Frames bigger than this are refused by [`decode`].
+    max_body: u32,
+}
+
+impl Pipe {
+    /// A pipe with no connections yet (the pipe exists before them).
+    pub fn new(cfg: PipeConfig) -> Pipe {
+        Pipe {
+            cfg,
+            conns: Vec::new(),
+            sessions: BTreeMap::new(),
+            turn: VecDeque::new(),
+            events: VecDeque::new(),
+            next_id: 1,
+            max_body: (cfg.session.frame_bytes + 64).min(u32::MAX as usize) as u32,
+        }
+    }
+
+    /// A new connection joins (once the shell has it up, authenticated): its number.
+    pub fn add_conn(&mut self) -> ConnId {
+        self.conns.push(Conn {
+            inbuf: Vec::new(),
+            up: true,
+        });
+        self.conns.len() - 1
+    }
+
+    /// Connection `conn` is gone: it carries nothing more. Frames it had not delivered
+    /// are the sessions' to recover (their message timeouts retry them).
+    pub fn conn_down(&mut self, conn: ConnId) {
+        if let Some(c) = self.conns.get_mut(conn) {
+            c.up = false;
+            c.inbuf = Vec::new();
+        }
+    }
+
+    /// Connections up.
+    pub fn conns_up(&self) -> usize {
+        self.conns.iter().filter(|c| c.up).count()
+    }
+
+    /// Open a session to `principal`: its ID (its SYNC goes with the next fill).
+    pub fn open(&mut self, principal: &str) -> u32 {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1).max(1);
+        self.sessions
+            .insert(id, Session::open(id, principal, self.cfg.session));
+        self.turn.push_back(id);
+        id
+    }
+
+    /// Session `id`, to send, receive, accept or close.
+    pub fn session(&mut self, id: u32) -> Option<&mut Session> {
+        self.sessions.get_mut(&id)
+    }
+
+    /// Sessions held (closed ones leave once their last frame went).
+    pub fn sessions(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Bytes received on connection `conn` at `now_us`: each whole frame goes to its
+    /// session (a SYNC for a new ID makes an incoming session: [`Event::Incoming`]).
+    /// Bytes that are not frames break the connection ([`PipeEvent::ConnBroken`]).
+    pub fn on_bytes(&mut self, conn: ConnId, bytes: &[u8], now_us: u64) {
+        let Some(c) = self.conns.get_mut(conn).filter(|c| c.up) else {
+            return;
+        };
+        let mut buf = std::mem::take(&mut c.inbuf);
+        buf.extend_from_slice(bytes);
+        let mut at = 0;
+        loop {
+            match decode(&buf[at..], self.max_body) {
+                Ok(Some((f, n))) => {
+                    at += n;
+                    self.route(f, now_us);
+                }
+                Ok(None) => break,
+                Err(error) => {
+                    self.conns[conn].up = false;
+                    self.events.push_back(PipeEvent::ConnBroken { conn, error });
+                    return;
+                }
+            }
+        }
+        buf.drain(..at);
+        self.conns[conn].inbuf = buf;
+    }
+
+    fn route(&mut self, f: Frame, now_us: u64) {
+        let id = f.session();
+        if let Some(s) = self.sessions.get_mut(&id) {
+            s.handle(f, now_us);
+        } else if let Frame::Sync { .. } = f {
+            let Some(mut s) = Session::incoming(&f, self.cfg.session) else {
+                return;
+            };
+            if self.sessions.len() >= self.cfg.max_sessions {
+                s.refuse(RefuseReason::Busy);
+                // Its Incoming and Closed notifications are not the application's.
+                while s.poll_event().is_some() {}
+            }
+            self.sessions.insert(id, s);
+            self.turn.push_back(id);
+        }
+        // Other frames of a session this side does not know (it ended) are dropped.
+        self.collect(id);
+    }
+
+    fn collect(&mut self, id: u32) {
+        if let Some(s) = self.sessions.get_mut(&id) {
+            while let Some(event) = s.poll_event() {
+                self.events.push_back(PipeEvent::Session { id, event });
+            }
+        }
+    }
+
+    /// Append to `out` the frames connection `conn` is to carry now, up to about
+    /// `room` bytes (at least one frame if any is due, so `room` of one frame's size keeps
+    /// each connection's queue short): the sessions take turns. Returns the bytes added.
+    pub fn fill(&mut self, conn: ConnId, out: &mut Vec<u8>, room: usize, now_us: u64) -> usize {
+        if !self.conns.get(conn).is_some_and(|c| c.up) {
+            return 0;
+        }
+        let start = out.len();
+        let mut idle = 0;
+        while out.len() - start < room.max(HEADER_LEN) && idle < self.turn.len() {
+            let Some(id) = self.turn.pop_front() else {
+                break;
+            };
+            let Some(s) = self.sessions.get_mut(&id) else {
+                continue;
+            };
+            match s.poll_transmit(now_us) {
+                Some(f) => {
+                    f.encode(out);
+                    idle = 0;
+                }
+                None => idle += 1,
+            }
+            let finished = s.finished();
+            self.collect(id);
+            if finished {
+                self.sessions.remove(&id);
+            } else {
+                self.turn.push_back(id);
+            }
+        }
+        out.len() - start
+    }
+
+    /// Run every session's timers at `now_us`.
+    pub fn on_time(&mut self, now_us: u64) {
+        let ids: Vec<u32> = self.sessions.keys().copied().collect();
+        for id in ids {
+            if let Some(s) = self.sessions.get_mut(&id) {
+                s.on_time(now_us);
+            }
+            self.collect(id);
+        }
+    }
+
+    /// When [`Pipe::on_time`] is due next, µs.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.sessions
+            .values()
+            .filter_map(Session::next_deadline)
+            .min()
+    }
+
+    /// The next notification (of the sessions' too, whatever the application did to
+    /// them since).
+    pub fn poll_event(&mut self) -> Option<PipeEvent> {
+        if self.events.is_empty() {
+            let ids: Vec<u32> = self.sessions.keys().copied().collect();
+            for id in ids {
+                self.collect(id);
+            }
+        }
+        self.events.pop_front()
+    }
+}

@@ -9,7 +9,9 @@
 pub mod frame;
 pub mod pipe;
 pub mod session;
+pub mod tls;
 
 pub use frame::{decode, Frame, FrameError, RefuseReason, Window};
 pub use pipe::{ConnId, Pipe, PipeConfig, PipeEvent};
 pub use session::{Config, Event, MsgId, SendError, Session, SessionError, State};
+pub use tls::{Identity, TestCa, Tls, TlsError};

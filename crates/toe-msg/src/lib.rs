@@ -12,6 +12,6 @@ pub mod session;
 pub mod tls;
 
 pub use frame::{decode, Frame, FrameError, RefuseReason, Window};
-pub use pipe::{ConnId, Pipe, PipeConfig, PipeEvent};
+pub use pipe::{hello, parse_hello, ConnId, Pipe, PipeConfig, PipeEvent, HELLO_LEN};
 pub use session::{Config, Event, MsgId, SendError, Session, SessionError, State};
 pub use tls::{Identity, TestCa, Tls, TlsError};

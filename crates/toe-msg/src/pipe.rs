@@ -14,6 +14,26 @@ use std::collections::{BTreeMap, VecDeque};
 use crate::frame::{decode, Frame, FrameError, RefuseReason, HEADER_LEN};
 use crate::session::{Config, Event, Session};
 
+/// Bytes of the hello that opens each connection of a pipe (after TLS, if any): the
+/// magic `TMPIPE`, the version, a reserved byte, and the pipe's ID (8 bytes, big-endian),
+/// so an acceptor with many peers knows which pipe a connection joins.
+pub const HELLO_LEN: usize = 16;
+
+/// The hello for pipe `pipe`.
+pub fn hello(pipe: u64) -> [u8; HELLO_LEN] {
+    let mut h = [0u8; HELLO_LEN];
+    h[..6].copy_from_slice(b"TMPIPE");
+    h[6] = crate::frame::VERSION;
+    h[8..].copy_from_slice(&pipe.to_be_bytes());
+    h
+}
+
+/// The pipe ID of a hello; `None` if the bytes are not one.
+pub fn parse_hello(b: &[u8; HELLO_LEN]) -> Option<u64> {
+    (b[..6] == *b"TMPIPE" && b[6] == crate::frame::VERSION && b[7] == 0)
+        .then(|| u64::from_be_bytes(b[8..].try_into().expect("8 bytes")))
+}
+
 /// A pipe's settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PipeConfig {

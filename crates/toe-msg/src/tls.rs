@@ -118,18 +118,31 @@ impl TestCa {
     /// An identity for `name` (a DNS-style name: letters, digits, `-`, `.`), signed by
     /// this CA, trusting this CA.
     pub fn issue(&self, name: &str) -> Result<Identity, TlsError> {
-        ServerName::try_from(name.to_string()).map_err(|_| TlsError::Name(name.to_string()))?;
-        let mut p = rcgen::CertificateParams::new(vec![name.to_string()])?;
-        p.distinguished_name
-            .push(rcgen::DnType::CommonName, name.to_string());
-        let key = rcgen::KeyPair::generate()?;
-        let cert = p.signed_by(&key, &self.issuer)?;
+        let (cert, key) = self.make(name)?;
         Ok(Identity {
             name: name.to_string(),
             chain: vec![cert.der().clone()],
             key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
             ca: self.cert.der().clone(),
         })
+    }
+
+    /// [`TestCa::issue`] as PEM files' text: (certificate, PKCS#8 key), for
+    /// [`Identity::from_pem`] in another process.
+    pub fn issue_pem(&self, name: &str) -> Result<(String, String), TlsError> {
+        let (cert, key) = self.make(name)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// A certificate for `name` (its SAN and CN) and its new key, signed by this CA.
+    fn make(&self, name: &str) -> Result<(rcgen::Certificate, rcgen::KeyPair), TlsError> {
+        ServerName::try_from(name.to_string()).map_err(|_| TlsError::Name(name.to_string()))?;
+        let mut p = rcgen::CertificateParams::new(vec![name.to_string()])?;
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, name.to_string());
+        let key = rcgen::KeyPair::generate()?;
+        let cert = p.signed_by(&key, &self.issuer)?;
+        Ok((cert, key))
     }
 
     /// The CA's certificate, PEM.

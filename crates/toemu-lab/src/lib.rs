@@ -22,6 +22,7 @@ pub mod iscsi;
 pub mod iscsi_host;
 pub mod iscsi_perf;
 pub mod kernel;
+pub mod msg;
 pub mod plot;
 pub mod report;
 pub mod serve;

@@ -275,6 +275,12 @@ enum Cmd {
         #[command(subcommand)]
         cmd: IscsiCmd,
     },
+    /// The message transport (seeds 002, 003) on std TCP: a storage server, a sender, and
+    /// certificates for trying it.
+    Msg {
+        #[command(subcommand)]
+        cmd: MsgCmd,
+    },
     /// Two emulated hosts on the in-memory wire: bulk transfer with a SHA-256 check and
     /// 64-byte request/response per receive mode, plus the bare-smoltcp baseline; figures in
     /// modeled time (the cost model; the wire at 25 Gbit/s unless --rate-mbit) first, the
@@ -312,6 +318,204 @@ enum Cmd {
         #[command(flatten)]
         wire: wire_args::WireArgs,
     },
+}
+
+/// TLS files of `toemu msg`.
+#[derive(clap::Args, Debug)]
+struct MsgTls {
+    /// TLS 1.3 with mutual certificates (--cert, --key, --ca); without it the connections
+    /// are plaintext, and the output says so.
+    #[arg(long, requires_all = ["cert", "key", "ca"])]
+    tls: bool,
+    /// This side's certificate (PEM).
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// Its private key (PKCS#8 PEM).
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// The CA whose certificates the peer must present (PEM).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// The name this side's certificate carries (default: the certificate file's stem).
+    #[arg(long)]
+    name: Option<String>,
+}
+
+impl MsgTls {
+    fn security(&self) -> Result<toemu_lab::msg::Security, String> {
+        if !self.tls {
+            return Ok(toemu_lab::msg::Security::Plain);
+        }
+        let read = |p: &Option<PathBuf>| {
+            let p = p.as_ref().expect("clap requires it");
+            std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))
+        };
+        let cert = self.cert.as_ref().expect("clap requires it");
+        let name = match &self.name {
+            Some(n) => n.clone(),
+            None => cert
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        };
+        let id = toe_msg::Identity::from_pem(
+            &name,
+            &read(&self.cert)?,
+            &read(&self.key)?,
+            &read(&self.ca)?,
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(toemu_lab::msg::Security::Tls(id))
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum MsgCmd {
+    /// The storage server: accepts pipes on --listen, writes each session's messages to
+    /// --dir (or only hashes them) and prints per session its messages, bytes and SHA-256;
+    /// runs until SIGINT or SIGTERM.
+    Serve {
+        /// ADDR:PORT to listen on.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// Write received messages under this directory (DIR/PIPE-SESSION/NNNNNN).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[command(flatten)]
+        tls: MsgTls,
+    },
+    /// Send a file or N bytes over one pipe of --connections connections, cut into
+    /// messages dealt to --sessions sessions; prints the goodput and each session's
+    /// SHA-256 (the server prints the same).
+    Send {
+        /// The server, ADDR:PORT.
+        #[arg(long)]
+        to: std::net::SocketAddr,
+        /// The file to send ...
+        #[arg(long, conflicts_with = "bytes")]
+        file: Option<PathBuf>,
+        /// ... or this many bytes of a pattern (K, KiB, M, MiB, G, GiB).
+        #[arg(long)]
+        bytes: Option<String>,
+        /// TCP connections in the pipe.
+        #[arg(long, default_value_t = 8)]
+        connections: usize,
+        /// Sessions.
+        #[arg(long, default_value_t = 1)]
+        sessions: usize,
+        /// Bytes per message.
+        #[arg(long, default_value = "1MiB")]
+        message: String,
+        /// The principal sessions ask for (with --tls, the server certificate's name).
+        #[arg(long, default_value = "store")]
+        principal: String,
+        #[command(flatten)]
+        tls: MsgTls,
+    },
+    /// Make a CA and certificates for trying --tls: DIR/ca.pem and, per name,
+    /// DIR/NAME.pem and DIR/NAME.key.
+    Certs {
+        /// Where to write them.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Names to issue certificates for (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "store,backup")]
+        names: Vec<String>,
+    },
+}
+
+fn msg(cmd: MsgCmd) -> Result<(), String> {
+    use std::io::Write as _;
+    match cmd {
+        MsgCmd::Serve { listen, dir, tls } => {
+            let security = tls.security()?;
+            let mut out = std::io::stdout();
+            toemu_lab::msg::serve(listen, dir, security, stop_flag(), |line| {
+                let _ = writeln!(out, "{line}");
+                let _ = out.flush();
+            })
+            .map_err(|e| e.to_string())
+        }
+        MsgCmd::Send {
+            to,
+            file,
+            bytes,
+            connections,
+            sessions,
+            message,
+            principal,
+            tls,
+        } => {
+            let security = tls.security()?;
+            let data = match (file, bytes) {
+                (Some(f), _) => std::fs::read(&f).map_err(|e| format!("{}: {e}", f.display()))?,
+                (None, Some(b)) => {
+                    let n = parse_size(&b).map_err(|e| format!("--bytes: {e}"))? as usize;
+                    (0..n).map(|i| (i % 251) as u8).collect()
+                }
+                (None, None) => return Err("--file F or --bytes N".into()),
+            };
+            let o = toemu_lab::msg::SendOptions {
+                to,
+                principal,
+                connections,
+                sessions,
+                message_bytes: parse_size(&message).map_err(|e| format!("--message: {e}"))?
+                    as usize,
+                data,
+            };
+            println!(
+                "toemu msg send: {} bytes to {to} over {} connections, {} sessions, {}-byte messages, {}",
+                o.data.len(),
+                o.connections,
+                o.sessions,
+                o.message_bytes,
+                security.describe()
+            );
+            let pb = indicatif::ProgressBar::new(o.data.len() as u64);
+            let r = toemu_lab::msg::send(&o, &security, |n| pb.set_position(n), |l| pb.println(l))
+                .map_err(|e| e.to_string())?;
+            pb.finish_and_clear();
+            println!(
+                "toemu msg send: {} bytes in {} messages acknowledged in {:.3} s ({:.1} MB/s), {} failed",
+                r.bytes,
+                r.messages,
+                r.seconds,
+                r.bytes as f64 / r.seconds.max(1e-9) / 1e6,
+                r.failed
+            );
+            for (i, (n, sha)) in r.sessions.iter().enumerate() {
+                println!(
+                    "toemu msg send: session {}: {n} messages, sha256 {sha}",
+                    i + 1
+                );
+            }
+            if r.failed > 0 {
+                return Err(format!("{} messages failed", r.failed));
+            }
+            Ok(())
+        }
+        MsgCmd::Certs { dir, names } => {
+            std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            let ca = toe_msg::TestCa::new("toemu msg CA").map_err(|e| e.to_string())?;
+            let write = |name: &str, text: &str| {
+                let p = dir.join(name);
+                std::fs::write(&p, text).map_err(|e| format!("{}: {e}", p.display()))
+            };
+            write("ca.pem", &ca.pem())?;
+            for n in &names {
+                let (cert, key) = ca.issue_pem(n).map_err(|e| e.to_string())?;
+                write(&format!("{n}.pem"), &cert)?;
+                write(&format!("{n}.key"), &key)?;
+            }
+            println!(
+                "toemu msg certs: {}/ca.pem and a certificate and key for {}",
+                dir.display(),
+                names.join(", ")
+            );
+            Ok(())
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -1052,6 +1256,7 @@ fn run(cli: Cli) -> Result<(), String> {
     let settings = settings(&cli)?;
     match cli.cmd {
         Cmd::Iscsi { cmd } => iscsi(cmd, &settings, cli.config.as_deref()),
+        Cmd::Msg { cmd } => msg(cmd),
         Cmd::Serve {
             tap,
             app,

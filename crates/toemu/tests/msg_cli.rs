@@ -1,0 +1,229 @@
+//! `toemu msg` between two processes on loopback over std TCP: `certs`, `serve --tls` and
+//! `send --tls`; the server's per-session SHA-256 matches the sender's, the files it wrote
+//! hold the data, and a wrong principal or a certificate of another CA is refused.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const TOEMU: &str = env!("CARGO_BIN_EXE_toemu");
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("toemu-msg-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn toemu(args: &[&str]) -> (bool, String) {
+    let o = Command::new(TOEMU).args(args).output().unwrap();
+    (
+        o.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+    )
+}
+
+fn tls_args(dir: &Path, who: &str) -> Vec<String> {
+    vec![
+        "--tls".into(),
+        "--cert".into(),
+        dir.join(format!("{who}.pem")).display().to_string(),
+        "--key".into(),
+        dir.join(format!("{who}.key")).display().to_string(),
+        "--ca".into(),
+        dir.join("ca.pem").display().to_string(),
+    ]
+}
+
+/// `toemu msg serve` on an ephemeral loopback port; stopped by PID on drop.
+struct Server {
+    child: Child,
+    addr: String,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Server {
+    fn start(args: &[String]) -> Server {
+        let mut child = Command::new(TOEMU)
+            .args(["msg", "serve", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        let out = BufReader::new(child.stdout.take().unwrap());
+        std::thread::spawn(move || {
+            for l in out.lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        let first = lines.recv_timeout(Duration::from_secs(10)).unwrap();
+        let addr = first
+            .split_once("listening on ")
+            .and_then(|(_, r)| r.split(',').next())
+            .unwrap_or_else(|| panic!("{first}"))
+            .to_string();
+        Server { child, addr, lines }
+    }
+
+    /// Lines until `n` of them contain `what` (10 s at most).
+    fn wait_for(&self, what: &str, n: usize) -> Vec<String> {
+        let end = Instant::now() + Duration::from_secs(10);
+        let mut seen = Vec::new();
+        while seen.iter().filter(|l: &&String| l.contains(what)).count() < n {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => seen.push(l),
+                Err(_) => panic!("no {n} lines with {what:?}: {seen:?}"),
+            }
+        }
+        seen
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let t0 = Instant::now();
+        while self.child.try_wait().ok().flatten().is_none()
+            && t0.elapsed() < Duration::from_secs(5)
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn sha256_lines(text: &str, marker: &str) -> Vec<String> {
+    let mut v: Vec<String> = text
+        .lines()
+        .filter(|l| l.contains(marker))
+        .filter_map(|l| l.split("sha256 ").nth(1).map(str::to_string))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn two_processes_move_data_over_tls_and_refuse_the_wrong_peers() {
+    let d = scratch("tls");
+    let certs = d.join("certs");
+    let (ok, out) = toemu(&[
+        "msg",
+        "certs",
+        "--dir",
+        certs.to_str().unwrap(),
+        "--names",
+        "store,backup",
+    ]);
+    assert!(ok, "{out}");
+    let files = d.join("files");
+    let mut sargs = tls_args(&certs, "store");
+    sargs.extend(["--dir".into(), files.display().to_string()]);
+    let server = Server::start(&sargs);
+    let mut args: Vec<String> = [
+        "msg",
+        "send",
+        "--to",
+        &server.addr,
+        "--bytes",
+        "8MiB",
+        "--connections",
+        "4",
+        "--sessions",
+        "2",
+        "--message",
+        "300KiB",
+        "--principal",
+        "store",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(tls_args(&certs, "backup"));
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, sent) = toemu(&a);
+    assert!(ok, "{sent}");
+    assert!(
+        sent.contains("TLS 1.3") && sent.contains("0 failed"),
+        "{sent}"
+    );
+    let got = server.wait_for("closed:", 2).join("\n");
+    assert_eq!(
+        sha256_lines(&got, "closed:"),
+        sha256_lines(&sent, "session"),
+        "the server's hashes are the sender's:\n{got}\n{sent}"
+    );
+    // The files, session by session, hold the pattern dealt round robin.
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&files)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    dirs.sort();
+    assert_eq!(dirs.len(), 2);
+    let data: Vec<u8> = (0..8usize << 20).map(|i| (i % 251) as u8).collect();
+    let chunks: Vec<&[u8]> = data.chunks(300 << 10).collect();
+    for (k, dir) in dirs.iter().enumerate() {
+        let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        names.sort();
+        let want: Vec<u8> = chunks
+            .iter()
+            .skip(k)
+            .step_by(2)
+            .flat_map(|c| c.to_vec())
+            .collect();
+        let have: Vec<u8> = names
+            .iter()
+            .flat_map(|n| std::fs::read(n).unwrap())
+            .collect();
+        assert!(
+            have == want,
+            "session {k}: {} bytes, want {}",
+            have.len(),
+            want.len()
+        );
+    }
+    // The wrong principal: the server's certificate is not valid for it.
+    let mut wrong = a.clone();
+    let at = wrong.iter().position(|s| *s == "store").unwrap();
+    wrong[at] = "vault";
+    let (ok, out) = toemu(&wrong);
+    assert!(!ok && out.contains("not valid for name"), "{out}");
+    // A client certificate from another CA (the client trusts the server's CA).
+    let other = d.join("other");
+    assert!(
+        toemu(&[
+            "msg",
+            "certs",
+            "--dir",
+            other.to_str().unwrap(),
+            "--names",
+            "backup"
+        ])
+        .0
+    );
+    let mut stranger = args.clone();
+    let cert_at = stranger.iter().position(|s| s == "--cert").unwrap();
+    stranger[cert_at + 1] = other.join("backup.pem").display().to_string();
+    stranger[cert_at + 3] = other.join("backup.key").display().to_string();
+    let s: Vec<&str> = stranger.iter().map(String::as_str).collect();
+    let (ok, out) = toemu(&s);
+    assert!(!ok, "{out}");
+    // Plaintext only when asked, and said so.
+    let plain = Server::start(&[]);
+    let (ok, out) = toemu(&["msg", "send", "--to", &plain.addr, "--bytes", "1MiB"]);
+    assert!(ok && out.contains("PLAINTEXT"), "{out}");
+    std::fs::remove_dir_all(&d).unwrap();
+}

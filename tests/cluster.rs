@@ -66,7 +66,11 @@ fn data_written_through_the_primary_lands_on_the_members_and_reads_back() {
         cdb[0] = 0x88;
         cdb[2..10].copy_from_slice(&e.member_lba.to_be_bytes());
         cdb[10..14].copy_from_slice(&(n as u32).to_be_bytes());
-        let got = c.disks[e.member].lock().unwrap().execute(&cdb, &[]).data_in;
+        let got = c.servers.disks[e.member]
+            .lock()
+            .unwrap()
+            .execute(&cdb, &[])
+            .data_in;
         assert!(got == want, "extent at {} on member {}", e.lba, e.member);
         checked += 1;
     }

@@ -266,3 +266,50 @@ fn pcap_capture_parses_in_tshark_with_the_payload_bytes() {
     );
     std::fs::remove_file(&path).ok();
 }
+
+/// The `congestion` setting on a 100 Mbit/s bottleneck with a 10 ms delay and a queue of
+/// 20 full frames (MTU 1500): without a controller the sender fills the peer's window at
+/// once and the queue tail-drops; Reno and CUBIC back off and drop far fewer frames
+/// (measured: 25 334, 27 and 32 of 16 MiB). All three deliver every byte intact.
+#[test]
+fn congestion_control_spares_a_small_bottleneck_queue() {
+    let bytes = 16 << 20;
+    let mut drops = Vec::new();
+    for c in ["none", "reno", "cubic"] {
+        let mut settings = toe_host::config::Settings::default();
+        settings.apply_override("congestion", c).unwrap();
+        settings.apply_override("mtu", "1500").unwrap();
+        let wire = toe_host::wire_opts::WireOptions {
+            impair: toe_nic::impair::ImpairConfig {
+                delay: toe_bus::time::Duration::from_millis(10),
+                rate_bits_per_s: Some(100_000_000),
+                queue_bytes: 20 * 1514,
+                seed: 3,
+                ..toe_nic::impair::ImpairConfig::default()
+            },
+            pcap: None,
+        };
+        let o = DemoOptions {
+            bytes,
+            seed: 5,
+            wire,
+            settings,
+            ..DemoOptions::default()
+        };
+        let b = toe_bulk(Mode::IndicateWindow, &o).unwrap_or_else(|e| panic!("{c}: {e}"));
+        assert_eq!(b.digest, DataGen::digest(5, bytes), "{c}: SHA-256");
+        eprintln!(
+            "congestion {c}: {} bottleneck drops",
+            b.wire[1].dropped_queue
+        );
+        drops.push(b.wire[1].dropped_queue);
+    }
+    assert!(
+        drops[0] > 100,
+        "no controller overruns the queue: {drops:?}"
+    );
+    assert!(
+        drops[1] * 10 < drops[0] && drops[2] * 10 < drops[0],
+        "Reno and CUBIC drop less than a tenth as many: {drops:?}"
+    );
+}

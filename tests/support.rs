@@ -382,6 +382,20 @@ pub fn assert_minimal_profile_passes(url: &str, run: impl Fn(&[&str]) -> String)
     );
 }
 
+/// Stop a process a test started: SIGTERM by its PID, up to `grace` to exit, then SIGKILL;
+/// reaped either way.
+pub fn stop_by_pid(child: &mut std::process::Child, grace: std::time::Duration) {
+    let _ = std::process::Command::new("kill")
+        .arg(child.id().to_string())
+        .status();
+    let t0 = std::time::Instant::now();
+    while child.try_wait().ok().flatten().is_none() && t0.elapsed() < grace {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// tgt (Debian `tgt`), a target nobody here wrote, started by a test.
 pub mod tgt {
     use std::path::PathBuf;
@@ -554,16 +568,7 @@ pub mod tgt {
         fn drop(&mut self) {
             // SIGTERM, by PID; tgtd exits at once (nothing is left to flush: its file LUNs are
             // written through).
-            let pid = self.child.id().to_string();
-            let _ = std::process::Command::new("kill").arg(&pid).status();
-            let t0 = Instant::now();
-            while self.child.try_wait().ok().flatten().is_none()
-                && t0.elapsed() < Duration::from_secs(5)
-            {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+            super::stop_by_pid(&mut self.child, Duration::from_secs(5));
             let _ = std::fs::remove_dir_all(&self.dir);
             for f in ["", ".lock"] {
                 let _ = std::fs::remove_file(format!("/var/run/tgtd/socket.{}{f}", self.control));

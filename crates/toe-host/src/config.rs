@@ -26,6 +26,7 @@ use toe_bus::cost::{HostCost, NicCost};
 use toe_bus::time::Duration;
 use toe_bus::RxPolicy;
 use toe_driver::{AckPolicy, RxConfig};
+use toe_nic::Congestion;
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
@@ -142,11 +143,13 @@ pub enum Setting {
     IdleTimeoutMs,
     /// [`Settings::syn_timeout_ms`].
     SynTimeoutMs,
+    /// [`Settings::congestion`].
+    Congestion,
 }
 
 impl Setting {
     /// Every setting, in the order of the [`Settings`] fields.
-    pub const ALL: [Setting; 20] = [
+    pub const ALL: [Setting; 21] = [
         Setting::IndicateWindowBytes,
         Setting::Policy,
         Setting::Ack,
@@ -167,6 +170,7 @@ impl Setting {
         Setting::KeepaliveMs,
         Setting::IdleTimeoutMs,
         Setting::SynTimeoutMs,
+        Setting::Congestion,
     ];
 
     /// The field name: the TOML key and the override key.
@@ -192,6 +196,7 @@ impl Setting {
             Setting::KeepaliveMs => "keepalive_ms",
             Setting::IdleTimeoutMs => "idle_timeout_ms",
             Setting::SynTimeoutMs => "syn_timeout_ms",
+            Setting::Congestion => "congestion",
         }
     }
 
@@ -218,6 +223,7 @@ impl Setting {
             Setting::KeepaliveMs => "TOEMU_KEEPALIVE_MS",
             Setting::IdleTimeoutMs => "TOEMU_IDLE_TIMEOUT_MS",
             Setting::SynTimeoutMs => "TOEMU_SYN_TIMEOUT_MS",
+            Setting::Congestion => "TOEMU_CONGESTION",
         }
     }
 
@@ -506,6 +512,12 @@ pub struct Settings {
     /// The long wait costs no memory under a SYN flood: half-open sockets are recycled when
     /// the backlog is full.
     pub syn_timeout_ms: Option<u64>,
+    /// The congestion control of the emulated hosts' TCP senders: `none`, `reno` or
+    /// `cubic`. Default `none`: the emulator's wires are lossless and unshared unless an
+    /// impairment says otherwise, where a controller only slows the sender down (and every
+    /// figure measured so far was measured without one); over lossy or rate-limited wires
+    /// (WANs, a shared bottleneck) `cubic` is the one to use, as Linux does.
+    pub congestion: Congestion,
     provenance: Provenance,
 }
 
@@ -534,6 +546,7 @@ impl Default for Settings {
             keepalive_ms: Some(60_000),
             idle_timeout_ms: Some(180_000),
             syn_timeout_ms: Some(30_000),
+            congestion: Congestion::None,
             provenance: Provenance::default(),
         }
     }
@@ -649,6 +662,7 @@ impl Settings {
                     Setting::KeepaliveMs => off(self.keepalive_ms),
                     Setting::IdleTimeoutMs => off(self.idle_timeout_ms),
                     Setting::SynTimeoutMs => off(self.syn_timeout_ms),
+                    Setting::Congestion => self.congestion.name().to_string(),
                 };
                 (s.name(), v, self.origin(s).to_string())
             })
@@ -872,6 +886,9 @@ impl Settings {
             Setting::KeepaliveMs => self.keepalive_ms = raw.count_or_off().map_err(fail)?,
             Setting::IdleTimeoutMs => self.idle_timeout_ms = raw.count_or_off().map_err(fail)?,
             Setting::SynTimeoutMs => self.syn_timeout_ms = raw.count_or_off().map_err(fail)?,
+            Setting::Congestion => {
+                self.congestion = raw.text().and_then(str::parse).map_err(fail)?;
+            }
         }
         self.provenance.origins[setting.index()] = origin;
         Ok(())
@@ -1590,6 +1607,23 @@ mod tests {
             "0",
             "= 0 (from TOEMU_SYN_TIMEOUT_MS): must be at least 1, or off",
         );
+    }
+
+    #[test]
+    fn congestion_control_is_a_setting() {
+        let mut s = Settings::default();
+        assert_eq!(s.congestion, Congestion::None);
+        s.apply_toml_str("congestion = \"cubic\"\n", "t.toml")
+            .unwrap();
+        assert_eq!(s.congestion, Congestion::Cubic);
+        s.apply_override("congestion", "reno").unwrap();
+        assert_eq!(s.congestion, Congestion::Reno);
+        assert!(s
+            .table()
+            .iter()
+            .any(|(k, v, _)| *k == "congestion" && v == "reno"));
+        let e = err_text(s.apply_override("congestion", "bbr"));
+        assert!(e.contains("expected none, reno or cubic"), "{e}");
     }
 
     #[test]

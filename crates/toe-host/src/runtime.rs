@@ -104,6 +104,7 @@ impl Host {
         nic.max_conns = settings.max_conns as usize;
         (nic.keepalive, nic.idle_timeout, nic.syn_timeout) = settings.timers();
         nic.cost = settings.nic_cost();
+        nic.congestion = settings.congestion;
         let pool = settings.anon_pool_bytes() as usize;
         let (host_end, nic_end) = bus_with_latency(
             settings.ring_depth as usize,

@@ -271,8 +271,6 @@ pub struct Session {
     freed_bytes: u64,
     /// Bytes held by arriving, resolved and ready messages.
     in_use: u64,
-    /// The highest message ID seen or resolved.
-    highest: u64,
 }
 
 impl Session {
@@ -299,7 +297,6 @@ impl Session {
             freed: 0,
             freed_bytes: 0,
             in_use: 0,
-            highest: 0,
         }
     }
 
@@ -469,14 +466,7 @@ impl Session {
         self.freed_bytes += data.len() as u64;
         // A retired message waiting behind it is released now.
         self.deliver();
-        self.ctrl.push_back(Frame::Ack {
-            session: self.id,
-            msg,
-            window: self.window(),
-            sent_us: 0,
-            received_us,
-            delivered_us: now_us.max(1),
-        });
+        self.ack(msg, 0, received_us, now_us.max(1));
         Some((msg, data))
     }
 
@@ -734,10 +724,10 @@ impl Session {
                 match self.resolved.get(&msg) {
                     Some(Resolved::Whole(_, at)) => {
                         let at = *at;
-                        self.ack(msg, sent_us, at);
+                        self.ack(msg, sent_us, at, 0);
                     }
                     Some(Resolved::Aborted(_)) => {}
-                    None => self.ack(msg, sent_us, now_us),
+                    None => self.ack(msg, sent_us, now_us, 0),
                 }
             }
             return Ok(());
@@ -750,7 +740,6 @@ impl Session {
                 return Err(SessionError::Window { msg });
             }
             self.in_use += total;
-            self.highest = self.highest.max(msg);
             self.arriving.insert(
                 msg,
                 In {
@@ -769,21 +758,23 @@ impl Session {
         m.sent_us = sent_us;
         if m.covered() == total {
             let m = self.arriving.remove(&msg).expect("present");
-            self.ack(msg, m.sent_us, now_us);
+            self.ack(msg, m.sent_us, now_us, 0);
             self.resolved.insert(msg, Resolved::Whole(m.data, now_us));
             self.deliver();
         }
         Ok(())
     }
 
-    fn ack(&mut self, msg: u64, sent_us: u64, received_us: u64) {
+    /// Queue an acknowledgement of `msg` (or, repeated, a window update) with this side's
+    /// window now; `delivered_us` 0 while the application has not taken it.
+    fn ack(&mut self, msg: u64, sent_us: u64, received_us: u64, delivered_us: u64) {
         self.ctrl.push_back(Frame::Ack {
             session: self.id,
             msg,
             window: self.window(),
             sent_us,
             received_us,
-            delivered_us: 0,
+            delivered_us,
         });
     }
 
@@ -825,18 +816,10 @@ impl Session {
             // it, the sender reported it failed).
             return Ok(());
         }
-        self.highest = self.highest.max(msg);
         self.resolved.insert(msg, Resolved::Aborted(total));
         self.deliver();
         // The credit it held is back.
-        self.ctrl.push_back(Frame::Ack {
-            session: self.id,
-            msg,
-            window: self.window(),
-            sent_us: 0,
-            received_us: 0,
-            delivered_us: 0,
-        });
+        self.ack(msg, 0, 0, 0);
         Ok(())
     }
 

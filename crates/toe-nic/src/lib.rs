@@ -19,7 +19,7 @@ mod sockets;
 pub mod ulp;
 
 pub use impair::{ImpairConfig, ImpairError, ImpairMonitor, ImpairStats, Impaired};
-pub use nic::{Nic, NicConfig, NicStats};
+pub use nic::{Congestion, Nic, NicConfig, NicStats};
 pub use offload::{OffloadCtx, OffloadStats, Plan};
 pub use pcap::{Pcap, PcapWriter, SharedPcap};
 pub use phy::{

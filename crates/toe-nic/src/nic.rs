@@ -66,6 +66,57 @@ pub struct NicConfig {
     /// What the NIC's work costs in virtual time (frames processed, DMA bytes moved); while
     /// busy the NIC does not poll, and its events leave when the work is done. Default free.
     pub cost: NicCost,
+    /// The congestion control of every connection's sender. Default [`Congestion::None`].
+    pub congestion: Congestion,
+}
+
+/// A TCP sender's congestion control (smoltcp's controllers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Congestion {
+    /// None: the sender sends what the peer's window allows (smoltcp's default; on a
+    /// lossless wire of known rate the fastest, on a lossy or shared bottleneck it overruns
+    /// the queue).
+    #[default]
+    None,
+    /// Reno (RFC 5681): slow start, then additive increase, halving on loss.
+    Reno,
+    /// CUBIC (RFC 9438): window growth as a cubic function of the time since the last loss.
+    Cubic,
+}
+
+impl Congestion {
+    /// The config spelling: `none`, `reno` or `cubic`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Congestion::None => "none",
+            Congestion::Reno => "reno",
+            Congestion::Cubic => "cubic",
+        }
+    }
+}
+
+impl std::str::FromStr for Congestion {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(Congestion::None),
+            "reno" => Ok(Congestion::Reno),
+            "cubic" => Ok(Congestion::Cubic),
+            _ => Err(format!(
+                "unknown congestion control {s:?} (expected none, reno or cubic)"
+            )),
+        }
+    }
+}
+
+impl From<Congestion> for tcp::CongestionControl {
+    fn from(c: Congestion) -> Self {
+        match c {
+            Congestion::None => tcp::CongestionControl::None,
+            Congestion::Reno => tcp::CongestionControl::Reno,
+            Congestion::Cubic => tcp::CongestionControl::Cubic,
+        }
+    }
 }
 
 impl Default for NicConfig {
@@ -85,6 +136,7 @@ impl Default for NicConfig {
             idle_timeout: Some(Duration::from_secs(180)),
             syn_timeout: Some(Duration::from_secs(30)),
             cost: NicCost::FREE,
+            congestion: Congestion::None,
         }
     }
 }
@@ -993,6 +1045,7 @@ impl<P: Phy> Nic<P> {
         );
         // The SYN-RECEIVED timeout: a half-open connection (a spoofed SYN) is abandoned.
         s.set_timeout(self.cfg.syn_timeout);
+        s.set_congestion_control(self.cfg.congestion.into());
         // Keep-alive set before the handshake: smoltcp starts the interval when the handshake
         // completes (set later, it would send a first probe at once).
         s.set_keep_alive(self.cfg.keepalive);
@@ -1122,6 +1175,7 @@ impl<P: Phy> Nic<P> {
         );
         s.set_timeout(self.cfg.syn_timeout);
         s.set_keep_alive(self.cfg.keepalive);
+        s.set_congestion_control(self.cfg.congestion.into());
         let cx = self.iface.context();
         let remote_ep = IpEndpoint::new(IpAddress::Ipv4(*remote.ip()), remote.port());
         if let Err(e) = s.connect(cx, remote_ep, port) {

@@ -559,26 +559,14 @@ impl App for ProxyApp {
 pub struct Cluster {
     /// The hosts: 0 the initiator, then each member's front NIC, then each back NIC.
     pub sim: Sim,
-    /// The layout.
-    pub config: ClusterConfig,
-    /// Each member's own LUN.
-    pub disks: Vec<Arc<Mutex<Disk>>>,
-    /// The cables of the front switch (port 0 the initiator, `1 + m` member `m`).
-    pub front: SwitchControl,
-    /// The cables of the back switch (port `m` member `m`).
-    pub back: SwitchControl,
-    /// The servers: (host index, app).
-    pub apps: Vec<(usize, Box<dyn App>)>,
-    /// The hub between the primary's front target and its proxy.
-    pub hub: SharedHub,
-    /// As [`Parts::copies`].
-    pub copies: Vec<Arc<AtomicU64>>,
+    /// What runs on them.
+    pub servers: Servers,
 }
 
 impl std::fmt::Debug for Cluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Cluster")
-            .field("config", &self.config)
+            .field("config", &self.servers.config)
             .finish()
     }
 }
@@ -607,6 +595,12 @@ fn nic(i: u8, ip: Ipv4Addr, seed: u64) -> toe_nic::NicConfig {
 pub struct Parts {
     /// The hosts: 0 the initiator, then each member's front NIC, then each back NIC.
     pub hosts: Vec<Host>,
+    /// What runs on them.
+    pub servers: Servers,
+}
+
+/// A cluster's layout, disks, cables and server apps (whichever runtime has its hosts).
+pub struct Servers {
     /// The layout.
     pub config: ClusterConfig,
     /// Each member's own LUN.
@@ -753,13 +747,15 @@ pub fn build(
     apps.push((1 + n, Box::new(proxy)));
     Ok(Parts {
         hosts,
-        config: config.clone(),
-        disks,
-        front,
-        back,
-        apps,
-        hub,
-        copies,
+        servers: Servers {
+            config: config.clone(),
+            disks,
+            front,
+            back,
+            apps,
+            hub,
+            copies,
+        },
     })
 }
 
@@ -775,10 +771,13 @@ pub fn run_realtime(
 ) -> io::Result<Vec<Host>> {
     let Parts {
         hosts,
-        config,
-        mut apps,
-        hub,
-        ..
+        servers:
+            Servers {
+                config,
+                mut apps,
+                hub,
+                ..
+            },
     } = parts;
     let rt = Threaded::start(hosts);
     let drivers: Vec<SharedDriver> = apps.iter().map(|(h, _)| rt.driver(*h)).collect();
@@ -827,13 +826,7 @@ impl Cluster {
         let p = build(settings, config, digests, seed, None)?;
         Ok(Cluster {
             sim: Sim::new(p.hosts),
-            config: p.config,
-            disks: p.disks,
-            front: p.front,
-            back: p.back,
-            apps: p.apps,
-            hub: p.hub,
-            copies: p.copies,
+            servers: p.servers,
         })
     }
 
@@ -842,10 +835,10 @@ impl Cluster {
     /// request a second, so the second member is reached a second later). At most
     /// `max_us` of virtual time; false if not all came up.
     pub fn wait_ready(&mut self, max_us: u64) -> io::Result<bool> {
-        let want = self.config.members - 1;
+        let want = self.servers.config.members - 1;
         let end = self.sim.now() + toe_bus::time::Duration::from_micros(max_us);
         let drivers = self.drivers();
-        while self.hub.lock().expect("hub lock").backs_up < want {
+        while self.servers.hub.lock().expect("hub lock").backs_up < want {
             if self.sim.now() >= end {
                 return Ok(false);
             }
@@ -854,9 +847,13 @@ impl Cluster {
         Ok(true)
     }
 
-    /// The driver of each server's host, in the order of [`Cluster::apps`].
+    /// The driver of each server's host, in the order of [`Servers::apps`].
     fn drivers(&self) -> Vec<SharedDriver> {
-        self.apps.iter().map(|(h, _)| self.sim.driver(*h)).collect()
+        self.servers
+            .apps
+            .iter()
+            .map(|(h, _)| self.sim.driver(*h))
+            .collect()
     }
 
     /// One step of the virtual clock (not past any app's own timer), then `client` (with
@@ -869,6 +866,7 @@ impl Cluster {
         mut client: Option<(&mut dyn App, &SharedDriver)>,
     ) -> io::Result<(bool, bool)> {
         let limit = self
+            .servers
             .apps
             .iter()
             .filter_map(|(_, a)| a.poll_at())
@@ -882,7 +880,7 @@ impl Cluster {
             if let Some((c, d)) = client.as_mut() {
                 b |= c.poll(&mut d.lock(), now)?;
             }
-            for ((_, app), d) in self.apps.iter_mut().zip(drivers) {
+            for ((_, app), d) in self.servers.apps.iter_mut().zip(drivers) {
                 b |= app.poll(&mut d.lock(), now)?;
             }
             any |= b;
@@ -895,7 +893,7 @@ impl Cluster {
 
     /// The proxy's counters.
     pub fn proxy_stats(&self) -> ProxyStats {
-        self.hub.lock().expect("hub lock").stats
+        self.servers.hub.lock().expect("hub lock").stats
     }
 
     /// Host index of member `m`'s front NIC.
@@ -905,13 +903,13 @@ impl Cluster {
 
     /// Host index of member `m`'s back NIC.
     pub fn back_host(&self, m: usize) -> usize {
-        1 + self.config.members + m
+        1 + self.servers.config.members + m
     }
 
     /// Take member `m` down (`true`: both its cables cut) or bring it back.
     pub fn set_member_down(&self, m: usize, down: bool) {
-        self.front.set_cut(1 + m, down);
-        self.back.set_cut(m, down);
+        self.servers.front.set_cut(1 + m, down);
+        self.servers.back.set_cut(m, down);
     }
 
     /// Run `client` on the initiator's host (host 0) until it is done, with every server
@@ -937,7 +935,7 @@ impl Cluster {
             let (moved, any) = self.step(&drivers, Some((&mut *client, &d0)))?;
             let now = self.sim.now();
             log.extend(client.take_log());
-            for (_, app) in &mut self.apps {
+            for (_, app) in &mut self.servers.apps {
                 log.extend(app.take_log());
             }
             on_pass(self, now);

@@ -214,9 +214,9 @@ fn one(
     let mem = c.sim.with_host(server, |h| h.mem.clone());
     // The serving target's transports, and the proxy's own copies.
     let app_copies = |c: &Cluster| {
-        let target = |i: usize| c.copies[i].load(std::sync::atomic::Ordering::Relaxed);
+        let target = |i: usize| c.servers.copies[i].load(std::sync::atomic::Ordering::Relaxed);
         if mode == "proxy" {
-            target(MEMBERS) + c.hub.lock().expect("hub lock").stats.copy_bytes
+            target(MEMBERS) + c.servers.hub.lock().expect("hub lock").stats.copy_bytes
         } else {
             target(1)
         }

@@ -336,10 +336,18 @@ pub fn serve(
         }
         pipes.retain(|_, p| p.sessions() > 0 || p.conns_up() > 0);
         if !moved {
-            poll.poll(&mut events, Some(Duration::from_millis(1)))?;
+            wait(&mut poll, &mut events)?;
         }
     }
     Ok(())
+}
+
+/// Sleep up to 1 ms for socket readiness (a signal, SIGTERM say, only cuts it short).
+fn wait(poll: &mut mio::Poll, events: &mut mio::Events) -> io::Result<()> {
+    match poll.poll(events, Some(Duration::from_millis(1))) {
+        Err(e) if e.kind() != io::ErrorKind::Interrupted => Err(e),
+        _ => Ok(()),
+    }
 }
 
 fn hex(b: &[u8]) -> String {
@@ -498,7 +506,7 @@ pub fn send(
                     "no progress for 120 s",
                 ));
             }
-            poll.poll(&mut events, Some(Duration::from_millis(1)))?;
+            wait(&mut poll, &mut events)?;
         }
     }
     Ok(SendReport {

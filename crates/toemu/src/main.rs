@@ -1165,7 +1165,7 @@ fn cluster(
         Some(cluster::FrontPort { nic, phy }),
     )
     .map_err(|e| e.to_string())?;
-    let hub = parts.hub.clone();
+    let hub = parts.servers.hub.clone();
     layout(&format!(
         "{ip}:{VOLUME_PORT} (emulated TOE host on {}, {})",
         tap.tap,

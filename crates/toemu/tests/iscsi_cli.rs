@@ -76,6 +76,18 @@ fn perf(url: &str, args: &[&str]) -> (bool, String) {
     (o.status.success(), text)
 }
 
+/// Run `toemu ARGS`, assert it succeeded: its standard output.
+fn toemu_ok(args: &[std::ffi::OsString]) -> String {
+    let out = Command::new(TOEMU).args(args).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "toemu {args:?}: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
 fn scratch(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("toemu-iscsi-cli-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
@@ -240,19 +252,16 @@ fn sigterm_asks_every_session_to_log_out() {
 fn wan_bench_writes_its_json_and_chart() {
     let d = scratch("wan");
     let (json, svg) = (d.join("wan.json"), d.join("wan.svg"));
-    let out = Command::new(TOEMU)
-        .args(["iscsi", "wan-bench", "--quick", "--depth", "1,8", "--json"])
-        .arg(&json)
-        .arg("--svg")
-        .arg(&svg)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut args: Vec<std::ffi::OsString> = ["iscsi", "wan-bench", "--quick", "--depth", "1,8"]
+        .map(Into::into)
+        .to_vec();
+    args.extend([
+        "--json".into(),
+        json.clone().into(),
+        "--svg".into(),
+        svg.clone().into(),
+    ]);
+    let text = toemu_ok(&args);
     assert!(
         text.contains("accelerated") && text.contains("latency p50"),
         "{text}"
@@ -297,17 +306,11 @@ fn wan_bench_writes_its_json_and_chart() {
 fn cluster_bench_writes_its_json() {
     let d = scratch("cluster-bench");
     let json = d.join("cluster.json");
-    let out = Command::new(TOEMU)
-        .args(["iscsi", "cluster-bench", "--bytes", "8MiB", "--json"])
-        .arg(&json)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut args: Vec<std::ffi::OsString> = ["iscsi", "cluster-bench", "--bytes", "8MiB"]
+        .map(Into::into)
+        .to_vec();
+    args.extend(["--json".into(), json.clone().into()]);
+    let text = toemu_ok(&args);
     assert!(text.contains("proxy / direct: read"), "{text}");
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let runs = v["runs"].as_array().unwrap();
@@ -356,18 +359,9 @@ fn the_cluster_command_runs_a_layout_from_toml() {
         "[cluster]\nmembers = 2\nmember_blocks = 16384\nstripe_blocks = 256\n\n[host]\nmtu = 9000\n",
     )
     .unwrap();
-    let out = Command::new(TOEMU)
-        .arg("--config")
-        .arg(&cfg)
-        .args(["iscsi", "cluster", "--bytes", "4MiB"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut args: Vec<std::ffi::OsString> = vec!["--config".into(), cfg.clone().into()];
+    args.extend(["iscsi", "cluster", "--bytes", "4MiB"].map(Into::into));
+    let text = toemu_ok(&args);
     assert!(text.contains("2 members"), "{text}");
     assert!(
         text.contains("read ") && text.contains("errors 0"),

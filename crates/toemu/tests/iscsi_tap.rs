@@ -162,13 +162,7 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         if let Some(mut c) = self.target.take() {
-            let _ = Command::new("kill").arg(c.id().to_string()).status();
-            let t0 = Instant::now();
-            while c.try_wait().ok().flatten().is_none() && t0.elapsed() < Duration::from_secs(5) {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+            toemu_tests::stop_by_pid(&mut c, Duration::from_secs(5));
         }
         let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
         let _ = std::fs::remove_dir_all(&self.dir);

@@ -89,17 +89,7 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .arg(self.child.id().to_string())
-            .status();
-        let t0 = Instant::now();
-        while self.child.try_wait().ok().flatten().is_none()
-            && t0.elapsed() < Duration::from_secs(5)
-        {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        toemu_tests::stop_by_pid(&mut self.child, Duration::from_secs(5));
     }
 }
 

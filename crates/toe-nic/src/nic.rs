@@ -346,11 +346,13 @@ pub fn make_interface<D: smoltcp::phy::Device>(
 }
 
 /// A TCP socket with toemu's settings (Nagle off: latency-sensitive request/response traffic
-/// must not wait for the delayed ACK of the previous segment).
+/// must not wait for the delayed ACK of the previous segment) and congestion control
+/// `congestion` (always set: smoltcp's own default is the strongest controller compiled in).
 pub fn make_socket(
     rx_bytes: usize,
     tx_bytes: usize,
     ack_delay: Option<Duration>,
+    congestion: Congestion,
 ) -> tcp::Socket<'static> {
     let mut s = tcp::Socket::new(
         tcp::SocketBuffer::new(vec![0; rx_bytes]),
@@ -358,6 +360,7 @@ pub fn make_socket(
     );
     s.set_nagle_enabled(false);
     s.set_ack_delay(ack_delay);
+    s.set_congestion_control(congestion.into());
     s
 }
 
@@ -1042,10 +1045,10 @@ impl<P: Phy> Nic<P> {
             self.cfg.socket_rx_bytes,
             self.cfg.socket_tx_bytes,
             self.cfg.ack_delay,
+            self.cfg.congestion,
         );
         // The SYN-RECEIVED timeout: a half-open connection (a spoofed SYN) is abandoned.
         s.set_timeout(self.cfg.syn_timeout);
-        s.set_congestion_control(self.cfg.congestion.into());
         // Keep-alive set before the handshake: smoltcp starts the interval when the handshake
         // completes (set later, it would send a first probe at once).
         s.set_keep_alive(self.cfg.keepalive);
@@ -1172,10 +1175,10 @@ impl<P: Phy> Nic<P> {
             self.cfg.socket_rx_bytes,
             self.cfg.socket_tx_bytes,
             self.cfg.ack_delay,
+            self.cfg.congestion,
         );
         s.set_timeout(self.cfg.syn_timeout);
         s.set_keep_alive(self.cfg.keepalive);
-        s.set_congestion_control(self.cfg.congestion.into());
         let cx = self.iface.context();
         let remote_ep = IpEndpoint::new(IpAddress::Ipv4(*remote.ip()), remote.port());
         if let Err(e) = s.connect(cx, remote_ep, port) {

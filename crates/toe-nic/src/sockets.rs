@@ -414,7 +414,7 @@ mod tests {
     use crate::nic::make_socket;
 
     fn sock() -> tcp::Socket<'static> {
-        make_socket(1024, 1024, None)
+        make_socket(1024, 1024, None, crate::nic::Congestion::None)
     }
 
     #[test]

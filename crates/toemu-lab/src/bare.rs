@@ -53,6 +53,8 @@ pub struct BarePair {
     now: Instant,
     socket_bytes: usize,
     ack_delay: Option<Duration>,
+    /// Congestion control of its sockets (the hosts' setting).
+    congestion: toe_nic::Congestion,
     /// Virtual seconds of the last bulk transfer (the stack alone on the modeled wire: no
     /// bus, no NIC or host costs).
     pub modeled_seconds: f64,
@@ -87,6 +89,7 @@ impl BarePair {
         let (ca, cb) = (test_nic(0, seed), test_nic(1, seed));
         BarePair {
             ack_delay: ca.ack_delay,
+            congestion: settings.congestion,
             hosts: [BareHost::new(&ca, pa, mtu), BareHost::new(&cb, pb, mtu)],
             now: Instant::from_micros(0),
             socket_bytes: settings.socket_buf_bytes as usize,
@@ -96,7 +99,12 @@ impl BarePair {
     }
 
     fn socket(&mut self, host: usize) -> SocketHandle {
-        let s = make_socket(self.socket_bytes, self.socket_bytes, self.ack_delay);
+        let s = make_socket(
+            self.socket_bytes,
+            self.socket_bytes,
+            self.ack_delay,
+            self.congestion,
+        );
         self.hosts[host].sockets.add(s)
     }
 

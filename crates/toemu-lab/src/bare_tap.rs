@@ -41,7 +41,7 @@ pub fn run_bare_sink(
     );
     let mut sockets = SocketSet::new(Vec::new());
     let buf = settings.socket_buf_bytes as usize;
-    let mut sock = make_socket(buf, buf, nic.ack_delay);
+    let mut sock = make_socket(buf, buf, nic.ack_delay, settings.congestion);
     sock.listen(port).map_err(io::Error::other)?;
     let h = sockets.add(sock);
     let mut hasher = Sha256::new();

@@ -1175,11 +1175,13 @@ mod tests {
             ("TOEMU_KEEPALIVE_MS", "off"),
             ("TOEMU_IDLE_TIMEOUT_MS", "9000"),
             ("TOEMU_SYN_TIMEOUT_MS", "250"),
+            ("TOEMU_CONGESTION", "cubic"),
         ]))
         .unwrap();
         assert_eq!(s.keepalive_ms, None);
         assert_eq!(s.idle_timeout_ms, Some(9000));
         assert_eq!(s.syn_timeout_ms, Some(250));
+        assert_eq!(s.congestion, Congestion::Cubic);
         assert_eq!(s.indicate_window_bytes, 1 << 20);
         assert_eq!(s.policy, RxPolicy::UnboundedCopy);
         assert_eq!(s.ack, AckPolicy::KeepOpen { min_bytes: 8192 });

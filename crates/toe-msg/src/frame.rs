@@ -183,6 +183,20 @@ impl Frame {
         }
     }
 
+    /// The frame kind's name (`Sync`, `Data`, ...), for errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Frame::Sync { .. } => "Sync",
+            Frame::Accept { .. } => "Accept",
+            Frame::Refuse { .. } => "Refuse",
+            Frame::Data { .. } => "Data",
+            Frame::Ack { .. } => "Ack",
+            Frame::Abort { .. } => "Abort",
+            Frame::Fin { .. } => "Fin",
+            Frame::FinAck { .. } => "FinAck",
+        }
+    }
+
     /// Bytes it takes on the wire.
     pub fn wire_len(&self) -> usize {
         HEADER_LEN

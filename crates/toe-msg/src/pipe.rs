@@ -107,7 +107,9 @@ impl Pipe {
             turn: VecDeque::new(),
             events: VecDeque::new(),
             next_id: 1,
-            max_body: (cfg.session.frame_bytes + 64).min(u32::MAX as usize) as u32,
+            // The largest body: a Data frame's, or a SYNC with the longest principal.
+            max_body: (cfg.session.frame_bytes.max(crate::frame::MAX_PRINCIPAL) + 64)
+                .min(u32::MAX as usize) as u32,
         }
     }
 

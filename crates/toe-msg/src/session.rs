@@ -690,7 +690,7 @@ impl Session {
                 self.ctrl_deadline = None;
                 self.events.push_back(Event::Closed);
             }
-            f => self.fail(SessionError::Unexpected(kind_name(&f))),
+            f => self.fail(SessionError::Unexpected(f.name())),
         }
     }
 
@@ -868,17 +868,4 @@ impl Session {
 
 fn clamp32(v: u64) -> u32 {
     u32::try_from(v).unwrap_or(u32::MAX)
-}
-
-fn kind_name(f: &Frame) -> &'static str {
-    match f {
-        Frame::Sync { .. } => "Sync",
-        Frame::Accept { .. } => "Accept",
-        Frame::Refuse { .. } => "Refuse",
-        Frame::Data { .. } => "Data",
-        Frame::Ack { .. } => "Ack",
-        Frame::Abort { .. } => "Abort",
-        Frame::Fin { .. } => "Fin",
-        Frame::FinAck { .. } => "FinAck",
-    }
 }

@@ -79,11 +79,8 @@ fn a_wrong_principal_an_unknown_ca_or_no_certificate_is_refused() {
 fn no_cert_client(ca: &TestCa, s: &mut Tls) -> TlsError {
     use std::sync::Arc;
     let mut roots = rustls::RootCertStore::empty();
-    let der = rustls::pki_types::CertificateDer::from(
-        rustls::pki_types::pem::PemObject::from_pem_slice(ca.pem().as_bytes())
-            .map(|c: rustls::pki_types::CertificateDer<'static>| c.to_vec())
-            .unwrap(),
-    );
+    use rustls::pki_types::pem::PemObject;
+    let der = rustls::pki_types::CertificateDer::from_pem_slice(ca.pem().as_bytes()).unwrap();
     roots.add(der).unwrap();
     let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),

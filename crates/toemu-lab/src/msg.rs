@@ -229,8 +229,8 @@ struct Received {
 }
 
 /// `toemu msg serve --listen ADDR`: accept pipes until `stop`; each session's messages go
-/// to `dir` (or are only hashed). `name` is the principal sessions must ask for (with TLS,
-/// the certificate's name).
+/// to `dir` (or are only hashed). With TLS, sessions must ask for the principal the
+/// server's certificate names (others are refused); plaintext accepts any.
 pub fn serve(
     listen: SocketAddr,
     dir: Option<PathBuf>,

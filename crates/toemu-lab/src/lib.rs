@@ -7,6 +7,7 @@
 //! - [`bare`], [`bare_tap`]: the bare-smoltcp baselines (in-memory wire, TAP).
 //! - [`iscsi`]: the iSCSI target on std TCP (the shell around `toe-iscsi`).
 //! - [`kernel`]: the kernel-TCP loopback baselines (one stream, request/response, scale).
+//! - [`msg`], [`msg_toe`]: the message transport's shells (std TCP; the emulated TOE).
 //! - [`serve`]: running the example apps on an emulated host (TAP in real time, or two hosts
 //!   on the virtual clock).
 //! - [`stats`]: latency percentiles, computed in one place for every figure.
@@ -23,6 +24,7 @@ pub mod iscsi_host;
 pub mod iscsi_perf;
 pub mod kernel;
 pub mod msg;
+pub mod msg_toe;
 pub mod plot;
 pub mod report;
 pub mod serve;

@@ -1,7 +1,11 @@
-//! The message transport's shell on std TCP (`toemu msg serve` and `toemu msg send`): the
-//! pure pipe and sessions of [`toe_msg`] over non-blocking sockets (mio), each connection
-//! TLS 1.3 unless plaintext is asked for, so two real machines can run it across a real
-//! network. One thread; the sockets are polled, the pipe does the rest.
+//! The message transport's shells: the pure pipe and sessions of [`toe_msg`] over byte
+//! streams, each connection TLS 1.3 unless plaintext is asked for.
+//!
+//! - On std TCP (`toemu msg serve --listen`, `toemu msg send`): non-blocking sockets (mio),
+//!   one thread, so two real machines can run it across a real network.
+//! - On the emulated TOE ([`crate::msg_toe`]): the same links and the same server and
+//!   sender logic as example apps over the host driver (in-memory wire on the virtual
+//!   clock, or TAP in real time).
 //!
 //! Each connection opens with the pipe hello ([`toe_msg::hello`]) after its handshake; the
 //! server keeps one pipe per pipe ID. The server writes each session's messages to
@@ -18,9 +22,9 @@ use std::time::{Duration, Instant};
 use mio::net::{TcpListener, TcpStream};
 use sha2::{Digest, Sha256};
 use toe_msg::{
-    hello, parse_hello, Event, Identity, Pipe, PipeConfig, PipeEvent, RefuseReason, SendError, Tls,
-    HELLO_LEN,
+    hello, parse_hello, Event, Identity, Pipe, PipeConfig, PipeEvent, RefuseReason, Tls, HELLO_LEN,
 };
+use toemu_apps::datagen::DataGen;
 
 /// How connections are protected.
 #[derive(Debug)]
@@ -39,17 +43,93 @@ impl Security {
             Security::Tls(id) => format!("TLS 1.3, mutual certificates, this side {}", id.name),
         }
     }
+
+    /// The TLS end of an accepted connection (`None` for plaintext); `unix_s` is the
+    /// time certificates are checked against.
+    pub(crate) fn server(&self, unix_s: u64) -> io::Result<Option<Tls>> {
+        match self {
+            Security::Tls(id) => Tls::server(id, unix_s)
+                .map(Some)
+                .map_err(|e| io::Error::other(e.to_string())),
+            Security::Plain => Ok(None),
+        }
+    }
+
+    /// The TLS end of an opened connection to a server named `principal`.
+    pub(crate) fn client(&self, principal: &str, unix_s: u64) -> io::Result<Option<Tls>> {
+        match self {
+            Security::Tls(id) => Tls::client(id, principal, unix_s)
+                .map(Some)
+                .map_err(|e| io::Error::other(e.to_string())),
+            Security::Plain => Ok(None),
+        }
+    }
+
+    /// The principal a server accepts sessions for (its certificate's name); `None`:
+    /// plaintext accepts any.
+    fn principal(&self) -> Option<String> {
+        match self {
+            Security::Tls(id) => Some(id.name.clone()),
+            Security::Plain => None,
+        }
+    }
 }
 
-fn unix_now() -> u64 {
+/// Seconds since 1970 on the real clock (certificates are checked against it).
+pub(crate) fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
 
-/// One TCP connection of a pipe.
-struct Link {
-    sock: TcpStream,
+/// A byte stream under a [`Link`]; `C` is what it needs to move bytes (nothing for a std
+/// socket, the host driver for an emulated TOE connection).
+pub(crate) trait Sock<C: ?Sized> {
+    /// Append the bytes that have arrived to `raw`; `Ok(false)` once the peer ended its
+    /// stream.
+    fn recv(&mut self, cx: &mut C, raw: &mut Vec<u8>) -> io::Result<bool>;
+    /// Write from the front of `data`: the bytes taken (0: no room now).
+    fn send(&mut self, cx: &mut C, data: &[u8]) -> io::Result<usize>;
+    /// Whether the stream takes more bytes now (connected, room in its send queue).
+    fn can_take(&self, _cx: &C) -> bool {
+        true
+    }
+}
+
+impl Sock<()> for TcpStream {
+    fn recv(&mut self, _: &mut (), raw: &mut Vec<u8>) -> io::Result<bool> {
+        let mut buf = [0u8; 64 << 10];
+        loop {
+            match self.read(&mut buf) {
+                Ok(0) => return Ok(false),
+                Ok(n) => raw.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn send(&mut self, _: &mut (), data: &[u8]) -> io::Result<usize> {
+        loop {
+            match self.write(data) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Plaintext a link holds before it stops asking the pipe for frames, bytes.
+const LINK_ROOM: usize = 256 << 10;
+
+/// One connection of a pipe.
+pub(crate) struct Link<S> {
+    pub(crate) sock: S,
+    /// Who is at the other end, for logs.
+    label: String,
     tls: Option<Tls>,
     /// Bytes to write to the socket.
     out: Vec<u8>,
@@ -62,15 +142,17 @@ struct Link {
     join_to: Option<u64>,
     /// Plaintext the TLS layer did not take yet.
     pending: Vec<u8>,
-    dead: bool,
+    pub(crate) dead: bool,
     /// Why it died, if it failed.
-    error: Option<String>,
+    pub(crate) error: Option<String>,
 }
 
-impl Link {
-    fn new(sock: TcpStream, tls: Option<Tls>) -> Link {
+impl<S> Link<S> {
+    /// An acceptor's link.
+    pub(crate) fn accepted(sock: S, label: String, tls: Option<Tls>) -> Link<S> {
         Link {
             sock,
+            label,
             tls,
             out: Vec::new(),
             hello: Vec::new(),
@@ -82,36 +164,41 @@ impl Link {
         }
     }
 
-    fn ready(&self) -> bool {
+    /// An opener's link to pipe `pipe`: its hello is queued (it goes out after the
+    /// handshake).
+    pub(crate) fn opened(sock: S, label: String, tls: Option<Tls>, pipe: u64) -> Link<S> {
+        let mut l = Link::accepted(sock, label, tls);
+        l.join_to = Some(pipe);
+        l.queue(&hello(pipe));
+        l
+    }
+
+    fn secured(&self) -> bool {
         self.tls.as_ref().is_none_or(|t| !t.is_handshaking())
     }
 
     /// Read what the socket has: the plaintext.
-    fn read(&mut self) -> io::Result<Vec<u8>> {
+    fn read<C: ?Sized>(&mut self, cx: &mut C) -> io::Result<Vec<u8>>
+    where
+        S: Sock<C>,
+    {
+        let mut raw = Vec::new();
+        if !self.sock.recv(cx, &mut raw)? {
+            self.dead = true;
+        }
+        let Some(t) = &mut self.tls else {
+            return Ok(raw);
+        };
         let mut plain = Vec::new();
-        let mut buf = [0u8; 64 << 10];
-        loop {
-            match self.sock.read(&mut buf) {
-                Ok(0) => {
-                    self.dead = true;
-                    break;
-                }
-                Ok(n) => match &mut self.tls {
-                    Some(t) => t
-                        .receive(&buf[..n], &mut plain)
-                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?,
-                    None => plain.extend_from_slice(&buf[..n]),
-                },
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
+        for c in raw.chunks(64 << 10) {
+            t.receive(c, &mut plain)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
         }
         Ok(plain)
     }
 
-    /// Queue plaintext (through TLS, if any) and write what the socket takes.
-    fn write(&mut self, plain: &[u8]) -> io::Result<()> {
+    /// Queue plaintext (through TLS, if any).
+    fn queue(&mut self, plain: &[u8]) {
         match &mut self.tls {
             Some(t) => {
                 self.pending.extend_from_slice(plain);
@@ -121,30 +208,35 @@ impl Link {
             }
             None => self.out.extend_from_slice(plain),
         }
-        while !self.out.is_empty() {
-            match self.sock.write(&self.out) {
-                Ok(0) => break,
-                Ok(n) => {
-                    self.out.drain(..n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+    }
+
+    /// Queue plaintext and write what the socket takes.
+    fn write<C: ?Sized>(&mut self, cx: &mut C, plain: &[u8]) -> io::Result<()>
+    where
+        S: Sock<C>,
+    {
+        self.queue(plain);
+        while !self.out.is_empty() && self.sock.can_take(cx) {
+            let n = self.sock.send(cx, &self.out)?;
+            if n == 0 {
+                break;
             }
+            self.out.drain(..n);
         }
         Ok(())
     }
 
     /// Room for more frames: little waits to be written.
     fn has_room(&self) -> bool {
-        self.out.len() + self.pending.len() < 256 << 10
+        self.out.len() + self.pending.len() < LINK_ROOM
     }
 }
 
 /// One pass over `links`: bytes in go to their pipes, frames out go to the connections
 /// with room. Returns whether anything moved; log lines go to `log`.
-fn pass(
-    links: &mut [Link],
+pub(crate) fn pass<C: ?Sized, S: Sock<C>>(
+    links: &mut [Link<S>],
+    cx: &mut C,
     pipes: &mut HashMap<u64, Pipe>,
     cfg: PipeConfig,
     now_us: u64,
@@ -152,13 +244,10 @@ fn pass(
 ) -> bool {
     let mut moved = false;
     for l in links.iter_mut().filter(|l| !l.dead) {
-        let plain = match l.read() {
+        let plain = match l.read(cx) {
             Ok(p) => p,
             Err(e) => {
-                log(format!(
-                    "toemu msg: connection {:?} dropped: {e}",
-                    l.sock.peer_addr().ok()
-                ));
+                log(format!("toemu msg: connection {} dropped: {e}", l.label));
                 l.dead = true;
                 l.error = Some(e.to_string());
                 continue;
@@ -166,12 +255,12 @@ fn pass(
         };
         moved |= !plain.is_empty();
         let mut plain = &plain[..];
-        if let (None, Some(id), true) = (l.joined, l.join_to, l.ready()) {
+        if let (None, Some(id), true) = (l.joined, l.join_to, l.secured()) {
             // Authenticated: it joins the pipe.
             let p = pipes.entry(id).or_insert_with(|| Pipe::new(cfg));
             l.joined = Some((id, p.add_conn()));
         }
-        if l.joined.is_none() && l.ready() {
+        if l.joined.is_none() && l.secured() {
             let take = (HELLO_LEN - l.hello.len()).min(plain.len());
             l.hello.extend_from_slice(&plain[..take]);
             plain = &plain[take..];
@@ -182,7 +271,10 @@ fn pass(
                         l.joined = Some((id, p.add_conn()));
                     }
                     None => {
-                        log("toemu msg: a connection without the pipe hello, dropped".into());
+                        log(format!(
+                            "toemu msg: {} opened without the pipe hello, dropped",
+                            l.label
+                        ));
                         l.dead = true;
                         continue;
                     }
@@ -195,14 +287,14 @@ fn pass(
             }
         }
         let mut frames = Vec::new();
-        if let (Some((id, c)), true) = (l.joined, l.has_room()) {
+        if let (Some((id, c)), true, true) = (l.joined, l.has_room(), l.sock.can_take(cx)) {
             if let Some(p) = pipes.get_mut(&id) {
                 p.fill(c, &mut frames, 64 << 10, now_us);
             }
         }
         moved |= !frames.is_empty();
-        if let Err(e) = l.write(&frames) {
-            log(format!("toemu msg: write failed: {e}"));
+        if let Err(e) = l.write(cx, &frames) {
+            log(format!("toemu msg: write to {} failed: {e}", l.label));
             l.dead = true;
             l.error = Some(e.to_string());
         }
@@ -220,12 +312,129 @@ fn pass(
     moved
 }
 
-/// What `toemu msg serve` reports per session.
+/// What the server received in one session.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SessionResult {
+    /// The pipe.
+    pub pipe: u64,
+    /// The session.
+    pub session: u32,
+    /// Messages taken.
+    pub messages: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// SHA-256 of their concatenation, hex.
+    pub sha256: String,
+}
+
+/// A session being received.
 #[derive(Debug, Default, Clone)]
 struct Received {
     messages: u64,
     bytes: u64,
     sha: Sha256,
+}
+
+/// The storage server's logic, whatever carries its connections: it accepts sessions for
+/// its principal, takes their messages in order (to a directory, or only hashed), and
+/// reports each session when it closes.
+pub(crate) struct Server {
+    /// The principal sessions must ask for (`None`: any).
+    name: Option<String>,
+    dir: Option<PathBuf>,
+    pub(crate) cfg: PipeConfig,
+    pub(crate) pipes: HashMap<u64, Pipe>,
+    got: HashMap<(u64, u32), Received>,
+    /// Sessions closed, in order.
+    pub(crate) results: Vec<SessionResult>,
+}
+
+impl Server {
+    pub(crate) fn new(security: &Security, dir: Option<PathBuf>, cfg: PipeConfig) -> Server {
+        Server {
+            name: security.principal(),
+            dir,
+            cfg,
+            pipes: HashMap::new(),
+            got: HashMap::new(),
+            results: Vec::new(),
+        }
+    }
+
+    /// Answer the pipes' events at `now_us`: accept or refuse sessions, take messages,
+    /// report closed sessions to `log`.
+    pub(crate) fn handle(&mut self, now_us: u64, log: &mut impl FnMut(String)) -> io::Result<()> {
+        for (&pid, p) in self.pipes.iter_mut() {
+            while let Some(e) = p.poll_event() {
+                match e {
+                    PipeEvent::Session {
+                        id,
+                        event: Event::Incoming { principal },
+                    } => {
+                        let s = p.session(id).expect("incoming");
+                        if self.name.as_ref().is_some_and(|n| *n != principal) {
+                            log(format!("toemu msg serve: session {pid:016x}/{id} asks for {principal:?}: refused"));
+                            s.refuse(RefuseReason::WrongPrincipal);
+                        } else {
+                            s.accept();
+                        }
+                    }
+                    PipeEvent::Session {
+                        id,
+                        event: Event::Received { .. },
+                    } => {
+                        let Some((_, data)) = p.session(id).and_then(|s| s.recv(now_us)) else {
+                            continue;
+                        };
+                        let r = self.got.entry((pid, id)).or_default();
+                        r.messages += 1;
+                        r.bytes += data.len() as u64;
+                        r.sha.update(&data);
+                        if let Some(d) = &self.dir {
+                            let d = d.join(format!("{pid:016x}-{id}"));
+                            std::fs::create_dir_all(&d)?;
+                            std::fs::write(d.join(format!("{:06}", r.messages)), &data)?;
+                        }
+                    }
+                    PipeEvent::Session {
+                        id,
+                        event: Event::Closed,
+                    } => {
+                        if let Some(r) = self.got.remove(&(pid, id)) {
+                            let res = SessionResult {
+                                pipe: pid,
+                                session: id,
+                                messages: r.messages,
+                                bytes: r.bytes,
+                                sha256: hex(&r.sha.finalize()),
+                            };
+                            log(format!(
+                                "toemu msg serve: session {pid:016x}/{id} closed: {} messages, {} bytes, sha256 {}",
+                                res.messages, res.bytes, res.sha256
+                            ));
+                            self.results.push(res);
+                        }
+                    }
+                    PipeEvent::Session {
+                        id,
+                        event: Event::Error(e),
+                    } => log(format!("toemu msg serve: session {pid:016x}/{id}: {e}")),
+                    PipeEvent::ConnBroken { conn, error } => log(format!(
+                        "toemu msg serve: pipe {pid:016x} connection {conn}: {error}"
+                    )),
+                    PipeEvent::Session { .. } => {}
+                }
+            }
+        }
+        self.pipes
+            .retain(|_, p| p.sessions() > 0 || p.conns_up() > 0);
+        Ok(())
+    }
+
+    /// The earliest session timer, µs.
+    pub(crate) fn next_deadline(&self) -> Option<u64> {
+        self.pipes.values().filter_map(Pipe::next_deadline).min()
+    }
 }
 
 /// `toemu msg serve --listen ADDR`: accept pipes until `stop`; each session's messages go
@@ -247,94 +456,34 @@ pub fn serve(
         listener.local_addr()?,
         security.describe()
     ));
-    let name = match &security {
-        Security::Tls(id) => Some(id.name.clone()),
-        Security::Plain => None,
-    };
-    let cfg = PipeConfig::default();
-    let mut links: Vec<Link> = Vec::new();
-    let mut pipes: HashMap<u64, Pipe> = HashMap::new();
-    let mut got: HashMap<(u64, u32), Received> = HashMap::new();
+    let mut server = Server::new(&security, dir, PipeConfig::default());
+    let mut links: Vec<Link<TcpStream>> = Vec::new();
     let started = Instant::now();
     let mut events = mio::Events::with_capacity(256);
     while !stop.load(Ordering::Relaxed) {
         loop {
             match listener.accept() {
-                Ok((sock, _)) => {
+                Ok((sock, peer)) => {
                     sock.set_nodelay(true)?;
-                    let tls = match &security {
-                        Security::Tls(id) => Some(
-                            Tls::server(id, unix_now())
-                                .map_err(|e| io::Error::other(e.to_string()))?,
-                        ),
-                        Security::Plain => None,
-                    };
-                    links.push(Link::new(sock, tls));
+                    let tls = security.server(unix_now())?;
+                    links.push(Link::accepted(sock, peer.to_string(), tls));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(e),
             }
         }
         let now_us = started.elapsed().as_micros() as u64;
-        let moved = pass(&mut links, &mut pipes, cfg, now_us, &mut log);
+        let cfg = server.cfg;
+        let moved = pass(
+            &mut links,
+            &mut (),
+            &mut server.pipes,
+            cfg,
+            now_us,
+            &mut log,
+        );
         links.retain(|l| !l.dead);
-        for (&pid, p) in pipes.iter_mut() {
-            while let Some(e) = p.poll_event() {
-                match e {
-                    PipeEvent::Session {
-                        id,
-                        event: Event::Incoming { principal },
-                    } => {
-                        let s = p.session(id).expect("incoming");
-                        if name.as_ref().is_some_and(|n| *n != principal) {
-                            log(format!("toemu msg serve: session {pid:x}/{id} asks for {principal:?}: refused"));
-                            s.refuse(RefuseReason::WrongPrincipal);
-                        } else {
-                            s.accept();
-                        }
-                    }
-                    PipeEvent::Session {
-                        id,
-                        event: Event::Received { .. },
-                    } => {
-                        let Some((_, data)) = p.session(id).and_then(|s| s.recv(now_us)) else {
-                            continue;
-                        };
-                        let r = got.entry((pid, id)).or_default();
-                        r.messages += 1;
-                        r.bytes += data.len() as u64;
-                        r.sha.update(&data);
-                        if let Some(d) = &dir {
-                            let d = d.join(format!("{pid:016x}-{id}"));
-                            std::fs::create_dir_all(&d)?;
-                            std::fs::write(d.join(format!("{:06}", r.messages)), &data)?;
-                        }
-                    }
-                    PipeEvent::Session {
-                        id,
-                        event: Event::Closed,
-                    } => {
-                        if let Some(r) = got.remove(&(pid, id)) {
-                            log(format!(
-                                "toemu msg serve: session {pid:016x}/{id} closed: {} messages, {} bytes, sha256 {}",
-                                r.messages,
-                                r.bytes,
-                                hex(&r.sha.finalize())
-                            ));
-                        }
-                    }
-                    PipeEvent::Session {
-                        id,
-                        event: Event::Error(e),
-                    } => log(format!("toemu msg serve: session {pid:016x}/{id}: {e}")),
-                    PipeEvent::ConnBroken { conn, error } => log(format!(
-                        "toemu msg serve: pipe {pid:016x} connection {conn}: {error}"
-                    )),
-                    PipeEvent::Session { .. } => {}
-                }
-            }
-        }
-        pipes.retain(|_, p| p.sessions() > 0 || p.conns_up() > 0);
+        server.handle(now_us, &mut log)?;
         if !moved {
             wait(&mut poll, &mut events)?;
         }
@@ -354,21 +503,103 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// What a sender sends.
+#[derive(Debug, Clone)]
+pub enum Payload {
+    /// These bytes.
+    Bytes(Vec<u8>),
+    /// `len` bytes of a deterministic pattern (message `k` holds [`DataGen`] seeded
+    /// `seed + k`), made as messages are queued: nothing of the size of the transfer is
+    /// held.
+    Pattern {
+        /// Bytes in all.
+        len: u64,
+        /// The pattern's seed.
+        seed: u64,
+    },
+}
+
+impl Payload {
+    /// Bytes in all.
+    pub fn len(&self) -> u64 {
+        match self {
+            Payload::Bytes(b) => b.len() as u64,
+            Payload::Pattern { len, .. } => *len,
+        }
+    }
+
+    /// No bytes at all.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// What `toemu msg send` does.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct SendOptions {
     /// The server.
     pub to: SocketAddr,
     /// The principal sessions ask for (with TLS: the server certificate's name).
     pub principal: String,
     /// The data.
-    pub data: Vec<u8>,
+    pub data: Payload,
     /// TCP connections in the pipe.
     pub connections: usize,
-    /// Sessions the data is spread over.
+    /// Sessions the data is spread over (message `k` goes to session `k mod sessions`).
     pub sessions: usize,
-    /// Bytes per message.
+    /// Bytes per message (the smallest, with `message_max_bytes`).
     pub message_bytes: usize,
+    /// Messages of sizes spread evenly (by a hash of their number) from `message_bytes`
+    /// to this many bytes; `None`: all `message_bytes`.
+    pub message_max_bytes: Option<usize>,
+    /// The pipe's and its sessions' limits (queues, frames, timeouts).
+    pub pipe: PipeConfig,
+}
+
+impl SendOptions {
+    /// Sending `data` to `to` with the defaults: 8 connections, 1 session, 1 MiB messages.
+    pub fn new(to: SocketAddr, data: Payload) -> SendOptions {
+        SendOptions {
+            to,
+            principal: "store".into(),
+            data,
+            connections: 8,
+            sessions: 1,
+            message_bytes: 1 << 20,
+            message_max_bytes: None,
+            pipe: PipeConfig::default(),
+        }
+    }
+
+    /// Each message's (offset, length) in the data.
+    fn plan(&self) -> Vec<(u64, usize)> {
+        let (min, max) = (
+            self.message_bytes.max(1),
+            self.message_max_bytes.unwrap_or(0),
+        );
+        let mut plan = Vec::new();
+        let (mut at, total) = (0u64, self.data.len());
+        while at < total {
+            let k = plan.len() as u64;
+            let len = if max > min {
+                min + (splitmix(k) % (max - min + 1) as u64) as usize
+            } else {
+                min
+            };
+            let len = len.min((total - at) as usize);
+            plan.push((at, len));
+            at += len as u64;
+        }
+        plan
+    }
+}
+
+/// A 64-bit mix of `x` (splitmix64's finalizer).
+fn splitmix(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 /// What `toemu msg send` measured.
@@ -380,10 +611,224 @@ pub struct SendReport {
     pub messages: u64,
     /// Messages that failed.
     pub failed: u64,
-    /// Seconds from the first connection to the last session closed.
+    /// Seconds from the first connection to the last session closed (of the clock that
+    /// ran it: real, or virtual on the emulated TOE).
     pub seconds: f64,
+    /// Times a session's output queue was full and the message waited for a retry.
+    pub queue_full: u64,
+    /// Times a session found the peer's window shut, and times a later ACK opened it.
+    pub stalls: u64,
+    /// Times a later acknowledgement opened a shut window.
+    pub resumes: u64,
     /// Per session: (messages, SHA-256 of their concatenation) as the server should report.
     pub sessions: Vec<(u64, String)>,
+}
+
+/// The sender's logic, whatever carries its connections: the data cut into messages
+/// dealt round robin to the sessions of one pipe, each queued as soon as its session's
+/// output queue has room.
+pub(crate) struct Sender {
+    pub(crate) pipe_id: u64,
+    pub(crate) cfg: PipeConfig,
+    /// The pipe (one entry, for [`pass`]).
+    pub(crate) pipes: HashMap<u64, Pipe>,
+    data: Payload,
+    plan: Vec<(u64, usize)>,
+    ids: Vec<u32>,
+    /// Per session: the next message (index into `plan`), its hash, its messages.
+    next: Vec<usize>,
+    sha: Vec<Sha256>,
+    counts: Vec<u64>,
+    ready: Vec<bool>,
+    /// Per session: its next message waits for room in the output queue.
+    waiting: Vec<bool>,
+    closed: usize,
+    acked: u64,
+    messages: u64,
+    failed: u64,
+    queue_full: u64,
+    stalls: u64,
+    resumes: u64,
+    inflight: HashMap<(u32, u64), usize>,
+}
+
+impl Sender {
+    pub(crate) fn new(o: &SendOptions, pipe_id: u64) -> Sender {
+        let mut pipe = Pipe::new(o.pipe);
+        let ids: Vec<u32> = (0..o.sessions.max(1))
+            .map(|_| pipe.open(&o.principal))
+            .collect();
+        let n = ids.len();
+        Sender {
+            pipe_id,
+            cfg: o.pipe,
+            pipes: HashMap::from([(pipe_id, pipe)]),
+            data: o.data.clone(),
+            plan: o.plan(),
+            ids,
+            next: (0..n).collect(),
+            sha: vec![Sha256::new(); n],
+            counts: vec![0; n],
+            ready: vec![false; n],
+            waiting: vec![false; n],
+            closed: 0,
+            acked: 0,
+            messages: 0,
+            failed: 0,
+            queue_full: 0,
+            stalls: 0,
+            resumes: 0,
+            inflight: HashMap::new(),
+        }
+    }
+
+    fn message(&self, k: usize) -> Vec<u8> {
+        let (at, len) = self.plan[k];
+        match &self.data {
+            Payload::Bytes(b) => b[at as usize..at as usize + len].to_vec(),
+            Payload::Pattern { seed, .. } => {
+                let mut v = vec![0u8; len];
+                DataGen::new(seed.wrapping_add(k as u64)).fill(&mut v);
+                v
+            }
+        }
+    }
+
+    /// Queue what the sessions' output queues take at `now_us`; close a session once
+    /// its last message is queued.
+    pub(crate) fn feed(&mut self, now_us: u64) -> io::Result<()> {
+        let n = self.ids.len();
+        for k in 0..n {
+            if !self.ready[k] {
+                continue;
+            }
+            let id = self.ids[k];
+            while self.next[k] < self.plan.len() {
+                let len = self.plan[self.next[k]].1;
+                let Some(s) = self
+                    .pipes
+                    .get_mut(&self.pipe_id)
+                    .and_then(|p| p.session(id))
+                else {
+                    break;
+                };
+                // A message that does not fit waits (made only once it fits); each wait
+                // counts once.
+                if len > s.out_free() && len <= self.cfg.session.out_queue_bytes {
+                    if !self.waiting[k] {
+                        self.waiting[k] = true;
+                        self.queue_full += 1;
+                    }
+                    break;
+                }
+                let m = self.message(self.next[k]);
+                self.sha[k].update(&m);
+                let s = self
+                    .pipes
+                    .get_mut(&self.pipe_id)
+                    .and_then(|p| p.session(id));
+                match s.map(|s| s.send(m, now_us)) {
+                    Some(Ok(h)) => {
+                        self.inflight.insert((id, h.0), len);
+                        self.counts[k] += 1;
+                        self.next[k] += n;
+                        self.waiting[k] = false;
+                    }
+                    Some(Err(e)) => return Err(io::Error::other(format!("session {id}: {e}"))),
+                    None => break,
+                }
+            }
+            if self.next[k] >= self.plan.len() {
+                if let Some(s) = self
+                    .pipes
+                    .get_mut(&self.pipe_id)
+                    .and_then(|p| p.session(id))
+                {
+                    s.close();
+                }
+                self.ready[k] = false;
+            }
+        }
+        Ok(())
+    }
+
+    /// Take the pipe's events; `progress(acked_bytes)` as acknowledgements come.
+    pub(crate) fn handle(
+        &mut self,
+        progress: &mut impl FnMut(u64),
+        log: &mut impl FnMut(String),
+    ) -> io::Result<()> {
+        let Some(p) = self.pipes.get_mut(&self.pipe_id) else {
+            return Ok(());
+        };
+        while let Some(e) = p.poll_event() {
+            let PipeEvent::Session { id, event } = e else {
+                log(format!("toemu msg send: {e:?}"));
+                continue;
+            };
+            let k = self.ids.iter().position(|&i| i == id).unwrap_or(0);
+            match event {
+                Event::Created => self.ready[k] = true,
+                Event::Acked { id: m, .. } => {
+                    self.messages += 1;
+                    self.acked += self.inflight.remove(&(id, m.0)).unwrap_or(0) as u64;
+                    progress(self.acked);
+                }
+                Event::Failed { .. } => self.failed += 1,
+                Event::Stalled => self.stalls += 1,
+                Event::Resumed => self.resumes += 1,
+                Event::Refused(r) => {
+                    return Err(io::Error::other(format!(
+                        "the server refused the session: {r:?}"
+                    )))
+                }
+                Event::Error(e) => return Err(io::Error::other(format!("session {id}: {e}"))),
+                Event::Closed => self.closed += 1,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Every session closed.
+    pub(crate) fn done(&self) -> bool {
+        self.closed == self.ids.len()
+    }
+
+    /// The earliest session timer, µs.
+    pub(crate) fn next_deadline(&self) -> Option<u64> {
+        self.pipes.values().filter_map(Pipe::next_deadline).min()
+    }
+
+    pub(crate) fn report(&self, seconds: f64) -> SendReport {
+        SendReport {
+            bytes: self.acked,
+            messages: self.messages,
+            failed: self.failed,
+            seconds,
+            queue_full: self.queue_full,
+            stalls: self.stalls,
+            resumes: self.resumes,
+            sessions: self
+                .counts
+                .iter()
+                .zip(&self.sha)
+                .map(|(c, s)| (*c, hex(&s.clone().finalize())))
+                .collect(),
+        }
+    }
+}
+
+/// The error when every connection of a pipe is gone.
+pub(crate) fn all_gone<S>(links: &[Link<S>]) -> io::Error {
+    let why = links.iter().find_map(|l| l.error.clone());
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        format!(
+            "every connection of the pipe is gone ({})",
+            why.as_deref().unwrap_or("closed by the server")
+        ),
+    )
 }
 
 /// `toemu msg send`: one pipe of `connections` connections to `to`, the data cut into
@@ -397,110 +842,43 @@ pub fn send(
 ) -> io::Result<SendReport> {
     let started = Instant::now();
     let pipe_id = u64::from_le_bytes(crate::iscsi::random_bytes().map_err(io::Error::other)?);
-    let cfg = PipeConfig::default();
     let mut links = Vec::new();
     for _ in 0..o.connections.max(1) {
         let std = std::net::TcpStream::connect(o.to)?;
         std.set_nodelay(true)?;
         std.set_nonblocking(true)?;
-        let tls = match security {
-            Security::Tls(id) => Some(
-                Tls::client(id, &o.principal, unix_now())
-                    .map_err(|e| io::Error::other(e.to_string()))?,
-            ),
-            Security::Plain => None,
-        };
-        let mut l = Link::new(TcpStream::from_std(std), tls);
-        l.join_to = Some(pipe_id);
-        l.write(&hello(pipe_id))?;
-        links.push(l);
+        let tls = security.client(&o.principal, unix_now())?;
+        links.push(Link::opened(
+            TcpStream::from_std(std),
+            o.to.to_string(),
+            tls,
+            pipe_id,
+        ));
     }
-    let mut pipes: HashMap<u64, Pipe> = HashMap::new();
-    pipes.insert(pipe_id, Pipe::new(cfg));
-    let ids: Vec<u32> = {
-        let p = pipes.get_mut(&pipe_id).expect("pipe");
-        (0..o.sessions.max(1))
-            .map(|_| p.open(&o.principal))
-            .collect()
-    };
-    let chunks: Vec<&[u8]> = o.data.chunks(o.message_bytes.max(1)).collect();
-    // Per session: the indexes of its messages, the next to queue, and its hash.
-    let n = ids.len();
-    let mut next: Vec<usize> = (0..n).collect();
-    let mut sha: Vec<Sha256> = vec![Sha256::new(); n];
-    let mut counts = vec![0u64; n];
-    let mut ready = vec![false; n];
-    let mut closed = 0;
-    let (mut acked, mut messages, mut failed) = (0u64, 0u64, 0u64);
-    let mut sizes: HashMap<(u32, u64), usize> = HashMap::new();
+    let mut sender = Sender::new(o, pipe_id);
     let mut poll = mio::Poll::new()?;
     let mut events = mio::Events::with_capacity(64);
-    let mut last_ready = Instant::now();
-    while closed < n {
+    let mut last_moved = Instant::now();
+    while !sender.done() {
         let now_us = started.elapsed().as_micros() as u64;
-        let p = pipes.get_mut(&pipe_id).expect("pipe");
-        for (k, &id) in ids.iter().enumerate() {
-            if !ready[k] {
-                continue;
-            }
-            let Some(s) = p.session(id) else { continue };
-            while next[k] < chunks.len() {
-                match s.send(chunks[next[k]].to_vec(), now_us) {
-                    Ok(m) => {
-                        sizes.insert((id, m.0), chunks[next[k]].len());
-                        sha[k].update(chunks[next[k]]);
-                        counts[k] += 1;
-                        next[k] += n;
-                    }
-                    Err(SendError::QueueFull { .. }) => break,
-                    Err(e) => return Err(io::Error::other(format!("session {id}: {e}"))),
-                }
-            }
-            if next[k] >= chunks.len() {
-                s.close();
-                ready[k] = false;
-            }
-        }
-        let moved = pass(&mut links, &mut pipes, cfg, now_us, &mut log);
-        let p = pipes.get_mut(&pipe_id).expect("pipe");
-        while let Some(e) = p.poll_event() {
-            let PipeEvent::Session { id, event } = e else {
-                log(format!("toemu msg send: {e:?}"));
-                continue;
-            };
-            let k = ids.iter().position(|&i| i == id).unwrap_or(0);
-            match event {
-                Event::Created => ready[k] = true,
-                Event::Acked { id: m, .. } => {
-                    messages += 1;
-                    acked += sizes.remove(&(id, m.0)).unwrap_or(0) as u64;
-                    progress(acked);
-                }
-                Event::Failed { .. } => failed += 1,
-                Event::Refused(r) => {
-                    return Err(io::Error::other(format!(
-                        "the server refused the session: {r:?}"
-                    )))
-                }
-                Event::Error(e) => return Err(io::Error::other(format!("session {id}: {e}"))),
-                Event::Closed => closed += 1,
-                _ => {}
-            }
-        }
+        sender.feed(now_us)?;
+        let cfg = sender.cfg;
+        let moved = pass(
+            &mut links,
+            &mut (),
+            &mut sender.pipes,
+            cfg,
+            now_us,
+            &mut log,
+        );
+        sender.handle(&mut progress, &mut log)?;
         if links.iter().all(|l| l.dead) {
-            let why = links.iter().find_map(|l| l.error.clone());
-            return Err(io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                format!(
-                    "every connection of the pipe is gone ({})",
-                    why.as_deref().unwrap_or("closed by the server")
-                ),
-            ));
+            return Err(all_gone(&links));
         }
         if moved {
-            last_ready = Instant::now();
+            last_moved = Instant::now();
         } else {
-            if last_ready.elapsed() > Duration::from_secs(120) {
+            if last_moved.elapsed() > Duration::from_secs(120) {
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "no progress for 120 s",
@@ -509,15 +887,5 @@ pub fn send(
             wait(&mut poll, &mut events)?;
         }
     }
-    Ok(SendReport {
-        bytes: acked,
-        messages,
-        failed,
-        seconds: started.elapsed().as_secs_f64(),
-        sessions: counts
-            .into_iter()
-            .zip(sha)
-            .map(|(c, s)| (c, hex(&s.finalize())))
-            .collect(),
-    })
+    Ok(sender.report(started.elapsed().as_secs_f64()))
 }

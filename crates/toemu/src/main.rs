@@ -394,7 +394,8 @@ enum MsgCmd {
         /// The file to send ...
         #[arg(long, conflicts_with = "bytes")]
         file: Option<PathBuf>,
-        /// ... or this many bytes of a pattern (K, KiB, M, MiB, G, GiB).
+        /// ... or this many bytes of a pattern, made as it is sent (message m holds
+        /// toemu's generator seeded 1 + m; K, KiB, M, MiB, G, GiB).
         #[arg(long)]
         bytes: Option<String>,
         /// TCP connections in the pipe.
@@ -448,22 +449,20 @@ fn msg(cmd: MsgCmd) -> Result<(), String> {
         } => {
             let security = tls.security()?;
             let data = match (file, bytes) {
-                (Some(f), _) => std::fs::read(&f).map_err(|e| format!("{}: {e}", f.display()))?,
-                (None, Some(b)) => {
-                    let n = parse_size(&b).map_err(|e| format!("--bytes: {e}"))? as usize;
-                    (0..n).map(|i| (i % 251) as u8).collect()
-                }
+                (Some(f), _) => toemu_lab::msg::Payload::Bytes(
+                    std::fs::read(&f).map_err(|e| format!("{}: {e}", f.display()))?,
+                ),
+                (None, Some(b)) => toemu_lab::msg::Payload::Pattern {
+                    len: parse_size(&b).map_err(|e| format!("--bytes: {e}"))?,
+                    seed: 1,
+                },
                 (None, None) => return Err("--file F or --bytes N".into()),
             };
-            let o = toemu_lab::msg::SendOptions {
-                to,
-                principal,
-                connections,
-                sessions,
-                message_bytes: parse_size(&message).map_err(|e| format!("--message: {e}"))?
-                    as usize,
-                data,
-            };
+            let mut o = toemu_lab::msg::SendOptions::new(to, data);
+            o.principal = principal;
+            o.connections = connections;
+            o.sessions = sessions;
+            o.message_bytes = parse_size(&message).map_err(|e| format!("--message: {e}"))? as usize;
             println!(
                 "toemu msg send: {} bytes to {to} over {} connections, {} sessions, {}-byte messages, {}",
                 o.data.len(),
@@ -472,7 +471,7 @@ fn msg(cmd: MsgCmd) -> Result<(), String> {
                 o.message_bytes,
                 security.describe()
             );
-            let pb = indicatif::ProgressBar::new(o.data.len() as u64);
+            let pb = indicatif::ProgressBar::new(o.data.len());
             let r = toemu_lab::msg::send(&o, &security, |n| pb.set_position(n), |l| pb.println(l))
                 .map_err(|e| e.to_string())?;
             pb.finish_and_clear();

@@ -160,8 +160,15 @@ fn two_processes_move_data_over_tls_and_refuse_the_wrong_peers() {
         .collect();
     dirs.sort();
     assert_eq!(dirs.len(), 2);
-    let data: Vec<u8> = (0..8usize << 20).map(|i| (i % 251) as u8).collect();
-    let chunks: Vec<&[u8]> = data.chunks(300 << 10).collect();
+    // `--bytes` sends a pattern: message m holds the generator seeded 1 + m.
+    let total = 8usize << 20;
+    let chunks: Vec<Vec<u8>> = (0..total.div_ceil(300 << 10))
+        .map(|m| {
+            let mut v = vec![0u8; (300usize << 10).min(total - m * (300 << 10))];
+            toemu_lab::datagen::DataGen::new(1 + m as u64).fill(&mut v);
+            v
+        })
+        .collect();
     for (k, dir) in dirs.iter().enumerate() {
         let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
             .unwrap()
@@ -172,7 +179,7 @@ fn two_processes_move_data_over_tls_and_refuse_the_wrong_peers() {
             .iter()
             .skip(k)
             .step_by(2)
-            .flat_map(|c| c.to_vec())
+            .flat_map(|c| c.iter().copied())
             .collect();
         let have: Vec<u8> = names
             .iter()

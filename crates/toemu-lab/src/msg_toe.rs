@@ -1,0 +1,329 @@
+//! The message transport on the emulated TOE: [`MsgServerApp`] (the storage server) and
+//! [`MsgSendApp`] (the sender) are example apps over the host driver, so they run on the
+//! virtual clock over the in-memory wire (with the impairment model, deterministic) or in
+//! real time over TAP. They share their links, server and sender logic with the std-TCP
+//! shells of [`crate::msg`]; only the byte stream differs: a driver connection
+//! ([`ConnIo`], received data accepted in place, sent data copied into host memory).
+
+use std::io;
+use std::net::SocketAddr;
+
+use toe_bus::time::Instant;
+use toe_driver::{ConnState, Driver};
+use toemu_apps::{App, ConnIo, RxMode};
+
+use crate::msg::{
+    all_gone, pass, Link, Security, SendOptions, SendReport, Sender, Server, SessionResult, Sock,
+};
+use toe_msg::PipeConfig;
+
+/// What a driver connection needs to move bytes: the driver and the time.
+pub(crate) struct ToeCx<'a> {
+    d: &'a mut Driver,
+    now: Instant,
+}
+
+/// Bytes handed to the NIC per send, at most.
+const SEND_CHUNK: usize = 64 << 10;
+
+impl Sock<ToeCx<'_>> for ConnIo {
+    fn recv(&mut self, cx: &mut ToeCx<'_>, raw: &mut Vec<u8>) -> io::Result<bool> {
+        ConnIo::recv(self, cx.d, cx.now, |b| {
+            raw.extend_from_slice(b);
+            b.len()
+        })?;
+        Ok(!self.eof(cx.d))
+    }
+
+    fn send(&mut self, cx: &mut ToeCx<'_>, data: &[u8]) -> io::Result<usize> {
+        self.reap(cx.d)?;
+        let take = data.len().min(SEND_CHUNK);
+        if take == 0 || !self.can_send(take) {
+            return Ok(0);
+        }
+        Ok(if self.send_copy(cx.d, &data[..take])? {
+            take
+        } else {
+            0
+        })
+    }
+
+    fn can_take(&self, cx: &ToeCx<'_>) -> bool {
+        matches!(
+            cx.d.state(self.conn),
+            Ok(ConnState::Established | ConnState::PeerClosed)
+        ) && self.outstanding() < self.max_outstanding_bytes
+    }
+}
+
+/// Close the dead links' connections; they are released by [`release_closing`].
+fn retire_dead(links: &mut Vec<Link<ConnIo>>, closing: &mut Vec<ConnIo>, d: &mut Driver) {
+    let mut i = 0;
+    while i < links.len() {
+        if links[i].dead {
+            let mut l = links.swap_remove(i);
+            // A connection the NIC already dropped has nothing to close.
+            let _ = l.sock.close(d);
+            closing.push(l.sock);
+        } else {
+            i += 1;
+        }
+    }
+}
+
+/// Release the closing connections the NIC is done with.
+fn release_closing(closing: &mut Vec<ConnIo>, d: &mut Driver) {
+    closing.retain_mut(|c| !c.try_release(d));
+}
+
+fn micros(t: Instant) -> u64 {
+    t.total_micros().max(0) as u64
+}
+
+/// The storage server (`toemu msg serve`) as an app on an emulated host: it listens on a
+/// port, takes pipes of any number of connections, and accepts the sessions that ask for
+/// its principal (any, in plaintext).
+pub struct MsgServerApp {
+    port: u16,
+    security: Security,
+    server: Server,
+    links: Vec<Link<ConnIo>>,
+    closing: Vec<ConnIo>,
+    listening: bool,
+    /// Seconds since 1970 that certificates are checked against.
+    unix_s: u64,
+    log: Vec<String>,
+}
+
+impl std::fmt::Debug for MsgServerApp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MsgServerApp")
+            .field("port", &self.port)
+            .field("links", &self.links.len())
+            .field("sessions_closed", &self.server.results.len())
+            .finish()
+    }
+}
+
+impl MsgServerApp {
+    /// A server on `port` with `security`, each session's messages hashed (and written
+    /// under `dir` if given), with the limits of `cfg`.
+    pub fn new(
+        port: u16,
+        security: Security,
+        dir: Option<std::path::PathBuf>,
+        cfg: PipeConfig,
+    ) -> Self {
+        MsgServerApp {
+            port,
+            server: Server::new(&security, dir, cfg),
+            security,
+            links: Vec::new(),
+            closing: Vec::new(),
+            listening: false,
+            unix_s: crate::msg::unix_now(),
+            log: Vec::new(),
+        }
+    }
+
+    /// The sessions that closed, in order.
+    pub fn results(&self) -> &[SessionResult] {
+        &self.server.results
+    }
+
+    /// Connections open now.
+    pub fn connections(&self) -> usize {
+        self.links.len()
+    }
+}
+
+impl App for MsgServerApp {
+    fn name(&self) -> &'static str {
+        "msg-serve"
+    }
+
+    fn poll(&mut self, d: &mut Driver, now: Instant) -> io::Result<bool> {
+        if !self.listening {
+            d.listen(self.port, 1024, None)
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            self.listening = true;
+            self.log.push(format!(
+                "toemu msg serve: listening on port {}, {}",
+                self.port,
+                self.security.describe()
+            ));
+        }
+        while let Some(c) = d.accept(self.port) {
+            let label = d
+                .conn_info(c)
+                .ok()
+                .and_then(|i| i.remote)
+                .map_or_else(|| format!("{c:?}"), |r| r.to_string());
+            let tls = self.security.server(self.unix_s)?;
+            self.links
+                .push(Link::accepted(ConnIo::new(c, RxMode::InPlace), label, tls));
+        }
+        let now_us = micros(now);
+        let cfg = self.server.cfg;
+        let log = &mut self.log;
+        let moved = pass(
+            &mut self.links,
+            &mut ToeCx { d, now },
+            &mut self.server.pipes,
+            cfg,
+            now_us,
+            &mut |l| log.push(l),
+        );
+        self.server.handle(now_us, &mut |l| log.push(l))?;
+        retire_dead(&mut self.links, &mut self.closing, d);
+        release_closing(&mut self.closing, d);
+        Ok(moved)
+    }
+
+    fn take_log(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.log)
+    }
+
+    fn poll_at(&self) -> Option<Instant> {
+        self.server
+            .next_deadline()
+            .map(|t| Instant::from_micros(t as i64))
+    }
+}
+
+/// The sender (`toemu msg send`) as an app on an emulated host: one pipe of
+/// `connections` connections to the server; done when every session closed (or on an
+/// error, see [`MsgSendApp::report`]).
+pub struct MsgSendApp {
+    opts: SendOptions,
+    security: Security,
+    sender: Sender,
+    links: Vec<Link<ConnIo>>,
+    closing: Vec<ConnIo>,
+    unix_s: u64,
+    started: Option<Instant>,
+    finished: Option<Instant>,
+    error: Option<String>,
+    log: Vec<String>,
+}
+
+impl std::fmt::Debug for MsgSendApp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MsgSendApp")
+            .field("to", &self.opts.to)
+            .field("links", &self.links.len())
+            .field("error", &self.error)
+            .finish()
+    }
+}
+
+impl MsgSendApp {
+    /// A sender of `opts` with `security`; `pipe_id` names its pipe (a seed, for
+    /// deterministic replays).
+    pub fn new(opts: SendOptions, security: Security, pipe_id: u64) -> Self {
+        MsgSendApp {
+            sender: Sender::new(&opts, pipe_id),
+            opts,
+            security,
+            links: Vec::new(),
+            closing: Vec::new(),
+            unix_s: crate::msg::unix_now(),
+            started: None,
+            finished: None,
+            error: None,
+            log: Vec::new(),
+        }
+    }
+
+    /// What it measured (seconds of the host's clock from the first connection to the
+    /// last session closed); the error if it failed.
+    pub fn report(&self) -> Result<SendReport, String> {
+        if let Some(e) = &self.error {
+            return Err(e.clone());
+        }
+        let (Some(a), Some(b)) = (self.started, self.finished) else {
+            return Err("the sender has not finished".into());
+        };
+        Ok(self.sender.report((b - a).total_micros() as f64 / 1e6))
+    }
+
+    fn run(&mut self, d: &mut Driver, now: Instant) -> io::Result<bool> {
+        let SocketAddr::V4(to) = self.opts.to else {
+            return Err(io::Error::other("the emulated host speaks IPv4 only"));
+        };
+        if self.started.is_none() {
+            self.started = Some(now);
+            for _ in 0..self.opts.connections.max(1) {
+                let c = d
+                    .connect(to, 0, None)
+                    .map_err(|e| io::Error::other(e.to_string()))?;
+                let tls = self.security.client(&self.opts.principal, self.unix_s)?;
+                self.links.push(Link::opened(
+                    ConnIo::new(c, RxMode::InPlace),
+                    to.to_string(),
+                    tls,
+                    self.sender.pipe_id,
+                ));
+            }
+        }
+        let now_us = micros(now);
+        self.sender.feed(now_us)?;
+        let cfg = self.sender.cfg;
+        let log = &mut self.log;
+        let moved = pass(
+            &mut self.links,
+            &mut ToeCx { d, now },
+            &mut self.sender.pipes,
+            cfg,
+            now_us,
+            &mut |l| log.push(l),
+        );
+        self.sender.handle(&mut |_| {}, &mut |l| log.push(l))?;
+        if self.sender.done() {
+            for l in &mut self.links {
+                l.dead = true;
+            }
+            self.finished = Some(now);
+        } else if self.links.iter().all(|l| l.dead) {
+            return Err(all_gone(&self.links));
+        }
+        retire_dead(&mut self.links, &mut self.closing, d);
+        release_closing(&mut self.closing, d);
+        Ok(moved)
+    }
+}
+
+impl App for MsgSendApp {
+    fn name(&self) -> &'static str {
+        "msg-send"
+    }
+
+    fn poll(&mut self, d: &mut Driver, now: Instant) -> io::Result<bool> {
+        if self.done() {
+            release_closing(&mut self.closing, d);
+            return Ok(false);
+        }
+        match self.run(d, now) {
+            Ok(m) => Ok(m),
+            Err(e) => {
+                self.log.push(format!("toemu msg send: {e}"));
+                self.error = Some(e.to_string());
+                Ok(true)
+            }
+        }
+    }
+
+    fn take_log(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.log)
+    }
+
+    fn done(&self) -> bool {
+        self.finished.is_some() || self.error.is_some()
+    }
+
+    fn poll_at(&self) -> Option<Instant> {
+        self.sender
+            .next_deadline()
+            .map(|t| Instant::from_micros(t as i64))
+    }
+}

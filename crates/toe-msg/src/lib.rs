@@ -1,17 +1,20 @@
 //! toemu's message-based bulk transport (seeds 002 and 003), pure layers: the frame wire
-//! format ([`frame`]), the session machine ([`session`]) and the pipe that multiplexes
-//! sessions over many connections ([`pipe`]). TLS, the shells on the emulated TOE and std
+//! format ([`frame`]), the session machine ([`session`]) the pipe that multiplexes
+//! sessions over many connections ([`pipe`]) and pacing from a delivery-rate estimate
+//! ([`pace`]). TLS, the shells on the emulated TOE and std
 //! TCP, and bulk transfer build on these.
 //!
 //! Nothing here owns a socket, a thread or a clock: bytes and frames go in and out through
 //! calls, and time (µs of the caller's clock, virtual or real) is an argument.
 
 pub mod frame;
+pub mod pace;
 pub mod pipe;
 pub mod session;
 pub mod tls;
 
 pub use frame::{decode, Frame, FrameError, RefuseReason, Window};
+pub use pace::{DeliveryRate, Pacer, Pacing, PacingConfig, Phase};
 pub use pipe::{hello, parse_hello, ConnId, Pipe, PipeConfig, PipeEvent, HELLO_LEN};
 pub use session::{Config, Event, MsgId, SendError, Session, SessionError, State};
 pub use tls::{Identity, TestCa, Tls, TlsError};

@@ -16,6 +16,7 @@
 pub mod bare;
 pub mod bare_tap;
 pub mod bench;
+pub mod bulk_bench;
 pub mod cluster;
 pub mod cluster_bench;
 pub mod demo;

@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 use mio::net::{TcpListener, TcpStream};
 use sha2::{Digest, Sha256};
 use toe_msg::{
-    hello, parse_hello, Event, Identity, Pipe, PipeConfig, PipeEvent, RefuseReason, Tls, HELLO_LEN,
+    hello, parse_hello, Event, Identity, Pacing, PacingConfig, Pipe, PipeConfig, PipeEvent,
+    RefuseReason, Tls, HELLO_LEN,
 };
 use toemu_apps::datagen::DataGen;
 
@@ -232,17 +233,28 @@ impl<S> Link<S> {
     }
 }
 
+/// What one [`pass`] did.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Passed {
+    /// Anything moved.
+    pub(crate) moved: bool,
+    /// A connection with room waited for the pacer: when it lets bytes go again, µs.
+    pub(crate) paced_until: Option<u64>,
+}
+
 /// One pass over `links`: bytes in go to their pipes, frames out go to the connections
-/// with room. Returns whether anything moved; log lines go to `log`.
+/// with room, as much as `pacing` (if any) lets go now. Log lines go to `log`.
 pub(crate) fn pass<C: ?Sized, S: Sock<C>>(
     links: &mut [Link<S>],
     cx: &mut C,
     pipes: &mut HashMap<u64, Pipe>,
     cfg: PipeConfig,
     now_us: u64,
+    mut pacing: Option<&mut Pacing>,
     log: &mut impl FnMut(String),
-) -> bool {
+) -> Passed {
     let mut moved = false;
+    let mut paced_until = None;
     for l in links.iter_mut().filter(|l| !l.dead) {
         let plain = match l.read(cx) {
             Ok(p) => p,
@@ -288,8 +300,21 @@ pub(crate) fn pass<C: ?Sized, S: Sock<C>>(
         }
         let mut frames = Vec::new();
         if let (Some((id, c)), true, true) = (l.joined, l.has_room(), l.sock.can_take(cx)) {
-            if let Some(p) = pipes.get_mut(&id) {
-                p.fill(c, &mut frames, 64 << 10, now_us);
+            let room = pacing
+                .as_deref_mut()
+                .map_or(FILL_BYTES, |p| p.allowance(now_us).min(FILL_BYTES));
+            match pipes.get_mut(&id) {
+                Some(p) if room > 0 => {
+                    let n = p.fill(c, &mut frames, room, now_us);
+                    if let Some(p) = pacing.as_deref_mut() {
+                        p.consume(n);
+                    }
+                }
+                Some(_) => {
+                    let at = pacing.as_deref().map_or(now_us, |p| p.ready_at(now_us, 1));
+                    paced_until = Some(paced_until.map_or(at, |t: u64| t.min(at)));
+                }
+                None => {}
             }
         }
         moved |= !frames.is_empty();
@@ -309,8 +334,11 @@ pub(crate) fn pass<C: ?Sized, S: Sock<C>>(
     for p in pipes.values_mut() {
         p.on_time(now_us);
     }
-    moved
+    Passed { moved, paced_until }
 }
+
+/// Bytes of frames a connection takes per pass, at most.
+const FILL_BYTES: usize = 64 << 10;
 
 /// What the server received in one session.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -480,8 +508,10 @@ pub fn serve(
             &mut server.pipes,
             cfg,
             now_us,
+            None,
             &mut log,
-        );
+        )
+        .moved;
         links.retain(|l| !l.dead);
         server.handle(now_us, &mut log)?;
         if !moved {
@@ -554,6 +584,9 @@ pub struct SendOptions {
     pub message_max_bytes: Option<usize>,
     /// The pipe's and its sessions' limits (queues, frames, timeouts).
     pub pipe: PipeConfig,
+    /// Pace what goes to the connections from the delivery-rate estimate (`None`: as
+    /// fast as they take it).
+    pub pacing: Option<PacingConfig>,
 }
 
 impl SendOptions {
@@ -568,6 +601,7 @@ impl SendOptions {
             message_bytes: 1 << 20,
             message_max_bytes: None,
             pipe: PipeConfig::default(),
+            pacing: None,
         }
     }
 
@@ -650,6 +684,10 @@ pub(crate) struct Sender {
     stalls: u64,
     resumes: u64,
     inflight: HashMap<(u32, u64), usize>,
+    /// Pacing from the delivery-rate estimate, if asked for.
+    pub(crate) pacing: Option<Pacing>,
+    /// (µs, bytes acknowledged by then), one point per acknowledgement.
+    pub(crate) progress: Vec<(u64, u64)>,
 }
 
 impl Sender {
@@ -679,6 +717,8 @@ impl Sender {
             stalls: 0,
             resumes: 0,
             inflight: HashMap::new(),
+            pacing: o.pacing.map(Pacing::new),
+            progress: Vec::new(),
         }
     }
 
@@ -755,6 +795,7 @@ impl Sender {
     /// Take the pipe's events; `progress(acked_bytes)` as acknowledgements come.
     pub(crate) fn handle(
         &mut self,
+        now_us: u64,
         progress: &mut impl FnMut(u64),
         log: &mut impl FnMut(String),
     ) -> io::Result<()> {
@@ -769,9 +810,16 @@ impl Sender {
             let k = self.ids.iter().position(|&i| i == id).unwrap_or(0);
             match event {
                 Event::Created => self.ready[k] = true,
-                Event::Acked { id: m, .. } => {
+                Event::Acked {
+                    id: m, latency_us, ..
+                } => {
                     self.messages += 1;
-                    self.acked += self.inflight.remove(&(id, m.0)).unwrap_or(0) as u64;
+                    let len = self.inflight.remove(&(id, m.0)).unwrap_or(0) as u64;
+                    self.acked += len;
+                    if let Some(p) = &mut self.pacing {
+                        p.on_ack(now_us, len, latency_us);
+                    }
+                    self.progress.push((now_us, self.acked));
                     progress(self.acked);
                 }
                 Event::Failed { .. } => self.failed += 1,
@@ -869,9 +917,11 @@ pub fn send(
             &mut sender.pipes,
             cfg,
             now_us,
+            None,
             &mut log,
-        );
-        sender.handle(&mut progress, &mut log)?;
+        )
+        .moved;
+        sender.handle(now_us, &mut progress, &mut log)?;
         if links.iter().all(|l| l.dead) {
             return Err(all_gone(&links));
         }

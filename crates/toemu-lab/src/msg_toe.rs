@@ -28,6 +28,8 @@ const SEND_CHUNK: usize = 64 << 10;
 
 impl Sock<ToeCx<'_>> for ConnIo {
     fn recv(&mut self, cx: &mut ToeCx<'_>, raw: &mut Vec<u8>) -> io::Result<bool> {
+        // Every pass: the send buffers the NIC is done with free room for more.
+        self.reap(cx.d)?;
         ConnIo::recv(self, cx.d, cx.now, |b| {
             raw.extend_from_slice(b);
             b.len()
@@ -36,7 +38,6 @@ impl Sock<ToeCx<'_>> for ConnIo {
     }
 
     fn send(&mut self, cx: &mut ToeCx<'_>, data: &[u8]) -> io::Result<usize> {
-        self.reap(cx.d)?;
         let take = data.len().min(SEND_CHUNK);
         if take == 0 || !self.can_send(take) {
             return Ok(0);
@@ -172,8 +173,10 @@ impl App for MsgServerApp {
             &mut self.server.pipes,
             cfg,
             now_us,
+            None,
             &mut |l| log.push(l),
-        );
+        )
+        .moved;
         self.server.handle(now_us, &mut |l| log.push(l))?;
         retire_dead(&mut self.links, &mut self.closing, d);
         release_closing(&mut self.closing, d);
@@ -204,6 +207,10 @@ pub struct MsgSendApp {
     started: Option<Instant>,
     finished: Option<Instant>,
     error: Option<String>,
+    /// The pacer held a connection back until then, µs.
+    paced_until: Option<u64>,
+    /// Bytes a connection holds unacknowledged before it takes no more frames.
+    conn_send_bytes: usize,
     log: Vec<String>,
 }
 
@@ -231,8 +238,25 @@ impl MsgSendApp {
             started: None,
             finished: None,
             error: None,
+            paced_until: None,
+            conn_send_bytes: 4 << 20,
             log: Vec::new(),
         }
+    }
+
+    /// A connection takes no more frames while it holds `bytes` that TCP has not
+    /// acknowledged (default 4 MiB): about its socket's send buffer, so that a connection
+    /// slowed by a loss holds up only what it can carry, and the dispatcher gives the next
+    /// frames to the others.
+    pub fn with_conn_send_bytes(mut self, bytes: usize) -> Self {
+        self.conn_send_bytes = bytes.max(1);
+        self
+    }
+
+    /// (µs of the host's clock, bytes acknowledged by then), one point per
+    /// acknowledgement: goodput over time.
+    pub fn progress(&self) -> &[(u64, u64)] {
+        &self.sender.progress
     }
 
     /// What it measured (seconds of the host's clock from the first connection to the
@@ -258,27 +282,29 @@ impl MsgSendApp {
                     .connect(to, 0, None)
                     .map_err(|e| io::Error::other(e.to_string()))?;
                 let tls = self.security.client(&self.opts.principal, self.unix_s)?;
-                self.links.push(Link::opened(
-                    ConnIo::new(c, RxMode::InPlace),
-                    to.to_string(),
-                    tls,
-                    self.sender.pipe_id,
-                ));
+                let mut io = ConnIo::new(c, RxMode::InPlace);
+                io.max_outstanding_bytes = self.conn_send_bytes;
+                self.links
+                    .push(Link::opened(io, to.to_string(), tls, self.sender.pipe_id));
             }
         }
         let now_us = micros(now);
         self.sender.feed(now_us)?;
         let cfg = self.sender.cfg;
         let log = &mut self.log;
-        let moved = pass(
+        let passed = pass(
             &mut self.links,
             &mut ToeCx { d, now },
             &mut self.sender.pipes,
             cfg,
             now_us,
+            self.sender.pacing.as_mut(),
             &mut |l| log.push(l),
         );
-        self.sender.handle(&mut |_| {}, &mut |l| log.push(l))?;
+        self.paced_until = passed.paced_until;
+        let moved = passed.moved;
+        self.sender
+            .handle(now_us, &mut |_| {}, &mut |l| log.push(l))?;
         if self.sender.done() {
             for l in &mut self.links {
                 l.dead = true;
@@ -322,8 +348,10 @@ impl App for MsgSendApp {
     }
 
     fn poll_at(&self) -> Option<Instant> {
-        self.sender
-            .next_deadline()
+        [self.sender.next_deadline(), self.paced_until]
+            .into_iter()
+            .flatten()
+            .min()
             .map(|t| Instant::from_micros(t as i64))
     }
 }

@@ -63,7 +63,7 @@ impl WanLink {
     /// The impairment of the direction with `bytes_per_s`, seeded `seed`: rate, half the
     /// RTT, loss, and a bottleneck queue of two bandwidth-delay products (100 ms of the
     /// link's rate at 50 ms RTT; at least 64 KiB).
-    fn direction(&self, bytes_per_s: f64, seed: u64) -> ImpairConfig {
+    pub(crate) fn direction(&self, bytes_per_s: f64, seed: u64) -> ImpairConfig {
         let bdp = (2.0 * bytes_per_s * self.rtt_ms / 1e3) as usize;
         ImpairConfig {
             delay: Duration::from_micros((self.rtt_ms * 500.0) as u64),

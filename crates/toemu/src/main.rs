@@ -29,8 +29,9 @@ struct Cli {
     cmd: Cmd,
 }
 
-/// `toemu iscsi target` and `perf` on an emulated TOE host on a TAP device instead of std
-/// TCP: `--tap NAME --ip ADDR/PREFIX`, with the TAP port's impairment options.
+/// `toemu iscsi target`, `iscsi perf` and `msg serve` on an emulated TOE host on a TAP
+/// device instead of std TCP: `--tap NAME --ip ADDR/PREFIX`, with the TAP port's
+/// impairment options.
 #[derive(clap::Args, Debug)]
 struct IscsiTap {
     /// On an emulated TOE host on this TAP device instead of std TCP (with --ip).
@@ -281,6 +282,34 @@ enum Cmd {
         #[command(subcommand)]
         cmd: MsgCmd,
     },
+    /// The message transport's bulk transfer over an emulated WAN on the virtual clock
+    /// (1 Gbit/s, 50 ms RTT, 0.01% loss, CUBIC): one stream, paced and unpaced bulk over
+    /// many connections, pipes of 10 and 1,000 connections; a table, JSON and an SVG of
+    /// goodput over time.
+    BulkBench {
+        /// Write the figures as JSON to this path.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Write the chart of goodput over time (SVG) to this path.
+        #[arg(long)]
+        svg: Option<PathBuf>,
+        /// Bytes per run (K, KiB, M, MiB, G, GiB).
+        #[arg(long, default_value = "1GiB")]
+        bytes: String,
+        /// Connections of the bulk modes.
+        #[arg(long, default_value_t = 32)]
+        connections: usize,
+        /// Modes to run, comma-separated (default: all): one-stream, bulk,
+        /// bulk-unpaced, pipe-10, pipe-1000.
+        #[arg(long, value_delimiter = ',')]
+        modes: Vec<toemu_lab::bulk_bench::BulkMode>,
+        /// Frame loss probability of each direction (default 0.0001).
+        #[arg(long, value_parser = toe_host::wire_opts::parse_probability)]
+        loss: Option<f64>,
+        /// The bottleneck queue, in bandwidth-delay products (default 0.5).
+        #[arg(long)]
+        queue_bdp: Option<f64>,
+    },
     /// Two emulated hosts on the in-memory wire: bulk transfer with a SHA-256 check and
     /// 64-byte request/response per receive mode, plus the bare-smoltcp baseline; figures in
     /// modeled time (the cost model; the wire at 25 Gbit/s unless --rate-mbit) first, the
@@ -371,13 +400,19 @@ impl MsgTls {
 
 #[derive(Subcommand, Debug)]
 enum MsgCmd {
-    /// The storage server: accepts pipes on --listen, writes each session's messages to
-    /// --dir (or only hashes them) and prints per session its messages, bytes and SHA-256;
-    /// runs until SIGINT or SIGTERM.
+    /// The storage server: accepts pipes on --listen (std TCP) or on an emulated TOE host
+    /// on a TAP device (--tap NAME --ip ADDR/PREFIX, port from --port), writes each
+    /// session's messages to --dir (or only hashes them) and prints per session its
+    /// messages, bytes and SHA-256; runs until SIGINT or SIGTERM.
     Serve {
-        /// ADDR:PORT to listen on.
-        #[arg(long)]
-        listen: std::net::SocketAddr,
+        /// ADDR:PORT to listen on (std TCP).
+        #[arg(long, conflicts_with = "tap", required_unless_present = "tap")]
+        listen: Option<std::net::SocketAddr>,
+        /// The port to listen on with --tap.
+        #[arg(long, default_value_t = 7000, requires = "tap")]
+        port: u16,
+        #[command(flatten)]
+        on: IscsiTap,
         /// Write received messages under this directory (DIR/PIPE-SESSION/NNNNNN).
         #[arg(long)]
         dir: Option<PathBuf>,
@@ -425,11 +460,29 @@ enum MsgCmd {
     },
 }
 
-fn msg(cmd: MsgCmd) -> Result<(), String> {
+fn msg(cmd: MsgCmd, settings: &Settings) -> Result<(), String> {
     use std::io::Write as _;
     match cmd {
-        MsgCmd::Serve { listen, dir, tls } => {
+        MsgCmd::Serve {
+            listen,
+            port,
+            on,
+            dir,
+            tls,
+        } => {
             let security = tls.security()?;
+            let Some(listen) = listen else {
+                let tap = on
+                    .tap_args()
+                    .ok_or("--listen ADDR:PORT or --tap NAME --ip A/P")?;
+                let mut app = toemu_lab::msg_toe::MsgServerApp::new(
+                    port,
+                    security,
+                    dir,
+                    toe_msg::PipeConfig::default(),
+                );
+                return run_on_tap(settings, &tap, &mut app);
+            };
             let mut out = std::io::stdout();
             toemu_lab::msg::serve(listen, dir, security, stop_flag(), |line| {
                 let _ = writeln!(out, "{line}");
@@ -1255,7 +1308,55 @@ fn run(cli: Cli) -> Result<(), String> {
     let settings = settings(&cli)?;
     match cli.cmd {
         Cmd::Iscsi { cmd } => iscsi(cmd, &settings, cli.config.as_deref()),
-        Cmd::Msg { cmd } => msg(cmd),
+        Cmd::Msg { cmd } => msg(cmd, &settings),
+        Cmd::BulkBench {
+            json,
+            svg,
+            bytes,
+            connections,
+            modes,
+            loss,
+            queue_bdp,
+        } => {
+            use toemu_lab::bulk_bench as bb;
+            let mut o = bb::BulkOptions {
+                bytes: parse_size(&bytes).map_err(|e| format!("--bytes: {e}"))?,
+                connections,
+                ..bb::BulkOptions::default()
+            };
+            if !modes.is_empty() {
+                o.modes = modes;
+            }
+            if let Some(l) = loss {
+                o.link.loss = l;
+            }
+            if let Some(q) = queue_bdp {
+                o.link.queue_bytes = (q * o.link.bdp_bytes() as f64) as usize;
+            }
+            let report = bb::bulk_bench(&o, |r| {
+                eprintln!(
+                    "  {}: {:.1} MB/s over {} connections, {} bottleneck drops ({:.1} s wall)",
+                    r.mode.name(),
+                    r.goodput_bytes_per_s / 1e6,
+                    r.connections,
+                    r.bottleneck_drops,
+                    r.wall_seconds
+                )
+            })
+            .map_err(|e| e.to_string())?;
+            print!("{}", bb::bulk_table(&report));
+            if let Some(path) = json {
+                write_json(&path, &report)?;
+            }
+            if let Some(path) = svg {
+                bb::bulk_chart(&report, &path).map_err(|e| format!("{}: {e}", path.display()))?;
+            }
+            let bad = report.runs.iter().filter(|r| !r.integrity_ok).count();
+            if bad > 0 {
+                return Err(format!("{bad} run(s) failed their integrity check"));
+            }
+            Ok(())
+        }
         Cmd::Serve {
             tap,
             app,

@@ -353,3 +353,74 @@ fn our_initiator_on_an_emulated_toe_host_writes_and_reads_back_on_tgt() {
         }
     }
 }
+
+/// The SHA-256 values of the lines of `text` that contain `marker`, sorted.
+fn sha256_of(text: &str, marker: &str) -> Vec<String> {
+    let mut v: Vec<String> = text
+        .lines()
+        .filter(|l| l.contains(marker))
+        .filter_map(|l| l.split("sha256 ").nth(1))
+        .map(|h| h.trim().to_string())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn the_message_server_on_an_emulated_toe_host_takes_a_linux_senders_pipe_over_tls() {
+    // The storage server of the message transport on an emulated TOE host; toemu's sender
+    // on Linux TCP in the namespace, with mutual TLS.
+    let mut lab = Lab::new("msg");
+    let certs = lab.dir.join("certs");
+    let c = certs.display().to_string();
+    let (ok, out) = lab.run(
+        TOEMU,
+        &["msg", "certs", "--dir", &c, "--names", "store,backup"],
+    );
+    assert!(ok, "{out}");
+    let tls = |who: &str| {
+        [
+            "--tls".to_string(),
+            "--cert".into(),
+            format!("{c}/{who}.pem"),
+            "--key".into(),
+            format!("{c}/{who}.key"),
+            "--ca".into(),
+            format!("{c}/ca.pem"),
+        ]
+    };
+    let server_tls = tls("store");
+    let mut more: Vec<&str> = vec!["--port", "7000"];
+    more.extend(server_tls.iter().map(String::as_str));
+    lab.spawn(&["msg", "serve"], &more, 7000);
+    let client_tls = tls("backup");
+    let mut args: Vec<&str> = vec![
+        "msg",
+        "send",
+        "--to",
+        "10.98.0.2:7000",
+        "--bytes",
+        "24MiB",
+        "--connections",
+        "8",
+        "--sessions",
+        "3",
+        "--message",
+        "1MiB",
+    ];
+    args.extend(client_tls.iter().map(String::as_str));
+    let (ok, sent) = lab.run(TOEMU, &args);
+    assert!(ok, "{sent}\nserver: {}", lab.log());
+    assert!(sent.contains("TLS 1.3"), "{sent}");
+    let want = sha256_of(&sent, "toemu msg send: session");
+    assert_eq!(want.len(), 3, "{sent}");
+    let t0 = Instant::now();
+    while sha256_of(&lab.log(), "closed:").len() < 3 {
+        lab.alive();
+        assert!(t0.elapsed() < Duration::from_secs(20), "{}", lab.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(sha256_of(&lab.log(), "closed:"), want, "{}", lab.log());
+    let (status, took) = lab.stop(Duration::from_secs(10));
+    assert!(status.success(), "{status} after {took:?}: {}", lab.log());
+}

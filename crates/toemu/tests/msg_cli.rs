@@ -224,3 +224,56 @@ fn two_processes_move_data_over_tls_and_refuse_the_wrong_peers() {
     assert!(ok && out.contains("PLAINTEXT"), "{out}");
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+#[test]
+fn bulk_bench_writes_its_json_and_chart() {
+    let d = std::env::temp_dir().join(format!("toemu-bulk-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    let (json, svg) = (d.join("bulk.json"), d.join("bulk.svg"));
+    let (ok, out) = toemu(&[
+        "bulk-bench",
+        "--bytes",
+        "4MiB",
+        "--modes",
+        "one-stream,bulk,bulk-unpaced",
+        "--json",
+        json.to_str().unwrap(),
+        "--svg",
+        svg.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    assert!(out.contains("paced against unpaced"), "{out}");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(v["link"]["bytes_per_s"], 125e6, "{v}");
+    assert_eq!(v["link"]["rtt_ms"], 50.0, "{v}");
+    assert_eq!(v["link"]["loss"], 1e-4, "{v}");
+    let runs = v["runs"].as_array().unwrap();
+    let modes: Vec<(&str, u64)> = runs
+        .iter()
+        .map(|r| {
+            (
+                r["mode"].as_str().unwrap(),
+                r["connections"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        modes,
+        [("one-stream", 1), ("bulk", 32), ("bulk-unpaced", 32)]
+    );
+    for r in runs {
+        assert_eq!(r["integrity_ok"], true, "{r}");
+        assert!(r["goodput_bytes_per_s"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["bottleneck_drops"].is_u64(), "{r}");
+        assert!(
+            !r["goodput_over_time"].as_array().unwrap().is_empty(),
+            "{r}"
+        );
+    }
+    let chart = std::fs::read_to_string(&svg).unwrap();
+    assert!(
+        chart.contains("<svg") && chart.contains("bulk-unpaced"),
+        "{chart:.200}"
+    );
+    std::fs::remove_dir_all(&d).unwrap();
+}

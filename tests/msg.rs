@@ -6,7 +6,8 @@
 use toe_host::config::Settings;
 use toe_msg::{Config, PipeConfig};
 use toe_nic::impair::{ImpairConfig, Impaired};
-use toemu_lab::msg::{Payload, Security, SendOptions, SendReport, SessionResult};
+use toemu_apps::App;
+use toemu_lab::msg::{Blame, Payload, Security, SendOptions, SendReport, SessionResult};
 use toemu_lab::msg_toe::{MsgSendApp, MsgServerApp};
 use toemu_lab::serve::run_apps_sim;
 
@@ -18,8 +19,19 @@ fn run(
     server_cfg: PipeConfig,
     impair: Option<ImpairConfig>,
 ) -> (SendReport, Vec<SessionResult>) {
+    let server = MsgServerApp::new(o.to.port(), Security::Plain, None, server_cfg);
+    run_with(o, server, impair)
+}
+
+/// [`run`] against `server`, on the wire `impair` (both directions).
+fn run_with(
+    o: SendOptions,
+    mut server: MsgServerApp,
+    impair: Option<ImpairConfig>,
+) -> (SendReport, Vec<SessionResult>) {
     let mut s = Settings::default();
     s.socket_buf_bytes = 4 << 20;
+    s.congestion = toe_nic::Congestion::Cubic;
     let (pa, pb) = toe_nic::wire(4096);
     let sim = match impair {
         Some(i) => {
@@ -29,12 +41,20 @@ fn run(
         }
         None => toe_host::pair::hosts(&s, &s, 5, Box::new(pa), Box::new(pb)).unwrap(),
     };
-    let mut server = MsgServerApp::new(o.to.port(), Security::Plain, None, server_cfg);
     let mut sender = MsgSendApp::new(o, Security::Plain, 0x5eed);
     let log = run_apps_sim(&sim, &mut sender, &mut server, 200_000_000).unwrap();
     let report = sender
         .report()
         .unwrap_or_else(|e| panic!("sender: {e}; log: {log:?}"));
+    // A slow receiving application may still be taking what was acknowledged.
+    for _ in 0..10_000_000 {
+        if server.results().len() >= report.sessions.len() {
+            break;
+        }
+        sim.step_or_idle_bounded(server.poll_at()).unwrap();
+        server.poll(&mut sim.driver(1).lock(), sim.now()).unwrap();
+    }
+    assert_eq!(report.failed, 0, "{report:?}");
     let mut got: Vec<(u64, String)> = server
         .results()
         .iter()
@@ -147,4 +167,43 @@ fn the_impairment_matrix_loses_duplicates_and_corrupts_no_message() {
         assert_eq!(got.iter().map(|s| s.bytes).sum::<u64>(), 12 << 20, "{name}");
         eprintln!("{name}: {} messages in {:.3} s", r.messages, r.seconds);
     }
+}
+
+#[test]
+fn the_latency_summary_tells_a_slow_receiving_application_from_a_slow_network() {
+    // The same transfer twice: a receiving application that takes 10 MB/s on a fast
+    // wire, then a fast application behind a 40 Mbit/s, 40 ms path.
+    let o = || {
+        let mut o = opts(24 << 20, 4, 2);
+        o.message_bytes = 512 << 10;
+        o
+    };
+    let slow_app =
+        MsgServerApp::new(7000, Security::Plain, None, PipeConfig::default()).with_app_rate(10e6);
+    let fast_wire = ImpairConfig {
+        delay: toe_bus::time::Duration::from_micros(500),
+        ..ImpairConfig::default()
+    };
+    let (r, _) = run_with(o(), slow_app, Some(fast_wire));
+    let a = &r.latency;
+    eprintln!("slow application: {}", a.describe());
+    assert_eq!(a.blame, Blame::ReceiverApplication, "{a:?}");
+    // Deliveries reported after the session closed are not in the log.
+    assert!(a.messages >= 24, "{a:?}");
+    // 4 MiB of input queue per session drained at 10 MB/s: messages wait ~ 100s of ms.
+    assert!(a.receiver_app_us.p50 > 100_000.0, "{a:?}");
+
+    let fast_app = MsgServerApp::new(7000, Security::Plain, None, PipeConfig::default());
+    let slow_wire = ImpairConfig {
+        delay: toe_bus::time::Duration::from_millis(20),
+        rate_bits_per_s: Some(40_000_000),
+        queue_bytes: 256 << 10,
+        ..ImpairConfig::default()
+    };
+    let (r, _) = run_with(o(), fast_app, Some(slow_wire));
+    let n = &r.latency;
+    eprintln!("slow network: {}", n.describe());
+    assert_eq!(n.blame, Blame::Network, "{n:?}");
+    assert!(n.receiver_app_us.p50 < 1000.0, "{n:?}");
+    assert!(n.network_us.p50 > 100_000.0, "{n:?}");
 }

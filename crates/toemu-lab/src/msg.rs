@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use mio::net::{TcpListener, TcpStream};
 use sha2::{Digest, Sha256};
 use toe_msg::{
-    hello, parse_hello, Event, Identity, Pacing, PacingConfig, Pipe, PipeConfig, PipeEvent,
+    hello, parse_hello, Event, Identity, Pacer, Pacing, PacingConfig, Pipe, PipeConfig, PipeEvent,
     RefuseReason, Tls, HELLO_LEN,
 };
 use toemu_apps::datagen::DataGen;
@@ -375,6 +375,12 @@ pub(crate) struct Server {
     got: HashMap<(u64, u32), Received>,
     /// Sessions closed, in order.
     pub(crate) results: Vec<SessionResult>,
+    /// Messages waiting for the application, in arrival order: (pipe, session).
+    waiting: std::collections::VecDeque<(u64, u32)>,
+    /// Sessions that closed, reported once the application took all their messages.
+    closed: Vec<(u64, u32)>,
+    /// A slow application: it takes messages at this rate (`None`: at once).
+    app_rate: Option<Pacer>,
 }
 
 impl Server {
@@ -386,12 +392,92 @@ impl Server {
             pipes: HashMap::new(),
             got: HashMap::new(),
             results: Vec::new(),
+            waiting: std::collections::VecDeque::new(),
+            closed: Vec::new(),
+            app_rate: None,
         }
+    }
+
+    /// A slow application: it takes messages at `bytes_per_s` (a message's bytes wait in
+    /// the input queue until the rate lets it through), for tests and demos of the
+    /// latency diagnosis.
+    pub(crate) fn with_app_rate(mut self, bytes_per_s: f64) -> Server {
+        self.app_rate = Some(Pacer::new(bytes_per_s, 64 << 10));
+        self
+    }
+
+    /// When a slow application takes its next message, µs (`None`: nothing waits).
+    pub(crate) fn app_ready_at(&self, now_us: u64) -> Option<u64> {
+        let p = self.app_rate.as_ref()?;
+        (!self.waiting.is_empty()).then(|| p.ready_at(now_us, 1).max(now_us + 1))
+    }
+
+    /// The application takes the messages waiting (as many as its rate lets).
+    fn take(&mut self, now_us: u64) -> io::Result<()> {
+        while let Some(&(pid, id)) = self.waiting.front() {
+            if let Some(p) = &mut self.app_rate {
+                if p.allowance(now_us) == 0 {
+                    break;
+                }
+            }
+            self.waiting.pop_front();
+            let Some((_, data)) = self
+                .pipes
+                .get_mut(&pid)
+                .and_then(|p| p.session(id))
+                .and_then(|s| s.recv(now_us))
+            else {
+                continue;
+            };
+            if let Some(p) = &mut self.app_rate {
+                p.consume(data.len());
+            }
+            let r = self.got.entry((pid, id)).or_default();
+            r.messages += 1;
+            r.bytes += data.len() as u64;
+            r.sha.update(&data);
+            if let Some(d) = &self.dir {
+                let d = d.join(format!("{pid:016x}-{id}"));
+                std::fs::create_dir_all(&d)?;
+                std::fs::write(d.join(format!("{:06}", r.messages)), &data)?;
+            }
+        }
+        Ok(())
     }
 
     /// Answer the pipes' events at `now_us`: accept or refuse sessions, take messages,
     /// report closed sessions to `log`.
     pub(crate) fn handle(&mut self, now_us: u64, log: &mut impl FnMut(String)) -> io::Result<()> {
+        self.events(log)?;
+        self.take(now_us)?;
+        self.report_closed(log);
+        Ok(())
+    }
+
+    /// Report the closed sessions whose messages the application has all taken.
+    fn report_closed(&mut self, log: &mut impl FnMut(String)) {
+        let waiting = &self.waiting;
+        let (done, open): (Vec<_>, Vec<_>) =
+            self.closed.drain(..).partition(|k| !waiting.contains(k));
+        self.closed = open;
+        for (pid, id) in done {
+            let r = self.got.remove(&(pid, id)).unwrap_or_default();
+            let res = SessionResult {
+                pipe: pid,
+                session: id,
+                messages: r.messages,
+                bytes: r.bytes,
+                sha256: hex(&r.sha.finalize()),
+            };
+            log(format!(
+                "toemu msg serve: session {pid:016x}/{id} closed: {} messages, {} bytes, sha256 {}",
+                res.messages, res.bytes, res.sha256
+            ));
+            self.results.push(res);
+        }
+    }
+
+    fn events(&mut self, log: &mut impl FnMut(String)) -> io::Result<()> {
         for (&pid, p) in self.pipes.iter_mut() {
             while let Some(e) = p.poll_event() {
                 match e {
@@ -410,39 +496,11 @@ impl Server {
                     PipeEvent::Session {
                         id,
                         event: Event::Received { .. },
-                    } => {
-                        let Some((_, data)) = p.session(id).and_then(|s| s.recv(now_us)) else {
-                            continue;
-                        };
-                        let r = self.got.entry((pid, id)).or_default();
-                        r.messages += 1;
-                        r.bytes += data.len() as u64;
-                        r.sha.update(&data);
-                        if let Some(d) = &self.dir {
-                            let d = d.join(format!("{pid:016x}-{id}"));
-                            std::fs::create_dir_all(&d)?;
-                            std::fs::write(d.join(format!("{:06}", r.messages)), &data)?;
-                        }
-                    }
+                    } => self.waiting.push_back((pid, id)),
                     PipeEvent::Session {
                         id,
                         event: Event::Closed,
-                    } => {
-                        if let Some(r) = self.got.remove(&(pid, id)) {
-                            let res = SessionResult {
-                                pipe: pid,
-                                session: id,
-                                messages: r.messages,
-                                bytes: r.bytes,
-                                sha256: hex(&r.sha.finalize()),
-                            };
-                            log(format!(
-                                "toemu msg serve: session {pid:016x}/{id} closed: {} messages, {} bytes, sha256 {}",
-                                res.messages, res.bytes, res.sha256
-                            ));
-                            self.results.push(res);
-                        }
-                    }
+                    } => self.closed.push((pid, id)),
                     PipeEvent::Session {
                         id,
                         event: Event::Error(e),
@@ -454,8 +512,10 @@ impl Server {
                 }
             }
         }
-        self.pipes
-            .retain(|_, p| p.sessions() > 0 || p.conns_up() > 0);
+        let waiting = &self.waiting;
+        self.pipes.retain(|id, p| {
+            p.sessions() > 0 || p.conns_up() > 0 || waiting.iter().any(|w| w.0 == *id)
+        });
         Ok(())
     }
 
@@ -654,8 +714,148 @@ pub struct SendReport {
     pub stalls: u64,
     /// Times a later acknowledgement opened a shut window.
     pub resumes: u64,
+    /// Where the messages' latency came from.
+    pub latency: LatencySummary,
     /// Per session: (messages, SHA-256 of their concatenation) as the server should report.
     pub sessions: Vec<(u64, String)>,
+}
+
+/// One message's timestamps (seed 003 #3): when the application queued it, when its
+/// first frame left, when its acknowledgement came (the sender's clock, µs), and when
+/// its last byte reached the receiver and when the receiving application took it (the
+/// receiver's clock, µs, carried by the acknowledgements). One line of the latency log.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct MsgTimes {
+    /// The session.
+    pub session: u32,
+    /// The message's ID on the wire.
+    pub msg: u64,
+    /// Its bytes.
+    pub bytes: u64,
+    /// Queued by the application.
+    pub queued_us: u64,
+    /// Its first frame taken by a connection (of its last attempt).
+    pub started_us: u64,
+    /// Acknowledged whole.
+    pub acked_us: u64,
+    /// Attempts (1: no retry).
+    pub attempts: u32,
+    /// Whole at the receiver (receiver's clock).
+    pub peer_received_us: u64,
+    /// Taken by the receiving application (receiver's clock), once a later
+    /// acknowledgement said so.
+    pub peer_delivered_us: Option<u64>,
+}
+
+impl MsgTimes {
+    /// Time in the sender's output queue before its first frame left, µs.
+    pub fn sender_queue_us(&self) -> u64 {
+        self.started_us - self.queued_us
+    }
+
+    /// From its first frame to its acknowledgement, µs: the network's share (the
+    /// connections' send buffers, the path, the way back).
+    pub fn network_us(&self) -> u64 {
+        self.acked_us - self.started_us
+    }
+
+    /// From whole at the receiver to taken by its application, µs.
+    pub fn receiver_app_us(&self) -> Option<u64> {
+        self.peer_delivered_us
+            .map(|d| d.saturating_sub(self.peer_received_us))
+    }
+}
+
+/// Which side holds messages up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Blame {
+    /// Messages spend their time between the connections' first frame and the
+    /// acknowledgement: the network.
+    Network,
+    /// Messages wait at the receiver for its application.
+    ReceiverApplication,
+    /// No component reaches 1 ms at the median.
+    Nothing,
+}
+
+/// The latency log's summary: the median and 99th percentile of each component, µs, and
+/// the verdict. Queueing at the sender follows whatever holds the messages up downstream
+/// (a shut window or full connections), so it is reported but not blamed.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LatencySummary {
+    /// Messages with all their timestamps.
+    pub messages: usize,
+    /// Time in the sender's output queue.
+    pub sender_queue_us: crate::stats::Latency,
+    /// First frame to acknowledgement.
+    pub network_us: crate::stats::Latency,
+    /// Whole at the receiver to taken by its application.
+    pub receiver_app_us: crate::stats::Latency,
+    /// The verdict: the larger median of the network and the receiving application.
+    pub blame: Blame,
+}
+
+/// The summary of `times` (messages without a delivery time are left out).
+pub fn diagnose(times: &[MsgTimes]) -> LatencySummary {
+    let whole: Vec<&MsgTimes> = times
+        .iter()
+        .filter(|t| t.peer_delivered_us.is_some())
+        .collect();
+    let lat = |f: &dyn Fn(&MsgTimes) -> u64| {
+        if whole.is_empty() {
+            return crate::stats::Latency::default();
+        }
+        crate::stats::latency(whole.iter().map(|t| f(t) as f64).collect())
+    };
+    let sender_queue_us = lat(&|t| t.sender_queue_us());
+    let network_us = lat(&|t| t.network_us());
+    let receiver_app_us = lat(&|t| t.receiver_app_us().unwrap_or(0));
+    let blame = if network_us.p50.max(receiver_app_us.p50) < 1000.0 {
+        Blame::Nothing
+    } else if receiver_app_us.p50 >= network_us.p50 {
+        Blame::ReceiverApplication
+    } else {
+        Blame::Network
+    };
+    LatencySummary {
+        messages: whole.len(),
+        sender_queue_us,
+        network_us,
+        receiver_app_us,
+        blame,
+    }
+}
+
+impl LatencySummary {
+    /// One line for people.
+    pub fn describe(&self) -> String {
+        let who = match self.blame {
+            Blame::Network => "the network",
+            Blame::ReceiverApplication => "the receiving application",
+            Blame::Nothing => "nothing (every median under 1 ms)",
+        };
+        format!(
+            "latency of {} messages, median (p99) ms: sender queue {:.1} ({:.1}), network {:.1} ({:.1}), receiving application {:.1} ({:.1}); delay comes from {who}",
+            self.messages,
+            self.sender_queue_us.p50 / 1e3,
+            self.sender_queue_us.p99 / 1e3,
+            self.network_us.p50 / 1e3,
+            self.network_us.p99 / 1e3,
+            self.receiver_app_us.p50 / 1e3,
+            self.receiver_app_us.p99 / 1e3,
+        )
+    }
+}
+
+/// Write `times` as JSON lines (one [`MsgTimes`] per line) to `path`.
+pub fn write_latency_log(path: &std::path::Path, times: &[MsgTimes]) -> io::Result<()> {
+    let mut w = io::BufWriter::new(std::fs::File::create(path)?);
+    for t in times {
+        serde_json::to_writer(&mut w, t)?;
+        w.write_all(b"\n")?;
+    }
+    w.flush()
 }
 
 /// The sender's logic, whatever carries its connections: the data cut into messages
@@ -688,6 +888,12 @@ pub(crate) struct Sender {
     pub(crate) pacing: Option<Pacing>,
     /// (µs, bytes acknowledged by then), one point per acknowledgement.
     pub(crate) progress: Vec<(u64, u64)>,
+    /// When each message in flight was queued: (session, handle) → µs.
+    queued_at: HashMap<(u32, u64), u64>,
+    /// Every acknowledged message's timestamps, in acknowledgement order.
+    pub(crate) times: Vec<MsgTimes>,
+    /// (session, wire ID) → index in `times`, until its delivery is reported.
+    undelivered: HashMap<(u32, u64), usize>,
 }
 
 impl Sender {
@@ -719,6 +925,9 @@ impl Sender {
             inflight: HashMap::new(),
             pacing: o.pacing.map(Pacing::new),
             progress: Vec::new(),
+            queued_at: HashMap::new(),
+            times: Vec::new(),
+            undelivered: HashMap::new(),
         }
     }
 
@@ -770,6 +979,7 @@ impl Sender {
                 match s.map(|s| s.send(m, now_us)) {
                     Some(Ok(h)) => {
                         self.inflight.insert((id, h.0), len);
+                        self.queued_at.insert((id, h.0), now_us);
                         self.counts[k] += 1;
                         self.next[k] += n;
                         self.waiting[k] = false;
@@ -811,10 +1021,31 @@ impl Sender {
             match event {
                 Event::Created => self.ready[k] = true,
                 Event::Acked {
-                    id: m, latency_us, ..
+                    id: m,
+                    msg,
+                    latency_us,
+                    peer_received_us,
+                    attempts,
                 } => {
                     self.messages += 1;
                     let len = self.inflight.remove(&(id, m.0)).unwrap_or(0) as u64;
+                    let started_us = now_us.saturating_sub(latency_us);
+                    self.undelivered.insert((id, msg), self.times.len());
+                    self.times.push(MsgTimes {
+                        session: id,
+                        msg,
+                        bytes: len,
+                        queued_us: self
+                            .queued_at
+                            .remove(&(id, m.0))
+                            .unwrap_or(started_us)
+                            .min(started_us),
+                        started_us,
+                        acked_us: now_us,
+                        attempts,
+                        peer_received_us,
+                        peer_delivered_us: None,
+                    });
                     self.acked += len;
                     if let Some(p) = &mut self.pacing {
                         p.on_ack(now_us, len, latency_us);
@@ -822,7 +1053,19 @@ impl Sender {
                     self.progress.push((now_us, self.acked));
                     progress(self.acked);
                 }
-                Event::Failed { .. } => self.failed += 1,
+                Event::Delivered {
+                    msg,
+                    peer_delivered_us,
+                    ..
+                } => {
+                    if let Some(i) = self.undelivered.remove(&(id, msg)) {
+                        self.times[i].peer_delivered_us = Some(peer_delivered_us);
+                    }
+                }
+                Event::Failed { id: m, .. } => {
+                    self.failed += 1;
+                    self.queued_at.remove(&(id, m.0));
+                }
                 Event::Stalled => self.stalls += 1,
                 Event::Resumed => self.resumes += 1,
                 Event::Refused(r) => {
@@ -848,6 +1091,11 @@ impl Sender {
         self.pipes.values().filter_map(Pipe::next_deadline).min()
     }
 
+    /// Every acknowledged message's timestamps.
+    pub(crate) fn times(&self) -> &[MsgTimes] {
+        &self.times
+    }
+
     pub(crate) fn report(&self, seconds: f64) -> SendReport {
         SendReport {
             bytes: self.acked,
@@ -857,6 +1105,7 @@ impl Sender {
             queue_full: self.queue_full,
             stalls: self.stalls,
             resumes: self.resumes,
+            latency: diagnose(&self.times),
             sessions: self
                 .counts
                 .iter()

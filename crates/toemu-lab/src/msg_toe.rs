@@ -93,6 +93,8 @@ pub struct MsgServerApp {
     listening: bool,
     /// Seconds since 1970 that certificates are checked against.
     unix_s: u64,
+    /// The last poll's time, µs.
+    now_us: u64,
     log: Vec<String>,
 }
 
@@ -123,8 +125,16 @@ impl MsgServerApp {
             closing: Vec::new(),
             listening: false,
             unix_s: crate::msg::unix_now(),
+            now_us: 0,
             log: Vec::new(),
         }
+    }
+
+    /// A slow application: it takes messages at `bytes_per_s` (they wait in the input
+    /// queue meanwhile; the window the acknowledgements carry shrinks).
+    pub fn with_app_rate(mut self, bytes_per_s: f64) -> Self {
+        self.server = self.server.with_app_rate(bytes_per_s);
+        self
     }
 
     /// The sessions that closed, in order.
@@ -165,6 +175,7 @@ impl App for MsgServerApp {
                 .push(Link::accepted(ConnIo::new(c, RxMode::InPlace), label, tls));
         }
         let now_us = micros(now);
+        self.now_us = now_us;
         let cfg = self.server.cfg;
         let log = &mut self.log;
         let moved = pass(
@@ -188,9 +199,14 @@ impl App for MsgServerApp {
     }
 
     fn poll_at(&self) -> Option<Instant> {
-        self.server
-            .next_deadline()
-            .map(|t| Instant::from_micros(t as i64))
+        [
+            self.server.next_deadline(),
+            self.server.app_ready_at(self.now_us),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .map(|t| Instant::from_micros(t as i64))
     }
 }
 
@@ -251,6 +267,11 @@ impl MsgSendApp {
     pub fn with_conn_send_bytes(mut self, bytes: usize) -> Self {
         self.conn_send_bytes = bytes.max(1);
         self
+    }
+
+    /// Every acknowledged message's timestamps (the latency log).
+    pub fn times(&self) -> &[crate::msg::MsgTimes] {
+        self.sender.times()
     }
 
     /// (µs of the host's clock, bytes acknowledged by then), one point per

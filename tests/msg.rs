@@ -55,15 +55,12 @@ fn run_with(
         server.poll(&mut sim.driver(1).lock(), sim.now()).unwrap();
     }
     assert_eq!(report.failed, 0, "{report:?}");
-    let mut got: Vec<(u64, String)> = server
-        .results()
-        .iter()
-        .map(|r| (r.messages, r.sha256.clone()))
-        .collect();
-    let mut sent = report.sessions.clone();
-    got.sort();
-    sent.sort();
-    assert_eq!(got, sent, "every session's messages, in order, intact");
+    assert!(
+        toemu_lab::msg::sessions_agree(&report, server.results()),
+        "every session's messages, in order, intact: sent {:?}, received {:?}",
+        report.sessions,
+        server.results()
+    );
     (report, server.results().to_vec())
 }
 

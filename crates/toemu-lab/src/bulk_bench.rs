@@ -307,14 +307,6 @@ pub fn bulk_run(o: &BulkOptions, mode: BulkMode) -> io::Result<BulkRun> {
     };
     run.seconds = report.seconds;
     run.goodput_bytes_per_s = report.bytes as f64 / report.seconds.max(1e-9);
-    let mut got: Vec<(u64, String)> = server
-        .results()
-        .iter()
-        .map(|r| (r.messages, r.sha256.clone()))
-        .collect();
-    let mut sent = report.sessions.clone();
-    got.sort();
-    sent.sort();
     run.problem = if report.bytes != o.bytes {
         Some(format!(
             "{} bytes acknowledged of {}",
@@ -322,7 +314,7 @@ pub fn bulk_run(o: &BulkOptions, mode: BulkMode) -> io::Result<BulkRun> {
         ))
     } else if report.failed > 0 {
         Some(format!("{} messages failed", report.failed))
-    } else if got != sent {
+    } else if !crate::msg::sessions_agree(&report, server.results()) {
         Some("the server's sessions differ from what was sent".into())
     } else {
         None

@@ -858,6 +858,23 @@ pub fn write_latency_log(path: &std::path::Path, times: &[MsgTimes]) -> io::Resu
     w.flush()
 }
 
+/// Whether the server received every session the sender sent: the same messages and
+/// SHA-256 per session (sessions matched by their hashes, in any order).
+pub fn sessions_agree(sent: &SendReport, received: &[SessionResult]) -> bool {
+    let mut got: Vec<(u64, &str)> = received
+        .iter()
+        .map(|r| (r.messages, r.sha256.as_str()))
+        .collect();
+    let mut want: Vec<(u64, &str)> = sent
+        .sessions
+        .iter()
+        .map(|(m, h)| (*m, h.as_str()))
+        .collect();
+    got.sort_unstable();
+    want.sort_unstable();
+    got == want
+}
+
 /// The sender's logic, whatever carries its connections: the data cut into messages
 /// dealt round robin to the sessions of one pipe, each queued as soon as its session's
 /// output queue has room.

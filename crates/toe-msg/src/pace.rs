@@ -121,10 +121,15 @@ impl Pacer {
         }
     }
 
+    /// The tokens at `now_us` (what accrued since the last refill, up to the burst).
+    fn tokens_at(&self, now_us: u64) -> f64 {
+        let dt = now_us.saturating_sub(self.last_us) as f64 / 1e6;
+        (self.tokens + dt * self.rate).min(self.burst)
+    }
+
     fn refill(&mut self, now_us: u64) {
         if now_us > self.last_us {
-            let dt = (now_us - self.last_us) as f64 / 1e6;
-            self.tokens = (self.tokens + dt * self.rate).min(self.burst);
+            self.tokens = self.tokens_at(now_us);
             self.last_us = now_us;
         }
     }
@@ -154,9 +159,7 @@ impl Pacer {
     /// When `bytes` may go (now if they may), µs.
     pub fn ready_at(&self, now_us: u64, bytes: usize) -> u64 {
         let want = (bytes as f64).min(self.burst);
-        let now_tokens = (self.tokens
-            + now_us.saturating_sub(self.last_us) as f64 / 1e6 * self.rate)
-            .min(self.burst);
+        let now_tokens = self.tokens_at(now_us);
         if now_tokens >= want {
             now_us
         } else {

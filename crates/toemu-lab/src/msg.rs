@@ -233,6 +233,19 @@ impl<S> Link<S> {
     }
 }
 
+/// The pipes of one end, by pipe ID, and the limits a new one gets.
+pub(crate) struct Pipes {
+    pub(crate) cfg: PipeConfig,
+    pub(crate) map: HashMap<u64, Pipe>,
+}
+
+impl Pipes {
+    /// The earliest session timer of any pipe, µs.
+    pub(crate) fn next_deadline(&self) -> Option<u64> {
+        self.map.values().filter_map(Pipe::next_deadline).min()
+    }
+}
+
 /// What one [`pass`] did.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Passed {
@@ -247,12 +260,13 @@ pub(crate) struct Passed {
 pub(crate) fn pass<C: ?Sized, S: Sock<C>>(
     links: &mut [Link<S>],
     cx: &mut C,
-    pipes: &mut HashMap<u64, Pipe>,
-    cfg: PipeConfig,
+    pipes: &mut Pipes,
     now_us: u64,
     mut pacing: Option<&mut Pacing>,
     log: &mut impl FnMut(String),
 ) -> Passed {
+    let cfg = pipes.cfg;
+    let pipes = &mut pipes.map;
     let mut moved = false;
     let mut paced_until = None;
     for l in links.iter_mut().filter(|l| !l.dead) {
@@ -370,8 +384,7 @@ pub(crate) struct Server {
     /// The principal sessions must ask for (`None`: any).
     name: Option<String>,
     dir: Option<PathBuf>,
-    pub(crate) cfg: PipeConfig,
-    pub(crate) pipes: HashMap<u64, Pipe>,
+    pub(crate) pipes: Pipes,
     got: HashMap<(u64, u32), Received>,
     /// Sessions closed, in order.
     pub(crate) results: Vec<SessionResult>,
@@ -388,8 +401,10 @@ impl Server {
         Server {
             name: security.principal(),
             dir,
-            cfg,
-            pipes: HashMap::new(),
+            pipes: Pipes {
+                cfg,
+                map: HashMap::new(),
+            },
             got: HashMap::new(),
             results: Vec::new(),
             waiting: std::collections::VecDeque::new(),
@@ -423,6 +438,7 @@ impl Server {
             self.waiting.pop_front();
             let Some((_, data)) = self
                 .pipes
+                .map
                 .get_mut(&pid)
                 .and_then(|p| p.session(id))
                 .and_then(|s| s.recv(now_us))
@@ -478,7 +494,7 @@ impl Server {
     }
 
     fn events(&mut self, log: &mut impl FnMut(String)) -> io::Result<()> {
-        for (&pid, p) in self.pipes.iter_mut() {
+        for (&pid, p) in self.pipes.map.iter_mut() {
             while let Some(e) = p.poll_event() {
                 match e {
                     PipeEvent::Session {
@@ -513,7 +529,7 @@ impl Server {
             }
         }
         let waiting = &self.waiting;
-        self.pipes.retain(|id, p| {
+        self.pipes.map.retain(|id, p| {
             p.sessions() > 0 || p.conns_up() > 0 || waiting.iter().any(|w| w.0 == *id)
         });
         Ok(())
@@ -521,7 +537,7 @@ impl Server {
 
     /// The earliest session timer, µs.
     pub(crate) fn next_deadline(&self) -> Option<u64> {
-        self.pipes.values().filter_map(Pipe::next_deadline).min()
+        self.pipes.next_deadline()
     }
 }
 
@@ -561,12 +577,10 @@ pub fn serve(
             }
         }
         let now_us = started.elapsed().as_micros() as u64;
-        let cfg = server.cfg;
         let moved = pass(
             &mut links,
             &mut (),
             &mut server.pipes,
-            cfg,
             now_us,
             None,
             &mut log,
@@ -880,9 +894,8 @@ pub fn sessions_agree(sent: &SendReport, received: &[SessionResult]) -> bool {
 /// output queue has room.
 pub(crate) struct Sender {
     pub(crate) pipe_id: u64,
-    pub(crate) cfg: PipeConfig,
     /// The pipe (one entry, for [`pass`]).
-    pub(crate) pipes: HashMap<u64, Pipe>,
+    pub(crate) pipes: Pipes,
     data: Payload,
     plan: Vec<(u64, usize)>,
     ids: Vec<u32>,
@@ -922,8 +935,10 @@ impl Sender {
         let n = ids.len();
         Sender {
             pipe_id,
-            cfg: o.pipe,
-            pipes: HashMap::from([(pipe_id, pipe)]),
+            pipes: Pipes {
+                cfg: o.pipe,
+                map: HashMap::from([(pipe_id, pipe)]),
+            },
             data: o.data.clone(),
             plan: o.plan(),
             ids,
@@ -973,6 +988,7 @@ impl Sender {
                 let len = self.plan[self.next[k]].1;
                 let Some(s) = self
                     .pipes
+                    .map
                     .get_mut(&self.pipe_id)
                     .and_then(|p| p.session(id))
                 else {
@@ -980,7 +996,7 @@ impl Sender {
                 };
                 // A message that does not fit waits (made only once it fits); each wait
                 // counts once.
-                if len > s.out_free() && len <= self.cfg.session.out_queue_bytes {
+                if len > s.out_free() && len <= self.pipes.cfg.session.out_queue_bytes {
                     if !self.waiting[k] {
                         self.waiting[k] = true;
                         self.queue_full += 1;
@@ -991,6 +1007,7 @@ impl Sender {
                 self.sha[k].update(&m);
                 let s = self
                     .pipes
+                    .map
                     .get_mut(&self.pipe_id)
                     .and_then(|p| p.session(id));
                 match s.map(|s| s.send(m, now_us)) {
@@ -1008,6 +1025,7 @@ impl Sender {
             if self.next[k] >= self.plan.len() {
                 if let Some(s) = self
                     .pipes
+                    .map
                     .get_mut(&self.pipe_id)
                     .and_then(|p| p.session(id))
                 {
@@ -1026,7 +1044,7 @@ impl Sender {
         progress: &mut impl FnMut(u64),
         log: &mut impl FnMut(String),
     ) -> io::Result<()> {
-        let Some(p) = self.pipes.get_mut(&self.pipe_id) else {
+        let Some(p) = self.pipes.map.get_mut(&self.pipe_id) else {
             return Ok(());
         };
         while let Some(e) = p.poll_event() {
@@ -1105,7 +1123,7 @@ impl Sender {
 
     /// The earliest session timer, µs.
     pub(crate) fn next_deadline(&self) -> Option<u64> {
-        self.pipes.values().filter_map(Pipe::next_deadline).min()
+        self.pipes.next_deadline()
     }
 
     /// Every acknowledged message's timestamps.
@@ -1176,12 +1194,10 @@ pub fn send(
     while !sender.done() {
         let now_us = started.elapsed().as_micros() as u64;
         sender.feed(now_us)?;
-        let cfg = sender.cfg;
         let moved = pass(
             &mut links,
             &mut (),
             &mut sender.pipes,
-            cfg,
             now_us,
             None,
             &mut log,

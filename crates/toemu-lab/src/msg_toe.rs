@@ -77,6 +77,14 @@ fn release_closing(closing: &mut Vec<ConnIo>, d: &mut Driver) {
     closing.retain_mut(|c| !c.try_release(d));
 }
 
+/// The earliest of two timers (µs), as an instant of the host's clock.
+fn earliest(t: [Option<u64>; 2]) -> Option<Instant> {
+    t.into_iter()
+        .flatten()
+        .min()
+        .map(|t| Instant::from_micros(t as i64))
+}
+
 fn micros(t: Instant) -> u64 {
     t.total_micros().max(0) as u64
 }
@@ -176,13 +184,11 @@ impl App for MsgServerApp {
         }
         let now_us = micros(now);
         self.now_us = now_us;
-        let cfg = self.server.cfg;
         let log = &mut self.log;
         let moved = pass(
             &mut self.links,
             &mut ToeCx { d, now },
             &mut self.server.pipes,
-            cfg,
             now_us,
             None,
             &mut |l| log.push(l),
@@ -199,14 +205,10 @@ impl App for MsgServerApp {
     }
 
     fn poll_at(&self) -> Option<Instant> {
-        [
+        earliest([
             self.server.next_deadline(),
             self.server.app_ready_at(self.now_us),
-        ]
-        .into_iter()
-        .flatten()
-        .min()
-        .map(|t| Instant::from_micros(t as i64))
+        ])
     }
 }
 
@@ -311,13 +313,11 @@ impl MsgSendApp {
         }
         let now_us = micros(now);
         self.sender.feed(now_us)?;
-        let cfg = self.sender.cfg;
         let log = &mut self.log;
         let passed = pass(
             &mut self.links,
             &mut ToeCx { d, now },
             &mut self.sender.pipes,
-            cfg,
             now_us,
             self.sender.pacing.as_mut(),
             &mut |l| log.push(l),
@@ -369,10 +369,6 @@ impl App for MsgSendApp {
     }
 
     fn poll_at(&self) -> Option<Instant> {
-        [self.sender.next_deadline(), self.paced_until]
-            .into_iter()
-            .flatten()
-            .min()
-            .map(|t| Instant::from_micros(t as i64))
+        earliest([self.sender.next_deadline(), self.paced_until])
     }
 }

@@ -4,8 +4,12 @@
 //! under the impairment matrix.
 
 use toe_host::config::Settings;
+use toe_host::runtime::BoxPhy;
+use toe_host::wire_opts::PcapTarget;
+use toe_msg::Slo;
 use toe_msg::{Config, PipeConfig};
 use toe_nic::impair::{ImpairConfig, Impaired};
+use toe_nic::pcap::Pcap;
 use toemu_apps::App;
 use toemu_lab::msg::{Blame, Payload, Security, SendOptions, SendReport, SessionResult};
 use toemu_lab::msg_toe::{MsgSendApp, MsgServerApp};
@@ -26,21 +30,31 @@ fn run(
 /// [`run`] against `server`, on the wire `impair` (both directions).
 fn run_with(
     o: SendOptions,
-    mut server: MsgServerApp,
+    server: MsgServerApp,
     impair: Option<ImpairConfig>,
+) -> (SendReport, Vec<SessionResult>) {
+    let (pa, pb) = toe_nic::wire(4096);
+    let (a, b): (BoxPhy, BoxPhy) = match impair {
+        Some(i) => (
+            Box::new(Impaired::new(pa, ImpairConfig { seed: 11, ..i }).unwrap()),
+            Box::new(Impaired::new(pb, ImpairConfig { seed: 12, ..i }).unwrap()),
+        ),
+        None => (Box::new(pa), Box::new(pb)),
+    };
+    run_on(o, server, a, b)
+}
+
+/// [`run_with`] on the ports `a` (the sender's, host 0) and `b` (the server's, host 1).
+fn run_on(
+    o: SendOptions,
+    mut server: MsgServerApp,
+    a: BoxPhy,
+    b: BoxPhy,
 ) -> (SendReport, Vec<SessionResult>) {
     let mut s = Settings::default();
     s.socket_buf_bytes = 4 << 20;
     s.congestion = toe_nic::Congestion::Cubic;
-    let (pa, pb) = toe_nic::wire(4096);
-    let sim = match impair {
-        Some(i) => {
-            let a = Impaired::new(pa, ImpairConfig { seed: 11, ..i }).unwrap();
-            let b = Impaired::new(pb, ImpairConfig { seed: 12, ..i }).unwrap();
-            toe_host::pair::hosts(&s, &s, 5, Box::new(a), Box::new(b)).unwrap()
-        }
-        None => toe_host::pair::hosts(&s, &s, 5, Box::new(pa), Box::new(pb)).unwrap(),
-    };
+    let sim = toe_host::pair::hosts(&s, &s, 5, a, b).unwrap();
     let mut sender = MsgSendApp::new(o, Security::Plain, 0x5eed);
     let log = run_apps_sim(&sim, &mut sender, &mut server, 200_000_000).unwrap();
     let report = sender
@@ -203,4 +217,68 @@ fn the_latency_summary_tells_a_slow_receiving_application_from_a_slow_network() 
     assert_eq!(n.blame, Blame::Network, "{n:?}");
     assert!(n.receiver_app_us.p50 < 1000.0, "{n:?}");
     assert!(n.network_us.p50 > 100_000.0, "{n:?}");
+}
+
+#[test]
+fn a_critical_transfer_is_marked_ef_on_every_packet_of_its_connections_in_tshark() {
+    // Seed 003 #4: the objective becomes the DSCP of the sender's connections. smoltcp has
+    // no per-socket TOS, so the emulated NIC rewrites the TOS byte of the flow's frames;
+    // tshark checks the marks and the IPv4 header checksums it had to fix.
+    let path = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("msg-critical.pcap");
+    let target = PcapTarget::create(&path).unwrap();
+    let mut o = opts(4 << 20, 4, 2);
+    o.slo = Some(Slo::Critical);
+    let (pa, pb) = toe_nic::wire(4096);
+    let server = MsgServerApp::new(o.to.port(), Security::Plain, None, PipeConfig::default());
+    let (r, _) = run_on(
+        o,
+        server,
+        Box::new(Pcap::new(pa, target.sink().clone())),
+        Box::new(pb),
+    );
+    assert_eq!(r.bytes, 4 << 20);
+    target.flush().unwrap();
+    let file = path.to_str().unwrap();
+    let rows = toemu_tests::tshark(&[
+        "-r",
+        file,
+        "-o",
+        "ip.check_checksum:TRUE",
+        "-Y",
+        "tcp",
+        "-T",
+        "fields",
+        "-e",
+        "ip.src",
+        "-e",
+        "ip.dsfield.dscp",
+        "-e",
+        "ip.checksum.status",
+        "-e",
+        "tcp.flags.syn",
+    ]);
+    let (mut sender, mut server, mut syns) = (0, 0, 0);
+    for row in rows.lines() {
+        let f: Vec<&str> = row.split('\t').collect();
+        assert_eq!(f.len(), 4, "{row:?}");
+        match f[0] {
+            "10.0.0.1" => {
+                assert_eq!(f[1], "46", "every sender packet is EF: {row:?}");
+                sender += 1;
+                syns += usize::from(f[3] == "1" || f[3] == "True");
+            }
+            "10.0.0.2" => {
+                assert_eq!(f[1], "0", "the server's packets stay unmarked: {row:?}");
+                server += 1;
+            }
+            other => panic!("a packet from {other}: {row:?}"),
+        }
+        assert_eq!(f[2], "1", "IPv4 header checksum good: {row:?}");
+    }
+    // At least one full-MTU (9000-byte) frame per 9000 bytes sent, and the server's ACKs.
+    assert!(
+        sender >= (4 << 20) / 9000 && server > 0,
+        "{sender} sender and {server} server packets"
+    );
+    assert_eq!(syns, 4, "each connection's SYN is marked too");
 }

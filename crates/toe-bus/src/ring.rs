@@ -286,6 +286,16 @@ pub enum Command {
         /// The hold, or `None` to stop holding.
         hold: Option<AckHold>,
     },
+    /// Mark every IPv4 packet the connection sends from now on with `dscp` (the six
+    /// Differentiated Services bits of the TOS byte, 0..=63; 0 sends unmarked), the ECN
+    /// bits left as they are: how a transfer's service-level objective reaches the network
+    /// (seed 003). A value above 63 is refused.
+    Mark {
+        /// Connection.
+        conn: ConnId,
+        /// Differentiated Services Code Point, 0..=63.
+        dscp: u8,
+    },
     /// Ask the engine to send: `request` in the protocol's encoding (for iSCSI: a PDU
     /// header with inline data or a range of a registered buffer, or "this buffer as data
     /// PDUs"). Carried out in order, as the socket's send buffer takes the bytes.

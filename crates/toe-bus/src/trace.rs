@@ -152,6 +152,10 @@ pub fn describe_command(
             f.push(("len", request.len() as u64));
             ("UlpSend", Some(*conn), None)
         }
+        Command::Mark { conn, dscp } => {
+            f.push(("dscp", u64::from(*dscp)));
+            ("Mark", Some(*conn), None)
+        }
         Command::AckHold { conn, hold } => {
             f.push(("window_us", hold.map_or(0, |h| u64::from(h.window_us))));
             ("AckHold", Some(*conn), None)

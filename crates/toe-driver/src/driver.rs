@@ -920,6 +920,22 @@ impl Driver {
         Ok(())
     }
 
+    /// Mark the connection's outgoing IPv4 packets with `dscp` (0..=63; 0: unmarked) from
+    /// now on (see [`Command::Mark`]). Sent right after [`Driver::connect`], the mark is on
+    /// the SYN too.
+    pub fn set_dscp(&mut self, conn: ConnId, dscp: u8) -> Result<(), DriverError> {
+        self.conn(conn)?;
+        if dscp > 63 {
+            return Err(DriverError::InvalidConfig {
+                setting: "dscp",
+                value: dscp.to_string(),
+                limit: "0..=63".into(),
+            });
+        }
+        self.send_cmd(Command::Mark { conn, dscp });
+        Ok(())
+    }
+
     /// The next report of the connection's engine slot.
     pub fn take_ulp(&mut self, conn: ConnId) -> Result<Option<UlpNote>, DriverError> {
         Ok(self.conn_mut(conn)?.ulp.pop_front())

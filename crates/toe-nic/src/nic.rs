@@ -800,7 +800,8 @@ impl<P: Phy> Nic<P> {
             | Command::UlpRegister { conn, .. }
             | Command::UlpRelease { conn, .. }
             | Command::UlpSend { conn, .. }
-            | Command::AckHold { conn, .. } => Some(*conn),
+            | Command::AckHold { conn, .. }
+            | Command::Mark { conn, .. } => Some(*conn),
             _ => None,
         };
         if let Some(conn) = conn {
@@ -1027,6 +1028,19 @@ impl<P: Phy> Nic<P> {
                 }
                 None => self.refuse(Some(conn), format!("AckHold: unknown connection {conn}")),
             },
+            Command::Mark { conn, dscp } => {
+                match self
+                    .conns
+                    .get(&conn)
+                    .and_then(|c| self.socks.flow(c.handle))
+                {
+                    Some(_) if dscp > 63 => {
+                        self.refuse(Some(conn), format!("Mark: DSCP {dscp} is not 0..=63"))
+                    }
+                    Some(k) => self.dev.set_mark(k, dscp),
+                    None => self.refuse(Some(conn), format!("Mark: unknown connection {conn}")),
+                }
+            }
             Command::UlpSend { conn, request } => {
                 match self.conns.get_mut(&conn).and_then(|c| c.ulp.as_mut()) {
                     Some(u) if u.running() => u.send(request),

@@ -7,7 +7,7 @@
 //! what smoltcp does not surface: the peer's initial sequence number, the end of every segment
 //! that carried PSH, and the window the peer advertises.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::Ipv4Addr;
 
 use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
@@ -316,6 +316,8 @@ pub struct PhyStats {
     pub flows_evicted: u64,
     /// PSH marks dropped because the flow already held [`MAX_PSH_PER_FLOW`] untaken marks.
     pub psh_dropped: u64,
+    /// Frames sent with a DSCP mark of their connection ([`NicDevice::set_mark`]).
+    pub tx_marked: u64,
 }
 
 /// Most embryonic flows (a SYN seen, no offloaded connection yet) the tap tracks at once; a
@@ -344,6 +346,9 @@ pub struct NicDevice<P> {
     /// A frame taken from the port and inspected, waiting for smoltcp ([`NicDevice::stage`]).
     staged: Option<(Frame, Ingress)>,
     stats: PhyStats,
+    /// DSCP marks of flows that send marked (bounded by the NIC's connections: a mark is
+    /// set per offloaded connection and forgotten with its flow).
+    marks: HashMap<FlowKey, u8>,
 }
 
 impl<P: Phy> NicDevice<P> {
@@ -361,6 +366,7 @@ impl<P: Phy> NicDevice<P> {
             embryonic_live: 0,
             psh_dirty: Vec::new(),
             staged: None,
+            marks: HashMap::new(),
             stats: PhyStats::default(),
         }
     }
@@ -447,8 +453,21 @@ impl<P: Phy> NicDevice<P> {
         }
     }
 
+    /// Send the flow's IPv4 packets with DSCP `dscp` (0..=63; 0: unmarked) from now on.
+    /// smoltcp has no per-socket TOS, so the device rewrites the TOS byte of each outgoing
+    /// frame of the flow and fixes the header checksum (the TCP checksum does not cover it).
+    pub fn set_mark(&mut self, key: FlowKey, dscp: u8) {
+        debug_assert!(dscp < 64, "DSCP {dscp}");
+        if dscp == 0 {
+            self.marks.remove(&key);
+        } else {
+            self.marks.insert(key, dscp & 0x3f);
+        }
+    }
+
     /// Forget a flow (its connection is released, or its handshake abandoned).
     pub fn forget(&mut self, key: &FlowKey) {
+        self.marks.remove(key);
         if let Some(f) = self.flows.remove(key) {
             if !f.confirmed {
                 self.embryonic_live -= 1;
@@ -575,12 +594,49 @@ pub fn is_pure_ack(f: &[u8]) -> bool {
     total == ihl + doff && flags & ack != 0 && flags & (fin | syn | rst) == 0
 }
 
+/// The flow an outgoing IPv4 TCP frame belongs to, seen from its sender; `None` for any
+/// other frame.
+fn tx_flow(f: &[u8]) -> Option<FlowKey> {
+    let eth = EthernetFrame::new_checked(f).ok()?;
+    if eth.ethertype() != EthernetProtocol::Ipv4 {
+        return None;
+    }
+    let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
+    if ip.next_header() != IpProtocol::Tcp {
+        return None;
+    }
+    let tcp = TcpPacket::new_checked(ip.payload()).ok()?;
+    Some(FlowKey {
+        remote_ip: ip.dst_addr(),
+        remote_port: tcp.dst_port(),
+        local_port: tcp.src_port(),
+    })
+}
+
+/// Set the DSCP of the IPv4 packet in Ethernet frame `f` to `dscp` (ECN bits kept) and
+/// recompute the header checksum; false (and `f` untouched) if `f` is not IPv4.
+pub fn set_dscp(f: &mut [u8], dscp: u8) -> bool {
+    let Ok(mut eth) = EthernetFrame::new_checked(&mut f[..]) else {
+        return false;
+    };
+    if eth.ethertype() != EthernetProtocol::Ipv4 {
+        return false;
+    }
+    let Ok(mut ip) = Ipv4Packet::new_checked(eth.payload_mut()) else {
+        return false;
+    };
+    ip.set_dscp(dscp & 0x3f);
+    ip.fill_checksum();
+    true
+}
+
 /// smoltcp receive token.
 pub struct RxTok(Frame);
 /// smoltcp transmit token.
 pub struct TxTok<'a, P: Phy> {
     phy: &'a mut P,
     stats: &'a mut PhyStats,
+    marks: &'a HashMap<FlowKey, u8>,
     now: Instant,
 }
 
@@ -596,6 +652,11 @@ impl<P: Phy> phy::TxToken for TxTok<'_, P> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
         let mut frame = take_frame(len);
         let r = f(&mut frame);
+        if !self.marks.is_empty() {
+            if let Some(&dscp) = tx_flow(&frame).and_then(|k| self.marks.get(&k)) {
+                self.stats.tx_marked += u64::from(set_dscp(&mut frame, dscp));
+            }
+        }
         self.stats.tx_frames += 1;
         self.stats.tx_bytes += len as u64;
         self.stats.tx_pure_acks += u64::from(is_pure_ack(&frame));
@@ -629,6 +690,7 @@ impl<P: Phy> phy::Device for NicDevice<P> {
             TxTok {
                 phy: &mut self.phy,
                 stats: &mut self.stats,
+                marks: &self.marks,
                 now: ts,
             },
         ))
@@ -642,6 +704,7 @@ impl<P: Phy> phy::Device for NicDevice<P> {
         Some(TxTok {
             phy: &mut self.phy,
             stats: &mut self.stats,
+            marks: &self.marks,
             now: ts,
         })
     }
@@ -701,5 +764,98 @@ mod switch_tests {
         ctl.set_cut(2, false);
         p[0].send(t, frame(3, 1)).unwrap();
         assert!(p[2].recv(t).is_some(), "mended");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use smoltcp::phy::ChecksumCapabilities;
+    use smoltcp::wire::{
+        EthernetAddress, EthernetRepr, Ipv4Address, Ipv4Repr, TcpControl, TcpRepr, TcpSeqNumber,
+    };
+
+    /// An Ethernet frame holding an IPv4 TCP segment from 10.0.0.1:40000 to 10.0.0.2:7000
+    /// with `payload`, checksums filled.
+    fn segment(payload: &[u8]) -> Vec<u8> {
+        let (src, dst) = (Ipv4Address::new(10, 0, 0, 1), Ipv4Address::new(10, 0, 0, 2));
+        let tcp = TcpRepr {
+            src_port: 40000,
+            dst_port: 7000,
+            control: TcpControl::Psh,
+            seq_number: TcpSeqNumber(7),
+            ack_number: Some(TcpSeqNumber(9)),
+            window_len: 1000,
+            window_scale: None,
+            max_seg_size: None,
+            sack_permitted: false,
+            sack_ranges: [None; 3],
+            timestamp: None,
+            payload,
+        };
+        let ip = Ipv4Repr {
+            src_addr: src,
+            dst_addr: dst,
+            next_header: IpProtocol::Tcp,
+            payload_len: tcp.buffer_len(),
+            hop_limit: 64,
+        };
+        let eth = EthernetRepr {
+            src_addr: EthernetAddress([2, 0, 0, 0, 0, 1]),
+            dst_addr: EthernetAddress([2, 0, 0, 0, 0, 2]),
+            ethertype: EthernetProtocol::Ipv4,
+        };
+        let caps = ChecksumCapabilities::default();
+        let mut f = vec![0u8; eth.buffer_len() + ip.buffer_len() + tcp.buffer_len()];
+        let mut e = EthernetFrame::new_unchecked(&mut f[..]);
+        eth.emit(&mut e);
+        let mut p = Ipv4Packet::new_unchecked(e.payload_mut());
+        ip.emit(&mut p, &caps);
+        let mut t = TcpPacket::new_unchecked(p.payload_mut());
+        tcp.emit(&mut t, &IpAddress::Ipv4(src), &IpAddress::Ipv4(dst), &caps);
+        f
+    }
+
+    #[test]
+    fn a_dscp_mark_rewrites_only_the_tos_bits_and_keeps_both_checksums_valid() {
+        let mut f = segment(b"marked payload");
+        let before = f.clone();
+        let ecn_set = f[15] | 0x01; // an ECN bit set by the stack is kept
+        f[15] = ecn_set;
+        Ipv4Packet::new_unchecked(&mut f[14..]).fill_checksum();
+        assert_eq!(
+            tx_flow(&f),
+            Some(FlowKey {
+                remote_ip: Ipv4Addr::new(10, 0, 0, 2),
+                remote_port: 7000,
+                local_port: 40000,
+            })
+        );
+        assert!(set_dscp(&mut f, 46));
+        let ip = Ipv4Packet::new_checked(&f[14..]).unwrap();
+        assert_eq!((ip.dscp(), ip.ecn()), (46, 1));
+        assert!(ip.verify_checksum(), "IPv4 header checksum recomputed");
+        let tcp = TcpPacket::new_checked(ip.payload()).unwrap();
+        assert!(tcp.verify_checksum(
+            &IpAddress::Ipv4(ip.src_addr()),
+            &IpAddress::Ipv4(ip.dst_addr())
+        ));
+        assert_eq!(tcp.payload(), b"marked payload");
+        // Nothing but the TOS byte and the header checksum changed.
+        let changed: Vec<usize> = (0..f.len()).filter(|&i| f[i] != before[i]).collect();
+        assert!(
+            changed.iter().all(|i| [15, 24, 25].contains(i)),
+            "{changed:?}"
+        );
+        // Not IPv4 (ARP): untouched.
+        let mut arp = before.clone();
+        arp[12..14].copy_from_slice(&[0x08, 0x06]);
+        let copy = arp.clone();
+        assert!(!set_dscp(&mut arp, 46));
+        assert_eq!(arp, copy);
+        assert_eq!(tx_flow(&arp), None);
+        // Truncated: no panic, no flow.
+        assert_eq!(tx_flow(&before[..30]), None);
+        assert!(!set_dscp(&mut before.clone()[..20], 46));
     }
 }

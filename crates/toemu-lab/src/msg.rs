@@ -23,7 +23,7 @@ use mio::net::{TcpListener, TcpStream};
 use sha2::{Digest, Sha256};
 use toe_msg::{
     hello, parse_hello, Event, Identity, Pacer, Pacing, PacingConfig, Pipe, PipeConfig, PipeEvent,
-    RefuseReason, Tls, HELLO_LEN,
+    RefuseReason, Slo, Tls, HELLO_LEN,
 };
 use toemu_apps::datagen::DataGen;
 
@@ -661,6 +661,9 @@ pub struct SendOptions {
     /// Pace what goes to the connections from the delivery-rate estimate (`None`: as
     /// fast as they take it).
     pub pacing: Option<PacingConfig>,
+    /// The transfer's service-level objective: its connections' packets carry its DSCP
+    /// (`None`: unmarked).
+    pub slo: Option<Slo>,
 }
 
 impl SendOptions {
@@ -676,6 +679,7 @@ impl SendOptions {
             message_max_bytes: None,
             pipe: PipeConfig::default(),
             pacing: None,
+            slo: None,
         }
     }
 
@@ -730,6 +734,10 @@ pub struct SendReport {
     pub resumes: u64,
     /// Where the messages' latency came from.
     pub latency: LatencySummary,
+    /// Every acknowledged message's timestamps, in acknowledgement order: the latency log
+    /// ([`write_latency_log`]).
+    #[serde(skip)]
+    pub times: Vec<MsgTimes>,
     /// Per session: (messages, SHA-256 of their concatenation) as the server should report.
     pub sessions: Vec<(u64, String)>,
 }
@@ -1126,11 +1134,6 @@ impl Sender {
         self.pipes.next_deadline()
     }
 
-    /// Every acknowledged message's timestamps.
-    pub(crate) fn times(&self) -> &[MsgTimes] {
-        &self.times
-    }
-
     pub(crate) fn report(&self, seconds: f64) -> SendReport {
         SendReport {
             bytes: self.acked,
@@ -1141,6 +1144,7 @@ impl Sender {
             stalls: self.stalls,
             resumes: self.resumes,
             latency: diagnose(&self.times),
+            times: self.times.clone(),
             sessions: self
                 .counts
                 .iter()
@@ -1163,6 +1167,21 @@ pub(crate) fn all_gone<S>(links: &[Link<S>]) -> io::Error {
     )
 }
 
+/// A std TCP connection to `to` whose packets, the SYN included, carry `slo`'s DSCP
+/// (`IP_TOS`, or `IPV6_TCLASS` for an IPv6 peer).
+fn connect_marked(to: SocketAddr, slo: Option<Slo>) -> io::Result<std::net::TcpStream> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(to), Type::STREAM, Some(Protocol::TCP))?;
+    if let Some(slo) = slo {
+        match to {
+            SocketAddr::V4(_) => s.set_tos_v4(u32::from(slo.tos()))?,
+            SocketAddr::V6(_) => s.set_tclass_v6(u32::from(slo.tos()))?,
+        }
+    }
+    s.connect(&to.into())?;
+    Ok(s.into())
+}
+
 /// `toemu msg send`: one pipe of `connections` connections to `to`, the data cut into
 /// messages dealt round robin to `sessions` sessions; `progress(acked_bytes)` is called
 /// as acknowledgements come.
@@ -1176,7 +1195,7 @@ pub fn send(
     let pipe_id = u64::from_le_bytes(crate::iscsi::random_bytes().map_err(io::Error::other)?);
     let mut links = Vec::new();
     for _ in 0..o.connections.max(1) {
-        let std = std::net::TcpStream::connect(o.to)?;
+        let std = connect_marked(o.to, o.slo)?;
         std.set_nodelay(true)?;
         std.set_nonblocking(true)?;
         let tls = security.client(&o.principal, unix_now())?;

@@ -271,11 +271,6 @@ impl MsgSendApp {
         self
     }
 
-    /// Every acknowledged message's timestamps (the latency log).
-    pub fn times(&self) -> &[crate::msg::MsgTimes] {
-        self.sender.times()
-    }
-
     /// (µs of the host's clock, bytes acknowledged by then), one point per
     /// acknowledgement: goodput over time.
     pub fn progress(&self) -> &[(u64, u64)] {
@@ -304,6 +299,11 @@ impl MsgSendApp {
                 let c = d
                     .connect(to, 0, None)
                     .map_err(|e| io::Error::other(e.to_string()))?;
+                if let Some(slo) = self.opts.slo {
+                    // Behind the Connect on the command ring: the SYN is marked too.
+                    d.set_dscp(c, slo.dscp())
+                        .map_err(|e| io::Error::other(e.to_string()))?;
+                }
                 let tls = self.security.client(&self.opts.principal, self.unix_s)?;
                 let mut io = ConnIo::new(c, RxMode::InPlace);
                 io.max_outstanding_bytes = self.conn_send_bytes;

@@ -445,6 +445,14 @@ enum MsgCmd {
         /// The principal sessions ask for (with --tls, the server certificate's name).
         #[arg(long, default_value = "store")]
         principal: String,
+        /// The transfer's service-level objective, carried as the DSCP of every packet of
+        /// its connections: bulk (AF11, 10), interactive (AF21, 18), critical (EF, 46).
+        /// Without it packets go unmarked.
+        #[arg(long)]
+        slo: Option<toe_msg::Slo>,
+        /// Write one JSON line per message (its timestamps on both clocks, µs) to FILE.
+        #[arg(long)]
+        latency_log: Option<PathBuf>,
         #[command(flatten)]
         tls: MsgTls,
     },
@@ -498,6 +506,8 @@ fn msg(cmd: MsgCmd, settings: &Settings) -> Result<(), String> {
             sessions,
             message,
             principal,
+            slo,
+            latency_log,
             tls,
         } => {
             let security = tls.security()?;
@@ -516,13 +526,15 @@ fn msg(cmd: MsgCmd, settings: &Settings) -> Result<(), String> {
             o.connections = connections;
             o.sessions = sessions;
             o.message_bytes = parse_size(&message).map_err(|e| format!("--message: {e}"))? as usize;
+            o.slo = slo;
             println!(
-                "toemu msg send: {} bytes to {to} over {} connections, {} sessions, {}-byte messages, {}",
+                "toemu msg send: {} bytes to {to} over {} connections, {} sessions, {}-byte messages, {}, {}",
                 o.data.len(),
                 o.connections,
                 o.sessions,
                 o.message_bytes,
-                security.describe()
+                security.describe(),
+                slo.map_or("unmarked".to_string(), |s| format!("objective {s}"))
             );
             let pb = indicatif::ProgressBar::new(o.data.len());
             let r = toemu_lab::msg::send(&o, &security, |n| pb.set_position(n), |l| pb.println(l))
@@ -536,6 +548,16 @@ fn msg(cmd: MsgCmd, settings: &Settings) -> Result<(), String> {
                 r.bytes as f64 / r.seconds.max(1e-9) / 1e6,
                 r.failed
             );
+            println!("toemu msg send: {}", r.latency.describe());
+            if let Some(path) = &latency_log {
+                toemu_lab::msg::write_latency_log(path, &r.times)
+                    .map_err(|e| format!("--latency-log {}: {e}", path.display()))?;
+                println!(
+                    "toemu msg send: latency log of {} messages in {}",
+                    r.times.len(),
+                    path.display()
+                );
+            }
             for (i, (n, sha)) in r.sessions.iter().enumerate() {
                 println!(
                     "toemu msg send: session {}: {n} messages, sha256 {sha}",

@@ -390,7 +390,10 @@ fn the_message_server_on_an_emulated_toe_host_takes_a_linux_senders_pipe_over_tl
         ]
     };
     let server_tls = tls("store");
-    let mut more: Vec<&str> = vec!["--port", "7000"];
+    // The emulated host's TAP port is captured: what Linux sent, as the NIC received it.
+    let pcap = lab.dir.join("msg.pcap").display().to_string();
+    let latency_log = lab.dir.join("latency.jsonl").display().to_string();
+    let mut more: Vec<&str> = vec!["--port", "7000", "--pcap", &pcap];
     more.extend(server_tls.iter().map(String::as_str));
     lab.spawn(&["msg", "serve"], &more, 7000);
     let client_tls = tls("backup");
@@ -407,11 +410,30 @@ fn the_message_server_on_an_emulated_toe_host_takes_a_linux_senders_pipe_over_tl
         "3",
         "--message",
         "1MiB",
+        "--slo",
+        "critical",
+        "--latency-log",
+        &latency_log,
     ];
     args.extend(client_tls.iter().map(String::as_str));
     let (ok, sent) = lab.run(TOEMU, &args);
     assert!(ok, "{sent}\nserver: {}", lab.log());
     assert!(sent.contains("TLS 1.3"), "{sent}");
+    assert!(sent.contains("objective critical (DSCP 46)"), "{sent}");
+    assert!(sent.contains("delay comes from"), "{sent}");
+    // The latency log: one JSON line per message with both clocks' timestamps.
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&latency_log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 24, "{lines:?}");
+    for l in &lines {
+        let t = |k: &str| l[k].as_u64().unwrap_or_else(|| panic!("{k} in {l}"));
+        assert!(t("queued_us") <= t("started_us") && t("started_us") <= t("acked_us"));
+        assert_eq!(t("bytes"), 1 << 20, "{l}");
+        assert!(l["peer_received_us"].is_u64(), "{l}");
+    }
     let want = sha256_of(&sent, "toemu msg send: session");
     assert_eq!(want.len(), 3, "{sent}");
     let t0 = Instant::now();
@@ -423,4 +445,44 @@ fn the_message_server_on_an_emulated_toe_host_takes_a_linux_senders_pipe_over_tl
     assert_eq!(sha256_of(&lab.log(), "closed:"), want, "{}", lab.log());
     let (status, took) = lab.stop(Duration::from_secs(10));
     assert!(status.success(), "{status} after {took:?}: {}", lab.log());
+    // Check 7: Linux marked every packet of the pipe's connections (IP_TOS, set before
+    // connect: the SYNs too) with EF. The only other flow to port 7000 is the test's
+    // readiness probe, unmarked and without payload.
+    let rows = toemu_tests::tshark(&[
+        "-r",
+        &pcap,
+        "-Y",
+        &format!("ip.src == {LINUX} && tcp.dstport == 7000"),
+        "-T",
+        "fields",
+        "-e",
+        "tcp.stream",
+        "-e",
+        "ip.dsfield.dscp",
+        "-e",
+        "tcp.len",
+    ]);
+    let mut streams: std::collections::BTreeMap<u64, (std::collections::BTreeSet<u8>, u64)> =
+        Default::default();
+    for row in rows.lines() {
+        let f: Vec<&str> = row.split('\t').collect();
+        let e = streams.entry(f[0].parse().unwrap()).or_default();
+        e.0.insert(f[1].parse().unwrap());
+        e.1 += f[2].parse::<u64>().unwrap();
+    }
+    let marked: Vec<u64> = streams
+        .values()
+        .filter(|(d, _)| d.iter().eq([&46]))
+        .map(|(_, b)| *b)
+        .collect();
+    assert_eq!(marked.len(), 8, "eight EF connections: {streams:?}");
+    assert!(marked.iter().sum::<u64>() > 24 << 20, "{streams:?}");
+    let other: Vec<_> = streams
+        .values()
+        .filter(|(d, _)| !d.iter().eq([&46]))
+        .collect();
+    assert!(
+        other.len() <= 1 && other.iter().all(|(d, b)| d.iter().eq([&0]) && *b == 0),
+        "only the unmarked probe besides: {streams:?}"
+    );
 }

@@ -20,6 +20,7 @@
 //! | 6    | `Abort`    | message (8), its length (8): the sender retired it; drop what came  |
 //! | 7    | `Fin`      | (none)                                                              |
 //! | 8    | `FinAck`   | (none)                                                              |
+//! | 9    | `Prime`    | padding (any length): priming a new connection, session 0, dropped   |
 //!
 //! A message is cut into `Data` frames; `offset` and `total` place each in the message, which
 //! the receiver reassembles (the frames of one message may come over several connections,
@@ -166,6 +167,13 @@ pub enum Frame {
         /// Session ID.
         session: u32,
     },
+    /// Priming (seed 003 #1): `len` bytes of padding that grow a new connection's
+    /// congestion window and measure it before data depends on it. It belongs to no
+    /// session (its session field is 0) and the receiver drops it.
+    Prime {
+        /// Padding bytes.
+        len: u32,
+    },
 }
 
 impl Frame {
@@ -180,6 +188,7 @@ impl Frame {
             | Frame::Abort { session, .. }
             | Frame::Fin { session }
             | Frame::FinAck { session } => *session,
+            Frame::Prime { .. } => 0,
         }
     }
 
@@ -194,6 +203,7 @@ impl Frame {
             Frame::Abort { .. } => "Abort",
             Frame::Fin { .. } => "Fin",
             Frame::FinAck { .. } => "FinAck",
+            Frame::Prime { .. } => "Prime",
         }
     }
 
@@ -208,6 +218,7 @@ impl Frame {
                 Frame::Ack { .. } => 48,
                 Frame::Abort { .. } => 16,
                 Frame::Fin { .. } | Frame::FinAck { .. } => 0,
+                Frame::Prime { len } => *len as usize,
             }
     }
 
@@ -277,6 +288,7 @@ impl Frame {
                 out.extend_from_slice(&total.to_be_bytes());
             }
             Frame::Fin { .. } | Frame::FinAck { .. } => {}
+            Frame::Prime { len } => out.resize(out.len() + *len as usize, 0),
         }
     }
 
@@ -290,6 +302,7 @@ impl Frame {
             Frame::Abort { .. } => 6,
             Frame::Fin { .. } => 7,
             Frame::FinAck { .. } => 8,
+            Frame::Prime { .. } => 9,
         }
     }
 }
@@ -338,7 +351,7 @@ pub fn decode(bytes: &[u8], max_body: u32) -> Result<Option<(Frame, usize)>, Fra
     if bytes.len() >= 3 && bytes[2] != VERSION {
         return Err(FrameError::Version(bytes[2]));
     }
-    if bytes.len() >= 4 && !(1..=8).contains(&bytes[3]) {
+    if bytes.len() >= 4 && !(1..=9).contains(&bytes[3]) {
         return Err(FrameError::Kind(bytes[3]));
     }
     if bytes.len() < HEADER_LEN {
@@ -432,10 +445,11 @@ pub fn decode(bytes: &[u8], max_body: u32) -> Result<Option<(Frame, usize)>, Fra
             exact(body, 0, "Fin")?;
             Frame::Fin { session }
         }
-        _ => {
+        8 => {
             exact(body, 0, "FinAck")?;
             Frame::FinAck { session }
         }
+        _ => Frame::Prime { len },
     };
     Ok(Some((frame, end)))
 }
@@ -580,7 +594,7 @@ mod tests {
     fn malformed_headers_and_bodies_are_named() {
         assert_eq!(decode(b"XX", 10), Err(FrameError::BadMagic(*b"XX")));
         assert_eq!(decode(b"TM\x02", 10), Err(FrameError::Version(2)));
-        assert_eq!(decode(b"TM\x01\x09", 10), Err(FrameError::Kind(9)));
+        assert_eq!(decode(b"TM\x01\x0a", 10), Err(FrameError::Kind(10)));
         let mut b = Vec::new();
         Frame::Data {
             session: 1,

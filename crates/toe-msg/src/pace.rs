@@ -267,6 +267,16 @@ impl Pacing {
         self.pacer.set_rate(now_us, gain * rate);
     }
 
+    /// Before the first estimate: start from `bytes_per_s` measured another way (what
+    /// priming measured), at the start-up's gain, if it is above the configured guess.
+    /// Once acknowledgements gave an estimate this does nothing.
+    pub fn seed(&mut self, now_us: u64, bytes_per_s: f64) {
+        if self.est.rate().is_none() && bytes_per_s > self.cfg.initial_bytes_per_s {
+            self.pacer
+                .set_rate(now_us, self.cfg.startup_gain * bytes_per_s);
+        }
+    }
+
     /// Bytes that may go at `now_us`.
     pub fn allowance(&mut self, now_us: u64) -> usize {
         self.pacer.allowance(now_us)
@@ -366,6 +376,15 @@ mod tests {
         let e = p.estimate().unwrap();
         assert!((e - 50e6).abs() < 5e6, "{e}");
         assert!(p.rate() >= 0.75 * e && p.rate() <= 1.25 * e, "{}", p.rate());
+        // A seed after the first estimate changes nothing.
+        let before = p.rate();
+        p.seed(10_000_000, 1e9);
+        assert_eq!(p.rate(), before);
+        let mut q = Pacing::new(PacingConfig::default());
+        q.seed(0, 1e6); // below the guess: ignored
+        assert_eq!(q.rate(), 20e6);
+        q.seed(0, 40e6);
+        assert_eq!(q.rate(), 80e6);
         // Over a whole cycle the gains average 1.
         assert!((CYCLE.iter().sum::<f64>() / CYCLE.len() as f64 - 1.0).abs() < 1e-9);
     }

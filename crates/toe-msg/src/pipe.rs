@@ -95,6 +95,15 @@ pub struct Pipe {
     next_id: u32,
     /// Frames bigger than this are refused by [`decode`].
     max_body: u32,
+    /// Priming bytes received (frame bodies), dropped.
+    prime_received: u64,
+    /// Data frames to carry again (encoded): a connection that stalled or went down held
+    /// them. The receiver takes a frame twice without harm.
+    resend: VecDeque<Vec<u8>>,
+    /// Frames resent, bytes.
+    resent_bytes: u64,
+    /// Where the last [`Pipe::fill`] put Data frames in its `out`.
+    data_spans: Vec<std::ops::Range<usize>>,
 }
 
 impl Pipe {
@@ -110,7 +119,43 @@ impl Pipe {
             // The largest body: a Data frame's, or a SYNC with the longest principal.
             max_body: (cfg.session.frame_bytes.max(crate::frame::MAX_PRINCIPAL) + 64)
                 .min(u32::MAX as usize) as u32,
+            prime_received: 0,
+            resend: VecDeque::new(),
+            resent_bytes: 0,
+            data_spans: Vec::new(),
         }
+    }
+
+    /// Carry these encoded Data frames again, on whichever connection fills next (they
+    /// go before the sessions' new frames). For a shell that keeps the Data frames a
+    /// connection has not delivered ([`Pipe::data_spans`]) and finds the connection
+    /// stalled or gone: their messages need not wait for its recovery or their timeout.
+    pub fn resend(&mut self, frames: Vec<u8>) {
+        if !frames.is_empty() {
+            self.resend.push_back(frames);
+        }
+    }
+
+    /// Bytes handed back by [`Pipe::resend`] so far.
+    pub fn resent_bytes(&self) -> u64 {
+        self.resent_bytes
+    }
+
+    /// The byte ranges of `out` where the last [`Pipe::fill`] put Data frames (resent
+    /// ones included), in order.
+    pub fn data_spans(&self) -> &[std::ops::Range<usize>] {
+        &self.data_spans
+    }
+
+    /// Priming bytes received and dropped ([`Frame::Prime`] bodies).
+    pub fn prime_received(&self) -> u64 {
+        self.prime_received
+    }
+
+    /// The most bytes of one frame's body this pipe's peer takes (a Data frame's
+    /// payload plus its fields): the largest [`Frame::Prime`] to send.
+    pub fn max_frame_body(&self) -> usize {
+        self.cfg.session.frame_bytes
     }
 
     /// A new connection joins (once the shell has it up, authenticated): its number.
@@ -185,6 +230,10 @@ impl Pipe {
     }
 
     fn route(&mut self, f: Frame, now_us: u64) {
+        if let Frame::Prime { len } = f {
+            self.prime_received += len as u64;
+            return;
+        }
         let id = f.session();
         if let Some(s) = self.sessions.get_mut(&id) {
             s.handle(f, now_us);
@@ -216,10 +265,19 @@ impl Pipe {
     /// `room` bytes (at least one frame if any is due, so `room` of one frame's size keeps
     /// each connection's queue short): the sessions take turns. Returns the bytes added.
     pub fn fill(&mut self, conn: ConnId, out: &mut Vec<u8>, room: usize, now_us: u64) -> usize {
+        self.data_spans.clear();
         if !self.conns.get(conn).is_some_and(|c| c.up) {
             return 0;
         }
         let start = out.len();
+        while out.len() - start < room.max(HEADER_LEN) {
+            let Some(f) = self.resend.pop_front() else {
+                break;
+            };
+            self.resent_bytes += f.len() as u64;
+            self.data_spans.push(out.len()..out.len() + f.len());
+            out.extend_from_slice(&f);
+        }
         let mut idle = 0;
         while out.len() - start < room.max(HEADER_LEN) && idle < self.turn.len() {
             let Some(id) = self.turn.pop_front() else {
@@ -230,7 +288,11 @@ impl Pipe {
             };
             match s.poll_transmit(now_us) {
                 Some(f) => {
+                    let at = out.len();
                     f.encode(out);
+                    if let Frame::Data { .. } = f {
+                        self.data_spans.push(at..out.len());
+                    }
                     idle = 0;
                 }
                 None => idle += 1,

@@ -717,17 +717,23 @@ impl Session {
             .checked_add(payload.len() as u64)
             .filter(|&e| e <= total)
             .ok_or(SessionError::BadFrame { msg })?;
-        if msg == 0 || msg <= self.freed || self.resolved.contains_key(&msg) {
-            // A retry of a message this side has whole (or dropped): acknowledged again
-            // on its first frame.
+        // Whole messages waiting for the application: the IDs right after `freed`.
+        let ready = msg
+            .checked_sub(self.freed + 1)
+            .and_then(|i| self.ready.get(i as usize))
+            .map(|r| r.2);
+        if msg == 0 || msg <= self.freed || ready.is_some() || self.resolved.contains_key(&msg) {
+            // A retry of a message this side has whole (or dropped), or a frame carried
+            // twice: acknowledged again on its first frame.
             if offset == 0 {
-                match self.resolved.get(&msg) {
-                    Some(Resolved::Whole(_, at)) => {
+                match (self.resolved.get(&msg), ready) {
+                    (Some(Resolved::Whole(_, at)), _) => {
                         let at = *at;
                         self.ack(msg, sent_us, at, 0);
                     }
-                    Some(Resolved::Aborted(_)) => {}
-                    None => self.ack(msg, sent_us, now_us, 0),
+                    (Some(Resolved::Aborted(_)), _) => {}
+                    (None, Some(at)) => self.ack(msg, sent_us, at, 0),
+                    (None, None) => self.ack(msg, sent_us, now_us, 0),
                 }
             }
             return Ok(());

@@ -27,6 +27,10 @@ struct Net {
     ab: Vec<VecDeque<u8>>,
     ba: Vec<VecDeque<u8>>,
     rng: Rng,
+    /// Every this many fills of `a`, its data frames are handed back to be carried again
+    /// (as a shell does for a stalled connection), and a priming frame goes first.
+    resend_every: Option<u64>,
+    fills: u64,
 }
 
 impl Net {
@@ -41,6 +45,8 @@ impl Net {
             ab: vec![VecDeque::new(); conns],
             ba: vec![VecDeque::new(); conns],
             rng: Rng(seed | 1),
+            resend_every: None,
+            fills: 0,
         }
     }
 
@@ -55,6 +61,21 @@ impl Net {
             if self.ab[c].len() < 16 << 10 {
                 out.clear();
                 moved |= self.a.fill(c, &mut out, 8 << 10, now) > 0;
+                self.fills += 1;
+                if self.resend_every.is_some_and(|k| self.fills % k == 0) {
+                    let again: Vec<u8> = self
+                        .a
+                        .data_spans()
+                        .iter()
+                        .flat_map(|r| out[r.clone()].to_vec())
+                        .collect();
+                    if !again.is_empty() {
+                        self.a.resend(again);
+                        let mut prime = Vec::new();
+                        toe_msg::Frame::Prime { len: 100 }.encode(&mut prime);
+                        self.ab[c].extend(&prime);
+                    }
+                }
                 self.ab[c].extend(&out);
             }
             if self.ba[c].len() < 16 << 10 {
@@ -88,12 +109,8 @@ fn payload(session: u32, i: usize, len: usize) -> Vec<u8> {
         .collect()
 }
 
-/// A thousand connections, a hundred sessions each sending twenty messages of 1–8 KiB:
-/// every message arrives once, whole and in order per session; full output queues refuse
-/// at once and the senders retry; every session closes.
-#[test]
-fn a_pipe_of_1000_connections_carries_100_sessions_intact() {
-    let cfg = PipeConfig {
+fn cfg() -> PipeConfig {
+    PipeConfig {
         session: Config {
             out_queue_bytes: 24 << 10,
             in_queue_bytes: 32 << 10,
@@ -102,10 +119,36 @@ fn a_pipe_of_1000_connections_carries_100_sessions_intact() {
             ..Config::default()
         },
         max_sessions: 128,
-    };
-    let mut net = Net::new(1000, cfg, 0x5eed);
+    }
+}
+
+/// A thousand connections, a hundred sessions each sending twenty messages of 1–8 KiB:
+/// every message arrives once, whole and in order per session; full output queues refuse
+/// at once and the senders retry; every session closes.
+#[test]
+fn a_pipe_of_1000_connections_carries_100_sessions_intact() {
+    let mut net = Net::new(1000, cfg(), 0x5eed);
+    let queue_full = exchange(&mut net, 100);
+    assert!(queue_full > 0, "queue-full refusals were seen and retried");
+}
+
+/// Data frames carried twice (a shell resending what a stalled connection holds) and
+/// priming frames between them: every message still arrives once, whole, in order.
+#[test]
+fn frames_carried_again_and_priming_frames_change_no_message() {
+    let mut net = Net::new(10, cfg(), 0xbee);
+    net.resend_every = Some(3);
+    exchange(&mut net, 10);
+    assert!(net.a.resent_bytes() > 0);
+    assert!(net.b.prime_received() >= 100, "{}", net.b.prime_received());
+}
+
+/// `sessions` sessions of `net.a` send twenty messages of 1–8 KiB each to `net.b`:
+/// checks every message arrived once, whole and in order per session and every session
+/// closed; returns the queue-full refusals seen (and retried).
+fn exchange(net: &mut Net, sessions: u32) -> u64 {
     let mut rng = Rng(77);
-    let ids: Vec<u32> = (0..100)
+    let ids: Vec<u32> = (0..sessions)
         .map(|i| net.a.open(&format!("store-{i}")))
         .collect();
     let plan: BTreeMap<u32, Vec<Vec<u8>>> = ids
@@ -190,7 +233,7 @@ fn a_pipe_of_1000_connections_carries_100_sessions_intact() {
                 e => panic!("opener: {e:?}"),
             }
         }
-        if closed == 100 && !moved {
+        if closed == sessions && !moved {
             break;
         }
     }
@@ -198,9 +241,9 @@ fn a_pipe_of_1000_connections_carries_100_sessions_intact() {
         got == plan,
         "every message once, whole, in order per session"
     );
-    assert!(queue_full > 0, "queue-full refusals were seen and retried");
     assert_eq!(net.a.sessions(), 0);
     assert_eq!(net.b.sessions(), 0);
+    queue_full
 }
 
 /// Bytes that are not frames break only their connection; the sessions go on over the

@@ -414,6 +414,7 @@ fn hostile_frame() -> impl Strategy<Value = Frame> {
         }),
         Just(Frame::Fin { session: 7 }),
         Just(Frame::FinAck { session: 7 }),
+        Just(Frame::Prime { len: 3 }),
         Just(Frame::Accept {
             session: 7,
             window: toe_msg::Window::default()

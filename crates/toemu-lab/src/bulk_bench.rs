@@ -11,15 +11,17 @@
 //!
 //! Modes:
 //! - `one-stream`: one connection, one session (the prior art: one TCP stream);
-//! - `bulk`: many connections, paced from the delivery-rate estimate ([`toe_msg::pace`]);
-//! - `bulk-unpaced`: the same connections, as fast as they take data;
+//! - `bulk`: many connections, primed, with reserves, in sub-transfers
+//!   ([`toe_msg::bulk`]; data frames a slow connection holds too long go out again on
+//!   the others), paced from the delivery-rate estimate ([`toe_msg::pace`]);
+//! - `bulk-unpaced`: the same, as fast as the connections take data;
 //! - `pipe-10` and `pipe-1000`: 100 sessions of 1–8 MiB messages over 10 and 1,000
 //!   connections (check 1's pipe), unpaced; the wall time per byte compares their cost.
 
 use std::io;
 
 use serde::Serialize;
-use toe_msg::{Config, PacingConfig, PipeConfig};
+use toe_msg::{BulkConfig, Config, PacingConfig, PipeConfig};
 use toe_nic::impair::Impaired;
 
 use crate::msg::{Payload, Security, SendOptions};
@@ -140,8 +142,12 @@ pub struct BulkOptions {
     pub link: BulkLink,
     /// Bytes per run.
     pub bytes: u64,
-    /// Connections of `bulk` and `bulk-unpaced`.
+    /// Active connections of `bulk` and `bulk-unpaced`.
     pub connections: usize,
+    /// Their reserve connections (primed, brought in for stragglers).
+    pub reserves: usize,
+    /// Priming bytes per connection (`None`: its share of the bandwidth-delay product).
+    pub prime_bytes: Option<usize>,
     /// Sessions of `bulk` and `bulk-unpaced`.
     pub sessions: usize,
     /// Message size of `one-stream`, `bulk` and `bulk-unpaced`, bytes.
@@ -158,6 +164,8 @@ impl Default for BulkOptions {
             link: BulkLink::default(),
             bytes: 1 << 30,
             connections: 32,
+            reserves: 8,
+            prime_bytes: None,
             sessions: 8,
             message_bytes: 256 << 10,
             modes: BulkMode::ALL.to_vec(),
@@ -195,6 +203,14 @@ pub struct BulkRun {
     pub wall_ns_per_byte: f64,
     /// Goodput over time: (s, bytes per second over the preceding interval), 50 points.
     pub goodput_over_time: Vec<(f64, f64)>,
+    /// What the bulk planner did: priming, sub-transfers, stragglers, reserves (`bulk`
+    /// and `bulk-unpaced`).
+    pub planner: Option<toe_msg::BulkStats>,
+    /// From the first data (after priming) until one round trip's acknowledgements
+    /// carried 90% of the link, less two round trips (that window's and the way back of
+    /// its acknowledgements), ms: how soon
+    /// the transfer sent at full rate (`None`: never).
+    pub full_rate_after_ms: Option<f64>,
 }
 
 /// The report: the link and the runs.
@@ -224,8 +240,20 @@ pub fn bulk_run(o: &BulkOptions, mode: BulkMode) -> io::Result<BulkRun> {
             so.sessions = 1;
         }
         BulkMode::Bulk | BulkMode::BulkUnpaced => {
-            so.connections = o.connections;
+            so.connections = o.connections + o.reserves;
             so.sessions = o.sessions;
+            so.bulk = Some(BulkConfig {
+                active: o.connections.max(1),
+                prime_bytes: o.prime_bytes.unwrap_or_else(|| {
+                    // Half of each connection's share of the bandwidth-delay product,
+                    // reserves included: all of them in slow start at once overshoot
+                    // their last round about twice, and the pipe is then about full.
+                    (o.link.bdp_bytes() / (2 * (o.connections + o.reserves)).max(1))
+                        .clamp(64 << 10, 4 << 20)
+                }),
+                subtransfer_bytes: 4 * o.link.bdp_bytes() as u64,
+                ..BulkConfig::default()
+            });
         }
         BulkMode::Pipe10 | BulkMode::Pipe1000 => {
             so.connections = if mode == BulkMode::Pipe10 { 10 } else { 1000 };
@@ -258,8 +286,10 @@ pub fn bulk_run(o: &BulkOptions, mode: BulkMode) -> io::Result<BulkRun> {
     s.mtu = o.link.mtu;
     s.congestion = toe_nic::Congestion::Cubic;
     s.max_conns = (so.connections as u32 + 16).max(s.max_conns);
-    // Each connection's socket holds its share of twice the bandwidth-delay product.
-    s.socket_buf_bytes = (2 * bdp / so.connections).clamp(256 << 10, 16 << 20) as u32;
+    // Each connection's socket holds its share of twice the bandwidth-delay product (the
+    // active connections' share, with a planner).
+    let carrying = so.bulk.map_or(so.connections, |b| b.active);
+    s.socket_buf_bytes = (2 * bdp / carrying.max(1)).clamp(256 << 10, 16 << 20) as u32;
     s.anon_buf_bytes = s
         .anon_buf_bytes
         .max(crate::iscsi_host::BENCH_ANON_BUF_BYTES);
@@ -293,6 +323,8 @@ pub fn bulk_run(o: &BulkOptions, mode: BulkMode) -> io::Result<BulkRun> {
         wall_seconds,
         wall_ns_per_byte: wall_seconds * 1e9 / o.bytes.max(1) as f64,
         goodput_over_time: over_time(sender.progress(), 50),
+        planner: None,
+        full_rate_after_ms: None,
     };
     let report = match (ran, sender.report()) {
         (Err(e), _) => {
@@ -306,6 +338,15 @@ pub fn bulk_run(o: &BulkOptions, mode: BulkMode) -> io::Result<BulkRun> {
         (Ok(_), Ok(r)) => r,
     };
     run.seconds = report.seconds;
+    run.planner = report.bulk;
+    let first_data = report
+        .bulk
+        .and_then(|b| b.data_from_us)
+        .or(sender.progress().first().map(|_| 0));
+    run.full_rate_after_ms = first_data.and_then(|t0| {
+        full_rate_at(sender.progress(), o.link.bytes_per_s * 0.9, o.link.rtt_ms)
+            .map(|t| (t.saturating_sub(t0) as f64 / 1e3 - 2.0 * o.link.rtt_ms).max(0.0))
+    });
     run.goodput_bytes_per_s = report.bytes as f64 / report.seconds.max(1e-9);
     run.problem = if report.bytes != o.bytes {
         Some(format!(
@@ -321,6 +362,23 @@ pub fn bulk_run(o: &BulkOptions, mode: BulkMode) -> io::Result<BulkRun> {
     };
     run.integrity_ok = run.problem.is_none();
     Ok(run)
+}
+
+/// The first time (µs) the acknowledgements of the preceding round trip (`rtt_ms`) carried
+/// `bytes_per_s`, from (µs, bytes acknowledged) points.
+fn full_rate_at(progress: &[(u64, u64)], bytes_per_s: f64, rtt_ms: f64) -> Option<u64> {
+    let rtt_us = (rtt_ms * 1e3).max(1.0) as u64;
+    let want = bytes_per_s * rtt_ms / 1e3;
+    let mut back = 0;
+    for &(t, acked) in progress {
+        while progress[back].0 + rtt_us < t {
+            back += 1;
+        }
+        if (acked - progress[back].1) as f64 >= want {
+            return Some(t);
+        }
+    }
+    None
 }
 
 /// Goodput over time from (µs, bytes acknowledged) points: `n` intervals of equal length,
@@ -360,7 +418,7 @@ pub fn bulk_table(r: &BulkReport) -> String {
     use std::fmt::Write as _;
     let mut t = format!(
         "bulk-bench: {:.0} Mbit/s, {} ms RTT, loss {}, MTU {}, bottleneck queue {} KiB (virtual time)\n\
-         {:<13} {:>5} {:>9} {:>7} {:>8} {:>8} {:>8} {:>10} {}\n",
+         {:<13} {:>5} {:>9} {:>7} {:>8} {:>8} {:>8} {:>10} {:>8} {:>9} {}\n",
         r.link.bytes_per_s * 8.0 / 1e6,
         r.link.rtt_ms,
         r.link.loss,
@@ -374,12 +432,14 @@ pub fn bulk_table(r: &BulkReport) -> String {
         "losses",
         "s",
         "wall ns/B",
+        "full@ms",
+        "subs/drop",
         "intact"
     );
     for x in &r.runs {
         let _ = writeln!(
             t,
-            "{:<13} {:>5} {:>9.1} {:>6.1}% {:>8} {:>8} {:>8.2} {:>10.1} {}",
+            "{:<13} {:>5} {:>9.1} {:>6.1}% {:>8} {:>8} {:>8.2} {:>10.1} {:>8} {:>9} {}",
             x.mode.name(),
             x.connections,
             x.goodput_bytes_per_s / 1e6,
@@ -388,6 +448,12 @@ pub fn bulk_table(r: &BulkReport) -> String {
             x.random_losses,
             x.seconds,
             x.wall_ns_per_byte,
+            x.full_rate_after_ms
+                .map_or_else(|| "-".into(), |m| format!("{m:.0}")),
+            x.planner.map_or_else(
+                || "-".into(),
+                |b| format!("{}/{}", b.subtransfers, b.stragglers_dropped)
+            ),
             if x.integrity_ok {
                 "yes".to_string()
             } else {

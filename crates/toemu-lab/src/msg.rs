@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use mio::net::{TcpListener, TcpStream};
 use sha2::{Digest, Sha256};
 use toe_msg::{
-    hello, parse_hello, Event, Identity, Pacer, Pacing, PacingConfig, Pipe, PipeConfig, PipeEvent,
-    RefuseReason, Slo, Tls, HELLO_LEN,
+    hello, parse_hello, BulkConfig, BulkStats, Event, Frame, Identity, Pacer, Pacing, PacingConfig,
+    Pipe, PipeConfig, PipeEvent, Planner, RefuseReason, Slo, Tls, HELLO_LEN,
 };
 use toemu_apps::datagen::DataGen;
 
@@ -95,6 +95,11 @@ pub(crate) trait Sock<C: ?Sized> {
     fn can_take(&self, _cx: &C) -> bool {
         true
     }
+    /// Bytes written that the peer's TCP has not acknowledged yet (`None`: the stream
+    /// cannot tell; a std socket's kernel buffer hides it).
+    fn unacked(&self, _cx: &C) -> Option<usize> {
+        None
+    }
 }
 
 impl Sock<()> for TcpStream {
@@ -146,6 +151,13 @@ pub(crate) struct Link<S> {
     pub(crate) dead: bool,
     /// Why it died, if it failed.
     pub(crate) error: Option<String>,
+    /// Bytes written to the socket, in all.
+    written: u64,
+    /// Data frames this link carries that TCP has not acknowledged yet, kept to resend
+    /// elsewhere should they wait too long: (the stream offset their last byte ends at,
+    /// when they were queued (µs), their plaintext). Bounded by the socket's
+    /// unacknowledged bytes.
+    held: std::collections::VecDeque<(u64, u64, Vec<u8>)>,
 }
 
 impl<S> Link<S> {
@@ -162,6 +174,8 @@ impl<S> Link<S> {
             pending: Vec::new(),
             dead: false,
             error: None,
+            written: 0,
+            held: std::collections::VecDeque::new(),
         }
     }
 
@@ -222,6 +236,7 @@ impl<S> Link<S> {
             if n == 0 {
                 break;
             }
+            self.written += n as u64;
             self.out.drain(..n);
         }
         Ok(())
@@ -231,12 +246,77 @@ impl<S> Link<S> {
     fn has_room(&self) -> bool {
         self.out.len() + self.pending.len() < LINK_ROOM
     }
+
+    /// Forget the held frames TCP acknowledged by `acked`, and hand `pipe` again those
+    /// queued more than `stall_us` before `now_us` (their connection is slow: a loss it
+    /// recovers from by timeout, say).
+    fn resend_stalled(&mut self, acked: u64, now_us: u64, stall_us: u64, pipe: &mut Pipe) {
+        while let Some(&(end, at, _)) = self.held.front() {
+            if end <= acked {
+                self.held.pop_front();
+            } else if at + stall_us <= now_us {
+                let (_, _, f) = self.held.pop_front().expect("a front");
+                pipe.resend(f);
+            } else {
+                break;
+            }
+        }
+    }
+
+    /// The stream offset the bytes queued so far end at (TLS records included).
+    fn queued_end(&self) -> u64 {
+        self.written + (self.out.len() + self.pending.len()) as u64
+    }
+
+    /// Stream bytes the peer's TCP acknowledged, as far as the socket tells (else all
+    /// that were written).
+    fn acked<C: ?Sized>(&self, cx: &C) -> u64
+    where
+        S: Sock<C>,
+    {
+        let unacked = self.sock.unacked(cx).unwrap_or(0) as u64;
+        self.written.saturating_sub(unacked)
+    }
+}
+
+/// How a sender hands frames to its connections: paced from the delivery-rate estimate,
+/// and planned as primed sub-transfers (seed 003 #1, [`toe_msg::bulk`]); either may be
+/// off.
+#[derive(Debug, Default)]
+pub(crate) struct Flow {
+    pub(crate) pacing: Option<Pacing>,
+    pub(crate) planner: Option<Planner>,
+}
+
+/// With a planner, data frames a connection has not delivered this many of the shortest
+/// round trips (at least [`MIN_STALL_US`]) after they were queued go out again on the
+/// others: their messages do not wait for that connection's recovery.
+const STALL_RTTS: u64 = 4;
+
+/// The shortest stall, µs (about smoltcp's shortest retransmission timeout).
+const MIN_STALL_US: u64 = 200_000;
+
+impl Flow {
+    /// When the pacer or the planner is due next, µs (`paced_until` from the last
+    /// pass).
+    pub(crate) fn next_deadline(&self, paced_until: Option<u64>) -> Option<u64> {
+        [
+            paced_until,
+            self.planner.as_ref().and_then(Planner::next_deadline),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
 }
 
 /// The pipes of one end, by pipe ID, and the limits a new one gets.
 pub(crate) struct Pipes {
     pub(crate) cfg: PipeConfig,
     pub(crate) map: HashMap<u64, Pipe>,
+    /// The link the next [`pass`] serves first: passes take turns, so a pacer's
+    /// allowance is not always spent by the same connections.
+    pub(crate) first: usize,
 }
 
 impl Pipes {
@@ -262,14 +342,31 @@ pub(crate) fn pass<C: ?Sized, S: Sock<C>>(
     cx: &mut C,
     pipes: &mut Pipes,
     now_us: u64,
-    mut pacing: Option<&mut Pacing>,
+    flow: Option<&mut Flow>,
     log: &mut impl FnMut(String),
 ) -> Passed {
     let cfg = pipes.cfg;
+    let first = pipes.first % links.len().max(1);
+    pipes.first = first + 1;
     let pipes = &mut pipes.map;
     let mut moved = false;
     let mut paced_until = None;
-    for l in links.iter_mut().filter(|l| !l.dead) {
+    let (mut pacing, mut planner) = match flow {
+        Some(f) => (f.pacing.as_mut(), f.planner.as_mut()),
+        None => (None, None),
+    };
+    if let Some(p) = planner.as_deref_mut() {
+        let first = p.stats().subtransfers == 0;
+        let began = p.poll(now_us);
+        if began && first {
+            // Priming measured the connections: pacing starts from their rate.
+            if let Some(pc) = pacing.as_deref_mut() {
+                pc.seed(now_us, p.expected_rate());
+            }
+        }
+    }
+    let (head, tail) = links.split_at_mut(first);
+    for l in tail.iter_mut().chain(head).filter(|l| !l.dead) {
         let plain = match l.read(cx) {
             Ok(p) => p,
             Err(e) => {
@@ -284,7 +381,11 @@ pub(crate) fn pass<C: ?Sized, S: Sock<C>>(
         if let (None, Some(id), true) = (l.joined, l.join_to, l.secured()) {
             // Authenticated: it joins the pipe.
             let p = pipes.entry(id).or_insert_with(|| Pipe::new(cfg));
-            l.joined = Some((id, p.add_conn()));
+            let c = p.add_conn();
+            l.joined = Some((id, c));
+            if let Some(b) = planner.as_deref_mut() {
+                b.add_conn(c, l.acked(cx), now_us);
+            }
         }
         if l.joined.is_none() && l.secured() {
             let take = (HELLO_LEN - l.hello.len()).min(plain.len());
@@ -313,15 +414,57 @@ pub(crate) fn pass<C: ?Sized, S: Sock<C>>(
             }
         }
         let mut frames = Vec::new();
+        if let (Some((id, c)), Some(b)) = (l.joined, planner.as_deref_mut()) {
+            let acked = l.acked(cx);
+            b.on_progress(c, l.written, acked, now_us);
+            let stall_us = b
+                .min_rtt_us()
+                .map_or(MIN_STALL_US, |r| (STALL_RTTS * r).max(MIN_STALL_US));
+            if let Some(p) = pipes.get_mut(&id) {
+                l.resend_stalled(acked, now_us, stall_us, p);
+            }
+        }
+        let mut held = Vec::new();
+        let priming = match (l.joined, planner.as_deref()) {
+            (Some((_, c)), Some(b)) => b.prime(c),
+            _ => 0,
+        };
         if let (Some((id, c)), true, true) = (l.joined, l.has_room(), l.sock.can_take(cx)) {
+            let quota = match planner.as_deref() {
+                Some(b) => b.quota(c),
+                None => usize::MAX,
+            };
             let room = pacing
                 .as_deref_mut()
-                .map_or(FILL_BYTES, |p| p.allowance(now_us).min(FILL_BYTES));
+                .map_or(FILL_BYTES, |p| p.allowance(now_us).min(FILL_BYTES))
+                .min(quota);
             match pipes.get_mut(&id) {
+                // Priming goes first, unpaced: it is what grows the window.
+                Some(p) if priming > 0 => {
+                    let n = priming.min(FILL_BYTES);
+                    let max = p.max_frame_body().max(1);
+                    let mut left = n;
+                    while left > 0 {
+                        let len = left.min(max);
+                        Frame::Prime { len: len as u32 }.encode(&mut frames);
+                        left -= len;
+                    }
+                    if let Some(b) = planner.as_deref_mut() {
+                        b.primed(c, n);
+                    }
+                }
+                // A reserve, or a connection done with its share: it takes nothing.
+                Some(_) if quota == 0 => {}
                 Some(p) if room > 0 => {
                     let n = p.fill(c, &mut frames, room, now_us);
                     if let Some(p) = pacing.as_deref_mut() {
                         p.consume(n);
+                    }
+                    if let Some(b) = planner.as_deref_mut() {
+                        b.took(c, n);
+                        for r in p.data_spans() {
+                            held.extend_from_slice(&frames[r.clone()]);
+                        }
                     }
                 }
                 Some(_) => {
@@ -337,11 +480,22 @@ pub(crate) fn pass<C: ?Sized, S: Sock<C>>(
             l.dead = true;
             l.error = Some(e.to_string());
         }
+        if !held.is_empty() {
+            let end = l.queued_end();
+            l.held.push_back((end, now_us, held));
+        }
     }
     for l in links.iter_mut().filter(|l| l.dead) {
         if let Some((id, c)) = l.joined.take() {
             if let Some(p) = pipes.get_mut(&id) {
                 p.conn_down(c);
+                // What it did not deliver goes out on the others.
+                for (_, _, f) in l.held.drain(..) {
+                    p.resend(f);
+                }
+            }
+            if let Some(b) = planner.as_deref_mut() {
+                b.conn_down(c);
             }
         }
     }
@@ -404,6 +558,7 @@ impl Server {
             pipes: Pipes {
                 cfg,
                 map: HashMap::new(),
+                first: 0,
             },
             got: HashMap::new(),
             results: Vec::new(),
@@ -664,6 +819,10 @@ pub struct SendOptions {
     /// The transfer's service-level objective: its connections' packets carry its DSCP
     /// (`None`: unmarked).
     pub slo: Option<Slo>,
+    /// Run the transfer as primed sub-transfers with reserve connections (seed 003 #1):
+    /// `connections` is then the active connections plus the reserves (`None`: every
+    /// connection takes data from the start, whichever is free).
+    pub bulk: Option<BulkConfig>,
 }
 
 impl SendOptions {
@@ -680,6 +839,7 @@ impl SendOptions {
             pipe: PipeConfig::default(),
             pacing: None,
             slo: None,
+            bulk: None,
         }
     }
 
@@ -740,6 +900,11 @@ pub struct SendReport {
     pub times: Vec<MsgTimes>,
     /// Per session: (messages, SHA-256 of their concatenation) as the server should report.
     pub sessions: Vec<(u64, String)>,
+    /// What the bulk planner did (`None`: not used).
+    pub bulk: Option<BulkStats>,
+    /// Data frames sent again on another connection because theirs held them too long,
+    /// bytes.
+    pub resent_bytes: u64,
 }
 
 /// One message's timestamps (seed 003 #3): when the application queued it, when its
@@ -922,8 +1087,8 @@ pub(crate) struct Sender {
     stalls: u64,
     resumes: u64,
     inflight: HashMap<(u32, u64), usize>,
-    /// Pacing from the delivery-rate estimate, if asked for.
-    pub(crate) pacing: Option<Pacing>,
+    /// Pacing and the bulk planner, if asked for.
+    pub(crate) flow: Flow,
     /// (µs, bytes acknowledged by then), one point per acknowledgement.
     pub(crate) progress: Vec<(u64, u64)>,
     /// When each message in flight was queued: (session, handle) → µs.
@@ -946,6 +1111,7 @@ impl Sender {
             pipes: Pipes {
                 cfg: o.pipe,
                 map: HashMap::from([(pipe_id, pipe)]),
+                first: 0,
             },
             data: o.data.clone(),
             plan: o.plan(),
@@ -963,7 +1129,10 @@ impl Sender {
             stalls: 0,
             resumes: 0,
             inflight: HashMap::new(),
-            pacing: o.pacing.map(Pacing::new),
+            flow: Flow {
+                pacing: o.pacing.map(Pacing::new),
+                planner: o.bulk.map(Planner::new),
+            },
             progress: Vec::new(),
             queued_at: HashMap::new(),
             times: Vec::new(),
@@ -1090,7 +1259,7 @@ impl Sender {
                         peer_delivered_us: None,
                     });
                     self.acked += len;
-                    if let Some(p) = &mut self.pacing {
+                    if let Some(p) = &mut self.flow.pacing {
                         p.on_ack(now_us, len, latency_us);
                     }
                     self.progress.push((now_us, self.acked));
@@ -1151,6 +1320,8 @@ impl Sender {
                 .zip(&self.sha)
                 .map(|(c, s)| (*c, hex(&s.clone().finalize())))
                 .collect(),
+            bulk: self.flow.planner.as_ref().map(Planner::stats),
+            resent_bytes: self.pipes.map.values().map(Pipe::resent_bytes).sum(),
         }
     }
 }
@@ -1218,7 +1389,7 @@ pub fn send(
             &mut (),
             &mut sender.pipes,
             now_us,
-            None,
+            Some(&mut sender.flow),
             &mut log,
         )
         .moved;

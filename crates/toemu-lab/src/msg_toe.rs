@@ -49,6 +49,11 @@ impl Sock<ToeCx<'_>> for ConnIo {
         })
     }
 
+    fn unacked(&self, _cx: &ToeCx<'_>) -> Option<usize> {
+        // Send buffers come back from the NIC when TCP acknowledged them.
+        Some(self.outstanding())
+    }
+
     fn can_take(&self, cx: &ToeCx<'_>) -> bool {
         matches!(
             cx.d.state(self.conn),
@@ -319,7 +324,7 @@ impl MsgSendApp {
             &mut ToeCx { d, now },
             &mut self.sender.pipes,
             now_us,
-            self.sender.pacing.as_mut(),
+            Some(&mut self.sender.flow),
             &mut |l| log.push(l),
         );
         self.paced_until = passed.paced_until;
@@ -369,6 +374,9 @@ impl App for MsgSendApp {
     }
 
     fn poll_at(&self) -> Option<Instant> {
-        earliest([self.sender.next_deadline(), self.paced_until])
+        earliest([
+            self.sender.next_deadline(),
+            self.sender.flow.next_deadline(self.paced_until),
+        ])
     }
 }

@@ -296,9 +296,16 @@ enum Cmd {
         /// Bytes per run (K, KiB, M, MiB, G, GiB).
         #[arg(long, default_value = "1GiB")]
         bytes: String,
-        /// Connections of the bulk modes.
+        /// Active connections of the bulk modes.
         #[arg(long, default_value_t = 32)]
         connections: usize,
+        /// Primed reserve connections of the bulk modes, brought in for stragglers.
+        #[arg(long, default_value_t = 8)]
+        reserves: usize,
+        /// Priming bytes per connection of the bulk modes (default: its share of the
+        /// bandwidth-delay product).
+        #[arg(long)]
+        prime_bytes: Option<String>,
         /// Modes to run, comma-separated (default: all): one-stream, bulk,
         /// bulk-unpaced, pipe-10, pipe-1000.
         #[arg(long, value_delimiter = ',')]
@@ -450,6 +457,15 @@ enum MsgCmd {
         /// Without it packets go unmarked.
         #[arg(long)]
         slo: Option<toe_msg::Slo>,
+        /// Run the transfer as primed sub-transfers (seed 003 #1): this many of the
+        /// connections are primed reserves, brought in for stragglers. On std TCP the
+        /// kernel does not say what it has acknowledged, so rates are what each socket
+        /// took.
+        #[arg(long)]
+        reserves: Option<usize>,
+        /// Priming bytes per connection, with --reserves.
+        #[arg(long, default_value = "256KiB")]
+        prime: String,
         /// Write one JSON line per message (its timestamps on both clocks, µs) to FILE.
         #[arg(long)]
         latency_log: Option<PathBuf>,
@@ -507,6 +523,8 @@ fn msg(cmd: MsgCmd, settings: &Settings) -> Result<(), String> {
             message,
             principal,
             slo,
+            reserves,
+            prime,
             latency_log,
             tls,
         } => {
@@ -527,6 +545,18 @@ fn msg(cmd: MsgCmd, settings: &Settings) -> Result<(), String> {
             o.sessions = sessions;
             o.message_bytes = parse_size(&message).map_err(|e| format!("--message: {e}"))? as usize;
             o.slo = slo;
+            if let Some(r) = reserves {
+                if r >= connections {
+                    return Err(format!(
+                        "--reserves {r}: leaves no active connection of {connections}"
+                    ));
+                }
+                o.bulk = Some(toe_msg::BulkConfig {
+                    active: connections - r,
+                    prime_bytes: parse_size(&prime).map_err(|e| format!("--prime: {e}"))? as usize,
+                    ..toe_msg::BulkConfig::default()
+                });
+            }
             println!(
                 "toemu msg send: {} bytes to {to} over {} connections, {} sessions, {}-byte messages, {}, {}",
                 o.data.len(),
@@ -549,6 +579,12 @@ fn msg(cmd: MsgCmd, settings: &Settings) -> Result<(), String> {
                 r.failed
             );
             println!("toemu msg send: {}", r.latency.describe());
+            if let Some(b) = r.bulk {
+                println!(
+                    "toemu msg send: {} connections primed ({} bytes), {} sub-transfers, {} stragglers dropped, {} reserves brought in, {} bytes resent",
+                    b.primed, b.prime_bytes, b.subtransfers, b.stragglers_dropped, b.reserves_promoted, r.resent_bytes
+                );
+            }
             if let Some(path) = &latency_log {
                 toemu_lab::msg::write_latency_log(path, &r.times)
                     .map_err(|e| format!("--latency-log {}: {e}", path.display()))?;
@@ -1336,6 +1372,8 @@ fn run(cli: Cli) -> Result<(), String> {
             svg,
             bytes,
             connections,
+            reserves,
+            prime_bytes,
             modes,
             loss,
             queue_bdp,
@@ -1344,6 +1382,11 @@ fn run(cli: Cli) -> Result<(), String> {
             let mut o = bb::BulkOptions {
                 bytes: parse_size(&bytes).map_err(|e| format!("--bytes: {e}"))?,
                 connections,
+                reserves,
+                prime_bytes: prime_bytes
+                    .map(|p| parse_size(&p).map(|v| v as usize))
+                    .transpose()
+                    .map_err(|e| format!("--prime-bytes: {e}"))?,
                 ..bb::BulkOptions::default()
             };
             if !modes.is_empty() {

@@ -259,8 +259,16 @@ fn bulk_bench_writes_its_json_and_chart() {
         .collect();
     assert_eq!(
         modes,
-        [("one-stream", 1), ("bulk", 32), ("bulk-unpaced", 32)]
+        [("one-stream", 1), ("bulk", 40), ("bulk-unpaced", 40)]
     );
+    // The bulk modes: 32 active connections and 8 reserves, all primed before data.
+    for r in &runs[1..] {
+        let p = &r["planner"];
+        assert_eq!(p["primed"], 40, "{r}");
+        assert!(p["subtransfers"].as_u64().unwrap() >= 1, "{r}");
+        assert!(p["data_from_us"].as_u64().unwrap() > 0, "{r}");
+    }
+    assert!(runs[0]["planner"].is_null(), "one stream has no planner");
     for r in runs {
         assert_eq!(r["integrity_ok"], true, "{r}");
         assert!(r["goodput_bytes_per_s"].as_f64().unwrap() > 0.0, "{r}");

@@ -20,7 +20,7 @@
 //! | 6    | `Abort`    | message (8), its length (8): the sender retired it; drop what came  |
 //! | 7    | `Fin`      | (none)                                                              |
 //! | 8    | `FinAck`   | (none)                                                              |
-//! | 9    | `Prime`    | padding (any length): priming a new connection, session 0, dropped   |
+//! | 9    | `Prime`    | zeros (any length): priming a new connection, session 0, dropped     |
 //!
 //! A message is cut into `Data` frames; `offset` and `total` place each in the message, which
 //! the receiver reassembles (the frames of one message may come over several connections,
@@ -449,7 +449,16 @@ pub fn decode(bytes: &[u8], max_body: u32) -> Result<Option<(Frame, usize)>, Fra
             exact(body, 0, "FinAck")?;
             Frame::FinAck { session }
         }
-        _ => Frame::Prime { len },
+        _ => {
+            // Padding is zeros in session 0: nothing else rides on a priming frame.
+            if session != 0 || body.iter().any(|&b| b != 0) {
+                return Err(FrameError::BadLength {
+                    kind: "Prime",
+                    len: body.len(),
+                });
+            }
+            Frame::Prime { len }
+        }
     };
     Ok(Some((frame, end)))
 }
@@ -555,6 +564,7 @@ mod tests {
             }),
             s.prop_map(|session| Frame::Fin { session }),
             s.prop_map(|session| Frame::FinAck { session }),
+            (0u32..5000).prop_map(|len| Frame::Prime { len }),
         ]
     }
 
@@ -579,7 +589,7 @@ mod tests {
             if real && b.len() >= 4 {
                 // Mostly-valid headers reach the body checks.
                 b[..3].copy_from_slice(&[b'T', b'M', VERSION]);
-                b[3] = 1 + b[3] % 8;
+                b[3] = 1 + b[3] % 9;
             }
             if let Ok(Some((f, n))) = decode(&b, 128) {
                 prop_assert!(n <= b.len());
@@ -594,6 +604,19 @@ mod tests {
     fn malformed_headers_and_bodies_are_named() {
         assert_eq!(decode(b"XX", 10), Err(FrameError::BadMagic(*b"XX")));
         assert_eq!(decode(b"TM\x02", 10), Err(FrameError::Version(2)));
+        // A priming frame carries zeros in session 0, nothing else.
+        let mut p = Vec::new();
+        Frame::Prime { len: 4 }.encode(&mut p);
+        assert_eq!(decode(&p, 10), Ok(Some((Frame::Prime { len: 4 }, p.len()))));
+        p[HEADER_LEN + 2] = 1;
+        let bad = Err(FrameError::BadLength {
+            kind: "Prime",
+            len: 4,
+        });
+        assert_eq!(decode(&p, 10), bad);
+        p[HEADER_LEN + 2] = 0;
+        p[7] = 1; // session 1
+        assert_eq!(decode(&p, 10), bad);
         assert_eq!(decode(b"TM\x01\x0a", 10), Err(FrameError::Kind(10)));
         let mut b = Vec::new();
         Frame::Data {

@@ -104,6 +104,11 @@ pub struct Pipe {
     resent_bytes: u64,
     /// Where the last [`Pipe::fill`] put Data frames in its `out`.
     data_spans: Vec<std::ops::Range<usize>>,
+    /// A fill found no session with a frame to send, and nothing that could give one
+    /// a frame happened since (bytes in, a timer, the application's hand on a session):
+    /// fills return at once, so an idle pipe of many connections costs no scan of its
+    /// sessions per connection.
+    quiet: bool,
 }
 
 impl Pipe {
@@ -123,6 +128,7 @@ impl Pipe {
             resend: VecDeque::new(),
             resent_bytes: 0,
             data_spans: Vec::new(),
+            quiet: false,
         }
     }
 
@@ -188,11 +194,13 @@ impl Pipe {
         self.sessions
             .insert(id, Session::open(id, principal, self.cfg.session));
         self.turn.push_back(id);
+        self.quiet = false;
         id
     }
 
     /// Session `id`, to send, receive, accept or close.
     pub fn session(&mut self, id: u32) -> Option<&mut Session> {
+        self.quiet = false;
         self.sessions.get_mut(&id)
     }
 
@@ -230,6 +238,7 @@ impl Pipe {
     }
 
     fn route(&mut self, f: Frame, now_us: u64) {
+        self.quiet = false;
         if let Frame::Prime { len } = f {
             self.prime_received += len as u64;
             return;
@@ -278,6 +287,9 @@ impl Pipe {
             self.data_spans.push(out.len()..out.len() + f.len());
             out.extend_from_slice(&f);
         }
+        if self.quiet {
+            return out.len() - start;
+        }
         let mut idle = 0;
         while out.len() - start < room.max(HEADER_LEN) && idle < self.turn.len() {
             let Some(id) = self.turn.pop_front() else {
@@ -286,7 +298,7 @@ impl Pipe {
             let Some(s) = self.sessions.get_mut(&id) else {
                 continue;
             };
-            match s.poll_transmit(now_us) {
+            let gave = match s.poll_transmit(now_us) {
                 Some(f) => {
                     let at = out.len();
                     f.encode(out);
@@ -294,26 +306,42 @@ impl Pipe {
                         self.data_spans.push(at..out.len());
                     }
                     idle = 0;
+                    true
                 }
-                None => idle += 1,
-            }
+                None => {
+                    idle += 1;
+                    false
+                }
+            };
             let finished = s.finished();
             self.collect(id);
             if finished {
                 self.sessions.remove(&id);
+                // It leaves the round: the idle count is of the sessions that stay.
+                if !gave {
+                    idle -= 1;
+                }
             } else {
                 self.turn.push_back(id);
             }
         }
+        // A whole round of the sessions gave nothing (or there are none).
+        self.quiet = idle >= self.turn.len();
         out.len() - start
     }
 
     /// Run every session's timers at `now_us`.
     pub fn on_time(&mut self, now_us: u64) {
-        let ids: Vec<u32> = self.sessions.keys().copied().collect();
-        for id in ids {
+        let due: Vec<u32> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.next_deadline().is_some_and(|d| d <= now_us))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in due {
             if let Some(s) = self.sessions.get_mut(&id) {
                 s.on_time(now_us);
+                self.quiet = false;
             }
             self.collect(id);
         }

@@ -356,9 +356,8 @@ pub(crate) fn pass<C: ?Sized, S: Sock<C>>(
         None => (None, None),
     };
     if let Some(p) = planner.as_deref_mut() {
-        let first = p.stats().subtransfers == 0;
-        let began = p.poll(now_us);
-        if began && first {
+        let before_data = p.stats().subtransfers == 0;
+        if p.poll(now_us) && before_data {
             // Priming measured the connections: pacing starts from their rate.
             if let Some(pc) = pacing.as_deref_mut() {
                 pc.seed(now_us, p.expected_rate());

@@ -146,7 +146,8 @@ pub struct BulkOptions {
     pub connections: usize,
     /// Their reserve connections (primed, brought in for stragglers).
     pub reserves: usize,
-    /// Priming bytes per connection (`None`: its share of the bandwidth-delay product).
+    /// Priming bytes per connection (`None`: half its share of the bandwidth-delay
+    /// product, reserves counted, within 64 KiB to 4 MiB).
     pub prime_bytes: Option<usize>,
     /// Sessions of `bulk` and `bulk-unpaced`.
     pub sessions: usize,
@@ -206,10 +207,9 @@ pub struct BulkRun {
     /// What the bulk planner did: priming, sub-transfers, stragglers, reserves (`bulk`
     /// and `bulk-unpaced`).
     pub planner: Option<toe_msg::BulkStats>,
-    /// From the first data (after priming) until one round trip's acknowledgements
-    /// carried 90% of the link, less two round trips (that window's and the way back of
-    /// its acknowledgements), ms: how soon
-    /// the transfer sent at full rate (`None`: never).
+    /// How soon the transfer sent at full rate, ms: from the first data (after priming)
+    /// until one round trip's acknowledgements carried 90% of the link, less two round
+    /// trips (that window's and its acknowledgements' way back). `None`: never.
     pub full_rate_after_ms: Option<f64>,
 }
 

@@ -302,8 +302,8 @@ enum Cmd {
         /// Primed reserve connections of the bulk modes, brought in for stragglers.
         #[arg(long, default_value_t = 8)]
         reserves: usize,
-        /// Priming bytes per connection of the bulk modes (default: its share of the
-        /// bandwidth-delay product).
+        /// Priming bytes per connection of the bulk modes (default: half its share of
+        /// the bandwidth-delay product, reserves counted).
         #[arg(long)]
         prime_bytes: Option<String>,
         /// Modes to run, comma-separated (default: all): one-stream, bulk,

@@ -122,6 +122,9 @@ pub struct Planner {
     /// By the pipe's connection number.
     conns: Vec<Option<Conn>>,
     sub: Option<Sub>,
+    /// Data bytes of the current sub-transfer not taken yet: the sum of the active
+    /// connections' quotas.
+    untaken: u64,
     /// When the first connection finished priming, and its round trip, µs.
     first_primed: Option<(u64, u64)>,
     stats: BulkStats,
@@ -137,6 +140,7 @@ impl Planner {
             },
             conns: Vec::new(),
             sub: None,
+            untaken: 0,
             first_primed: None,
             stats: BulkStats::default(),
         }
@@ -170,7 +174,10 @@ impl Planner {
 
     /// Connection `id` is gone; what it did not take goes to the next sub-transfer.
     pub fn conn_down(&mut self, id: ConnId) {
-        if let Some(c) = self.conn_mut(id) {
+        if let Some(c) = self.conns.get_mut(id).and_then(Option::as_mut) {
+            if c.role == Role::Active {
+                self.untaken -= c.quota;
+            }
             c.role = Role::Down;
             c.quota = 0;
         }
@@ -238,18 +245,8 @@ impl Planner {
         else {
             return 0;
         };
-        let q = if c.quota > 0 { c.quota } else { self.untaken() };
+        let q = if c.quota > 0 { c.quota } else { self.untaken };
         q.min(usize::MAX as u64) as usize
-    }
-
-    /// Data bytes of the current sub-transfer not taken yet.
-    fn untaken(&self) -> u64 {
-        self.conns
-            .iter()
-            .flatten()
-            .filter(|c| c.role == Role::Active)
-            .map(|c| c.quota)
-            .sum()
     }
 
     /// Connection `id` took `n` data bytes: from its share, and past it from the largest
@@ -258,8 +255,12 @@ impl Planner {
         let Some(c) = self.conn_mut(id) else {
             return;
         };
+        if c.role != Role::Active {
+            return;
+        }
         let own = c.quota.min(n as u64);
         c.quota -= own;
+        self.untaken -= own;
         let mut left = n as u64 - own;
         while left > 0 {
             let Some(o) = self
@@ -273,6 +274,7 @@ impl Planner {
             };
             let t = o.quota.min(left);
             o.quota -= t;
+            self.untaken -= t;
             left -= t;
         }
     }
@@ -295,12 +297,7 @@ impl Planner {
                 false
             }
             Some(s) => {
-                let done = self
-                    .conns
-                    .iter()
-                    .flatten()
-                    .all(|c| c.role != Role::Active || c.quota == 0);
-                if done || now_us >= s.deadline_us {
+                if self.untaken == 0 || now_us >= s.deadline_us {
                     self.measure(now_us, s);
                     self.begin(now_us);
                     return true;
@@ -344,6 +341,8 @@ impl Planner {
                 && c.rate < self.cfg.straggler * median
                 && (c.written - c.acked) as f64 >= backlog
             {
+                self.untaken -= c.quota;
+                c.quota = 0;
                 c.role = Role::Reserve;
                 self.stats.stragglers_dropped += 1;
             }
@@ -386,11 +385,13 @@ impl Planner {
         let sum: f64 = active.iter().sum();
         let n = active.len().max(1) as f64;
         let total = self.cfg.subtransfer_bytes as f64;
+        self.untaken = 0;
         for c in self.conns.iter_mut().flatten() {
             if c.role == Role::Active {
                 let share = if sum > 0.0 { c.rate / sum } else { 1.0 / n };
                 c.quota = (total * share).ceil().max(1.0) as u64;
                 c.acked_at_start = c.acked;
+                self.untaken += c.quota;
             }
         }
         let expected_us = if sum > 0.0 { total / sum * 1e6 } else { 1e6 };

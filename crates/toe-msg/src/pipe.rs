@@ -9,7 +9,7 @@
 //! numbered by the pipe ([`Pipe::add_conn`]); the shell says when one is gone
 //! ([`Pipe::conn_down`]). TLS, when used, sits between the shell and the pipe.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::frame::{decode, Frame, FrameError, RefuseReason, HEADER_LEN};
 use crate::session::{Config, Event, Session};
@@ -109,6 +109,14 @@ pub struct Pipe {
     /// fills return at once, so an idle pipe of many connections costs no scan of its
     /// sessions per connection.
     quiet: bool,
+    /// The sessions' next timers, (µs, session), earliest first: of every session
+    /// but those in `dirty`. A pass asks for them without a scan of the sessions.
+    timers: BTreeSet<(u64, u32)>,
+    /// Each session's entry in `timers`.
+    timer_of: BTreeMap<u32, u64>,
+    /// Sessions the application had in hand ([`Pipe::session`]) since: their timers and
+    /// notifications are looked at again before they count.
+    dirty: BTreeSet<u32>,
 }
 
 impl Pipe {
@@ -129,6 +137,9 @@ impl Pipe {
             resent_bytes: 0,
             data_spans: Vec::new(),
             quiet: false,
+            timers: BTreeSet::new(),
+            timer_of: BTreeMap::new(),
+            dirty: BTreeSet::new(),
         }
     }
 
@@ -195,12 +206,14 @@ impl Pipe {
             .insert(id, Session::open(id, principal, self.cfg.session));
         self.turn.push_back(id);
         self.quiet = false;
+        self.touched(id);
         id
     }
 
     /// Session `id`, to send, receive, accept or close.
     pub fn session(&mut self, id: u32) -> Option<&mut Session> {
         self.quiet = false;
+        self.dirty.insert(id);
         self.sessions.get_mut(&id)
     }
 
@@ -259,15 +272,38 @@ impl Pipe {
             self.turn.push_back(id);
         }
         // Other frames of a session this side does not know (it ended) are dropped.
-        self.collect(id);
+        self.touched(id);
     }
 
-    fn collect(&mut self, id: u32) {
-        if let Some(s) = self.sessions.get_mut(&id) {
-            while let Some(event) = s.poll_event() {
-                self.events.push_back(PipeEvent::Session { id, event });
-            }
+    /// Session `id` may have changed: take its notifications and its next timer.
+    fn touched(&mut self, id: u32) {
+        if let Some(old) = self.timer_of.remove(&id) {
+            self.timers.remove(&(old, id));
         }
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        while let Some(event) = s.poll_event() {
+            self.events.push_back(PipeEvent::Session { id, event });
+        }
+        if let Some(at) = s.next_deadline() {
+            self.timers.insert((at, id));
+            self.timer_of.insert(id, at);
+        }
+    }
+
+    /// Look again at the sessions the application had in hand.
+    fn settle(&mut self) {
+        for id in std::mem::take(&mut self.dirty) {
+            self.touched(id);
+        }
+    }
+
+    /// Whether a [`Pipe::fill`] may give frames now: `false` means it would give
+    /// none (no frames to carry again, and no session had a frame since the last fill
+    /// found none), so a shell need not ask its connections' sockets for room.
+    pub fn has_frames(&self) -> bool {
+        !self.quiet || !self.resend.is_empty()
     }
 
     /// Append to `out` the frames connection `conn` is to carry now, up to about
@@ -314,9 +350,10 @@ impl Pipe {
                 }
             };
             let finished = s.finished();
-            self.collect(id);
+            self.touched(id);
             if finished {
                 self.sessions.remove(&id);
+                self.touched(id);
                 // It leaves the round: the idle count is of the sessions that stay.
                 if !gave {
                     idle -= 1;
@@ -332,26 +369,34 @@ impl Pipe {
 
     /// Run every session's timers at `now_us`.
     pub fn on_time(&mut self, now_us: u64) {
+        self.settle();
         let due: Vec<u32> = self
-            .sessions
+            .timers
             .iter()
-            .filter(|(_, s)| s.next_deadline().is_some_and(|d| d <= now_us))
-            .map(|(&id, _)| id)
+            .take_while(|&&(at, _)| at <= now_us)
+            .map(|&(_, id)| id)
             .collect();
         for id in due {
             if let Some(s) = self.sessions.get_mut(&id) {
                 s.on_time(now_us);
                 self.quiet = false;
             }
-            self.collect(id);
+            self.touched(id);
         }
     }
 
     /// When [`Pipe::on_time`] is due next, µs.
     pub fn next_deadline(&self) -> Option<u64> {
-        self.sessions
-            .values()
-            .filter_map(Session::next_deadline)
+        let held = self
+            .dirty
+            .iter()
+            .filter_map(|id| self.sessions.get(id))
+            .filter_map(Session::next_deadline);
+        self.timers
+            .first()
+            .map(|&(at, _)| at)
+            .into_iter()
+            .chain(held)
             .min()
     }
 
@@ -359,10 +404,7 @@ impl Pipe {
     /// them since).
     pub fn poll_event(&mut self) -> Option<PipeEvent> {
         if self.events.is_empty() {
-            let ids: Vec<u32> = self.sessions.keys().copied().collect();
-            for id in ids {
-                self.collect(id);
-            }
+            self.settle();
         }
         self.events.pop_front()
     }

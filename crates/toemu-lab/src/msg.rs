@@ -12,7 +12,7 @@
 //! `DIR/PIPE-SESSION/NNNNNN` (or only hashes them) and reports per session: messages,
 //! bytes and the SHA-256 of their concatenation.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -86,6 +86,11 @@ pub(crate) fn unix_now() -> u64 {
 /// A byte stream under a [`Link`]; `C` is what it needs to move bytes (nothing for a std
 /// socket, the host driver for an emulated TOE connection).
 pub(crate) trait Sock<C: ?Sized> {
+    /// The shell tells a pass which links have news ([`Link::wake`]: data in, sends
+    /// acknowledged, connected, closed), so a pass reads only those and a pipe of many
+    /// idle connections costs little per pass. Without news (`false`), every pass reads
+    /// every link.
+    const NEWS: bool = false;
     /// Append the bytes that have arrived to `raw`; `Ok(false)` once the peer ended its
     /// stream.
     fn recv(&mut self, cx: &mut C, raw: &mut Vec<u8>) -> io::Result<bool>;
@@ -131,33 +136,42 @@ impl Sock<()> for TcpStream {
 /// Plaintext a link holds before it stops asking the pipe for frames, bytes.
 const LINK_ROOM: usize = 256 << 10;
 
-/// One connection of a pipe.
+/// One connection of a pipe. `repr(C)` with the fields every [`pass`] looks at first: a
+/// pass over a thousand links touches one cache line of each (the socket and TLS state
+/// make a link over a kilobyte).
+#[repr(C)]
 pub(crate) struct Link<S> {
-    pub(crate) sock: S,
-    /// Who is at the other end, for logs.
-    label: String,
-    tls: Option<Tls>,
-    /// Bytes to write to the socket.
-    out: Vec<u8>,
-    /// Plaintext received before the hello was complete.
-    hello: Vec<u8>,
+    pub(crate) dead: bool,
+    /// The socket has news for the next [`pass`] (set by the shell when its sockets
+    /// give news, [`Sock::NEWS`]; a new link starts with it).
+    pub(crate) wake: bool,
+    /// The socket took no more bytes ([`Sock::can_take`] was false): passes leave it
+    /// alone until it has news. Only with [`Sock::NEWS`].
+    blocked: bool,
     /// (pipe ID, connection number in it) once it joined.
     joined: Option<(u64, usize)>,
-    /// The opener's end: the pipe it joins once its handshake is over (an acceptor's
-    /// learns its pipe from the hello).
-    join_to: Option<u64>,
+    /// Bytes to write to the socket.
+    out: Vec<u8>,
     /// Plaintext the TLS layer did not take yet.
     pending: Vec<u8>,
-    pub(crate) dead: bool,
-    /// Why it died, if it failed.
-    pub(crate) error: Option<String>,
-    /// Bytes written to the socket, in all.
-    written: u64,
     /// Data frames this link carries that TCP has not acknowledged yet, kept to resend
     /// elsewhere should they wait too long: (the stream offset their last byte ends at,
     /// when they were queued (µs), their plaintext). Bounded by the socket's
     /// unacknowledged bytes.
     held: std::collections::VecDeque<(u64, u64, Vec<u8>)>,
+    /// Bytes written to the socket, in all.
+    written: u64,
+    pub(crate) sock: S,
+    /// Who is at the other end, for logs.
+    label: String,
+    tls: Option<Tls>,
+    /// Plaintext received before the hello was complete.
+    hello: Vec<u8>,
+    /// The opener's end: the pipe it joins once its handshake is over (an acceptor's
+    /// learns its pipe from the hello).
+    join_to: Option<u64>,
+    /// Why it died, if it failed.
+    pub(crate) error: Option<String>,
 }
 
 impl<S> Link<S> {
@@ -176,6 +190,8 @@ impl<S> Link<S> {
             error: None,
             written: 0,
             held: std::collections::VecDeque::new(),
+            wake: true,
+            blocked: false,
         }
     }
 
@@ -231,9 +247,16 @@ impl<S> Link<S> {
         S: Sock<C>,
     {
         self.queue(plain);
-        while !self.out.is_empty() && self.sock.can_take(cx) {
+        while !self.out.is_empty() {
+            if !self.sock.can_take(cx) {
+                self.blocked = S::NEWS;
+                break;
+            }
             let n = self.sock.send(cx, &self.out)?;
             if n == 0 {
+                // Full for now: an acknowledgement of what it holds is news that frees
+                // room (with nothing unacknowledged there may be none: it is tried again).
+                self.blocked = S::NEWS && self.sock.unacked(cx).is_some_and(|u| u > 0);
                 break;
             }
             self.written += n as u64;
@@ -313,10 +336,56 @@ impl Flow {
 /// The pipes of one end, by pipe ID, and the limits a new one gets.
 pub(crate) struct Pipes {
     pub(crate) cfg: PipeConfig,
-    pub(crate) map: HashMap<u64, Pipe>,
+    /// A B-tree: lookups per link cost a compare or two (a pipe or a few), and
+    /// iteration goes in ID order (replays are deterministic).
+    pub(crate) map: BTreeMap<u64, Pipe>,
     /// The link the next [`pass`] serves first: passes take turns, so a pacer's
     /// allowance is not always spent by the same connections.
     pub(crate) first: usize,
+    /// Which links the next pass visits, with sockets that give news ([`Sock::NEWS`]).
+    pub(crate) visit: Visit,
+}
+
+/// The links a [`pass`] visits when the shell's sockets give news: those with news,
+/// those with bytes waiting for their socket, and (while a pipe has frames to give) those
+/// with room. A pass costs what moves, not the number of links. Indices into the
+/// shell's links; a shell that removes or reorders links sets `all`.
+#[derive(Debug, Default)]
+pub(crate) struct Visit {
+    /// The next pass visits every link (and sorts them into the sets again).
+    pub(crate) all: bool,
+    /// Links with news since the last pass (each also has [`Link::wake`]).
+    pub(crate) woke: Vec<usize>,
+    /// Links with bytes for a socket that was not known to be full.
+    flushing: BTreeSet<usize>,
+    /// Links with room for frames whose socket was not known to be full.
+    ready: BTreeSet<usize>,
+}
+
+impl Visit {
+    /// Link `i` has news.
+    pub(crate) fn wake<S>(&mut self, links: &mut [Link<S>], i: usize) {
+        if let Some(l) = links.get_mut(i) {
+            l.wake = true;
+            self.woke.push(i);
+        }
+    }
+
+    /// Sort link `i` into the sets after a visit.
+    fn sort<S>(&mut self, i: usize, l: &Link<S>) {
+        let waiting = !l.out.is_empty() || !l.pending.is_empty();
+        let open = !l.dead && !l.blocked;
+        if open && waiting {
+            self.flushing.insert(i);
+        } else {
+            self.flushing.remove(&i);
+        }
+        if open && !waiting && l.joined.is_some() {
+            self.ready.insert(i);
+        } else {
+            self.ready.remove(&i);
+        }
+    }
 }
 
 impl Pipes {
@@ -333,10 +402,14 @@ pub(crate) struct Passed {
     pub(crate) moved: bool,
     /// A connection with room waited for the pacer: when it lets bytes go again, µs.
     pub(crate) paced_until: Option<u64>,
+    /// A link died in this pass (the shell retires it).
+    pub(crate) dropped: bool,
 }
 
 /// One pass over `links`: bytes in go to their pipes, frames out go to the connections
-/// with room, as much as `pacing` (if any) lets go now. Log lines go to `log`.
+/// with room, as much as `pacing` (if any) lets go now. Log lines go to `log`. With
+/// sockets that give news ([`Sock::NEWS`]) it visits only the links of
+/// [`Pipes::visit`]; otherwise every link.
 pub(crate) fn pass<C: ?Sized, S: Sock<C>>(
     links: &mut [Link<S>],
     cx: &mut C,
@@ -345,12 +418,9 @@ pub(crate) fn pass<C: ?Sized, S: Sock<C>>(
     flow: Option<&mut Flow>,
     log: &mut impl FnMut(String),
 ) -> Passed {
-    let cfg = pipes.cfg;
-    let first = pipes.first % links.len().max(1);
+    let n = links.len();
+    let first = pipes.first % n.max(1);
     pipes.first = first + 1;
-    let pipes = &mut pipes.map;
-    let mut moved = false;
-    let mut paced_until = None;
     let (mut pacing, mut planner) = match flow {
         Some(f) => (f.pacing.as_mut(), f.planner.as_mut()),
         None => (None, None),
@@ -364,127 +434,86 @@ pub(crate) fn pass<C: ?Sized, S: Sock<C>>(
             }
         }
     }
-    let (head, tail) = links.split_at_mut(first);
-    for l in tail.iter_mut().chain(head).filter(|l| !l.dead) {
-        let plain = match l.read(cx) {
-            Ok(p) => p,
-            Err(e) => {
-                log(format!("toemu msg: connection {} dropped: {e}", l.label));
-                l.dead = true;
-                l.error = Some(e.to_string());
-                continue;
-            }
-        };
-        moved |= !plain.is_empty();
-        let mut plain = &plain[..];
-        if let (None, Some(id), true) = (l.joined, l.join_to, l.secured()) {
-            // Authenticated: it joins the pipe.
-            let p = pipes.entry(id).or_insert_with(|| Pipe::new(cfg));
-            let c = p.add_conn();
-            l.joined = Some((id, c));
-            if let Some(b) = planner.as_deref_mut() {
-                b.add_conn(c, l.acked(cx), now_us);
-            }
-        }
-        if l.joined.is_none() && l.secured() {
-            let take = (HELLO_LEN - l.hello.len()).min(plain.len());
-            l.hello.extend_from_slice(&plain[..take]);
-            plain = &plain[take..];
-            if let Ok(h) = <[u8; HELLO_LEN]>::try_from(&l.hello[..]) {
-                match parse_hello(&h) {
-                    Some(id) => {
-                        let p = pipes.entry(id).or_insert_with(|| Pipe::new(cfg));
-                        l.joined = Some((id, p.add_conn()));
-                    }
-                    None => {
-                        log(format!(
-                            "toemu msg: {} opened without the pipe hello, dropped",
-                            l.label
-                        ));
-                        l.dead = true;
-                        continue;
-                    }
-                }
-            }
-        }
-        if let Some((id, c)) = l.joined {
-            if let Some(p) = pipes.get_mut(&id) {
-                p.on_bytes(c, plain, now_us);
-            }
-        }
-        let mut frames = Vec::new();
-        if let (Some((id, c)), Some(b)) = (l.joined, planner.as_deref_mut()) {
-            let acked = l.acked(cx);
-            b.on_progress(c, l.written, acked, now_us);
-            let stall_us = b
-                .min_rtt_us()
-                .map_or(MIN_STALL_US, |r| (STALL_RTTS * r).max(MIN_STALL_US));
-            if let Some(p) = pipes.get_mut(&id) {
-                l.resend_stalled(acked, now_us, stall_us, p);
-            }
-        }
-        let mut held = Vec::new();
-        let priming = match (l.joined, planner.as_deref()) {
-            (Some((_, c)), Some(b)) => b.prime(c),
-            _ => 0,
-        };
-        if let (Some((id, c)), true, true) = (l.joined, l.has_room(), l.sock.can_take(cx)) {
-            let quota = match planner.as_deref() {
-                Some(b) => b.quota(c),
-                None => usize::MAX,
-            };
-            let room = pacing
-                .as_deref_mut()
-                .map_or(FILL_BYTES, |p| p.allowance(now_us).min(FILL_BYTES))
-                .min(quota);
-            match pipes.get_mut(&id) {
-                // Priming goes first, unpaced: it is what grows the window.
-                Some(p) if priming > 0 => {
-                    let n = priming.min(FILL_BYTES);
-                    let max = p.max_frame_body().max(1);
-                    let mut left = n;
-                    while left > 0 {
-                        let len = left.min(max);
-                        Frame::Prime { len: len as u32 }.encode(&mut frames);
-                        left -= len;
-                    }
-                    if let Some(b) = planner.as_deref_mut() {
-                        b.primed(c, n);
-                    }
-                }
-                // A reserve, or a connection done with its share: it takes nothing.
-                Some(_) if quota == 0 => {}
-                Some(p) if room > 0 => {
-                    let n = p.fill(c, &mut frames, room, now_us);
-                    if let Some(p) = pacing.as_deref_mut() {
-                        p.consume(n);
-                    }
-                    if let Some(b) = planner.as_deref_mut() {
-                        b.took(c, n);
-                        for r in p.data_spans() {
-                            held.extend_from_slice(&frames[r.clone()]);
-                        }
-                    }
-                }
-                Some(_) => {
-                    let at = pacing.as_deref().map_or(now_us, |p| p.ready_at(now_us, 1));
-                    paced_until = Some(paced_until.map_or(at, |t: u64| t.min(at)));
-                }
-                None => {}
-            }
-        }
-        moved |= !frames.is_empty();
-        if let Err(e) = l.write(cx, &frames) {
-            log(format!("toemu msg: write to {} failed: {e}", l.label));
-            l.dead = true;
-            l.error = Some(e.to_string());
-        }
-        if !held.is_empty() {
-            let end = l.queued_end();
-            l.held.push_back((end, now_us, held));
+    let visit = &mut pipes.visit;
+    // A planner hears from every connection on every pass (few connections).
+    let all = !S::NEWS || planner.is_some() || std::mem::take(&mut visit.all);
+    let mut turn = Turn {
+        cfg: pipes.cfg,
+        pipes: &mut pipes.map,
+        now_us,
+        pacing,
+        planner,
+        moved: false,
+        paced_until: None,
+        log,
+    };
+    // In turn from `first`.
+    let rank = |i: usize| (i + n - first) % n.max(1);
+    let mut visited: Vec<usize> = if all {
+        visit.woke.clear();
+        visit.flushing.clear();
+        visit.ready.clear();
+        (first..n).chain(0..first).collect()
+    } else {
+        let mut v: Vec<usize> = visit
+            .woke
+            .drain(..)
+            .chain(visit.flushing.iter().copied())
+            .filter(|&i| i < n)
+            .collect();
+        v.sort_unstable_by_key(|&i| rank(i));
+        v.dedup();
+        v
+    };
+    for &i in &visited {
+        let l = &mut links[i];
+        let woke = std::mem::take(&mut l.wake) || !S::NEWS;
+        turn.serve(l, woke, cx);
+        if S::NEWS {
+            visit.sort(i, l);
         }
     }
-    for l in links.iter_mut().filter(|l| l.dead) {
+    if !all {
+        // The links with room, in turn, while a pipe has frames for them.
+        let news_visited = visited.len();
+        let mut at = first;
+        let mut lap = 0;
+        while turn.pacing.is_some() || turn.pipes.values().any(Pipe::has_frames) {
+            let end = if lap == 0 { n } else { first };
+            let Some(i) = visit.ready.range(at..end).next().copied() else {
+                if lap == 1 {
+                    break;
+                }
+                (lap, at) = (1, 0);
+                continue;
+            };
+            at = i + 1;
+            if visited[..news_visited]
+                .binary_search_by_key(&rank(i), |&j| rank(j))
+                .is_ok()
+            {
+                continue;
+            }
+            let l = &mut links[i];
+            turn.serve(l, false, cx);
+            visit.sort(i, l);
+            visited.push(i);
+        }
+    }
+    let Turn {
+        pipes,
+        mut planner,
+        moved,
+        paced_until,
+        ..
+    } = turn;
+    let mut dropped = false;
+    for &i in &visited {
+        let l = &mut links[i];
+        if !l.dead {
+            continue;
+        }
+        dropped = true;
         if let Some((id, c)) = l.joined.take() {
             if let Some(p) = pipes.get_mut(&id) {
                 p.conn_down(c);
@@ -501,7 +530,175 @@ pub(crate) fn pass<C: ?Sized, S: Sock<C>>(
     for p in pipes.values_mut() {
         p.on_time(now_us);
     }
-    Passed { moved, paced_until }
+    Passed {
+        moved,
+        paced_until,
+        dropped,
+    }
+}
+
+/// What a [`pass`] works with while it serves one link after another.
+struct Turn<'a, L> {
+    cfg: PipeConfig,
+    pipes: &'a mut BTreeMap<u64, Pipe>,
+    now_us: u64,
+    pacing: Option<&'a mut Pacing>,
+    planner: Option<&'a mut Planner>,
+    moved: bool,
+    paced_until: Option<u64>,
+    log: &'a mut L,
+}
+
+impl<L: FnMut(String)> Turn<'_, L> {
+    /// Serve one link: read it if `woke` (its socket has news), hand its pipe what it
+    /// read, give it frames if it has room, and write.
+    fn serve<C: ?Sized, S: Sock<C>>(&mut self, l: &mut Link<S>, woke: bool, cx: &mut C) {
+        if l.dead {
+            return;
+        }
+        if woke {
+            l.blocked = false;
+            let plain = match l.read(cx) {
+                Ok(p) => p,
+                Err(e) => {
+                    (self.log)(format!("toemu msg: connection {} dropped: {e}", l.label));
+                    l.dead = true;
+                    l.error = Some(e.to_string());
+                    return;
+                }
+            };
+            self.moved |= !plain.is_empty();
+            let mut plain = &plain[..];
+            if let (None, Some(id), true) = (l.joined, l.join_to, l.secured()) {
+                // Authenticated: it joins the pipe.
+                let p = self.pipes.entry(id).or_insert_with(|| Pipe::new(self.cfg));
+                let c = p.add_conn();
+                l.joined = Some((id, c));
+                if let Some(b) = self.planner.as_deref_mut() {
+                    b.add_conn(c, l.acked(cx), self.now_us);
+                }
+            }
+            if l.joined.is_none() && l.secured() {
+                let take = (HELLO_LEN - l.hello.len()).min(plain.len());
+                l.hello.extend_from_slice(&plain[..take]);
+                plain = &plain[take..];
+                if let Ok(h) = <[u8; HELLO_LEN]>::try_from(&l.hello[..]) {
+                    match parse_hello(&h) {
+                        Some(id) => {
+                            let p = self.pipes.entry(id).or_insert_with(|| Pipe::new(self.cfg));
+                            l.joined = Some((id, p.add_conn()));
+                        }
+                        None => {
+                            (self.log)(format!(
+                                "toemu msg: {} opened without the pipe hello, dropped",
+                                l.label
+                            ));
+                            l.dead = true;
+                            return;
+                        }
+                    }
+                }
+            }
+            if let Some((id, c)) = l.joined {
+                if let Some(p) = self.pipes.get_mut(&id) {
+                    p.on_bytes(c, plain, self.now_us);
+                }
+            }
+        }
+        let mut frames = Vec::new();
+        if let (Some((id, c)), Some(b)) = (l.joined, self.planner.as_deref_mut()) {
+            let acked = l.acked(cx);
+            b.on_progress(c, l.written, acked, self.now_us);
+            let stall_us = b
+                .min_rtt_us()
+                .map_or(MIN_STALL_US, |r| (STALL_RTTS * r).max(MIN_STALL_US));
+            if let Some(p) = self.pipes.get_mut(&id) {
+                l.resend_stalled(acked, self.now_us, stall_us, p);
+            }
+        }
+        let mut held = Vec::new();
+        let priming = match (l.joined, self.planner.as_deref()) {
+            (Some((_, c)), Some(b)) => b.prime(c),
+            _ => 0,
+        };
+        // Whether the socket is worth asking (a driver call): there is something to give
+        // it, or a pacer to tell when there will be.
+        if let (Some((id, c)), true, false) = (l.joined, l.has_room(), l.blocked) {
+            let wants = priming > 0
+                || self.pacing.is_some()
+                || self.pipes.get(&id).is_some_and(Pipe::has_frames);
+            if !wants {
+                // Nothing to give it now.
+            } else if !l.sock.can_take(cx) {
+                // Its news (connected, sends acknowledged) unblocks it.
+                l.blocked = S::NEWS;
+            } else {
+                let quota = match self.planner.as_deref() {
+                    Some(b) => b.quota(c),
+                    None => usize::MAX,
+                };
+                let now_us = self.now_us;
+                let room = self
+                    .pacing
+                    .as_deref_mut()
+                    .map_or(FILL_BYTES, |p| p.allowance(now_us).min(FILL_BYTES))
+                    .min(quota);
+                match self.pipes.get_mut(&id) {
+                    // Priming goes first, unpaced: it is what grows the window.
+                    Some(p) if priming > 0 => {
+                        let n = priming.min(FILL_BYTES);
+                        let max = p.max_frame_body().max(1);
+                        let mut left = n;
+                        while left > 0 {
+                            let len = left.min(max);
+                            Frame::Prime { len: len as u32 }.encode(&mut frames);
+                            left -= len;
+                        }
+                        if let Some(b) = self.planner.as_deref_mut() {
+                            b.primed(c, n);
+                        }
+                    }
+                    // A reserve, or a connection done with its share: it takes nothing.
+                    Some(_) if quota == 0 => {}
+                    Some(p) if room > 0 => {
+                        let n = p.fill(c, &mut frames, room, self.now_us);
+                        if let Some(p) = self.pacing.as_deref_mut() {
+                            p.consume(n);
+                        }
+                        if let Some(b) = self.planner.as_deref_mut() {
+                            b.took(c, n);
+                            for r in p.data_spans() {
+                                held.extend_from_slice(&frames[r.clone()]);
+                            }
+                        }
+                    }
+                    Some(_) => {
+                        let at = self
+                            .pacing
+                            .as_deref()
+                            .map_or(self.now_us, |p| p.ready_at(self.now_us, 1));
+                        self.paced_until = Some(self.paced_until.map_or(at, |t: u64| t.min(at)));
+                    }
+                    None => {}
+                }
+            }
+        }
+        self.moved |= !frames.is_empty();
+        // A link with bytes waiting for its socket, or new frames, writes; one whose
+        // socket took nothing waits for its news.
+        let to_write = woke || !frames.is_empty() || !l.out.is_empty() || !l.pending.is_empty();
+        if to_write && !l.blocked {
+            if let Err(e) = l.write(cx, &frames) {
+                (self.log)(format!("toemu msg: write to {} failed: {e}", l.label));
+                l.dead = true;
+                l.error = Some(e.to_string());
+            }
+        }
+        if !held.is_empty() {
+            let end = l.queued_end();
+            l.held.push_back((end, self.now_us, held));
+        }
+    }
 }
 
 /// Bytes of frames a connection takes per pass, at most.
@@ -556,8 +753,9 @@ impl Server {
             dir,
             pipes: Pipes {
                 cfg,
-                map: HashMap::new(),
+                map: BTreeMap::new(),
                 first: 0,
+                visit: Visit::default(),
             },
             got: HashMap::new(),
             results: Vec::new(),
@@ -1109,8 +1307,9 @@ impl Sender {
             pipe_id,
             pipes: Pipes {
                 cfg: o.pipe,
-                map: HashMap::from([(pipe_id, pipe)]),
+                map: BTreeMap::from([(pipe_id, pipe)]),
                 first: 0,
+                visit: Visit::default(),
             },
             data: o.data.clone(),
             plan: o.plan(),

@@ -136,15 +136,15 @@ impl Sock<()> for TcpStream {
 /// Plaintext a link holds before it stops asking the pipe for frames, bytes.
 const LINK_ROOM: usize = 256 << 10;
 
-/// One connection of a pipe. `repr(C)` with the fields every [`pass`] looks at first: a
-/// pass over a thousand links touches one cache line of each (the socket and TLS state
-/// make a link over a kilobyte).
+/// One connection of a pipe. `repr(C)` with the fields a [`pass`] looks at first: a pass
+/// that visits every link (std sockets, a planner, links that came or went) touches one
+/// cache line of each (the socket and TLS state make a link over a kilobyte).
 #[repr(C)]
 pub(crate) struct Link<S> {
     pub(crate) dead: bool,
     /// The socket has news for the next [`pass`] (set by the shell when its sockets
     /// give news, [`Sock::NEWS`]; a new link starts with it).
-    pub(crate) wake: bool,
+    wake: bool,
     /// The socket took no more bytes ([`Sock::can_take`] was false): passes leave it
     /// alone until it has news. Only with [`Sock::NEWS`].
     blocked: bool,
@@ -355,7 +355,7 @@ pub(crate) struct Visit {
     /// The next pass visits every link (and sorts them into the sets again).
     pub(crate) all: bool,
     /// Links with news since the last pass (each also has [`Link::wake`]).
-    pub(crate) woke: Vec<usize>,
+    woke: Vec<usize>,
     /// Links with bytes for a socket that was not known to be full.
     flushing: BTreeSet<usize>,
     /// Links with room for frames whose socket was not known to be full.

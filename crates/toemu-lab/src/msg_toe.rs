@@ -5,13 +5,12 @@
 //! shells of [`crate::msg`]; only the byte stream differs: a driver connection
 //! ([`ConnIo`], received data accepted in place, sent data copied into host memory).
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 
-use std::collections::HashMap;
-use toe_bus::time::Instant;
-
 use toe_bus::ring::ConnId;
+use toe_bus::time::Instant;
 use toe_driver::{AppEvent, ConnState, Driver};
 use toemu_apps::{App, ConnIo, RxMode};
 

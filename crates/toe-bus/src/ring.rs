@@ -296,6 +296,27 @@ pub enum Command {
         /// Differentiated Services Code Point, 0..=63.
         dscp: u8,
     },
+    /// Set the NIC's egress shaper (seed 003 #2, spacing packets): the connections it paces
+    /// ([`Command::Pace`]) send at most `bytes_per_s` bytes of TCP payload per second
+    /// between them, with bursts of at most `burst_bytes`; the NIC serves the ones waiting
+    /// for the shaper in turn, a segment each, so no connection starves. A connection that
+    /// waits keeps its data in its own send buffer (nothing is dropped, nothing queues in
+    /// the NIC). `bytes_per_s` 0 turns the shaper off: every connection sends as TCP lets
+    /// it.
+    Shape {
+        /// Payload bytes per second, shared by the paced connections; 0: off.
+        bytes_per_s: u64,
+        /// The most payload bytes sent at once after an idle spell, bytes.
+        burst_bytes: u32,
+    },
+    /// Put the connection under the NIC's egress shaper ([`Command::Shape`]), or take it
+    /// out.
+    Pace {
+        /// Connection.
+        conn: ConnId,
+        /// Paced from now on (true) or not (false).
+        on: bool,
+    },
     /// Ask the engine to send: `request` in the protocol's encoding (for iSCSI: a PDU
     /// header with inline data or a range of a registered buffer, or "this buffer as data
     /// PDUs"). Carried out in order, as the socket's send buffer takes the bytes.

@@ -152,6 +152,18 @@ pub fn describe_command(
             f.push(("len", request.len() as u64));
             ("UlpSend", Some(*conn), None)
         }
+        Command::Shape {
+            bytes_per_s,
+            burst_bytes,
+        } => {
+            f.push(("bytes_per_s", *bytes_per_s));
+            f.push(("burst", u64::from(*burst_bytes)));
+            ("Shape", None, None)
+        }
+        Command::Pace { conn, on } => {
+            f.push(("on", u64::from(*on)));
+            ("Pace", Some(*conn), None)
+        }
         Command::Mark { conn, dscp } => {
             f.push(("dscp", u64::from(*dscp)));
             ("Mark", Some(*conn), None)

@@ -936,6 +936,25 @@ impl Driver {
         Ok(())
     }
 
+    /// Set the NIC's egress shaper: the connections under it ([`Driver::set_paced`]) send
+    /// at most `bytes_per_s` bytes of TCP payload per second between them, in bursts of at
+    /// most `burst_bytes`, a segment each in turn; 0 turns it off (see
+    /// [`Command::Shape`]).
+    pub fn set_shaper(&mut self, bytes_per_s: u64, burst_bytes: u32) {
+        self.send_cmd(Command::Shape {
+            bytes_per_s,
+            burst_bytes,
+        });
+    }
+
+    /// Put the connection under the NIC's egress shaper, or take it out (see
+    /// [`Command::Pace`]).
+    pub fn set_paced(&mut self, conn: ConnId, on: bool) -> Result<(), DriverError> {
+        self.conn(conn)?;
+        self.send_cmd(Command::Pace { conn, on });
+        Ok(())
+    }
+
     /// The next report of the connection's engine slot.
     pub fn take_ulp(&mut self, conn: ConnId) -> Result<Option<UlpNote>, DriverError> {
         Ok(self.conn_mut(conn)?.ulp.pop_front())

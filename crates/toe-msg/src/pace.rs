@@ -4,7 +4,9 @@
 //!
 //! - [`DeliveryRate`]: each acknowledgement of a message gives a sample, the bytes
 //!   acknowledged since the message started over the time since (the way BBR samples per
-//!   packet, here per message); the estimate is the largest sample of a recent window.
+//!   packet, here per message); or, where the transport says what TCP acknowledged
+//!   ([`DeliveryRate::on_acked`]), the bytes acknowledged over the last round trip; the
+//!   estimate is the largest sample of a recent window.
 //! - [`Pacer`]: a token bucket at a rate, with a burst.
 //! - [`Pacing`]: the two with a gain that probes for more bandwidth, one round (the
 //!   shortest message latency seen) at a time: a start-up at twice the estimate until it
@@ -23,7 +25,8 @@ pub struct DeliveryRate {
     /// (time, bytes acknowledged by then), one per acknowledgement, oldest first; bounded
     /// by [`HISTORY`].
     history: VecDeque<(u64, u64)>,
-    /// (time, bytes per second), within the window.
+    /// (time, bytes per second), within the window, each larger than every later one (a
+    /// monotonic queue: the front is the window's largest sample).
     samples: VecDeque<(u64, f64)>,
     min_latency_us: Option<u64>,
 }
@@ -69,7 +72,48 @@ impl DeliveryRate {
         let sample = before
             .filter(|_| latency_us > 0)
             .map(|b| (self.delivered - b) as f64 * 1e6 / latency_us as f64);
+        self.sample(now_us, sample);
+        sample
+    }
+
+    /// By `now_us` the transport acknowledged `bytes` more (from TCP's acknowledgements,
+    /// 0 if none): the sample is what it acknowledged over the last `interval_us` or more
+    /// (a round trip: shorter spans see ACK bunching, not the bottleneck). Returns the
+    /// sample, if the history reaches back that far.
+    pub fn on_acked(&mut self, now_us: u64, bytes: u64, interval_us: u64) -> Option<f64> {
+        let interval_us = interval_us.max(1);
+        let total = self.delivered + bytes;
+        // (No sample before the history spans a whole interval.)
+        let then = now_us.checked_sub(interval_us).and_then(|from| {
+            let i = self.history.iter().rposition(|&(t, _)| t <= from)?;
+            Some(self.history[i])
+        });
+        self.delivered = total;
+        // Points at least 1/32 of the interval apart: a round trip of history in 32
+        // points, whatever the call rate.
+        let spaced = self
+            .history
+            .back()
+            .is_none_or(|&(t, _)| now_us >= t + (interval_us / 32).max(1));
+        if spaced {
+            if self.history.len() == HISTORY {
+                self.history.pop_front();
+            }
+            self.history.push_back((now_us, total));
+        }
+        let sample = then
+            .filter(|&(t, _)| now_us > t)
+            .map(|(t, b)| (total - b) as f64 * 1e6 / (now_us - t) as f64);
+        self.sample(now_us, sample);
+        sample
+    }
+
+    /// Keep `sample` (if any) in the max filter and forget what left the window.
+    fn sample(&mut self, now_us: u64, sample: Option<f64>) {
         if let Some(r) = sample {
+            while self.samples.back().is_some_and(|&(_, b)| b <= r) {
+                self.samples.pop_back();
+            }
             self.samples.push_back((now_us, r));
         }
         while self
@@ -79,17 +123,16 @@ impl DeliveryRate {
         {
             self.samples.pop_front();
         }
-        sample
     }
 
     /// The estimate, bytes per second: the largest sample of the window (`None` before
     /// the first).
     pub fn rate(&self) -> Option<f64> {
-        self.samples.iter().map(|&(_, r)| r).reduce(f64::max)
+        self.samples.front().map(|&(_, r)| r)
     }
 
     /// The shortest message latency seen, µs (a round trip plus a message's
-    /// serialization).
+    /// serialization; `None` with [`DeliveryRate::on_acked`] only).
     pub fn min_latency_us(&self) -> Option<u64> {
         self.min_latency_us
     }
@@ -180,16 +223,20 @@ pub struct PacingConfig {
     pub window_us: u64,
     /// The start-up's gain over the estimate.
     pub startup_gain: f64,
+    /// Rounds without a quarter's growth of the estimate that end the start-up.
+    pub startup_flat_rounds: u32,
 }
 
 impl Default for PacingConfig {
-    /// 10 MB/s at first, 64 KiB bursts, a 2 s window, start-up at 2×.
+    /// 10 MB/s at first, 64 KiB bursts, a 2 s window, start-up at 2× until three rounds
+    /// without growth.
     fn default() -> Self {
         PacingConfig {
             initial_bytes_per_s: 10e6,
             burst_bytes: 64 << 10,
             window_us: 2_000_000,
             startup_gain: 2.0,
+            startup_flat_rounds: 3,
         }
     }
 }
@@ -236,10 +283,25 @@ impl Pacing {
     /// A message of `bytes` was acknowledged at `now_us`, `latency_us` after it started.
     pub fn on_ack(&mut self, now_us: u64, bytes: u64, latency_us: u64) {
         self.est.on_ack(now_us, bytes, latency_us);
+        let round = self.est.min_latency_us().unwrap_or(latency_us).max(1);
+        self.advance(now_us, round);
+    }
+
+    /// By `now_us` TCP acknowledged `bytes` more of the paced connections (0 if none);
+    /// `round_us` is the round trip (what priming measured): the samples span it, and so
+    /// do the gain cycle's rounds. For transports that say what TCP acknowledged; use it
+    /// or [`Pacing::on_ack`], not both.
+    pub fn on_delivered(&mut self, now_us: u64, bytes: u64, round_us: u64) {
+        let round = round_us.max(1);
+        self.est.on_acked(now_us, bytes, round);
+        self.advance(now_us, round);
+    }
+
+    /// Rounds of `round_us`: the phase moves on and the rate follows the estimate.
+    fn advance(&mut self, now_us: u64, round: u64) {
         let Some(rate) = self.est.rate() else {
             return;
         };
-        let round = self.est.min_latency_us().unwrap_or(latency_us).max(1);
         if now_us >= self.round_start_us + round {
             self.round_start_us = now_us;
             self.phase = match self.phase {
@@ -250,8 +312,8 @@ impl Pacing {
                     } else {
                         self.flat_rounds += 1;
                     }
-                    // Flat for three rounds: cruise, draining the start-up's queue first.
-                    if self.flat_rounds >= 3 {
+                    // Flat for long enough: cruise, draining the start-up's queue first.
+                    if self.flat_rounds >= self.cfg.startup_flat_rounds.max(1) {
                         Phase::Cruise(1)
                     } else {
                         Phase::Startup
@@ -260,11 +322,13 @@ impl Pacing {
                 Phase::Cruise(i) => Phase::Cruise((i + 1) % CYCLE.len()),
             };
         }
-        let gain = match self.phase {
-            Phase::Startup => self.cfg.startup_gain,
-            Phase::Cruise(i) => CYCLE[i],
+        let next = match self.phase {
+            // The start-up never slows down: its first samples span less than a round
+            // of data (and the seed from priming may be above them).
+            Phase::Startup => (self.cfg.startup_gain * rate).max(self.pacer.rate()),
+            Phase::Cruise(i) => CYCLE[i] * rate,
         };
-        self.pacer.set_rate(now_us, gain * rate);
+        self.pacer.set_rate(now_us, next);
     }
 
     /// Before the first estimate: start from `bytes_per_s` measured another way (what
@@ -336,6 +400,38 @@ mod tests {
         }
         let r = d.rate().unwrap();
         assert!((r - 50e6).abs() < 3e6, "{r}");
+    }
+
+    #[test]
+    fn acknowledged_totals_give_the_rate_of_the_last_round_trip() {
+        // 64 KiB acknowledged every 640 µs (about 102 MB/s), reported on every 160 µs pass
+        // (most passes report nothing), with 50 ms round trips.
+        let mut d = DeliveryRate::new(500_000);
+        let mut first = None;
+        for i in 0..2000u64 {
+            let bytes = if i % 4 == 3 { 64 << 10 } else { 0 };
+            let s = d.on_acked(i * 160, bytes, 50_000);
+            if s.is_some() && first.is_none() {
+                first = Some(i * 160);
+            }
+        }
+        assert!(
+            first.is_some_and(|t| t >= 50_000),
+            "no sample before a round trip"
+        );
+        let r = d.rate().unwrap();
+        assert!((r - 102.4e6).abs() < 3e6, "{r}");
+        assert_eq!(d.delivered(), 500 * (64 << 10));
+        // The rate halves: the max filter keeps the old peak for its window, then follows.
+        let mut p = Pacing::new(PacingConfig {
+            window_us: 500_000,
+            ..PacingConfig::default()
+        });
+        for i in 0..2000u64 {
+            p.on_delivered(i * 1000, if i < 1000 { 100_000 } else { 50_000 }, 50_000);
+        }
+        let e = p.estimate().unwrap();
+        assert!((e - 50e6).abs() < 3e6, "{e}");
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod nic;
 pub mod offload;
 pub mod pcap;
 pub mod phy;
+mod shape;
 mod sockets;
 pub mod ulp;
 

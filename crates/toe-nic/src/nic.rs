@@ -24,6 +24,7 @@ use toe_bus::{
 
 use crate::offload::{OffloadCtx, OffloadStats, Plan};
 use crate::phy::{FlowKey, Ingress, NicDevice, Phy, PhyStats};
+use crate::shape::Shaper;
 use crate::sockets::{Owner, SockId, Sockets, SynAck};
 use crate::ulp::{UlpConn, UlpFactory, UlpStats};
 
@@ -182,6 +183,9 @@ pub struct NicStats {
     pub psh_out_of_window: u64,
     /// Passive connection ids skipped because they were still in use (after a wrap).
     pub ids_skipped: u64,
+    /// Times a paced connection had a segment to send and waited for the egress shaper
+    /// ([`Command::Shape`]).
+    pub shaper_waits: u64,
     /// ACKs owed for received data and held back (the stack's delayed ACK, or a longer
     /// [`Command::AckHold`]).
     pub acks_delayed: u64,
@@ -312,6 +316,8 @@ pub struct Nic<P: Phy> {
     now: Instant,
     /// The NIC's timeline under the cost model.
     busy: Busy,
+    /// The egress shaper of the paced connections ([`Command::Shape`]).
+    shaper: Shaper,
 }
 
 impl<P: Phy> std::fmt::Debug for Nic<P> {
@@ -441,6 +447,7 @@ impl<P: Phy> Nic<P> {
             engines: Vec::new(),
             now,
             busy: Busy::default(),
+            shaper: Shaper::new(),
         }
     }
 
@@ -526,6 +533,7 @@ impl<P: Phy> Nic<P> {
             self.socks.next_deadline(),
             self.dev.phy().poll_at(),
             self.bus.next_due(),
+            self.shaper.has_waiting().then(|| self.shaper.ready_at(now)),
         ]
         .into_iter()
         .flatten()
@@ -578,7 +586,7 @@ impl<P: Phy> Nic<P> {
                     continue;
                 }
                 let before = self.socks.get(id).state();
-                progress |= self.socks.egress(&mut self.iface, &mut self.dev, now, id);
+                progress |= self.egress(id, now);
                 if self.socks.get(id).state() != before {
                     self.socks.mark(id);
                 }
@@ -588,6 +596,7 @@ impl<P: Phy> Nic<P> {
                 self.release(conn);
             }
         }
+        progress |= self.serve_shaper(now);
         self.scratch_socks = work;
         if let Some((phy0, mem0)) = before {
             let (phy, mem) = (self.dev.stats(), self.dma.memory().stats().snapshot());
@@ -602,6 +611,103 @@ impl<P: Phy> Nic<P> {
         }
         progress |= self.bus.flush();
         progress
+    }
+
+    /// Egress of socket `id` at `now`: as TCP lets it or, for a connection under the
+    /// egress shaper, as the shaper lets it (when it must wait, it joins the shaper's queue
+    /// with its data still in its send buffer). Returns true if a frame went out.
+    fn egress(&mut self, id: SockId, now: Instant) -> bool {
+        if !(self.shaper.on() && self.socks.paced(id)) {
+            return self.socks.egress(&mut self.iface, &mut self.dev, now, id);
+        }
+        if self.socks.waiting(id) {
+            return false; // its turn comes
+        }
+        if self.shaper.has_waiting() || !self.shaper.may_send(now) {
+            if self.socks.wants_egress(&mut self.iface, now, id) {
+                self.wait(id);
+            } else {
+                self.socks.settle(&mut self.iface, now, id);
+            }
+            return false;
+        }
+        self.paced_turn(id, now, usize::MAX)
+    }
+
+    /// Send up to `most` segments of paced socket `id` while the shaper has tokens; if it
+    /// has more to send then, it waits for its next turn.
+    fn paced_turn(&mut self, id: SockId, now: Instant, most: usize) -> bool {
+        let mut sent = false;
+        let mut stepped = 0;
+        while stepped < most && self.shaper.may_send(now) {
+            let before = self.dev.tx_payload_bytes();
+            if !self
+                .socks
+                .egress_step(&mut self.iface, &mut self.dev, now, id)
+            {
+                // Nothing more to send (or it cannot: no neighbour yet).
+                self.socks.settle(&mut self.iface, now, id);
+                return sent;
+            }
+            sent = true;
+            stepped += 1;
+            self.shaper.spend(self.dev.tx_payload_bytes() - before);
+        }
+        if self.socks.wants_egress(&mut self.iface, now, id) {
+            self.wait(id);
+        } else {
+            self.socks.settle(&mut self.iface, now, id);
+        }
+        sent
+    }
+
+    /// Paced socket `id` waits for the shaper, behind the others.
+    fn wait(&mut self, id: SockId) {
+        self.socks.set_waiting(id, true);
+        self.shaper.push(id);
+        self.stats.shaper_waits += 1;
+    }
+
+    /// Serve the shaper's queue while it has tokens: a segment per connection per turn.
+    fn serve_shaper(&mut self, now: Instant) -> bool {
+        let mut progress = false;
+        while self.shaper.has_waiting() && self.shaper.may_send(now) {
+            let Some(id) = self.shaper.pop() else {
+                break;
+            };
+            if !self.socks.waiting(id) {
+                continue; // gone, or taken out of the shaper
+            }
+            self.socks.set_waiting(id, false);
+            let before = self.socks.get(id).state();
+            progress |= self.paced_turn(id, now, 1);
+            if self.socks.get(id).state() != before {
+                self.socks.mark(id);
+            }
+        }
+        progress
+    }
+
+    /// Let every connection waiting for the shaper go on as TCP lets it (the shaper was
+    /// turned off, or `only` was taken out of it).
+    fn release_waiting(&mut self, only: Option<SockId>) {
+        match only {
+            Some(id) => {
+                if self.socks.waiting(id) {
+                    self.socks.set_waiting(id, false);
+                    self.socks.mark(id);
+                }
+            }
+            None => {
+                let ids: Vec<SockId> = self.shaper.drain().collect();
+                for id in ids {
+                    if self.socks.waiting(id) {
+                        self.socks.set_waiting(id, false);
+                        self.socks.mark(id);
+                    }
+                }
+            }
+        }
     }
 
     /// Every received frame, one at a time, each against the one socket it belongs to.
@@ -801,7 +907,8 @@ impl<P: Phy> Nic<P> {
             | Command::UlpRelease { conn, .. }
             | Command::UlpSend { conn, .. }
             | Command::AckHold { conn, .. }
-            | Command::Mark { conn, .. } => Some(*conn),
+            | Command::Mark { conn, .. }
+            | Command::Pace { conn, .. } => Some(*conn),
             _ => None,
         };
         if let Some(conn) = conn {
@@ -1041,6 +1148,24 @@ impl<P: Phy> Nic<P> {
                     None => self.refuse(Some(conn), format!("Mark: unknown connection {conn}")),
                 }
             }
+            Command::Shape {
+                bytes_per_s,
+                burst_bytes,
+            } => {
+                self.shaper.set(now, bytes_per_s, burst_bytes);
+                if !self.shaper.on() {
+                    self.release_waiting(None);
+                }
+            }
+            Command::Pace { conn, on } => match self.conns.get(&conn).map(|c| c.handle) {
+                Some(h) => {
+                    self.socks.set_paced(h, on);
+                    if !on {
+                        self.release_waiting(Some(h));
+                    }
+                }
+                None => self.refuse(Some(conn), format!("Pace: unknown connection {conn}")),
+            },
             Command::UlpSend { conn, request } => {
                 match self.conns.get_mut(&conn).and_then(|c| c.ulp.as_mut()) {
                     Some(u) if u.running() => u.send(request),

@@ -318,6 +318,9 @@ pub struct PhyStats {
     pub psh_dropped: u64,
     /// Frames sent with a DSCP mark of their connection ([`NicDevice::set_mark`]).
     pub tx_marked: u64,
+    /// TCP payload bytes sent (retransmissions included; headers not): what the egress
+    /// shaper counts.
+    pub tx_payload_bytes: u64,
 }
 
 /// Most embryonic flows (a SYN seen, no offloaded connection yet) the tap tracks at once; a
@@ -369,6 +372,11 @@ impl<P: Phy> NicDevice<P> {
             marks: HashMap::new(),
             stats: PhyStats::default(),
         }
+    }
+
+    /// TCP payload bytes sent so far ([`PhyStats::tx_payload_bytes`]).
+    pub fn tx_payload_bytes(&self) -> u64 {
+        self.stats.tx_payload_bytes
     }
 
     /// Counters.
@@ -575,23 +583,33 @@ impl<P: Phy> NicDevice<P> {
     }
 }
 
-/// Whether Ethernet frame `f` is a pure TCP ACK over IPv4: no payload, ACK set, none of
-/// SYN, FIN and RST. Anything unparsable is not.
-pub fn is_pure_ack(f: &[u8]) -> bool {
+/// The TCP payload length and flags byte of IPv4 Ethernet frame `f`; `None` if it is not
+/// an IPv4 TCP segment with consistent header lengths.
+fn tcp_payload(f: &[u8]) -> Option<(usize, u8)> {
     const ETH: usize = 14;
     if f.len() < ETH + 20 || f[12..14] != [0x08, 0x00] || f[ETH + 9] != 6 {
-        return false;
+        return None;
     }
     let ihl = usize::from(f[ETH] & 0x0f) * 4;
     let total = usize::from(u16::from_be_bytes([f[ETH + 2], f[ETH + 3]]));
     let tcp = ETH + ihl;
     if ihl < 20 || f.len() < tcp + 20 {
-        return false;
+        return None;
     }
     let doff = usize::from(f[tcp + 12] >> 4) * 4;
-    let flags = f[tcp + 13];
+    Some((total.checked_sub(ihl + doff)?, f[tcp + 13]))
+}
+
+/// Whether Ethernet frame `f` is a pure TCP ACK over IPv4: no payload, ACK set, none of
+/// SYN, FIN and RST. Anything unparsable is not.
+pub fn is_pure_ack(f: &[u8]) -> bool {
+    tcp_payload(f).is_some_and(pure_ack)
+}
+
+/// Whether a segment of payload length and flags `(len, flags)` is a pure ACK.
+fn pure_ack((len, flags): (usize, u8)) -> bool {
     let (fin, syn, rst, ack) = (0x01, 0x02, 0x04, 0x10);
-    total == ihl + doff && flags & ack != 0 && flags & (fin | syn | rst) == 0
+    len == 0 && flags & ack != 0 && flags & (fin | syn | rst) == 0
 }
 
 /// The flow an outgoing IPv4 TCP frame belongs to, seen from its sender; `None` for any
@@ -659,7 +677,10 @@ impl<P: Phy> phy::TxToken for TxTok<'_, P> {
         }
         self.stats.tx_frames += 1;
         self.stats.tx_bytes += len as u64;
-        self.stats.tx_pure_acks += u64::from(is_pure_ack(&frame));
+        if let Some(seg) = tcp_payload(&frame) {
+            self.stats.tx_pure_acks += u64::from(pure_ack(seg));
+            self.stats.tx_payload_bytes += seg.0 as u64;
+        }
         if self.phy.send(self.now, frame).is_err() {
             // `transmit` checked `can_send`; a port that still refuses loses the frame, as a
             // full hardware queue would. TCP retransmits.

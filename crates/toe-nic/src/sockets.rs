@@ -35,6 +35,14 @@ use crate::phy::FlowKey;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(crate) struct SockId(u32);
 
+#[cfg(test)]
+impl SockId {
+    /// The ID of slot `i` (tests of other modules).
+    pub(crate) fn from_raw(i: u32) -> Self {
+        SockId(i)
+    }
+}
+
 /// Who a socket belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Owner {
@@ -69,6 +77,10 @@ struct Slot {
     /// Whether this socket's SYN-ACK went out (only meaningful in SYN-RECEIVED).
     syn_ack: SynAck,
     dirty: bool,
+    /// Under the NIC's egress shaper ([`crate::shape`]).
+    paced: bool,
+    /// In the shaper's queue (its entry there is live).
+    waiting: bool,
     /// Stamp order (lower: older): set when the socket is made and again by
     /// [`Sockets::stamp`]; the NIC stamps a backlog socket when it takes a SYN, so the
     /// oldest half-open one is the one with the lowest stamp.
@@ -121,6 +133,8 @@ impl Sockets {
             queued: None,
             syn_ack: SynAck::NotTried,
             dirty: false,
+            paced: false,
+            waiting: false,
             seq: self.seq,
         };
         let id = match self.free.pop() {
@@ -341,6 +355,55 @@ impl Sockets {
             None => &mut self.empty,
         };
         iface.poll_ingress_single(now, dev, set);
+    }
+
+    /// Whether `id` is under the egress shaper.
+    pub(crate) fn paced(&self, id: SockId) -> bool {
+        self.slot(id).paced
+    }
+    /// Put `id` under the egress shaper or take it out.
+    pub(crate) fn set_paced(&mut self, id: SockId, on: bool) {
+        self.slot_mut(id).paced = on;
+    }
+    /// Whether `id` waits in the shaper's queue.
+    pub(crate) fn waiting(&self, id: SockId) -> bool {
+        self.contains(id) && self.slot(id).waiting
+    }
+    /// Record that `id` waits in the shaper's queue (true) or left it (false). While it
+    /// waits it has no deadline: its turn is when it is served (timers included).
+    pub(crate) fn set_waiting(&mut self, id: SockId, on: bool) {
+        if let Some(s) = self.slots.get_mut(id.0 as usize).and_then(Option::as_mut) {
+            s.waiting = on;
+        }
+        if on {
+            self.set_deadline(id, None);
+        }
+    }
+
+    /// One egress step of socket `id` at `now` (at most one segment). Returns true if
+    /// something went out. Call [`Sockets::settle`] after the last step.
+    pub(crate) fn egress_step<D: smoltcp::phy::Device>(
+        &mut self,
+        iface: &mut Interface,
+        dev: &mut D,
+        now: Instant,
+        id: SockId,
+    ) -> bool {
+        let s = self.slot_mut(id);
+        iface.poll_egress(now, dev, &mut s.set) == PollResult::SocketStateChanged
+    }
+
+    /// Whether socket `id` has something to send at `now` (smoltcp would send it).
+    pub(crate) fn wants_egress(&self, iface: &mut Interface, now: Instant, id: SockId) -> bool {
+        iface
+            .poll_at(now, &self.slot(id).set)
+            .is_some_and(|t| t <= now)
+    }
+
+    /// Register socket `id`'s next deadline after egress.
+    pub(crate) fn settle(&mut self, iface: &mut Interface, now: Instant, id: SockId) {
+        let at = iface.poll_at(now, &self.slot(id).set);
+        self.set_deadline(id, at);
     }
 
     /// Transmit what socket `id` has to send at `now`, then register its next deadline.

@@ -279,8 +279,13 @@ pub fn bulk_run(o: &BulkOptions, mode: BulkMode) -> io::Result<BulkRun> {
         so.pacing = Some(PacingConfig {
             initial_bytes_per_s: o.link.bytes_per_s / 10.0,
             window_us: (o.link.rtt_ms * 10_000.0) as u64,
+            startup_flat_rounds: 2,
             ..PacingConfig::default()
         });
+        // Packets are spaced in the NIC (its egress shaper), from TCP's acknowledgements;
+        // two flat rounds end the start-up (three let its queue overflow the bottleneck's
+        // half a BDP).
+        so.pace_packets = true;
     }
     let mut s = toe_host::config::Settings::default();
     s.mtu = o.link.mtu;

@@ -161,6 +161,8 @@ pub(crate) struct Link<S> {
     held: std::collections::VecDeque<(u64, u64, Vec<u8>)>,
     /// Bytes written to the socket, in all.
     written: u64,
+    /// Of those, what TCP acknowledged by the last look (packet pacing counts it).
+    acked_seen: u64,
     pub(crate) sock: S,
     /// Who is at the other end, for logs.
     label: String,
@@ -189,6 +191,7 @@ impl<S> Link<S> {
             dead: false,
             error: None,
             written: 0,
+            acked_seen: 0,
             held: std::collections::VecDeque::new(),
             wake: true,
             blocked: false,
@@ -309,6 +312,12 @@ impl<S> Link<S> {
 pub(crate) struct Flow {
     pub(crate) pacing: Option<Pacing>,
     pub(crate) planner: Option<Planner>,
+    /// The pacing rate spaces packets (the shell hands it to the NIC's egress shaper), not
+    /// what goes to the connections: [`pass`] then fills them as fast as they take it.
+    pub(crate) packets: bool,
+    /// The round trip packet pacing's samples and rounds span, µs (the shortest time
+    /// from opening a connection to its being connected); `None`: not known yet.
+    pub(crate) round_us: Option<u64>,
 }
 
 /// With a planner, data frames a connection has not delivered this many of the shortest
@@ -319,7 +328,23 @@ const STALL_RTTS: u64 = 4;
 /// The shortest stall, µs (about smoltcp's shortest retransmission timeout).
 const MIN_STALL_US: u64 = 200_000;
 
+/// Packet pacing before a handshake measured the round trip: the estimate's samples and
+/// the gain cycle's rounds span this, µs.
+const DEFAULT_ROUND_US: u64 = 100_000;
+
 impl Flow {
+    /// The rate the NIC's egress shaper should pace at now, payload bytes per second:
+    /// with packet pacing, once data flows (priming runs unpaced: it is what grows the
+    /// windows); `None` otherwise.
+    pub(crate) fn packet_rate(&self) -> Option<f64> {
+        let p = self.pacing.as_ref().filter(|_| self.packets)?;
+        let data = self
+            .planner
+            .as_ref()
+            .is_none_or(|b| b.stats().data_from_us.is_some());
+        data.then(|| p.rate())
+    }
+
     /// When the pacer or the planner is due next, µs (`paced_until` from the last
     /// pass).
     pub(crate) fn next_deadline(&self, paced_until: Option<u64>) -> Option<u64> {
@@ -421,9 +446,9 @@ pub(crate) fn pass<C: ?Sized, S: Sock<C>>(
     let n = links.len();
     let first = pipes.first % n.max(1);
     pipes.first = first + 1;
-    let (mut pacing, mut planner) = match flow {
-        Some(f) => (f.pacing.as_mut(), f.planner.as_mut()),
-        None => (None, None),
+    let (packets, round_us, mut pacing, mut planner) = match flow {
+        Some(f) => (f.packets, f.round_us, f.pacing.as_mut(), f.planner.as_mut()),
+        None => (false, None, None, None),
     };
     if let Some(p) = planner.as_deref_mut() {
         let before_data = p.stats().subtransfers == 0;
@@ -434,6 +459,13 @@ pub(crate) fn pass<C: ?Sized, S: Sock<C>>(
             }
         }
     }
+    // Packet pacing spaces what the connections send; what they take is not paced, and
+    // what TCP acknowledged is counted for its estimate.
+    let (pacing, packet_pacing) = if packets {
+        (None, pacing)
+    } else {
+        (pacing, None)
+    };
     let visit = &mut pipes.visit;
     // A planner hears from every connection on every pass (few connections).
     let all = !S::NEWS || planner.is_some() || std::mem::take(&mut visit.all);
@@ -445,6 +477,8 @@ pub(crate) fn pass<C: ?Sized, S: Sock<C>>(
         planner,
         moved: false,
         paced_until: None,
+        count_acked: packet_pacing.is_some(),
+        acked: 0,
         log,
     };
     // In turn from `first`.
@@ -505,8 +539,18 @@ pub(crate) fn pass<C: ?Sized, S: Sock<C>>(
         mut planner,
         moved,
         paced_until,
+        acked,
         ..
     } = turn;
+    if let Some(p) = packet_pacing {
+        // Once data flows (priming is not paced).
+        if planner
+            .as_deref()
+            .is_none_or(|b| b.stats().data_from_us.is_some())
+        {
+            p.on_delivered(now_us, acked, round_us.unwrap_or(DEFAULT_ROUND_US));
+        }
+    }
     let mut dropped = false;
     for &i in &visited {
         let l = &mut links[i];
@@ -546,6 +590,9 @@ struct Turn<'a, L> {
     planner: Option<&'a mut Planner>,
     moved: bool,
     paced_until: Option<u64>,
+    /// Count what TCP acknowledged on the links served, into `acked` (bytes).
+    count_acked: bool,
+    acked: u64,
     log: &'a mut L,
 }
 
@@ -606,6 +653,11 @@ impl<L: FnMut(String)> Turn<'_, L> {
             }
         }
         let mut frames = Vec::new();
+        if self.count_acked {
+            let a = l.acked(cx);
+            self.acked += a.saturating_sub(l.acked_seen);
+            l.acked_seen = l.acked_seen.max(a);
+        }
         if let (Some((id, c)), Some(b)) = (l.joined, self.planner.as_deref_mut()) {
             let acked = l.acked(cx);
             b.on_progress(c, l.written, acked, self.now_us);
@@ -1013,6 +1065,11 @@ pub struct SendOptions {
     /// Pace what goes to the connections from the delivery-rate estimate (`None`: as
     /// fast as they take it).
     pub pacing: Option<PacingConfig>,
+    /// With `pacing`, on the emulated TOE: space packets instead. The NIC's egress shaper
+    /// paces the connections' TCP segments at the pacing rate, a segment each in turn, and
+    /// messages go to the connections as fast as they take them. std TCP paces messages
+    /// either way.
+    pub pace_packets: bool,
     /// The transfer's service-level objective: its connections' packets carry its DSCP
     /// (`None`: unmarked).
     pub slo: Option<Slo>,
@@ -1035,6 +1092,7 @@ impl SendOptions {
             message_max_bytes: None,
             pipe: PipeConfig::default(),
             pacing: None,
+            pace_packets: false,
             slo: None,
             bulk: None,
         }
@@ -1330,6 +1388,8 @@ impl Sender {
             flow: Flow {
                 pacing: o.pacing.map(Pacing::new),
                 planner: o.bulk.map(Planner::new),
+                packets: false,
+                round_us: None,
             },
             progress: Vec::new(),
             queued_at: HashMap::new(),
@@ -1457,7 +1517,8 @@ impl Sender {
                         peer_delivered_us: None,
                     });
                     self.acked += len;
-                    if let Some(p) = &mut self.flow.pacing {
+                    // (Packet pacing counts TCP's acknowledgements instead.)
+                    if let Some(p) = self.flow.pacing.as_mut().filter(|_| !self.flow.packets) {
                         p.on_ack(now_us, len, latency_us);
                     }
                     self.progress.push((now_us, self.acked));

@@ -79,6 +79,12 @@ struct ToeLinks {
     index: HashMap<ConnId, usize>,
     /// Links came or went since the last [`ToeLinks::wake`]: the next pass visits all.
     changed: bool,
+    /// When the opener's connections were opened, µs.
+    opened_us: Option<u64>,
+    /// The shortest time from opening a connection to its being connected, µs: the
+    /// handshake's round trip, without queueing (on a host's first connections, the ARP
+    /// exchange's too).
+    round_us: Option<u64>,
 }
 
 impl ToeLinks {
@@ -94,11 +100,20 @@ impl ToeLinks {
 
     /// Take the driver's application events (this app owns the host's connections):
     /// each wakes its connection's link in `visit`; errors are logged.
-    fn wake(&mut self, d: &mut Driver, visit: &mut Visit, log: &mut Vec<String>) {
+    fn wake(&mut self, d: &mut Driver, now_us: u64, visit: &mut Visit, log: &mut Vec<String>) {
         visit.all |= std::mem::take(&mut self.changed);
         while let Some((c, e)) = d.take_event() {
-            if let AppEvent::Error(why) = &e {
-                log.push(format!("toemu msg: the NIC reported for {c:?}: {why}"));
+            match &e {
+                AppEvent::Error(why) => {
+                    log.push(format!("toemu msg: the NIC reported for {c:?}: {why}"));
+                }
+                AppEvent::Connected => {
+                    if let Some(t) = self.opened_us {
+                        let rtt = now_us.saturating_sub(t).max(1);
+                        self.round_us = Some(self.round_us.map_or(rtt, |r| r.min(rtt)));
+                    }
+                }
+                _ => {}
             }
             if let Some(&i) = self.index.get(&c) {
                 visit.wake(&mut self.links, i);
@@ -242,7 +257,7 @@ impl App for MsgServerApp {
                 .push(Link::accepted(ConnIo::new(c, RxMode::InPlace), label, tls));
         }
         self.links
-            .wake(d, &mut self.server.pipes.visit, &mut self.log);
+            .wake(d, micros(now), &mut self.server.pipes.visit, &mut self.log);
         let now_us = micros(now);
         self.now_us = now_us;
         let log = &mut self.log;
@@ -287,6 +302,9 @@ pub struct MsgSendApp {
     error: Option<String>,
     /// The pacer held a connection back until then, µs.
     paced_until: Option<u64>,
+    /// The rate last given to the NIC's egress shaper, payload bytes per second (packet
+    /// pacing).
+    shaped: Option<u64>,
     /// Bytes a connection holds unacknowledged before it takes no more frames.
     conn_send_bytes: usize,
     log: Vec<String>,
@@ -306,8 +324,10 @@ impl MsgSendApp {
     /// A sender of `opts` with `security`; `pipe_id` names its pipe (a seed, for
     /// deterministic replays).
     pub fn new(opts: SendOptions, security: Security, pipe_id: u64) -> Self {
+        let mut sender = Sender::new(&opts, pipe_id);
+        sender.flow.packets = opts.pace_packets && opts.pacing.is_some();
         MsgSendApp {
-            sender: Sender::new(&opts, pipe_id),
+            sender,
             opts,
             security,
             links: ToeLinks::default(),
@@ -317,6 +337,7 @@ impl MsgSendApp {
             finished: None,
             error: None,
             paced_until: None,
+            shaped: None,
             conn_send_bytes: 4 << 20,
             log: Vec::new(),
         }
@@ -355,6 +376,7 @@ impl MsgSendApp {
         };
         if self.started.is_none() {
             self.started = Some(now);
+            self.links.opened_us = Some(micros(now));
             for _ in 0..self.opts.connections.max(1) {
                 let c = d
                     .connect(to, 0, None)
@@ -362,6 +384,10 @@ impl MsgSendApp {
                 if let Some(slo) = self.opts.slo {
                     // Behind the Connect on the command ring: the SYN is marked too.
                     d.set_dscp(c, slo.dscp())
+                        .map_err(|e| io::Error::other(e.to_string()))?;
+                }
+                if self.sender.flow.packets {
+                    d.set_paced(c, true)
                         .map_err(|e| io::Error::other(e.to_string()))?;
                 }
                 let tls = self.security.client(&self.opts.principal, self.unix_s)?;
@@ -374,7 +400,8 @@ impl MsgSendApp {
         let now_us = micros(now);
         self.sender.feed(now_us)?;
         self.links
-            .wake(d, &mut self.sender.pipes.visit, &mut self.log);
+            .wake(d, now_us, &mut self.sender.pipes.visit, &mut self.log);
+        self.sender.flow.round_us = self.links.round_us;
         let log = &mut self.log;
         let passed = pass(
             &mut self.links.links,
@@ -388,6 +415,7 @@ impl MsgSendApp {
         let moved = passed.moved;
         self.sender
             .handle(now_us, &mut |_| {}, &mut |l| log.push(l))?;
+        self.shape(d);
         let done = self.sender.done();
         if done {
             for l in &mut self.links.links {
@@ -403,6 +431,28 @@ impl MsgSendApp {
         Ok(moved)
     }
 }
+
+impl MsgSendApp {
+    /// Packet pacing: give the NIC's egress shaper the pacing rate when it moved by more
+    /// than [`SHAPE_STEP`] (a command per change, not per pass).
+    fn shape(&mut self, d: &mut Driver) {
+        let Some(rate) = self.sender.flow.packet_rate() else {
+            return;
+        };
+        let rate = rate.max(1.0) as u64;
+        let moved = self
+            .shaped
+            .is_none_or(|r| rate.abs_diff(r) as f64 > SHAPE_STEP * r as f64);
+        if moved {
+            let burst = self.opts.pacing.map_or(64 << 10, |p| p.burst_bytes);
+            d.set_shaper(rate, burst.min(u32::MAX as usize) as u32);
+            self.shaped = Some(rate);
+        }
+    }
+}
+
+/// The relative change of the pacing rate that reaches the NIC's shaper.
+const SHAPE_STEP: f64 = 0.01;
 
 impl App for MsgSendApp {
     fn name(&self) -> &'static str {

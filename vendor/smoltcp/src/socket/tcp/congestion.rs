@@ -10,6 +10,20 @@ pub(super) mod cubic;
 #[cfg(feature = "socket-tcp-reno")]
 pub(super) mod reno;
 
+/// RFC 6928's initial window for a connection of `mss` bytes: min(10 × MSS, max(2 × MSS,
+/// 14,600 bytes)). (toemu: upstream starts at two segments of a 536- or 1024-byte MSS.)
+#[allow(unused)]
+pub(super) fn initial_window(mss: usize) -> usize {
+    (10 * mss).min((2 * mss).max(14_600))
+}
+
+/// RFC 3465's appropriate byte counting in slow start: an ACK grows the window by the
+/// bytes it acknowledges, up to this many segments (L = 2), so that delayed ACKs (one per
+/// two segments) still double the window each round trip. (toemu: upstream grows by one
+/// segment per ACK.)
+#[allow(unused)]
+pub(super) const ABC_LIMIT: usize = 2;
+
 #[allow(unused_variables)]
 pub(super) trait Controller {
     /// Returns the number of bytes that can be sent.

@@ -78,7 +78,7 @@ impl Controller for Cubic {
     }
 
     fn on_ack(&mut self, now: Instant, len: usize, in_flight: usize, rtt: &RttEstimator) {
-        let segment = len.min(self.mss);
+        let segment = len.min(super::ABC_LIMIT * self.mss);
 
         self.absorb_idle(now);
 
@@ -104,7 +104,7 @@ impl Controller for Cubic {
             self.w_est = self.cwnd as f64;
             return;
         } else if self.cwnd < self.ssthresh {
-            // Slow start: increase `cwnd` by 1 MSS per ACK.
+            // Slow start: increase `cwnd` by the bytes ACKed, up to ABC_LIMIT segments.
             self.cwnd = self
                 .cwnd
                 .saturating_add(segment)
@@ -231,7 +231,12 @@ impl Controller for Cubic {
     }
 
     fn set_mss(&mut self, mss: usize) {
+        // Set once, from the handshake, before any data: the initial window follows.
         self.mss = mss;
+        self.cwnd = super::initial_window(mss);
+        self.w_max = self.cwnd;
+        self.w_est = self.cwnd as f64;
+        self.cwnd_prior = self.cwnd;
         self.recompute_k();
     }
 

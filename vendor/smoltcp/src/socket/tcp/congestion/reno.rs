@@ -57,8 +57,8 @@ impl Controller for Reno {
         }
 
         let inc = if self.cwnd < self.ssthresh {
-            // Slow start: increase `cwnd` by 1 MSS per ACK.
-            len.min(self.mss)
+            // Slow start: increase `cwnd` by the bytes ACKed, up to ABC_LIMIT segments.
+            len.min(super::ABC_LIMIT * self.mss)
         } else {
             // Congestion avoidance: increase by ~1 MSS per RTT.
             (self.mss * self.mss / self.cwnd).max(1)
@@ -100,7 +100,9 @@ impl Controller for Reno {
     }
 
     fn set_mss(&mut self, mss: usize) {
+        // Set once, from the handshake, before any data: the initial window follows.
         self.mss = mss;
+        self.cwnd = super::initial_window(mss);
     }
 
     fn set_remote_window(&mut self, remote_window: usize) {

@@ -309,7 +309,9 @@ impl Pacing {
                     if rate > self.best * 1.25 {
                         self.best = rate;
                         self.flat_rounds = 0;
-                    } else {
+                    } else if self.cfg.startup_gain * rate >= self.pacer.rate() {
+                        // Flat only counts once the estimate drives the rate: below a
+                        // seed it has not caught up with what is being sent yet.
                         self.flat_rounds += 1;
                     }
                     // Flat for long enough: cruise, draining the start-up's queue first.

@@ -254,6 +254,10 @@ pub struct Session {
     /// When the SYNC or FIN waits for an answer until, µs.
     ctrl_deadline: Option<u64>,
     closing: bool,
+    /// The peer's FIN came while messages waited for the application: the FIN-ACK goes
+    /// once it took the last of them, after their acknowledgements (which tell the peer
+    /// when each was taken).
+    fin_ack_owed: bool,
     // --- sending
     out: VecDeque<Out>,
     out_bytes: usize,
@@ -284,6 +288,7 @@ impl Session {
             ctrl: VecDeque::new(),
             ctrl_deadline: None,
             closing: false,
+            fin_ack_owed: false,
             out: VecDeque::new(),
             out_bytes: 0,
             next_handle: 1,
@@ -467,6 +472,10 @@ impl Session {
         // A retired message waiting behind it is released now.
         self.deliver();
         self.ack(msg, 0, received_us, now_us.max(1));
+        if self.fin_ack_owed && self.ready.is_empty() {
+            self.fin_ack_owed = false;
+            self.ctrl.push_back(Frame::FinAck { session: self.id });
+        }
         Some((msg, data))
     }
 
@@ -671,7 +680,11 @@ impl Session {
                 }
             }
             Frame::Fin { .. } if matches!(self.state, State::Ready | State::SendingFin) => {
-                self.ctrl.push_back(Frame::FinAck { session: self.id });
+                if self.ready.is_empty() {
+                    self.ctrl.push_back(Frame::FinAck { session: self.id });
+                } else {
+                    self.fin_ack_owed = true;
+                }
                 if self.state == State::Ready {
                     // The peer closed first: what it will not take fails here.
                     self.state = State::Closed;
@@ -837,6 +850,11 @@ impl Session {
         delivered_us: u64,
         now_us: u64,
     ) {
+        if self.state == State::SendingFin && self.ctrl_deadline.is_some() {
+            // The peer is alive and still handing messages to its application: its
+            // FIN-ACK follows the last of them, so the wait for it starts again.
+            self.ctrl_deadline = Some(now_us.saturating_add(self.cfg.timeout_us));
+        }
         // Credits only grow: an older acknowledgement that arrives late changes nothing.
         self.peer.max_msg = self.peer.max_msg.max(window.max_msg);
         self.peer.max_bytes = self.peer.max_bytes.max(window.max_bytes);

@@ -381,6 +381,45 @@ fn refused_and_closed_sessions_say_so() {
     assert_eq!(lone.poll_event(), Some(Event::Error(SessionError::Timeout)));
 }
 
+#[test]
+fn deliveries_after_the_fin_still_reach_the_opener_before_it_closes() {
+    // Seed 003 #3's receiver timestamps: the application takes its last messages after
+    // the peer's FIN; their acknowledgements (with when each was taken) go before the
+    // FIN-ACK, so the opener's latency log is complete when it is closed.
+    let mut p = Pair::new(cfg(), cfg());
+    for i in 0..3 {
+        p.a.send(message(i, 9000), 0).unwrap();
+    }
+    p.a.close();
+    p.pump(false); // all acknowledged as received, none taken; the FIN arrives
+    assert_eq!(p.a.out_pending(), 0);
+    assert_eq!(
+        p.a.state(),
+        State::SendingFin,
+        "the FIN-ACK waits for the application"
+    );
+    assert_eq!(p.b.state(), State::Closed);
+    let delivered = |p: &Pair| {
+        p.events_a
+            .iter()
+            .filter(|e| matches!(e, Event::Delivered { peer_delivered_us, .. } if *peer_delivered_us > 0))
+            .count()
+    };
+    assert_eq!(delivered(&p), 0);
+    p.now = 5_000;
+    p.pump(true);
+    assert_eq!(p.got.len(), 3);
+    assert_eq!(delivered(&p), 3, "{:?}", p.events_a);
+    assert_eq!(p.a.state(), State::Closed);
+    let closed_at = p.events_a.iter().position(|e| *e == Event::Closed).unwrap();
+    let last_delivery = p
+        .events_a
+        .iter()
+        .rposition(|e| matches!(e, Event::Delivered { .. }))
+        .unwrap();
+    assert!(last_delivery < closed_at, "{:?}", p.events_a);
+}
+
 fn hostile_frame() -> impl Strategy<Value = Frame> {
     let w = (0u64..200, 0u64..1 << 24)
         .prop_map(|(max_msg, max_bytes)| toe_msg::Window { max_msg, max_bytes });

@@ -349,8 +349,9 @@ pub struct NicDevice<P> {
     /// A frame taken from the port and inspected, waiting for smoltcp ([`NicDevice::stage`]).
     staged: Option<(Frame, Ingress)>,
     stats: PhyStats,
-    /// DSCP marks of flows that send marked (bounded by the NIC's connections: a mark is
-    /// set per offloaded connection and forgotten with its flow).
+    /// DSCP marks of flows that send marked (bounded by the flow table: a mark is set per
+    /// offloaded connection, or reflected from a passive connection's SYN, and forgotten
+    /// with its flow).
     marks: HashMap<FlowKey, u8>,
 }
 
@@ -491,6 +492,7 @@ impl<P: Phy> NicDevice<P> {
             };
             if self.flows.get(&old).is_some_and(|f| !f.confirmed) {
                 self.flows.remove(&old);
+                self.marks.remove(&old);
                 self.embryonic_live -= 1;
                 self.stats.flows_evicted += 1;
             }
@@ -556,6 +558,12 @@ impl<P: Phy> NicDevice<P> {
             self.evict_embryonic();
             self.embryonic.push_back(key);
             self.embryonic_live += 1;
+            // A passive connection answers in the class it was asked in (Linux's
+            // `tcp_reflect_tos`): its SYN's DSCP marks what it sends, the SYN-ACK and the
+            // ACKs of a marked transfer included, unless its own mark is set.
+            if ip.dscp() != 0 {
+                self.marks.entry(key).or_insert(ip.dscp());
+            }
         }
         let f = self.flows.entry(key).or_default();
         if tcp.syn() && f.isn.is_none() {
@@ -799,11 +807,16 @@ mod tests {
     /// An Ethernet frame holding an IPv4 TCP segment from 10.0.0.1:40000 to 10.0.0.2:7000
     /// with `payload`, checksums filled.
     fn segment(payload: &[u8]) -> Vec<u8> {
+        segment_with(payload, TcpControl::Psh, 40000)
+    }
+
+    /// As [`segment`], with `control` from source port `port`.
+    fn segment_with(payload: &[u8], control: TcpControl, port: u16) -> Vec<u8> {
         let (src, dst) = (Ipv4Address::new(10, 0, 0, 1), Ipv4Address::new(10, 0, 0, 2));
         let tcp = TcpRepr {
-            src_port: 40000,
+            src_port: port,
             dst_port: 7000,
-            control: TcpControl::Psh,
+            control,
             seq_number: TcpSeqNumber(7),
             ack_number: Some(TcpSeqNumber(9)),
             window_len: 1000,
@@ -835,6 +848,43 @@ mod tests {
         let mut t = TcpPacket::new_unchecked(p.payload_mut());
         tcp.emit(&mut t, &IpAddress::Ipv4(src), &IpAddress::Ipv4(dst), &caps);
         f
+    }
+
+    #[test]
+    fn a_passive_flow_reflects_the_dscp_of_its_syn_and_forgets_it_with_the_flow() {
+        let (port, _peer) = wire(16);
+        let mut dev = NicDevice::new(port, 1500, Ipv4Addr::new(10, 0, 0, 2), true);
+        let marked = |port: u16, dscp: u8| {
+            let mut f = segment_with(b"", TcpControl::Syn, port);
+            assert!(set_dscp(&mut f, dscp));
+            f
+        };
+        let key = |port: u16| FlowKey {
+            remote_ip: Ipv4Addr::new(10, 0, 0, 1),
+            remote_port: port,
+            local_port: 7000,
+        };
+        assert!(dev.inspect(&marked(40000, 46)).is_some());
+        assert_eq!(dev.marks.get(&key(40000)), Some(&46), "EF reflected");
+        // An unmarked SYN sets nothing; an explicit mark is not overridden.
+        assert!(dev
+            .inspect(&segment_with(b"", TcpControl::Syn, 40001))
+            .is_some());
+        assert!(!dev.marks.contains_key(&key(40001)));
+        dev.set_mark(key(40002), 10);
+        assert!(dev.inspect(&marked(40002, 46)).is_some());
+        assert_eq!(dev.marks.get(&key(40002)), Some(&10));
+        // Forgotten with its flow; and a SYN flood's evicted flows take their marks along.
+        dev.forget(&key(40000));
+        assert!(!dev.marks.contains_key(&key(40000)));
+        for p in 0..(MAX_EMBRYONIC_FLOWS as u16 + 100) {
+            dev.inspect(&marked(1 + p, 46));
+        }
+        assert!(
+            dev.marks.len() <= MAX_EMBRYONIC_FLOWS + 1,
+            "{}",
+            dev.marks.len()
+        );
     }
 
     #[test]

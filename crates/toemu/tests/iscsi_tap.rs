@@ -485,4 +485,34 @@ fn the_message_server_on_an_emulated_toe_host_takes_a_linux_senders_pipe_over_tl
         other.len() <= 1 && other.iter().all(|(d, b)| d.iter().eq([&0]) && *b == 0),
         "only the unmarked probe besides: {streams:?}"
     );
+    // The emulated server answers in the class it was asked in: its NIC reflects each
+    // connection's SYN mark onto the SYN-ACK and the ACKs (the probe stays unmarked).
+    let rows = toemu_tests::tshark(&[
+        "-r",
+        &pcap,
+        "-Y",
+        &format!("ip.dst == {LINUX} && tcp.srcport == 7000"),
+        "-T",
+        "fields",
+        "-e",
+        "tcp.stream",
+        "-e",
+        "ip.dsfield.dscp",
+    ]);
+    let mut answers: std::collections::BTreeMap<u64, std::collections::BTreeSet<u8>> =
+        Default::default();
+    for row in rows.lines() {
+        let f: Vec<&str> = row.split('\t').collect();
+        answers
+            .entry(f[0].parse().unwrap())
+            .or_default()
+            .insert(f[1].parse().unwrap());
+    }
+    for (stream, (asked, _)) in &streams {
+        assert_eq!(
+            answers.get(stream),
+            Some(asked),
+            "stream {stream}: the server's packets carry the class of Linux's: {answers:?}"
+        );
+    }
 }

@@ -663,3 +663,114 @@ fn application_news_is_coalesced_and_never_lost() {
     assert!(events.len() <= 4, "one entry per kind: {events:?}");
     assert_eq!(da.lock().stats().errors_dropped, 0);
 }
+
+#[test]
+fn the_egress_shaper_spaces_a_paced_connections_payload_at_its_rate() {
+    // Seed 003 #2's packet pacing in the NIC: 2 MB/s of payload in 64 KiB bursts. The
+    // same 1 MiB goes at once unpaced and in about half a second paced, the data waiting
+    // in the connection's own send buffer.
+    let mut s = Settings::default();
+    s.socket_buf_bytes = 2 << 20;
+    let (sim, ca, cb) = connected_pair(&s, 11, 7010).unwrap();
+    let data = pattern(1 << 20, 3);
+    let t0 = sim.now();
+    send_bytes(&sim, 0, ca, &data);
+    assert_eq!(
+        toemu_tests::recv_exact(&sim, 1, cb, data.len(), 10_000_000),
+        data
+    );
+    let unpaced = sim.now() - t0;
+    {
+        let d = sim.driver(0);
+        let mut d = d.lock();
+        d.set_shaper(2_000_000, 64 << 10);
+        d.set_paced(ca, true).unwrap();
+    }
+    let t1 = sim.now();
+    send_bytes(&sim, 0, ca, &data);
+    assert_eq!(
+        toemu_tests::recv_exact(&sim, 1, cb, data.len(), 10_000_000),
+        data
+    );
+    let paced = sim.now() - t1;
+    // At least (1 MiB - the burst) at 2 MB/s; a little more for the last round trip.
+    assert!(
+        paced >= Duration::from_millis(490) && paced <= Duration::from_millis(600),
+        "paced: {paced:?}"
+    );
+    assert!(unpaced * 10 < paced, "unpaced {unpaced:?}, paced {paced:?}");
+    eprintln!("1 MiB unpaced in {unpaced:?}, paced at 2 MB/s in {paced:?}");
+    let waits = sim.with_host(0, |h| h.nic.stats().shaper_waits);
+    assert!(waits > 0, "the connection waited for the shaper");
+    // Off again: the next MiB goes as TCP lets it.
+    sim.driver(0).lock().set_shaper(0, 0);
+    let t2 = sim.now();
+    send_bytes(&sim, 0, ca, &data);
+    assert_eq!(
+        toemu_tests::recv_exact(&sim, 1, cb, data.len(), 10_000_000),
+        data
+    );
+    assert!(sim.now() - t2 < paced / 10, "{:?}", sim.now() - t2);
+}
+
+#[test]
+fn paced_connections_share_the_shaper_in_turn() {
+    // Two paced connections, 1 MiB each, under one 2 MB/s shaper: served a segment each
+    // in turn, they finish together, in about a second, neither starved by the other.
+    let mut s = Settings::default();
+    s.socket_buf_bytes = 2 << 20;
+    let (sim, ca, cb) = connected_pair(&s, 12, 7011).unwrap();
+    let (da, db) = (sim.driver(0), sim.driver(1));
+    let remote = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 2), 7011);
+    let ca2 = da.lock().connect(remote, 0, None).unwrap();
+    let mut cb2 = None;
+    sim.run_until(1_000_000, || {
+        if cb2.is_none() {
+            cb2 = db.lock().accept(7011);
+        }
+        cb2.is_some() && da.lock().state(ca2).ok() == Some(ConnState::Established)
+    })
+    .unwrap();
+    let cb2 = cb2.unwrap();
+    {
+        let mut d = da.lock();
+        d.set_shaper(2_000_000, 16 << 10);
+        d.set_paced(ca, true).unwrap();
+        d.set_paced(ca2, true).unwrap();
+    }
+    let (one, two) = (pattern(1 << 20, 5), pattern(1 << 20, 6));
+    let t0 = sim.now();
+    send_bytes(&sim, 0, ca, &one);
+    send_bytes(&sim, 0, ca2, &two);
+    let mut got = [Vec::new(), Vec::new()];
+    let mut done_at = [None, None];
+    let mut buf = vec![0u8; 256 << 10];
+    sim.run_until(50_000_000, || {
+        for (i, c) in [cb, cb2].into_iter().enumerate() {
+            let n = db.lock().read(sim.now(), c, &mut buf).unwrap();
+            got[i].extend_from_slice(&buf[..n]);
+            if got[i].len() == 1 << 20 && done_at[i].is_none() {
+                done_at[i] = Some((sim.now() - t0, got[1 - i].len()));
+            }
+        }
+        done_at.iter().all(Option::is_some)
+    })
+    .unwrap();
+    assert_eq!((&got[0], &got[1]), (&one, &two));
+    let (first, other_had) = done_at
+        .iter()
+        .flatten()
+        .min_by_key(|d| d.0)
+        .copied()
+        .unwrap();
+    let last = done_at.iter().flatten().map(|d| d.0).max().unwrap();
+    eprintln!("first done in {first:?} (the other had {other_had} bytes), last in {last:?}");
+    assert!(
+        other_had >= (1 << 20) * 9 / 10,
+        "the other had {other_had} bytes"
+    );
+    assert!(
+        last >= Duration::from_millis(1030) && last <= Duration::from_millis(1150),
+        "2 MiB at 2 MB/s: {last:?}"
+    );
+}

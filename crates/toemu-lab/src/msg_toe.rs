@@ -430,9 +430,7 @@ impl MsgSendApp {
         release_closing(&mut self.closing, d);
         Ok(moved)
     }
-}
 
-impl MsgSendApp {
     /// Packet pacing: give the NIC's egress shaper the pacing rate when it moved by more
     /// than [`SHAPE_STEP`] (a command per change, not per pass).
     fn shape(&mut self, d: &mut Driver) {

@@ -416,11 +416,11 @@ impl Sockets {
         now: Instant,
         id: SockId,
     ) -> bool {
-        let s = self.slot_mut(id);
         let mut sent = false;
-        while iface.poll_egress(now, dev, &mut s.set) == PollResult::SocketStateChanged {
+        while self.egress_step(iface, dev, now, id) {
             sent = true;
         }
+        let s = self.slot_mut(id);
         // Only backlog sockets are half-open; offloaded connections skip the state lookup.
         if matches!(s.owner, Owner::Backlog(_))
             && s.set.get::<tcp::Socket<'_>>(s.handle).state() == tcp::State::SynReceived
@@ -431,8 +431,7 @@ impl Sockets {
                 (_, false) => SynAck::Unresolved,
             };
         }
-        let at = iface.poll_at(now, &s.set);
-        self.set_deadline(id, at);
+        self.settle(iface, now, id);
         sent
     }
 

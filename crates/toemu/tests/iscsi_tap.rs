@@ -452,9 +452,11 @@ fn the_message_server_on_an_emulated_toe_host_takes_a_linux_senders_pipe_over_tl
         "-r",
         &pcap,
         "-Y",
-        &format!("ip.src == {LINUX} && tcp.dstport == 7000"),
+        "tcp.port == 7000",
         "-T",
         "fields",
+        "-e",
+        "ip.src",
         "-e",
         "tcp.stream",
         "-e",
@@ -462,13 +464,21 @@ fn the_message_server_on_an_emulated_toe_host_takes_a_linux_senders_pipe_over_tl
         "-e",
         "tcp.len",
     ]);
+    // Linux's packets by stream (marks, payload bytes), and the emulated server's marks.
     let mut streams: std::collections::BTreeMap<u64, (std::collections::BTreeSet<u8>, u64)> =
+        Default::default();
+    let mut answers: std::collections::BTreeMap<u64, std::collections::BTreeSet<u8>> =
         Default::default();
     for row in rows.lines() {
         let f: Vec<&str> = row.split('\t').collect();
-        let e = streams.entry(f[0].parse().unwrap()).or_default();
-        e.0.insert(f[1].parse().unwrap());
-        e.1 += f[2].parse::<u64>().unwrap();
+        let (stream, dscp) = (f[1].parse().unwrap(), f[2].parse().unwrap());
+        if f[0] == LINUX {
+            let e = streams.entry(stream).or_default();
+            e.0.insert(dscp);
+            e.1 += f[3].parse::<u64>().unwrap();
+        } else {
+            answers.entry(stream).or_default().insert(dscp);
+        }
     }
     let marked: Vec<u64> = streams
         .values()
@@ -487,27 +497,6 @@ fn the_message_server_on_an_emulated_toe_host_takes_a_linux_senders_pipe_over_tl
     );
     // The emulated server answers in the class it was asked in: its NIC reflects each
     // connection's SYN mark onto the SYN-ACK and the ACKs (the probe stays unmarked).
-    let rows = toemu_tests::tshark(&[
-        "-r",
-        &pcap,
-        "-Y",
-        &format!("ip.dst == {LINUX} && tcp.srcport == 7000"),
-        "-T",
-        "fields",
-        "-e",
-        "tcp.stream",
-        "-e",
-        "ip.dsfield.dscp",
-    ]);
-    let mut answers: std::collections::BTreeMap<u64, std::collections::BTreeSet<u8>> =
-        Default::default();
-    for row in rows.lines() {
-        let f: Vec<&str> = row.split('\t').collect();
-        answers
-            .entry(f[0].parse().unwrap())
-            .or_default()
-            .insert(f[1].parse().unwrap());
-    }
     for (stream, (asked, _)) in &streams {
         assert_eq!(
             answers.get(stream),

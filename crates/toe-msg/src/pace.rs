@@ -11,6 +11,9 @@
 //! - [`Pacing`]: the two with a gain that probes for more bandwidth, one round (the
 //!   shortest message latency seen) at a time: a start-up at twice the estimate until it
 //!   stops growing, then a cycle of rounds at 1.25×, 0.75× and six at 1× (BBR's ProbeBW).
+//!   After priming ([`crate::bulk`]) there is no start-up: priming's last flight drains
+//!   through the bottleneck back to back, so its acknowledgements measure the bottleneck
+//!   ([`Pacing::on_priming`]), and the cycle starts from that rate.
 //!
 //! Pure: time is an argument, µs of the caller's clock.
 
@@ -258,6 +261,8 @@ pub enum Phase {
 pub struct Pacing {
     cfg: PacingConfig,
     est: DeliveryRate,
+    /// Priming's acknowledgement train, over short spans ([`Pacing::on_priming`]).
+    train: DeliveryRate,
     pacer: Pacer,
     phase: Phase,
     round_start_us: u64,
@@ -272,6 +277,7 @@ impl Pacing {
         Pacing {
             cfg,
             est: DeliveryRate::new(cfg.window_us),
+            train: DeliveryRate::new(u64::MAX / 2),
             pacer: Pacer::new(cfg.initial_bytes_per_s * cfg.startup_gain, cfg.burst_bytes),
             phase: Phase::Startup,
             round_start_us: 0,
@@ -295,6 +301,28 @@ impl Pacing {
         let round = round_us.max(1);
         self.est.on_acked(now_us, bytes, round);
         self.advance(now_us, round);
+    }
+
+    /// Before the data: priming's acknowledgements, `bytes` more by `now_us`, sampled over
+    /// spans of `span_us` (a fraction of a round trip). Priming's last flight leaves in a
+    /// burst and drains through the bottleneck back to back, so its acknowledgements come
+    /// at the bottleneck's rate: the fastest span measures it.
+    pub fn on_priming(&mut self, now_us: u64, bytes: u64, span_us: u64) {
+        self.train.on_acked(now_us, bytes, span_us.max(1));
+    }
+
+    /// The data starts at `now_us`: if priming's train measured a rate, cruise from it,
+    /// beginning with the cycle's probing round (1.25×): the start-up's search is what
+    /// priming did. Otherwise start up as usual.
+    pub fn start_from_priming(&mut self, now_us: u64) {
+        if let Some(r) = self.train.rate() {
+            // The train's rate is the estimate's first sample: the max filter keeps it
+            // while the data's own samples (a round trip late) catch up.
+            self.est.sample(now_us, Some(r));
+            self.pacer.set_rate(now_us, CYCLE[0] * r);
+            self.phase = Phase::Cruise(0);
+            self.round_start_us = now_us;
+        }
     }
 
     /// Rounds of `round_us`: the phase moves on and the rate follows the estimate.
@@ -434,6 +462,35 @@ mod tests {
         }
         let e = p.estimate().unwrap();
         assert!((e - 50e6).abs() < 3e6, "{e}");
+    }
+
+    #[test]
+    fn priming_s_acknowledgement_train_sets_the_first_rate() {
+        let mut p = Pacing::new(PacingConfig {
+            window_us: 500_000,
+            ..PacingConfig::default()
+        });
+        // Slow start's early rounds (1 MB/s), then the last flight: 2 MB acknowledged
+        // back to back over 16 ms, at the bottleneck's 125 MB/s; spans of 5 ms.
+        let mut t = 0;
+        while t < 150_000 {
+            p.on_priming(t, 1000, 5000);
+            t += 1000;
+        }
+        for _ in 0..16 {
+            p.on_priming(t, 125_000, 5000);
+            t += 1000;
+        }
+        assert_eq!(p.estimate(), None, "priming is not the data's estimate");
+        p.start_from_priming(t);
+        assert_eq!(p.phase(), Phase::Cruise(0));
+        let e = p.estimate().unwrap();
+        assert!((e - 125e6).abs() < 10e6, "{e}");
+        assert!((p.rate() - 1.25 * e).abs() < 1.0, "{}", p.rate());
+        // Without a train: the start-up, unchanged.
+        let mut q = Pacing::new(PacingConfig::default());
+        q.start_from_priming(0);
+        assert_eq!((q.phase(), q.estimate()), (Phase::Startup, None));
     }
 
     #[test]

@@ -332,6 +332,9 @@ const MIN_STALL_US: u64 = 200_000;
 /// the gain cycle's rounds span this, µs.
 const DEFAULT_ROUND_US: u64 = 100_000;
 
+/// Priming's acknowledgement train is sampled over this fraction of a round trip.
+const TRAIN_SPANS: u64 = 8;
+
 impl Flow {
     /// The rate the NIC's egress shaper should pace at now, payload bytes per second:
     /// with packet pacing, once data flows (priming runs unpaced: it is what grows the
@@ -456,6 +459,9 @@ pub(crate) fn pass<C: ?Sized, S: Sock<C>>(
             // Priming measured the connections: pacing starts from their rate.
             if let Some(pc) = pacing.as_deref_mut() {
                 pc.seed(now_us, p.expected_rate());
+                if packets {
+                    pc.start_from_priming(now_us);
+                }
             }
         }
     }
@@ -543,12 +549,15 @@ pub(crate) fn pass<C: ?Sized, S: Sock<C>>(
         ..
     } = turn;
     if let Some(p) = packet_pacing {
-        // Once data flows (priming is not paced).
+        // Once data flows (priming is not paced); before, priming's train.
+        let round = round_us.unwrap_or(DEFAULT_ROUND_US);
         if planner
             .as_deref()
             .is_none_or(|b| b.stats().data_from_us.is_some())
         {
-            p.on_delivered(now_us, acked, round_us.unwrap_or(DEFAULT_ROUND_US));
+            p.on_delivered(now_us, acked, round);
+        } else {
+            p.on_priming(now_us, acked, round / TRAIN_SPANS);
         }
     }
     let mut dropped = false;

@@ -81,8 +81,8 @@ impl DeliveryRate {
 
     /// By `now_us` the transport acknowledged `bytes` more (from TCP's acknowledgements,
     /// 0 if none): the sample is what it acknowledged over the last `interval_us` or more
-    /// (a round trip: shorter spans see ACK bunching, not the bottleneck). Returns the
-    /// sample, if the history reaches back that far.
+    /// (a round trip: shorter spans see ACK bunching, not the bottleneck), taken at most
+    /// 32 times per interval. Returns the sample, if one was taken.
     pub fn on_acked(&mut self, now_us: u64, bytes: u64, interval_us: u64) -> Option<f64> {
         let interval_us = interval_us.max(1);
         let total = self.delivered + bytes;
@@ -93,17 +93,19 @@ impl DeliveryRate {
         });
         self.delivered = total;
         // Points at least 1/32 of the interval apart: a round trip of history in 32
-        // points, whatever the call rate.
+        // points, whatever the call rate. Samples are taken at those points too, so the
+        // max filter holds at most 32 per interval of its window.
         let spaced = self
             .history
             .back()
             .is_none_or(|&(t, _)| now_us >= t + (interval_us / 32).max(1));
-        if spaced {
-            if self.history.len() == HISTORY {
-                self.history.pop_front();
-            }
-            self.history.push_back((now_us, total));
+        if !spaced {
+            return None;
         }
+        if self.history.len() == HISTORY {
+            self.history.pop_front();
+        }
+        self.history.push_back((now_us, total));
         let sample = then
             .filter(|&(t, _)| now_us > t)
             .map(|(t, b)| (total - b) as f64 * 1e6 / (now_us - t) as f64);
@@ -277,7 +279,7 @@ impl Pacing {
         Pacing {
             cfg,
             est: DeliveryRate::new(cfg.window_us),
-            train: DeliveryRate::new(u64::MAX / 2),
+            train: DeliveryRate::new(cfg.window_us),
             pacer: Pacer::new(cfg.initial_bytes_per_s * cfg.startup_gain, cfg.burst_bytes),
             phase: Phase::Startup,
             round_start_us: 0,

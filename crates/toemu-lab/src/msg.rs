@@ -328,6 +328,11 @@ const STALL_RTTS: u64 = 4;
 /// The shortest stall, µs (about smoltcp's shortest retransmission timeout).
 const MIN_STALL_US: u64 = 200_000;
 
+/// Whether data flows: always without a planner, after priming with one.
+fn data_flows(planner: Option<&Planner>) -> bool {
+    planner.is_none_or(|b| b.stats().data_from_us.is_some())
+}
+
 /// Packet pacing before a handshake measured the round trip: the estimate's samples and
 /// the gain cycle's rounds span this, µs.
 const DEFAULT_ROUND_US: u64 = 100_000;
@@ -341,11 +346,7 @@ impl Flow {
     /// windows); `None` otherwise.
     pub(crate) fn packet_rate(&self) -> Option<f64> {
         let p = self.pacing.as_ref().filter(|_| self.packets)?;
-        let data = self
-            .planner
-            .as_ref()
-            .is_none_or(|b| b.stats().data_from_us.is_some());
-        data.then(|| p.rate())
+        data_flows(self.planner.as_ref()).then(|| p.rate())
     }
 
     /// When the pacer or the planner is due next, µs (`paced_until` from the last
@@ -551,10 +552,7 @@ pub(crate) fn pass<C: ?Sized, S: Sock<C>>(
     if let Some(p) = packet_pacing {
         // Once data flows (priming is not paced); before, priming's train.
         let round = round_us.unwrap_or(DEFAULT_ROUND_US);
-        if planner
-            .as_deref()
-            .is_none_or(|b| b.stats().data_from_us.is_some())
-        {
+        if data_flows(planner.as_deref()) {
             p.on_delivered(now_us, acked, round);
         } else {
             p.on_priming(now_us, acked, round / TRAIN_SPANS);
@@ -662,13 +660,15 @@ impl<L: FnMut(String)> Turn<'_, L> {
             }
         }
         let mut frames = Vec::new();
-        if self.count_acked {
-            let a = l.acked(cx);
+        // What TCP acknowledged, asked once (a driver call) for pacing and planner.
+        let acked = (self.count_acked || self.planner.is_some()).then(|| l.acked(cx));
+        if let (true, Some(a)) = (self.count_acked, acked) {
             self.acked += a.saturating_sub(l.acked_seen);
             l.acked_seen = l.acked_seen.max(a);
         }
-        if let (Some((id, c)), Some(b)) = (l.joined, self.planner.as_deref_mut()) {
-            let acked = l.acked(cx);
+        if let (Some((id, c)), Some(b), Some(acked)) =
+            (l.joined, self.planner.as_deref_mut(), acked)
+        {
             b.on_progress(c, l.written, acked, self.now_us);
             let stall_us = b
                 .min_rtt_us()

@@ -256,9 +256,9 @@ impl App for MsgServerApp {
             self.links
                 .push(Link::accepted(ConnIo::new(c, RxMode::InPlace), label, tls));
         }
-        self.links
-            .wake(d, micros(now), &mut self.server.pipes.visit, &mut self.log);
         let now_us = micros(now);
+        self.links
+            .wake(d, now_us, &mut self.server.pipes.visit, &mut self.log);
         self.now_us = now_us;
         let log = &mut self.log;
         let passed = pass(

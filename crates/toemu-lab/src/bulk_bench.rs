@@ -222,6 +222,78 @@ pub struct BulkReport {
     pub runs: Vec<BulkRun>,
 }
 
+/// Plans a bulk transfer over `link` into `so`: `active` connections and `reserves`
+/// (primed, brought in for stragglers), each primed with `prime_bytes` (`None`: half its
+/// share of the bandwidth-delay product, reserves counted, within 64 KiB to 4 MiB),
+/// sub-transfers of four bandwidth-delay products; with `paced`, paced from the
+/// delivery-rate estimate (starting at a tenth of the link, a max filter of ten round
+/// trips) and spaced per packet in the NIC.
+pub fn plan_bulk(
+    so: &mut SendOptions,
+    link: &BulkLink,
+    active: usize,
+    reserves: usize,
+    prime_bytes: Option<usize>,
+    paced: bool,
+) {
+    let active = active.max(1);
+    so.connections = active + reserves;
+    so.bulk = Some(BulkConfig {
+        active,
+        prime_bytes: prime_bytes.unwrap_or_else(|| {
+            // Half of each connection's share of the bandwidth-delay product, reserves
+            // included: all of them in slow start at once overshoot their last round
+            // about twice, and the pipe is then about full.
+            (link.bdp_bytes() / (2 * so.connections)).clamp(64 << 10, 4 << 20)
+        }),
+        subtransfer_bytes: 4 * link.bdp_bytes() as u64,
+        ..BulkConfig::default()
+    });
+    if paced {
+        so.pacing = Some(PacingConfig {
+            initial_bytes_per_s: link.bytes_per_s / 10.0,
+            window_us: (link.rtt_ms * 10_000.0) as u64,
+            startup_flat_rounds: 2,
+            ..PacingConfig::default()
+        });
+        // Packets are spaced in the NIC (its egress shaper), from TCP's acknowledgements;
+        // two flat rounds end the start-up (three let its queue overflow the bottleneck's
+        // half a BDP).
+        so.pace_packets = true;
+    }
+}
+
+/// Each session's share of one second of `link`, bytes (4 to 64 MiB): what its queues
+/// hold. While one connection recovers a loss (a retransmission timeout is 200 ms or
+/// more), the frames of the message it holds up wait, and the others keep the link busy.
+fn session_queue_bytes(link: &BulkLink, sessions: usize) -> usize {
+    (link.bytes_per_s as usize / sessions.max(1)).clamp(4 << 20, 64 << 20)
+}
+
+/// The sender's session queues of `so` hold at least their share of one second of
+/// `link`.
+pub fn size_queues(so: &mut SendOptions, link: &BulkLink) {
+    let q = session_queue_bytes(link, so.sessions);
+    so.pipe.session.out_queue_bytes = so.pipe.session.out_queue_bytes.max(q);
+}
+
+/// The server's session queues hold at least their share of one second of `link` among
+/// `sessions`, in 256 slots.
+pub fn size_server_queues(server: &mut PipeConfig, link: &BulkLink, sessions: usize) {
+    let q = session_queue_bytes(link, sessions);
+    server.session.in_queue_bytes = server.session.in_queue_bytes.max(q);
+    server.session.in_slots = 256;
+}
+
+/// The sending host's settings for `so` over `link`: room for its connections, and each
+/// connection's socket buffers hold its share of twice the bandwidth-delay product (the
+/// active connections' share, with a planner), 256 KiB to 16 MiB.
+pub fn size_host(s: &mut toe_host::config::Settings, so: &SendOptions, link: &BulkLink) {
+    s.max_conns = (so.connections as u32 + 16).max(s.max_conns);
+    let carrying = so.bulk.map_or(so.connections, |b| b.active);
+    s.socket_buf_bytes = (2 * link.bdp_bytes() / carrying.max(1)).clamp(256 << 10, 16 << 20) as u32;
+}
+
 /// One run of `mode`.
 pub fn bulk_run(o: &BulkOptions, mode: BulkMode) -> io::Result<BulkRun> {
     let to = "10.0.0.2:7000".parse().expect("address");
@@ -240,20 +312,15 @@ pub fn bulk_run(o: &BulkOptions, mode: BulkMode) -> io::Result<BulkRun> {
             so.sessions = 1;
         }
         BulkMode::Bulk | BulkMode::BulkUnpaced => {
-            so.connections = o.connections + o.reserves;
             so.sessions = o.sessions;
-            so.bulk = Some(BulkConfig {
-                active: o.connections.max(1),
-                prime_bytes: o.prime_bytes.unwrap_or_else(|| {
-                    // Half of each connection's share of the bandwidth-delay product,
-                    // reserves included: all of them in slow start at once overshoot
-                    // their last round about twice, and the pipe is then about full.
-                    (o.link.bdp_bytes() / (2 * (o.connections + o.reserves)).max(1))
-                        .clamp(64 << 10, 4 << 20)
-                }),
-                subtransfer_bytes: 4 * o.link.bdp_bytes() as u64,
-                ..BulkConfig::default()
-            });
+            plan_bulk(
+                &mut so,
+                &o.link,
+                o.connections,
+                o.reserves,
+                o.prime_bytes,
+                mode == BulkMode::Bulk,
+            );
         }
         BulkMode::Pipe10 | BulkMode::Pipe1000 => {
             so.connections = if mode == BulkMode::Pipe10 { 10 } else { 1000 };
@@ -267,34 +334,12 @@ pub fn bulk_run(o: &BulkOptions, mode: BulkMode) -> io::Result<BulkRun> {
             };
         }
     }
-    // Every session's queues hold its share of one second of the link: while one
-    // connection recovers a loss (a retransmission timeout is 200 ms or more), the
-    // frames of the message it holds up wait, and the others keep the link busy.
-    let bdp = o.link.bdp_bytes();
-    let per_session = (o.link.bytes_per_s as usize / so.sessions).clamp(4 << 20, 64 << 20);
-    so.pipe.session.out_queue_bytes = so.pipe.session.out_queue_bytes.max(per_session);
-    server_cfg.session.in_queue_bytes = server_cfg.session.in_queue_bytes.max(per_session);
-    server_cfg.session.in_slots = 256;
-    if mode == BulkMode::Bulk {
-        so.pacing = Some(PacingConfig {
-            initial_bytes_per_s: o.link.bytes_per_s / 10.0,
-            window_us: (o.link.rtt_ms * 10_000.0) as u64,
-            startup_flat_rounds: 2,
-            ..PacingConfig::default()
-        });
-        // Packets are spaced in the NIC (its egress shaper), from TCP's acknowledgements;
-        // two flat rounds end the start-up (three let its queue overflow the bottleneck's
-        // half a BDP).
-        so.pace_packets = true;
-    }
+    size_queues(&mut so, &o.link);
+    size_server_queues(&mut server_cfg, &o.link, so.sessions);
     let mut s = toe_host::config::Settings::default();
     s.mtu = o.link.mtu;
     s.congestion = toe_nic::Congestion::Cubic;
-    s.max_conns = (so.connections as u32 + 16).max(s.max_conns);
-    // Each connection's socket holds its share of twice the bandwidth-delay product (the
-    // active connections' share, with a planner).
-    let carrying = so.bulk.map_or(so.connections, |b| b.active);
-    s.socket_buf_bytes = (2 * bdp / carrying.max(1)).clamp(256 << 10, 16 << 20) as u32;
+    size_host(&mut s, &so, &o.link);
     s.anon_buf_bytes = s
         .anon_buf_bytes
         .max(crate::iscsi_host::BENCH_ANON_BUF_BYTES);

@@ -299,6 +299,8 @@ pub struct MsgSendApp {
     unix_s: u64,
     started: Option<Instant>,
     finished: Option<Instant>,
+    /// Every connection closed after the transfer (or [`CLOSE_LINGER`] passed).
+    closed: bool,
     error: Option<String>,
     /// The pacer held a connection back until then, µs.
     paced_until: Option<u64>,
@@ -335,6 +337,7 @@ impl MsgSendApp {
             unix_s: crate::msg::unix_now(),
             started: None,
             finished: None,
+            closed: false,
             error: None,
             paced_until: None,
             shaped: None,
@@ -449,6 +452,9 @@ impl MsgSendApp {
     }
 }
 
+/// How long a finished sender waits for its connections to close before it is done.
+const CLOSE_LINGER: toe_bus::time::Duration = toe_bus::time::Duration::from_secs(1);
+
 /// The relative change of the pacing rate that reaches the NIC's shaper.
 const SHAPE_STEP: f64 = 0.01;
 
@@ -458,7 +464,14 @@ impl App for MsgSendApp {
     }
 
     fn poll(&mut self, d: &mut Driver, now: Instant) -> io::Result<bool> {
-        if self.done() {
+        if let Some(f) = self.finished {
+            // The transfer is over: its connections close (FIN and the peer's), for at
+            // most the linger.
+            release_closing(&mut self.closing, d);
+            self.closed = self.closing.is_empty() || now >= f + CLOSE_LINGER;
+            return Ok(false);
+        }
+        if self.error.is_some() {
             release_closing(&mut self.closing, d);
             return Ok(false);
         }
@@ -477,10 +490,13 @@ impl App for MsgSendApp {
     }
 
     fn done(&self) -> bool {
-        self.finished.is_some() || self.error.is_some()
+        self.closed || self.error.is_some()
     }
 
     fn poll_at(&self) -> Option<Instant> {
+        if let Some(f) = self.finished {
+            return Some(f + CLOSE_LINGER);
+        }
         earliest([
             self.sender.next_deadline(),
             self.sender.flow.next_deadline(self.paced_until),

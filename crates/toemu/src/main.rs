@@ -29,7 +29,7 @@ struct Cli {
     cmd: Cmd,
 }
 
-/// `toemu iscsi target`, `iscsi perf` and `msg serve` on an emulated TOE host on a TAP
+/// `toemu iscsi target`, `iscsi perf`, `msg serve` and `msg send` on an emulated TOE host on a TAP
 /// device instead of std TCP: `--tap NAME --ip ADDR/PREFIX`, with the TAP port's
 /// impairment options.
 #[derive(clap::Args, Debug)]
@@ -428,11 +428,25 @@ enum MsgCmd {
     },
     /// Send a file or N bytes over one pipe of --connections connections, cut into
     /// messages dealt to --sessions sessions; prints the goodput and each session's
-    /// SHA-256 (the server prints the same).
+    /// SHA-256 (the server prints the same). From std TCP, or from an emulated TOE host
+    /// on a TAP device (--tap NAME --ip ADDR/PREFIX).
     Send {
         /// The server, ADDR:PORT.
         #[arg(long)]
         to: std::net::SocketAddr,
+        #[command(flatten)]
+        on: IscsiTap,
+        /// With --tap: the path's bandwidth the transfer plans for, Mbit/s (with
+        /// --path-rtt-ms). The transfer is then the bulk transfer of `toemu bulk-bench`:
+        /// primed (--reserves of the connections in reserve, default none), in
+        /// sub-transfers of four bandwidth-delay products, paced from its delivery-rate
+        /// estimate (starting at a tenth of this) and spaced per packet in the NIC, each
+        /// connection's socket buffers its share of twice the bandwidth-delay product.
+        #[arg(long, requires_all = ["tap", "path_rtt_ms"])]
+        path_mbit: Option<f64>,
+        /// The path's round-trip time the transfer plans for, ms (with --path-mbit).
+        #[arg(long, requires = "path_mbit")]
+        path_rtt_ms: Option<f64>,
         /// The file to send ...
         #[arg(long, conflicts_with = "bytes")]
         file: Option<PathBuf>,
@@ -516,6 +530,9 @@ fn msg(cmd: MsgCmd, settings: &Settings) -> Result<(), String> {
         }
         MsgCmd::Send {
             to,
+            on,
+            path_mbit,
+            path_rtt_ms,
             file,
             bytes,
             connections,
@@ -545,15 +562,38 @@ fn msg(cmd: MsgCmd, settings: &Settings) -> Result<(), String> {
             o.sessions = sessions;
             o.message_bytes = parse_size(&message).map_err(|e| format!("--message: {e}"))? as usize;
             o.slo = slo;
-            if let Some(r) = reserves {
-                if r >= connections {
+            if reserves.is_some_and(|r| r >= connections) {
+                return Err(format!(
+                    "--reserves {}: leaves no active connection of {connections}",
+                    reserves.unwrap_or(0)
+                ));
+            }
+            let prime = parse_size(&prime).map_err(|e| format!("--prime: {e}"))? as usize;
+            let tap = on.tap_args();
+            let mut settings = settings.clone();
+            if let (Some(mbit), Some(rtt_ms)) = (path_mbit, path_rtt_ms) {
+                if !(mbit > 0.0 && mbit.is_finite() && rtt_ms > 0.0 && rtt_ms.is_finite()) {
                     return Err(format!(
-                        "--reserves {r}: leaves no active connection of {connections}"
+                        "--path-mbit {mbit} --path-rtt-ms {rtt_ms}: not a path"
                     ));
                 }
+                use toemu_lab::bulk_bench as bb;
+                let link = bb::BulkLink {
+                    bytes_per_s: mbit * 1e6 / 8.0,
+                    rtt_ms,
+                    loss: 0.0,
+                    mtu: settings.mtu,
+                    queue_bytes: 0,
+                };
+                let r = reserves.unwrap_or(0);
+                let prime = reserves.map(|_| prime);
+                bb::plan_bulk(&mut o, &link, connections - r, r, prime, true);
+                bb::size_queues(&mut o, &link);
+                bb::size_host(&mut settings, &o, &link);
+            } else if let Some(r) = reserves {
                 o.bulk = Some(toe_msg::BulkConfig {
                     active: connections - r,
-                    prime_bytes: parse_size(&prime).map_err(|e| format!("--prime: {e}"))? as usize,
+                    prime_bytes: prime,
                     ..toe_msg::BulkConfig::default()
                 });
             }
@@ -566,10 +606,27 @@ fn msg(cmd: MsgCmd, settings: &Settings) -> Result<(), String> {
                 security.describe(),
                 slo.map_or("unmarked".to_string(), |s| format!("objective {s}"))
             );
-            let pb = indicatif::ProgressBar::new(o.data.len());
-            let r = toemu_lab::msg::send(&o, &security, |n| pb.set_position(n), |l| pb.println(l))
-                .map_err(|e| e.to_string())?;
-            pb.finish_and_clear();
+            let r = match &tap {
+                Some(tap) => {
+                    let socket_buf = settings.socket_buf_bytes as usize;
+                    let mut app = toemu_lab::msg_toe::MsgSendApp::new(o, security, tap.stack_seed)
+                        .with_conn_send_bytes(socket_buf);
+                    run_on_tap(&settings, tap, &mut app)?;
+                    app.report()?
+                }
+                None => {
+                    let pb = indicatif::ProgressBar::new(o.data.len());
+                    let r = toemu_lab::msg::send(
+                        &o,
+                        &security,
+                        |n| pb.set_position(n),
+                        |l| pb.println(l),
+                    )
+                    .map_err(|e| e.to_string())?;
+                    pb.finish_and_clear();
+                    r
+                }
+            };
             println!(
                 "toemu msg send: {} bytes in {} messages acknowledged in {:.3} s ({:.1} MB/s), {} failed",
                 r.bytes,

@@ -29,8 +29,8 @@ struct Cli {
     cmd: Cmd,
 }
 
-/// `toemu iscsi target`, `iscsi perf`, `msg serve` and `msg send` on an emulated TOE host on a TAP
-/// device instead of std TCP: `--tap NAME --ip ADDR/PREFIX`, with the TAP port's
+/// `toemu iscsi target`, `iscsi perf`, `msg serve` and `msg send` on an emulated TOE host
+/// on a TAP device instead of std TCP: `--tap NAME --ip ADDR/PREFIX`, with the TAP port's
 /// impairment options.
 #[derive(clap::Args, Debug)]
 struct IscsiTap {
@@ -477,9 +477,11 @@ enum MsgCmd {
         /// took.
         #[arg(long)]
         reserves: Option<usize>,
-        /// Priming bytes per connection, with --reserves.
-        #[arg(long, default_value = "256KiB")]
-        prime: String,
+        /// Priming bytes per connection, with --reserves (default 256KiB; with
+        /// --path-mbit, half each connection's share of the bandwidth-delay product,
+        /// 64 KiB to 4 MiB).
+        #[arg(long)]
+        prime: Option<String>,
         /// Write one JSON line per message (its timestamps on both clocks, µs) to FILE.
         #[arg(long)]
         latency_log: Option<PathBuf>,
@@ -568,7 +570,10 @@ fn msg(cmd: MsgCmd, settings: &Settings) -> Result<(), String> {
                     reserves.unwrap_or(0)
                 ));
             }
-            let prime = parse_size(&prime).map_err(|e| format!("--prime: {e}"))? as usize;
+            let prime = prime
+                .map(|p| parse_size(&p).map(|v| v as usize))
+                .transpose()
+                .map_err(|e| format!("--prime: {e}"))?;
             let tap = on.tap_args();
             let mut settings = settings.clone();
             if let (Some(mbit), Some(rtt_ms)) = (path_mbit, path_rtt_ms) {
@@ -586,14 +591,13 @@ fn msg(cmd: MsgCmd, settings: &Settings) -> Result<(), String> {
                     queue_bytes: 0,
                 };
                 let r = reserves.unwrap_or(0);
-                let prime = reserves.map(|_| prime);
                 bb::plan_bulk(&mut o, &link, connections - r, r, prime, true);
                 bb::size_queues(&mut o, &link);
                 bb::size_host(&mut settings, &o, &link);
             } else if let Some(r) = reserves {
                 o.bulk = Some(toe_msg::BulkConfig {
                     active: connections - r,
-                    prime_bytes: prime,
+                    prime_bytes: prime.unwrap_or(256 << 10),
                     ..toe_msg::BulkConfig::default()
                 });
             }

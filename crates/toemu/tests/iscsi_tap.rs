@@ -131,6 +131,28 @@ impl Lab {
         }
     }
 
+    /// Make `toemu msg certs` for `store` and `backup` in the lab's directory: the TLS
+    /// options of either name.
+    fn msg_certs(&self) -> impl Fn(&str) -> [String; 7] {
+        let c = self.dir.join("certs").display().to_string();
+        let (ok, out) = self.run(
+            TOEMU,
+            &["msg", "certs", "--dir", &c, "--names", "store,backup"],
+        );
+        assert!(ok, "{out}");
+        move |who: &str| {
+            [
+                "--tls".to_string(),
+                "--cert".into(),
+                format!("{c}/{who}.pem"),
+                "--key".into(),
+                format!("{c}/{who}.key"),
+                "--ca".into(),
+                format!("{c}/ca.pem"),
+            ]
+        }
+    }
+
     /// Stop toemu by PID (SIGTERM) and wait for it to exit: its status, and how long it
     /// took (more than `max` fails the test).
     fn stop(&mut self, max: Duration) -> (std::process::ExitStatus, Duration) {
@@ -403,24 +425,7 @@ fn the_message_server_on_an_emulated_toe_host_takes_a_linux_senders_pipe_over_tl
     // The storage server of the message transport on an emulated TOE host; toemu's sender
     // on Linux TCP in the namespace, with mutual TLS.
     let mut lab = Lab::new("msg");
-    let certs = lab.dir.join("certs");
-    let c = certs.display().to_string();
-    let (ok, out) = lab.run(
-        TOEMU,
-        &["msg", "certs", "--dir", &c, "--names", "store,backup"],
-    );
-    assert!(ok, "{out}");
-    let tls = |who: &str| {
-        [
-            "--tls".to_string(),
-            "--cert".into(),
-            format!("{c}/{who}.pem"),
-            "--key".into(),
-            format!("{c}/{who}.key"),
-            "--ca".into(),
-            format!("{c}/ca.pem"),
-        ]
-    };
+    let tls = lab.msg_certs();
     let server_tls = tls("store");
     // The emulated host's TAP port is captured: what Linux sent, as the NIC received it.
     let pcap = lab.dir.join("msg.pcap").display().to_string();
@@ -546,24 +551,7 @@ fn the_bulk_transfer_from_an_emulated_toe_host_reaches_a_linux_server_over_an_im
     // toemu's storage server on Linux TCP in the namespace. Every session's SHA-256 agrees
     // on both ends; nothing failed.
     let mut lab = Lab::new("bulk");
-    let certs = lab.dir.join("certs");
-    let c = certs.display().to_string();
-    let (ok, out) = lab.run(
-        TOEMU,
-        &["msg", "certs", "--dir", &c, "--names", "store,backup"],
-    );
-    assert!(ok, "{out}");
-    let tls = |who: &str| {
-        [
-            "--tls".to_string(),
-            "--cert".into(),
-            format!("{c}/{who}.pem"),
-            "--key".into(),
-            format!("{c}/{who}.key"),
-            "--ca".into(),
-            format!("{c}/ca.pem"),
-        ]
-    };
+    let tls = lab.msg_certs();
     let listen = format!("{LINUX}:7000");
     let mut server: Vec<String> = ["msg", "serve", "--listen", &listen]
         .map(String::from)

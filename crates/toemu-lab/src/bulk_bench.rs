@@ -191,6 +191,9 @@ pub struct BulkRun {
     pub bottleneck_drops: u64,
     /// Frames lost at random, data direction.
     pub random_losses: u64,
+    /// Data-frame bytes the sender sent again on another connection because theirs
+    /// stalled (the transfer's own overhead above TCP's retransmissions).
+    pub resent_bytes: u64,
     /// Every byte acknowledged and both ends' per-session SHA-256 agree.
     pub integrity_ok: bool,
     /// What went wrong, if anything.
@@ -367,6 +370,7 @@ pub fn bulk_run(o: &BulkOptions, mode: BulkMode) -> io::Result<BulkRun> {
         goodput_bytes_per_s: 0.0,
         bottleneck_drops: stats.dropped_queue,
         random_losses: stats.dropped_loss,
+        resent_bytes: 0,
         integrity_ok: false,
         problem: None,
         seconds: 0.0,
@@ -388,6 +392,7 @@ pub fn bulk_run(o: &BulkOptions, mode: BulkMode) -> io::Result<BulkRun> {
         (Ok(_), Ok(r)) => r,
     };
     run.seconds = report.seconds;
+    run.resent_bytes = report.resent_bytes;
     run.planner = report.bulk;
     let first_data = report
         .bulk
@@ -468,7 +473,7 @@ pub fn bulk_table(r: &BulkReport) -> String {
     use std::fmt::Write as _;
     let mut t = format!(
         "bulk-bench: {:.0} Mbit/s, {} ms RTT, loss {}, MTU {}, bottleneck queue {} KiB (virtual time)\n\
-         {:<13} {:>5} {:>9} {:>7} {:>8} {:>8} {:>8} {:>10} {:>8} {:>9} {}\n",
+         {:<13} {:>5} {:>9} {:>7} {:>8} {:>8} {:>9} {:>8} {:>10} {:>8} {:>9} {}\n",
         r.link.bytes_per_s * 8.0 / 1e6,
         r.link.rtt_ms,
         r.link.loss,
@@ -480,6 +485,7 @@ pub fn bulk_table(r: &BulkReport) -> String {
         "link%",
         "drops",
         "losses",
+        "resent MB",
         "s",
         "wall ns/B",
         "full@ms",
@@ -489,13 +495,14 @@ pub fn bulk_table(r: &BulkReport) -> String {
     for x in &r.runs {
         let _ = writeln!(
             t,
-            "{:<13} {:>5} {:>9.1} {:>6.1}% {:>8} {:>8} {:>8.2} {:>10.1} {:>8} {:>9} {}",
+            "{:<13} {:>5} {:>9.1} {:>6.1}% {:>8} {:>8} {:>9.1} {:>8.2} {:>10.1} {:>8} {:>9} {}",
             x.mode.name(),
             x.connections,
             x.goodput_bytes_per_s / 1e6,
             100.0 * x.goodput_bytes_per_s / r.link.bytes_per_s,
             x.bottleneck_drops,
             x.random_losses,
+            x.resent_bytes as f64 / 1e6,
             x.seconds,
             x.wall_ns_per_byte,
             x.full_rate_after_ms

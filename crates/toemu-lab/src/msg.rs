@@ -159,6 +159,9 @@ pub(crate) struct Link<S> {
     /// when they were queued (µs), their plaintext). Bounded by the socket's
     /// unacknowledged bytes.
     held: std::collections::VecDeque<(u64, u64, Vec<u8>)>,
+    /// (the most TCP acknowledged, when that last grew (µs)): whether the connection is
+    /// moving, for [`Link::resend_stalled`].
+    progress: (u64, u64),
     /// Bytes written to the socket, in all.
     written: u64,
     /// Of those, what TCP acknowledged by the last look (packet pacing counts it).
@@ -193,6 +196,7 @@ impl<S> Link<S> {
             written: 0,
             acked_seen: 0,
             held: std::collections::VecDeque::new(),
+            progress: (0, 0),
             wake: true,
             blocked: false,
         }
@@ -274,13 +278,19 @@ impl<S> Link<S> {
     }
 
     /// Forget the held frames TCP acknowledged by `acked`, and hand `pipe` again those
-    /// queued more than `stall_us` before `now_us` (their connection is slow: a loss it
-    /// recovers from by timeout, say).
+    /// that waited `stall_us` before `now_us` while TCP acknowledged nothing on their
+    /// connection (it is stalled: a loss it recovers from by timeout, say). A frame that
+    /// waits behind others on a connection that keeps delivering stays: sending it again
+    /// would only take the link from new data.
     fn resend_stalled(&mut self, acked: u64, now_us: u64, stall_us: u64, pipe: &mut Pipe) {
+        if acked > self.progress.0 {
+            self.progress = (acked, now_us);
+        }
+        let moved_us = self.progress.1;
         while let Some(&(end, at, _)) = self.held.front() {
             if end <= acked {
                 self.held.pop_front();
-            } else if at + stall_us <= now_us {
+            } else if at.max(moved_us) + stall_us <= now_us {
                 let (_, _, f) = self.held.pop_front().expect("a front");
                 pipe.resend(f);
             } else {

@@ -164,6 +164,12 @@ tasks:
   tap-bench [BYTES] [ROUNDS]
          (root) socat into the TOE sink and into a bare-smoltcp sink on the same TAP,
          alternating rounds (default 1 GiB, 3 rounds); medians and ratios, target/tap-bench.json
+  msg-tap-bench [BYTES] [ROUNDS]
+         (root) issue 12's TAP comparison on one impaired wire (25 ms each way, 1 Gbit/s,
+         0.01% loss): one Linux BBR stream (socat) into the emulated host's sink, and toemu's
+         bulk transfer from an emulated host to msg serve on Linux (24 connections; 16 and 40
+         with 4 and 8 reserves), alternating rounds (default 1 GiB, 3 rounds); medians, ratios to BBR,
+         target/msg-tap-bench.json
   soak   TOEMU_SOAK_BYTES=1GiB cargo test --profile checked -p toemu-tests --test impair
            -- --include-ignored --nocapture
          the impaired-wire integrity matrix at 1 GiB per transfer (24 cells x 4 modes)
@@ -376,6 +382,20 @@ fn main() -> ExitCode {
             });
             match (bytes, rounds) {
                 (Ok(b), Ok(r)) => tap_test::bench(&workspace_root(), b, r.max(1)),
+                (Err(e), _) | (_, Err(e)) => Err(e),
+            }
+        }
+        ["msg-tap-bench", rest @ ..] => {
+            let bytes = rest.first().map_or(Ok(1u64 << 30), |s| {
+                s.parse::<u64>()
+                    .map_err(|_| format!("msg-tap-bench: BYTES must be a number, got {s:?}"))
+            });
+            let rounds = rest.get(1).map_or(Ok(3usize), |s| {
+                s.parse::<usize>()
+                    .map_err(|_| format!("msg-tap-bench: ROUNDS must be a number, got {s:?}"))
+            });
+            match (bytes, rounds) {
+                (Ok(b), Ok(r)) => tap_test::msg_bench::run(&workspace_root(), b, r.max(1)),
                 (Err(e), _) | (_, Err(e)) => Err(e),
             }
         }

@@ -10,6 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod hostile;
+pub mod msg_bench;
 
 const HOST_IP: &str = "10.99.0.2";
 const LINUX_IP: &str = "10.99.0.1";
@@ -230,6 +231,21 @@ fn wait_line(log: &Path, needle: &str, max: Duration) -> Result<String, String> 
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// The median of `v` (the upper one of an even count); `v` must not be empty.
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    s[s.len() / 2]
+}
+
+/// The number before ` MB/s` in a line such as `... in 1.2 s (81.1 MB/s), 0 failed`.
+fn mb_per_s_of(line: &str) -> Result<f64, String> {
+    line.find(" MB/s")
+        .and_then(|i| line[..i].rsplit(['(', ' ']).next())
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| format!("cannot read throughput from {line:?}"))
 }
 
 fn field_after(line: &str, key: &str) -> Option<String> {
@@ -733,12 +749,7 @@ pub fn bench(root: &Path, bytes: u64, rounds: usize) -> Result<(), String> {
             if field_after(&line, "sha256") != Some(want.clone()) {
                 return Err(format!("{}: integrity check failed: {line}", v.name));
             }
-            let mbps: f64 = line
-                .rsplit('(')
-                .next()
-                .and_then(|s| s.split_whitespace().next())
-                .and_then(|s| s.parse().ok())
-                .ok_or_else(|| format!("cannot read throughput from {line:?}"))?;
+            let mbps = mb_per_s_of(&line)?;
             eprintln!(
                 "tap-bench: round {} {:<18} {mbps:>8.1} MB/s",
                 round + 1,
@@ -747,11 +758,10 @@ pub fn bench(root: &Path, bytes: u64, rounds: usize) -> Result<(), String> {
             results[i].push(mbps);
         }
     }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(|a, b| a.total_cmp(b));
-        v[v.len() / 2]
-    };
-    let medians: Vec<f64> = results.iter_mut().map(median).collect();
+    let medians: Vec<f64> = results.iter().map(|v| median(v)).collect();
+    for r in &mut results {
+        r.sort_by(|a, b| a.total_cmp(b));
+    }
     let bare = medians[VARIANTS.len() - 1];
     let mut json = String::from("{\"bytes\": ");
     json.push_str(&format!("{bytes}, \"rounds\": {rounds}, \"runs\": ["));
@@ -882,11 +892,6 @@ pub fn iscsi_bench(root: &Path, seconds: u32, rounds: usize) -> Result<(), Strin
             mbps[which].push(v);
         }
     }
-    let median = |v: &[f64]| {
-        let mut s = v.to_vec();
-        s.sort_by(|a, b| a.total_cmp(b));
-        s[s.len() / 2]
-    };
     let m: Vec<f64> = mbps.iter().map(|v| median(v)).collect();
     println!(
         "iscsi-perf 128 KiB QD32 reads over TAP, {seconds} s per run, {rounds} rounds (medians)"

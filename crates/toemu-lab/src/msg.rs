@@ -330,9 +330,10 @@ pub(crate) struct Flow {
     pub(crate) round_us: Option<u64>,
 }
 
-/// With a planner, data frames a connection has not delivered this many of the shortest
-/// round trips (at least [`MIN_STALL_US`]) after they were queued go out again on the
-/// others: their messages do not wait for that connection's recovery.
+/// With a planner, data frames waiting on a connection that TCP acknowledged nothing on
+/// for this many of the shortest round trips (at least [`MIN_STALL_US`], and never before
+/// the frames themselves waited that long) go out again on the others: their messages do
+/// not wait for that connection's recovery.
 const STALL_RTTS: u64 = 4;
 
 /// The shortest stall, µs (about smoltcp's shortest retransmission timeout).

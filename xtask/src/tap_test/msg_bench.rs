@@ -170,6 +170,8 @@ pub fn run(root: &Path, bytes: u64, rounds: usize) -> Result<(), String> {
             med[i] / bbr_med
         );
         let (c, r) = m.bulk.unwrap_or((1, 0));
+        // integrity_ok: every run reaching here was checked (a SHA-256 mismatch or a failed
+        // message ends the bench with an error before any JSON is written).
         runs.push(format!(
             "{{\"mode\": \"{}\", \"connections\": {c}, \"reserves\": {r}, \"median_mb_per_s\": {:.1}, \"ratio_to_bbr\": {:.3}, \"median_resent_bytes\": {resent:.0}, \"samples_mb_per_s\": {v:?}, \"integrity_ok\": true}}",
             m.name,

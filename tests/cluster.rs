@@ -111,6 +111,54 @@ fn expected(lba: u64) -> Vec<u8> {
     data
 }
 
+/// Proxied data crosses the primary with at most one host copy per byte (seed 001 with
+/// the NIC's iSCSI engine). With 1 MiB stripes each 128 KiB I/O is one piece: a read's
+/// data stays in the host buffer the back NIC placed it in and the front NIC sends it from
+/// there, so only the primary's own third is copied (out of its disk into host memory); a
+/// write's data stays where the front NIC placed it and the back NIC (or the primary's
+/// disk) takes it from there, so only the immediate data is copied (its inline record
+/// framed, then placed: the first 64 KiB twice). Cut into four pieces (32 KiB stripes),
+/// the data goes the ordinary way and still arrives intact.
+#[test]
+fn proxied_data_crosses_the_primary_with_at_most_one_host_copy_per_byte() {
+    use toemu_lab::cluster_bench::{run, BenchOptions};
+    let copies = |stripe_blocks: u64| {
+        let o = BenchOptions {
+            bytes: 8 << 20,
+            rounds: 1,
+            stripe_blocks,
+            ..BenchOptions::default()
+        };
+        let r = run(&Settings::default(), &o).unwrap();
+        assert!(r.integrity_ok(), "{r:?}");
+        let of = |mode: &str, op: &str| {
+            let run = r
+                .runs
+                .iter()
+                .find(|x| x.mode == mode && x.op == op)
+                .unwrap();
+            run.host_copies_per_proxied_byte
+        };
+        [
+            of("proxy", "read"),
+            of("proxy", "write"),
+            of("direct", "read"),
+        ]
+    };
+    let [read, write, direct_read] = copies(2048);
+    assert!((0.3..0.4).contains(&read), "read: {read} copies per byte");
+    assert!(
+        (0.99..1.01).contains(&write),
+        "write: {write} copies per byte"
+    );
+    assert!(
+        (0.99..1.01).contains(&direct_read),
+        "direct read: {direct_read}"
+    );
+    let [read, write, _] = copies(64);
+    assert!(read > 1.0 && write > 1.0, "cut into pieces: {read} {write}");
+}
+
 /// Member 1 dies while a read of its extent is in flight: the read ends with CHECK
 /// CONDITION within 5 s (virtual), the session survives, reads of the other members'
 /// extents go on, and a LUN RESET through the primary still gets its answer.

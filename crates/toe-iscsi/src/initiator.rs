@@ -15,6 +15,8 @@
 
 use std::collections::{HashMap, VecDeque};
 
+use toe_bus::HostBuf;
+
 use crate::accel::{FillMeter, InitiatorAccel};
 use crate::login::{InitiatorConfig, InitiatorLogin, InitiatorStep, LoginError, Negotiated};
 use crate::text;
@@ -69,7 +71,8 @@ pub struct Completion {
     pub response: u8,
     /// Sense data (without its 2-byte length), with CHECK CONDITION.
     pub sense: Vec<u8>,
-    /// Data-In received (reads).
+    /// Data-In received (reads); empty when it was handed over in host memory
+    /// ([`InitiatorConn::hand_over_reads`]).
     pub data: Vec<u8>,
     /// Residual overflow (the command wanted more than expected).
     pub overflow: bool,
@@ -132,6 +135,19 @@ pub struct InitiatorConn<T: Transport = Software> {
     accel_stats: AccelStats,
     /// Task management requests awaiting their answer: tag → (function, referenced task).
     tmf: HashMap<u32, (u8, u32)>,
+    /// Hand read data over in host memory ([`InitiatorConn::hand_over_reads`]).
+    hand_over: bool,
+    /// Reads completed with their data handed over: tag → (buffer, bytes read).
+    host_reads: HashMap<u32, (HostBuf, usize)>,
+}
+
+/// Buffers handed over but never taken go back to the transport's memory.
+impl<T: Transport> Drop for InitiatorConn<T> {
+    fn drop(&mut self) {
+        for (_, (b, _)) in self.host_reads.drain() {
+            self.io.free_host(b);
+        }
+    }
 }
 
 /// What an initiator's write acceleration did. Counts only grow.
@@ -292,7 +308,36 @@ impl<T: Transport> InitiatorConn<T> {
             reports: Vec::new(),
             accel_stats: AccelStats::default(),
             tmf: HashMap::new(),
+            hand_over: false,
+            host_reads: HashMap::new(),
         }
+    }
+
+    /// With `on`, a read that completes leaves its data where the transport placed it, in
+    /// host memory, when the transport can hand it over ([`Transport::take_host`]): its
+    /// [`Completion::data`] is then empty and the buffer waits for
+    /// [`InitiatorConn::take_host_read`]. A proxy uses it to send the data on from
+    /// another connection of the same host without copying it. Off by default.
+    pub fn hand_over_reads(&mut self, on: bool) {
+        self.hand_over = on;
+    }
+
+    /// The data of read `itt`, handed over in host memory (see
+    /// [`InitiatorConn::hand_over_reads`]): the buffer and how many of its first bytes
+    /// the target sent. Each is taken once; the caller frees it (or hands it on).
+    pub fn take_host_read(&mut self, itt: u32) -> Option<(HostBuf, usize)> {
+        self.host_reads.remove(&itt)
+    }
+
+    /// [`InitiatorConn::submit`] of a write whose data is `write`, all of it, already in
+    /// the transport's host memory ([`Transport::open_host`]): the transport sends from it
+    /// without copying and frees it when done. `Err(write)`, and nothing submitted, if the
+    /// transport has no host memory.
+    pub fn submit_host(&mut self, lun: u64, cdb: &[u8], write: HostBuf) -> Result<u32, HostBuf> {
+        let len = write.len() as u32;
+        let itt = self.tag();
+        self.io.open_host(itt, write)?;
+        Ok(self.queue(itt, lun, cdb, 0, len))
     }
 
     /// Send a Task Management Function Request (immediate) for `lun`: ABORT TASK (1) of
@@ -305,7 +350,7 @@ impl<T: Transport> InitiatorConn<T> {
         let itt = self.tag();
         if function == 1 && self.waiting.contains(&ref_itt) {
             self.waiting.retain(|&w| w != ref_itt);
-            self.finish_task(ref_itt);
+            self.finish_task(ref_itt, false);
         }
         let ref_cmd_sn = match self.tasks.get(&ref_itt) {
             Some(t) if function == 1 => t.cmd.cmd_sn,
@@ -517,10 +562,24 @@ impl<T: Transport> InitiatorConn<T> {
     /// at once if the CmdSN window allows, otherwise when it opens.
     pub fn submit(&mut self, lun: u64, cdb: &[u8], read_len: u32, write: Vec<u8>) -> u32 {
         let itt = self.tag();
+        let write_len = write.len() as u32;
+        // The task's buffer: the data to write, or room for what it reads (which the
+        // transport may place there itself).
+        if write_len > 0 {
+            self.io.open(itt, write);
+        } else if read_len > 0 {
+            self.io.open_receive(itt, read_len as usize);
+        }
+        self.queue(itt, lun, cdb, read_len, write_len)
+    }
+
+    /// Queue command `cdb` as task `itt`, whose buffer is open: a write of `write_len`
+    /// bytes, or a read of up to `read_len`.
+    fn queue(&mut self, itt: u32, lun: u64, cdb: &[u8], read_len: u32, write_len: u32) -> u32 {
         let mut c = [0u8; 16];
         let n = cdb.len().min(16);
         c[..n].copy_from_slice(&cdb[..n]);
-        let writing = !write.is_empty();
+        let writing = write_len > 0;
         let cmd = ScsiCommand {
             immediate: false,
             final_: true,
@@ -529,22 +588,11 @@ impl<T: Transport> InitiatorConn<T> {
             attr: 1,
             lun,
             itt,
-            expected_len: if writing {
-                write.len() as u32
-            } else {
-                read_len
-            },
+            expected_len: if writing { write_len } else { read_len },
             cmd_sn: 0,
             exp_stat_sn: 0,
             cdb: c,
         };
-        // The task's buffer: the data to write, or room for what it reads (which the
-        // transport may place there itself).
-        if writing {
-            self.io.open(itt, write);
-        } else if read_len > 0 {
-            self.io.open(itt, vec![0; read_len as usize]);
-        }
         self.tasks.insert(
             itt,
             Task {
@@ -742,7 +790,7 @@ impl<T: Transport> InitiatorConn<T> {
                     self.io.place(d.itt, at, bytes);
                 }
                 if let Some(status) = d.status {
-                    let data = self.finish_task(d.itt);
+                    let data = self.finish_task(d.itt, self.hand_over);
                     self.events.push_back(InitiatorEvent::Done(Completion {
                         itt: d.itt,
                         status,
@@ -778,7 +826,7 @@ impl<T: Transport> InitiatorConn<T> {
                 if r.status != TASK_SET_FULL {
                     self.min_rtt_us = Some(self.min_rtt_us.map_or(rtt, |m| m.min(rtt)));
                 }
-                let read = self.finish_task(r.itt);
+                let read = self.finish_task(r.itt, self.hand_over);
                 let sense = if data.len() >= 2 {
                     let n = usize::from(u16::from_be_bytes([data[0], data[1]]));
                     data[2..(2 + n).min(data.len())].to_vec()
@@ -855,7 +903,7 @@ impl<T: Transport> InitiatorConn<T> {
                 if data.len() >= 20 && r.reason != 0x02 {
                     let itt = u32::from_be_bytes([data[16], data[17], data[18], data[19]]);
                     if self.tasks.contains_key(&itt) {
-                        let data = self.finish_task(itt);
+                        let data = self.finish_task(itt, false);
                         self.events.push_back(InitiatorEvent::Done(Completion {
                             itt,
                             status: 0xff,
@@ -905,7 +953,7 @@ impl<T: Transport> InitiatorConn<T> {
                         };
                         for itt in ended {
                             self.waiting.retain(|&w| w != itt);
-                            self.finish_task(itt);
+                            self.finish_task(itt, false);
                         }
                     }
                     self.events.push_back(InitiatorEvent::TaskMgmt {
@@ -924,11 +972,21 @@ impl<T: Transport> InitiatorConn<T> {
     }
 
     /// Task `itt` is over: its buffer is closed, and what it read comes back (nothing for
-    /// a write).
-    fn finish_task(&mut self, itt: u32) -> Vec<u8> {
+    /// a write) or, with `hand_over` and a transport that can, waits in host memory for
+    /// [`InitiatorConn::take_host_read`].
+    fn finish_task(&mut self, itt: u32, hand_over: bool) -> Vec<u8> {
         let Some(t) = self.tasks.remove(&itt) else {
             return Vec::new();
         };
+        if hand_over && !t.cmd.write {
+            if let Some(b) = self.io.take_host(itt) {
+                let len = t.read_end.min(b.len());
+                if let Some((old, _)) = self.host_reads.insert(itt, (b, len)) {
+                    self.io.free_host(old);
+                }
+                return Vec::new();
+            }
+        }
         let mut data = self.io.close(itt).unwrap_or_default();
         if t.cmd.write {
             data.clear();

@@ -448,6 +448,44 @@ impl Offloaded {
     fn soft(&self) -> bool {
         !self.engine || self.phase == Phase::Software
     }
+
+    /// End task `itt`: its buffer is freed (a buffer the NIC holds, once it is back);
+    /// with `take`, what it received comes back, copied out of host memory.
+    fn end_task(&mut self, itt: u32, take: bool) -> Option<Vec<u8>> {
+        let t = self.tasks.remove(&itt)?;
+        if self.waiting == Some(itt) {
+            // The machine has no more use for it: the records need not wait.
+            self.waiting = None;
+        }
+        match t.store {
+            Store::Plain(v) => (take && !t.sent_from).then_some(v),
+            Store::Host(b) => {
+                let out = (take && !t.sent_from).then(|| {
+                    let host = self.mem.slice(&b);
+                    match t.prefix {
+                        Some((mut v, keep)) => {
+                            v[keep..].copy_from_slice(&host[keep..]);
+                            self.mem.count_copy_out(host.len() - keep);
+                            v
+                        }
+                        None => {
+                            self.mem.count_copy_out(host.len());
+                            host.to_vec()
+                        }
+                    }
+                });
+                self.mem.free(b);
+                out
+            }
+            Store::Away => {
+                *self.retiring.entry(itt).or_default() += 1;
+                if !t.recalled {
+                    self.ops.push_back(NicOp::Release { tag: itt });
+                }
+                None
+            }
+        }
+    }
 }
 
 impl Stream for Offloaded {
@@ -641,6 +679,27 @@ impl Transport for Offloaded {
         );
     }
 
+    /// With the engine, straight into host memory (zeroed), where the NIC places the
+    /// peer's data once it is registered with the next PDU naming the task and the host
+    /// places what arrives inline; in application memory if host memory is short.
+    fn open_receive(&mut self, itt: u32, len: usize) {
+        if self.soft() || len == 0 {
+            return self.open(itt, vec![0; len]);
+        }
+        match self.mem.alloc(len) {
+            Ok(mut b) => {
+                self.mem.slice_mut(&mut b).fill(0);
+                if let Err(b) = self.open_host(itt, b) {
+                    self.mem.free(b); // not reached: the engine's transport has memory
+                }
+            }
+            Err(_) => {
+                self.stats.host_memory_short += 1;
+                self.open(itt, vec![0; len]);
+            }
+        }
+    }
+
     fn buffer(&self, itt: u32) -> Option<&[u8]> {
         if self.soft() {
             return self.sw.buffer(itt);
@@ -697,38 +756,15 @@ impl Transport for Offloaded {
         if self.soft() {
             return self.sw.close(itt);
         }
-        let t = self.tasks.remove(&itt)?;
-        if self.waiting == Some(itt) {
-            // The machine has no more use for it: the records need not wait.
-            self.waiting = None;
-        }
-        match t.store {
-            Store::Plain(v) => (!t.sent_from).then_some(v),
-            Store::Host(b) => {
-                let out = (!t.sent_from).then(|| {
-                    let host = self.mem.slice(&b);
-                    match t.prefix {
-                        Some((mut v, keep)) => {
-                            v[keep..].copy_from_slice(&host[keep..]);
-                            self.mem.count_copy_out(host.len() - keep);
-                            v
-                        }
-                        None => {
-                            self.mem.count_copy_out(host.len());
-                            host.to_vec()
-                        }
-                    }
-                });
-                self.mem.free(b);
-                out
-            }
-            Store::Away => {
-                *self.retiring.entry(itt).or_default() += 1;
-                if !t.recalled {
-                    self.ops.push_back(NicOp::Release { tag: itt });
-                }
-                None
-            }
+        self.end_task(itt, true)
+    }
+
+    /// As [`Offloaded::close`], without copying anything out of host memory.
+    fn discard(&mut self, itt: u32) {
+        if self.soft() {
+            self.sw.close(itt);
+        } else {
+            self.end_task(itt, false);
         }
     }
 
@@ -740,6 +776,67 @@ impl Transport for Offloaded {
         for tag in tags {
             self.close(tag);
         }
+    }
+
+    /// A buffer the host has back (the engine finished it, or it was recalled) that
+    /// received data: handed over as is. The first bytes it received before it went to
+    /// the NIC (kept in application memory) are copied in first, counted.
+    fn take_host(&mut self, itt: u32) -> Option<HostBuf> {
+        if self.soft() {
+            return None;
+        }
+        match self.tasks.get(&itt) {
+            Some(t) if !t.sent_from && matches!(t.store, Store::Host(_)) => {}
+            _ => return None,
+        }
+        let Some(TaskBuf {
+            store: Store::Host(mut b),
+            prefix,
+            ..
+        }) = self.tasks.remove(&itt)
+        else {
+            return None; // checked above
+        };
+        if self.waiting == Some(itt) {
+            self.waiting = None;
+        }
+        if let Some((v, keep)) = prefix {
+            self.mem.slice_mut(&mut b)[..keep].copy_from_slice(&v[..keep]);
+            self.mem.count_copy_in(keep);
+        }
+        Some(b)
+    }
+
+    /// With the engine the buffer goes to the NIC with the first PDU that sends from it,
+    /// as it is; in software its bytes are copied out of host memory (counted) and the
+    /// buffer freed.
+    fn open_host(&mut self, itt: u32, buf: HostBuf) -> Result<(), HostBuf> {
+        if self.soft() {
+            let v = self.mem.slice(&buf).to_vec();
+            self.mem.count_copy_out(v.len());
+            self.mem.free(buf);
+            self.sw.open(itt, v);
+            return Ok(());
+        }
+        self.close(itt);
+        let len = buf.len();
+        self.tasks.insert(
+            itt,
+            TaskBuf {
+                store: Store::Host(buf),
+                len,
+                sent_from: false,
+                register: true,
+                recalled: false,
+                dirty: len,
+                prefix: None,
+            },
+        );
+        Ok(())
+    }
+
+    fn free_host(&mut self, buf: HostBuf) {
+        self.mem.free(buf);
     }
 
     /// Only the software's (the login, or everything when never offloading).
@@ -960,5 +1057,86 @@ mod tests {
         assert_eq!(sent, (0..20_000u32).map(|x| x as u8).collect::<Vec<_>>());
         assert_eq!(o.stats().host_memory_short, 1);
         assert_eq!(o.close(8), None, "sent from");
+    }
+
+    /// A Data-In burst of `len` bytes from task `itt`'s buffer.
+    fn data_in(itt: u32, len: u32) -> DataInBurst {
+        DataInBurst {
+            lun: 0,
+            itt,
+            len,
+            max_segment: 8192,
+            max_burst: 8192,
+            stat_sn: 1,
+            exp_cmd_sn: 1,
+            max_cmd_sn: 1,
+            status: 0,
+            residual: (false, false, 0),
+        }
+    }
+
+    /// The proxy's path through one host: a buffer opened to receive is in host memory
+    /// from the start (inline data placed there, copied once); once the NIC has filled it
+    /// and handed it back, `take_host` hands it over as it lies, and another connection of
+    /// the same host sends from it (`open_host`) with no copy — the NIC gets the very same
+    /// buffer. A buffer sent from is not handed over; in software, `open_host` copies out
+    /// (counted) and frees.
+    #[test]
+    fn a_received_buffer_is_handed_over_and_sent_on_from_host_memory_without_a_copy() {
+        let m = mem(1 << 20);
+        let copies = |m: &HostMemory| {
+            let s = m.stats().snapshot();
+            (s.copy_in_bytes, s.copy_out_bytes, s.host_copy_bytes)
+        };
+        let mut back = running(m.clone());
+        back.open_receive(5, 100);
+        assert_eq!(
+            back.buffer(5),
+            Some(&[0u8; 100][..]),
+            "zeroed in host memory"
+        );
+        assert!(back.place(5, 0, b"immediate"));
+        assert_eq!(copies(&m), (9, 0, 0), "the inline bytes, once");
+        back.send(&r2t(5, 9, 91), TxData::Inline(&[]));
+        let ops = back.take_ops();
+        let Some(NicOp::Register { tag: 5, mut buf }) = ops.into_iter().next() else {
+            panic!("registered first")
+        };
+        assert_eq!(&m.slice(&buf)[..9], b"immediate", "registered as it was");
+        m.slice_mut(&mut buf)[9..].fill(7); // the NIC's placement (DMA)
+        let at = buf.offset();
+        assert!(back.released(5, buf).is_none(), "the task keeps it");
+        let b = back.take_host(5).expect("handed over");
+        assert_eq!(back.take_host(5), None, "once");
+        assert_eq!(back.buffer(5), None, "the task is closed");
+        assert_eq!((b.offset(), b.len()), (at, 100));
+        assert_eq!(&m.slice(&b)[..9], b"immediate");
+        assert!(m.slice(&b)[9..].iter().all(|&x| x == 7));
+        let mut front = running(m.clone());
+        front
+            .open_host(7, b)
+            .expect("the engine's transport has host memory");
+        front.send_data_in(&data_in(7, 100));
+        assert_eq!(front.take_host(7), None, "sent from");
+        let ops = front.take_ops();
+        let [NicOp::Register { tag: 7, buf }, NicOp::Send(_)] = &ops[..] else {
+            panic!("{ops:?}")
+        };
+        assert_eq!(buf.offset(), at, "the same buffer goes to the NIC");
+        assert_eq!(copies(&m), (9, 0, 0), "and nothing was copied on the way");
+        assert_eq!(front.close(7), None);
+        let Some(NicOp::Register { buf, .. }) = ops.into_iter().next() else {
+            panic!()
+        };
+        assert!(front.released(7, buf).is_none());
+        assert_eq!(m.used_bytes(), 0);
+        // In software the data comes out of host memory, counted, and the buffer goes.
+        let mut soft = Offloaded::software(m.clone());
+        let mut b = m.alloc(10).unwrap();
+        m.slice_mut(&mut b).fill(3);
+        soft.open_host(1, b).unwrap();
+        assert_eq!(soft.buffer(1), Some(&[3u8; 10][..]));
+        assert_eq!(copies(&m), (9, 10, 0));
+        assert_eq!(m.used_bytes(), 0);
     }
 }

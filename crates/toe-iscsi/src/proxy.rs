@@ -443,7 +443,8 @@ pub struct Primary {
     block: u32,
     timeout_us: u64,
     contexts: Contexts,
-    /// The read buffers of front commands in progress (the whole read long).
+    /// The read buffers of front commands in progress (the whole read long), from the
+    /// first piece that brought data.
     reads: HashMap<FrontTag, Vec<u8>>,
     /// Data bytes copied between buffers so far (see [`Primary::copy_bytes`]).
     copied: u64,
@@ -543,9 +544,6 @@ impl Primary {
             })
             .collect();
         self.copied += copied;
-        if !range.write {
-            self.reads.insert(front, vec![0; range.blocks as usize * b]);
-        }
         self.contexts
             .insert(ProxyCmd::new(front, pieces, now_us + self.timeout_us));
         Ok(tasks)
@@ -556,10 +554,24 @@ impl Primary {
         self.contexts.bind(back, front, piece);
     }
 
+    /// Whether back task `back` is the one piece of its front command: its read data is
+    /// then the whole answer, and the shell may keep it where it is (answering with no
+    /// data; see [`Primary::answer`]).
+    pub fn one_piece(&self, back: BackTag) -> bool {
+        self.contexts
+            .lookup(back)
+            .and_then(|(front, _)| self.contexts.cmds.get(&front))
+            .is_some_and(|c| c.pieces.len() == 1)
+    }
+
     /// Back task `back` ended (status, sense bytes as the member sent them, what it read,
     /// its residual underflow in bytes). Returns the front command and its one outcome
     /// once every piece has ended; `None` for a piece of a command still waiting for
-    /// others, or for an unknown back task (a late answer, an aborted command).
+    /// others, or for an unknown back task (a late answer, an aborted command). A read's
+    /// data is gathered at its piece's offset; the data of a one-piece read becomes the
+    /// answer as it is (zeros make up what a member sent short of its residual). A read
+    /// answered with no data has none in the outcome: a shell that keeps a one-piece
+    /// read's data itself ([`Primary::one_piece`]) sends that.
     pub fn answer(
         &mut self,
         back: BackTag,
@@ -569,12 +581,17 @@ impl Primary {
         residual: u32,
     ) -> Option<(FrontTag, Outcome)> {
         let (front, piece) = self.contexts.lookup(back)?;
-        if let (Some(buf), Some(c)) = (self.reads.get_mut(&front), self.contexts.get_mut(front)) {
-            if c.pieces.len() == 1 && data.len() == buf.len() {
+        if let (false, Some(c)) = (data.is_empty(), self.contexts.get_mut(front)) {
+            let b = self.block as usize;
+            let full = c.pieces.iter().map(|p| p.blocks as usize).sum::<usize>() * b;
+            if c.pieces.len() == 1 && data.len() <= full {
                 // The whole read in one piece: its buffer is the answer.
-                *buf = data;
+                let mut data = data;
+                data.resize(full, 0);
+                self.reads.insert(front, data);
             } else {
-                let at = c.pieces[piece].offset_blocks as usize * self.block as usize;
+                let buf = self.reads.entry(front).or_insert_with(|| vec![0; full]);
+                let at = c.pieces[piece].offset_blocks as usize * b;
                 let n = data.len().min(buf.len().saturating_sub(at));
                 buf[at..at + n].copy_from_slice(&data[..n]);
                 self.copied += n as u64;

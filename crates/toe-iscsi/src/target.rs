@@ -20,6 +20,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
+use toe_bus::HostBuf;
+
 use crate::accel::AccelConfig;
 use crate::login::{Negotiated, SessionType, TargetConfig, TargetLogin};
 use crate::scsi::{Disk, Nexus, Outcome, RwRange, Sense, Transfer, CHECK_CONDITION, GOOD};
@@ -60,8 +62,11 @@ pub struct ProxyRequest {
     /// Its blocks.
     pub range: RwRange,
     /// A write's data (at most `range.blocks` blocks; fewer if the initiator sent fewer
-    /// whole blocks); empty for a read.
+    /// whole blocks); empty for a read, and for a write whose data is in host memory.
     pub data: Vec<u8>,
+    /// The write's data is in host memory, all `range.blocks` blocks of it, where the
+    /// transport received it: [`TargetConn::take_host_write`] hands it over.
+    pub in_host: bool,
 }
 
 /// What a connection in proxy mode asks of the primary ([`TargetConn::take_proxy_events`]).
@@ -277,6 +282,8 @@ pub struct TargetConn<T: Transport = Software> {
     /// Proxied commands awaiting [`TargetConn::proxy_done`]: the command, and for a write
     /// the bytes its CDB asked for and the R2Ts it took.
     deferred: HashMap<u32, (ScsiCommand, Option<WriteDone>)>,
+    /// Proxied writes' data in host memory, until [`TargetConn::take_host_write`].
+    host_writes: HashMap<u32, HostBuf>,
 }
 
 /// A command PDU that came ahead of its CmdSN's turn, kept until the ones before it come.
@@ -325,6 +332,9 @@ const ENDED_WRITES_KEPT: usize = 64;
 impl<T: Transport> Drop for TargetConn<T> {
     fn drop(&mut self) {
         self.release_nexus();
+        for (_, b) in self.host_writes.drain() {
+            self.io.free_host(b);
+        }
     }
 }
 
@@ -397,6 +407,18 @@ impl<T: Stream> TargetConn<T> {
         self.lent(out, |m| m.answer_proxied(itt, o))
     }
 
+    /// [`TargetConn::answer_proxied_host`] over a byte stream: what it sends is appended to
+    /// `out`.
+    pub fn proxy_done_host(
+        &mut self,
+        itt: u32,
+        o: Outcome,
+        data: (HostBuf, usize),
+        out: &mut Vec<u8>,
+    ) -> Result<bool, (HostBuf, Outcome)> {
+        self.lent(out, |m| m.answer_proxied_host(itt, o, data))
+    }
+
     /// [`TargetConn::ask_logout`], appending what to send to `out`.
     pub fn request_logout(&mut self, within_s: u16, out: &mut Vec<u8>) -> bool {
         self.lent(out, |c| c.ask_logout(within_s))
@@ -446,6 +468,7 @@ impl<T: Transport> TargetConn<T> {
             proxied: false,
             proxy_out: VecDeque::new(),
             deferred: HashMap::new(),
+            host_writes: HashMap::new(),
         }
     }
 
@@ -491,6 +514,43 @@ impl<T: Transport> TargetConn<T> {
         true
     }
 
+    /// [`TargetConn::answer_proxied`] of a read whose data is the first `data.1` bytes of
+    /// `data.0`, in this connection's host memory ([`Transport::open_host`]); `o.data_in`
+    /// is ignored. The transport sends the Data-In from that buffer, without a copy, and
+    /// frees it. `Ok(false)` (the buffer freed) if no such command waits; `Err` with the
+    /// buffer and the outcome, nothing done, if the transport has no host memory (copy the
+    /// data out and use [`TargetConn::answer_proxied`]).
+    pub fn answer_proxied_host(
+        &mut self,
+        itt: u32,
+        o: Outcome,
+        data: (HostBuf, usize),
+    ) -> Result<bool, (HostBuf, Outcome)> {
+        let (buf, len) = data;
+        let mut o = o;
+        o.data_in.clear();
+        let waits = self.ended().is_none()
+            && matches!(self.deferred.get(&itt), Some((_, None)))
+            && o.status == GOOD
+            && len > 0;
+        if !waits {
+            self.io.free_host(buf);
+            return Ok(self.answer_proxied(itt, o));
+        }
+        if let Err(buf) = self.io.open_host(itt, buf) {
+            return Err((buf, o));
+        }
+        let (c, _) = self.deferred.remove(&itt).expect("checked above");
+        self.send_read(c, len);
+        Ok(true)
+    }
+
+    /// A proxied write's data in host memory ([`ProxyRequest::in_host`]), taken once; the
+    /// caller frees it or hands it on (to a back connection of the same host).
+    pub fn take_host_write(&mut self, itt: u32) -> Option<HostBuf> {
+        self.host_writes.remove(&itt)
+    }
+
     /// Hand admitted command `c` (with a write's `data`) to the primary, or refuse it with
     /// TASK SET FULL while too many wait.
     fn defer(
@@ -501,6 +561,9 @@ impl<T: Transport> TargetConn<T> {
         write: Option<(Option<u64>, u32)>,
     ) {
         if self.deferred.len() >= MAX_PROXIED_PER_CONN {
+            if let Some(b) = self.host_writes.remove(&c.itt) {
+                self.io.free_host(b);
+            }
             let o = Outcome {
                 status: TASK_SET_FULL,
                 data_in: Vec::new(),
@@ -513,6 +576,7 @@ impl<T: Transport> TargetConn<T> {
             cdb: c.cdb,
             range,
             data,
+            in_host: self.host_writes.contains_key(&c.itt),
         }));
         self.deferred.insert(c.itt, (c, write));
     }
@@ -1084,7 +1148,7 @@ impl<T: Transport> TargetConn<T> {
                         .is_some_and(|b| b.len() == c.expected_len as usize) => {}
                 RxData::Placed { .. } => return self.reject(pdu, reject_reason::PROTOCOL_ERROR),
                 RxData::Inline(d) => {
-                    self.io.open(c.itt, vec![0; c.expected_len as usize]);
+                    self.io.open_receive(c.itt, c.expected_len as usize);
                     self.io.place(c.itt, 0, d);
                 }
             }
@@ -1130,9 +1194,6 @@ impl<T: Transport> TargetConn<T> {
         if t.received >= expected {
             let t = self.writes.remove(&itt).expect("present");
             let disk = self.disk.clone().expect("a disk");
-            // The data comes out of the transport's buffer (out of host memory, where an
-            // engine placed it) into the disk's.
-            let data = self.io.close(itt).unwrap_or_default();
             if self.proxied {
                 let (admitted, want) = {
                     let mut d = disk.lock().expect("disk lock");
@@ -1142,27 +1203,55 @@ impl<T: Transport> TargetConn<T> {
                     Transfer::Out(n) => Some(n),
                     _ => None,
                 };
+                let b = u64::from(block_of(&disk));
                 match admitted {
+                    // All the blocks the CDB names came: the data stays in host memory,
+                    // where an engine placed it, for the primary to send on without a
+                    // copy (when the transport can hand it over).
+                    Ok(Some(r)) if r.blocks > 0 && u64::from(expected) == r.blocks * b => {
+                        if let Some(buf) = self.io.take_host(itt) {
+                            if let Some(old) = self.host_writes.insert(itt, buf) {
+                                self.io.free_host(old);
+                            }
+                            return self.defer(t.cmd, r, Vec::new(), Some((wanted, t.r2t_sn)));
+                        }
+                        let data = self.io.close(itt).unwrap_or_default();
+                        return self.defer(t.cmd, r, data, Some((wanted, t.r2t_sn)));
+                    }
                     Ok(Some(r)) if r.blocks > 0 => {
                         // Fewer bytes than the CDB asks for: the whole blocks that came.
-                        let b = u64::from(block_of(&disk));
+                        let mut data = self.io.close(itt).unwrap_or_default();
                         let whole = (data.len() as u64).min(r.blocks * b) / b * b;
-                        let mut data = data;
                         data.truncate(whole as usize);
                         return self.defer(t.cmd, r, data, Some((wanted, t.r2t_sn)));
                     }
                     Ok(Some(_)) => {
+                        self.io.close(itt);
                         return self.finish_write(
                             t.cmd,
                             Outcome::good(Vec::new()),
                             wanted,
                             t.r2t_sn,
-                        )
+                        );
                     }
                     Ok(None) => {}
-                    Err(o) => return self.finish_write(t.cmd, o, wanted, t.r2t_sn),
+                    Err(o) => {
+                        self.io.close(itt);
+                        return self.finish_write(t.cmd, o, wanted, t.r2t_sn);
+                    }
                 }
             }
+            // The disk takes the data from the transport's buffer where it lies (in host
+            // memory, where an engine placed it), or else from what the transport gives
+            // back of it.
+            let back = match self.io.buffer(itt) {
+                Some(_) => None,
+                None => Some(self.io.close(itt).unwrap_or_default()),
+            };
+            let data = match &back {
+                Some(v) => &v[..],
+                None => self.io.buffer(itt).unwrap_or_default(),
+            };
             if self.destage_rate.is_some() {
                 if self.destaging == 0 {
                     self.destaged_at = self.now_us;
@@ -1172,10 +1261,13 @@ impl<T: Transport> TargetConn<T> {
             let (o, want) = {
                 let mut d = disk.lock().expect("disk lock");
                 (
-                    d.execute_as(&self.nexus, &t.cmd.cdb, &data),
+                    d.execute_as(&self.nexus, &t.cmd.cdb, data),
                     d.transfer(&t.cmd.cdb),
                 )
             };
+            if back.is_none() {
+                self.io.discard(itt);
+            }
             let wanted = match want {
                 Transfer::Out(n) => Some(n),
                 _ => None,
@@ -1397,11 +1489,22 @@ impl<T: Transport> TargetConn<T> {
         if o.status != GOOD {
             return self.respond(c.itt, o, 0, (false, false, 0));
         }
-        let res = Self::residual(c.expected_len, o.data_in.len() as u64);
+        let produced = o.data_in.len();
         o.data_in.truncate(c.expected_len as usize);
         if o.data_in.is_empty() {
+            let res = Self::residual(c.expected_len, produced as u64);
             return self.respond(c.itt, o, 0, res);
         }
+        self.io.open(c.itt, std::mem::take(&mut o.data_in));
+        self.send_read(c, produced);
+    }
+
+    /// Send the data of read `c`, which produced `produced` bytes, from its task buffer
+    /// (open, at least the Expected Data Transfer Length or `produced` bytes long,
+    /// whichever is less), the status in the last Data-In; the buffer is closed after.
+    fn send_read(&mut self, c: ScsiCommand, produced: usize) {
+        let res = Self::residual(c.expected_len, produced as u64);
+        let len = produced.min(c.expected_len as usize);
         let (seg, burst) = {
             let n = self.neg();
             (n.initiator_max_recv.max(512), n.max_burst_length.max(512))
@@ -1412,7 +1515,7 @@ impl<T: Transport> TargetConn<T> {
         let burst = DataInBurst {
             lun: c.lun,
             itt: c.itt,
-            len: o.data_in.len() as u32,
+            len: len as u32,
             max_segment: seg,
             max_burst: burst,
             stat_sn: self.next_stat_sn(),
@@ -1423,7 +1526,6 @@ impl<T: Transport> TargetConn<T> {
         };
         // Held write responses first (StatSN order on the wire).
         self.flush_batch();
-        self.io.open(c.itt, std::mem::take(&mut o.data_in));
         self.stats.pdus_out += burst.pdus().count() as u64;
         self.io.send_data_in(&burst);
         self.io.close(c.itt);

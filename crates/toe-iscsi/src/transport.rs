@@ -17,6 +17,8 @@
 
 use std::collections::HashMap;
 
+use toe_bus::HostBuf;
+
 use crate::wire::{DigestCheck, Framing, Repr, WireError, BHS_LEN};
 
 /// The longest data segment a side receives during login, bytes (RFC 7143 §6.1, the
@@ -239,6 +241,14 @@ pub trait Transport {
     /// already open for `itt` is replaced.
     fn open(&mut self, itt: u32, buf: Vec<u8>);
 
+    /// Open task `itt`'s buffer as `len` zero bytes to receive into (the peer's data, placed
+    /// by the transport or with [`Transport::place`]); a transport with host memory may
+    /// put it there at once, where a NIC can place into it and the data can be handed over
+    /// ([`Transport::take_host`]). The default is [`Transport::open`] of zeros.
+    fn open_receive(&mut self, itt: u32, len: usize) {
+        self.open(itt, vec![0; len]);
+    }
+
     /// Task `itt`'s buffer, if open.
     fn buffer(&self, itt: u32) -> Option<&[u8]>;
 
@@ -251,8 +261,38 @@ pub trait Transport {
     /// [`crate::offload::Offloaded`]). The machines only take back what a task read.
     fn close(&mut self, itt: u32) -> Option<Vec<u8>>;
 
+    /// Close task `itt`'s buffer without taking its data back (the machine read what it
+    /// needed through [`Transport::buffer`]). The default is [`Transport::close`].
+    fn discard(&mut self, itt: u32) {
+        self.close(itt);
+    }
+
     /// Close every task buffer (a task set was aborted).
     fn close_all(&mut self);
+
+    /// Close task `itt`'s buffer and hand it over as it lies in host memory, without a
+    /// copy, for another connection on the same host to send from (a proxy's read data,
+    /// a proxied write): `None`, and the task left as it was, if the transport keeps it
+    /// elsewhere, still sends from it, or has no host memory (then [`Transport::close`]).
+    fn take_host(&mut self, itt: u32) -> Option<HostBuf> {
+        let _ = itt;
+        None
+    }
+
+    /// Open task `itt`'s buffer on `buf`, already in this transport's host memory: the
+    /// data to send from (its first bytes, as many as the PDUs ask for), as with
+    /// [`Transport::open`]. `Err(buf)`, and nothing opened, if the transport has no host
+    /// memory (the caller copies it out and opens that).
+    fn open_host(&mut self, itt: u32, buf: HostBuf) -> Result<(), HostBuf> {
+        let _ = itt;
+        Err(buf)
+    }
+
+    /// Give back a buffer taken with [`Transport::take_host`] that nobody will use (its
+    /// command went away). Without host memory there is none to give back.
+    fn free_host(&mut self, buf: HostBuf) {
+        let _ = buf;
+    }
 
     /// Bytes the host ran through CRC32C for digests so far, sent and received (0 where
     /// the NIC computes them).

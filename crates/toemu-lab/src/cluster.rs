@@ -26,6 +26,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 use toe_bus::time::Instant;
+use toe_bus::{HostBuf, HostMemory};
 use toe_driver::{Driver, SharedDriver};
 use toe_host::config::Settings;
 use toe_host::runtime::{Host, Sim, Threaded};
@@ -33,7 +34,8 @@ use toe_iscsi::initiator::InitiatorEvent;
 use toe_iscsi::login::TargetConfig;
 use toe_iscsi::proxy::{BackTag, BackTask, Extent, FrontTag, LbaMap, Primary};
 use toe_iscsi::scsi::{Disk, MemStore, Outcome, Sense, CHECK_CONDITION};
-use toe_iscsi::target::ProxyEvent;
+use toe_iscsi::target::{ProxyEvent, TargetConn};
+use toe_iscsi::transport::Transport;
 use toe_nic::SwitchControl;
 use toemu_apps::App;
 
@@ -142,6 +144,11 @@ impl ClusterConfig {
 
 /// What passes between the primary's front target and its proxy (both sides lock it
 /// briefly each pass). Bounded: the front connections bound their proxied commands.
+///
+/// Data in host memory passes through it as it is: a proxied write's data from the front
+/// connection to the back session that sends it on, a one-piece read's data from the back
+/// session that received it to the front connection. Front and back NICs share the
+/// primary's host memory, so the buffer is handed over, not copied.
 #[derive(Debug)]
 pub struct Hub {
     primary: Primary,
@@ -150,16 +157,32 @@ pub struct Hub {
     /// Back sessions logged in now.
     pub backs_up: usize,
     to_back: VecDeque<(u64, ProxyEvent)>,
-    answers: HashMap<u64, Vec<(u32, Outcome)>>,
+    answers: HashMap<u64, Vec<Answer>>,
     ended: Vec<u64>,
+    /// The primary's host memory (both its NICs').
+    mem: Arc<HostMemory>,
+    /// Proxied writes' data in host memory, from the front connection until a back
+    /// session sends it (or the primary's own disk takes it).
+    writes: HashMap<FrontTag, HostBuf>,
+}
+
+/// The answer to a proxied command, for its front connection.
+#[derive(Debug)]
+pub struct Answer {
+    /// The initiator's task tag.
+    pub itt: u32,
+    /// Status, sense, and a read's data unless it is in `host`.
+    pub outcome: Outcome,
+    /// A read's data in host memory: the buffer and how many of its first bytes count.
+    pub host: Option<(HostBuf, usize)>,
 }
 
 /// A [`Hub`] shared by the two apps.
 pub type SharedHub = Arc<Mutex<Hub>>;
 
 impl Hub {
-    /// A hub for the primary's proxy `primary`.
-    pub fn new(primary: Primary) -> SharedHub {
+    /// A hub for the primary's proxy `primary`, on the primary's host memory `mem`.
+    pub fn new(primary: Primary, mem: Arc<HostMemory>) -> SharedHub {
         Arc::new(Mutex::new(Hub {
             primary,
             stats: ProxyStats::default(),
@@ -167,16 +190,30 @@ impl Hub {
             to_back: VecDeque::new(),
             answers: HashMap::new(),
             ended: Vec::new(),
+            mem,
+            writes: HashMap::new(),
         }))
     }
 
-    /// Requests of front connection `conn` for the proxy.
-    pub fn from_front(&mut self, conn: u64, events: impl Iterator<Item = ProxyEvent>) {
-        self.to_back.extend(events.map(|e| (conn, e)));
+    /// Requests of front connection `conn` (machine `c`) for the proxy, with the data of
+    /// its writes that is in host memory.
+    pub fn from_front<T: Transport>(&mut self, conn: u64, c: &mut TargetConn<T>) {
+        let events: Vec<ProxyEvent> = c.take_proxy_events().collect();
+        for e in events {
+            if let ProxyEvent::Command(r) = &e {
+                if let Some(b) = r.in_host.then(|| c.take_host_write(r.itt)).flatten() {
+                    let front = FrontTag { conn, itt: r.itt };
+                    if let Some(old) = self.writes.insert(front, b) {
+                        self.mem.free(old);
+                    }
+                }
+            }
+            self.to_back.push_back((conn, e));
+        }
     }
 
-    /// The answers for front connection `conn`: (ITT, outcome).
-    pub fn take_answers(&mut self, conn: u64) -> Vec<(u32, Outcome)> {
+    /// The answers for front connection `conn`.
+    pub fn take_answers(&mut self, conn: u64) -> Vec<Answer> {
         self.answers.remove(&conn).unwrap_or_default()
     }
 
@@ -191,10 +228,67 @@ impl Hub {
     }
 
     fn answer(&mut self, front: FrontTag, o: Outcome) {
-        self.answers
-            .entry(front.conn)
-            .or_default()
-            .push((front.itt, o));
+        self.answer_host(front, o, None);
+    }
+
+    fn answer_host(&mut self, front: FrontTag, outcome: Outcome, host: Option<(HostBuf, usize)>) {
+        self.answers.entry(front.conn).or_default().push(Answer {
+            itt: front.itt,
+            outcome,
+            host,
+        });
+    }
+
+    /// Drop the answers waiting for front connection `conn`, and its write data.
+    fn forget(&mut self, conn: u64) {
+        for a in self.answers.remove(&conn).unwrap_or_default() {
+            if let Some((b, _)) = a.host {
+                self.mem.free(b);
+            }
+        }
+        let fronts: Vec<FrontTag> = self
+            .writes
+            .keys()
+            .filter(|f| f.conn == conn)
+            .copied()
+            .collect();
+        for f in fronts {
+            self.drop_write(f);
+        }
+    }
+
+    /// Free the write data of `front` in host memory, if any.
+    fn drop_write(&mut self, front: FrontTag) {
+        if let Some(b) = self.writes.remove(&front) {
+            self.mem.free(b);
+        }
+    }
+
+    fn copy_out(&self, b: HostBuf, len: usize) -> Vec<u8> {
+        copy_out(&self.mem, b, len)
+    }
+}
+
+/// The first `len` bytes of `b` (all of it if shorter) copied out of host memory `mem`
+/// (counted), the buffer freed: where data handed over in host memory must go the
+/// ordinary way.
+pub(crate) fn copy_out(mem: &HostMemory, b: HostBuf, len: usize) -> Vec<u8> {
+    let v = mem.slice(&b)[..len.min(b.len())].to_vec();
+    mem.count_copy_out(v.len());
+    mem.free(b);
+    v
+}
+
+/// Answers dropped with the hub give their buffers back.
+impl Drop for Hub {
+    fn drop(&mut self) {
+        let conns: Vec<u64> = self.answers.keys().copied().collect();
+        for c in conns {
+            self.forget(c);
+        }
+        for (_, b) in self.writes.drain() {
+            self.mem.free(b);
+        }
     }
 }
 
@@ -326,6 +420,7 @@ impl ProxyApp {
         let mut failed = hub.primary.fail_member(m);
         let sense = Sense::MEMBER_UNREACHABLE.bytes(false);
         for t in self.pending[m].drain(..) {
+            hub.drop_write(t.front);
             // Not sent yet: answered as a back task of its own.
             self.local_itt = self.local_itt.wrapping_add(1);
             let tag = BackTag {
@@ -352,8 +447,31 @@ impl ProxyApp {
                 ProxyEvent::Command(r) => {
                     let front = FrontTag { conn, itt: r.itt };
                     self.stats.commands += 1;
-                    match hub.primary.start(front, r.range, r.data, now_us) {
-                        Err(o) => hub.answer(front, o),
+                    let mut data = r.data;
+                    if r.in_host {
+                        let Some(b) = hub.writes.remove(&front) else {
+                            // Said to be in host memory but not handed over: not written.
+                            hub.answer(front, Outcome::check(Sense::WRITE_ERROR));
+                            continue;
+                        };
+                        let one = hub
+                            .primary
+                            .map()
+                            .split(r.range.lba, r.range.blocks)
+                            .is_ok_and(|p| p.len() == 1);
+                        if one {
+                            // One piece: the buffer goes to the member (or the disk) as is.
+                            hub.writes.insert(front, b);
+                        } else {
+                            // Cut into pieces by the primary: out of host memory first.
+                            data = hub.copy_out(b, usize::MAX);
+                        }
+                    }
+                    match hub.primary.start(front, r.range, data, now_us) {
+                        Err(o) => {
+                            hub.drop_write(front);
+                            hub.answer(front, o)
+                        }
                         Ok(tasks) => {
                             for t in tasks {
                                 if t.member == self.me {
@@ -367,6 +485,7 @@ impl ProxyApp {
                     }
                 }
                 ProxyEvent::Abort { itt } => {
+                    hub.drop_write(FrontTag { conn, itt });
                     for b in hub.primary.abort(FrontTag { conn, itt }) {
                         self.tmf[b.member].push((1, b.itt));
                     }
@@ -379,7 +498,7 @@ impl ProxyApp {
             }
         }
         for conn in std::mem::take(&mut hub.ended) {
-            hub.answers.remove(&conn);
+            hub.forget(conn);
             for b in hub.primary.forget_conn(conn) {
                 self.tmf[b.member].push((1, b.itt));
             }
@@ -395,11 +514,13 @@ impl ProxyApp {
             itt: self.local_itt,
         };
         hub.primary.bind(tag, t.front, t.piece);
-        let o = self
-            .disk
-            .lock()
-            .expect("disk lock")
-            .execute(&t.cdb, &t.data);
+        // A write's data in host memory goes to the disk from there.
+        let held = hub.writes.remove(&t.front);
+        let data = held.as_ref().map_or(&t.data[..], |b| hub.mem.slice(b));
+        let o = self.disk.lock().expect("disk lock").execute(&t.cdb, data);
+        if let Some(b) = held {
+            hub.mem.free(b);
+        }
         let sense = o.sense.map(|s| s.bytes(false)).unwrap_or_default();
         if let Some((f, o)) = hub.primary.answer(tag, o.status, sense, o.data_in, 0) {
             hub.answer(f, o);
@@ -444,6 +565,8 @@ impl ProxyApp {
             let mut broken = false;
             let (state, b) = link.pump(d, now, |init, _us, _out| {
                 let up = init.negotiated().is_some();
+                // Read data stays in host memory, for the front connection to send on.
+                init.hand_over_reads(true);
                 while let Some(e) = init.poll_event() {
                     match e {
                         InitiatorEvent::Done(c) => {
@@ -451,12 +574,27 @@ impl ProxyApp {
                                 member: m,
                                 itt: c.itt,
                             };
-                            stats.member_read_bytes += c.data.len() as u64;
+                            let mut held = init.take_host_read(c.itt);
+                            stats.member_read_bytes +=
+                                (c.data.len() + held.as_ref().map_or(0, |h| h.1)) as u64;
                             let residual = if c.underflow { c.residual } else { 0 };
-                            if let Some((f, o)) =
-                                h.primary.answer(tag, c.status, c.sense, c.data, residual)
-                            {
-                                h.answer(f, o);
+                            let data = match held.take() {
+                                // The whole answer: handed to the front as it is.
+                                Some(hd) if h.primary.one_piece(tag) => {
+                                    held = Some(hd);
+                                    Vec::new()
+                                }
+                                // One of several pieces: gathered by the primary.
+                                Some((b, n)) => h.copy_out(b, n),
+                                None => c.data,
+                            };
+                            match h.primary.answer(tag, c.status, c.sense, data, residual) {
+                                Some((f, o)) => h.answer_host(f, o, held),
+                                None => {
+                                    if let Some((b, _)) = held {
+                                        h.mem.free(b);
+                                    }
+                                }
                             }
                         }
                         InitiatorEvent::LoggedIn(_) => {
@@ -484,9 +622,20 @@ impl ProxyApp {
                 }
                 while let Some(t) = pending.pop_front() {
                     if !h.primary.contains(t.front) {
+                        h.drop_write(t.front);
                         continue; // aborted, or expired, while it waited
                     }
-                    let itt = init.submit(0, &t.cdb, t.read_len, t.data);
+                    let itt = match h.writes.remove(&t.front) {
+                        // A one-piece write's data, sent from host memory as it is.
+                        Some(b) => match init.submit_host(0, &t.cdb, b) {
+                            Ok(itt) => itt,
+                            Err(b) => {
+                                let v = h.copy_out(b, usize::MAX);
+                                init.submit(0, &t.cdb, 0, v)
+                            }
+                        },
+                        None => init.submit(0, &t.cdb, t.read_len, t.data),
+                    };
                     h.primary.bind(BackTag { member: m, itt }, t.front, t.piece);
                 }
             })?;
@@ -729,7 +878,7 @@ pub fn build(
         "TOEMUVOL1",
     )));
     let primary = Primary::new(map, 0, config.block_bytes, config.member_timeout_ms * 1000);
-    let hub = Hub::new(primary);
+    let hub = Hub::new(primary, hosts[1].driver.lock().memory().clone());
     listen(&hosts, 1, VOLUME_PORT)?;
     let front_app = TargetApp::new(
         VOLUME_PORT,

@@ -36,6 +36,9 @@ pub struct BenchOptions {
     pub digests: bool,
     /// Seed of the data and of the stacks.
     pub seed: u64,
+    /// The volume's stripe, 512-byte blocks (2048: 1 MiB, so that each 128 KiB I/O is one
+    /// piece on one member; less cuts I/Os into pieces on several).
+    pub stripe_blocks: u64,
 }
 
 impl Default for BenchOptions {
@@ -45,6 +48,7 @@ impl Default for BenchOptions {
             rounds: 2,
             digests: false,
             seed: 7,
+            stripe_blocks: 2048,
         }
     }
 }
@@ -143,12 +147,12 @@ impl BenchReport {
 
 /// The benchmark's cluster: three members whose LUNs each hold `bytes` (so direct access
 /// to one member and the volume both have room), the volume striped over them.
-fn config(bytes: u64) -> ClusterConfig {
+fn config(bytes: u64, stripe_blocks: u64) -> ClusterConfig {
     ClusterConfig {
         members: MEMBERS,
         block_bytes: 512,
         member_blocks: bytes.div_ceil(1 << 20).max(8) * 2048,
-        stripe_blocks: 2048,
+        stripe_blocks,
         extents: None,
         member_timeout_ms: 2000,
     }
@@ -189,7 +193,12 @@ fn one(
     mode: &'static str,
     round: usize,
 ) -> io::Result<[BenchRun; 2]> {
-    let mut c = Cluster::new(settings, &config(o.bytes), o.digests, o.seed)?;
+    let mut c = Cluster::new(
+        settings,
+        &config(o.bytes, o.stripe_blocks),
+        o.digests,
+        o.seed,
+    )?;
     if !c.wait_ready(10_000_000)? {
         return Err(io::Error::other(
             "the primary's back sessions did not come up",

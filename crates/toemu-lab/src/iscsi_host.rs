@@ -399,10 +399,21 @@ impl TargetApp {
                 // Requests to the proxy, its answers back (their Data-In goes out now).
                 let id = u64::from(s.io.conn.0);
                 let mut h = hub.lock().expect("hub lock");
-                h.from_front(id, s.conn.take_proxy_events());
-                for (itt, o) in h.take_answers(id) {
-                    s.conn.proxy_done(itt, o, &mut s.out);
+                h.from_front(id, &mut s.conn);
+                for a in h.take_answers(id) {
                     busy = true;
+                    let Some((buf, len)) = a.host else {
+                        s.conn.proxy_done(a.itt, a.outcome, &mut s.out);
+                        continue;
+                    };
+                    // A read's data in host memory goes out from there.
+                    if let Err((b, mut o)) =
+                        s.conn
+                            .proxy_done_host(a.itt, a.outcome, (buf, len), &mut s.out)
+                    {
+                        o.data_in = crate::cluster::copy_out(d.memory(), b, len);
+                        s.conn.proxy_done(a.itt, o, &mut s.out);
+                    }
                 }
             }
             busy |= s.exchange(d)?;

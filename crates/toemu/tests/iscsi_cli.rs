@@ -301,7 +301,7 @@ fn wan_bench_writes_its_json_and_chart() {
 
 /// `toemu iscsi cluster-bench`: the JSON has a write and a read for each mode of each
 /// round, direct first in round 0 and proxy first in round 1, every run's data checked;
-/// the copies are counted (the proxy's are the primary's: more than the member's own).
+/// the copies are counted (the proxy's are the primary's: fewer than the member's own).
 #[test]
 fn cluster_bench_writes_its_json() {
     let d = scratch("cluster-bench");
@@ -341,9 +341,11 @@ fn cluster_bench_writes_its_json() {
             .as_f64()
             .unwrap()
     };
-    // A member's target copies each byte once into application memory (its disk).
+    // A member's target copies each byte it reads once, out of its disk into host
+    // memory; the primary hands a member's data from the back NIC to the front NIC in
+    // host memory, and copies only its own third (tests/cluster.rs has the figures).
     assert!((copies("direct", "read") - 1.0).abs() < 0.01, "{v}");
-    assert!(copies("proxy", "read") > copies("direct", "read"), "{v}");
+    assert!(copies("proxy", "read") < copies("direct", "read"), "{v}");
     std::fs::remove_dir_all(&d).unwrap();
 }
 

@@ -997,18 +997,7 @@ mod tests {
         assert_eq!(o.stats().recalls, 1);
         // A stray buffer goes back to the caller; a closed task's is freed.
         o.open(6, vec![1; 10]);
-        o.send_data_in(&DataInBurst {
-            lun: 0,
-            itt: 6,
-            len: 10,
-            max_segment: 8192,
-            max_burst: 8192,
-            stat_sn: 1,
-            exp_cmd_sn: 1,
-            max_cmd_sn: 1,
-            status: 0,
-            residual: (false, false, 0),
-        });
+        o.send_data_in(&data_in(6, 10));
         assert_eq!(o.close(6), None);
         let ops = o.take_ops();
         let [NicOp::Register { .. }, NicOp::Send(_), NicOp::Release { tag: 6 }] = &ops[..] else {
